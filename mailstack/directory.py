@@ -1,0 +1,330 @@
+"""Domains, accounts, aliases and password hashes.
+
+Three files under data_dir, each readable and editable by a person:
+
+    domains    one local domain per line
+    accounts   user@domain:<argon2 hash>          (like Dovecot's passwd-file)
+    aliases    source: target, target, ...        (like Postfix's virtual table)
+               "@domain: target" is the catch-all of that domain
+
+Lines starting with '#' are comments. The CLI rewrites them atomically
+(tmp file, fsync, rename); the server re-reads them when their mtime changes,
+so edits take effect without a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from .fsutil import atomic_write
+
+MAX_ALIAS_DEPTH = 10
+MAX_EXPANSION = 1000
+
+_hasher = PasswordHasher()
+
+
+class DirectoryError(Exception):
+    """A request the directory cannot carry out; str() says why."""
+
+
+def normalize_address(address: str) -> str:
+    """Lower-case, IDNA-encode the domain. Local parts are matched case-insensitively (as Postfix does)."""
+    local, at, domain = address.strip().rpartition("@")
+    if not at:
+        return address.strip().lower()
+    return f"{local.lower()}@{normalize_domain(domain)}"
+
+
+def normalize_domain(domain: str) -> str:
+    domain = domain.strip().rstrip(".").lower()
+    try:
+        return domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+    except UnicodeError:
+        return domain
+
+
+def split_address(address: str) -> tuple[str, str]:
+    local, _, domain = address.rpartition("@")
+    return local, domain
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What one recipient address means here.
+
+    kind: "local" (one account), "alias" (targets), "unknown" (a local domain, but no such
+    user: refuse at RCPT), "remote" (not a local domain).
+    """
+
+    kind: str
+    account: str | None = None
+    targets: tuple[str, ...] = ()
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+class Directory:
+    def __init__(self, data_dir: Path | str, plus_separator: str = "+") -> None:
+        self.data_dir = Path(data_dir)
+        self.plus_separator = plus_separator
+        self.domains: set[str] = set()
+        self.accounts: dict[str, str] = {}  # address -> hash
+        self.aliases: dict[str, tuple[str, ...]] = {}
+        self._mtimes: tuple = ()
+        # Verified-password cache: argon2 costs ~50 ms of CPU; a client that logs in
+        # again with the same password (IMAP clients open several connections) should not
+        # pay it each time.  Keyed by an HMAC with a per-process secret, never the password.
+        self._cache_key = secrets.token_bytes(32)
+        self._verified: dict[str, tuple[str, bytes]] = {}
+        self.load()
+
+    # --- files -----------------------------------------------------------------
+    @property
+    def paths(self) -> tuple[Path, Path, Path]:
+        return self.data_dir / "domains", self.data_dir / "accounts", self.data_dir / "aliases"
+
+    def _stat(self) -> tuple:
+        out = []
+        for p in self.paths:
+            try:
+                st = p.stat()
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except FileNotFoundError:
+                out.append(None)
+        return tuple(out)
+
+    def load(self) -> None:
+        """(Re)read the three files. Raises DirectoryError naming the file and line on bad content."""
+        mtimes = self._stat()
+        domains_p, accounts_p, aliases_p = self.paths
+        domains = {normalize_domain(d) for d in _read_lines(domains_p)}
+        accounts: dict[str, str] = {}
+        for n, line in enumerate(_read_lines(accounts_p), 1):
+            addr, sep, pwhash = line.partition(":")
+            if not sep or "@" not in addr:
+                raise DirectoryError(f"{accounts_p}: line {n}: expected user@domain:hash")
+            accounts[normalize_address(addr)] = pwhash.strip()
+        aliases: dict[str, tuple[str, ...]] = {}
+        for n, line in enumerate(_read_lines(aliases_p), 1):
+            src, sep, dst = line.partition(":")
+            targets = tuple(normalize_address(t) for t in dst.replace(",", " ").split())
+            if not sep or "@" not in src or not targets:
+                raise DirectoryError(f"{aliases_p}: line {n}: expected source@domain: target[, target...]")
+            aliases[normalize_address(src)] = targets
+        self.domains, self.accounts, self.aliases, self._mtimes = domains, accounts, aliases, mtimes
+        self._verified.clear()
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the files if any changed on disk. Cheap: three stat() calls."""
+        if self._stat() == self._mtimes:
+            return False
+        self.load()
+        return True
+
+    def save(self) -> None:
+        domains_p, accounts_p, aliases_p = self.paths
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(domains_p, "".join(f"{d}\n" for d in sorted(self.domains)).encode(), mode=0o600)
+        atomic_write(accounts_p, "".join(f"{a}:{h}\n" for a, h in sorted(self.accounts.items())).encode(),
+                     mode=0o600)
+        atomic_write(aliases_p,
+                     "".join(f"{s}: {', '.join(t)}\n" for s, t in sorted(self.aliases.items())).encode(),
+                     mode=0o600)
+        self._mtimes = self._stat()
+
+    # --- lookups -------------------------------------------------------------------
+    def is_local_domain(self, domain: str) -> bool:
+        return normalize_domain(domain) in self.domains
+
+    def _strip_plus(self, address: str) -> str:
+        local, domain = split_address(address)
+        sep = self.plus_separator
+        if sep and sep in local:
+            return f"{local.split(sep, 1)[0]}@{domain}"
+        return address
+
+    def resolve(self, address: str) -> Resolution:
+        """Resolve one envelope recipient. Address tricks (%, !, quoted @) are never
+        interpreted as routing: such a local part is just an unknown user."""
+        address = normalize_address(address)
+        local, domain = split_address(address)
+        if not domain or domain not in self.domains:
+            return Resolution("remote")
+        for candidate in dict.fromkeys((address, self._strip_plus(address))):
+            if candidate in self.aliases:
+                return Resolution("alias", targets=self.aliases[candidate])
+            if candidate in self.accounts:
+                return Resolution("local", account=candidate)
+        if f"@{domain}" in self.aliases:
+            return Resolution("alias", targets=self.aliases[f"@{domain}"])
+        return Resolution("unknown")
+
+    def expand(self, address: str) -> tuple[list[str], list[str]]:
+        """Expand aliases recursively -> (local accounts, remote addresses), de-duplicated.
+        Unknown local targets and loops are dropped (a loop cannot grow the list)."""
+        local: dict[str, None] = {}
+        remote: dict[str, None] = {}
+        seen: set[str] = set()
+
+        def walk(addr: str, depth: int) -> None:
+            if addr in seen or depth > MAX_ALIAS_DEPTH or len(local) + len(remote) >= MAX_EXPANSION:
+                return
+            seen.add(addr)
+            res = self.resolve(addr)
+            if res.kind == "local":
+                local[res.account] = None
+            elif res.kind == "remote":
+                remote[normalize_address(addr)] = None
+            elif res.kind == "alias":
+                for target in res.targets:
+                    # an alias pointing at itself (e.g. keep a copy) means the account of that name
+                    if target == normalize_address(addr) and target in self.accounts:
+                        local[target] = None
+                    else:
+                        walk(target, depth + 1)
+
+        walk(normalize_address(address), 0)
+        return list(local), list(remote)
+
+    def owns_address(self, account: str, address: str) -> bool:
+        """May `account` use `address` as envelope sender? Its own address (with or without a
+        +tag), or an alias whose expansion includes the account."""
+        account = normalize_address(account)
+        address = normalize_address(address)
+        if address == account or self._strip_plus(address) == account:
+            return True
+        for candidate in (address, self._strip_plus(address)):
+            if candidate in self.aliases:
+                local, _ = self.expand(candidate)
+                if account in local:
+                    return True
+        return False
+
+    def account_exists(self, account: str) -> bool:
+        return normalize_address(account) in self.accounts
+
+    # --- credentials -----------------------------------------------------------------
+    def _cache_id(self, account: str, password: bytes) -> bytes:
+        return hmac.new(self._cache_key, account.encode() + b"\0" + password, hashlib.sha256).digest()
+
+    def check_password(self, username: str, password: str | bytes) -> str | None:
+        """Blocking (argon2): call through authenticate() from the event loop."""
+        account = normalize_address(username)
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        stored = self.accounts.get(account)
+        if stored is None:
+            # Spend the same time as a real check so that timing does not reveal accounts.
+            try:
+                _hasher.verify(_DUMMY_HASH, password)
+            except VerificationError:
+                pass
+            return None
+        cached = self._verified.get(account)
+        token = self._cache_id(account, password)
+        if cached and cached[0] == stored and hmac.compare_digest(cached[1], token):
+            return account
+        try:
+            _hasher.verify(stored, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return None
+        self._verified[account] = (stored, token)
+        return account
+
+    async def authenticate(self, username: str, password: str | bytes) -> str | None:
+        """Verify credentials off the event loop. Returns the account address or None."""
+        return await asyncio.to_thread(self.check_password, username, password)
+
+    # --- edits (CLI) -------------------------------------------------------------------
+    def add_domain(self, domain: str) -> None:
+        domain = normalize_domain(domain)
+        if not domain or "." not in domain and domain != "localhost" or any(c in domain for c in "@ :/"):
+            raise DirectoryError(f"{domain!r} is not a domain name")
+        if domain in self.domains:
+            raise DirectoryError(f"domain {domain} exists already")
+        self.domains.add(domain)
+
+    def del_domain(self, domain: str) -> None:
+        domain = normalize_domain(domain)
+        if domain not in self.domains:
+            raise DirectoryError(f"no domain {domain}")
+        users = [a for a in self.accounts if a.endswith("@" + domain)]
+        if users:
+            raise DirectoryError(f"domain {domain} still has accounts: {', '.join(users)}")
+        self.domains.discard(domain)
+        self.aliases = {s: t for s, t in self.aliases.items() if not s.endswith("@" + domain)}
+
+    def _check_new_address(self, address: str) -> str:
+        address = normalize_address(address)
+        local, domain = split_address(address)
+        if not local or not domain or any(c in local for c in ' :,"\\@%!') or len(local) > 64:
+            raise DirectoryError(f"{address!r} is not a valid address for an account")
+        if domain not in self.domains:
+            raise DirectoryError(f"{domain} is not a local domain (add it with `mailstack domain add {domain}`)")
+        return address
+
+    def add_user(self, address: str, password: str) -> str:
+        address = self._check_new_address(address)
+        if address in self.accounts:
+            raise DirectoryError(f"account {address} exists already")
+        if not password:
+            raise DirectoryError("empty password")
+        self.accounts[address] = hash_password(password)
+        return address
+
+    def set_password(self, address: str, password: str) -> None:
+        address = normalize_address(address)
+        if address not in self.accounts:
+            raise DirectoryError(f"no account {address}")
+        if not password:
+            raise DirectoryError("empty password")
+        self.accounts[address] = hash_password(password)
+
+    def del_user(self, address: str) -> None:
+        address = normalize_address(address)
+        if address not in self.accounts:
+            raise DirectoryError(f"no account {address}")
+        del self.accounts[address]
+
+    def add_alias(self, source: str, targets: list[str]) -> None:
+        source = normalize_address(source)
+        local, domain = split_address(source)
+        if domain not in self.domains:
+            raise DirectoryError(f"{domain} is not a local domain")
+        if not targets or any("@" not in t for t in targets):
+            raise DirectoryError("an alias needs one or more target addresses (user@domain)")
+        existing = self.aliases.get(source, ())
+        self.aliases[source] = tuple(dict.fromkeys(existing + tuple(normalize_address(t) for t in targets)))
+
+    def del_alias(self, source: str, targets: list[str] | None = None) -> None:
+        source = normalize_address(source)
+        if source not in self.aliases:
+            raise DirectoryError(f"no alias {source}")
+        if targets:
+            keep = tuple(t for t in self.aliases[source] if t not in {normalize_address(x) for x in targets})
+            if keep:
+                self.aliases[source] = keep
+                return
+        del self.aliases[source]
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+_DUMMY_HASH = hash_password(secrets.token_hex(16))

@@ -1,0 +1,86 @@
+"""Durable file helpers shared by the spool, the store and the directory.
+
+Everything here blocks: call it from a worker thread (asyncio.to_thread) when on
+the event loop, except for the tiny files the CLI writes.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to `path` so that a reader sees the old or the new file, never a mix,
+    and the new one survives a crash once this returns (file and directory fsynced)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class GroupSync:
+    """Group commit of directory fsyncs.
+
+    Many sessions finishing at about the same time each need "my rename is durable".
+    Instead of one fsync(dir) each, callers await `sync(dir)`; one worker thread
+    fsyncs each directory once for everyone who was waiting when it started.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, list[asyncio.Future]] = {}
+        self._running = False
+
+    async def sync(self, directory: str | os.PathLike) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.setdefault(os.fspath(directory), []).append(fut)
+        if not self._running:
+            self._running = True
+            loop.create_task(self._drain())
+        await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+
+                def work(dirs=list(batch)) -> dict[str, BaseException | None]:
+                    results: dict[str, BaseException | None] = {}
+                    for d in dirs:
+                        try:
+                            fsync_dir(d)
+                            results[d] = None
+                        except OSError as e:
+                            results[d] = e
+                    return results
+
+                results = await asyncio.to_thread(work)
+                for d, futures in batch.items():
+                    for fut in futures:
+                        if fut.done():
+                            continue
+                        if results[d] is None:
+                            fut.set_result(None)
+                        else:
+                            fut.set_exception(results[d])
+        finally:
+            self._running = False

@@ -1,0 +1,96 @@
+"""The things every listener shares, in one object handed to each protocol module.
+
+server.py builds it; SIGHUP swaps `config` (and reloads directory and TLS in place).
+Sessions read `services.config` when they start, so a reload applies to new sessions
+and leaves sessions in progress undisturbed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .authlimit import LoginThrottle
+from .config import Config
+from .directory import Directory
+from .events import EventBus
+from .tls import TLSContexts
+
+log = logging.getLogger("mailstack.server")
+
+
+class Session(Protocol):
+    listener: str  # listener name, e.g. "smtp", "imaps"
+    peer_ip: str | None
+
+    def close_for_shutdown(self) -> None:
+        """Say goodbye if possible (421 / * BYE / -ERR) and close the transport. Must not raise."""
+
+
+class SessionRegistry:
+    """Open sessions of every listener: connection limits and graceful shutdown."""
+
+    def __init__(self) -> None:
+        self.sessions: set[Session] = set()
+        self.per_listener: Counter[str] = Counter()
+        self.per_ip: Counter[tuple[str, str]] = Counter()  # (protocol, ip)
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def add(self, session: Session, protocol: str) -> None:
+        self.sessions.add(session)
+        self.per_listener[session.listener] += 1
+        self.per_ip[(protocol, session.peer_ip or "")] += 1
+        session._registry_protocol = protocol  # type: ignore[attr-defined]
+        self._empty.clear()
+
+    def discard(self, session: Session) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self.per_listener[session.listener] -= 1
+        key = (session._registry_protocol, session.peer_ip or "")  # type: ignore[attr-defined]
+        self.per_ip[key] -= 1
+        if self.per_ip[key] <= 0:
+            del self.per_ip[key]
+        if not self.sessions:
+            self._empty.set()
+
+    def count(self, protocol: str | None = None, ip: str | None = None) -> int:
+        if protocol is None:
+            return len(self.sessions)
+        if ip is not None:
+            return self.per_ip.get((protocol, ip), 0)
+        return sum(n for (p, _), n in self.per_ip.items() if p == protocol)
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to `grace` seconds for sessions to end by themselves, then close the rest."""
+        try:
+            await asyncio.wait_for(self._empty.wait(), grace)
+        except asyncio.TimeoutError:
+            pass
+        for session in list(self.sessions):
+            try:
+                session.close_for_shutdown()
+            except Exception:
+                log.exception("closing session failed")
+        try:
+            await asyncio.wait_for(self._empty.wait(), 2.0)
+        except asyncio.TimeoutError:
+            pass
+
+
+@dataclass
+class Services:
+    config: Config
+    directory: Directory
+    events: EventBus
+    tls: TLSContexts
+    throttle: LoginThrottle
+    sessions: SessionRegistry
+    store: Any = None  # store.base.Store
+    spool: Any = None  # queue.spool.Spool
+    queue: Any = None  # queue.manager.QueueManager
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Mailbox storage: the interface (base.py) and its Maildir backend (maildir.py)."""

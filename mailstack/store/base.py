@@ -1,0 +1,184 @@
+"""The store interface: what IMAP, POP3 and local delivery may ask of a mailbox store.
+
+Maildir (store/maildir.py) is the first backend; keep this interface free of
+Maildir details so another backend (a database plus object storage) could stand
+beside it.  All methods that touch disk are coroutines and do their blocking work
+in a worker thread; nothing here blocks the event loop.
+
+Naming: an *account* is a normalised address ("alice@example.com"); a *mailbox
+name* is the IMAP name in UTF-8 with "/" as the hierarchy separator ("INBOX",
+"Archive/2024").  Encoding to/from modified UTF-7 is the IMAP layer's job.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterable
+
+SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+# Created for every new account, with their RFC 6154 SPECIAL-USE attribute.
+SPECIAL_MAILBOXES = {"Drafts": "\\Drafts", "Sent": "\\Sent", "Trash": "\\Trash", "Junk": "\\Junk",
+                     "Archive": "\\Archive"}
+
+
+class StoreError(Exception):
+    """A request the store refuses; str() is a short reason fit for a NO/-ERR reply."""
+
+
+class MailboxNotFound(StoreError):
+    pass
+
+
+class MailboxExists(StoreError):
+    pass
+
+
+@dataclass
+class MessageInfo:
+    """One message as listed: everything needed for SELECT/STAT/LIST without reading the body."""
+
+    uid: int
+    flags: set[str]  # system flags (\Seen ...) and keywords, as IMAP spells them; never \Recent
+    size: int  # bytes of the message as stored (what RFC822.SIZE reports)
+    internaldate: float  # seconds since the epoch (arrival time)
+    key: str  # backend's stable identity of the message (e.g. Maildir base name)
+
+
+@dataclass
+class MailboxInfo:
+    name: str
+    special_use: str | None = None  # "\\Sent" ...
+    subscribed: bool = False
+    has_children: bool = False
+    selectable: bool = True  # False for \Noselect placeholders
+
+
+@dataclass
+class Changes:
+    """What changed since the previous look at a mailbox (see Mailbox.refresh)."""
+
+    new: list[MessageInfo] = field(default_factory=list)  # in UID order
+    expunged: list[int] = field(default_factory=list)  # UIDs
+    flags: list[MessageInfo] = field(default_factory=list)  # messages whose flags changed
+
+
+class Mailbox(abc.ABC):
+    """An opened mailbox of one account, as one session sees it.
+
+    `messages` is this session's view, in UID order (so index+1 is the message
+    sequence number).  It changes only when the session calls refresh() or
+    performs an operation itself, which is what lets IMAP keep sequence numbers
+    consistent between the moments it may announce EXPUNGE.
+    """
+
+    account: str
+    name: str
+    uidvalidity: int
+    uidnext: int
+    messages: list[MessageInfo]
+    read_only: bool
+
+    @abc.abstractmethod
+    async def refresh(self) -> Changes:
+        """Look at the backend again and update `messages`: new messages (also ones dropped into
+        new/ or cur/ by another program, which get UIDs now), expunged ones, changed flags."""
+
+    @abc.abstractmethod
+    async def read(self, uid: int) -> bytes:
+        """The whole message as stored."""
+
+    @abc.abstractmethod
+    async def read_range(self, uid: int, start: int, length: int) -> bytes:
+        """Part of the message (for partial FETCH and POP3 TOP) without reading the rest."""
+
+    @abc.abstractmethod
+    def path(self, uid: int) -> str | None:
+        """A file holding the message, when the backend has one (for sendfile); else None."""
+
+    @abc.abstractmethod
+    async def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str,
+                          origin: object = None) -> list[MessageInfo]:
+        """mode: "+" add, "-" remove, "=" replace. Returns the messages whose flags changed.
+        Publishes a "flags" event (origin passed through)."""
+
+    @abc.abstractmethod
+    async def expunge(self, uids: Iterable[int] | None = None, origin: object = None) -> list[int]:
+        """Remove messages flagged \\Deleted (limited to `uids` when given: UID EXPUNGE).
+        Returns the expunged UIDs; publishes an "expunge" event."""
+
+    @abc.abstractmethod
+    async def copy(self, uids: Iterable[int], dest: str, origin: object = None) -> list[tuple[int, int]]:
+        """Copy to mailbox `dest` of the same account keeping flags and internal date.
+        Returns [(source uid, new uid)] for UIDPLUS COPYUID; publishes "new" on dest."""
+
+    @abc.abstractmethod
+    async def cache_get(self, uid: int) -> dict | None:
+        """The parsed-metadata cache entry of a message (envelope, body structure ...), or None.
+        The store persists it; the IMAP layer decides what is in it (JSON-able values)."""
+
+    @abc.abstractmethod
+    async def cache_put(self, entries: dict[int, dict]) -> None:
+        """Persist cache entries for several messages at once (one write)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release what the session held (locks, subscriptions)."""
+
+
+class Store(abc.ABC):
+    @abc.abstractmethod
+    async def ensure_account(self, account: str) -> None:
+        """Create the account's INBOX and the SPECIAL_MAILBOXES if missing. Idempotent."""
+
+    @abc.abstractmethod
+    async def deliver(self, account: str, message: "bytes | MessageSource", delivery_id: str,
+                      mailbox: str = "INBOX", flags: Iterable[str] = ()) -> bool:
+        """Durably add a message (write to a temporary name, fsync, rename into place, fsync the
+        folder) and publish a "new" event.  Idempotent on delivery_id: a second call with the same
+        id for the same account and mailbox adds nothing and returns False (crash recovery:
+        the queue may deliver again after a restart)."""
+
+    @abc.abstractmethod
+    async def append(self, account: str, mailbox: str, message: bytes, flags: Iterable[str] = (),
+                     internaldate: float | None = None, origin: object = None) -> tuple[int, int]:
+        """IMAP APPEND. Returns (uidvalidity, uid) for UIDPLUS APPENDUID."""
+
+    @abc.abstractmethod
+    async def open(self, account: str, name: str, read_only: bool = False) -> Mailbox:
+        """Open a mailbox for a session (raises MailboxNotFound)."""
+
+    @abc.abstractmethod
+    async def status(self, account: str, name: str) -> dict:
+        """{"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"} without opening it for a session."""
+
+    @abc.abstractmethod
+    async def list_mailboxes(self, account: str) -> list[MailboxInfo]:
+        """Every mailbox of the account, INBOX first."""
+
+    @abc.abstractmethod
+    async def create_mailbox(self, account: str, name: str, special_use: str | None = None) -> None:
+        """Create (and any missing parents). Raises MailboxExists, StoreError for a bad name."""
+
+    @abc.abstractmethod
+    async def delete_mailbox(self, account: str, name: str) -> None:
+        """RFC 3501 DELETE semantics (INBOX cannot be deleted; a mailbox with children becomes
+        \\Noselect)."""
+
+    @abc.abstractmethod
+    async def rename_mailbox(self, account: str, old: str, new: str) -> None:
+        """RFC 3501 RENAME, children included; renaming INBOX moves its messages to `new` and
+        leaves INBOX empty."""
+
+    @abc.abstractmethod
+    async def subscribe(self, account: str, name: str, subscribed: bool) -> None:
+        """Persist (un)subscription."""
+
+
+@dataclass(frozen=True)
+class MessageSource:
+    """A message that lives in a file already (e.g. a spool file), so delivery can copy it
+    in a worker thread without loading it into memory."""
+
+    path: str
+    offset: int  # where the message starts in the file
+    size: int  # bytes of the message
