@@ -107,12 +107,23 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_connections": Key("int", 20000, "Concurrent IMAP sessions.", min=1, max=1000000),
         "max_connections_per_ip": Key("int", 10000, "Concurrent IMAP sessions from one client address.",
                                       min=1, max=1000000),
+        "idle_refresh": Key("float", 30.0, "Seconds between looks at the mailbox during IDLE, to notice "
+                            "changes made by other programs (in-process deliveries are pushed at once).",
+                            min=0.05, max=3600),
     },
     "pop3": {
         "allow_plaintext_auth": Key("bool", False, "Allow USER/PASS and AUTH before TLS. Leave off."),
         "idle_timeout": Key("float", 600.0, "Seconds of silence before the session is closed; RFC 1939 "
-                            "asks for at least 10 minutes.", min=30, max=86400),
+                            "asks for at least 10 minutes.", min=1, max=86400),
         "max_connections": Key("int", 1000, "Concurrent POP3 sessions.", min=1, max=1000000),
+        "max_connections_per_ip": Key("int", 100, "Concurrent POP3 sessions from one client address.",
+                                      min=1, max=1000000),
+        "max_line_length": Key("int", 4096, "Longest command line in bytes, CRLF included (RFC 2449 asks "
+                               "for 255; AUTH PLAIN responses can be longer).", min=512, max=1 * MiB),
+        "max_commands": Key("int", 1000000, "Commands one session may send before it is closed.",
+                            min=10, max=2**31),
+        "max_errors": Key("int", 20, "Malformed or unknown commands tolerated in one session before "
+                          "-ERR and disconnect.", min=1, max=10000),
     },
     "auth": {
         "fail_delay": Key("float", 1.0, "Delay after a failed login; it doubles with each further failure "
@@ -128,10 +139,69 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_lifetime": Key("float", 5 * 86400.0, "Seconds a message may stay queued before it bounces "
                             "(Postfix maximal_queue_lifetime).", min=1, max=100 * 86400),
         "local_concurrency": Key("int", 20, "Messages delivered into Maildirs at once.", min=1, max=1000),
+        "remote_concurrency": Key("int", 20, "Messages handed to the outbound SMTP client at once.",
+                                  min=1, max=1000),
     },
     "delivery": {
         "plus_separator": Key("str", "+", "Recipient delimiter: user+tag@domain is delivered to user@domain. "
                               "Empty = off."),
+        "outbound": Key("bool", True, "Deliver mail for remote recipients over SMTP (MX, relayhost or "
+                        "transports). Off = no SMTP client: remote recipients stay deferred."),
+        "relayhost": Key("str", "", "Send all remote mail through this host (Postfix relayhost): \"[host]:port\" "
+                         "connects to host directly, \"host\" looks up its MX first. Empty = MX routing.",
+                         check=lambda v: _nexthop_error(v) if v else None),
+        "relayhost_username": Key("str", "", "AUTH user name for the relayhost (sent only over TLS). "
+                                  "Empty = no AUTH."),
+        "relayhost_password": Key("str", "", "AUTH password for the relayhost."),
+        "relayhost_implicit_tls": Key("bool", False, "Speak TLS to the relayhost from the first byte (port "
+                                      "465, RFC 8314) instead of STARTTLS (Postfix smtp_tls_wrappermode); "
+                                      "the certificate is checked only with tls_security_level = verify."),
+        "transports": Key("table", {}, "Per-domain next hop overriding relayhost and MX, e.g. "
+                          "{ \"example.org\" = \"[10.0.0.5]:25\" } (Postfix transport_maps).",
+                          check=lambda t: next(filter(None, (_nexthop_error(v, k) for k, v in t.items())), None)),
+        "port": Key("int", 25, "TCP port for next hops that name none: MX hosts of recipient domains, "
+                    "relayhost or transports without \":port\" (Postfix smtp_tcp_port).", min=1, max=65535),
+        "tls_security_level": Key("enum", "may", "STARTTLS policy of the SMTP client (Postfix "
+                                  "smtp_tls_security_level): none, may (opportunistic, unverified), encrypt "
+                                  "(TLS required, unverified), verify (TLS required, certificate and MX host "
+                                  "name checked).", choices=("none", "may", "encrypt", "verify")),
+        "tls_ca_file": Key("path", "", "PEM CA certificates trusted by `verify`. Empty = the system's CA store."),
+        "helo_name": Key("str", "", "Name sent in EHLO/HELO. Empty = server.hostname."),
+        "connect_timeout": Key("float", 30.0, "Seconds to wait for a TCP connection and the greeting "
+                               "(Postfix smtp_connect_timeout).", min=0.1, max=3600),
+        "command_timeout": Key("float", 300.0, "Seconds to wait for the reply to a command, and for each "
+                               "chunk of message text to be sent (Postfix smtp_*_timeout).", min=0.1, max=3600),
+        "data_timeout": Key("float", 600.0, "Seconds to wait for the reply after the final \".\" "
+                            "(Postfix smtp_data_done_timeout).", min=0.1, max=3600),
+        "destination_concurrency": Key("int", 20, "Deliveries in progress at once to one destination "
+                                       "(Postfix default_destination_concurrency_limit).", min=1, max=10000),
+        "max_connections": Key("int", 100, "Outbound SMTP deliveries in progress at once, all destinations "
+                               "together (Postfix default_process_limit).", min=1, max=100000),
+        "destination_recipient_limit": Key("int", 50, "Recipients per SMTP transaction (Postfix "
+                                           "default_destination_recipient_limit).", min=1, max=100000),
+        "connection_cache_time": Key("float", 2.0, "Seconds an idle connection is kept for the next message "
+                                     "to the same destination; 0 = no reuse (Postfix "
+                                     "smtp_connection_cache_time_limit).", min=0, max=300),
+        "connection_reuse_time": Key("float", 300.0, "Seconds after which a connection is no longer reused "
+                                     "(Postfix smtp_connection_reuse_time_limit).", min=1, max=86400),
+        "mx_address_limit": Key("int", 5, "Server addresses tried per delivery attempt, over all MX hosts "
+                                "(Postfix smtp_mx_address_limit).", min=1, max=100),
+        "inet_protocols": Key("enum", "all", "Address families used to reach remote servers; `all` tries "
+                              "IPv4 addresses before IPv6.", choices=("all", "ipv4", "ipv6")),
+    },
+    "dns": {
+        "nameservers": Key("strlist", [], "Resolvers to ask, as \"host\" or \"host:port\" (\"[::1]:53\"). "
+                           "Empty = those of /etc/resolv.conf.",
+                           check=lambda v: next(filter(None, (_nameserver_error(x) for x in v)), None)),
+        "timeout": Key("float", 10.0, "Seconds one DNS lookup may take over all tries; a timeout defers "
+                       "delivery.", min=0.1, max=300),
+    },
+    "dkim": {
+        "enabled": Key("bool", True, "Sign outbound mail whose From: domain has a key in <data_dir>/dkim/."),
+        "selector": Key("str", "mail", "Selector used by `mailstack dkim keygen` and preferred when signing "
+                        "(key file <data_dir>/dkim/<domain>.<selector>.key).",
+                        check=lambda v: None if v and v.isascii() and all(c.isalnum() or c in "-_" for c in v)
+                        else "must be letters, digits, '-' or '_'"),
     },
 }
 
@@ -315,5 +385,82 @@ def dump(cfg: Config) -> str:
         out.append(f"[{section}]")
         for key, value in cfg.sections[section].as_dict().items():
             out.append(f"{key} = {_render(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+SECTION_DOCS = {
+    "server": "The process: names, where state lives, logging, privileges.",
+    "listen": "Listeners: a list of \"host:port\" per protocol; [] turns one off.",
+    "tls": "Certificates and TLS versions, shared by every listener.",
+    "smtp": "SMTP in (25, 465, 587): limits and policy.",
+    "imap": "IMAP (143, 993).",
+    "pop3": "POP3 (110, 995).",
+    "auth": "Failed-login slow-down, shared by SMTP AUTH, IMAP and POP3.",
+    "queue": "The queue: retries, lifetime, local delivery.",
+    "delivery": "Delivery: addresses and outbound SMTP.",
+    "dns": "The resolver used for outbound routing (MX, A/AAAA).",
+    "dkim": "DKIM signing of outbound mail from local domains.",
+}
+
+
+def sample() -> str:
+    """A config file with every key, its default and its explanation (the bundled config.toml)."""
+    import textwrap
+
+    defaults = from_dict({}, base=Path("."))
+    out = ["# mailstack configuration. Every key is listed with its default value and what it does;",
+           "# `mailstack config check` validates this file and prints the effective settings.",
+           "# Sizes are in bytes, times in seconds.", ""]
+    for section, keys in SCHEMA.items():
+        out.append(f"# --- {SECTION_DOCS.get(section, section)}")
+        out.append(f"[{section}]")
+        for key, spec in keys.items():
+            for line in textwrap.wrap(spec.doc, 88):
+                out.append(f"# {line}")
+            value = spec.default
+            if spec.kind == "path" or (section == "server" and key == "hostname"):
+                value = spec.default  # keep the raw default ("" = derived), not the resolved one
+            elif spec.kind in ("addrs", "cidrs"):
+                value = [str(v) for v in spec.default]
+            else:
+                value = getattr(defaults.sections[section], key)
+            out.append(f"{key} = {_render(value)}")
+            out.append("")
+    return "\n".join(out)
+
+
+def _nexthop_error(value: str, domain: str | None = None) -> str | None:
+    from .nexthop import parse_nexthop
+    try:
+        parse_nexthop(value)
+    except ValueError as e:
+        return f"{domain}: {e}" if domain else str(e)
+    return None
+
+
+def _nameserver_error(value: str) -> str | None:
+    from .nexthop import parse_nameserver
+    try:
+        parse_nameserver(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def reference_markdown() -> str:
+    """The README's reference of every key (`mailstack config reference`)."""
+    out = []
+    for section, keys in SCHEMA.items():
+        out.append(f"#### [{section}] — {SECTION_DOCS.get(section, '')}\n")
+        out.append("| key | default | meaning |")
+        out.append("|---|---|---|")
+        for key, spec in keys.items():
+            default = spec.default
+            if spec.kind in ("addrs", "cidrs"):
+                default = [str(v) for v in default]
+            shown = _render(default).replace("|", "\\|")
+            doc = spec.doc.replace("|", "\\|")
+            out.append(f"| `{section}.{key}` | `{shown}` | {doc} |")
         out.append("")
     return "\n".join(out)

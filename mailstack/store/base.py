@@ -33,6 +33,10 @@ class MailboxExists(StoreError):
     pass
 
 
+class MessageGone(StoreError):
+    """The message was expunged (by another session or program) after this session listed it."""
+
+
 @dataclass
 class MessageInfo:
     """One message as listed: everything needed for SELECT/STAT/LIST without reading the body."""
@@ -111,6 +115,19 @@ class Mailbox(abc.ABC):
         """Copy to mailbox `dest` of the same account keeping flags and internal date.
         Returns [(source uid, new uid)] for UIDPLUS COPYUID; publishes "new" on dest."""
 
+    async def move(self, uids: Iterable[int], dest: str, origin: object = None) -> list[tuple[int, int]]:
+        """IMAP MOVE (RFC 6851): like copy() followed by flagging \\Deleted and expunging the
+        moved messages, but done at once by backends that can (Maildir renames the files).
+        Returns [(source uid, new uid)]; the moved UIDs leave `messages` (the caller announces
+        their EXPUNGE); publishes "expunge" here and "new" on dest.  This default is for
+        backends without a native move."""
+        pairs = await self.copy(uids, dest, origin)
+        moved = [src for src, _ in pairs]
+        if moved:
+            await self.store_flags(moved, ["\\Deleted"], "+", origin)
+            await self.expunge(moved, origin)
+        return pairs
+
     @abc.abstractmethod
     async def cache_get(self, uid: int) -> dict | None:
         """The parsed-metadata cache entry of a message (envelope, body structure ...), or None.
@@ -172,6 +189,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def subscribe(self, account: str, name: str, subscribed: bool) -> None:
         """Persist (un)subscription."""
+
+    async def subscriptions(self, account: str) -> list[str]:
+        """Every subscribed name, including names of mailboxes that no longer exist (RFC 3501
+        LSUB must still show them).  Backends should override; this default lists only
+        existing mailboxes."""
+        return [b.name for b in await self.list_mailboxes(account) if b.subscribed]
 
 
 @dataclass(frozen=True)

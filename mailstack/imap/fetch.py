@@ -1,0 +1,479 @@
+"""Message structure for FETCH, from message bytes, with no I/O.
+
+`parse(data)` finds the MIME tree by byte offsets (no copies, no decoding), which gives
+BODY[section] exactly as stored; `envelope()` and `bodystructure()` render the
+RFC 3501 structures.  `cache_entry()` is what the session stores per message in the
+store's metadata cache, so ENVELOPE/BODYSTRUCTURE never need the message again.
+"""
+from __future__ import annotations
+
+import email.utils
+import re
+from dataclasses import dataclass, field
+
+from .response import nstring, string
+
+CACHE_VERSION = 1
+MAX_DEPTH = 32  # MIME nesting we follow; deeper parts are treated as opaque
+MAX_PARTS = 2000  # parts per message we enumerate
+
+
+@dataclass
+class Part:
+    start: int  # first byte of this part's header
+    body_start: int  # first byte of its body
+    end: int  # one past its last body byte
+    headers: list[tuple[bytes, bytes]]  # (lower-case name, raw value without the trailing CRLF)
+    type: str = "text"
+    subtype: str = "plain"
+    params: list[tuple[str, str]] = field(default_factory=list)
+    children: list["Part"] = field(default_factory=list)  # multipart parts
+    message: "Part | None" = None  # the enclosed message of message/rfc822
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+_BLANK = re.compile(rb"\r?\n\r?\n")
+
+
+def split_header(data: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """(end of the header block including its final line break, start of body)."""
+    end = len(data) if end is None else end
+    if data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
+        n = 2 if data.startswith(b"\r\n", start) else 1
+        return start, start + n  # empty header
+    m = _BLANK.search(data, start, end)
+    if m is None:
+        return end, end
+    # the header keeps its last line break; the blank line belongs to neither
+    line_end = m.start() + (2 if data.startswith(b"\r\n", m.start()) else 1)
+    return line_end, m.end()
+
+
+def parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    for line in re.split(rb"\r?\n(?![ \t])", block):
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        out.append((name.strip().lower(), value.strip()))
+        if len(out) > 10000:
+            break
+    return out
+
+
+def unfold(value: bytes) -> bytes:
+    return re.sub(rb"\r?\n(?=[ \t])", b"", value)
+
+
+# --- Content-Type and friends -------------------------------------------------------------
+_TOKEN = re.compile(rb'[^\x00-\x20()<>@,;:\\"/\[\]?=\x7f]+')
+
+
+def _params(value: bytes, pos: int) -> list[tuple[str, str]]:
+    """;name=value pairs after position `pos`, RFC 2231 continuations left as they are."""
+    out: list[tuple[str, str]] = []
+    n = len(value)
+    while pos < n and len(out) < 64:
+        semi = value.find(b";", pos)
+        if semi < 0:
+            break
+        pos = semi + 1
+        while pos < n and value[pos] in b" \t\r\n":
+            pos += 1
+        m = _TOKEN.match(value, pos)
+        if not m:
+            continue
+        name = m.group().decode("ascii", "replace")
+        pos = m.end()
+        while pos < n and value[pos] in b" \t":
+            pos += 1
+        if pos >= n or value[pos] != 0x3D:
+            continue
+        pos += 1
+        while pos < n and value[pos] in b" \t":
+            pos += 1
+        if pos < n and value[pos] == 0x22:
+            pos += 1
+            buf = bytearray()
+            while pos < n and value[pos] != 0x22:
+                if value[pos] == 0x5C and pos + 1 < n:
+                    pos += 1
+                buf.append(value[pos])
+                pos += 1
+            pos += 1
+            val = bytes(buf)
+        else:
+            m = _TOKEN.match(value, pos)
+            val = m.group() if m else b""
+            pos = m.end() if m else pos
+        out.append((name, val.decode("utf-8", "surrogateescape")))
+    return out
+
+
+def content_type(value: bytes | None) -> tuple[str, str, list[tuple[str, str]]]:
+    if value is None:
+        return "text", "plain", [("charset", "us-ascii")]
+    value = unfold(value)
+    m = re.match(rb"\s*([^\s/;]+)\s*/\s*([^\s;]+)", value)
+    if not m or not _TOKEN.fullmatch(m.group(1)) or not _TOKEN.fullmatch(m.group(2)):
+        return "text", "plain", [("charset", "us-ascii")]
+    return (m.group(1).decode("ascii").lower(), m.group(2).decode("ascii").lower(),
+            _params(value, m.end()))
+
+
+def _disposition(value: bytes | None) -> tuple[str, list[tuple[str, str]]] | None:
+    if value is None:
+        return None
+    value = unfold(value)
+    m = re.match(rb"\s*([^\s;]+)", value)
+    if not m:
+        return None
+    return m.group(1).decode("ascii", "replace"), _params(value, m.end())
+
+
+# --- MIME tree --------------------------------------------------------------------------
+def parse(data: bytes) -> Part:
+    counter = [0]
+    return _parse_part(data, 0, len(data), "text", "plain", 0, counter)
+
+
+def _parse_part(data: bytes, start: int, end: int, dtype: str, dsub: str, depth: int,
+                counter: list[int]) -> Part:
+    counter[0] += 1
+    hend, bstart = split_header(data, start, end)
+    headers = parse_headers(data[start:hend])
+    part = Part(start, bstart, end, headers)
+    ctv = part.header(b"content-type")
+    if ctv is None:
+        part.type, part.subtype = dtype, dsub
+        part.params = [("charset", "us-ascii")] if dtype == "text" else []
+    else:
+        part.type, part.subtype, part.params = content_type(ctv)
+        if part.type == "text" and not any(k.lower() == "charset" for k, _ in part.params):
+            part.params.insert(0, ("charset", "us-ascii"))
+    if depth >= MAX_DEPTH or counter[0] >= MAX_PARTS:
+        if part.type == "multipart" or (part.type, part.subtype) == ("message", "rfc822"):
+            part.type, part.subtype, part.params = "application", "octet-stream", []
+        return part
+    if part.type == "multipart":
+        boundary = dict((k.lower(), v) for k, v in part.params).get("boundary")
+        if not boundary:
+            # RFC 2046 requires a boundary; treat the part as opaque text
+            part.type, part.subtype, part.params = "text", "plain", [("charset", "us-ascii")]
+            return part
+        child_default = ("message", "rfc822") if part.subtype == "digest" else ("text", "plain")
+        for s, e in _split_multipart(data, bstart, end, boundary.encode("utf-8", "surrogateescape")):
+            if counter[0] >= MAX_PARTS:
+                break
+            part.children.append(_parse_part(data, s, e, *child_default, depth + 1, counter))
+        if not part.children:  # no boundary found: RFC 3501 wants at least one part
+            part.children.append(Part(bstart, bstart, bstart, [], "text", "plain", [("charset", "us-ascii")]))
+    elif (part.type, part.subtype) == ("message", "rfc822") and \
+            _cte(part) in ("7bit", "8bit", "binary"):
+        part.message = _parse_part(data, bstart, end, "text", "plain", depth + 1, counter)
+    return part
+
+
+def _split_multipart(data: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+    """Byte ranges of the body parts between the delimiter lines of `boundary`."""
+    delim = b"--" + boundary
+    pat = re.compile(rb"(?:^|\r?\n)" + re.escape(delim) + rb"(--)?[ \t]*(?:\r?\n|$)", re.M)
+    parts: list[tuple[int, int]] = []
+    pos = start
+    current = None
+    while True:
+        m = pat.search(data, pos, end)
+        if m is None:
+            if current is not None:  # missing close delimiter: the part runs to the end
+                parts.append((current, end))
+            return parts
+        if current is not None:
+            parts.append((current, m.start()))
+        if m.group(1):
+            return parts
+        current = m.end()
+        pos = m.end()
+        if len(parts) >= MAX_PARTS:
+            return parts
+
+
+def _cte(part: Part) -> str:
+    v = part.header(b"content-transfer-encoding")
+    return unfold(v).strip().decode("ascii", "replace").lower() if v else "7bit"
+
+
+# --- ENVELOPE -------------------------------------------------------------------------
+_ADDR_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"?|\((?:[^()\\]|\\.)*\)?|[<>,:;@]|[^\s"()<>,:;@]+|\s+', re.S)
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    out = []
+    depth_comment = 0
+    for m in _ADDR_TOKEN.finditer(value):
+        t = m.group()
+        if t[:1].isspace():
+            continue
+        if t.startswith(b"("):
+            continue  # comments carry no address information here
+        out.append(t)
+        if len(out) > 5000:
+            break
+    del depth_comment
+    return out
+
+
+def _unquote(t: bytes) -> bytes:
+    if t.startswith(b'"'):
+        t = t[1:-1] if t.endswith(b'"') and len(t) > 1 else t[1:]
+        return re.sub(rb"\\(.)", rb"\1", t)
+    return t
+
+
+def _one_address(tokens: list[bytes]) -> bytes | None:
+    if not tokens:
+        return None
+    if b"<" in tokens:
+        i = tokens.index(b"<")
+        name_toks = tokens[:i]
+        inner = tokens[i + 1:]
+        if b">" in inner:
+            inner = inner[:inner.index(b">")]
+        route = None
+        if b":" in inner:  # obsolete source route "@a,@b:user@host"
+            j = inner.index(b":")
+            route = b"".join(inner[:j])
+            inner = inner[j + 1:]
+    else:
+        name_toks, inner, route = [], tokens, None
+    name = b" ".join(_unquote(t) for t in name_toks) or None
+    if b"@" in inner:
+        j = len(inner) - 1 - inner[::-1].index(b"@")
+        local = b"".join(inner[:j])
+        host = b"".join(inner[j + 1:])
+    else:
+        local, host = b"".join(inner), b""
+    if not local and not host and name is None:
+        return None
+    local = local or b"MISSING_MAILBOX"
+    host = host or b"MISSING_DOMAIN"
+    if local.startswith(b'"') and local.endswith(b'"') and len(local) > 1:
+        local = _unquote(local)
+    return b"(" + nstring(name) + b" " + nstring(route) + b" " + string(local) + b" " + string(host) + b")"
+
+
+def address_list(value: bytes | None) -> bytes:
+    if value is None:
+        return b"NIL"
+    toks = _tokens(unfold(value))
+    out: list[bytes] = []
+    cur: list[bytes] = []
+    in_angle = False
+    group_open = False
+    for t in toks:
+        if t == b"<":
+            in_angle = True
+        elif t == b">":
+            in_angle = False
+        if not in_angle and t == b":" and not group_open and b"<" not in cur and b"@" not in cur:
+            name = b" ".join(_unquote(x) for x in cur)
+            out.append(b"(NIL NIL " + string(name) + b" NIL)")
+            group_open = True
+            cur = []
+            continue
+        if not in_angle and t == b";" and group_open:
+            a = _one_address(cur)
+            if a:
+                out.append(a)
+            out.append(b"(NIL NIL NIL NIL)")
+            group_open = False
+            cur = []
+            continue
+        if not in_angle and t == b",":
+            a = _one_address(cur)
+            if a:
+                out.append(a)
+            cur = []
+            continue
+        cur.append(t)
+    a = _one_address(cur)
+    if a:
+        out.append(a)
+    if group_open:
+        out.append(b"(NIL NIL NIL NIL)")
+    if not out:
+        return b"NIL"
+    return b"(" + b"".join(out) + b")"
+
+
+def envelope(part: Part) -> bytes:
+    def h(name: bytes) -> bytes | None:
+        v = part.header(name)
+        return None if v is None else unfold(v)
+
+    frm = address_list(part.header(b"from"))
+    sender = part.header(b"sender")
+    reply_to = part.header(b"reply-to")
+    # RFC 3501: sender and reply-to default to from (rendered once, the common case)
+    items = [nstring(h(b"date")), nstring(h(b"subject")), frm,
+             address_list(sender) if sender else frm, address_list(reply_to) if reply_to else frm,
+             address_list(part.header(b"to")), address_list(part.header(b"cc")),
+             address_list(part.header(b"bcc")), nstring(h(b"in-reply-to")), nstring(h(b"message-id"))]
+    return b"(" + b" ".join(items) + b")"
+
+
+# --- BODYSTRUCTURE ----------------------------------------------------------------------
+def _plist(params: list[tuple[str, str]]) -> bytes:
+    if not params:
+        return b"NIL"
+    return b"(" + b" ".join(string(k.upper() if k.lower() != "charset" else k.upper()) + b" " +
+                            string(v.encode("utf-8", "surrogateescape")) for k, v in params) + b")"
+
+
+def _body_ext_1part(data: bytes, part: Part) -> bytes:
+    md5 = part.header(b"content-md5")
+    disp = _disposition(part.header(b"content-disposition"))
+    dsp = b"NIL" if disp is None else b"(" + string(disp[0].upper()) + b" " + _plist(disp[1]) + b")"
+    lang = part.header(b"content-language")
+    lng = b"NIL"
+    if lang:
+        langs = [x.strip() for x in unfold(lang).split(b",") if x.strip()]
+        lng = string(langs[0]) if len(langs) == 1 else (b"(" + b" ".join(string(x) for x in langs) + b")"
+                                                          if langs else b"NIL")
+    loc = part.header(b"content-location")
+    return b" ".join([nstring(unfold(md5).strip() if md5 else None), dsp, lng,
+                      nstring(unfold(loc).strip() if loc else None)])
+
+
+def bodystructure(data: bytes, part: Part, extended: bool = True) -> bytes:
+    if part.type == "multipart":
+        inner = b"".join(bodystructure(data, c, extended) for c in part.children)
+        out = inner + b" " + string(part.subtype.upper())
+        if extended:
+            disp = _disposition(part.header(b"content-disposition"))
+            dsp = b"NIL" if disp is None else b"(" + string(disp[0].upper()) + b" " + _plist(disp[1]) + b")"
+            lang = part.header(b"content-language")
+            loc = part.header(b"content-location")
+            out += b" " + _plist(part.params) + b" " + dsp + b" " + \
+                (string(unfold(lang).strip()) if lang else b"NIL") + b" " + \
+                nstring(unfold(loc).strip() if loc else None)
+        return b"(" + out + b")"
+    size = part.end - part.body_start
+    cid = part.header(b"content-id")
+    desc = part.header(b"content-description")
+    enc = _cte(part).upper()
+    fields = [string(part.type.upper()), string(part.subtype.upper()), _plist(part.params),
+              nstring(unfold(cid).strip() if cid else None), nstring(unfold(desc).strip() if desc else None),
+              string(enc.encode("ascii", "replace")), str(size).encode()]
+    if part.type == "text":
+        fields.append(str(data.count(b"\n", part.body_start, part.end)).encode())
+    elif part.message is not None:
+        fields.append(envelope(part.message))
+        fields.append(bodystructure(data, part.message, extended))
+        fields.append(str(data.count(b"\n", part.body_start, part.end)).encode())
+    if extended:
+        fields.append(_body_ext_1part(data, part))
+    return b"(" + b" ".join(fields) + b")"
+
+
+# --- BODY[section] ------------------------------------------------------------------------
+def find_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
+    """Part by section number (RFC 3501 6.4.5): a non-multipart message has part 1 = itself."""
+    part = root
+    for n in numbers:
+        if part.message is not None and part.type == "message":
+            part = part.message
+        if part.type == "multipart":
+            if not 1 <= n <= len(part.children):
+                return None
+            part = part.children[n - 1]
+        elif n == 1:
+            continue  # part 1 of a single-part body is its body
+        else:
+            return None
+    return part
+
+
+def header_fields(block: bytes, names: tuple[str, ...], exclude: bool) -> bytes:
+    """The named header fields (or all others), as they appear, plus the blank line."""
+    wanted = {n.lower().encode("ascii") for n in names}
+    out = bytearray()
+    for line in re.split(rb"(?<=\n)(?![ \t])", block):
+        if not line or line in (b"\r\n", b"\n"):
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        if (name in wanted) != exclude:
+            out += line if line.endswith(b"\n") else line + b"\r\n"
+    out += b"\r\n"
+    return bytes(out)
+
+
+def section_bytes(data: bytes, root: Part, section) -> bytes:
+    """The bytes of BODY[section] (empty when the part does not exist, as Dovecot answers)."""
+    text = section.text
+    if not section.part:
+        part = root
+    else:
+        part = find_part(root, section.part)
+        if part is None:
+            return b""
+    if text == "MIME":
+        hend, _ = split_header(data, part.start, part.end)
+        return data[part.start:part.body_start] if part.start != part.body_start else b"\r\n"
+    if section.part and text in ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT"):
+        # these apply to an enclosed message/rfc822
+        if part.message is None:
+            return b""
+        part = part.message
+    if text == "":
+        if not section.part:
+            return data
+        return data[part.body_start:part.end]
+    if text == "TEXT":
+        return data[part.body_start:part.end]
+    hend, bstart = split_header(data, part.start, part.end)
+    block = data[part.start:bstart]
+    if text == "HEADER":
+        return block
+    return header_fields(data[part.start:hend], section.fields, text == "HEADER.FIELDS.NOT")
+
+
+def header_only(section) -> bool:
+    """Does this section need only the top-level header (so the body need not be read)?"""
+    return not section.part and section.text in ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT")
+
+
+# --- the cache entry ------------------------------------------------------------------------
+def cache_entry(data: bytes) -> dict:
+    """Everything FETCH and SEARCH need that is costly to recompute (JSON-able)."""
+    root = parse(data)
+    date = root.header(b"date")
+    sent = None
+    if date:
+        try:
+            dt = email.utils.parsedate_to_datetime(unfold(date).decode("ascii", "replace"))
+            # SENT* keys compare dates in the sender's zone (RFC 3501: "disregarding time and timezone")
+            sent = dt.year * 10000 + dt.month * 100 + dt.day
+        except (TypeError, ValueError, IndexError, OverflowError):
+            sent = None
+    return {
+        "v": CACHE_VERSION,
+        "env": envelope(root).decode("utf-8", "surrogateescape"),
+        "bs": bodystructure(data, root, True).decode("utf-8", "surrogateescape"),
+        "body": bodystructure(data, root, False).decode("utf-8", "surrogateescape"),
+        "sent": sent,
+        "hsize": root.body_start,
+    }
+
+
+def cached(entry: dict | None, key: str) -> bytes | None:
+    if not entry or entry.get("v") != CACHE_VERSION:
+        return None
+    v = entry.get(key)
+    return v.encode("utf-8", "surrogateescape") if isinstance(v, str) else None

@@ -1,0 +1,99 @@
+"""Serialising IMAP response data (RFC 3501 section 4): atoms, quoted strings, literals, NIL.
+
+Everything returns bytes; the session joins them into large writes.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+from . import mutf7
+
+_QUOTED_SAFE = frozenset(range(0x20, 0x7F)) - {ord('"'), ord("\\")}
+# atom-specials (RFC 3501 9): ( ) { SP CTL % * " \ ]
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x00, 0x21)) | {0x7F}
+
+
+def literal(data: bytes) -> bytes:
+    return b"{%d}\r\n" % len(data) + data
+
+
+_PLAIN = re.compile(rb'[\x20\x21\x23-\x5b\x5d-\x7e]*')
+
+
+def string(data: bytes | str) -> bytes:
+    """A quoted string when that can carry the bytes, else a literal."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if len(data) < 1024 and _PLAIN.fullmatch(data):
+        return b'"' + data + b'"'
+    if b"\r" not in data and b"\n" not in data and b"\0" not in data and len(data) < 1024 \
+            and all(b >= 0x20 for b in data):
+        # Quoted with escapes is fine for \ and " (but not for 8-bit: clients choke on it).
+        if all(b < 0x80 for b in data):
+            return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return literal(data)
+
+
+def nstring(data: bytes | str | None) -> bytes:
+    return b"NIL" if data is None else string(data)
+
+
+def astring(data: bytes | str) -> bytes:
+    """An atom when that is unambiguous, else a string."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if data and data.upper() != b"NIL" and not any(b in _ATOM_SPECIALS or b > 0x7E for b in data):
+        return data
+    return string(data)
+
+
+def mailbox(name: str) -> bytes:
+    """A mailbox name on the wire: modified UTF-7, as an astring."""
+    return astring(mutf7.encode(name).encode("ascii"))
+
+
+def flag_list(flags) -> bytes:
+    return b"(" + " ".join(flags).encode("ascii", "replace") + b")"
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def internaldate(ts: float) -> bytes:
+    """date-time: "dd-Mon-yyyy hh:mm:ss +zzzz" in the server's local zone (as Dovecot does)."""
+    tm = time.localtime(ts)
+    off = tm.tm_gmtoff or 0
+    sign = "+" if off >= 0 else "-"
+    off = abs(off) // 60
+    return ('"%2d-%s-%04d %02d:%02d:%02d %s%02d%02d"' % (
+        tm.tm_mday, _MONTHS[tm.tm_mon - 1], tm.tm_year, tm.tm_hour, tm.tm_min, tm.tm_sec,
+        sign, off // 60, off % 60)).encode("ascii")
+
+
+def sequence_set(numbers) -> bytes:
+    """Compact sorted numbers into "1:3,7,9:10" (for COPYUID and friends)."""
+    out: list[str] = []
+    nums = sorted(numbers)
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
+        i = j + 1
+    return ",".join(out).encode("ascii")
+
+
+def ordered_set(numbers) -> bytes:
+    """Numbers in the given order (COPYUID's source and destination sets must correspond)."""
+    out: list[str] = []
+    nums = list(numbers)
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
+        i = j + 1
+    return ",".join(out).encode("ascii")

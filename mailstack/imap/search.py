@@ -1,0 +1,191 @@
+"""SEARCH evaluation over one message at a time, with no I/O.
+
+The session gives a `Candidate` per message; the key tree comes from parser._search_key.
+`needs(key)` tells the session what to load first, so a search on flags or sizes reads
+nothing from disk, one on Subject reads only the header, and only BODY/TEXT read bodies.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import email.header
+import quopri
+import time
+from dataclasses import dataclass
+
+from . import fetch
+
+
+@dataclass
+class Candidate:
+    seq: int
+    uid: int
+    flags: set
+    size: int
+    internaldate: float
+    recent: bool
+    max_seq: int
+    max_uid: int
+    sent: int | None = None  # yyyymmdd of the Date: header (from the metadata cache)
+    data: bytes | None = None  # the header (for HEADER keys) or whole message (BODY/TEXT)
+    _root: "fetch.Part | None" = None
+
+    def root(self) -> "fetch.Part":
+        if self._root is None:
+            self._root = fetch.parse(self.data or b"")
+        return self._root
+
+
+def needs(key: tuple) -> str:
+    """"none", "sent" (cached Date), "header" or "full"."""
+    op = key[0]
+    if op in ("BODY", "TEXT"):
+        return "full"
+    if op == "HEADER":
+        return "header"
+    if op in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+        return "sent"
+    order = ["none", "sent", "header", "full"]
+    subs: list = []
+    if op == "AND":
+        subs = key[1]
+    elif op == "OR":
+        subs = [key[1], key[2]]
+    elif op == "NOT":
+        subs = [key[1]]
+    best = "none"
+    for k in subs:
+        n = needs(k)
+        if order.index(n) > order.index(best):
+            best = n
+    return best
+
+
+def uses_sequence_numbers(key: tuple) -> bool:
+    op = key[0]
+    if op == "SEQ":
+        return True
+    if op == "AND":
+        return any(uses_sequence_numbers(k) for k in key[1])
+    if op == "OR":
+        return uses_sequence_numbers(key[1]) or uses_sequence_numbers(key[2])
+    if op == "NOT":
+        return uses_sequence_numbers(key[1])
+    return False
+
+
+def _ymd_local(ts: float) -> int:
+    tm = time.localtime(ts)
+    return tm.tm_year * 10000 + tm.tm_mon * 100 + tm.tm_mday
+
+
+def _ymd(date: tuple[int, int, int]) -> int:
+    return date[0] * 10000 + date[1] * 100 + date[2]
+
+
+def _decode_words(value: bytes) -> str:
+    text = value.decode("utf-8", "replace")
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError, binascii.Error, AssertionError):
+        return text
+
+
+def _fold(s: str) -> str:
+    return s.casefold()
+
+
+def _header_matches(c: Candidate, name: str, needle: str) -> bool:
+    root = c.root()
+    lname = name.lower().encode("ascii", "replace")
+    needle = _fold(needle)
+    for k, v in root.headers:
+        if k == lname:
+            if not needle:
+                return True
+            value = fetch.unfold(v)
+            if needle in _fold(_decode_words(value)):
+                return True
+    return False
+
+
+def _decoded_body(data: bytes, part: "fetch.Part") -> str:
+    raw = data[part.body_start:part.end]
+    cte = fetch._cte(part)
+    try:
+        if cte == "base64":
+            raw = base64.b64decode(b"".join(raw.split()), validate=False)
+        elif cte == "quoted-printable":
+            raw = quopri.decodestring(raw)
+    except (binascii.Error, ValueError):
+        pass
+    charset = dict((k.lower(), v) for k, v in part.params).get("charset", "utf-8")
+    try:
+        return raw.decode(charset, "replace")
+    except LookupError:
+        return raw.decode("utf-8", "replace")
+
+
+def _body_texts(data: bytes, part: "fetch.Part"):
+    if part.children:
+        for child in part.children:
+            yield from _body_texts(data, child)
+    elif part.message is not None:
+        yield from (_decode_words(v) for _, v in part.message.headers)
+        yield from _body_texts(data, part.message)
+    elif part.type in ("text", "message"):
+        yield _decoded_body(data, part)
+
+
+def _body_matches(c: Candidate, needle: str) -> bool:
+    root = c.root()
+    needle = _fold(needle)
+    data = c.data or b""
+    return any(needle in _fold(t) for t in _body_texts(data, root))
+
+
+def matches(key: tuple, c: Candidate) -> bool:
+    op = key[0]
+    if op == "ALL":
+        return True
+    if op == "AND":
+        return all(matches(k, c) for k in key[1])
+    if op == "OR":
+        return matches(key[1], c) or matches(key[2], c)
+    if op == "NOT":
+        return not matches(key[1], c)
+    if op == "FLAG":
+        return (key[1] in c.flags) == key[2] if key[1].startswith("\\") else \
+            (any(f.lower() == key[1].lower() for f in c.flags) == key[2])
+    if op == "SEQ":
+        return key[1].contains(c.seq, c.max_seq)
+    if op == "UID":
+        return key[1].contains(c.uid, c.max_uid)
+    if op == "NEW":
+        return c.recent and "\\Seen" not in c.flags
+    if op == "OLD":
+        return not c.recent
+    if op == "RECENT":
+        return c.recent
+    if op == "LARGER":
+        return c.size > key[1]
+    if op == "SMALLER":
+        return c.size < key[1]
+    if op in ("BEFORE", "ON", "SINCE"):
+        d, want = _ymd_local(c.internaldate), _ymd(key[1])
+        return d < want if op == "BEFORE" else d == want if op == "ON" else d >= want
+    if op in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+        d = c.sent if c.sent is not None else _ymd_local(c.internaldate)
+        want = _ymd(key[1])
+        return d < want if op == "SENTBEFORE" else d == want if op == "SENTON" else d >= want
+    if op == "HEADER":
+        return _header_matches(c, key[1], key[2])
+    if op == "BODY":
+        return _body_matches(c, key[1])
+    if op == "TEXT":
+        needle = _fold(key[1])
+        return any(needle in _fold(_decode_words(v)) or needle in k.decode("ascii", "replace").lower()
+                   for k, v in c.root().headers) or _body_matches(c, key[1])
+    raise ValueError(f"unknown search key {op}")

@@ -1,0 +1,43 @@
+"""IMAP listeners: accept connections, apply the connection limits, run sessions."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .session import IMAPSession
+
+log = logging.getLogger("mailstack.imap")
+
+IMPLICIT_TLS = {"imaps"}
+
+
+async def start_listener(services, name: str, host: str, port: int) -> asyncio.Server:
+    tls = name in IMPLICIT_TLS
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = IMAPSession(services, name, reader, writer, tls)
+        cfg = services.config.imap
+        registry = services.sessions
+        if registry.count("imap") >= cfg.max_connections or \
+                registry.count("imap", session.peer_ip) >= cfg.max_connections_per_ip:
+            try:
+                writer.write(b"* BYE [UNAVAILABLE] Too many connections\r\n")
+                await asyncio.wait_for(writer.drain(), 5)
+                writer.close()
+            except (OSError, asyncio.TimeoutError, ConnectionError):
+                writer.close()
+            return
+        registry.add(session, "imap")
+        try:
+            await session.run()
+        except Exception:  # a session bug must not take the listener down
+            log.exception("IMAP session crashed", extra={"client": session.peer_ip})
+        finally:
+            registry.discard(session)
+            if not writer.is_closing():
+                writer.close()
+
+    return await asyncio.start_server(on_connect, host, port,
+                                      ssl=services.tls.server if tls else None,
+                                      ssl_handshake_timeout=30 if tls else None,
+                                      limit=65536, reuse_address=True, backlog=1024)

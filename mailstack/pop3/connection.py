@@ -1,0 +1,141 @@
+"""Transport glue for one POP3 client: bytes in -> bounded lines, bytes out with flow control.
+
+An asyncio.Protocol rather than streams so that STLS can be exact: the line buffer
+is emptied in the same loop step that hands the socket to TLS, so no plaintext sent
+after "STLS" can be read as a command of the encrypted session (the CVE-2011-0411
+class of injection).  Knows nothing about POP3 commands.
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Callable
+
+from .parser import LineBuffer, LineTooLong
+
+# Unread pipelined input held before reading from the socket pauses.  Larger than any
+# allowed line, so a paused connection always has a complete line to hand out.
+PIPELINE_BYTES = 64 * 1024
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, max_line: int, on_connect: Callable[["Connection"], None],
+                 implicit_tls: bool = False) -> None:
+        self.tls_active = implicit_tls
+        self.lines = LineBuffer(max_line)
+        self._high_water = max(PIPELINE_BYTES, 2 * max_line)
+        self._on_connect = on_connect
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._eof = False
+        self._ended = False  # we closed: nothing more is written
+        self._reading_paused = False
+        self._waiter: asyncio.Future | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called once: for implicit TLS after the handshake; start_tls does not call it again.
+        self.transport = transport  # type: ignore[assignment]
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.lines.feed(data)
+        if len(self.lines) > self._high_water and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False  # close our side too: POP3 has nothing to say to a half-closed client
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._eof = True
+        self._wake()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- for the session ---------------------------------------------------------------
+    @property
+    def peer_ip(self) -> str | None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return peer[0] if peer else None
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def readline(self, timeout: float) -> bytes | LineTooLong | None:
+        """The next command line (without CRLF), LINE_TOO_LONG, or None at end of input.
+        Raises TimeoutError after `timeout` seconds of silence."""
+        async with asyncio.timeout(timeout):
+            while True:
+                line = self.lines.next_line()
+                if self._reading_paused and len(self.lines) <= self._high_water // 2 and not self.closed:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                if line is not None:
+                    return line
+                if self._eof:
+                    return None
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and not self._ended:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the client is slower than we write (bounded output buffering)."""
+        while self._write_paused and not self.closed:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    async def start_tls(self, context: ssl.SSLContext, handshake_timeout: float = 30.0) -> int:
+        """Switch to TLS after the "+OK" has been written.  Returns the number of plaintext
+        bytes the client sent after STLS, which are dropped, never executed."""
+        dropped = self.lines.clear()
+        self._reading_paused = False  # start_tls resumes reading on its own
+        loop = asyncio.get_running_loop()
+        # From here on bytes go to the TLS layer: start_tls swaps the protocol before
+        # the loop runs another callback, so nothing can slip in between.
+        self.transport = await loop.start_tls(self.transport, self, context, server_side=True,
+                                              ssl_handshake_timeout=handshake_timeout)
+        self.tls_active = True
+        return dropped
+
+    def close(self) -> None:
+        """Close after what was written is sent.  The session sees end of input at once, even
+        while a TLS transport still waits for the client's close_notify."""
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self._end_locally()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self._end_locally()
+
+    def _end_locally(self) -> None:
+        self._ended = True
+        self._eof = True
+        self._write_paused = False
+        self._wake()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

@@ -1,0 +1,277 @@
+"""POP3 on the wire, without I/O: command lines in, response bytes out.
+
+Everything here is a plain function or class over bytes (the way h11 does HTTP), so
+it can be tested and fuzzed without sockets:
+
+- LineBuffer: bytes from the network -> complete command lines, bounded in length.
+- parse_command: one line -> Command (keyword, arguments) or CommandError.
+- MessageEncoder / encode_message / encoded_size: a stored message (LF or CRLF line
+  endings) -> the bytes RETR sends (CRLF, dot-stuffed), incrementally, and the size of
+  those bytes computed without building them (so STAT/LIST agree with RETR exactly).
+- top_extent: how many bytes of a message TOP n must send.
+- ok / err / multiline: response formatting with RFC 2449 response codes.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+CRLF = b"\r\n"
+
+# RFC 2449 4: keywords are 3 or 4 characters, arguments up to 40 characters.  Arguments are
+# not cut to 40 (user names and AUTH responses are longer); only the line length is bounded.
+MAX_KEYWORD = 4
+MAX_ARG = 40  # an argument echoed back in an error reply is cut to this
+# Numbers that can name a message or a line count: anything longer is nonsense.
+MAX_NUMBER_DIGITS = 10
+
+
+class CommandError(Exception):
+    """A line that is not a well-formed command; str() is the reason for the -ERR reply."""
+
+
+class LineTooLong:
+    """Marker returned by LineBuffer.next_line() for a line that exceeded the bound (its bytes
+    were discarded up to and including its end, so the next line starts clean)."""
+
+    def __repr__(self) -> str:
+        return "LINE_TOO_LONG"
+
+
+LINE_TOO_LONG = LineTooLong()
+
+
+class LineBuffer:
+    """Bytes in, command lines out, with every line bounded.
+
+    An over-long line is not kept: its bytes are dropped as they arrive and, once its
+    end is seen, next_line() reports LINE_TOO_LONG once, so memory stays bounded however
+    long the line is and the session can answer -ERR and carry on.
+    """
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._discarding = False
+        self._too_long_pending = False  # an over-long line ended; not reported yet
+        self._scan_from = 0  # no b"\n" before this offset in _buf
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        if self._discarding:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return
+            data = data[nl + 1:]
+            self._discarding = False
+            self._too_long_pending = True
+        self._buf += data
+
+    def clear(self) -> int:
+        """Drop everything buffered (after STLS: nothing sent before the handshake may be
+        taken as a command sent after it). Returns how many bytes were dropped."""
+        n = len(self._buf)
+        self._buf.clear()
+        self._scan_from = 0
+        return n
+
+    def next_line(self) -> bytes | LineTooLong | None:
+        """The next complete line without its line ending, LINE_TOO_LONG, or None if no
+        complete line is buffered yet."""
+        # A pending over-long line came before anything now in the buffer: discarding
+        # starts only when the buffer holds nothing but that one unfinished line.
+        if self._too_long_pending:
+            self._too_long_pending = False
+            return LINE_TOO_LONG
+        nl = self._buf.find(b"\n", self._scan_from)
+        if nl < 0:
+            if len(self._buf) > self.max_line:
+                # No end in sight and already too long: drop it and discard until its end.
+                self._buf.clear()
+                self._scan_from = 0
+                self._discarding = True
+            else:
+                self._scan_from = len(self._buf)
+            return None
+        line_len = nl + 1
+        line = bytes(self._buf[:nl])
+        del self._buf[:line_len]
+        self._scan_from = 0
+        if line_len > self.max_line:
+            return LINE_TOO_LONG
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        return line
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # upper-case keyword, e.g. "RETR"
+    args: tuple[str, ...]  # arguments split on spaces
+    rest: str  # everything after the keyword and one space, verbatim (PASS may hold spaces)
+
+
+def parse_command(line: bytes) -> Command:
+    """One command line (without CRLF) -> Command. Raises CommandError for malformed input."""
+    if not line:
+        raise CommandError("Empty command")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError("Command is not valid UTF-8") from None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise CommandError("Control characters in command")
+    keyword, sep, rest = text.partition(" ")
+    if not keyword.isascii() or not keyword.isalpha() or not 3 <= len(keyword) <= MAX_KEYWORD:
+        raise CommandError("Unknown command")
+    # RFC 1939 separates arguments by one space; extra spaces (a trailing one is common) are
+    # tolerated rather than read as empty arguments.
+    args = tuple(a for a in rest.split(" ") if a)
+    return Command(keyword.upper(), args, rest)
+
+
+def parse_number(arg: str, what: str = "message number") -> int:
+    """A decimal argument (message number or line count)."""
+    if not arg or not arg.isascii() or not arg.isdigit() or len(arg) > MAX_NUMBER_DIGITS:
+        raise CommandError(f"Invalid {what}: {arg[:MAX_ARG]!r}" if arg else f"Missing {what}")
+    return int(arg)
+
+
+def decode_sasl_plain(b64: str) -> tuple[str, str, str]:
+    """RFC 4616 PLAIN: base64(authzid NUL authcid NUL passwd) -> (authzid, authcid, passwd)."""
+    if b64 == "=":  # RFC 5034: "=" is an empty initial response
+        b64 = ""
+    try:
+        raw = base64.b64decode(b64.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise CommandError("Invalid base64 data") from None
+    parts = raw.split(b"\0")
+    if len(parts) != 3:
+        raise CommandError("Invalid PLAIN response")
+    try:
+        authzid, authcid, passwd = (p.decode("utf-8") for p in parts)
+    except UnicodeDecodeError:
+        raise CommandError("Invalid PLAIN response (not UTF-8)") from None
+    if not authcid:
+        raise CommandError("Invalid PLAIN response (no user name)")
+    return authzid, authcid, passwd
+
+
+# --- responses ---------------------------------------------------------------------
+
+def ok(text: str = "") -> bytes:
+    return (f"+OK {text}" if text else "+OK").encode("utf-8") + CRLF
+
+
+def err(text: str, code: str | None = None) -> bytes:
+    """-ERR with an optional RFC 2449 response code: err("locked", "IN-USE") -> -ERR [IN-USE] locked."""
+    if code:
+        text = f"[{code}] {text}"
+    return f"-ERR {text}".encode("utf-8") + CRLF
+
+
+def multiline(first: str, lines: list[str]) -> bytes:
+    """+OK first, then lines (each dot-stuffed), then the terminating ".\"."""
+    out = [f"+OK {first}" if first else "+OK"]
+    out += [("." + line) if line.startswith(".") else line for line in lines]
+    out.append(".")
+    return ("\r\n".join(out) + "\r\n").encode("utf-8")
+
+
+# --- message bytes -------------------------------------------------------------------
+
+class MessageEncoder:
+    """A stored message, fed in chunks of any size -> the bytes RETR/TOP send.
+
+    Line endings become CRLF (a bare LF gets its CR; a bare CR inside a line is left as
+    it is), a line that starts with "." gets another "." (RFC 1939 byte-stuffing), and a
+    message that does not end with a line ending gets one, so the ".CRLF" terminator is
+    on a line of its own.  The output is the same however the input is chunked.
+    """
+
+    __slots__ = ("_line_start", "_pending_cr")
+
+    def __init__(self) -> None:
+        self._line_start = True  # the next byte begins a line
+        self._pending_cr = False  # a CR ended the previous chunk; it may be half of a CRLF
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            self._pending_cr = True
+            chunk = chunk[:-1]
+        if not chunk:
+            return b""
+        text = chunk.replace(b"\r\n", b"\n").replace(b"\n.", b"\n..")
+        if self._line_start and text.startswith(b"."):
+            text = b"." + text
+        self._line_start = text.endswith(b"\n")
+        return text.replace(b"\n", b"\r\n")
+
+    def end(self) -> bytes:
+        out = b""
+        if self._pending_cr:
+            self._pending_cr = False
+            out = b"\r"
+            self._line_start = False
+        if not self._line_start:
+            out += CRLF
+            self._line_start = True
+        return out
+
+
+def encode_message(data: bytes) -> bytes:
+    enc = MessageEncoder()
+    return enc.feed(data) + enc.end()
+
+
+def encoded_size(data: bytes) -> int:
+    """len(encode_message(data)) without building it: a few C-speed counts over the bytes."""
+    if not data:
+        return 0
+    lf = data.count(b"\n")
+    crlf = data.count(b"\r\n")
+    stuffed = data.count(b"\n.") + (1 if data.startswith(b".") else 0)
+    tail = 0 if data.endswith(b"\n") else 2
+    return len(data) + (lf - crlf) + stuffed + tail
+
+
+def top_extent(data: bytes, lines: int, eof: bool) -> int | None:
+    """Bytes of `data` (a prefix of a stored message) that TOP sends: the header, the blank
+    line after it, and `lines` lines of the body.  None when `data` ends before that point
+    and more of the message exists (not `eof`): the caller reads more and asks again."""
+    pos = 0
+    n = len(data)
+    # The header ends with the first empty line (LF or CRLF ending).
+    while True:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            return n if eof else None
+        line = data[pos:nl]
+        pos = nl + 1
+        if line == b"" or line == b"\r":
+            break
+    for _ in range(lines):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            return n if eof else None
+        pos = nl + 1
+    return pos
+
+
+def uidl_for_key(key: str) -> str:
+    """A UIDL value (RFC 1939: 1-70 characters 0x21-0x7E) from the store's stable message key.
+
+    The Maildir base name is used as it is when it fits; otherwise a digest of it, so the
+    value is still a function of the key alone and stays the same across sessions/restarts.
+    """
+    if 0 < len(key) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in key):
+        return key
+    import hashlib
+
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:40]

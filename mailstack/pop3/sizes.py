@@ -1,0 +1,69 @@
+"""The size POP3 reports for each message: the octets RETR sends (CRLF line endings,
+dot-stuffed), which differ from the stored size for LF-stored mail or lines that
+start with ".".
+
+Computing it means reading the message, so it is done once per message and kept in
+the store's per-message cache under the "pop3" key (the IMAP layer uses other keys
+of the same entry).  Messages without a cached size are read in one worker thread.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from ..store.base import Mailbox, MessageInfo, StoreError
+from .parser import encoded_size
+
+CACHE_KEY = "pop3"
+# Marks a message that vanished while we looked (expunged over IMAP meanwhile): left out.
+_GONE = -1
+
+
+def _sizes_from_files(paths: list[tuple[int, str]]) -> dict[int, int]:
+    """Blocking: read each file and count.  uid -> size; a file not found is left out (its
+    name may have changed with its flags: the caller asks the store again)."""
+    out: dict[int, int] = {}
+    for uid, path in paths:
+        try:
+            with open(path, "rb") as f:
+                out[uid] = encoded_size(f.read())
+        except FileNotFoundError:
+            pass
+    return out
+
+
+async def message_sizes(mailbox: Mailbox) -> tuple[list[MessageInfo], list[int]]:
+    """A snapshot of the mailbox's messages and their POP3 sizes, in message-number order."""
+    messages = list(mailbox.messages)
+    sizes: dict[int, int] = {}
+    cached_entries: dict[int, dict] = {}
+    missing: list[MessageInfo] = []
+    for info in messages:
+        entry = await mailbox.cache_get(info.uid)
+        value = entry.get(CACHE_KEY) if entry else None
+        if isinstance(value, dict) and isinstance(value.get("size"), int):
+            sizes[info.uid] = value["size"]
+        else:
+            cached_entries[info.uid] = dict(entry) if entry else {}
+            missing.append(info)
+    if missing:
+        with_path = [(m.uid, p) for m in missing if (p := mailbox.path(m.uid)) is not None]
+        computed = await asyncio.to_thread(_sizes_from_files, with_path) if with_path else {}
+        for m in missing:
+            if m.uid not in computed:  # a backend without files: read through the interface
+                try:
+                    data = await mailbox.read(m.uid)
+                except (StoreError, KeyError, OSError):
+                    computed[m.uid] = _GONE
+                    continue
+                computed[m.uid] = await asyncio.to_thread(encoded_size, data)
+        updates = {}
+        for uid, size in computed.items():
+            sizes[uid] = size
+            if size != _GONE:
+                entry = cached_entries[uid]
+                entry[CACHE_KEY] = {"size": size}
+                updates[uid] = entry
+        if updates:
+            await mailbox.cache_put(updates)
+    kept = [m for m in messages if sizes[m.uid] != _GONE]
+    return kept, [sizes[m.uid] for m in kept]

@@ -1,0 +1,134 @@
+"""Local transport: envelope recipients -> delivery targets, and delivery into the store.
+
+Alias expansion happens when the manager first takes a message up (and is then
+remembered in the message's status), so a retry never expands twice and a local
+account reached through several recipients gets the message once.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from ..directory import normalize_address
+from ..store.base import StoreError
+from .types import QueuedMessage, RecipientResult
+
+log = logging.getLogger("mailstack.queue")
+
+
+@dataclass
+class Target:
+    """One place a message must reach: a local account or a remote address.
+
+    orig is the envelope recipient it came from (differs after alias expansion).
+    status: "pending" | "deferred" | "sent" | "bounced".
+    """
+
+    addr: str
+    kind: str  # "local" | "remote" | "unknown"
+    orig: str
+    status: str = "pending"
+    attempts: int = 0
+    reply: str = ""
+    relay: str = "none"
+    last_try: float = 0.0
+    history: list | None = None  # [[time, status, reply], ...], newest last, bounded
+
+    HISTORY = 10
+
+    def record(self, status: str, reply: str, relay: str, when: float) -> None:
+        self.status, self.reply, self.relay, self.last_try = status, reply, relay, when
+        self.attempts += 1
+        self.history = ((self.history or []) + [[round(when, 3), status, reply]])[-self.HISTORY:]
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Target":
+        return cls(**{k: d[k] for k in ("addr", "kind", "orig", "status", "attempts", "reply", "relay",
+                                        "last_try", "history") if k in d})
+
+
+def delivery_id(qid: str, account: str) -> str:
+    """Stable per (message, account): a second delivery after a crash is a no-op in the store."""
+    return f"{qid}.{hashlib.sha256(account.encode('utf-8')).hexdigest()[:12]}"
+
+
+class LocalTransport:
+    def __init__(self, services) -> None:
+        self.services = services
+        self._last_reload = 0.0
+
+    def _directory(self):
+        directory = self.services.directory
+        # Pick up account/alias edits made by the CLI (three stat calls, at most once a second).
+        now = time.monotonic()
+        if now - self._last_reload > 1.0:
+            self._last_reload = now
+            try:
+                directory.reload_if_changed()
+            except Exception:
+                log.exception("directory reload failed; using the previous one")
+        return directory
+
+    def expand(self, recipients: list[str]) -> list[Target]:
+        """Envelope recipients -> targets, de-duplicated: each local account once, each remote
+        address once; a local address that leads nowhere is an "unknown" target (it bounces)."""
+        directory = self._directory()
+        seen: set[tuple[str, str]] = set()
+        out: list[Target] = []
+
+        def add(addr: str, kind: str, orig: str) -> None:
+            if (kind, addr) not in seen:
+                seen.add((kind, addr))
+                out.append(Target(addr=addr, kind=kind, orig=orig))
+
+        for rcpt in recipients:
+            res = directory.resolve(rcpt)
+            if res.kind == "remote":
+                add(normalize_address(rcpt) if "@" in rcpt else rcpt, "remote", rcpt)
+                continue
+            local, remote = directory.expand(rcpt)
+            if not local and not remote:
+                add(normalize_address(rcpt), "unknown", rcpt)
+            for account in local:
+                add(account, "local", rcpt)
+            for addr in remote:
+                add(addr, "remote", rcpt)
+        return out
+
+    async def deliver(self, message: QueuedMessage, accounts: list[str]) -> list[RecipientResult]:
+        """Deliver to local accounts; one result per account. Never raises for delivery problems."""
+        directory = self._directory()
+        store = self.services.store
+        results = []
+        for account in accounts:
+            if not directory.account_exists(account):
+                results.append(RecipientResult(account, "bounced", f"550 5.1.1 <{account}>: user unknown", "local"))
+                continue
+            try:
+                added = await store.deliver(account, message.source, delivery_id(message.qid, account))
+            except StoreError as e:
+                results.append(RecipientResult(account, "deferred", f"452 4.2.0 <{account}>: {e}", "local"))
+                continue
+            except OSError as e:
+                results.append(RecipientResult(account, "deferred",
+                                               f"451 4.3.0 <{account}>: local delivery failed: {e.strerror or e}",
+                                               "local"))
+                continue
+            except Exception as e:  # a bug in the store must not lose the message: retry later
+                log.exception("store.deliver failed", extra={"qid": message.qid})
+                results.append(RecipientResult(account, "deferred",
+                                               f"451 4.3.0 <{account}>: local delivery failed: {e}", "local"))
+                continue
+            results.append(RecipientResult(account, "sent",
+                                           "delivered to maildir" if added else "delivered to maildir (duplicate)",
+                                           "local"))
+        return results
+
+
+# The name server.py uses.
+LocalDelivery = LocalTransport

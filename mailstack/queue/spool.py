@@ -1,0 +1,299 @@
+"""The queue on disk: one file per message, one directory per state.
+
+Layout under queue_dir (Postfix's model):
+
+    incoming/   accepted ("250 queued" said), not yet taken up by the manager
+    active/     being delivered (or waiting for a delivery slot)
+    deferred/   waiting for the next retry
+    hold/       put aside by the operator; never delivered until released
+    maildrop/   written by `mailstack sendmail`; the server moves it to incoming/
+    corrupt/    files that could not be parsed (kept for a person to look at)
+    status/     per-recipient delivery status of a message, written only when the
+                message is deferred or held (independent of the state directory)
+
+A queue file holds envelope and message together, so that accepting a message
+costs one file fsync and one (group-committed) directory fsync:
+
+    MSQ1 <n>\\n            magic and the length of the envelope JSON
+    <envelope JSON>\\n     {"sender", "recipients", "arrival", "size", "meta"}
+    <message bytes>        exactly "size" bytes, as received (CRLF line ends)
+
+A file whose message part is shorter than "size" was cut short by a crash before
+it was acknowledged; the manager moves such files to corrupt/ at start.
+
+Everything here that touches disk blocks, except `enqueue`, which does its work in
+a worker thread: call the other methods through asyncio.to_thread from the loop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from ..fsutil import GroupSync, atomic_write, fsync_dir
+from ..store.base import MessageSource
+from .types import QueuedMessage
+
+MAGIC = b"MSQ1 "
+MAX_ENVELOPE = 16 * 1024 * 1024  # a sanity bound when reading a file back
+STATES = ("incoming", "active", "deferred", "hold", "maildrop", "corrupt")
+# States that hold messages the server owns (maildrop is the sendmail drop box).
+QUEUE_STATES = ("incoming", "active", "deferred", "hold")
+IOV_MAX = 1024
+
+# base32hex keeps the sort order of the numbers it encodes: ids sort by time.
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUV"
+
+
+class CorruptQueueFile(Exception):
+    """A queue file that cannot be read back (cut short, bad header)."""
+
+    def __init__(self, message: str, truncated: bool = False) -> None:
+        super().__init__(message)
+        self.truncated = truncated  # the file ends early: a write that a crash interrupted
+
+
+def _b32(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        out.append(_ALPHABET[n & 31])
+        n >>= 5
+    return "".join(reversed(out))
+
+
+def valid_qid(qid: str) -> bool:
+    return 8 <= len(qid) <= 32 and all(c in _ALPHABET for c in qid)
+
+
+class _IdSource:
+    """Unique, time-sortable ids: 11 base32 digits of microseconds (strictly increasing within
+    a process) + 3 random digits, so that the server and a `sendmail` process never collide."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def new(self) -> str:
+        with self._lock:
+            now = max(time.time_ns() // 1000, self._last + 1)
+            self._last = now
+        return _b32(now, 11) + _b32(secrets.randbits(15), 3)
+
+
+new_id = _IdSource().new
+
+
+def encode_header(sender: str, recipients: list[str], arrival: float, size: int, meta: dict) -> bytes:
+    env = json.dumps({"sender": sender, "recipients": recipients, "arrival": arrival, "size": size,
+                      "meta": meta}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return MAGIC + str(len(env)).encode() + b"\n" + env + b"\n"
+
+
+def read_envelope(path: str | os.PathLike, qid: str | None = None) -> QueuedMessage:
+    """Read the envelope of a queue file (not the message). Raises CorruptQueueFile."""
+    path = os.fspath(path)
+    qid = qid or os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(64)
+            if MAGIC.startswith(first) or (first.startswith(MAGIC) and not first.endswith(b"\n")):
+                raise CorruptQueueFile(f"{path}: header cut short", truncated=True)
+            if not first.startswith(MAGIC) or not first.endswith(b"\n"):
+                raise CorruptQueueFile(f"{path}: not a queue file")
+            try:
+                n = int(first[len(MAGIC):-1])
+            except ValueError:
+                raise CorruptQueueFile(f"{path}: bad header") from None
+            if not 0 < n <= MAX_ENVELOPE:
+                raise CorruptQueueFile(f"{path}: bad envelope length")
+            raw = f.read(n + 1)
+            if len(raw) != n + 1 or raw[-1:] != b"\n":
+                raise CorruptQueueFile(f"{path}: envelope cut short", truncated=True)
+            try:
+                env = json.loads(raw[:-1])
+                sender, recipients = env["sender"], env["recipients"]
+                size, arrival, meta = int(env["size"]), float(env["arrival"]), env.get("meta") or {}
+            except (ValueError, KeyError, TypeError):
+                raise CorruptQueueFile(f"{path}: bad envelope") from None
+            if not isinstance(sender, str) or not isinstance(recipients, list) or not isinstance(meta, dict):
+                raise CorruptQueueFile(f"{path}: bad envelope")
+            offset = len(first) + n + 1
+            if os.fstat(f.fileno()).st_size != offset + size:
+                raise CorruptQueueFile(f"{path}: message cut short", truncated=True)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CorruptQueueFile(f"{path}: {e}") from None
+    return QueuedMessage(qid=qid, sender=sender, recipients=[str(r) for r in recipients],
+                         source=MessageSource(path, offset, size), arrival=arrival, meta=meta)
+
+
+def write_queue_file(path: str | os.PathLike, header: bytes, chunks: Iterable, exclusive: bool = True,
+                     owner: tuple[int, int] | None = None) -> None:
+    """Create `path` with header + chunks (os.writev, no concatenation) and fsync it.
+    On any error the partial file is removed."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if owner is not None:
+            os.fchown(fd, *owner)
+        views = [memoryview(header)] + [memoryview(c).cast("B") for c in chunks if len(c)]
+        while views:
+            batch = views[:IOV_MAX]
+            n = os.writev(fd, batch)
+            # Drop what was written; a short write leaves the rest of one buffer.
+            done = 0
+            while done < len(batch) and n >= len(batch[done]):
+                n -= len(batch[done])
+                done += 1
+            del views[:done]
+            if n:
+                views[0] = views[0][n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+
+
+class Spool:
+    def __init__(self, queue_dir: Path | str, group_sync: GroupSync | None = None) -> None:
+        self.dir = Path(queue_dir)
+        self.group_sync = group_sync or GroupSync()
+        # Called on the loop with the QueuedMessage once it is durable (the manager's wake-up).
+        self.on_enqueue: Callable[[QueuedMessage], None] | None = None
+        self.new_id = new_id
+
+    # --- layout ----------------------------------------------------------------------
+    def path(self, state: str, qid: str) -> Path:
+        return self.dir / state / qid
+
+    def status_path(self, qid: str) -> Path:
+        return self.dir / "status" / qid
+
+    def setup(self) -> None:
+        """Create the directories (mode 0700). Blocking, small: called once at start."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name in STATES + ("status",):
+            (self.dir / name).mkdir(exist_ok=True, mode=0o700)
+        fsync_dir(self.dir)
+
+    # --- accepting -------------------------------------------------------------------
+    async def enqueue(self, sender: str, recipients: list[str], chunks: list, meta: dict,
+                      qid: str | None = None) -> str:
+        """Write a new message into incoming/; durable (file and directory fsynced) on return."""
+        import asyncio
+
+        qid = qid or self.new_id()
+        if not valid_qid(qid):
+            raise ValueError(f"bad queue id {qid!r}")
+        size = sum(len(memoryview(c).cast("B")) for c in chunks)
+        arrival = time.time()
+        header = encode_header(sender, list(recipients), arrival, size, meta)
+        path = self.path("incoming", qid)
+        await asyncio.to_thread(write_queue_file, path, header, chunks)
+        try:
+            await self.group_sync.sync(path.parent)
+        except BaseException:
+            # Not durable: it was never acknowledged, so it must not be delivered either.
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        msg = QueuedMessage(qid=qid, sender=sender, recipients=list(recipients),
+                            source=MessageSource(str(path), len(header), size), arrival=arrival,
+                            meta=dict(meta))
+        if self.on_enqueue is not None:
+            self.on_enqueue(msg)
+        return qid
+
+    # --- moving (blocking) ---------------------------------------------------------------
+    def move(self, qid: str, src: str, dst: str, sync: bool = False) -> Path:
+        """Rename between state directories. With sync, fsync the destination directory (and the
+        source, so the file cannot show up in both after a crash)."""
+        target = self.path(dst, qid)
+        os.rename(self.path(src, qid), target)
+        if sync:
+            fsync_dir(target.parent)
+            fsync_dir(self.dir / src)
+        return target
+
+    def remove(self, qid: str, state: str) -> None:
+        """Forget a message: its file, then its status file."""
+        try:
+            os.unlink(self.path(state, qid))
+        except FileNotFoundError:
+            pass
+        try:
+            os.unlink(self.status_path(qid))
+        except FileNotFoundError:
+            pass
+
+    def locate(self, qid: str, states: Iterable[str] = QUEUE_STATES) -> str | None:
+        """Which state directory holds the message now, if any."""
+        if not valid_qid(qid):
+            return None
+        for state in states:
+            if os.path.exists(self.path(state, qid)):
+                return state
+        return None
+
+    def ids(self, state: str) -> list[str]:
+        """Queue ids in one state directory, oldest first (temporary dot-files skipped)."""
+        try:
+            names = os.listdir(self.dir / state)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith(".") and valid_qid(n))
+
+    def entries(self, states: Iterable[str] = QUEUE_STATES) -> Iterator[tuple[str, str]]:
+        for state in states:
+            for qid in self.ids(state):
+                yield state, qid
+
+    # --- per-recipient status (blocking) ----------------------------------------------
+    def read_status(self, qid: str) -> dict | None:
+        try:
+            with open(self.status_path(qid), "rb") as f:
+                data = json.loads(f.read(MAX_ENVELOPE))
+            return data if isinstance(data, dict) else None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None
+
+    def write_status(self, qid: str, status: dict) -> None:
+        atomic_write(self.status_path(qid), json.dumps(status, ensure_ascii=False).encode("utf-8"), mode=0o600)
+
+    def orphan_status(self) -> list[str]:
+        """Status files whose message is gone (a crash between the two unlinks)."""
+        live = {qid for _, qid in self.entries()}
+        return [q for q in self.ids("status") if q not in live]
+
+    # --- reading the message (blocking) -----------------------------------------------
+    @staticmethod
+    def read_headers(source: MessageSource, limit: int = 256 * 1024) -> bytes:
+        """The header section of a message (up to and including the blank line), at most `limit` bytes."""
+        with open(source.path, "rb") as f:
+            f.seek(source.offset)
+            data = f.read(min(limit, source.size))
+        for sep in (b"\r\n\r\n", b"\n\n"):
+            end = data.find(sep)
+            if end >= 0:
+                return data[:end + len(sep)]
+        return data
+
+    @staticmethod
+    def read_message(source: MessageSource) -> bytes:
+        with open(source.path, "rb") as f:
+            f.seek(source.offset)
+            return f.read(source.size)

@@ -1,0 +1,289 @@
+"""Builds the one event loop: TLS, directory, store, spool, queue manager, listeners; signals.
+
+Start order matters for the invariants: every port is bound before anything is
+delivered (a bind failure stops the start with one line naming the listener);
+the queue manager starts after the listeners so work left from a crash is taken
+up by a server that is otherwise ready; privileges are dropped before the first
+connection is accepted.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import importlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from . import config as config_mod
+from .authlimit import LoginThrottle
+from .config import Config, ConfigError
+from .directory import Directory, DirectoryError
+from .events import EventBus
+from .fsutil import GroupSync
+from .privileges import PrivilegeError
+from .services import Services, SessionRegistry
+from .tls import TLSError, load_for_config
+
+log = logging.getLogger("mailstack.server")
+
+# listener name -> module that serves it
+PROTOCOL_MODULES = {
+    "smtp": "mailstack.smtp.server", "submissions": "mailstack.smtp.server",
+    "submission": "mailstack.smtp.server",
+    "imap": "mailstack.imap.server", "imaps": "mailstack.imap.server",
+    "pop3": "mailstack.pop3.server", "pop3s": "mailstack.pop3.server",
+}
+DIRECTORY_POLL_SECONDS = 1.0
+
+
+class StartError(Exception):
+    """The server cannot start; str() is the one line to print."""
+
+
+def choose_loop(kind: str) -> None:
+    """Install the event loop policy: uvloop when asked or (auto) when importable."""
+    if kind == "asyncio":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        if kind == "uvloop":
+            raise StartError("server.event_loop: uvloop requested but not installed") from None
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def prepare_data_dir(cfg: Config) -> None:
+    old_umask = os.umask(0o077)  # nothing we create is world- or group-readable
+    try:
+        for d in (cfg.data_dir, cfg.queue_dir, cfg.mail_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise StartError(f"server.data_dir: cannot create {e.filename}: {e.strerror}") from None
+
+
+def _bind_reason(e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return "address already in use"
+    if e.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this host"
+    return e.strerror or str(e)
+
+
+class Server:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.listeners: list[tuple[str, asyncio.AbstractServer]] = []
+        self.control: asyncio.AbstractServer | None = None
+        self.stopping = asyncio.Event()
+        self.services: Services | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # --- start -------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.cfg
+        prepare_data_dir(cfg)
+        try:
+            directory = Directory(cfg.data_dir, cfg.delivery.plus_separator)
+        except DirectoryError as e:
+            raise StartError(str(e)) from None
+        try:
+            tls = load_for_config(cfg)
+        except TLSError as e:
+            raise StartError(str(e)) from None
+        group_sync = GroupSync()
+        services = Services(
+            config=cfg, directory=directory, events=EventBus(), tls=tls,
+            throttle=LoginThrottle(cfg.auth.fail_delay, cfg.auth.fail_delay_max, cfg.auth.fail_window),
+            sessions=SessionRegistry(),
+        )
+        services.extra["group_sync"] = group_sync
+        services.extra["reload"] = self.reload
+        services.extra["server"] = self
+        services.extra["status"] = self.status
+        self.services = services
+
+        from .store.maildir import MaildirStore
+        services.store = MaildirStore(cfg.mail_dir, services.events, group_sync)
+        await self._start_queue(services, group_sync)
+        await self._bind_listeners(services)
+        self._start_control(services)
+        if services.queue is not None:
+            await services.queue.start()
+        self._tasks.append(asyncio.create_task(self._watch_directory()))
+        log.info("mailstack ready as %s: %s", cfg.server.hostname,
+                 ", ".join(f"{name} {_addr(s)}" for name, s in self.listeners) or "no listeners")
+
+    async def _start_queue(self, services: Services, group_sync: GroupSync) -> None:
+        from .queue.spool import Spool
+        from .queue.manager import QueueManager
+        from .queue.local import LocalDelivery
+
+        services.spool = Spool(self.cfg.queue_dir, group_sync)
+        remote = None
+        if getattr(self.cfg.delivery, "outbound", False):
+            try:
+                remote_mod = importlib.import_module("mailstack.queue.remote")
+                remote = remote_mod.RemoteDelivery(services)
+            except ImportError:
+                log.warning("outbound delivery is not available in this build; remote mail stays deferred")
+        services.queue = QueueManager(services, services.spool, LocalDelivery(services), remote)
+
+    async def _bind_listeners(self, services: Services) -> None:
+        for name, addrs in self.cfg.listen.as_dict().items():
+            if not addrs:
+                continue
+            module = importlib.import_module(PROTOCOL_MODULES[name])
+            for host, port in addrs:
+                try:
+                    server = await module.start_listener(services, name, host, port)
+                except OSError as e:
+                    for _, s in self.listeners:
+                        s.close()
+                    raise StartError(f"listen.{name}: cannot listen on {host}:{port}: {_bind_reason(e)}") from None
+                self.listeners.append((name, server))
+
+    def _start_control(self, services: Services) -> None:
+        try:
+            control = importlib.import_module("mailstack.queue.control")
+        except ImportError:
+            return
+        self._tasks.append(asyncio.create_task(self._control(control, services)))
+
+    async def _control(self, control, services: Services) -> None:
+        try:
+            self.control = await control.start_control(services)
+        except OSError as e:
+            log.error("control socket %s: %s (CLI actions will act on files only)",
+                      self.cfg.control_socket, e.strerror or e)
+
+    async def _watch_directory(self) -> None:
+        """Pick up CLI edits of domains/accounts/aliases without a restart."""
+        while True:
+            await asyncio.sleep(DIRECTORY_POLL_SECONDS)
+            try:
+                if await asyncio.to_thread(self.services.directory.reload_if_changed):
+                    log.info("directory reloaded: %d domains, %d accounts, %d aliases",
+                             len(self.services.directory.domains), len(self.services.directory.accounts),
+                             len(self.services.directory.aliases))
+            except DirectoryError as e:
+                log.error("directory not reloaded, keeping the previous one: %s", e)
+            except Exception:
+                log.exception("directory reload failed")
+
+    def status(self) -> dict:
+        """What `mailstack status` and the health check report."""
+        from .tls import cert_not_after
+        services = self.services
+        queue_sizes = {}
+        for state in ("incoming", "active", "deferred", "hold", "maildrop"):
+            try:
+                queue_sizes[state] = sum(1 for e in os.scandir(self.cfg.queue_dir / state)
+                                         if not e.name.startswith(".") and e.is_file())
+            except FileNotFoundError:
+                queue_sizes[state] = 0
+        expiry = cert_not_after(services.tls.cert)
+        return {
+            "hostname": self.cfg.server.hostname,
+            "pid": os.getpid(),
+            "listeners": [{"name": name, "address": _addr(s), "up": s.is_serving()}
+                          for name, s in self.listeners],
+            "sessions": dict(services.sessions.per_listener),
+            "queue": queue_sizes,
+            "last_delivery_error": getattr(services.queue, "last_error", None),
+            "certificate": {"path": services.tls.cert,
+                            "not_after": expiry.isoformat() if expiry else None},
+        }
+
+    # --- reload --------------------------------------------------------------------
+    def reload(self) -> str:
+        """SIGHUP: re-read config, accounts and certificates. A bad config is refused and the old
+        one stays in force. Returns a one-line result."""
+        services = self.services
+        path = self.cfg.path
+        try:
+            new = config_mod.load(path)
+            if new.listen.as_dict() != self.cfg.listen.as_dict():
+                log.warning("reload: listener addresses changed; they take effect at the next restart")
+            if new.server.data_dir != self.cfg.server.data_dir:
+                raise ConfigError("server.data_dir: cannot change on reload; restart instead")
+            directory = Directory(new.data_dir, new.delivery.plus_separator)
+            services.tls.reload(new.tls.cert or None, new.tls.key or None, new.tls.min_version)
+        except (ConfigError, DirectoryError, TLSError) as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return f"refused: {e}"
+        self.cfg = new
+        services.config = new
+        services.directory.plus_separator = new.delivery.plus_separator
+        services.directory.domains, services.directory.accounts, services.directory.aliases = (
+            directory.domains, directory.accounts, directory.aliases)
+        services.directory._mtimes = directory._mtimes
+        services.directory._verified.clear()
+        services.throttle.configure(new.auth.fail_delay, new.auth.fail_delay_max, new.auth.fail_window)
+        if services.queue is not None and hasattr(services.queue, "reconfigure"):
+            services.queue.reconfigure(new)
+        logging.getLogger().setLevel(new.server.log_level.upper())
+        log.info("reloaded configuration, accounts and certificates")
+        return "reloaded"
+
+    # --- stop ------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Stop accepting, let sessions finish for up to shutdown_grace, stop the queue."""
+        log.info("stopping: no new connections; %d sessions get %.0fs to finish",
+                 self.services.sessions.count(), self.cfg.server.shutdown_grace)
+        for _, server in self.listeners:
+            server.close()
+        if self.control is not None:
+            self.control.close()
+        await self.services.sessions.drain(self.cfg.server.shutdown_grace)
+        if self.services.queue is not None:
+            await self.services.queue.stop()
+        for task in self._tasks:
+            task.cancel()
+        try:
+            os.unlink(self.cfg.control_socket)
+        except OSError:
+            pass
+        log.info("stopped")
+
+
+def _addr(server: asyncio.AbstractServer) -> str:
+    socks = getattr(server, "sockets", None) or []
+    out = []
+    for s in socks:
+        host, port = s.getsockname()[:2]
+        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return ",".join(out)
+
+
+async def _main(cfg: Config) -> int:
+    server = Server(cfg)
+    loop = asyncio.get_running_loop()
+    await server.start()
+    from .privileges import drop_privileges
+    drop_privileges(cfg)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+    await server.stop()
+    return 0
+
+
+def serve(cfg: Config) -> int:
+    """Run the server until SIGTERM/SIGINT. Returns the exit code."""
+    from . import logs
+    logs.setup(cfg.server.log_level, cfg.server.log_format)
+    try:
+        choose_loop(cfg.server.event_loop)
+        return asyncio.run(_main(cfg))
+    except (StartError, PrivilegeError) as e:
+        log.error("cannot start: %s", e)
+        return 1

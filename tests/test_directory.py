@@ -1,0 +1,123 @@
+"""Domains, accounts, aliases: resolution rules and the CLI that edits them."""
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from mailstack.directory import Directory, DirectoryError, hash_password
+
+
+@pytest.fixture
+def d(tmp_path):
+    d = Directory(tmp_path)
+    d.add_domain("example.test")
+    d.add_domain("other.test")
+    d.accounts["alice@example.test"] = hash_password("pw-a")
+    d.accounts["bob@example.test"] = hash_password("pw-b")
+    d.add_alias("sales@example.test", ["alice@example.test", "bob@example.test", "ext@remote.test"])
+    d.add_alias("loop1@example.test", ["loop2@example.test"])
+    d.add_alias("loop2@example.test", ["loop1@example.test", "alice@example.test"])
+    d.add_alias("@other.test", ["bob@example.test"])
+    d.save()
+    return Directory(tmp_path)  # re-read from disk
+
+
+def test_resolve(d):
+    assert d.resolve("alice@example.test").kind == "local"
+    assert d.resolve("ALICE@Example.TEST").account == "alice@example.test"
+    assert d.resolve("alice+news@example.test").account == "alice@example.test"
+    assert d.resolve("nobody@example.test").kind == "unknown"
+    assert d.resolve("someone@remote.test").kind == "remote"
+    assert d.resolve("anything@other.test").kind == "alias"  # catch-all
+
+
+@pytest.mark.parametrize("trick", [
+    "user%remote.test@example.test", '"user@remote.test"@example.test', "remote.test!user@example.test",
+    "alice%remote.test@example.test",
+])
+def test_address_tricks_are_unknown_local_users_not_routes(d, trick):
+    assert d.resolve(trick).kind == "unknown"
+
+
+def test_expand(d):
+    local, remote = d.expand("sales@example.test")
+    assert local == ["alice@example.test", "bob@example.test"] and remote == ["ext@remote.test"]
+    assert d.expand("loop1@example.test") == (["alice@example.test"], [])
+    assert d.expand("x@other.test") == (["bob@example.test"], [])
+    assert d.expand("nobody@example.test") == ([], [])
+
+
+def test_owns_address(d):
+    assert d.owns_address("alice@example.test", "alice@example.test")
+    assert d.owns_address("alice@example.test", "Alice+tag@example.test")
+    assert d.owns_address("alice@example.test", "sales@example.test")
+    assert not d.owns_address("alice@example.test", "bob@example.test")
+    assert not d.owns_address("alice@example.test", "ceo@remote.test")
+
+
+def test_passwords(d):
+    assert d.check_password("alice@example.test", "pw-a") == "alice@example.test"
+    assert d.check_password("alice@example.test", "pw-a") == "alice@example.test"  # cached path
+    assert d.check_password("alice@example.test", "pw-b") is None
+    assert d.check_password("nobody@example.test", "pw-a") is None
+    assert d.accounts["alice@example.test"].startswith("$argon2id$")
+
+
+def test_edit_errors(d):
+    with pytest.raises(DirectoryError, match="not a local domain"):
+        d.add_user("x@nowhere.test", "pw")
+    with pytest.raises(DirectoryError, match="exists already"):
+        d.add_user("alice@example.test", "pw")
+    with pytest.raises(DirectoryError, match="still has accounts"):
+        d.del_domain("example.test")
+
+
+def test_files_readable_and_private(d, tmp_path):
+    text = (tmp_path / "aliases").read_text()
+    assert "sales@example.test: alice@example.test, bob@example.test, ext@remote.test" in text
+    for name in ("domains", "accounts", "aliases"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+
+
+def test_reload_if_changed(d, tmp_path):
+    assert not d.reload_if_changed()
+    with open(tmp_path / "domains", "a") as f:
+        f.write("third.test\n")
+    assert d.reload_if_changed()
+    assert d.is_local_domain("third.test")
+
+
+def run_cli(tmp_path, *args, input=None):
+    cfg = tmp_path / "c.toml"
+    if not cfg.exists():
+        cfg.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n')
+    return subprocess.run([sys.executable, "-m", "mailstack", *args, "--config", str(cfg)],
+                          input=input, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_domain_user_alias(tmp_path):
+    assert run_cli(tmp_path, "domain", "add", "example.test").returncode == 0
+    r = run_cli(tmp_path, "user", "add", "carol@example.test", "--password-stdin", input="s3cret\n")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(tmp_path, "user", "add", "dave@example.test", input="pw2\n")  # stdin not a tty
+    assert r.returncode == 0, r.stderr
+    assert run_cli(tmp_path, "user", "list").stdout.split() == ["carol@example.test", "dave@example.test"]
+    # the password is never taken from argv
+    r = run_cli(tmp_path, "user", "add", "eve@example.test", "secret-on-argv", input="")
+    assert r.returncode != 0
+    assert run_cli(tmp_path, "alias", "add", "team@example.test", "carol@example.test",
+                   "dave@example.test").returncode == 0
+    assert "team@example.test: carol@example.test, dave@example.test" in run_cli(tmp_path, "alias", "list").stdout
+    r = run_cli(tmp_path, "user", "passwd", "carol@example.test", input="new\n")
+    assert r.returncode == 0
+    d = Directory(tmp_path / "data")
+    assert d.check_password("carol@example.test", "new") and not d.check_password("carol@example.test", "s3cret")
+    # the account's mailboxes exist from the start
+    assert (tmp_path / "data" / "mail" / "example.test" / "carol" / "new").is_dir()
+    r = run_cli(tmp_path, "user", "add", "x@unknown.test", input="pw\n")
+    assert r.returncode != 0 and "unknown.test is not a local domain" in r.stderr
+    assert run_cli(tmp_path, "user", "del", "dave@example.test").returncode == 0
+    assert run_cli(tmp_path, "alias", "del", "team@example.test").returncode == 0
+    assert run_cli(tmp_path, "alias", "list").stdout == ""
