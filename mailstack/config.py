@@ -30,6 +30,7 @@ class Key:
     min: float | None = None
     max: float | None = None
     check: Callable[[Any], str | None] | None = field(default=None, compare=False)
+    secret: bool = False  # never printed by `config check`
 
 
 MiB = 1024 * 1024
@@ -139,7 +140,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_lifetime": Key("float", 5 * 86400.0, "Seconds a message may stay queued before it bounces "
                             "(Postfix maximal_queue_lifetime).", min=1, max=100 * 86400),
         "local_concurrency": Key("int", 20, "Messages delivered into Maildirs at once.", min=1, max=1000),
-        "remote_concurrency": Key("int", 20, "Messages handed to the outbound SMTP client at once.",
+        "remote_concurrency": Key("int", 100, "Messages handed to the outbound SMTP client at once "
+                                  "(connections are limited by delivery.max_connections).",
                                   min=1, max=1000),
     },
     "delivery": {
@@ -152,7 +154,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                          check=lambda v: _nexthop_error(v) if v else None),
         "relayhost_username": Key("str", "", "AUTH user name for the relayhost (sent only over TLS). "
                                   "Empty = no AUTH."),
-        "relayhost_password": Key("str", "", "AUTH password for the relayhost."),
+        "relayhost_password": Key("str", "", "AUTH password for the relayhost (never printed by "
+                                  "`config check`; keep this file mode 0600).", secret=True),
         "relayhost_implicit_tls": Key("bool", False, "Speak TLS to the relayhost from the first byte (port "
                                       "465, RFC 8314) instead of STARTTLS (Postfix smtp_tls_wrappermode); "
                                       "the certificate is checked only with tls_security_level = verify."),
@@ -384,6 +387,9 @@ def dump(cfg: Config) -> str:
     for section in SCHEMA:
         out.append(f"[{section}]")
         for key, value in cfg.sections[section].as_dict().items():
+            if SCHEMA[section][key].secret and value:
+                out.append(f'{key} = "********"  # set, not shown')
+                continue
             out.append(f"{key} = {_render(value)}")
         out.append("")
     return "\n".join(out)

@@ -231,7 +231,7 @@ class Directory:
         if stored is None:
             # Spend the same time as a real check so that timing does not reveal accounts.
             try:
-                _hasher.verify(_DUMMY_HASH, password)
+                _hasher.verify(_dummy_hash(), password)
             except VerificationError:
                 pass
             return None
@@ -327,4 +327,12 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-_DUMMY_HASH = hash_password(secrets.token_hex(16))
+_DUMMY: list[str] = []
+
+
+def _dummy_hash() -> str:
+    """A hash to verify against for unknown accounts; made on first use, not at import
+    (argon2 costs ~0.5 s of start-up for every CLI call otherwise)."""
+    if not _DUMMY:
+        _DUMMY.append(hash_password(secrets.token_hex(16)))
+    return _DUMMY[0]

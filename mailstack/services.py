@@ -66,20 +66,30 @@ class SessionRegistry:
         return sum(n for (p, _), n in self.per_ip.items() if p == protocol)
 
     async def drain(self, grace: float) -> None:
-        """Wait up to `grace` seconds for sessions to end by themselves, then close the rest."""
-        try:
-            await asyncio.wait_for(self._empty.wait(), grace)
-        except asyncio.TimeoutError:
-            pass
+        """Ask every session to end now (an idle one closes at once with its protocol's goodbye;
+        one in the middle of a command finishes that command first), wait up to `grace`
+        seconds for them, then cut the rest."""
         for session in list(self.sessions):
             try:
                 session.close_for_shutdown()
             except Exception:
                 log.exception("closing session failed")
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives just as the event is set, and shutdown would hang.
         try:
-            await asyncio.wait_for(self._empty.wait(), 2.0)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(grace):
+                await self._empty.wait()
+        except TimeoutError:
             pass
+        for session in list(self.sessions):
+            log.warning("session on %s still busy after %.0fs: closing it", session.listener, grace)
+            transport = getattr(session, "transport", None)
+            try:
+                if transport is not None:
+                    transport.abort()
+                self.discard(session)
+            except Exception:
+                log.exception("aborting session failed")
 
 
 @dataclass

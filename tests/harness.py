@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(condition, timeout: float = 15.0, interval: float = 0.02, what: str = "condition"):
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
     """Poll `condition()` until it returns a truthy value; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

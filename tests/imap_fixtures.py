@@ -53,7 +53,7 @@ def make_store(kind: str, cfg, events):
 
 
 class InProcessIMAP:
-    def __init__(self, tmp_path: Path, imap_overrides: dict | None = None, store: str = "memory") -> None:
+    def __init__(self, tmp_path: Path, imap_overrides: dict | None = None, store: str = "maildir") -> None:
         data = tmp_path / "data"
         data.mkdir()
         raw = {"server": {"data_dir": str(data), "hostname": HOST},

@@ -44,7 +44,7 @@ def message(subject: str = "hello", msgid: str | None = None, body: str = "Hi th
             f"Message-ID: {msgid}\r\n{extra}\r\n{body}").encode()
 
 
-async def until(condition, timeout: float = 10.0, what: str = "condition"):
+async def until(condition, timeout: float = 30.0, what: str = "condition"):
     """Poll `condition()` on the loop until truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -91,3 +91,9 @@ def test_generated_docs_are_current():
     `python tests/update_docs.py` after adding a key."""
     assert (ROOT / "config.toml").read_text() == config.sample()
     assert config.reference_markdown() in (ROOT / "README.md").read_text()
+
+
+def test_check_does_not_print_secrets(tmp_path):
+    r = check(tmp_path, '[delivery]\nrelayhost = "[smarthost.test]:587"\nrelayhost_password = "hunter2"\n')
+    assert r.returncode == 0, r.stderr
+    assert "hunter2" not in r.stdout and "relayhost_password = \"********\"" in r.stdout

@@ -227,3 +227,17 @@ def test_search_needs():
     assert search.needs(key("SENTON 1-Jan-2020")) == "sent"
     assert search.needs(key("OR SEEN SUBJECT x")) == "header"
     assert search.needs(key("NOT TEXT x")) == "full"
+
+
+def test_a_real_client_parser_reads_our_structures():
+    from imapclient.response_parser import parse_fetch_response
+    root = fetch.parse(NESTED)
+    line = b"1 (BODYSTRUCTURE " + fetch.bodystructure(NESTED, root) + b" ENVELOPE " + fetch.envelope(root) + b")"
+    parsed = parse_fetch_response([line])[1]
+    bs = parsed[b"BODYSTRUCTURE"]
+    assert bs.is_multipart and [p[:2] for p in bs[0][1:]] == [(b"APPLICATION", b"OCTET-STREAM"),
+                                                               (b"MESSAGE", b"RFC822")]
+    assert bs[0][0].is_multipart and bs[0][0][1] == b"ALTERNATIVE"
+    env = parsed[b"ENVELOPE"]
+    assert [a.mailbox for a in env.to] == [b"alice", b"bob"]
+    assert env.message_id == b"<nested@example.org>"

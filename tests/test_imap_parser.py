@@ -84,7 +84,7 @@ def test_fetch_attributes_sections_and_partials():
     cmd = parse(b'a UID FETCH 1:*,3 (UID FLAGS BODY.PEEK[1.2.HEADER.FIELDS (From "To")]<0.100> '
                 b'BODY[] BODY[2.MIME] RFC822.HEADER BODYSTRUCTURE)')
     assert cmd.uid and cmd.name == "FETCH"
-    assert cmd.args["set"].resolve(10) == [(1, 10), (3, 3)]
+    assert cmd.args["set"].resolve(10) == [(1, 10)]  # merged
     atts = cmd.args["atts"]
     assert atts[2].peek and atts[2].partial == (0, 100)
     assert atts[2].section == Section((1, 2), "HEADER.FIELDS", ("From", "To"))
@@ -107,6 +107,13 @@ def test_fetch_attributes_sections_and_partials():
 def test_malformed_commands_raise_parse_error(line):
     with pytest.raises(ParseError):
         parse(line)
+
+
+def test_sequence_sets_merge_and_bound_work():
+    seq = parse(b"a FETCH " + b",".join([b"1:9999"] * 3000) + b",20000:*,5,7:6 FLAGS").args["set"]
+    assert seq.resolve(30000) == [(1, 9999), (20000, 30000)]
+    assert seq.contains(9999, 30000) and not seq.contains(10000, 30000) and seq.contains(25000, 30000)
+    assert parse(b"a UID FETCH 5:3,*:8 UID").args["set"].resolve(2) == [(2, 8)]
 
 
 def test_search_keys():

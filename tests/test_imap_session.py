@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import imaplib
-import os
 import random
 import re
 import socket
-import ssl
 import threading
 import time
 
@@ -26,12 +24,9 @@ def msg(n: int) -> bytes:
     return MSG % (n, n, n)
 
 
-STORE_KINDS = ["memory"]
-try:  # the real Maildir store, once it exists
-    import mailstack.store.maildir  # noqa: F401
-    STORE_KINDS.append("maildir")
-except ImportError:
-    pass
+# Every in-process test runs on the real Maildir store and on the small in-memory one
+# (which checks that the session relies only on the Store interface).
+STORE_KINDS = ["memory", "maildir"]
 
 
 @pytest.fixture(params=STORE_KINDS)
@@ -601,3 +596,127 @@ def test_uids_stable_across_reconnects(srv):
     c.noop()
     assert c.uid("SEARCH", "ALL")[1] == [b"1 3 4 5"]
     c.logout()
+
+
+def test_8bit_headers_and_nested_structure_survive_the_metadata_cache(srv):
+    from test_imap_fetch import NESTED
+    raw8 = "From: Jürgen <j@example.org>\r\nSubject: Grüße\r\n\r\nx\r\n".encode()
+    srv.deliver(ALICE, raw8)
+    srv.deliver(ALICE, NESTED)
+    r = Raw(srv)
+    r.ok("SELECT INBOX")
+    first = r.ok("FETCH 1:2 (ENVELOPE BODYSTRUCTURE)")
+    r.ok("UNSELECT")
+    r2 = Raw(srv)  # a new session: served from the cache
+    r2.ok("SELECT INBOX")
+    second = r2.ok("FETCH 1:2 (ENVELOPE BODYSTRUCTURE)")
+    assert first == second
+    assert b"{7}\r\nGr\xc3\xbc\xc3\x9fe" in second[0]
+    assert b'"MIXED" ("BOUNDARY" "outer-boundary")' in second[1]
+    lines = r2.ok("FETCH 2 (BODY.PEEK[3.1] BODY.PEEK[1.2.MIME] BODY[2]<0.8>)")
+    assert b"BODY[3.1] {35}\r\nforwarded body (default text/plain)" in lines[0]
+    assert b'BODY[1.2.MIME] {44}\r\nContent-Type: text/html; charset="utf-8"\r\n\r\n' in lines[0]
+    assert b"BODY[2]<0> {8}\r\nAAECAwQF" in lines[0]
+
+
+def test_outside_changes_are_noticed_at_next_command_and_during_idle(tmp_path):
+    s = InProcessIMAP(tmp_path, {"idle_refresh": 0.2}, store="maildir")
+    try:
+        inbox = s.cfg.mail_dir / "example.test" / "alice"
+        r = Raw(s)
+        r.ok("SELECT INBOX")
+        # another program (procmail, a backup restore...) drops files into the Maildir
+        (inbox / "new" / "1700000000.outside1.host").write_bytes(msg(1))
+        lines = r.ok("NOOP")
+        assert b"* 1 EXISTS" in lines
+        r.send(b"i IDLE\r\n")
+        assert r.line() == b"+ idling"
+        (inbox / "cur" / "1700000001.outside2.host:2,S").write_bytes(msg(2))
+        t0 = time.monotonic()
+        assert r.line() == b"* 2 EXISTS"
+        assert time.monotonic() - t0 < 5
+        r.line()  # RECENT
+        r.send(b"DONE\r\n")
+        r.until(b"i")
+        lines = r.ok("UID FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert b"UID 2 FLAGS (\\Seen" in lines[1] and b"hello 2" in lines[1]
+    finally:
+        s.close()
+
+
+def test_literal_plus_in_login_and_literal_mailbox_names(srv):
+    r = Raw(srv, login=False)
+    r.send(b"a LOGIN {18+}\r\nalice@example.test {6+}\r\nsecret\r\n")
+    assert r.until(b"a")[1].startswith(b"a OK")
+    r.send(b"b SELECT {5}\r\n")
+    assert r.line().startswith(b"+ ")
+    r.send(b"INBOX\r\n")
+    assert r.until(b"b")[1].startswith(b"b OK [READ-WRITE]")
+
+
+def test_listing_a_big_mailbox_comes_from_the_metadata_cache(tmp_path):
+    s = InProcessIMAP(tmp_path, store="maildir")
+    try:
+        cur = s.cfg.mail_dir / "example.test" / "alice" / "cur"
+        n = 300
+        for i in range(n):
+            (cur / f"{1700000000 + i}.M{i}P1.host,S={len(msg(i))}:2,S").write_bytes(msg(i))
+        r = Raw(s)
+        r.ok("SELECT INBOX")
+        first = r.ok("FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE BODYSTRUCTURE)")
+        assert len(first) == n and b'"hello 299"' in first[-1]
+        r.ok("CLOSE")
+        for p in cur.iterdir():  # the bodies are gone: only the cache can answer now
+            p.write_bytes(b"")
+        r.ok("SELECT INBOX")
+        second = r.ok("FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE BODYSTRUCTURE)")
+        assert second == [x.replace(b" \\Recent", b"") for x in first]
+        assert b"NO [BADCHARSET" in r.cmd("SEARCH CHARSET KOI8-R ALL")[1]
+    finally:
+        s.close()
+
+
+def test_big_message_append_and_fetch(srv):
+    body = b"".join(b"line %07d of a big message padded to a sensible width.....\r\n" % i for i in range(50000))
+    big = b"Subject: big\r\n\r\n" + body
+    c = imap_tls(srv)
+    typ, data = c.append("INBOX", None, None, big)
+    assert typ == "OK"
+    c.select("INBOX")
+    typ, data = c.fetch("1", "(RFC822.SIZE BODY.PEEK[] BODY.PEEK[TEXT]<100000.20>)")
+    assert data[0][1] == big
+    assert b"RFC822.SIZE %d" % len(big) in data[0][0]
+    assert data[1][1] == body[100000:100020]
+    c.logout()
+
+
+def test_idle_without_done_is_bad_but_the_next_command_is_answered(srv):
+    r = Raw(srv)
+    r.ok("SELECT INBOX")
+    r.send(b"i IDLE\r\n")
+    assert r.line() == b"+ idling"
+    r.send(b"n NOOP\r\n")
+    lines, tagged = r.until(b"i")
+    assert tagged.startswith(b"i BAD")
+    assert r.until(b"n")[1].startswith(b"n OK")
+    srv.services.config.imap.idle_timeout = 0.3
+    r.send(b"j IDLE\r\n")
+    assert r.line() == b"+ idling"
+    assert r.line().startswith(b"* BYE Autologout")
+
+
+def test_append_literals_share_the_in_memory_budget(srv):
+    from mailstack.smtp.budget import budget_for
+    budget = budget_for(srv.services)
+    budget.used = budget.limit - 100_000  # other sessions hold almost all of it
+    r = Raw(srv)
+    _, tagged = r.cmd(b"APPEND INBOX {200000}")
+    assert tagged.endswith(b"NO [LIMIT] Server busy, try again later")
+    budget.used = 0
+    big = b"Subject: x\r\n\r\n" + b"y" * 199_986
+    r.send(b"a APPEND INBOX {200000}\r\n")
+    assert r.line().startswith(b"+ ")
+    assert budget.used == 200000
+    r.send(big + b"\r\n")
+    assert r.until(b"a")[1].startswith(b"a OK [APPENDUID")
+    assert budget.used == 0

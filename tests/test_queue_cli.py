@@ -136,7 +136,7 @@ def test_actions_through_control_socket_of_running_server(tmp_path):
             assert env.queue_files() == []
 
             resp = await asyncio.to_thread(control.request, sock, {"action": "status"})
-            assert resp["ok"] and resp["queue"]["running"]
+            assert resp["ok"] and resp["queue_manager"]["running"]
             resp = await asyncio.to_thread(control.request, sock, {"action": "nonsense"})
             assert not resp["ok"] and "unknown action" in resp["error"]
             # a garbage line gets an error, not a crash

@@ -8,7 +8,6 @@ import os
 import smtplib
 import stat
 import threading
-import time
 
 from harness import MailServer, wait_for
 

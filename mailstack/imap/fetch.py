@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .response import nstring, string
 
-CACHE_VERSION = 1
+CACHE_VERSION = 3
 MAX_DEPTH = 32  # MIME nesting we follow; deeper parts are treated as opaque
 MAX_PARTS = 2000  # parts per message we enumerate
 
@@ -175,8 +175,9 @@ def _parse_part(data: bytes, start: int, end: int, dtype: str, dsub: str, depth:
             part.children.append(_parse_part(data, s, e, *child_default, depth + 1, counter))
         if not part.children:  # no boundary found: RFC 3501 wants at least one part
             part.children.append(Part(bstart, bstart, bstart, [], "text", "plain", [("charset", "us-ascii")]))
-    elif (part.type, part.subtype) == ("message", "rfc822") and \
-            _cte(part) in ("7bit", "8bit", "binary"):
+    elif (part.type, part.subtype) == ("message", "rfc822"):
+        # parsed even when (wrongly) transfer-encoded: the BODYSTRUCTURE grammar needs an
+        # envelope and a body for every message/rfc822 part
         part.message = _parse_part(data, bstart, end, "text", "plain", depth + 1, counter)
     return part
 
@@ -464,9 +465,10 @@ def cache_entry(data: bytes) -> dict:
             sent = None
     return {
         "v": CACHE_VERSION,
-        "env": envelope(root).decode("utf-8", "surrogateescape"),
-        "bs": bodystructure(data, root, True).decode("utf-8", "surrogateescape"),
-        "body": bodystructure(data, root, False).decode("utf-8", "surrogateescape"),
+        # latin-1 maps bytes to str one to one, so 8-bit header bytes survive JSON intact
+        "env": envelope(root).decode("latin-1"),
+        "bs": bodystructure(data, root, True).decode("latin-1"),
+        "body": bodystructure(data, root, False).decode("latin-1"),
         "sent": sent,
         "hsize": root.body_start,
     }
@@ -476,4 +478,7 @@ def cached(entry: dict | None, key: str) -> bytes | None:
     if not entry or entry.get("v") != CACHE_VERSION:
         return None
     v = entry.get(key)
-    return v.encode("utf-8", "surrogateescape") if isinstance(v, str) else None
+    try:
+        return v.encode("latin-1") if isinstance(v, str) else None
+    except UnicodeEncodeError:  # not written by us: recompute
+        return None

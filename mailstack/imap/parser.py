@@ -15,6 +15,7 @@ Two pieces:
 """
 from __future__ import annotations
 
+import bisect
 import calendar
 import re
 from dataclasses import dataclass, field
@@ -32,7 +33,11 @@ class Frame:
 
 @dataclass
 class Continuation:
-    """A synchronising literal was announced and accepted: send "+ ..." now."""
+    """A synchronising literal was announced and accepted: send "+ ..." now (or, to refuse
+    it after all, call CommandFramer.refuse_literal() and answer the command instead)."""
+
+    tag: bytes | None = None
+    size: int = 0
 
 
 @dataclass
@@ -84,6 +89,11 @@ class CommandFramer:
         first = self._parts[0] if self._parts else bytes(self._buf[:200])
         tag = first.split(b" ", 1)[0]
         return tag if 0 < len(tag) <= 64 and b"\n" not in tag else None
+
+    def refuse_literal(self) -> None:
+        """Drop the command whose synchronising literal was just announced (the client
+        sends nothing more of it until it sees "+")."""
+        self._reset()
 
     def _reset(self) -> None:
         self._parts = []
@@ -157,7 +167,7 @@ class CommandFramer:
             self._literal = bytearray()
             self._literal_left = size
             if sync:
-                self.events.append(Continuation())
+                self.events.append(Continuation(self._tag(), size))
             if size == 0:
                 self._parts.append(b"")
                 self._literal = None
@@ -423,22 +433,33 @@ _SYSTEM_FLAGS = {"seen": "\\Seen", "answered": "\\Answered", "flagged": "\\Flagg
 class SequenceSet:
     """A sequence-set with "*" kept symbolic (None) until the mailbox size is known."""
 
-    __slots__ = ("ranges",)
+    __slots__ = ("ranges", "_merged")
 
     def __init__(self, ranges: list[tuple[int | None, int | None]]) -> None:
         self.ranges = ranges
+        self._merged: tuple[int, list[tuple[int, int]], list[int]] | None = None
 
     def resolve(self, largest: int) -> list[tuple[int, int]]:
-        """Ranges with "*" replaced by `largest` (the highest number in use), each low<=high."""
-        out = []
-        for a, b in self.ranges:
-            a = largest if a is None else a
-            b = largest if b is None else b
-            out.append((a, b) if a <= b else (b, a))
+        """Ranges with "*" replaced by `largest` (the highest number in use), each low<=high,
+        sorted and merged (so "1:9,1:9,1:9..." costs no more than "1:9")."""
+        if self._merged is not None and self._merged[0] == largest:
+            return self._merged[1]
+        out: list[tuple[int, int]] = []
+        for a, b in sorted((min(x, y), max(x, y)) for x, y in
+                           ((largest if a is None else a, largest if b is None else b) for a, b in self.ranges)):
+            if out and a <= out[-1][1] + 1:
+                if b > out[-1][1]:
+                    out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        self._merged = (largest, out, [a for a, _ in out])
         return out
 
     def contains(self, n: int, largest: int) -> bool:
-        return any(a <= n <= b for a, b in self.resolve(largest))
+        ranges = self.resolve(largest)
+        starts = self._merged[2]  # type: ignore[index]
+        i = bisect.bisect_right(starts, n) - 1
+        return i >= 0 and ranges[i][0] <= n <= ranges[i][1]
 
     def __repr__(self) -> str:
         return f"SequenceSet({self.ranges!r})"

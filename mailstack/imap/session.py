@@ -20,7 +20,8 @@ import ssl
 import time
 
 from ..events import MailboxEvent
-from ..store.base import MailboxExists, MailboxNotFound, StoreError, SYSTEM_FLAGS, SPECIAL_MAILBOXES
+from ..smtp.budget import budget_for
+from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError
 from . import fetch, response, search
 from .parser import (Command, CommandFramer, Continuation, FetchAtt, Frame, FrameError, ParseError,
                      parse_command, parse_tag)
@@ -41,6 +42,42 @@ _AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBS
 _SELECTED = {"CHECK", "CLOSE", "EXPUNGE", "UNSELECT", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
 # RFC 3501 7.4.1: no EXPUNGE while answering these (non-UID) commands.
 _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
+
+
+BIG_CHUNK = 65536
+
+
+class _Lit:
+    """A FETCH item whose value is a literal: kept apart so big bodies are not copied."""
+
+    __slots__ = ("label", "data")
+
+    def __init__(self, label: bytes, data: bytes) -> None:
+        self.label, self.data = label, data
+
+
+def _join_fetch(seq: int, items: list) -> "bytes | list[bytes]":
+    """One "* n FETCH (...)" response: bytes, or a list of chunks when it holds a big literal."""
+    chunks: list[bytes] = []
+    cur = bytearray(b"* %d FETCH (" % seq)
+    for i, item in enumerate(items):
+        if i:
+            cur += b" "
+        if isinstance(item, _Lit):
+            cur += item.label + b" {%d}\r\n" % len(item.data)
+            if len(item.data) >= BIG_CHUNK:
+                chunks.append(bytes(cur))
+                chunks.append(item.data)
+                cur = bytearray()
+            else:
+                cur += item.data
+        else:
+            cur += item
+    cur += b")\r\n"
+    if not chunks:
+        return bytes(cur)
+    chunks.append(bytes(cur))
+    return chunks
 
 
 class _Bye(Exception):
@@ -104,6 +141,7 @@ class IMAPSession:
         self.wake: asyncio.Event | None = None  # set while idling
         self.closing = False
         self.uid_cmd = False
+        self.reserved = 0  # bytes of the in-flight literal counted in the shared budget
 
     # ------------------------------------------------------------------ output
     def send(self, line: bytes) -> None:
@@ -114,7 +152,15 @@ class IMAPSession:
         if self.out:
             self.writer.write(bytes(self.out))
             self.out.clear()
-            await self.writer.drain()
+            await self.drain()
+
+    async def drain(self) -> None:
+        # A client that stops reading must not pin the session (and its buffers) for ever.
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.cfg.idle_timeout)
+        except asyncio.TimeoutError:
+            self.writer.transport.abort()
+            raise _Bye() from None
 
     async def maybe_flush(self) -> None:
         if len(self.out) >= FLUSH_AT:
@@ -186,9 +232,21 @@ class IMAPSession:
 
     async def handle(self, ev) -> None:
         if isinstance(ev, Continuation):
+            # Big literals (APPEND) count against the process-wide budget of message bytes
+            # held in memory, shared with SMTP DATA: many clients uploading at once get a
+            # "try again" instead of exhausting memory.
+            if ev.size > BIG_CHUNK and not self.framer.events:
+                budget = budget_for(self.services)
+                if not budget.reserve(ev.size):
+                    self.framer.refuse_literal()
+                    tag = (ev.tag or b"*").decode("ascii", "replace")
+                    self.send(f"{tag} NO [LIMIT] Server busy, try again later".encode())
+                    return
+                self.reserved += ev.size
             self.send(b"+ Ready for literal data")
             return
         if isinstance(ev, FrameError):
+            self._release_reserved()
             tag = (ev.tag or b"*").decode("ascii", "replace")
             if parse_tag([ev.tag or b""]) is None:
                 tag = "*"
@@ -200,10 +258,23 @@ class IMAPSession:
             return
         assert isinstance(ev, Frame)
         try:
+            await self._run_frame(ev)
+        finally:
+            self._release_reserved()
+
+    def _release_reserved(self) -> None:
+        if self.reserved:
+            budget_for(self.services).release(self.reserved)
+            self.reserved = 0
+
+    async def _run_frame(self, ev: Frame) -> None:
+        try:
             cmd = parse_command(ev.parts)
         except ParseError as e:
             code = f"[{e.code}] " if e.code else ""
-            self.send(f"{e.tag or '*'} BAD {code}{e.message}".encode("utf-8", "replace"))
+            # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error
+            status = "NO" if e.code and e.code.startswith("BADCHARSET") and e.tag else "BAD"
+            self.send(f"{e.tag or '*'} {status} {code}{e.message}".encode("utf-8", "replace"))
             return
         await self.dispatch(cmd)
 
@@ -249,6 +320,7 @@ class IMAPSession:
 
     async def cleanup(self) -> None:
         self.state = LOGOUT
+        self._release_reserved()
         await self.unselect()
         try:
             if self.out and not self.writer.is_closing():
@@ -280,7 +352,7 @@ class IMAPSession:
     async def cmd_starttls(self, cmd: Command) -> None:
         if self.tls:
             return self.tagged(cmd, "BAD", "TLS is active already")
-        if self.framer.buffered or self.framer.events:
+        if self.framer.buffered or self.framer.events or len(getattr(self.reader, "_buffer", b"")):
             # Commands pipelined after STARTTLS would be injected into the TLS session.
             self.tagged(cmd, "BAD", "Pipelined data after STARTTLS")
             raise _Bye()
@@ -552,17 +624,24 @@ class IMAPSession:
         await self.done(cmd, "ENABLE completed")
 
     async def cmd_idle(self, cmd: Command) -> None:
+        # The wake-up exists before "+ idling" goes out: a delivery the client triggers as
+        # soon as it sees "+" must not fall between the two.
+        self.wake = asyncio.Event()
         self.send(b"+ idling")
         if self.state == SELECTED:
             await self.sync(allow_expunge=True)
         await self.flush()
-        self.wake = asyncio.Event()
         deadline = time.monotonic() + self.cfg.idle_timeout
         read_task = None
         try:
             while True:
                 if self.framer.events:
                     break
+                if self.wake.is_set() and self.state == SELECTED:
+                    self.wake.clear()
+                    await self.sync(allow_expunge=True)
+                    await self.flush()
+                    continue
                 if read_task is None:
                     read_task = asyncio.ensure_future(self.reader.read(READ_SIZE))
                 wake_task = asyncio.ensure_future(self.wake.wait())
@@ -594,8 +673,7 @@ class IMAPSession:
             await self.done(cmd, "IDLE terminated")
         else:
             self.tagged(cmd, "BAD", "Expected DONE")
-            if not isinstance(ev, Frame):
-                await self.handle(ev)
+            await self.handle(ev)  # a client that forgot DONE still gets its command answered
 
     # ------------------------------------------------------------------ selected: sync
     async def sync(self, allow_expunge: bool) -> None:
@@ -604,7 +682,14 @@ class IMAPSession:
         if mbox is None or not allow_expunge:
             return
         before = len(mbox.messages)
-        changes = await mbox.refresh()
+        try:
+            changes = await mbox.refresh()
+        except MailboxNotFound:
+            self.send(b"* BYE [NONEXISTENT] The selected mailbox was deleted")
+            raise _Bye() from None
+        except StoreError as e:  # e.g. UIDVALIDITY changed: the client must start over
+            self.send(b"* BYE " + str(e).encode("utf-8", "replace"))
+            raise _Bye() from None
         self.dirty = False
         msgs = mbox.messages
         if changes.expunged:
@@ -660,25 +745,20 @@ class IMAPSession:
             if not msgs:
                 return []
             top = msgs[-1].uid
-            picked: dict[int, None] = {}
-            for lo, hi in seqset.resolve(top):
+            out = []
+            for lo, hi in seqset.resolve(top):  # sorted and disjoint
                 i = bisect.bisect_left(msgs, lo, key=lambda m: m.uid)
                 while i < len(msgs) and msgs[i].uid <= hi:
-                    picked[i] = None
+                    out.append((i + 1, msgs[i]))
                     i += 1
-                if len(picked) >= len(msgs):
-                    break
-            return [(i + 1, msgs[i]) for i in sorted(picked)]
+            return out
         n = len(msgs)
-        picked = {}
-        for lo, hi in seqset.resolve(n):
+        out = []
+        for lo, hi in seqset.resolve(n):  # sorted and disjoint
             if lo < 1 or hi > n:
                 return None
-            if hi - lo + 1 >= n:
-                picked = dict.fromkeys(range(n))
-                break
-            picked.update(dict.fromkeys(range(lo - 1, hi)))
-        return [(i + 1, msgs[i]) for i in sorted(picked)]
+            out.extend((i + 1, msgs[i]) for i in range(lo - 1, hi))
+        return out
 
     # ------------------------------------------------------------------ selected commands
     async def cmd_check(self, cmd: Command) -> None:
@@ -926,14 +1006,12 @@ class IMAPSession:
             unseen = [m.uid for _, m in picked if "\\Seen" not in m.flags]
             if unseen:
                 await self.mbox.store_flags(unseen, ["\\Seen"], "+", origin=self)
-                unseen_set = set(unseen)
                 if not any(a.name == "FLAGS" for a in atts):
                     atts.append(FetchAtt("FLAGS"))
                 # refresh the infos from the view so FLAGS shows \Seen
                 msgs = self.mbox.messages
                 picked = [(s, msgs[s - 1] if s <= len(msgs) and msgs[s - 1].uid == m.uid else m)
                           for s, m in picked]
-                del unseen_set
         missing = False
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
@@ -946,9 +1024,17 @@ class IMAPSession:
             for item in rendered:
                 if item is None:
                     missing = True
-                else:
+                elif isinstance(item, bytes):
                     self.out += item
-            await self.maybe_flush()
+                else:  # big literals go to the transport as they are, not copied into `out`
+                    for chunk in item:
+                        if len(chunk) >= BIG_CHUNK:
+                            await self.flush()
+                            self.writer.write(chunk)
+                            await self.drain()
+                        else:
+                            self.out += chunk
+                await self.maybe_flush()
         if missing:
             await self.done(cmd, "[EXPUNGEISSUED] Some messages were expunged", status="NO")
         else:
@@ -983,13 +1069,13 @@ class IMAPSession:
                         break
                     items.append(name.encode() + b" " + value)
                 elif name == "RFC822":
-                    items.append(b"RFC822 " + response.literal(data))
+                    items.append(_Lit(b"RFC822", data))
                 elif name == "RFC822.HEADER":
                     hend, bstart = fetch.split_header(data)
-                    items.append(b"RFC822.HEADER " + response.literal(data[:bstart]))
+                    items.append(_Lit(b"RFC822.HEADER", data[:bstart]))
                 elif name == "RFC822.TEXT":
                     hend, bstart = fetch.split_header(data)
-                    items.append(b"RFC822.TEXT " + response.literal(data[bstart:]))
+                    items.append(_Lit(b"RFC822.TEXT", data[bstart:]))
                 elif name == "BODY[]":
                     sec = a.section
                     if not sec.part and not sec.text:
@@ -1003,7 +1089,7 @@ class IMAPSession:
                         off, length = a.partial
                         body = body[off:off + length]
                         label += b"<%d>" % off
-                    items.append(label + b" " + response.literal(body))
+                    items.append(_Lit(label, body))
             else:
-                out.append(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
+                out.append(_join_fetch(seq, items))
         return out

@@ -34,9 +34,10 @@ async def handle_request(services, req: dict) -> dict:
     manager = services.queue
     qid = str(req.get("id", "")).strip()
     if action == "status":
-        out = {"ok": True, "pid": os.getpid()}
+        status = services.extra.get("status")
+        out = {"ok": True, **(await status() if status else {"pid": os.getpid()})}
         if manager is not None:
-            out["queue"] = manager.status()
+            out["queue_manager"] = manager.status()
         return out
     if action == "reload":
         reload = services.extra.get("reload")

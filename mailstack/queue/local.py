@@ -6,9 +6,9 @@ account reached through several recipients gets the message once.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
 
 from ..directory import normalize_address
@@ -63,16 +63,9 @@ class LocalTransport:
         self._last_reload = 0.0
 
     def _directory(self):
-        directory = self.services.directory
-        # Pick up account/alias edits made by the CLI (three stat calls, at most once a second).
-        now = time.monotonic()
-        if now - self._last_reload > 1.0:
-            self._last_reload = now
-            try:
-                directory.reload_if_changed()
-            except Exception:
-                log.exception("directory reload failed; using the previous one")
-        return directory
+        # The server re-reads the directory files when they change (and at once when the CLI
+        # asks through the control socket); no file access here, on the loop.
+        return self.services.directory
 
     def expand(self, recipients: list[str]) -> list[Target]:
         """Envelope recipients -> targets, de-duplicated: each local account once, each remote
@@ -101,33 +94,36 @@ class LocalTransport:
         return out
 
     async def deliver(self, message: QueuedMessage, accounts: list[str]) -> list[RecipientResult]:
-        """Deliver to local accounts; one result per account. Never raises for delivery problems."""
-        directory = self._directory()
-        store = self.services.store
-        results = []
-        for account in accounts:
-            if not directory.account_exists(account):
-                results.append(RecipientResult(account, "bounced", f"550 5.1.1 <{account}>: user unknown", "local"))
-                continue
-            try:
-                added = await store.deliver(account, message.source, delivery_id(message.qid, account))
-            except StoreError as e:
-                results.append(RecipientResult(account, "deferred", f"452 4.2.0 <{account}>: {e}", "local"))
-                continue
-            except OSError as e:
-                results.append(RecipientResult(account, "deferred",
-                                               f"451 4.3.0 <{account}>: local delivery failed: {e.strerror or e}",
-                                               "local"))
-                continue
-            except Exception as e:  # a bug in the store must not lose the message: retry later
-                log.exception("store.deliver failed", extra={"qid": message.qid})
-                results.append(RecipientResult(account, "deferred",
-                                               f"451 4.3.0 <{account}>: local delivery failed: {e}", "local"))
-                continue
-            results.append(RecipientResult(account, "sent",
-                                           "delivered to maildir" if added else "delivered to maildir (duplicate)",
-                                           "local"))
-        return results
+        """Deliver to local accounts; one result per account, in order. Never raises for delivery
+        problems. Several accounts of one message are written in parallel (bounded)."""
+        results: list[RecipientResult | None] = [None] * len(accounts)
+        for start in range(0, len(accounts), self.PARALLEL):
+            batch = range(start, min(start + self.PARALLEL, len(accounts)))
+            done = await asyncio.gather(*(self._deliver_one(message, accounts[i]) for i in batch))
+            for i, r in zip(batch, done):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    PARALLEL = 8
+
+    async def _deliver_one(self, message: QueuedMessage, account: str) -> RecipientResult:
+        if not self._directory().account_exists(account):
+            return RecipientResult(account, "bounced", f"550 5.1.1 <{account}>: user unknown", "local")
+        try:
+            added = await self.services.store.deliver(account, message.source, delivery_id(message.qid, account))
+        except StoreError as e:
+            return RecipientResult(account, "deferred", f"452 4.2.0 <{account}>: {e}", "local")
+        except OSError as e:
+            return RecipientResult(account, "deferred",
+                                   f"451 4.3.0 <{account}>: local delivery failed: {e.strerror or e}", "local")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug in the store must not lose the message: retry later
+            log.exception("store.deliver failed", extra={"qid": message.qid})
+            return RecipientResult(account, "deferred", f"451 4.3.0 <{account}>: local delivery failed: {e}",
+                                   "local")
+        return RecipientResult(account, "sent",
+                               "delivered to maildir" if added else "delivered to maildir (duplicate)", "local")
 
 
 # The name server.py uses.

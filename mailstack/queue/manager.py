@@ -34,7 +34,8 @@ from .types import QueuedMessage, RecipientResult
 log = logging.getLogger("mailstack.queue")
 
 MAILDROP_SCAN_INTERVAL = 5.0
-NOT_CONFIGURED = "4.4.0 outbound delivery not configured"
+STRAY_AGE = 60.0  # seconds before an unannounced file in incoming/ is taken up by the scan
+NOT_CONFIGURED = "451 4.4.0 outbound delivery not configured"
 
 
 @dataclass
@@ -110,6 +111,10 @@ class QueueManager:
         self._concurrency = qcfg.local_concurrency
         self._local_slots = asyncio.Semaphore(qcfg.local_concurrency)
         self._remote_slots = asyncio.Semaphore(getattr(qcfg, "remote_concurrency", 20))
+        # Listeners may already accept mail while we read the spool: hold those messages back
+        # until recovery is done (one may also be found by the directory scan: same qid, once).
+        early: dict[str, QueuedMessage] = {}
+        self.spool.on_enqueue = lambda m: early.__setitem__(m.qid, m)
         await asyncio.to_thread(self.spool.setup)
         recovered = await asyncio.to_thread(self._recover)
         self.running = True
@@ -119,6 +124,9 @@ class QueueManager:
                 self._schedule(entry)
             else:
                 self._make_ready(entry)
+        for qid, msg in early.items():
+            if qid not in self.entries:
+                self._on_enqueue(msg)
         self._loops = [asyncio.create_task(coro, name=f"queue-{coro.__name__}") for coro in
                        (self._dispatch_loop(), self._takeup_loop(), self._timer_loop(), self._maildrop_loop())]
         self._maildrop_event.set()
@@ -334,7 +342,7 @@ class QueueManager:
                 raise
             except Exception as e:
                 log.exception("remote transport failed", extra={"qid": entry.qid})
-                results = [RecipientResult(t.addr, "deferred", f"4.4.0 remote delivery failed: {e}", "none")
+                results = [RecipientResult(t.addr, "deferred", f"451 4.4.0 remote delivery failed: {e}", "none")
                            for t in targets]
         by_addr = {}
         for r in results:
@@ -342,9 +350,9 @@ class QueueManager:
         now = time.time()
         for t in targets:
             r = by_addr.get(t.addr.lower()) or RecipientResult(t.addr, "deferred",
-                                                               "4.4.0 no result from the remote transport")
+                                                               "451 4.4.0 no result from the remote transport")
             if r.status not in ("sent", "deferred", "bounced"):
-                r = RecipientResult(t.addr, "deferred", f"4.4.0 bad status {r.status!r}: {r.reply}", r.relay)
+                r = RecipientResult(t.addr, "deferred", f"451 4.4.0 bad status {r.status!r}: {r.reply}", r.relay)
             self._record(entry, t, r, now)
 
     async def _finish(self, entry: Entry) -> None:
@@ -421,7 +429,7 @@ class QueueManager:
             return
         postmaster_copy = False
         if msg.sender == "":
-            if not meta.get("dsn"):
+            if not meta.get("bounce_of"):
                 log.info("no notification to the null sender; discarded", extra={"qid": qid})
                 return
             domains = sorted(self.services.directory.domains)
@@ -430,10 +438,10 @@ class QueueManager:
                 return
             rcpt = f"postmaster@{domains[0]}"
             postmaster_copy = True
-            new_meta = {"double_bounce": True, "dsn_of": qid}
+            new_meta = {"double_bounce": True, "bounce_of": qid}
         else:
             rcpt = msg.sender
-            new_meta = {"dsn": True, "dsn_of": qid}
+            new_meta = {"bounce_of": qid}
         failures = []
         for t in failed:
             if t.status == "expired":
@@ -529,13 +537,32 @@ class QueueManager:
             self._maildrop_event.clear()
             try:
                 msgs = await asyncio.to_thread(self._pickup_files)
+                known = set(self.entries) | {e.qid for e in self._incoming}
+                msgs += await asyncio.to_thread(self._stray_incoming, known)
             except OSError as e:
                 log.error("maildrop scan failed: %s", e)
                 continue
             for msg in msgs:
-                log.info("uid=%s from=<%s> (picked up from maildrop)", msg.meta.get("uid", "?"), msg.sender,
-                         extra={"qid": msg.qid})
                 self._on_enqueue(msg)
+
+    def _stray_incoming(self, known: set[str], min_age: float = STRAY_AGE) -> list[QueuedMessage]:
+        """Blocking: complete files in incoming/ that the manager never heard of (a safety net:
+        nothing accepted may wait for a restart). Young files may still be being written."""
+        out = []
+        now = time.time()
+        for qid in self.spool.ids("incoming"):
+            if qid in known:
+                continue
+            path = self.spool.path("incoming", qid)
+            try:
+                if now - os.stat(path).st_mtime < min_age:
+                    continue
+                msg = read_envelope(path, qid)
+            except (FileNotFoundError, CorruptQueueFile):
+                continue
+            log.warning("taking up a message found in incoming/", extra={"qid": qid})
+            out.append(msg)
+        return out
 
     def _pickup_files(self) -> list[QueuedMessage]:
         """Blocking: maildrop/ -> incoming/ (link + unlink, so an existing id is never overwritten)."""
@@ -559,6 +586,8 @@ class QueueManager:
                     new = spool.new_id()
             os.unlink(src)
             msg = read_envelope(spool.path("incoming", new), new)
+            log.info("uid=%s from=<%s> (picked up from maildrop)", msg.meta.get("uid", "?"), msg.sender,
+                     extra={"qid": new})
             out.append(msg)
         if out:
             # link + unlink is not one atomic step: make the new name durable before the old one

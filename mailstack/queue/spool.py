@@ -26,9 +26,10 @@ a worker thread: call the other methods through asyncio.to_thread from the loop.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import secrets
+import random
 import threading
 import time
 from pathlib import Path
@@ -76,12 +77,15 @@ class _IdSource:
     def __init__(self) -> None:
         self._last = 0
         self._lock = threading.Lock()
+        self._random = random.Random()  # seeded from the OS once
 
     def new(self) -> str:
         with self._lock:
             now = max(time.time_ns() // 1000, self._last + 1)
             self._last = now
-        return _b32(now, 11) + _b32(secrets.randbits(15), 3)
+            # Not secrets: ids need not be unguessable, and os.urandom per id is slow on some VMs.
+            rand = self._random.getrandbits(15)
+        return _b32(now, 11) + _b32(rand, 3)
 
 
 new_id = _IdSource().new
@@ -190,8 +194,6 @@ class Spool:
     async def enqueue(self, sender: str, recipients: list[str], chunks: list, meta: dict,
                       qid: str | None = None) -> str:
         """Write a new message into incoming/; durable (file and directory fsynced) on return."""
-        import asyncio
-
         qid = qid or self.new_id()
         if not valid_qid(qid):
             raise ValueError(f"bad queue id {qid!r}")
@@ -199,7 +201,7 @@ class Spool:
         arrival = time.time()
         header = encode_header(sender, list(recipients), arrival, size, meta)
         path = self.path("incoming", qid)
-        await asyncio.to_thread(write_queue_file, path, header, chunks)
+        await asyncio.to_thread(self._write_new, path, header, chunks)
         try:
             await self.group_sync.sync(path.parent)
         except BaseException:
@@ -215,6 +217,15 @@ class Spool:
         if self.on_enqueue is not None:
             self.on_enqueue(msg)
         return qid
+
+    def _write_new(self, path: Path, header: bytes, chunks: list) -> None:
+        try:
+            write_queue_file(path, header, chunks)
+        except FileNotFoundError:
+            if path.parent.is_dir():
+                raise
+            self.setup()  # mail arrived before the manager set the spool up
+            write_queue_file(path, header, chunks)
 
     # --- moving (blocking) ---------------------------------------------------------------
     def move(self, qid: str, src: str, dst: str, sync: bool = False) -> Path:

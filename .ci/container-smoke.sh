@@ -6,7 +6,7 @@
 # and tagged under that name in a private image store, so the Dockerfile's FROM resolves.
 # Recipe and pitfalls: ../shared/notes/container-ci.md.
 #
-#   bash ci/container-smoke.sh            (from anywhere; as root)
+#   bash .ci/container-smoke.sh            (from anywhere; as root)
 #
 # Everything podman keeps lives in $WORK (default /tmp/mailstack-container-ci): a second
 # run reuses the base images (warm: seconds).  Prints "N passed, M failed" last; exits 1 if
@@ -154,7 +154,7 @@ check "image carries a HEALTHCHECK that asks the server" bash -c "podman image i
 # --- 6. run it as a user would ---------------------------------------------------------------
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cleanup() {
-  podman rm -f -t 0 "$CNAME" "$CNAME-2" >/dev/null 2>&1
+  podman rm -f -t 0 "$CNAME" "$CNAME-2" "$CNAME-idle" >/dev/null 2>&1
   podman volume rm -f "$VOLUME" >/dev/null 2>&1
   return 0
 }
@@ -196,9 +196,21 @@ check "submission over implicit TLS (465) with AUTH, certificate verified" \
   "${PROBE[@]}" send-submission "$P465" "$WORK/cert.pem" "$MAILHOST" "$USER_ADDR" "$USER_PW" "submitted from ci $$"
 check "both messages read back over IMAPS (993), certificate verified" \
   "${PROBE[@]}" imap-read "$P993" "$WORK/cert.pem" "$MAILHOST" "$USER_ADDR" "$USER_PW" "hello from ci $$" "submitted from ci $$"
+# The README's quick-start command, with curl as the mail client.
+if command -v curl >/dev/null; then
+  check "README's curl command reads the first message over IMAPS" \
+    bash -c "curl -sS --max-time 30 --cacert '$WORK/cert.pem' --resolve $MAILHOST:$P993:127.0.0.1 \
+               --user '$USER_ADDR:$USER_PW' 'imaps://$MAILHOST:$P993/INBOX;UID=1' | tee '$WORK/curl.txt' | grep -E '^(Subject|Received):'
+             grep -q 'body of hello from ci $$' '$WORK/curl.txt'"
+else
+  t "note: curl is not installed; the README's curl command is not checked"
+fi
 check "podman healthcheck run: healthy" bash -c "podman healthcheck run '$CNAME' && echo healthy"
-check "mailstack status names listeners, queue and certificate expiry" \
-  bash -c "podman exec '$CNAME' mailstack status | tee /dev/stderr | grep -qi 'smtp' && podman exec '$CNAME' mailstack status | grep -qi 'certificate'"
+check "mailstack status: every listener up, queue sizes, certificate expiry" \
+  bash -c "podman exec '$CNAME' mailstack status >'$WORK/status.txt'; cat '$WORK/status.txt'; \
+           grep -qE '^ +smtp +0\.0\.0\.0:25 +up' '$WORK/status.txt' && grep -qE '^ +imaps +0\.0\.0\.0:993 +up' '$WORK/status.txt' \
+           && ! grep -q DOWN '$WORK/status.txt' && grep -q '^queue: incoming' '$WORK/status.txt' \
+           && grep -qE '^certificate: /data/tls/cert.pem, expires 20' '$WORK/status.txt'"
 check "nothing in /data is readable by other users" \
   bash -c "out=\$(podman exec '$CNAME' find /data -perm /o=rwx); [ -z \"\$out\" ] || { echo \"\$out\"; exit 1; }"
 
@@ -244,6 +256,18 @@ wait "$held"
 check "the idle IMAP client was told * BYE" grep 'ended the session: \* BYE' "$WORK/held.log"
 [ "$FAILED" = 0 ] || sed 's/^/    held: /' "$WORK/held.log"
 podman logs "$CNAME" > "$WORK/container.log" 2>&1
+
+# The health check asks the server, not "is a process there": same volume, no server.
+unhealthy_without_server() {
+  podman run -d --pull=never --name "$CNAME-idle" --network none -v "$VOLUME:/data" "$IMAGE" sleep 60 \
+    >/dev/null 2>>"$WORK/podman-run.log" || return 1
+  local rc=0
+  podman exec "$CNAME-idle" mailstack status --quiet || rc=$?
+  podman healthcheck run "$CNAME-idle" 2>&1 && rc=0
+  podman rm -f -t 0 "$CNAME-idle" >/dev/null 2>&1
+  [ "$rc" = 1 ]
+}
+check "health check fails when no server answers (exit 1)" unhealthy_without_server
 
 # A new container on the same volume (an upgrade: docker rm + docker run) keeps everything.
 run_container "$CNAME-2" || fatal "podman run of a second container on the same volume"

@@ -1,4 +1,4 @@
-"""The client side of ci/container-smoke.sh: talks to the container from the host on its
+"""The client side of .ci/container-smoke.sh: talks to the container from the host on its
 mapped loopback ports with the standard library's own clients (smtplib, imaplib, ssl), as a
 user's mail client would.  Each subcommand prints one line and exits non-zero on failure.
 

@@ -1,0 +1,273 @@
+"""mailstack side by side with Postfix + Dovecot: run the workloads, print a table.
+
+    python bench/run.py                      # every workload, peers if installed
+    python bench/run.py --install-peers      # apt-get install postfix dovecot-imapd dovecot-pop3d first
+    python bench/run.py --only smtp,latency --messages 20000 --sessions 50
+    python bench/run.py --no-peers           # mailstack alone
+
+Every server runs on free 127.0.0.1 ports with a private config and data under one
+temporary directory, and is stopped at the end (also on error or Ctrl-C). See
+bench/README.md and docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import corpus  # noqa: E402
+import workloads as wl  # noqa: E402
+from servers import MAIL_GID, MAIL_UID, Dovecot, Mailstack, Postfix, install_peers, peers_installed  # noqa: E402
+
+WORKLOADS = ("smtp", "latency", "imap", "push", "idle", "pop3")
+USERS = ["bench", "imap", "push", "idle", "pop"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--install-peers", action="store_true", help="apt-get install the peers (daemons not started)")
+    p.add_argument("--no-peers", action="store_true", help="run mailstack alone")
+    p.add_argument("--only", default=",".join(WORKLOADS), help=f"comma list of: {', '.join(WORKLOADS)}")
+    p.add_argument("--messages", type=int, default=5000, help="SMTP accept: messages (default 5000)")
+    p.add_argument("--size", type=int, default=4096, help="SMTP accept: message body bytes (default 4096)")
+    p.add_argument("--sessions", type=int, default=20, help="SMTP accept: concurrent sessions (default 20)")
+    p.add_argument("--reconnect", action="store_true", help="SMTP accept: new connection for every message")
+    p.add_argument("--rounds", type=int, default=3, help="SMTP accept and latency: rounds, alternating "
+                   "mailstack and peer; the table shows the median (default 3)")
+    p.add_argument("--latency-messages", type=int, default=300, help="SMTP latency: messages (default 300)")
+    p.add_argument("--imap-messages", type=int, default=10000, help="IMAP: messages in the mailbox (default 10000)")
+    p.add_argument("--fetch-bodies", type=int, default=100, help="IMAP: full bodies fetched (default 100)")
+    p.add_argument("--push-messages", type=int, default=100, help="IDLE push: messages (default 100)")
+    p.add_argument("--idle-sessions", default="1000,10000", help="idle IMAP sessions held (default 1000,10000)")
+    p.add_argument("--pop3-messages", type=int, default=1000, help="POP3: messages RETRieved (default 1000)")
+    p.add_argument("--dovecot-scheme", default="PLAIN", help="Dovecot password scheme (default PLAIN; "
+                   "see servers.Dovecot for why not ARGON2ID)")
+    p.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"), help="mailstack event loop")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs, Maildirs)")
+    return p.parse_args(argv)
+
+
+# (workload, key, label, unit, higher_is_better, target ratio or None, target text)
+ROWS = [
+    ("smtp", "queued_per_s", "SMTP accept {messages:,} x {size} B x {sessions}, to 250", "msg/s", True, 1.0, ">= Postfix"),
+    ("smtp", "maildir_per_s", "SMTP accept, to in the Maildir", "msg/s", True, None, ""),
+    ("smtp", "cpu_ms_per_msg", "SMTP accept, server CPU per message", "ms", False, None, ""),
+    ("smtp", "cpu_s", "SMTP accept, server CPU (all processes)", "s", False, None, ""),
+    ("latency", "p50_ms", "SMTP 1 session, latency p50", "ms", False, None, ""),
+    ("latency", "p99_ms", "SMTP 1 session, latency p99", "ms", False, None, ""),
+    ("imap", "select_cold_s", "IMAP SELECT {imap_messages:,} messages, first open", "s", False, None, ""),
+    ("imap", "list_cold_s", "IMAP FETCH 1:* (UID FLAGS SIZE DATE ENVELOPE)", "s", False, None, ""),
+    ("imap", "open_list_cold_s", "IMAP open + list, first time", "s", False, None, "< 2 s"),
+    ("imap", "open_list_warm_s", "IMAP open + list, again", "s", False, None, "< 2 s"),
+    ("imap", "search_header_s", "IMAP UID SEARCH SUBJECT", "s", False, None, ""),
+    ("imap", "search_body_s", "IMAP UID SEARCH BODY", "s", False, None, ""),
+    ("imap", "fetch_bodies_s", "IMAP FETCH {fetch_bodies} full bodies", "s", False, None, ""),
+    ("imap", "cpu_s", "IMAP workload, server CPU", "s", False, None, ""),
+    ("push", "p50_ms", "IDLE push, SMTP 250 -> EXISTS p50", "ms", False, None, ""),
+    ("push", "p99_ms", "IDLE push, SMTP 250 -> EXISTS p99", "ms", False, None, "< 50 ms"),
+    ("pop3", "login_stat_s", "POP3 login + STAT", "s", False, None, ""),
+    ("pop3", "retr_s", "POP3 RETR {pop3_messages:,} messages", "s", False, None, ""),
+]
+
+
+def idle_rows(counts: list[int]):
+    rows = [("idle", "base_pss_mib", "IMAP server memory, no sessions (PSS)", "MiB", False, None, "")]
+    for n in counts:
+        target = "< 1024 MiB" if n == 10000 else ""
+        rows += [
+            ("idle", f"{n}_pss_mib", f"IMAP {n:,} sessions in IDLE, memory (PSS)", "MiB", False, None, target),
+            ("idle", f"{n}_rss_mib", f"IMAP {n:,} sessions in IDLE, memory (RSS sum)", "MiB", False, None, ""),
+            ("idle", f"{n}_kib_per_session", f"IMAP {n:,} sessions, memory per session", "KiB", False, None, ""),
+            ("idle", f"{n}_login_s", f"IMAP {n:,} sessions, time to log in all", "s", False, None, ""),
+        ]
+    return rows
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Figure by figure median over rounds; an error in any round is the result."""
+    errors = [r for r in runs if "error" in r]
+    if errors:
+        return errors[0]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
+
+
+def target_met(text: str, ms, peer, higher: bool) -> str:
+    if not text or ms is None:
+        return ""
+    if text.startswith(">= "):
+        return "" if peer is None else ("met" if ms >= peer else "MISSED")
+    limit = float(text.split()[1])
+    return "met" if ms < limit else "MISSED"
+
+
+def table(results: dict, rows) -> str:
+    head = ("figure", "unit", "mailstack", "peer", "mailstack/peer", "better", "target")
+    lines = []
+    for wk, key, label, unit, higher, _, target in rows:
+        if wk not in results:
+            continue
+        ms = results[wk].get("mailstack", {}).get(key)
+        peer = results[wk].get("peer", {}).get(key)
+        ratio = (ms / peer) if (ms is not None and peer) else None
+        met = target_met(target, ms, peer, higher)
+        lines.append((label, unit, fmt(ms), fmt(peer), f"{ratio:.2f}" if ratio is not None else "-",
+                      "higher" if higher else "lower", f"{target} {met}".strip()))
+    widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
+
+    def row(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([row(head), sep, *(row(line) for line in lines)])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    only = [w.strip() for w in args.only.split(",") if w.strip()]
+    bad = [w for w in only if w not in WORKLOADS]
+    if bad:
+        print(f"unknown workload(s): {', '.join(bad)}", file=sys.stderr)
+        return 2
+    idle_counts = [int(x) for x in args.idle_sessions.split(",") if x.strip()]
+    if args.install_peers:
+        install_peers()
+    with_peers = not args.no_peers
+    if with_peers and not peers_installed():
+        print("peers not installed: run with --install-peers, or --no-peers", file=sys.stderr)
+        return 2
+
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the finally below stops the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir = Path(tempfile.mkdtemp(prefix="msb-", dir="/tmp"))
+    os.chmod(workdir, 0o755)
+    started = []
+    results: dict = {}
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+            "loadavg_start": os.getloadavg(), "args": vars(args) | {"json": str(args.json)}}
+    try:
+        ms = Mailstack(workdir, loop=args.loop)
+        pf = dv = None
+        if with_peers:
+            pf = Postfix(workdir, sessions=max(100, args.sessions))
+            dv = Dovecot(workdir, pf.mail, max_sessions=max(idle_counts or [1000]) + 200,
+                         scheme=args.dovecot_scheme)
+        need_corpus = any(w in only for w in ("imap", "pop3"))
+        if need_corpus:
+            print(f"building corpus ({max(args.imap_messages, args.pop3_messages)} messages) ...", flush=True)
+            files = corpus.build(workdir / "corpus", max(args.imap_messages, args.pop3_messages))
+        # Accounts and mailbox contents are in place before the servers start.
+        ms.setup(USERS)
+        if pf:
+            for u in USERS:
+                pf.prepare_maildir(u)
+        if "imap" in only:
+            corpus.link_into(files[:args.imap_messages], workdir / "corpus", ms.maildir("imap"), None)
+            if pf:
+                corpus.link_into(files[:args.imap_messages], workdir / "corpus", pf.maildir("imap"),
+                                 (MAIL_UID, MAIL_GID))
+        if "pop3" in only:
+            corpus.link_into(files[:args.pop3_messages], workdir / "corpus", ms.maildir("pop"), None)
+            if pf:
+                corpus.link_into(files[:args.pop3_messages], workdir / "corpus", pf.maildir("pop"),
+                                 (MAIL_UID, MAIL_GID))
+        ms.start()
+        started.append(ms)
+        if pf:
+            pf.start(USERS)
+            started.append(pf)
+            dv.start(USERS)
+            started.append(dv)
+        print(f"servers up in {workdir}", flush=True)
+
+        def both(name, fn_ms, fn_peer, rounds=1):
+            """Run mailstack then the peer, `rounds` times alternating (so a busy moment of the
+            machine hits both alike); keep every round and report the median of each figure."""
+            runs: dict[str, list] = {"mailstack": [], "peer": []}
+            for r in range(rounds):
+                for label, fn in (("mailstack", fn_ms), ("peer", fn_peer)):
+                    if fn is None:
+                        continue
+                    t0 = time.perf_counter()
+                    try:
+                        res = fn()
+                    except Exception as e:  # a failed workload is reported, the others still run
+                        res = {"error": f"{type(e).__name__}: {e}"}
+                    runs[label].append(res)
+                    print(f"  {name:8s} {label:9s} round {r + 1} {time.perf_counter() - t0:6.1f}s  "
+                          f"{json.dumps(res, default=float)[:400]}", flush=True)
+            results[name] = {label: median_of(rs) for label, rs in runs.items() if rs}
+            if rounds > 1:
+                results[name]["rounds"] = runs
+
+        if "smtp" in only:
+            a = (args.messages, args.size, args.sessions, args.reconnect)
+            both("smtp", lambda: wl.smtp_accept(ms, ms, "bench", *a),
+                 pf and (lambda: wl.smtp_accept(pf, pf, "bench", *a)), args.rounds)
+        if "latency" in only:
+            both("latency", lambda: wl.smtp_latency(ms, "bench", args.latency_messages, args.size),
+                 pf and (lambda: wl.smtp_latency(pf, "bench", args.latency_messages, args.size)), args.rounds)
+        if "imap" in only:
+            a = (args.imap_messages, args.fetch_bodies, corpus.HEADER_WORD, corpus.BODY_WORD)
+            both("imap", lambda: wl.imap_mailbox(ms, "imap", *a), dv and (lambda: wl.imap_mailbox(dv, "imap", *a)))
+        if "push" in only:
+            both("push", lambda: wl.idle_push(ms, ms, "push", args.push_messages),
+                 pf and (lambda: wl.idle_push(pf, dv, "push", args.push_messages)))
+        if "pop3" in only:
+            both("pop3", lambda: wl.pop3_retr(ms, "pop", args.pop3_messages),
+                 dv and (lambda: wl.pop3_retr(dv, "pop", args.pop3_messages)))
+        if "idle" in only:
+            both("idle", lambda: wl.idle_sessions(ms, "idle", idle_counts),
+                 dv and (lambda: wl.idle_sessions(dv, "idle", idle_counts)))
+    finally:
+        for s in reversed(started):
+            try:
+                s.stop()
+            except Exception as e:
+                print(f"stopping {s.name} failed: {e}", file=sys.stderr)
+        meta["loadavg_end"] = os.getloadavg()
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    rows = [(w, k, label.format(**vars(args)), *rest) for w, k, label, *rest in ROWS] + idle_rows(idle_counts)
+    print()
+    print(f"mailstack vs Postfix 3.7 (SMTP) + Dovecot 2.3 (IMAP/POP3), {meta['date']}, "
+          f"{meta['cpus']} CPUs, load average {meta['loadavg_start'][0]:.1f} at start, "
+          f"{meta['loadavg_end'][0]:.1f} at end")
+    print(table(results, rows))
+    errors = [(w, who, r["error"]) for w, d in results.items() for who, r in d.items()
+              if isinstance(r, dict) and "error" in r]
+    for w, who, e in errors:
+        print(f"ERROR {w} ({who}): {e}")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
