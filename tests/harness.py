@@ -43,6 +43,22 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+def maildir_path(data_dir: Path, address: str) -> Path:
+    local, domain = address.lower().rsplit("@", 1)
+    return Path(data_dir) / "mail" / domain / local
+
+
+def inbox_messages(data_dir: Path, address: str) -> list[bytes]:
+    """Bytes of every message in the account's INBOX (new/ and cur/)."""
+    root = maildir_path(data_dir, address)
+    out = []
+    for sub in ("new", "cur"):
+        d = root / sub
+        if d.is_dir():
+            out += [p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")]
+    return out
+
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -163,18 +179,11 @@ class MailServer:
         return ctx
 
     def maildir(self, address: str) -> Path:
-        local, domain = address.lower().rsplit("@", 1)
-        return self.data_dir / "mail" / domain / local
+        return maildir_path(self.data_dir, address)
 
     def inbox_messages(self, address: str) -> list[bytes]:
         """Bytes of every message in the account's INBOX (new/ and cur/)."""
-        root = self.maildir(address)
-        out = []
-        for sub in ("new", "cur"):
-            d = root / sub
-            if d.is_dir():
-                out += [p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")]
-        return out
+        return inbox_messages(self.data_dir, address)
 
     def __enter__(self) -> "MailServer":
         return self

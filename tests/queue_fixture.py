@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import write_config
+from harness import inbox_messages, maildir_path, write_config
 
 from mailstack import config as config_mod
 from mailstack.authlimit import LoginThrottle
@@ -140,17 +140,10 @@ class QueueEnv:
 
     # --- looking at results -------------------------------------------------------------
     def maildir(self, address: str) -> Path:
-        local, domain = address.lower().rsplit("@", 1)
-        return self.data_dir / "mail" / domain / local
+        return maildir_path(self.data_dir, address)
 
     def inbox(self, address: str) -> list[bytes]:
-        root = self.maildir(address)
-        out = []
-        for sub in ("new", "cur"):
-            d = root / sub
-            if d.is_dir():
-                out += [p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")]
-        return out
+        return inbox_messages(self.data_dir, address)
 
     def queue_files(self, state: str | None = None) -> list[str]:
         qdir = self.data_dir / "queue"

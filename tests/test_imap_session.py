@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from harness import wait_for
 from imap_fixtures import HOST, InProcessIMAP
 
 ALICE, PW = "alice@example.test", "secret"
@@ -34,17 +35,6 @@ def srv(request, tmp_path):
     s = InProcessIMAP(tmp_path, store=request.param)
     yield s
     s.close()
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class Raw:

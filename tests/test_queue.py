@@ -508,9 +508,8 @@ def test_messages_accepted_while_the_manager_starts_or_unannounced_are_taken_up(
             path = env.cfg.queue_dir / "incoming" / stray
             path.write_bytes(header + message("stray"))
             os.utime(path, (time.time() - 120, time.time() - 120))
-            known = set(manager.entries)
-            found = await asyncio.to_thread(manager._stray_incoming, known)
-            assert [m.qid for m in found] == [stray]
+            # (the periodic scan may already be taking it up: under load that is a race to
+            # allow, so the check is on the outcome, not on who found it)
             manager.pickup()  # the scan runs now instead of within 5 s
             await until(lambda: env.inbox("bob@example.test") and env.queue_files() == [])
         finally:

@@ -101,3 +101,26 @@ def test_sigterm_exits_zero_quickly(tmp_path):
         t0 = time.monotonic()
         assert srv.stop() == 0
         assert time.monotonic() - t0 < 5
+
+
+def test_running_server_picks_up_cli_changes_without_restart(tmp_path):
+    with MailServer(tmp_path, listeners=("smtp",)) as srv:
+        srv.add_domain("example.test")
+        srv.start()
+
+        def rcpt(addr):
+            with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
+                s.ehlo("client.test")
+                s.mail("someone@remote.test")
+                return s.rcpt(addr)[0]
+
+        assert rcpt("carol@example.test") == 550
+        assert rcpt("x@new.test") == 554  # not a local domain: relay denied
+        srv.add_user("carol@example.test", "pw")
+        srv.add_domain("new.test")
+        srv.cli("alias", "add", "@new.test", "carol@example.test")
+        wait_for(lambda: rcpt("carol@example.test") == 250, what="new account accepted")
+        wait_for(lambda: rcpt("x@new.test") == 250, what="new domain's catch-all accepted")
+        srv.cli("user", "del", "carol@example.test")
+        wait_for(lambda: rcpt("carol@example.test") == 550, what="deleted account refused")
+        assert srv.stop() == 0

@@ -73,16 +73,7 @@ def internaldate(ts: float) -> bytes:
 
 def sequence_set(numbers) -> bytes:
     """Compact sorted numbers into "1:3,7,9:10" (for COPYUID and friends)."""
-    out: list[str] = []
-    nums = sorted(numbers)
-    i = 0
-    while i < len(nums):
-        j = i
-        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
-            j += 1
-        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
-        i = j + 1
-    return ",".join(out).encode("ascii")
+    return ordered_set(sorted(numbers))
 
 
 def ordered_set(numbers) -> bytes:
