@@ -64,6 +64,28 @@ def count_files(*dirs: Path) -> int:
     return n
 
 
+STANDARD_PORTS = (25, 110, 143, 465, 587, 993, 995)
+
+
+def standard_ports_listening() -> list[int]:
+    """Mail ports with a listening socket on this host (from /proc/net/tcp*): there should be
+    none, before or after a run."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A":  # TCP_LISTEN
+                        port = int(fields[1].rsplit(":", 1)[1], 16)
+                        if port in STANDARD_PORTS:
+                            found.add(port)
+        except OSError:
+            pass
+    return sorted(found)
+
+
 # --- installing the peers ------------------------------------------------------------
 PEER_PACKAGES = ("postfix", "dovecot-imapd", "dovecot-pop3d")
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")

@@ -240,6 +240,16 @@ def pop3_retr(pop_server, user: str, expected: int) -> dict:
         c.command("QUIT")
     finally:
         c.close()
+    c = POP3(pop_server.ports["pop3"])  # a second session: sizes and index known by now
+    try:
+        t0 = time.perf_counter()
+        c.command(f"USER {user}@{DOMAIN}")
+        c.command(f"PASS {PASSWORD}")
+        c.command("STAT")
+        t_again = time.perf_counter() - t0
+        c.command("QUIT")
+    finally:
+        c.close()
     end = proctree.sample(roots)
-    return {"login_stat_s": t_open, "retr_s": t_retr, "retr_mib": total / 2**20,
-            "cpu_s": end.cpu - cpu0}
+    return {"login_stat_s": t_open, "login_stat_again_s": t_again, "retr_s": t_retr,
+            "retr_mib": total / 2**20, "cpu_s": end.cpu - cpu0}

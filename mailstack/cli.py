@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = None
     except ConfigError as e:
         return _die(f"config error: {e}", 2)
+    if cfg is not None and args.func is not cmd_serve:  # serve drops privileges itself, later
+        from .privileges import act_as_server_user
+        act_as_server_user(cfg)
     try:
         return args.func(args, cfg) or 0
     except (DirectoryError, ConfigError) as e:

@@ -126,6 +126,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_errors": Key("int", 20, "Malformed or unknown commands tolerated in one session before "
                           "-ERR and disconnect.", min=1, max=10000),
     },
+    "proxy": {
+        "trusted": Key("cidrs", [], "Addresses of proxies (HAProxy, Traefik, Docker's proxy) whose connections "
+                       "must start with a PROXY protocol v1 or v2 header giving the real client address; "
+                       "empty = off (turning it on or off takes a restart)."),
+        "timeout": Key("float", 5.0, "Seconds a trusted proxy may take to send the PROXY header before the "
+                       "connection is closed.", min=0.1, max=300),
+    },
     "auth": {
         "fail_delay": Key("float", 1.0, "Delay after a failed login; it doubles with each further failure "
                           "from the same address or for the same account.", min=0, max=60),
@@ -205,6 +212,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "(key file <data_dir>/dkim/<domain>.<selector>.key).",
                         check=lambda v: None if v and v.isascii() and all(c.isalnum() or c in "-_" for c in v)
                         else "must be letters, digits, '-' or '_'"),
+    },
+    "metrics": {
+        "listen": Key("str", "", "Serve Prometheus metrics (GET /metrics) on this \"host:port\", e.g. "
+                      "\"127.0.0.1:9100\". Keep it on loopback or a private network: it is plain HTTP "
+                      "without authentication. Empty = off.",
+                      check=lambda v: _hostport_error(v) if v else None),
     },
 }
 
@@ -402,11 +415,13 @@ SECTION_DOCS = {
     "smtp": "SMTP in (25, 465, 587): limits and policy.",
     "imap": "IMAP (143, 993).",
     "pop3": "POP3 (110, 995).",
+    "proxy": "PROXY protocol from trusted proxies in front of every listener.",
     "auth": "Failed-login slow-down, shared by SMTP AUTH, IMAP and POP3.",
     "queue": "The queue: retries, lifetime, local delivery.",
     "delivery": "Delivery: addresses and outbound SMTP.",
     "dns": "The resolver used for outbound routing (MX, A/AAAA).",
     "dkim": "DKIM signing of outbound mail from local domains.",
+    "metrics": "Prometheus metrics over HTTP (off unless `listen` is set).",
 }
 
 
@@ -442,6 +457,14 @@ def _nexthop_error(value: str, domain: str | None = None) -> str | None:
         parse_nexthop(value)
     except ValueError as e:
         return f"{domain}: {e}" if domain else str(e)
+    return None
+
+
+def _hostport_error(value: str) -> str | None:
+    try:
+        parse_hostport("", value)
+    except ConfigError:
+        return f"{value!r} is not host:port (e.g. \"127.0.0.1:9100\")"
     return None
 
 

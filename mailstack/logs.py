@@ -22,7 +22,9 @@ class TextFormatter(logging.Formatter):
         if qid:
             parts.append(f"{qid}:")
         parts.append(record.getMessage())
-        line = " ".join(parts)
+        # One event per line: a CR or LF from the network (an IMAP literal user name, say)
+        # must not start a forged log line.
+        line = " ".join(parts).replace("\r", "\\r").replace("\n", "\\n")
         if record.exc_info:
             line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
         return line

@@ -79,6 +79,7 @@ class Server:
         self.cfg = cfg
         self.listeners: list[tuple[str, asyncio.AbstractServer]] = []
         self.control: asyncio.AbstractServer | None = None
+        self.metrics_http: asyncio.AbstractServer | None = None
         self.stopping = asyncio.Event()
         self.services: Services | None = None
         self._tasks: list[asyncio.Task] = []
@@ -110,10 +111,18 @@ class Server:
         from .store.maildir import MaildirStore
         services.store = MaildirStore(cfg.mail_dir, services.events, group_sync)
         await self._start_queue(services, group_sync)
-        await self._bind_listeners(services)
+        await self._bind_listeners(services)  # bound, not yet accepting
+        await self._start_metrics(services)
+        # Ports are bound and keys read: from here on nothing needs root.  Dropped before the
+        # control socket is made (so the user owns it), before the queue delivers anything
+        # and before the first connection is accepted.
+        from .privileges import drop_privileges
+        drop_privileges(cfg)
         self._start_control(services)
         if services.queue is not None:
             await services.queue.start()
+        for _, listener in self.listeners:
+            await listener.start_serving()
         self._tasks.append(asyncio.create_task(self._watch_directory()))
         log.info("mailstack ready as %s: %s", cfg.server.hostname,
                  ", ".join(f"{name} {_addr(s)}" for name, s in self.listeners) or "no listeners")
@@ -140,12 +149,24 @@ class Server:
             module = importlib.import_module(PROTOCOL_MODULES[name])
             for host, port in addrs:
                 try:
-                    server = await module.start_listener(services, name, host, port)
+                    server = await module.start_listener(services, name, host, port, start_serving=False)
                 except OSError as e:
                     for _, s in self.listeners:
                         s.close()
                     raise StartError(f"listen.{name}: cannot listen on {host}:{port}: {_bind_reason(e)}") from None
                 self.listeners.append((name, server))
+
+    async def _start_metrics(self, services: Services) -> None:
+        if not self.cfg.metrics.listen:
+            return
+        from .metrics import start_http
+        host, port = config_mod.parse_hostport("metrics.listen", self.cfg.metrics.listen)
+        try:
+            self.metrics_http = await start_http(services, host, port)
+        except OSError as e:
+            for _, s in self.listeners:
+                s.close()
+            raise StartError(f"metrics.listen: cannot listen on {host}:{port}: {_bind_reason(e)}") from None
 
     def _start_control(self, services: Services) -> None:
         try:
@@ -215,6 +236,9 @@ class Server:
             new = config_mod.load(path)
             if new.listen.as_dict() != self.cfg.listen.as_dict():
                 log.warning("reload: listener addresses changed; they take effect at the next restart")
+            if bool(new.proxy.trusted) != bool(self.cfg.proxy.trusted):
+                log.warning("reload: proxy.trusted turned %s; that takes effect at the next restart "
+                            "(a changed list applies now)", "on" if new.proxy.trusted else "off")
             if new.server.data_dir != self.cfg.server.data_dir:
                 raise ConfigError("server.data_dir: cannot change on reload; restart instead")
             directory = Directory(new.data_dir, new.delivery.plus_separator)
@@ -245,6 +269,8 @@ class Server:
             server.close()
         if self.control is not None:
             self.control.close()
+        if self.metrics_http is not None:
+            self.metrics_http.close()
         await self.services.sessions.drain(self.cfg.server.shutdown_grace)
         if self.services.queue is not None:
             await self.services.queue.stop()
@@ -269,9 +295,7 @@ def _addr(server: asyncio.AbstractServer) -> str:
 async def _main(cfg: Config) -> int:
     server = Server(cfg)
     loop = asyncio.get_running_loop()
-    await server.start()
-    from .privileges import drop_privileges
-    drop_privileges(cfg)
+    await server.start()  # drops privileges once ports are bound, before accepting
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -16,6 +16,7 @@ from .authlimit import LoginThrottle
 from .config import Config
 from .directory import Directory
 from .events import EventBus
+from .metrics import Metrics
 from .tls import TLSContexts
 
 log = logging.getLogger("mailstack.server")
@@ -35,16 +36,30 @@ class SessionRegistry:
     def __init__(self) -> None:
         self.sessions: set[Session] = set()
         self.per_listener: Counter[str] = Counter()
+        self.opened: Counter[str] = Counter()  # sessions ever opened, per listener (metrics)
         self.per_ip: Counter[tuple[str, str]] = Counter()  # (protocol, ip)
         self._empty = asyncio.Event()
         self._empty.set()
+        self.draining = False
 
     def add(self, session: Session, protocol: str) -> None:
         self.sessions.add(session)
         self.per_listener[session.listener] += 1
+        self.opened[session.listener] += 1
         self.per_ip[(protocol, session.peer_ip or "")] += 1
         session._registry_protocol = protocol  # type: ignore[attr-defined]
         self._empty.clear()
+        if self.draining:
+            # Accepted as the stop began (asyncio had taken it off the listen queue before the
+            # listener closed): it gets its goodbye too, once its protocol has set up.
+            asyncio.get_running_loop().call_soon(self._close_late, session)
+
+    def _close_late(self, session: Session) -> None:
+        if session in self.sessions:
+            try:
+                session.close_for_shutdown()
+            except Exception:
+                log.exception("closing session failed")
 
     def discard(self, session: Session) -> None:
         if session not in self.sessions:
@@ -69,6 +84,7 @@ class SessionRegistry:
         """Ask every session to end now (an idle one closes at once with its protocol's goodbye;
         one in the middle of a command finishes that command first), wait up to `grace`
         seconds for them, then cut the rest."""
+        self.draining = True
         for session in list(self.sessions):
             try:
                 session.close_for_shutdown()
@@ -104,3 +120,9 @@ class Services:
     spool: Any = None  # queue.spool.Spool
     queue: Any = None  # queue.manager.QueueManager
     extra: dict = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        # TLS handshakes are counted by the SSLObject class of each listener's context.
+        if self.tls is not None:
+            self.tls.object_class_for = self.metrics.sslobject_class

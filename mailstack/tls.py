@@ -67,6 +67,10 @@ class TLSContexts:
         # The object given to listeners; its SNI callback switches to the current context.
         self.server = self._build()
         self.server.sni_callback = self._pick
+        # One context object per listener (see for_listener); `object_class_for(listener)`, when
+        # set (by Services, for metrics), gives the SSLObject class its handshakes run in.
+        self.object_class_for = None
+        self._per_listener: dict[str, ssl.SSLContext] = {}
 
     def _build(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -76,6 +80,18 @@ class TLSContexts:
             ctx.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as e:
             raise TLSError(f"tls.cert: cannot load {self.cert} / {self.key}: {e}") from None
+        return ctx
+
+    def for_listener(self, name: str) -> ssl.SSLContext:
+        """Like `server` (SNI hands each handshake to the current context, so reload applies), but
+        a context object of the listener's own, so a handshake can be told apart by listener."""
+        ctx = self._per_listener.get(name)
+        if ctx is None:
+            ctx = self._build()
+            ctx.sni_callback = self._pick
+            if self.object_class_for is not None:
+                ctx.sslobject_class = self.object_class_for(name)
+            self._per_listener[name] = ctx
         return ctx
 
     def _pick(self, sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
@@ -96,7 +112,8 @@ class TLSContexts:
             raise
         self._current = fresh
         # The minimum version is checked before SNI, so it must be set on the listener context too.
-        self.server.minimum_version = _VERSIONS[self.min_version]
+        for ctx in (self.server, *self._per_listener.values()):
+            ctx.minimum_version = _VERSIONS[self.min_version]
 
 
 def load_for_config(cfg) -> TLSContexts:

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(swaks curl mutt isync offlineimap3 fetchmail getmail6)
+DEBS=(swaks curl mutt isync offlineimap3 fetchmail getmail6 haproxy)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .. import proxy
 from .session import IMAPSession
 
 log = logging.getLogger("mailstack.imap")
@@ -11,8 +12,10 @@ log = logging.getLogger("mailstack.imap")
 IMPLICIT_TLS = {"imaps"}
 
 
-async def start_listener(services, name: str, host: str, port: int) -> asyncio.Server:
+async def start_listener(services, name: str, host: str, port: int, *,
+                         start_serving: bool = True) -> asyncio.Server:
     tls = name in IMPLICIT_TLS
+    loop = asyncio.get_running_loop()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = IMAPSession(services, name, reader, writer, tls)
@@ -21,6 +24,7 @@ async def start_listener(services, name: str, host: str, port: int) -> asyncio.S
         if registry.count("imap") >= cfg.max_connections or \
                 registry.count("imap", session.peer_ip) >= cfg.max_connections_per_ip:
             try:
+                services.metrics.connections_refused[name] += 1
                 writer.write(b"* BYE [UNAVAILABLE] Too many connections\r\n")
                 await asyncio.wait_for(writer.drain(), 5)
                 writer.close()
@@ -37,7 +41,10 @@ async def start_listener(services, name: str, host: str, port: int) -> asyncio.S
             if not writer.is_closing():
                 writer.close()
 
-    return await asyncio.start_server(on_connect, host, port,
-                                      ssl=services.tls.server if tls else None,
-                                      ssl_handshake_timeout=30 if tls else None,
-                                      limit=65536, reuse_address=True, backlog=1024)
+    def factory() -> asyncio.StreamReaderProtocol:  # what asyncio.start_server builds
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=65536, loop=loop), on_connect, loop=loop)
+
+    return await proxy.create_server(services, name, factory, host, port,
+                                     ssl=services.tls.for_listener(name) if tls else None,
+                                     ssl_handshake_timeout=30 if tls else None,
+                                     reuse_address=True, backlog=1024, start_serving=start_serving)

@@ -19,6 +19,7 @@ import re
 import ssl
 import time
 
+from .. import proxy
 from ..events import MailboxEvent
 from ..smtp.budget import budget_for
 from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError
@@ -125,8 +126,7 @@ class IMAPSession:
         self.cfg = cfg.imap
         self.listener = listener
         self.reader, self.writer = reader, writer
-        peer = writer.get_extra_info("peername")
-        self.peer_ip: str | None = peer[0] if isinstance(peer, tuple) else None
+        self.peer_ip: str | None = proxy.client_ip(writer.transport)  # the real client, also behind a proxy
         self.tls = tls
         self.state = NOT_AUTH
         self.account: str | None = None
@@ -359,7 +359,7 @@ class IMAPSession:
         self.tagged(cmd, "OK", "Begin TLS negotiation now")
         await self.flush()
         try:
-            await self.writer.start_tls(self.services.tls.server)
+            await self.writer.start_tls(self.services.tls.for_listener(self.listener))
         except (ssl.SSLError, OSError, ConnectionError):
             raise _Bye() from None
         self.tls = True
@@ -370,6 +370,7 @@ class IMAPSession:
         account = await self.services.directory.authenticate(user, password) if user else None
         if account is None:
             throttle.failure(self.peer_ip, user or None)
+            self.services.metrics.auth_failures["imap"] += 1
             log.info("IMAP login failed for %s", user[:64], extra={"client": self.peer_ip})
             return self.tagged(cmd, "NO", "[AUTHENTICATIONFAILED] Authentication failed")
         throttle.success(self.peer_ip, account)
@@ -503,7 +504,7 @@ class IMAPSession:
             try:
                 await mbox.close()
             except Exception:  # noqa: BLE001
-                log.exception("closing mailbox failed")
+                log.exception("closing mailbox failed", extra={"client": self.peer_ip})
         if self.state == SELECTED:
             self.state = AUTH
 
@@ -983,7 +984,7 @@ class IMAPSession:
                 try:
                     await mbox.cache_put(fresh)
                 except (StoreError, OSError):
-                    log.warning("cache_put failed", exc_info=True)
+                    log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
         return entries
 
     async def cmd_fetch(self, cmd: Command) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import ssl
 from typing import Callable
 
+from .. import proxy
 from .parser import LineBuffer, LineTooLong
 
 # Unread pipelined input held before reading from the socket pauses.  Larger than any
@@ -72,8 +73,7 @@ class Connection(asyncio.Protocol):
     # --- for the session ---------------------------------------------------------------
     @property
     def peer_ip(self) -> str | None:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return peer[0] if peer else None
+        return proxy.client_ip(self.transport, self)  # the real client, also behind a proxy
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None

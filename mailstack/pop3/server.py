@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+from .. import proxy
 from .connection import Connection
 from .session import POP3Session
 
@@ -13,7 +14,8 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 _tasks: set[asyncio.Task] = set()
 
 
-async def start_listener(services, name: str, host: str, port: int) -> asyncio.Server:
+async def start_listener(services, name: str, host: str, port: int, *,
+                         start_serving: bool = True) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     implicit = name in IMPLICIT_TLS_LISTENERS
 
@@ -27,8 +29,8 @@ async def start_listener(services, name: str, host: str, port: int) -> asyncio.S
         # Config is read per connection so a reload applies to new sessions.
         return Connection(services.config.pop3.max_line_length, on_connect, implicit_tls=implicit)
 
-    return await loop.create_server(
-        factory, host, port, reuse_address=True,
-        ssl=services.tls.server if implicit else None,
+    return await proxy.create_server(
+        services, name, factory, host, port, reuse_address=True, start_serving=start_serving,
+        ssl=services.tls.for_listener(name) if implicit else None,
         ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None,
     )

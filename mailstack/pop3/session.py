@@ -131,6 +131,7 @@ class POP3Session:
         registry = self.services.sessions
         if (registry.count(PROTOCOL) >= self.cfg.max_connections
                 or registry.count(PROTOCOL, self.peer_ip or "") >= self.cfg.max_connections_per_ip):
+            self.services.metrics.connections_refused[self.listener] += 1
             self.conn.write(err("Too many connections, try again later", "SYS/TEMP"))
             self.conn.close()
             log.warning("connection refused: too many POP3 sessions", extra=self._log_extra)
@@ -252,7 +253,7 @@ class POP3Session:
             raise CommandError("STLS takes no arguments")
         self.conn.write(ok("Begin TLS negotiation"))
         try:
-            dropped = await self.conn.start_tls(self.services.tls.server)
+            dropped = await self.conn.start_tls(self.services.tls.for_listener(self.listener))
         except (OSError, ConnectionError, asyncio.TimeoutError) as e:
             log.info("STLS handshake failed: %s", e, extra=self._log_extra)
             self.conn.abort()
@@ -321,6 +322,7 @@ class POP3Session:
         if authzid and authzid.lower() != authcid.lower():
             # Logging in as someone else (proxy authorization) is not offered.
             self.services.throttle.failure(self.peer_ip, authcid)
+            self.services.metrics.auth_failures["pop3"] += 1
             self.conn.write(err("Authorization identity must match the user", "AUTH"))
             return True
         return await self._login(authcid, password)
@@ -333,6 +335,7 @@ class POP3Session:
         if account is None:
             throttle.failure(self.peer_ip, user)
             self.auth_failures += 1
+            services.metrics.auth_failures["pop3"] += 1
             log.info("login failed user=<%s>", user[:320], extra=self._log_extra)
             if self.auth_failures >= AUTH_FAILURES_BEFORE_DISCONNECT:
                 self.conn.write(err("Authentication failed; too many failures, closing connection", "AUTH"))

@@ -286,6 +286,7 @@ class QueueManager:
         if result.status != "sent":
             self.last_error = f"{entry.qid}: to=<{target.addr}>: {result.reply}"
         self.stats[result.status] = self.stats.get(result.status, 0) + 1
+        self.services.metrics.delivery(result.status, result.relay, now - entry.msg.arrival)
         orig = f", orig_to=<{target.orig}>" if target.orig.lower() != target.addr.lower() else ""
         level = logging.INFO if result.status != "bounced" else logging.WARNING
         log.log(level, "to=<%s>%s, relay=%s, delay=%s, status=%s (%s)", target.addr, orig, result.relay,
@@ -365,6 +366,7 @@ class QueueManager:
             days = qcfg.max_lifetime / 86400
             for t in pending:
                 t.status = "expired"
+                self.services.metrics.deliveries[("expired", "local" if t.kind == "local" else "remote")] += 1
                 log.warning("to=<%s>, relay=%s, delay=%s, status=expired (message expired after %.3g days in "
                             "queue; last error: %s)", t.addr, t.relay, _fmt_delay(now - msg.arrival), days,
                             t.reply, extra={"qid": entry.qid})
@@ -537,6 +539,7 @@ class QueueManager:
             self._maildrop_event.clear()
             try:
                 msgs = await asyncio.to_thread(self._pickup_files)
+                self.services.metrics.received["sendmail"] += len(msgs)
                 known = set(self.entries) | {e.qid for e in self._incoming}
                 msgs += await asyncio.to_thread(self._stray_incoming, known)
             except OSError as e:

@@ -185,6 +185,7 @@ class _Attempt:
     last_relay: str = "none"
     permanent: bool = False  # the last error was a permanent one (DNS)
     connected: bool = False  # the last error came from a server we talked to
+    qid: str | None = None  # for the log lines
 
     def host_failed(self, e: HostError, relay: str) -> None:
         if self.connected and not e.connected:
@@ -318,7 +319,7 @@ class RemoteDelivery:
         cfg = self.cfg
         d = cfg.delivery
         settings = ClientSettings.from_config(cfg, route.auth, route.implicit_tls)
-        state = _Attempt(pending=list(rcpts))
+        state = _Attempt(pending=list(rcpts), qid=message.qid)
 
         # A cached connection first: no DNS, no TCP/TLS handshake, no EHLO.
         while state.pending:
@@ -364,7 +365,8 @@ class RemoteDelivery:
             if not e.retry_plaintext:
                 state.host_failed(e, f"{host}[{ip}]:{port}")
                 return None
-            log.info("TLS with %s[%s]:%d failed, retrying without TLS (policy may): %s", host, ip, port, e.reply)
+            log.info("TLS with %s[%s]:%d failed, retrying without TLS (policy may): %s", host, ip, port, e.reply,
+                     extra={"qid": state.qid})
         try:  # opportunistic TLS that failed: plaintext is still better than no delivery
             self.connections_opened += 1
             return await connect(host, ip, port, settings, use_tls=False)

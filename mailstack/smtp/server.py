@@ -29,6 +29,8 @@ import time
 
 from aiosmtpd.smtp import SMTP
 
+from .. import proxy
+from .. import metrics
 from . import cleanup, policy
 from .address import simple_path
 from .budget import budget_for
@@ -88,14 +90,14 @@ class SMTPSession(SMTP):
     # --- connection -------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer_ip = peer[0] if isinstance(peer, tuple) else None
+        self.peer_ip = proxy.client_ip(transport, self)  # the real client, also behind a proxy
         limits = self.cfg.smtp
         registry = self.services.sessions
         if (registry.count("smtp") >= limits.max_connections
                 or registry.count("smtp", self.peer_ip) >= limits.max_connections_per_ip):
             # Refused before the banner: the 421 is the greeting (RFC 5321 3.1).
             self._refused = True
+            self.services.metrics.connections_refused[self.listener] += 1
             log.warning("refused connection on %s: too many connections", self.listener,
                         extra={"client": self.client})
             transport.write(f"421 4.7.0 {self.hostname} Error: too many connections\r\n".encode())
@@ -131,7 +133,9 @@ class SMTPSession(SMTP):
         return asyncio.StreamReaderProtocol.eof_received(self)
 
     def close_for_shutdown(self) -> None:
-        if self.busy:
+        # A message being received or queued gets its reply first (within shutdown_grace):
+        # cutting DATA short would make the client send the whole message again.
+        if self.busy or self._in_data:
             self._close_after_reply = "421 4.3.2 Service shutting down"
             return
         self._abort("421 4.3.2 Service shutting down")
@@ -171,6 +175,7 @@ class SMTPSession(SMTP):
             self.errors += 1
             if self.errors >= self.cfg.smtp.max_errors and not self.closing:
                 log.warning("too many errors", extra={"client": self.client})
+                self.services.metrics.smtp_rejected["too_many_errors"] += 1
                 self.out.append(f"421 4.7.0 {self.hostname} Error: too many errors\r\n".encode())
                 self.closing = True
 
@@ -240,6 +245,7 @@ class SMTPSession(SMTP):
         if kind == "too_long":
             return self.reply("500 5.5.2 Error: line too long")
         if kind == "bare":
+            self.services.metrics.smtp_rejected["bare_lf"] += 1
             return self.reply("500 5.5.2 Error: bare LF/CR not allowed")
         verb, _, arg = line.partition(b" ")
         try:
@@ -316,6 +322,7 @@ class SMTPSession(SMTP):
             return self.reply("503 5.5.1 Error: send HELO/EHLO first")
         refusal = policy.check_mail_allowed(self._policy_client())
         if refusal:
+            self.services.metrics.smtp_reject(refusal)
             return self.reply(refusal)
         if self.mail_from is not None:
             return self.reply("503 5.5.1 Error: nested MAIL command")
@@ -346,6 +353,7 @@ class SMTPSession(SMTP):
                    or policy.check_sender(address, self._policy_client(), self.services.directory.owns_address))
         if refusal:
             log.info("reject: MAIL from=<%s>: %s", address, refusal, extra={"client": self.client})
+            self.services.metrics.smtp_reject(refusal)
             return self.reply(refusal)
         self.mail_from, self.smtputf8, self.body = address, smtputf8, body
         self.reply("250 2.1.0 Ok")
@@ -369,6 +377,7 @@ class SMTPSession(SMTP):
         if refusal:
             log.info("reject: RCPT from=<%s> to=<%s>: %s", self.mail_from, address, refusal,
                      extra={"client": self.client})
+            self.services.metrics.smtp_reject(refusal)
             return self.reply(refusal)
         self.rcpts.append(address)
         self.reply("250 2.1.5 Ok")
@@ -457,6 +466,7 @@ class SMTPSession(SMTP):
         }[reader.error]
         log.info("reject: DATA from=<%s>, size=%d, nrcpt=%d: %s", self.mail_from, reader.received,
                  len(self.rcpts), reply, extra={"client": self.client})
+        self.services.metrics.smtp_rejected[metrics.DATA_REJECT_REASONS[reader.error]] += 1
         self.reply(reply)
 
     async def _enqueue(self, reader: DataReader) -> None:
@@ -494,6 +504,7 @@ class SMTPSession(SMTP):
         reader.chunks = []
         log.info("from=<%s>, size=%d, nrcpt=%d (queued)", self.mail_from, size, len(self.rcpts),
                  extra={"qid": qid, "client": self.client})
+        self.services.metrics.received[self.listener] += 1
         self.reply(f"250 2.0.0 Ok: queued as {qid}")
 
     # --- STARTTLS -----------------------------------------------------------------------
@@ -512,7 +523,7 @@ class SMTPSession(SMTP):
         self.lines.clear()
         self._reader._buffer.clear()
         try:
-            transport = await self.loop.start_tls(self.transport, self, self.services.tls.server,
+            transport = await self.loop.start_tls(self.transport, self, self.services.tls.for_listener(self.listener),
                                                   server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except Exception as e:  # any handshake failure: ssl.SSLError, timeout, reset
             log.info("TLS handshake failed: %s", e, extra={"client": self.client})
@@ -601,6 +612,7 @@ class SMTPSession(SMTP):
         account = await self.services.directory.authenticate(user, password)
         if account is None:
             throttle.failure(self.peer_ip, user)
+            self.services.metrics.auth_failures["smtp"] += 1
             log.warning("AUTH %s failed for %r", mechanism, user[:100], extra={"client": self.client})
             return self.reply("535 5.7.8 Error: authentication failed")
         throttle.success(self.peer_ip, account)
@@ -650,14 +662,14 @@ async def _reverse_name(ip: str | None) -> str | None:
         return None
 
 
-async def start_listener(services, name: str, host: str, port: int) -> asyncio.Server:
+async def start_listener(services, name: str, host: str, port: int, *,
+                         start_serving: bool = True) -> asyncio.Server:
     """Serve SMTP for listener `name` ("smtp", "submission" or "submissions") on host:port."""
     if name not in ("smtp", "submission", "submissions"):
         raise ValueError(f"not an SMTP listener: {name}")
-    loop = asyncio.get_running_loop()
     implicit = name in policy.IMPLICIT_TLS_LISTENERS
-    return await loop.create_server(
-        lambda: SMTPSession(services, name), host, port,
-        ssl=services.tls.server if implicit else None,
+    return await proxy.create_server(
+        services, name, lambda: SMTPSession(services, name), host, port,
+        ssl=services.tls.for_listener(name) if implicit else None,
         ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None,
-        reuse_address=True, backlog=1024)
+        reuse_address=True, backlog=1024, start_serving=start_serving)
