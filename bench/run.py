@@ -196,13 +196,14 @@ def main(argv=None) -> int:
             if pf:
                 corpus.link_into(files[:args.pop3_messages], workdir / "corpus", pf.maildir("pop"),
                                  (MAIL_UID, MAIL_GID))
-        ms.start()
+        # Listed before start(): a start that fails half-way still gets stopped below.
         started.append(ms)
+        ms.start()
         if pf:
-            pf.start(USERS)
             started.append(pf)
-            dv.start(USERS)
+            pf.start(USERS)
             started.append(dv)
+            dv.start(USERS)
         print(f"servers up in {workdir}", flush=True)
 
         def both(name, fn_ms, fn_peer, rounds=1):

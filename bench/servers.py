@@ -186,9 +186,6 @@ class Mailstack:
     def maildir(self, user: str) -> Path:
         return self.data_dir / "mail" / DOMAIN / user
 
-    def prepare_maildir(self, user: str) -> Path:
-        return self.maildir(user)  # created by `mailstack user add`
-
     def roots(self, service: str) -> list[int]:
         return [self.proc.pid]
 

@@ -6,7 +6,6 @@ CPU and memory are sampled from /proc over the server's whole process tree
 """
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import sys

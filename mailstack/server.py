@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import config as config_mod
@@ -292,9 +293,16 @@ def _addr(server: asyncio.AbstractServer) -> str:
     return ",".join(out)
 
 
+# Disk work (spool writes, fsyncs, Maildir delivery) runs in worker threads. asyncio's default
+# pool has cpu+4 threads; fsync waits on the disk, not the CPU, and 20 sessions finishing at
+# once should each have a thread so that the filesystem can group their journal commits.
+IO_THREADS = 64
+
+
 async def _main(cfg: Config) -> int:
     server = Server(cfg)
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mailstack-io"))
     await server.start()  # drops privileges once ports are bound, before accepting
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

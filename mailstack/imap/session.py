@@ -669,6 +669,8 @@ class IMAPSession:
             self.wake = None
             if read_task is not None and not read_task.done():
                 read_task.cancel()
+            elif read_task is not None and not read_task.cancelled():
+                read_task.exception()  # a reset seen while flushing: retrieved, not logged as a crash
         ev = self.framer.events.pop(0)
         if isinstance(ev, Frame) and len(ev.parts) == 1 and ev.parts[0].strip().upper() == b"DONE":
             await self.done(cmd, "IDLE terminated")
