@@ -7,7 +7,6 @@ import logging
 import re
 import smtplib
 import socket
-import ssl
 
 import pytest
 

@@ -235,6 +235,9 @@ def test_reload_and_stop_under_load_lose_nothing(tmp_path, loop):
         assert len(load.accepted) >= accepted_at_stop
 
         # Start again on the same data directory: whatever was queued is delivered.
+        left = queue_files(srv)
+        print(f"{len(load.accepted)} accepted, {left} still queued at the stop")
+        assert left > 0  # the restart below really has work left from the stop
         srv.start()
         accepted = load.accepted
         wait_for(lambda: queue_files(srv) == 0 and set(accepted) <= set(maildir_message_ids(srv)), 60,
