@@ -356,6 +356,10 @@ class IMAPSession:
             # Commands pipelined after STARTTLS would be injected into the TLS session.
             self.tagged(cmd, "BAD", "Pipelined data after STARTTLS")
             raise _Bye()
+        # Stop reading before the OK goes out: the client's ClientHello answers the OK, and if
+        # the loop read it into the plaintext buffer while the OK is flushed (flush awaits),
+        # the TLS layer would never see it and the handshake would hang. start_tls resumes.
+        self.writer.transport.pause_reading()
         self.tagged(cmd, "OK", "Begin TLS negotiation now")
         await self.flush()
         try:

@@ -515,6 +515,10 @@ class SMTPSession(SMTP):
             return self.reply("502 5.5.1 Error: command not implemented")
         if arg:
             return self.reply("501 5.5.4 Syntax: STARTTLS")
+        # Stop reading before the 220 goes out, so the ClientHello that answers it cannot be
+        # read into the plaintext buffer (and dropped below) if flush() yields; start_tls
+        # resumes reading on the TLS transport.
+        self.transport.pause_reading()
         self.reply("220 2.0.0 Ready to start TLS")
         await self.flush()
         # RFC 3207 section 5 / CVE-2011-0411: whatever the client pipelined after STARTTLS
