@@ -828,3 +828,13 @@ def test_deleted_special_folder_stays_deleted(tmp_path):
     run(store.ensure_account(ACCT))  # e.g. the next login
     names_now = [m.name for m in run(store.list_mailboxes(ACCT))]
     assert "Junk" not in names_now and "Sent" in names_now
+
+
+def test_uids_follow_arrival_order_within_one_second():
+    from mailstack.store import filename as fn
+    # textual order would put M100000 first; arrival order puts M99999 first
+    a = "1795475826.M99999P10Q1.host,S=10"
+    b = "1795475826.M100000P10Q2.host,S=10"
+    c = "1795475827.M5P10Q3.host,S=10"
+    assert sorted([c, b, a], key=fn.arrival_key) == [a, b, c]
+    assert sorted([b, a]) == [b, a]  # (the trap)

@@ -83,6 +83,18 @@ def own_time(base: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_ORDER = re.compile(r"^(\d+)\.M(\d+)P\d+Q(\d+)")
+
+
+def arrival_key(base: str, fallback_time: float | None = None) -> tuple:
+    """Sort key giving arrival order, so UIDs follow delivery order: numeric, not textual
+    ("M99999" sorts after "M100000" as text, within the same second)."""
+    m = _ORDER.match(base)
+    if m:
+        return (int(m.group(1)), int(m.group(2)), int(m.group(3)), base)
+    return (fallback_time or 0, 0, 0, base)
+
+
 def delivery_id_of(base: str) -> str | None:
     """The escaped delivery id carried by a base, if any."""
     m = _OWN.match(base)

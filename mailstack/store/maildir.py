@@ -396,7 +396,7 @@ class _State:
                     items.append((base, size_x, date_x))
                 else:
                     items.append((base, None, None))
-            items.sort(key=lambda it: (fn.own_time(it[0]) or it[2] or 0, it[0]))
+            items.sort(key=lambda it: fn.arrival_key(it[0], it[2]))
             with _flock(self.path):
                 ul, ul_sig = self._assign_locked(ul, items)
             sig = (sig[0], sig[1], ul_sig)
