@@ -5,9 +5,12 @@ id and the client address on every line that has them, as Postfix does.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import queue
 import sys
+import threading
 import time
 
 
@@ -47,12 +50,61 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(event, ensure_ascii=False)
 
 
-def setup(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class BackgroundWriter(logging.Handler):
+    """Formats on the caller's thread, writes on its own: a write to stderr can block (a slow
+    pipe, a full terminal buffer) and the event loop must not wait for it.  Lines waiting
+    together are written with one write()."""
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream = stream
+        self.lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="mailstack-log", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.put(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def _run(self) -> None:
+        while True:
+            line = self.lines.get()
+            batch = []
+            while line is not None:
+                batch.append(line)
+                if len(batch) >= 512:
+                    break
+                try:
+                    line = self.lines.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self.stream.write("\n".join(batch) + "\n")
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr gone: nothing else to tell
+            if line is None:
+                return
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.lines.put(None)
+            self.thread.join(5)
+        super().close()
+
+
+def setup(level: str = "info", fmt: str = "text", background: bool = False) -> None:
+    """Log to stderr. background=True (the server) writes from a thread of its own."""
+    handler = BackgroundWriter(sys.stderr) if background else logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+        h.close()
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
     # aiosmtpd logs every command at INFO; keep its chatter at warning unless debugging.

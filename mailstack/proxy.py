@@ -29,6 +29,7 @@ import ssl
 import struct
 from dataclasses import dataclass
 from typing import Callable
+from .netutil import address_in
 
 log = logging.getLogger("mailstack.proxy")
 
@@ -154,16 +155,7 @@ def client_ip(transport, protocol=None) -> str | None:
     return peer[0] if isinstance(peer, tuple) and peer else None
 
 
-def is_trusted(ip: str | None, networks) -> bool:
-    if not ip or not networks:
-        return False
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)
+is_trusted = address_in  # a client in one of the configured networks
 
 
 # --- reading the header before a session starts ------------------------------------------

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from . import config as config_mod
 from .authlimit import LoginThrottle
@@ -57,7 +56,7 @@ def choose_loop(kind: str) -> None:
 
 
 def prepare_data_dir(cfg: Config) -> None:
-    old_umask = os.umask(0o077)  # nothing we create is world- or group-readable
+    os.umask(0o077)  # for the life of the process: nothing we create is group- or world-readable
     try:
         for d in (cfg.data_dir, cfg.queue_dir, cfg.mail_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -318,7 +317,7 @@ async def _main(cfg: Config) -> int:
 def serve(cfg: Config) -> int:
     """Run the server until SIGTERM/SIGINT. Returns the exit code."""
     from . import logs
-    logs.setup(cfg.server.log_level, cfg.server.log_format)
+    logs.setup(cfg.server.log_level, cfg.server.log_format, background=True)
     try:
         choose_loop(cfg.server.event_loop)
         return asyncio.run(_main(cfg))

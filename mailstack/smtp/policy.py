@@ -6,9 +6,9 @@ The session gathers the facts; nothing here does I/O.
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
-from typing import Iterable
+
+from ..netutil import address_in
 
 # Listener roles.  Port 25 receives for local addresses; the submission ports want AUTH.
 STARTTLS_LISTENERS = frozenset({"smtp", "submission"})
@@ -27,16 +27,7 @@ class Client:
     trusted: bool  # in smtp.trusted_networks
 
 
-def is_trusted(ip: str | None, networks: Iterable) -> bool:
-    if not ip:
-        return False
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)
+is_trusted = address_in  # a client in one of the configured networks
 
 
 def auth_offered(listener: str, tls: bool) -> bool:
