@@ -241,3 +241,13 @@ def test_a_real_client_parser_reads_our_structures():
     env = parsed[b"ENVELOPE"]
     assert [a.mailbox for a in env.to] == [b"alice", b"bob"]
     assert env.message_id == b"<nested@example.org>"
+
+
+@pytest.mark.parametrize("message", [NESTED, SIMPLE, b"Subject: no body", b"\r\nonly a body\r\n",
+                                     b"From: =?utf-8?q?J=C3=B6rg?= <j@x.test>\nDate: Tue, 1 Apr 2025 10:00:00 +0200\n\nlf\n"])
+def test_header_entry_agrees_with_the_full_entry(message):
+    """A first listing parses headers only; what it caches must be what a full parse gives."""
+    full = fetch.cache_entry(message)
+    head = fetch.header_entry(message)
+    assert head == {k: full[k] for k in ("v", "env", "sent", "hsize")}
+    assert "bs" not in head

@@ -710,3 +710,19 @@ def test_append_literals_share_the_in_memory_budget(srv):
     r.send(big + b"\r\n")
     assert r.until(b"a")[1].startswith(b"a OK [APPENDUID")
     assert budget.used == 0
+
+
+def test_listing_caches_headers_then_structure_is_completed(srv):
+    """A first listing (ENVELOPE only) parses headers only; a later BODYSTRUCTURE completes the
+    cache entry, and both give what a full parse gives."""
+    from test_imap_fetch import NESTED
+    srv.deliver(ALICE, NESTED)
+    r = Raw(srv)
+    r.ok("SELECT INBOX")
+    env_first = r.ok("FETCH 1 (ENVELOPE)")
+    both = r.ok("FETCH 1 (ENVELOPE BODYSTRUCTURE)")
+    assert b'"MIXED" ("BOUNDARY" "outer-boundary")' in both[0]
+    assert env_first[0].split(b"ENVELOPE ", 1)[1][:-1] in both[0]
+    r2 = Raw(srv)  # from the completed cache
+    r2.ok("SELECT INBOX")
+    assert r2.ok("FETCH 1 (ENVELOPE BODYSTRUCTURE)") == both

@@ -470,15 +470,7 @@ def header_only(section) -> bool:
 def cache_entry(data: bytes) -> dict:
     """Everything FETCH and SEARCH need that is costly to recompute (JSON-able)."""
     root = parse(data)
-    date = root.header(b"date")
-    sent = None
-    if date:
-        try:
-            dt = email.utils.parsedate_to_datetime(unfold(date).decode("ascii", "replace"))
-            # SENT* keys compare dates in the sender's zone (RFC 3501: "disregarding time and timezone")
-            sent = dt.year * 10000 + dt.month * 100 + dt.day
-        except (TypeError, ValueError, IndexError, OverflowError):
-            sent = None
+    sent = _sent_date(root)
     return {
         "v": CACHE_VERSION,
         # latin-1 maps bytes to str one to one, so 8-bit header bytes survive JSON intact
@@ -488,6 +480,28 @@ def cache_entry(data: bytes) -> dict:
         "sent": sent,
         "hsize": root.body_start,
     }
+
+
+def header_entry(header: bytes) -> dict:
+    """The part of a cache entry that the header alone gives (ENVELOPE, the Date: for SENT*
+    searches): what a client's first listing asks for, at a fraction of a full parse.
+    `header` must hold the whole header block; BODYSTRUCTURE is added when first asked for."""
+    hend, bstart = split_header(header)
+    root = Part(0, bstart, bstart, parse_headers(header[:hend]))
+    return {"v": CACHE_VERSION, "env": envelope(root).decode("latin-1"),
+            "sent": _sent_date(root), "hsize": bstart}
+
+
+def _sent_date(root: "Part") -> int | None:
+    date = root.header(b"date")
+    if not date:
+        return None
+    try:
+        dt = email.utils.parsedate_to_datetime(unfold(date).decode("ascii", "replace"))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    # SENT* keys compare dates in the sender's zone (RFC 3501: "disregarding time and timezone")
+    return dt.year * 10000 + dt.month * 100 + dt.day
 
 
 def cached(entry: dict | None, key: str) -> bytes | None:

@@ -942,10 +942,14 @@ class IMAPSession:
                     del got[uid]
         return got  # type: ignore[return-value]
 
-    async def _compute_entries(self, infos) -> dict[int, dict]:
-        """Read and parse messages in one worker-thread call (the cold-cache path)."""
+    async def _compute_entries(self, infos, structure: bool) -> dict[int, dict]:
+        """Read and parse messages in one worker-thread call (the cold-cache path). Without
+        `structure` only the header is read and parsed (enough for ENVELOPE and SENT*)."""
         mbox = self.mbox
         paths = {m.uid: mbox.path(m.uid) for m in infos}
+
+        def entry(data: bytes) -> dict:
+            return fetch.cache_entry(data) if structure else fetch.header_entry(data)
 
         def work() -> tuple[dict[int, dict], list[int]]:
             out: dict[int, dict] = {}
@@ -955,11 +959,16 @@ class IMAPSession:
                     if path is None:
                         raise FileNotFoundError
                     with open(path, "rb") as f:
-                        data = f.read()
+                        if structure:
+                            data = f.read()
+                        else:
+                            data = f.read(HEADER_PEEK)
+                            if len(data) == HEADER_PEEK and fetch._BLANK.search(data) is None:
+                                data += f.read()
                 except OSError:
                     retry.append(uid)
                     continue
-                out[uid] = fetch.cache_entry(data)
+                out[uid] = entry(data)
             return out, retry
 
         out, retry = await asyncio.to_thread(work)
@@ -968,23 +977,28 @@ class IMAPSession:
                 data = await mbox.read(uid)
             except (StoreError, OSError, KeyError):
                 continue
-            out[uid] = await asyncio.to_thread(fetch.cache_entry, data)
+            out[uid] = await asyncio.to_thread(entry, data)
         return out
 
-    async def _cache_entries(self, picked) -> dict[int, dict]:
+    async def _cache_entries(self, picked, structure: bool = False) -> dict[int, dict]:
         """Metadata cache entries for these messages; missing ones are computed (one thread
-        call for the batch) and written back with one cache_put."""
+        call for the batch) and written back with one cache_put. An entry made from the header
+        alone lacks the body structure: it is completed when `structure` is asked for."""
         mbox = self.mbox
         entries: dict[int, dict] = {}
         missing = []
+        old: dict[int, dict] = {}
         for _, m in picked:
             e = await mbox.cache_get(m.uid)
-            if e and e.get("v") == fetch.CACHE_VERSION:
+            if e and e.get("v") == fetch.CACHE_VERSION and (not structure or "bs" in e):
                 entries[m.uid] = e
             else:
                 missing.append(m)
+                if e:
+                    old[m.uid] = e  # keep what other modules (POP3 sizes) put there
         if missing:
-            fresh = await self._compute_entries(missing)
+            fresh = await self._compute_entries(missing, structure)
+            fresh = {uid: {**old.get(uid, {}), **e} for uid, e in fresh.items()}
             entries.update(fresh)
             if fresh:
                 try:
@@ -1001,6 +1015,7 @@ class IMAPSession:
         if cmd.uid and not any(a.name == "UID" for a in atts):
             atts.insert(0, FetchAtt("UID"))
         need_cache = any(a.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY") for a in atts)
+        need_structure = any(a.name in ("BODYSTRUCTURE", "BODY") for a in atts)
         need_data = None  # None, "header", "full"
         for a in atts:
             if a.name in ("RFC822", "RFC822.TEXT") or (a.name == "BODY[]" and not fetch.header_only(a.section)):
@@ -1022,7 +1037,7 @@ class IMAPSession:
         missing = False
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
-            entries = await self._cache_entries(batch) if need_cache else {}
+            entries = await self._cache_entries(batch, need_structure) if need_cache else {}
             if need_data:
                 datas = await self._read_many([m for _, m in batch], header_only=need_data == "header")
                 rendered = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas)
