@@ -18,31 +18,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from harness import free_port, wait_for  # noqa: E402  (the test harness's helpers)
 
 DOMAIN = "bench.test"
 PASSWORD = "bench-password"
 HOSTNAME = "mail.bench.test"
 MAIL_UID = MAIL_GID = 65534  # nobody/nogroup: owner of the peers' Maildirs
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def accepting(port: int) -> bool:
@@ -176,7 +161,7 @@ class Mailstack:
         self.log = open(self.dir / "server.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "mailstack", "serve", "--config", str(self.config)],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
-        wait_for(lambda: self._up(), 30, "mailstack listeners")
+        wait_for(lambda: self._up(), 30, what="mailstack listeners")
 
     def _up(self) -> bool:
         if self.proc.poll() is not None:
@@ -300,7 +285,7 @@ smtpd_banner = $myhostname ESMTP
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed: {r.stdout}{r.stderr}")
-        wait_for(lambda: accepting(self.ports["smtp"]), 30, "postfix smtpd")
+        wait_for(lambda: accepting(self.ports["smtp"]), 30, what="postfix smtpd")
 
     def master_pid(self) -> int:
         return int((self.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
@@ -324,7 +309,7 @@ smtpd_banner = $myhostname ESMTP
         except (OSError, ValueError):
             return
         self._postfix("stop")
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20, "postfix master to exit", 0.05)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20, what="postfix master to exit", interval=0.05)
 
 
 # --- dovecot --------------------------------------------------------------------------
@@ -424,7 +409,7 @@ service auth {{
             out.seek(0)
             if rc != 0:
                 raise RuntimeError(f"dovecot failed to start: {out.read()}")
-        wait_for(lambda: all(accepting(p) for p in self.ports.values()), 30, "dovecot listeners")
+        wait_for(lambda: all(accepting(p) for p in self.ports.values()), 30, what="dovecot listeners")
 
     def master_pid(self) -> int:
         return int((self.base_dir / "master.pid").read_text().split()[0])
@@ -441,4 +426,4 @@ service auth {{
         except (OSError, ValueError):
             return
         os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, "dovecot master to exit", 0.05)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, what="dovecot master to exit", interval=0.05)

@@ -52,7 +52,7 @@ def smtp_accept(server, smtp_server, user: str, messages: int, size: int, sessio
     if r.returncode != 0:
         raise RuntimeError(f"smtp-source failed ({r.returncode}): {r.stdout[-500:]}{r.stderr[-500:]}")
     wait_for(lambda: _inbox_count(maildir) >= before_files + messages, 600,
-             f"{messages} messages in {maildir}", interval=0.01)
+             what=f"{messages} messages in {maildir}", interval=0.01)
     t_maildir = time.perf_counter() - t0
     end = proctree.sample(roots)
     main_busy = (proctree.thread_cpu(roots[0], roots[0]) - main0) / t_maildir
@@ -213,7 +213,7 @@ def idle_sessions(imap_server, user: str, counts: list[int]) -> dict:
             holder.stdin.close()
             holder.wait(120)
         # Sessions end on the server side only after it notices the closed sockets.
-        wait_for(lambda: proctree.sample(roots).nprocs <= base.nprocs + 2, 120, "sessions to end", 0.2)
+        wait_for(lambda: proctree.sample(roots).nprocs <= base.nprocs + 2, 120, what="sessions to end", interval=0.2)
         time.sleep(1.0)
     return out
 

@@ -16,7 +16,7 @@ import sys
 from . import __version__
 from . import config as config_mod
 from .config import ConfigError
-from .directory import Directory, DirectoryError
+from .directory import Directory, DirectoryError, normalize_address
 
 # Modules that add their own subcommands: add_commands(subparsers); handlers run(args, cfg) -> int.
 PLUGIN_COMMANDS = ("mailstack.queue.admin", "mailstack.outbound_cli", "mailstack.status")
@@ -89,14 +89,14 @@ def _read_password(args) -> str:
     return first
 
 
-def _edit(cfg, action) -> int:
+def _edit(cfg, change, message: str) -> int:
+    """Apply `change` to the directory, save it atomically, tell a running server, say `message`."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     directory = _directory(cfg)
-    message = action(directory)
+    change(directory)
     directory.save()
     _notify_server(cfg)
-    if message:
-        print(message)
+    print(message)
     return 0
 
 
@@ -106,8 +106,8 @@ def cmd_domain(args, cfg) -> int:
             print(d)
         return 0
     if args.action == "add":
-        return _edit(cfg, lambda d: (d.add_domain(args.domain), f"domain {args.domain} added")[1])
-    return _edit(cfg, lambda d: (d.del_domain(args.domain), f"domain {args.domain} removed")[1])
+        return _edit(cfg, lambda d: d.add_domain(args.domain), f"domain {args.domain} added")
+    return _edit(cfg, lambda d: d.del_domain(args.domain), f"domain {args.domain} removed")
 
 
 def cmd_user(args, cfg) -> int:
@@ -116,16 +116,15 @@ def cmd_user(args, cfg) -> int:
             print(a)
         return 0
     if args.action == "del":
-        return _edit(cfg, lambda d: (d.del_user(args.address), f"account {args.address} removed "
-                                     "(its mail is kept on disk)")[1])
+        return _edit(cfg, lambda d: d.del_user(args.address),
+                     f"account {args.address} removed (its mail is kept on disk)")
     password = _read_password(args)
     if args.action == "add":
-        def add(d: Directory) -> str:
-            account = d.add_user(args.address, password)
-            _create_mailboxes(cfg, account)
-            return f"account {account} added"
-        return _edit(cfg, add)
-    return _edit(cfg, lambda d: (d.set_password(args.address, password), f"password of {args.address} changed")[1])
+        account = normalize_address(args.address)
+        result = _edit(cfg, lambda d: d.add_user(account, password), f"account {account} added")
+        _create_mailboxes(cfg, account)
+        return result
+    return _edit(cfg, lambda d: d.set_password(args.address, password), f"password of {args.address} changed")
 
 
 def _create_mailboxes(cfg, account: str) -> None:
@@ -142,8 +141,8 @@ def cmd_alias(args, cfg) -> int:
             print(f"{src}: {', '.join(targets)}")
         return 0
     if args.action == "add":
-        return _edit(cfg, lambda d: (d.add_alias(args.source, args.targets), f"alias {args.source} added")[1])
-    return _edit(cfg, lambda d: (d.del_alias(args.source, args.targets), f"alias {args.source} changed")[1])
+        return _edit(cfg, lambda d: d.add_alias(args.source, args.targets), f"alias {args.source} added")
+    return _edit(cfg, lambda d: d.del_alias(args.source, args.targets), f"alias {args.source} changed")
 
 
 def build_parser() -> argparse.ArgumentParser:

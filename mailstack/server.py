@@ -130,7 +130,7 @@ class Server:
     async def _start_queue(self, services: Services, group_sync: GroupSync) -> None:
         from .queue.spool import Spool
         from .queue.manager import QueueManager
-        from .queue.local import LocalDelivery
+        from .queue.local import LocalTransport
 
         services.spool = Spool(self.cfg.queue_dir, group_sync)
         remote = None
@@ -140,7 +140,7 @@ class Server:
                 remote = remote_mod.RemoteDelivery(services)
             except ImportError:
                 log.warning("outbound delivery is not available in this build; remote mail stays deferred")
-        services.queue = QueueManager(services, services.spool, LocalDelivery(services), remote)
+        services.queue = QueueManager(services, services.spool, LocalTransport(services), remote)
 
     async def _bind_listeners(self, services: Services) -> None:
         for name, addrs in self.cfg.listen.as_dict().items():

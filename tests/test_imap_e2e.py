@@ -160,7 +160,6 @@ SyncState *
     c.logout()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_curl_lists_and_fetches(server):
     user = "erin@example.test"
     send(server, user, "curl test", body="curl body")

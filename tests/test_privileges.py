@@ -23,7 +23,7 @@ import pytest
 import mailstack
 from harness import MailServer, wait_for, write_config
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a user and switches to it")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root): the test creates a system user and starts the server as root to see it drop to that user")
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 

@@ -59,18 +59,13 @@ def delivery_id(qid: str, account: str) -> str:
 
 class LocalTransport:
     def __init__(self, services) -> None:
+        # services.directory is re-read by the server when its files change: no file access here
         self.services = services
-        self._last_reload = 0.0
-
-    def _directory(self):
-        # The server re-reads the directory files when they change (and at once when the CLI
-        # asks through the control socket); no file access here, on the loop.
-        return self.services.directory
 
     def expand(self, recipients: list[str]) -> list[Target]:
         """Envelope recipients -> targets, de-duplicated: each local account once, each remote
         address once; a local address that leads nowhere is an "unknown" target (it bounces)."""
-        directory = self._directory()
+        directory = self.services.directory
         seen: set[tuple[str, str]] = set()
         out: list[Target] = []
 
@@ -107,7 +102,7 @@ class LocalTransport:
     PARALLEL = 8
 
     async def _deliver_one(self, message: QueuedMessage, account: str) -> RecipientResult:
-        if not self._directory().account_exists(account):
+        if not self.services.directory.account_exists(account):
             return RecipientResult(account, "bounced", f"550 5.1.1 <{account}>: user unknown", "local")
         try:
             added = await self.services.store.deliver(account, message.source, delivery_id(message.qid, account))
@@ -125,6 +120,3 @@ class LocalTransport:
         return RecipientResult(account, "sent",
                                "delivered to maildir" if added else "delivered to maildir (duplicate)", "local")
 
-
-# The name server.py uses.
-LocalDelivery = LocalTransport
