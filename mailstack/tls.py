@@ -1,6 +1,6 @@
 """TLS contexts, built once at start and swapped atomically on reload.
 
-Listeners are created with `TLSContexts.server` (a fixed SSLContext object) whose
+Each listener is created with its own fixed SSLContext object (`for_listener(name)`), whose
 SNI callback hands every new handshake to the *current* context.  Reload builds a
 new context and swaps one reference: connections in progress keep theirs, new ones
 get the new certificate, and no listener has to be re-created.
@@ -64,9 +64,6 @@ class TLSContexts:
     def __init__(self, cert: str, key: str, min_version: str = "TLSv1.2") -> None:
         self.cert, self.key, self.min_version = cert, key, min_version
         self._current = self._build()
-        # The object given to listeners; its SNI callback switches to the current context.
-        self.server = self._build()
-        self.server.sni_callback = self._pick
         # One context object per listener (see for_listener); `object_class_for(listener)`, when
         # set (by Services, for metrics), gives the SSLObject class its handshakes run in.
         self.object_class_for = None
@@ -83,8 +80,8 @@ class TLSContexts:
         return ctx
 
     def for_listener(self, name: str) -> ssl.SSLContext:
-        """Like `server` (SNI hands each handshake to the current context, so reload applies), but
-        a context object of the listener's own, so a handshake can be told apart by listener."""
+        """The listener's own context object: its SNI callback hands each handshake to the current
+        context (so a reload applies), and handshakes can be told apart by listener (metrics)."""
         ctx = self._per_listener.get(name)
         if ctx is None:
             ctx = self._build()
@@ -112,7 +109,7 @@ class TLSContexts:
             raise
         self._current = fresh
         # The minimum version is checked before SNI, so it must be set on the listener context too.
-        for ctx in (self.server, *self._per_listener.values()):
+        for ctx in self._per_listener.values():
             ctx.minimum_version = _VERSIONS[self.min_version]
 
 
