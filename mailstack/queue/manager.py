@@ -168,6 +168,8 @@ class QueueManager:
         out: list[Entry] = []
         for state in ("incoming", "active"):
             for qid in spool.ids(state):
+                if state == "incoming" and qid in set(spool.writing):
+                    continue  # being written by a session now: announced when it is durable
                 path = spool.path(state, qid)
                 try:
                     msg = read_envelope(path, qid)

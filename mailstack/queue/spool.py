@@ -175,6 +175,9 @@ class Spool:
         # Called on the loop with the QueuedMessage once it is durable (the manager's wake-up).
         self.on_enqueue: Callable[[QueuedMessage], None] | None = None
         self.new_id = new_id
+        # Ids whose files in incoming/ this process is writing right now: a scan of incoming/
+        # (start-up recovery) must not take such a file for one a crash cut short.
+        self.writing: set[str] = set()
 
     # --- layout ----------------------------------------------------------------------
     def path(self, state: str, qid: str) -> Path:
@@ -201,16 +204,20 @@ class Spool:
         arrival = time.time()
         header = encode_header(sender, list(recipients), arrival, size, meta)
         path = self.path("incoming", qid)
-        await asyncio.to_thread(self._write_new, path, header, chunks)
+        self.writing.add(qid)
         try:
-            await self.group_sync.sync(path.parent)
-        except BaseException:
-            # Not durable: it was never acknowledged, so it must not be delivered either.
+            await asyncio.to_thread(self._write_new, path, header, chunks)
             try:
-                os.unlink(path)
-            except OSError:
-                pass
-            raise
+                await self.group_sync.sync(path.parent)
+            except BaseException:
+                # Not durable: it was never acknowledged, so it must not be delivered either.
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                raise
+        finally:
+            self.writing.discard(qid)
         msg = QueuedMessage(qid=qid, sender=sender, recipients=list(recipients),
                             source=MessageSource(str(path), len(header), size), arrival=arrival,
                             meta=dict(meta))
@@ -222,9 +229,9 @@ class Spool:
         try:
             write_queue_file(path, header, chunks)
         except FileNotFoundError:
-            if path.parent.is_dir():
-                raise
-            self.setup()  # mail arrived before the manager set the spool up
+            # Mail arrived before the spool was set up (or while another thread was setting it
+            # up): make sure the directories exist, then try once more.
+            self.setup()
             write_queue_file(path, header, chunks)
 
     # --- moving (blocking) ---------------------------------------------------------------
