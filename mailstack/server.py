@@ -111,6 +111,8 @@ class Server:
         from .store.maildir import MaildirStore
         services.store = MaildirStore(cfg.mail_dir, services.events, group_sync)
         await self._start_queue(services, group_sync)
+        from .pipeline import build_stages
+        services.stages = build_stages(services)
         await self._bind_listeners(services)  # bound, not yet accepting
         await self._start_metrics(services)
         # Ports are bound and keys read: from here on nothing needs root.  Dropped before the
@@ -256,6 +258,8 @@ class Server:
         services.throttle.configure(new.auth.fail_delay, new.auth.fail_delay_max, new.auth.fail_window)
         if services.queue is not None and hasattr(services.queue, "reconfigure"):
             services.queue.reconfigure(new)
+        from .pipeline import build_stages
+        services.stages = build_stages(services)
         logging.getLogger().setLevel(new.server.log_level.upper())
         log.info("reloaded configuration, accounts and certificates")
         return "reloaded"

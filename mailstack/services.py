@@ -120,6 +120,8 @@ class Services:
     spool: Any = None  # queue.spool.Spool
     queue: Any = None  # queue.manager.QueueManager
     extra: dict = field(default_factory=dict)
+    # SMTP-session checks (smtp/hooks.py), in order; built by pipeline.build_stages
+    stages: tuple = ()
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:

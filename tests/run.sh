@@ -6,7 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(swaks curl mutt isync offlineimap3 fetchmail getmail6 haproxy)
+# Real mail clients the tests drive, and the real peer daemons they start on loopback
+# (rspamd, spamd, clamd, OpenDKIM, Dovecot + Pigeonhole, Postfix).  Installing a daemon
+# package must not start it on the standard ports: a policy-rc.d that exits 101 forbids
+# that while apt runs (one already present, as in Docker images, is left alone).
+DEBS=(swaks libnet-ssleay-perl curl mutt isync offlineimap3 fetchmail getmail6 haproxy
+      rspamd spamassassin spamd spamc clamav-daemon clamav-milter spamass-milter
+      opendkim opendkim-tools dovecot-imapd dovecot-pop3d dovecot-sieve
+      dovecot-managesieved sieve-connect postfix)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -15,8 +22,19 @@ if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    rcd=/usr/sbin/policy-rc.d ours=
+    if [ ! -e "$rcd" ]; then
+      printf '#!/bin/sh\n# temporary, from mailstack tests/run.sh: no daemons on install\nexit 101\n' >"$rcd"
+      chmod 755 "$rcd"; ours=1
+    fi
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ -z "$ours" ] || rm -f "$rcd"
+    # Belt and braces: nothing the packages started may keep the standard ports.
+    for d in rspamd clamav-daemon clamav-freshclam clamav-milter spamd spamassassin opendkim dovecot postfix; do
+      service "$d" stop >/dev/null 2>&1 || true
+    done
   else
     echo "missing Debian packages (install them as root): ${missing[*]}" >&2
     exit 1

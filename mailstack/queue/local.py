@@ -12,10 +12,12 @@ import logging
 from dataclasses import dataclass
 
 from ..directory import normalize_address
-from ..store.base import StoreError
+from ..store.base import MailboxNotFound, StoreError
 from .types import QueuedMessage, RecipientResult
 
 log = logging.getLogger("mailstack.queue")
+
+JUNK = "Junk"  # the \Junk special-use folder every account is made with
 
 
 @dataclass
@@ -104,8 +106,18 @@ class LocalTransport:
     async def _deliver_one(self, message: QueuedMessage, account: str) -> RecipientResult:
         if not self.services.directory.account_exists(account):
             return RecipientResult(account, "bounced", f"550 5.1.1 <{account}>: user unknown", "local")
+        # A check at SMTP time (DMARC quarantine, a spam filter) may have judged it junk.
+        mailbox = JUNK if message.meta.get("junk") else "INBOX"
         try:
-            added = await self.services.store.deliver(account, message.source, delivery_id(message.qid, account))
+            try:
+                added = await self.services.store.deliver(account, message.source,
+                                                          delivery_id(message.qid, account), mailbox=mailbox)
+            except MailboxNotFound:
+                if mailbox == "INBOX":
+                    raise
+                mailbox = "INBOX"  # the user deleted that folder: never lose the message over it
+                added = await self.services.store.deliver(account, message.source,
+                                                          delivery_id(message.qid, account))
         except StoreError as e:
             return RecipientResult(account, "deferred", f"452 4.2.0 <{account}>: {e}", "local")
         except OSError as e:
@@ -117,6 +129,8 @@ class LocalTransport:
             log.exception("store.deliver failed", extra={"qid": message.qid})
             return RecipientResult(account, "deferred", f"451 4.3.0 <{account}>: local delivery failed: {e}",
                                    "local")
+        where = "" if mailbox == "INBOX" else f" folder {mailbox}"
         return RecipientResult(account, "sent",
-                               "delivered to maildir" if added else "delivered to maildir (duplicate)", "local")
+                               f"delivered to maildir{where}" if added else "delivered to maildir (duplicate)",
+                               "local")
 

