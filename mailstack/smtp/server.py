@@ -227,12 +227,13 @@ class SMTPSession(SMTP):
     async def _handle_client(self) -> None:
         try:
             refusal = await hooks.ask(self.stages, "connect", self.conn) if self.stages else None
-            if refusal:
+            if refusal:  # the refusal is the greeting (RFC 5321 3.1); then we close
                 self.services.metrics.smtp_reject(refusal)
+                log.info("reject: CONNECT: %s", refusal, extra={"client": self.client})
                 self.reply(refusal)
                 self.closing = True
-                return
-            self.reply(f"220 {self.hostname} ESMTP mailstack")
+            else:
+                self.reply(f"220 {self.hostname} ESMTP mailstack")
             while not self.closing:
                 event = await self._next_line(COMMAND_LINE_MAX)
                 if event is None:
