@@ -77,6 +77,11 @@ POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 
 def peers_installed() -> bool:
+    """Every peer package installed (dpkg says so), not just some of their binaries."""
+    for pkg in PEER_PACKAGES:
+        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+        if "install ok installed" not in status.stdout:
+            return False
     return all(shutil.which(x) for x in ("postfix", "smtp-source", "dovecot", "doveadm"))
 
 
