@@ -475,20 +475,11 @@ class IMAPSession:
         self.send(b"* OK [PERMANENTFLAGS " + response.flag_list(perm) + b"] Flags permitted")
 
     def _claim_recent(self, uids) -> None:
-        if self.mbox.read_only:
-            return
-        # Which session first saw each message as new: (account, mailbox, uidvalidity) -> highest
-        # UID claimed as \Recent, shared by all sessions (RFC 3501: only one session is told).
-        claims = self.services.extra.setdefault("imap_recent", {})
-        key = (self.account, self.mbox.name, self.mbox.uidvalidity)
-        claimed = claims.get(key, 0)
-        top = claimed
-        for uid in uids:
-            if uid > claimed:
-                self.recent.add(uid)
-                top = max(top, uid)
-        if top > claimed:
-            claims[key] = top
+        # RFC 3501 2.3.2: only the first session to see a message is told it is \\Recent;
+        # EXAMINE shows it as recent too but does not take it away from later sessions.
+        mbox = self.mbox
+        self.recent |= self.services.store.claim_recent(mbox.account, mbox.name, mbox.uidvalidity,
+                                                        uids, take=not mbox.read_only)
 
     def _on_event(self, ev: MailboxEvent) -> None:
         if ev.origin is self:
@@ -793,11 +784,10 @@ class IMAPSession:
     async def _expunge(self, uids) -> list[int]:
         """Expunge (\\Deleted messages, limited to `uids`) and announce it."""
         mbox = self.mbox
-        seq_before = {m.uid: i + 1 for i, m in enumerate(mbox.messages)
-                      if "\\Deleted" in m.flags or uids is not None}
-        if uids is not None:
-            want = set(uids)
-            seq_before = {u: s for u, s in seq_before.items() if u in want}
+        # Every message of the view, not only those this session knows as \\Deleted: another
+        # session may have set \\Deleted since we last told the client, and the store
+        # expunges by what is on disk.  Each message that leaves the view is announced.
+        seq_before = {m.uid: i + 1 for i, m in enumerate(mbox.messages)}
         gone = await mbox.expunge(uids, origin=self)
         seqs = sorted((seq_before[u] for u in gone if u in seq_before), reverse=True)
         for s in seqs:
@@ -819,6 +809,8 @@ class IMAPSession:
             msgs = self.mbox.messages
             for seq, info in picked:
                 cur = msgs[seq - 1] if seq <= len(msgs) and msgs[seq - 1].uid == info.uid else info
+                # the file may carry keywords another session set: FLAGS announces them first
+                self._note_keywords(cur.flags)
                 self.send(b"* %d FETCH (" % seq + self._uid_item(cur.uid) + b"FLAGS " +
                           response.flag_list(self.flags_of(cur)) + b")")
         await self.done(cmd, "STORE completed")
@@ -840,8 +832,6 @@ class IMAPSession:
             st = await store.status(self.account, dest)
         except MailboxNotFound:
             return self.tagged(cmd, "NO", "[TRYCREATE] Mailbox does not exist")
-        if move and dest == self.mbox.name:
-            return self.tagged(cmd, "NO", "[CANNOT] Source and destination are the same")
         if move and hasattr(self.mbox, "move"):
             seq_before = {m.uid: s for s, m in picked}
             pairs = await self.mbox.move(uids, dest, origin=self)
@@ -1034,6 +1024,9 @@ class IMAPSession:
                 msgs = self.mbox.messages
                 picked = [(s, msgs[s - 1] if s <= len(msgs) and msgs[s - 1].uid == m.uid else m)
                           for s, m in picked]
+        if any(a.name == "FLAGS" for a in atts):
+            # A keyword shows in a FETCH only after an untagged FLAGS announced it.
+            self._note_keywords({f for _, m in picked for f in m.flags})
         missing = False
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]

