@@ -103,3 +103,34 @@ def test_keyword_set_elsewhere_is_announced_before_fetch_shows_it(srv):
     lines, _ = c.cmd("NOOP")
     assert [i for i, x in enumerate(lines) if x.startswith(b"* FLAGS") and b"$Other" in x][0] < \
         [i for i, x in enumerate(lines) if b"FETCH" in x][0], lines
+
+
+# --- a message whose own Content-Type is message/rfc822 (RFC 3501 6.4.5) ------------------------
+
+INNER = (b"From: inner@y.org\r\nSubject: inner\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+         b"--b\r\nContent-Type: text/plain\r\n\r\npart one\r\n--b\r\nContent-Type: text/html\r\n\r\n"
+         b"<p>two</p>\r\n--b--\r\n")
+OUTER_HEADER = b"From: outer@x.org\r\nSubject: outer\r\nContent-Type: message/rfc822\r\n\r\n"
+
+
+def test_top_level_message_rfc822_sections(srv):
+    # what Dovecot 2.3 answers for the same message, section by section
+    srv.deliver(ALICE, OUTER_HEADER + INNER)
+    r = Raw(srv)
+    r.cmd("SELECT INBOX")
+    want = {
+        "1": INNER,
+        "1.HEADER": INNER[:INNER.index(b"\r\n\r\n") + 4],
+        "1.TEXT": INNER[INNER.index(b"\r\n\r\n") + 4:],
+        "1.MIME": OUTER_HEADER,
+        "1.1": b"part one",
+        "1.2.MIME": b"Content-Type: text/html\r\n\r\n",
+        "1.2": b"<p>two</p>",
+        "1.HEADER.FIELDS (SUBJECT)": b"Subject: inner\r\n\r\n",
+        "2": b"",
+    }
+    for section, body in want.items():
+        lines, tagged = r.cmd(f"FETCH 1 (BODY.PEEK[{section}])")
+        got = untagged(lines, b"FETCH")[0]
+        head, _, rest = got.partition(b"}\r\n")
+        assert rest[:-1] == body, (section, got)

@@ -401,10 +401,14 @@ def bodystructure(data: bytes, part: Part, extended: bool = True) -> bytes:
 
 # --- BODY[section] ------------------------------------------------------------------------
 def find_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
-    """Part by section number (RFC 3501 6.4.5): a non-multipart message has part 1 = itself."""
+    """Part by section number (RFC 3501 6.4.5): a non-multipart message has part 1 = itself.
+
+    The numbers after a message/rfc822 part are those of the message it encloses; the
+    first number never enters one: a top-level message/rfc822 body is part 1 (so BODY[1]
+    is the whole enclosed message, BODY[1.1] its first part), as Dovecot answers."""
     part = root
-    for n in numbers:
-        if part.message is not None and part.type == "message":
+    for i, n in enumerate(numbers):
+        if i and part.message is not None and part.type == "message":
             part = part.message
         if part.type == "multipart":
             if not 1 <= n <= len(part.children):
