@@ -134,3 +134,17 @@ def test_top_level_message_rfc822_sections(srv):
         got = untagged(lines, b"FETCH")[0]
         head, _, rest = got.partition(b"}\r\n")
         assert rest[:-1] == body, (section, got)
+
+
+# --- address comments / CFWS in ENVELOPE and SEARCH ------------------------------------------------
+
+def test_address_comments_in_envelope_and_search(srv):
+    srv.deliver(ALICE, b"From: user@domain (Real Name)\r\nSubject: one\r\n\r\nx\r\n")
+    srv.deliver(ALICE, b"From: <user-from (comment)@ (comment) domain.org>\r\nSubject: two\r\n\r\nx\r\n")
+    r = Raw(srv)
+    r.cmd("SELECT INBOX")
+    lines, _ = r.cmd("FETCH 1 ENVELOPE")
+    assert b'(("Real Name" NIL "user" "domain"))' in lines[0]
+    assert r.cmd("SEARCH FROM user-from@domain.org")[0] == [b"* SEARCH 2"]
+    assert r.cmd('SEARCH FROM "Real Name"')[0] == [b"* SEARCH 1"]
+    assert r.cmd("SEARCH FROM user@domain")[0] == [b"* SEARCH 1"]
