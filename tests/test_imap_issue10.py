@@ -148,3 +148,38 @@ def test_address_comments_in_envelope_and_search(srv):
     assert r.cmd("SEARCH FROM user-from@domain.org")[0] == [b"* SEARCH 2"]
     assert r.cmd('SEARCH FROM "Real Name"')[0] == [b"* SEARCH 1"]
     assert r.cmd("SEARCH FROM user@domain")[0] == [b"* SEARCH 1"]
+
+
+# --- bad mailbox names: NO, not BAD ---------------------------------------------------------------
+
+def test_invalid_modified_utf7_names_get_no(srv):
+    r = Raw(srv)
+    for command in ('SELECT "&Jjo"', 'EXAMINE "&AGEAYQ-"', 'CREATE "x&Jjo"', 'STATUS "&ab" (MESSAGES)',
+                    'DELETE "&"', 'RENAME "&" "y"', 'SUBSCRIBE "&Jjo"'):
+        lines, tagged = r.cmd(command)
+        assert re.match(rb"t\d+ NO ", tagged), (command, tagged)
+    r.n += 1
+    r.send(b't%d APPEND "&-&" {3+}\r\nabc\r\n' % r.n)
+    assert re.match(rb"t\d+ NO ", r.until(b"t%d" % r.n)[1])
+    # a LIST pattern that is not valid modified UTF-7 matches nothing (as Dovecot answers)
+    for command in ('LIST "" "&Jjo*"', 'LSUB "" "&"', 'LIST "&" "*"'):
+        lines, tagged = r.cmd(command)
+        assert lines == [] and b"OK" in tagged, (command, tagged)
+    # the session goes on
+    assert b"OK" in r.cmd("SELECT INBOX")[1]
+    assert b"NO" in r.cmd('COPY 1:* "&Jjo"')[1]
+
+
+# --- LSUB wildcards (RFC 3501 6.3.9) ----------------------------------------------------------------
+
+def test_lsub_star_does_not_list_unsubscribed_parent(srv):
+    r = Raw(srv)
+    r.cmd("CREATE x/y")
+    r.cmd("SUBSCRIBE x/y")
+    r.cmd("UNSUBSCRIBE x")
+    lines, _ = r.cmd('LSUB "" "x*"')
+    assert lines == [b'* LSUB () "/" x/y'], lines
+    lines, _ = r.cmd('LSUB "" "x%"')
+    assert lines == [b'* LSUB (\\Noselect) "/" x'], lines
+    lines, _ = r.cmd('LSUB "" "*"')
+    assert b'* LSUB () "/" x/y' in lines and not any(x.endswith(b'"/" x') for x in lines), lines

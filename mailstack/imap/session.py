@@ -24,8 +24,8 @@ from ..events import MailboxEvent
 from ..smtp.budget import budget_for
 from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError
 from . import fetch, response, search
-from .parser import (Command, CommandFramer, Continuation, FetchAtt, Frame, FrameError, ParseError,
-                     parse_command, parse_tag)
+from .parser import (Command, CommandFramer, Continuation, FetchAtt, Frame, FrameError, MailboxNameError,
+                     ParseError, parse_command, parse_tag)
 
 log = logging.getLogger("mailstack.imap")
 
@@ -272,8 +272,10 @@ class IMAPSession:
             cmd = parse_command(ev.parts)
         except ParseError as e:
             code = f"[{e.code}] " if e.code else ""
-            # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error
-            status = "NO" if e.code and e.code.startswith("BADCHARSET") and e.tag else "BAD"
+            # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error;
+            # nor is a mailbox name that is not valid modified UTF-7
+            refused = isinstance(e, MailboxNameError) or (e.code and e.code.startswith("BADCHARSET"))
+            status = "NO" if refused and e.tag else "BAD"
             self.send(f"{e.tag or '*'} {status} {code}{e.message}".encode("utf-8", "replace"))
             return
         await self.dispatch(cmd)
@@ -545,6 +547,8 @@ class IMAPSession:
     async def cmd_list(self, cmd: Command, lsub: bool = False) -> None:
         ref, pattern = cmd.args["reference"], cmd.args["pattern"]
         word = b"* LSUB" if lsub else b"* LIST"
+        if ref is None or pattern is None:  # not valid modified UTF-7: no mailbox has that name
+            return await self.done(cmd, f"{cmd.name} completed")
         if pattern == "":
             self.send(word + b' (\\Noselect) "/" ""')
             return await self.done(cmd, f"{cmd.name} completed")
@@ -566,8 +570,12 @@ class IMAPSession:
                     if b.special_use:
                         attrs.append(b.special_use)
                 lines[b.name] = attrs
-            # a parent that does not exist (or, for LSUB, is not subscribed) but matches "%"
+            # a parent that does not exist (or, for LSUB, is not subscribed) but matches "%".
+            # RFC 3501 6.3.9: only where "%" stopped at the parent; LSUB "" "x*" lists the
+            # subscribed "x/y" itself, not its unsubscribed parent "x".
             parts = b.name.split("/")
+            if lsub and (not b.subscribed or rx.match(b.name)):
+                parts = []
             for i in range(1, len(parts)):
                 parent = "/".join(parts[:i])
                 if parent in lines or not rx.match(parent):
