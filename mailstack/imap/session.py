@@ -19,7 +19,7 @@ import re
 import ssl
 import time
 
-from .. import proxy
+from .. import proxy, tlsclose
 from ..events import MailboxEvent
 from ..smtp.budget import budget_for
 from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError
@@ -328,7 +328,8 @@ class IMAPSession:
             if self.out and not self.writer.is_closing():
                 self.writer.write(bytes(self.out))
                 self.out.clear()
-            self.writer.close()
+            # over TLS, close() alone waits up to 30 s for the client's close_notify
+            tlsclose.close_soon(self.writer.transport)
         except Exception:  # noqa: BLE001
             pass
         self.services.sessions.discard(self)
