@@ -22,7 +22,7 @@ import time
 from .. import proxy, tlsclose
 from ..events import MailboxEvent
 from ..smtp.budget import budget_for
-from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError
+from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
 from . import fetch, response, search
 from .parser import (Command, CommandFramer, Continuation, FetchAtt, Frame, FrameError, MailboxNameError,
                      ParseError, parse_command, parse_tag)
@@ -301,6 +301,10 @@ class IMAPSession:
             self.tagged(cmd, "NO", f"[NONEXISTENT] {e or 'Mailbox does not exist'}")
         except MailboxExists as e:
             self.tagged(cmd, "NO", f"[ALREADYEXISTS] {e or 'Mailbox exists'}")
+        except StoreFull as e:  # as Dovecot answers ENOSPC; the store changed nothing
+            self.tagged(cmd, "NO", f"[OVERQUOTA] {e}")
+        except StoreIOError as e:
+            self.tagged(cmd, "NO", f"[SERVERBUG] {e}")
         except StoreError as e:
             self.tagged(cmd, "NO", str(e) or "Refused")
         except (_Bye, ConnectionError, OSError, asyncio.CancelledError, asyncio.IncompleteReadError):

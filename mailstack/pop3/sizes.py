@@ -64,6 +64,9 @@ async def message_sizes(mailbox: Mailbox) -> tuple[list[MessageInfo], list[int]]
                 entry[CACHE_KEY] = {"size": size}
                 updates[uid] = entry
         if updates:
-            await mailbox.cache_put(updates)
+            try:
+                await mailbox.cache_put(updates)
+            except (StoreError, OSError):  # e.g. a full disk: computed again next time
+                pass
     kept = [m for m in messages if sizes[m.uid] != _GONE]
     return kept, [sizes[m.uid] for m in kept]

@@ -33,6 +33,14 @@ class MailboxExists(StoreError):
     pass
 
 
+class StoreFull(StoreError):
+    """No space left on the disk (or over the filesystem quota); the request changed nothing."""
+
+
+class StoreIOError(StoreError):
+    """The disk failed the request (other than by being full); the request changed nothing."""
+
+
 class MessageGone(StoreError):
     """The message was expunged (by another session or program) after this session listed it."""
 

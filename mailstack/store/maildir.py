@@ -51,6 +51,7 @@ from . import filename as fn
 from . import flags as fl
 from . import names
 from . import uidlist as ulmod
+from .diskerrors import FULL, disk_errors
 from .base import (SPECIAL_MAILBOXES, Changes, Mailbox, MailboxExists, MailboxInfo, MailboxNotFound,
                    MessageGone, MessageInfo, MessageSource, Store, StoreError)
 from .uidlist import UidList
@@ -138,13 +139,18 @@ def _new_uidvalidity(account_dir: Path) -> int:
 
 
 def _create_folder(account_dir: Path, path: Path, special_use: str | None) -> None:
-    """Make one mailbox directory; FileExistsError when it is there already."""
+    """Make one mailbox directory; FileExistsError when it is there already.  On any other
+    error (a full disk) nothing of it is left: a later CREATE must not find half a folder."""
     os.mkdir(path, 0o700)
-    _make_subdirs(path)
-    _touch(path / MAILDIRFOLDER)
-    if special_use:
-        _touch(path / SPECIAL_USE, special_use.encode() + b"\n")
-    atomic_write(path / ulmod.NAME, ulmod.format_header(_new_uidvalidity(account_dir), 1))
+    try:
+        _make_subdirs(path)
+        _touch(path / MAILDIRFOLDER)
+        if special_use:
+            _touch(path / SPECIAL_USE, special_use.encode() + b"\n")
+        atomic_write(path / ulmod.NAME, ulmod.format_header(_new_uidvalidity(account_dir), 1))
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _list(path: Path) -> dict[str, tuple[str, str, str]]:
@@ -237,6 +243,13 @@ def _write_message(mailbox_dir: Path, base: str, sub: str, name: str,
         except OSError:
             pass
         raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _read_file(path: Path, start: int = 0, length: int | None = None) -> bytes:
@@ -397,9 +410,17 @@ class _State:
                 else:
                     items.append((base, None, None))
             items.sort(key=lambda it: fn.arrival_key(it[0], it[2]))
-            with _flock(self.path):
-                ul, ul_sig = self._assign_locked(ul, items)
-            sig = (sig[0], sig[1], ul_sig)
+            try:
+                with _flock(self.path):
+                    ul, ul_sig = self._assign_locked(ul, items)
+                sig = (sig[0], sig[1], ul_sig)
+            except OSError as e:
+                if e.errno not in FULL or ul is None:
+                    raise
+                # A full disk: files dropped in by others get their UIDs once there is room
+                # (this signature never matches, so the next look scans again).
+                log.warning("no room to give UIDs in %s/%s", self.account, self.name)
+                sig = (sig[0], sig[1], ul_sig, "unassigned")
 
         # Entries: reuse the previous object whenever the file name is unchanged.
         prev = {e.name: e for e in self.entries.values()} if self.entries else {}
@@ -490,7 +511,14 @@ class _State:
                 for b in set(gone) | bases:
                     ul.uids.pop(b, None)
                     ul.extra.pop(b, None)
-                self._write_uidlist(ul, None)
+                try:
+                    self._write_uidlist(ul, None)
+                except OSError as e:
+                    if e.errno not in FULL:
+                        raise
+                    # The files are gone already; lines naming missing files are ignored
+                    # when read, and go at the next rewrite.
+                    log.warning("uidlist of %s/%s not rewritten: disk full", self.account, self.name)
                 return ul
         self.ul = await asyncio.to_thread(work)
         self.dirty = True
@@ -659,7 +687,28 @@ def _transfer(src: Path, dst: Path, plan: list[tuple[Entry, str]], move: bool) -
     """Copy (hard link) or move (rename) files into dst/cur/.  Returns what was done."""
     if not (dst / "cur").is_dir():
         raise MailboxNotFound("destination mailbox is gone")
-    done = []
+    done: list[tuple[Entry, str]] = []
+    try:
+        _transfer_files(src, dst, plan, move, done)
+    except BaseException:  # a full disk part way: put back what was done
+        _undo_transfer(src, dst, done, move)
+        raise
+    return done
+
+
+def _undo_transfer(src: Path, dst: Path, done: list[tuple[Entry, str]], move: bool) -> None:
+    for e, dname in done:
+        try:
+            if move:
+                os.rename(dst / "cur" / dname, src / e.sub / e.name)
+            else:
+                os.unlink(dst / "cur" / dname)
+        except OSError:
+            log.warning("could not undo a %s of %s", "move" if move else "copy", dname)
+
+
+def _transfer_files(src: Path, dst: Path, plan: list[tuple[Entry, str]], move: bool,
+                    done: list[tuple[Entry, str]]) -> None:
     listing = None
     for e, dname in plan:
         sub, name = e.sub, e.name
@@ -669,7 +718,7 @@ def _transfer(src: Path, dst: Path, plan: list[tuple[Entry, str]], move: bool) -
                     os.rename(src / sub / name, dst / "cur" / dname)
                 else:
                     _link_or_copy(src / sub / name, dst / "cur" / dname, e.size, e.date)
-                done.append((e, dname))
+                done.append((e._replace(sub=sub, name=name), dname))  # where it came from
                 break
             except FileNotFoundError:
                 if attempt:
@@ -678,7 +727,6 @@ def _transfer(src: Path, dst: Path, plan: list[tuple[Entry, str]], move: bool) -
                 if loc is None:
                     break
                 sub, name = loc[0], loc[1]
-    return done
 
 
 @asynccontextmanager
@@ -785,6 +833,7 @@ class MaildirMailbox(Mailbox):
     def _publish(self, kind: str, uids: Iterable[int], origin: object, mailbox: str | None = None) -> None:
         self._store._publish(self.account, mailbox or self.name, kind, uids, origin)
 
+    @disk_errors
     async def refresh(self) -> Changes:
         self._check_open()
         st = self._st
@@ -831,6 +880,7 @@ class MaildirMailbox(Mailbox):
         e = self._st.entries.get(uid)
         return None if e is None else os.fspath(self._st.path / e.sub / e.name)
 
+    @disk_errors
     async def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str,
                           origin: object = None) -> list[MessageInfo]:
         self._check_writable()
@@ -867,6 +917,7 @@ class MaildirMailbox(Mailbox):
             self._publish("flags", sorted(renamed), origin)
         return out
 
+    @disk_errors
     async def expunge(self, uids: Iterable[int] | None = None, origin: object = None) -> list[int]:
         self._check_writable()
         limit = None if uids is None else set(uids)
@@ -890,10 +941,12 @@ class MaildirMailbox(Mailbox):
         self._publish("expunge", done, origin)
         return done
 
+    @disk_errors
     async def copy(self, uids: Iterable[int], dest: str, origin: object = None) -> list[tuple[int, int]]:
         self._check_open()
         return await self._store._transfer(self, uids, dest, move=False, origin=origin)
 
+    @disk_errors
     async def move(self, uids: Iterable[int], dest: str, origin: object = None) -> list[tuple[int, int]]:
         self._check_writable()
         return await self._store._transfer(self, uids, dest, move=True, origin=origin)
@@ -1001,6 +1054,7 @@ class MaildirStore(Store):
 
     # -- Store interface --------------------------------------------------------------------
 
+    @disk_errors
     async def ensure_account(self, account: str) -> None:
         acct = names.normalize_account(account)
         account_dir = self.account_dir(acct)
@@ -1031,6 +1085,7 @@ class MaildirStore(Store):
             fsync_dir(account_dir)
             fsync_dir(account_dir.parent)
 
+    @disk_errors
     async def deliver(self, account: str, message: "bytes | MessageSource", delivery_id: str,
                       mailbox: str = "INBOX", flags: Iterable[str] = ()) -> bool:
         did = fn.escape_delivery_id(delivery_id)
@@ -1070,6 +1125,7 @@ class MaildirStore(Store):
         self._publish(st.account, st.name, "new", (), None)
         return True
 
+    @disk_errors
     async def append(self, account: str, mailbox: str, message: bytes, flags: Iterable[str] = (),
                      internaldate: float | None = None, origin: object = None) -> tuple[int, int]:
         if not isinstance(message, (bytes, bytearray, memoryview)):
@@ -1089,15 +1145,20 @@ class MaildirStore(Store):
             base = fn.new_base(date, len(message))
             name = fn.join(base, letters)
             await asyncio.to_thread(_write_message, st.path, base, "cur", name, message, date)
-            await self._dsync(st.path / "cur")
-            async with st.lock:
-                uid = (await st.assign([(base, None, None)]))[base]
-                uidvalidity = st.ul.uidvalidity
+            try:
+                await self._dsync(st.path / "cur")
+                async with st.lock:
+                    uid = (await st.assign([(base, None, None)]))[base]
+                    uidvalidity = st.ul.uidvalidity
+            except BaseException:  # no UID (a full disk): the message must not stay without one
+                await asyncio.to_thread(_unlink_quietly, st.path / "cur" / name)
+                raise
         finally:
             st.refs -= 1
         self._publish(st.account, st.name, "new", (uid,), origin)
         return uidvalidity, uid
 
+    @disk_errors
     async def open(self, account: str, name: str, read_only: bool = False) -> Mailbox:
         st = await self._state(account, name)
         async with st.lock:
@@ -1107,6 +1168,7 @@ class MaildirStore(Store):
             st.refs += 1
         return mbox
 
+    @disk_errors
     async def status(self, account: str, name: str) -> dict:
         st = await self._state(account, name)
         async with st.lock:
@@ -1145,6 +1207,7 @@ class MaildirStore(Store):
             out.append(MailboxInfo(name, special, name in subs, name in with_children, name in real))
         return out
 
+    @disk_errors
     async def create_mailbox(self, account: str, name: str, special_use: str | None = None) -> None:
         acct = names.normalize_account(account)
         name = names.normalize(name)
@@ -1159,18 +1222,27 @@ class MaildirStore(Store):
             await asyncio.to_thread(self._create_blocking, account_dir, name, special_use)
 
     def _create_blocking(self, account_dir: Path, name: str, special_use: str | None) -> None:
-        for parent in names.parents(name):
-            if parent != names.INBOX:
-                try:
-                    _create_folder(account_dir, account_dir / names.to_dirname(parent), None)  # type: ignore[operator]
-                except FileExistsError:
-                    pass
+        made: list[Path] = []  # parents made here: removed again if the mailbox cannot be
         try:
-            _create_folder(account_dir, account_dir / names.to_dirname(name), special_use)  # type: ignore[operator]
-        except FileExistsError:
-            raise MailboxExists(f"mailbox {name} exists") from None
-        fsync_dir(account_dir)
+            for parent in names.parents(name):
+                if parent != names.INBOX:
+                    path = account_dir / names.to_dirname(parent)  # type: ignore[operator]
+                    try:
+                        _create_folder(account_dir, path, None)
+                        made.append(path)
+                    except FileExistsError:
+                        pass
+            try:
+                _create_folder(account_dir, account_dir / names.to_dirname(name), special_use)  # type: ignore[operator]
+            except FileExistsError:
+                raise MailboxExists(f"mailbox {name} exists") from None
+            fsync_dir(account_dir)
+        except BaseException:
+            for path in reversed(made):
+                shutil.rmtree(path, ignore_errors=True)
+            raise
 
+    @disk_errors
     async def delete_mailbox(self, account: str, name: str) -> None:
         acct = names.normalize_account(account)
         name = names.normalize(name)
@@ -1203,6 +1275,7 @@ class MaildirStore(Store):
         fsync_dir(account_dir)
         shutil.rmtree(trash, ignore_errors=True)
 
+    @disk_errors
     async def rename_mailbox(self, account: str, old: str, new: str) -> None:
         acct = names.normalize_account(account)
         old, new = names.normalize(old), names.normalize(new)
@@ -1265,6 +1338,7 @@ class MaildirStore(Store):
             self._publish(acct, names.INBOX, "expunge", [a for a, _ in pairs], None)
             self._publish(acct, new, "new", [b for _, b in pairs], None)
 
+    @disk_errors
     async def subscribe(self, account: str, name: str, subscribed: bool) -> None:
         acct = names.normalize_account(account)
         name = names.normalize(name)
@@ -1328,14 +1402,19 @@ class MaildirStore(Store):
         done = await asyncio.to_thread(_transfer, src.path, dst.path, plan, move)
         if not done:
             return []
-        await self._dsync(dst.path / "cur")
         items = []
         for e, dname in done:
             base = fn.split(dname)[0]
             items.append((base,
                           e.size if fn.size_of(base) is None else None,
                           e.date if fn.own_time(base) is None else None))
-        assigned = await dst.assign(items)
+        try:
+            await self._dsync(dst.path / "cur")
+            assigned = await dst.assign(items)
+        except BaseException:  # no UIDs (a full disk): the copies must not stay without them
+            await asyncio.to_thread(_undo_transfer, src.path, dst.path, done, move)
+            dst.dirty = True
+            raise
         pairs = [(e.uid, assigned[fn.split(dname)[0]]) for e, dname in done]
         if move:
             await src.drop({e.base for e, _ in done})
