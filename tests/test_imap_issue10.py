@@ -183,3 +183,26 @@ def test_lsub_star_does_not_list_unsubscribed_parent(srv):
     assert lines == [b'* LSUB (\\Noselect) "/" x'], lines
     lines, _ = r.cmd('LSUB "" "*"')
     assert b'* LSUB () "/" x/y' in lines and not any(x.endswith(b'"/" x') for x in lines), lines
+
+
+# --- FETCH of a message another session expunged (RFC 2180 4.1.3) ------------------------------------
+
+def test_fetch_of_message_expunged_elsewhere_answers_what_is_known(srv):
+    for i in range(3):
+        srv.deliver(ALICE, msg(i))
+    a, b = Raw(srv), Raw(srv)
+    a.cmd("SELECT INBOX")
+    a.cmd("FETCH 1:3 ENVELOPE")  # parsed and cached while it existed
+    b.cmd("SELECT INBOX")
+    b.cmd("STORE 2 +FLAGS.SILENT (\\Deleted)")
+    assert b"* 2 EXPUNGE" in b.cmd("EXPUNGE")[0]
+    # a has not been told yet: its message 2 still exists for it
+    lines, tagged = a.cmd("FETCH 1:3 (UID RFC822.SIZE ENVELOPE BODY.PEEK[TEXT])")
+    assert re.match(rb"t\d+ OK \[EXPUNGEISSUED\]", tagged), tagged
+    got = untagged(lines, b"FETCH")
+    assert len(got) == 3
+    assert got[1].startswith(b"* 2 FETCH (UID 2 RFC822.SIZE ") and got[1].endswith(b"BODY[TEXT] NIL)")
+    assert b'"hello 1"' in got[1]  # the envelope is still known
+    assert b"body text 0" in got[0] and b"body text 2" in got[2]
+    lines, _ = a.cmd("NOOP")
+    assert b"* 2 EXPUNGE" in lines

@@ -1046,13 +1046,12 @@ class IMAPSession:
             entries = await self._cache_entries(batch, need_structure) if need_cache else {}
             if need_data:
                 datas = await self._read_many([m for _, m in batch], header_only=need_data == "header")
-                rendered = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas)
+                rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas)
             else:
-                rendered = self._render_batch(batch, atts, entries, None)
+                rendered, gone = self._render_batch(batch, atts, entries, None)
+            missing = missing or gone
             for item in rendered:
-                if item is None:
-                    missing = True
-                elif isinstance(item, bytes):
+                if isinstance(item, bytes):
                     self.out += item
                 else:  # big literals go to the transport as they are, not copied into `out`
                     for chunk in item:
@@ -1064,20 +1063,25 @@ class IMAPSession:
                             self.out += chunk
                 await self.maybe_flush()
         if missing:
-            await self.done(cmd, "[EXPUNGEISSUED] Some messages were expunged", status="NO")
+            # RFC 2180 4.1.3 lets us choose.  As Dovecot: what is still known (UID, FLAGS,
+            # sizes, a cached ENVELOPE) and NIL for the contents, then OK: a NO makes clients
+            # count the whole FETCH as failed and retry it; with OK they go on and learn of
+            # the EXPUNGE at the next command that may announce it.
+            await self.done(cmd, "[EXPUNGEISSUED] Some messages were already expunged")
         else:
             await self.done(cmd, "FETCH completed")
 
-    def _render_batch(self, batch, atts, entries, datas) -> list[bytes | None]:
-        out: list[bytes | None] = []
+    def _render_batch(self, batch, atts, entries, datas) -> tuple[list, bool]:
+        """The FETCH responses of a batch, and whether a message had vanished meanwhile."""
+        out: list = []
+        gone = False
         for seq, m in batch:
             data = None
             root = None
             if datas is not None:
                 data = datas.get(m.uid)
-                if data is None:
-                    out.append(None)
-                    continue
+            vanished = datas is not None and data is None
+            gone = gone or vanished
             items: list[bytes] = []
             for a in atts:
                 name = a.name
@@ -1092,10 +1096,15 @@ class IMAPSession:
                 elif name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
                     key = {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}[name]
                     value = fetch.cached(entries.get(m.uid), key)
-                    if value is None:
-                        out.append(None)
-                        break
+                    if value is None:  # expunged meanwhile, and never parsed
+                        gone = True
+                        continue
                     items.append(name.encode() + b" " + value)
+                elif vanished and name.startswith(("RFC822", "BODY[")):
+                    label = name.encode() if name != "BODY[]" else b"BODY[" + a.section.spec() + b"]"
+                    if a.partial is not None:
+                        label += b"<%d>" % a.partial[0]
+                    items.append(label + b" NIL")
                 elif name == "RFC822":
                     items.append(_Lit(b"RFC822", data))
                 elif name == "RFC822.HEADER":
@@ -1118,6 +1127,6 @@ class IMAPSession:
                         body = body[off:off + length]
                         label += b"<%d>" % off
                     items.append(_Lit(label, body))
-            else:
+            if items:  # "* n FETCH ()" is not valid: nothing left to say of a vanished message
                 out.append(_join_fetch(seq, items))
-        return out
+        return out, gone
