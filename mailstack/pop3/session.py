@@ -516,7 +516,7 @@ class POP3Session:
         self.conn.write(out + b".\r\n")
         self._in_multiline = False
         self.bytes_sent += sent
-        if sent != self.sizes[i]:  # would mean the file changed under us: Maildir files never do
+        if sent < self.sizes[i]:  # would mean the file changed under us: Maildir files never do
             log.warning("RETR %d (uid %d) sent %d octets, LIST said %d", i + 1, uid, sent, self.sizes[i],
                         extra=self._log_extra)
         self.retrieved.add(i)
