@@ -16,6 +16,7 @@ from the untagged responses it received, and checks after every response:
 * COPYUID source UIDs of a COPY/MOVE by sequence number are the view's UIDs there;
 * a keyword shows in a FETCH only after an untagged FLAGS announced it;
 * no BAD "invalid sequence number" for a number inside the view;
+* \\Recent shows for a UID in one session only;
 * at the end, after one NOOP, the view equals the mailbox.
 
 Used by tests/test_imap_views.py (a few seconds) and bench/views.py (minutes).
@@ -55,6 +56,7 @@ class Shared:
     """What all sessions of one run share: the UID -> token map, the error list, counters."""
 
     tokens: dict[int, str] = field(default_factory=dict)
+    recent_in: dict[int, str] = field(default_factory=dict)  # UID -> the session told it is \\Recent
     errors: list[str] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)
     serial: int = 0
@@ -209,6 +211,10 @@ class IMAPChecker:
             if tm:
                 self.shared.record(self.name, uid, tm.group(1).decode())
         fm = _FLAGS.search(resp)
+        if fm and uid is not None and b"\\Recent" in fm.group(1):
+            first = self.shared.recent_in.setdefault(uid, self.name)
+            if first != self.name:
+                self.error(f"UID {uid} is \\Recent here and in {first} (RFC 3501: one session only)")
         if fm:
             kws = {f for f in fm.group(1).decode().split() if not f.startswith("\\")}
             if kws - self.announced:
