@@ -110,8 +110,8 @@ class IMAPChecker:
     # ---------------------------------------------------------------- I/O
     async def connect(self, host: str, port: int, user: str, password: str,
                       tls: ssl.SSLContext | None = None) -> None:
-        self.reader, self.writer = await asyncio.open_connection(host, port, ssl=tls,
-                                                                 server_hostname=None if tls is None else "mail.example.test")
+        name = None if tls is None else "mail.example.test"
+        self.reader, self.writer = await asyncio.open_connection(host, port, ssl=tls, server_hostname=name)
         await self.read_response()  # greeting
         await self.command(f"LOGIN {user} {password}", check_ok=True)
         await self.command(f"SELECT {self.mailbox}", check_ok=True)
