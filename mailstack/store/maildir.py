@@ -245,6 +245,14 @@ def _write_message(mailbox_dir: Path, base: str, sub: str, name: str,
         raise
 
 
+def _rename_back(account_dir: Path, pairs: list[tuple[str, str]]) -> None:
+    for old, new in reversed(pairs):
+        try:
+            os.rename(account_dir / names.to_dirname(new), account_dir / names.to_dirname(old))  # type: ignore[operator]
+        except OSError:
+            log.warning("could not rename %s back to %s", new, old)
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
@@ -1291,8 +1299,12 @@ class MaildirStore(Store):
             renamed = dict(pairs)
             subs = await asyncio.to_thread(_read_subscriptions, account_dir)
             if any(s in renamed for s in subs):
-                await asyncio.to_thread(_write_subscriptions, account_dir,
-                                        [renamed.get(s, s) for s in subs])
+                try:
+                    await asyncio.to_thread(_write_subscriptions, account_dir,
+                                            [renamed.get(s, s) for s in subs])
+                except OSError:  # a full disk: the RENAME is refused whole, so undo it
+                    await asyncio.to_thread(_rename_back, account_dir, pairs)
+                    raise
             told = self._forget(acct, old)
             for a, _ in pairs:
                 if a not in told:
