@@ -50,6 +50,7 @@ from ..fsutil import GroupSync, atomic_write, fsync_dir
 from . import filename as fn
 from . import flags as fl
 from . import names
+from . import recent as recentmod
 from . import uidlist as ulmod
 from .diskerrors import FULL, disk_errors
 from .base import (SPECIAL_MAILBOXES, Changes, Mailbox, MailboxExists, MailboxInfo, MailboxNotFound,
@@ -304,6 +305,8 @@ class _State:
         self.cache: dict[int, dict] | None = None
         self.cache_lines = 0  # lines in the cache file; -1 = header missing or stale
         self.cache_lock = asyncio.Lock()
+        self.recent_loaded = False  # the \\Recent mark was read from disk (recent.py)
+        self.recent_task: asyncio.Task | None = None  # writes the mark back
 
     # -- scanning --------------------------------------------------------------------------
 
@@ -1171,6 +1174,7 @@ class MaildirStore(Store):
         st = await self._state(account, name)
         async with st.lock:
             await st.sync()
+            await self._load_recent(st)
             mbox = MaildirMailbox(self, st, read_only)
             mbox._diff()
             st.refs += 1
@@ -1182,10 +1186,41 @@ class MaildirStore(Store):
         async with st.lock:
             await st.sync()
             unseen = sum(1 for e in st.entries.values() if "S" not in e.letters)
+            await self._load_recent(st)
             mark = self.recent_mark(st.account, st.name, st.ul.uidvalidity)
             recent = sum(1 for uid in st.entries if uid > mark)
             return {"MESSAGES": len(st.entries), "RECENT": recent, "UIDNEXT": st.ul.nextuid,
                     "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen}
+
+    # -- \\Recent, kept on disk (recent.py) ------------------------------------------------
+
+    async def _load_recent(self, st: _State) -> None:
+        if st.recent_loaded:
+            return
+        mark = await asyncio.to_thread(recentmod.read, st.path, st.ul.uidvalidity)
+        marks = self._recent_marks()
+        key = (st.account, st.name, st.ul.uidvalidity)
+        marks[key] = max(marks.get(key, 0), mark)
+        st.recent_loaded = True
+
+    def claim_recent(self, account: str, name: str, uidvalidity: int, uids: Iterable[int],
+                     take: bool = True) -> set[int]:
+        mine = super().claim_recent(account, name, uidvalidity, uids, take)
+        st = self._states.get((account, name))
+        if mine and take and st is not None and (st.recent_task is None or st.recent_task.done()):
+            st.recent_task = asyncio.get_running_loop().create_task(self._save_recent(st, uidvalidity))
+        return mine
+
+    async def _save_recent(self, st: _State, uidvalidity: int) -> None:
+        """Write the mark until what is on disk is the latest (claims made meanwhile)."""
+        written = -1
+        while (mark := self.recent_mark(st.account, st.name, uidvalidity)) != written:
+            try:
+                await asyncio.to_thread(recentmod.write, st.path, uidvalidity, mark)
+            except OSError as e:  # a full disk: kept in memory; written at the next claim
+                log.warning("cannot save the \\Recent mark of %s/%s: %s", st.account, st.name, e)
+                return
+            written = mark
 
     async def list_mailboxes(self, account: str) -> list[MailboxInfo]:
         acct = names.normalize_account(account)
