@@ -482,7 +482,7 @@ class IMAPSession:
         self.send(b"* OK [PERMANENTFLAGS " + response.flag_list(perm) + b"] Flags permitted")
 
     def _claim_recent(self, uids) -> None:
-        # RFC 3501 2.3.2: only the first session to see a message is told it is \\Recent;
+        # RFC 3501 2.3.2: only the first session to see a message is told it is \Recent;
         # EXAMINE shows it as recent too but does not take it away from later sessions.
         mbox = self.mbox
         self.recent |= self.services.store.claim_recent(mbox.account, mbox.name, mbox.uidvalidity,
@@ -797,8 +797,8 @@ class IMAPSession:
     async def _expunge(self, uids) -> list[int]:
         """Expunge (\\Deleted messages, limited to `uids`) and announce it."""
         mbox = self.mbox
-        # Every message of the view, not only those this session knows as \\Deleted: another
-        # session may have set \\Deleted since we last told the client, and the store
+        # Every message of the view, not only those this session knows as \Deleted: another
+        # session may have set \Deleted since we last told the client, and the store
         # expunges by what is on disk.  Each message that leaves the view is announced.
         seq_before = {m.uid: i + 1 for i, m in enumerate(mbox.messages)}
         gone = await mbox.expunge(uids, origin=self)
