@@ -151,7 +151,7 @@ class Mailbox(abc.ABC):
 
 
 class Store(abc.ABC):
-    # -- \\Recent (RFC 3501 2.3.2): a message is recent to the first session that sees it
+    # -- \Recent (RFC 3501 2.3.2): a message is recent to the first session that sees it
     # selected read-write; EXAMINE and STATUS report it without taking it.  Kept per mailbox
     # (and UIDVALIDITY) as the highest UID some session took; in memory, for this process.
 

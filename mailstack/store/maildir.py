@@ -305,7 +305,7 @@ class _State:
         self.cache: dict[int, dict] | None = None
         self.cache_lines = 0  # lines in the cache file; -1 = header missing or stale
         self.cache_lock = asyncio.Lock()
-        self.recent_loaded = False  # the \\Recent mark was read from disk (recent.py)
+        self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
         self.recent_task: asyncio.Task | None = None  # writes the mark back
 
     # -- scanning --------------------------------------------------------------------------
@@ -1192,7 +1192,7 @@ class MaildirStore(Store):
             return {"MESSAGES": len(st.entries), "RECENT": recent, "UIDNEXT": st.ul.nextuid,
                     "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen}
 
-    # -- \\Recent, kept on disk (recent.py) ------------------------------------------------
+    # -- \Recent, kept on disk (recent.py) ------------------------------------------------
 
     async def _load_recent(self, st: _State) -> None:
         if st.recent_loaded:
