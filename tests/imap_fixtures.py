@@ -53,11 +53,12 @@ def make_store(kind: str, cfg, events):
 
 
 class InProcessIMAP:
-    def __init__(self, tmp_path: Path, imap_overrides: dict | None = None, store: str = "maildir") -> None:
+    def __init__(self, tmp_path: Path, imap_overrides: dict | None = None, store: str = "maildir",
+                 loop: str = "asyncio", pop3: bool = False, pop3_overrides: dict | None = None) -> None:
         data = tmp_path / "data"
         data.mkdir()
         raw = {"server": {"data_dir": str(data), "hostname": HOST},
-               "imap": {**(imap_overrides or {})},
+               "imap": {**(imap_overrides or {})}, "pop3": {**(pop3_overrides or {})},
                "auth": {"fail_delay": 0.05, "fail_delay_max": 0.2}}
         self.cfg = config_mod.from_dict(raw, base=tmp_path)
         cert, key = data / "tls" / "cert.pem", data / "tls" / "key.pem"
@@ -69,7 +70,12 @@ class InProcessIMAP:
                                  tls=TLSContexts(str(cert), str(key)),
                                  throttle=LoginThrottle(0.05, 0.2, 60), sessions=SessionRegistry())
         self.store_kind = store
-        self.loop = asyncio.new_event_loop()
+        self.with_pop3 = pop3
+        if loop == "uvloop":  # what `mailstack serve` runs on when uvloop is installed
+            import uvloop  # noqa: PLC0415
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.ports: dict[str, int] = {}
@@ -82,6 +88,12 @@ class InProcessIMAP:
             srv = await start_listener(self.services, name, "127.0.0.1", 0)
             self.servers.append(srv)
             self.ports[name] = srv.sockets[0].getsockname()[1]
+        if self.with_pop3:  # POP3 on the same store and event bus, as `mailstack serve` has it
+            from mailstack.pop3.server import start_listener as start_pop3  # noqa: PLC0415
+            for name in ("pop3", "pop3s"):
+                srv = await start_pop3(self.services, name, "127.0.0.1", 0)
+                self.servers.append(srv)
+                self.ports[name] = srv.sockets[0].getsockname()[1]
         for acct in ("alice@example.test", "bob@example.test"):
             await self.services.store.ensure_account(acct)
 

@@ -67,7 +67,8 @@ class MemStore(Store):
 
     async def status(self, account, name):
         box = self._box(account, name)
-        return {"MESSAGES": len(box.msgs), "RECENT": 0, "UIDNEXT": box.uidnext,
+        mark = self.recent_mark(account, name, box.uidvalidity)
+        return {"MESSAGES": len(box.msgs), "RECENT": sum(1 for u in box.msgs if u > mark), "UIDNEXT": box.uidnext,
                 "UIDVALIDITY": box.uidvalidity,
                 "UNSEEN": sum(1 for m in box.msgs.values() if "\\Seen" not in m[1])}
 

@@ -89,10 +89,13 @@ def test_every_command_with_poplib(any_loop_srv, how):
     p.quit()
 
 
-def test_sizes_equal_the_bytes_retr_sends(any_loop_srv):
+def test_sizes_are_the_messages_not_the_transmissions(any_loop_srv):
+    """RFC 1939: LIST/STAT count the message in CRLF form, not RETR's dot-stuffing (issue 10:
+    206 was listed for a 205-octet message), as Dovecot does."""
     srv = any_loop_srv
     big_lf = b"Subject: big\n\n" + b"".join(b".%06d dotted line stored with LF\n" % i for i in range(40000))
-    for msg in (LF_MSG, CRLF_MSG, NOEOL_MSG, big_lf, b".starts with dot\n", b"x"):
+    messages = (LF_MSG, CRLF_MSG, NOEOL_MSG, big_lf, b".starts with dot\n", b"x")
+    for msg in messages:
         srv.deliver(USER, msg)
     c = srv.raw()
     c.cmd(b"USER " + USER.encode())
@@ -101,16 +104,34 @@ def test_sizes_equal_the_bytes_retr_sends(any_loop_srv):
     assert c.cmd(b"LIST").startswith(b"+OK")
     listing = [line.split() for line in c.multiline()]
     total = biggest = 0
-    for n, size in listing:
+    for (n, size), msg in zip(listing, messages):
         status, body = retr_raw(c, int(n))
         assert status == b"+OK %s octets\r\n" % size
-        assert len(body) == int(size), f"message {n}"
+        crlf = msg.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        assert int(size) == len(crlf), f"message {n}"
+        unstuffed = b"\r\n".join(x[1:] if x.startswith(b"..") else x for x in body.split(b"\r\n"))
+        assert unstuffed == (crlf if crlf.endswith(b"\r\n") else crlf + b"\r\n")
         assert body.endswith(b"\r\n") and b"\n" not in body.replace(b"\r\n", b"")
-        total += len(body)
+        total += int(size)
         biggest = max(biggest, len(body))
     assert int(stat[2]) == total and int(stat[1]) == 6
     assert biggest > 1024 * 1024  # the big one went out in several pieces
     c.cmd(b"QUIT")
+
+
+def test_dot_line_size_matches_poplib(srv):
+    message = b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\nend\r\n"
+    srv.deliver(USER, message)
+    p = srv.login()
+    assert p.stat() == (1, len(message))
+    assert p.list(1) == b"+OK 1 %d" % len(message)
+    resp, lines, octets = p.retr(1)
+    assert resp == b"+OK %d octets" % len(message) and octets == len(message)
+    assert b"\r\n".join(lines) + b"\r\n" == message
+    # TOP sends the same bytes, stuffed on the wire and whole after poplib removes it
+    resp, lines, octets = p.top(1, 2)
+    assert lines == [b"Subject: dots", b"", b".leading dot", b"..two dots"]
+    p.quit()
 
 
 def test_sizes_are_cached_in_the_store_beside_other_entries(srv):
@@ -125,7 +146,7 @@ def test_sizes_are_cached_in_the_store_beside_other_entries(srv):
     assert [e["pop3"]["size"] for e in entries] == sizes
     assert entries[0]["imap"] == {"envelope": "x"}  # not clobbered
     # The next login takes sizes from the cache, not from reading every message again.
-    srv.call(box.cache_put({uids[1]: {**entries[1], "pop3": {"size": 12345}}}))
+    srv.call(box.cache_put({uids[1]: {**entries[1], "pop3": {"size": 12345, "v": 2}}}))
     p = srv.login()
     assert int(p.list(2).split()[2]) == 12345
     p.quit()

@@ -648,7 +648,8 @@ def test_status_counts_without_opening(tmp_path):
         box = await store.open(ACCT, "INBOX")
         await box.store_flags([1, 2], ["\\Seen"], "+")
         st = await make_store(tmp_path).status(ACCT, "INBOX")
-        assert st == {"MESSAGES": 4, "RECENT": 0, "UIDNEXT": 5, "UIDVALIDITY": box.uidvalidity, "UNSEEN": 2}
+        # no IMAP session has taken them as \Recent yet (RFC 3501 2.3.2)
+        assert st == {"MESSAGES": 4, "RECENT": 4, "UIDNEXT": 5, "UIDVALIDITY": box.uidvalidity, "UNSEEN": 2}
         with pytest.raises(MailboxNotFound):
             await store.status(ACCT, "Nope")
 
@@ -838,3 +839,28 @@ def test_uids_follow_arrival_order_within_one_second():
     c = "1795475827.M5P10Q3.host,S=10"
     assert sorted([c, b, a], key=fn.arrival_key) == [a, b, c]
     assert sorted([b, a]) == [b, a]  # (the trap)
+
+
+def test_recent_mark_survives_a_restart(tmp_path):
+    """\\Recent (RFC 3501 2.3.2) is kept on disk: after a restart the messages a session has
+    already seen are not recent again (as Dovecot keeps it in dovecot-uidlist)."""
+    async def go():
+        first = make_store(tmp_path)
+        for i in range(2):
+            await first.deliver(ACCT, MSG, f"R{i}-1")
+        assert (await first.status(ACCT, "INBOX"))["RECENT"] == 2
+        box = await first.open(ACCT, "INBOX")
+        uids = [m.uid for m in box.messages]
+        assert first.claim_recent(box.account, box.name, box.uidvalidity, uids) == set(uids)
+        mark_file = inbox_dir(tmp_path) / "mailstack-recent"
+        for _ in range(500):  # written by a task, off the event loop
+            if mark_file.exists():
+                break
+            await asyncio.sleep(0.01)
+        await first.deliver(ACCT, MSG, "R2-1")
+        second = make_store(tmp_path)  # a new process
+        assert (await second.status(ACCT, "INBOX"))["RECENT"] == 1
+        box2 = await second.open(ACCT, "INBOX")
+        all_uids = [m.uid for m in box2.messages]
+        assert second.claim_recent(box2.account, box2.name, box2.uidvalidity, all_uids) == {all_uids[-1]}
+    asyncio.run(go())

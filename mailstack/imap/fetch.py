@@ -11,9 +11,10 @@ import email.utils
 import re
 from dataclasses import dataclass, field
 
+from . import addresses
 from .response import nstring, string
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: envelopes parse comments/CFWS (addresses.py)
 MAX_DEPTH = 32  # MIME nesting we follow; deeper parts are treated as opaque
 MAX_PARTS = 2000  # parts per message we enumerate
 
@@ -227,106 +228,13 @@ def _cte(part: Part) -> str:
 
 
 # --- ENVELOPE -------------------------------------------------------------------------
-_ADDR_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"?|\((?:[^()\\]|\\.)*\)?|[<>,:;@]|[^\s"()<>,:;@]+|\s+', re.S)
-
-
-def _tokens(value: bytes) -> list[bytes]:
-    out = []
-    depth_comment = 0
-    for m in _ADDR_TOKEN.finditer(value):
-        t = m.group()
-        if t[:1].isspace():
-            continue
-        if t.startswith(b"("):
-            continue  # comments carry no address information here
-        out.append(t)
-        if len(out) > 5000:
-            break
-    del depth_comment
-    return out
-
-
-def _unquote(t: bytes) -> bytes:
-    if t.startswith(b'"'):
-        t = t[1:-1] if t.endswith(b'"') and len(t) > 1 else t[1:]
-        return re.sub(rb"\\(.)", rb"\1", t)
-    return t
-
-
-def _one_address(tokens: list[bytes]) -> bytes | None:
-    if not tokens:
-        return None
-    if b"<" in tokens:
-        i = tokens.index(b"<")
-        name_toks = tokens[:i]
-        inner = tokens[i + 1:]
-        if b">" in inner:
-            inner = inner[:inner.index(b">")]
-        route = None
-        if b":" in inner:  # obsolete source route "@a,@b:user@host"
-            j = inner.index(b":")
-            route = b"".join(inner[:j])
-            inner = inner[j + 1:]
-    else:
-        name_toks, inner, route = [], tokens, None
-    name = b" ".join(_unquote(t) for t in name_toks) or None
-    if b"@" in inner:
-        j = len(inner) - 1 - inner[::-1].index(b"@")
-        local = b"".join(inner[:j])
-        host = b"".join(inner[j + 1:])
-    else:
-        local, host = b"".join(inner), b""
-    if not local and not host and name is None:
-        return None
-    local = local or b"MISSING_MAILBOX"
-    host = host or b"MISSING_DOMAIN"
-    if local.startswith(b'"') and local.endswith(b'"') and len(local) > 1:
-        local = _unquote(local)
-    return b"(" + nstring(name) + b" " + nstring(route) + b" " + string(local) + b" " + string(host) + b")"
-
-
 def address_list(value: bytes | None) -> bytes:
+    """An ENVELOPE address list (RFC 3501 7.4.2) from a raw header value (addresses.py parses)."""
     if value is None:
         return b"NIL"
-    toks = _tokens(unfold(value))
-    out: list[bytes] = []
-    cur: list[bytes] = []
-    in_angle = False
-    group_open = False
-    for t in toks:
-        if t == b"<":
-            in_angle = True
-        elif t == b">":
-            in_angle = False
-        if not in_angle and t == b":" and not group_open and b"<" not in cur and b"@" not in cur:
-            name = b" ".join(_unquote(x) for x in cur)
-            out.append(b"(NIL NIL " + string(name) + b" NIL)")
-            group_open = True
-            cur = []
-            continue
-        if not in_angle and t == b";" and group_open:
-            a = _one_address(cur)
-            if a:
-                out.append(a)
-            out.append(b"(NIL NIL NIL NIL)")
-            group_open = False
-            cur = []
-            continue
-        if not in_angle and t == b",":
-            a = _one_address(cur)
-            if a:
-                out.append(a)
-            cur = []
-            continue
-        cur.append(t)
-    a = _one_address(cur)
-    if a:
-        out.append(a)
-    if group_open:
-        out.append(b"(NIL NIL NIL NIL)")
-    if not out:
-        return b"NIL"
-    return b"(" + b"".join(out) + b")"
+    out = [b"(" + nstring(a.name) + b" " + nstring(a.route) + b" " + nstring(a.mailbox) + b" " +
+           nstring(a.host) + b")" for a in addresses.parse_list(unfold(value))]
+    return b"(" + b"".join(out) + b")" if out else b"NIL"
 
 
 def envelope(part: Part) -> bytes:
@@ -401,10 +309,14 @@ def bodystructure(data: bytes, part: Part, extended: bool = True) -> bytes:
 
 # --- BODY[section] ------------------------------------------------------------------------
 def find_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
-    """Part by section number (RFC 3501 6.4.5): a non-multipart message has part 1 = itself."""
+    """Part by section number (RFC 3501 6.4.5): a non-multipart message has part 1 = itself.
+
+    The numbers after a message/rfc822 part are those of the message it encloses; the
+    first number never enters one: a top-level message/rfc822 body is part 1 (so BODY[1]
+    is the whole enclosed message, BODY[1.1] its first part), as Dovecot answers."""
     part = root
-    for n in numbers:
-        if part.message is not None and part.type == "message":
+    for i, n in enumerate(numbers):
+        if i and part.message is not None and part.type == "message":
             part = part.message
         if part.type == "multipart":
             if not 1 <= n <= len(part.children):

@@ -183,6 +183,11 @@ class ParseError(Exception):
         self.code = code
 
 
+class MailboxNameError(ParseError):
+    """A mailbox name that is not valid modified UTF-7: the command is well-formed, the name
+    is refused (NO, as Dovecot answers; BAD makes clients such as mutt drop the connection)."""
+
+
 @dataclass
 class Command:
     tag: str
@@ -330,11 +335,13 @@ class _Cursor:
         raw = self.astring()
         try:
             name = mutf7.decode(raw)
-        except mutf7.MUTF7Error as e:
-            raise self.error(str(e)) from None
+        except mutf7.MUTF7Error:
+            raise MailboxNameError(self.tag, "Mailbox name is not valid modified UTF-7",
+                                   code="CANNOT") from None
         return "INBOX" if name.upper() == "INBOX" else name
 
-    def list_mailbox(self) -> str:
+    def list_mailbox(self) -> str | None:
+        """A LIST pattern; None when it is not valid modified UTF-7 (it then matches nothing)."""
         c = self.peek()
         if c in (0x22, 0x7B):
             raw = self.string()
@@ -344,8 +351,8 @@ class _Cursor:
                 raise self.error("expected a mailbox pattern")
         try:
             return mutf7.decode(raw)
-        except mutf7.MUTF7Error as e:
-            raise self.error(str(e)) from None
+        except mutf7.MUTF7Error:
+            return None
 
     def flag(self) -> str:
         if self.peek() == 0x5C:
@@ -713,8 +720,8 @@ def _list(c: _Cursor) -> dict:
     ref = c.astring()
     try:
         reference = mutf7.decode(ref)
-    except mutf7.MUTF7Error as e:
-        raise c.error(str(e)) from None
+    except mutf7.MUTF7Error:
+        reference = None  # matches nothing, as a bad pattern
     c.sp()
     return {"reference": reference, "pattern": c.list_mailbox()}
 

@@ -13,7 +13,7 @@ import quopri
 import time
 from dataclasses import dataclass
 
-from . import fetch
+from . import addresses, fetch
 
 
 @dataclass
@@ -108,7 +108,26 @@ def _header_matches(c: Candidate, name: str, needle: str) -> bool:
             value = fetch.unfold(v)
             if needle in _fold(_decode_words(value)):
                 return True
+            if lname in _ADDRESS_HEADERS and any(needle in _fold(form) for form in _address_forms(value)):
+                return True
     return False
+
+
+_ADDRESS_HEADERS = {b"from", b"to", b"cc", b"bcc", b"sender", b"reply-to"}
+
+
+def _address_forms(value: bytes) -> list[str]:
+    """What a FROM/TO/CC/BCC search matches besides the raw text: each address with its
+    comments and folding white space taken out (RFC 5322 CFWS), as "name <local@domain>"."""
+    out = []
+    for a in addresses.parse_list(value):
+        spec = a.addr_spec()
+        if a.name is not None:
+            name = _decode_words(a.name)
+            out.append(f"{name} <{spec}>" if spec else name)
+        elif spec:
+            out.append(spec)
+    return out
 
 
 def _decoded_body(data: bytes, part: "fetch.Part") -> str:

@@ -19,13 +19,13 @@ import re
 import ssl
 import time
 
-from .. import proxy
+from .. import proxy, tlsclose
 from ..events import MailboxEvent
 from ..smtp.budget import budget_for
-from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError
+from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
 from . import fetch, response, search
-from .parser import (Command, CommandFramer, Continuation, FetchAtt, Frame, FrameError, ParseError,
-                     parse_command, parse_tag)
+from .parser import (Command, CommandFramer, Continuation, FetchAtt, Frame, FrameError, MailboxNameError,
+                     ParseError, parse_command, parse_tag)
 
 log = logging.getLogger("mailstack.imap")
 
@@ -272,8 +272,10 @@ class IMAPSession:
             cmd = parse_command(ev.parts)
         except ParseError as e:
             code = f"[{e.code}] " if e.code else ""
-            # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error
-            status = "NO" if e.code and e.code.startswith("BADCHARSET") and e.tag else "BAD"
+            # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error;
+            # nor is a mailbox name that is not valid modified UTF-7
+            refused = isinstance(e, MailboxNameError) or (e.code and e.code.startswith("BADCHARSET"))
+            status = "NO" if refused and e.tag else "BAD"
             self.send(f"{e.tag or '*'} {status} {code}{e.message}".encode("utf-8", "replace"))
             return
         await self.dispatch(cmd)
@@ -299,6 +301,10 @@ class IMAPSession:
             self.tagged(cmd, "NO", f"[NONEXISTENT] {e or 'Mailbox does not exist'}")
         except MailboxExists as e:
             self.tagged(cmd, "NO", f"[ALREADYEXISTS] {e or 'Mailbox exists'}")
+        except StoreFull as e:  # as Dovecot answers ENOSPC; the store changed nothing
+            self.tagged(cmd, "NO", f"[OVERQUOTA] {e}")
+        except StoreIOError as e:
+            self.tagged(cmd, "NO", f"[SERVERBUG] {e}")
         except StoreError as e:
             self.tagged(cmd, "NO", str(e) or "Refused")
         except (_Bye, ConnectionError, OSError, asyncio.CancelledError, asyncio.IncompleteReadError):
@@ -326,7 +332,8 @@ class IMAPSession:
             if self.out and not self.writer.is_closing():
                 self.writer.write(bytes(self.out))
                 self.out.clear()
-            self.writer.close()
+            # over TLS, close() alone waits up to 30 s for the client's close_notify
+            tlsclose.close_soon(self.writer.transport)
         except Exception:  # noqa: BLE001
             pass
         self.services.sessions.discard(self)
@@ -475,20 +482,11 @@ class IMAPSession:
         self.send(b"* OK [PERMANENTFLAGS " + response.flag_list(perm) + b"] Flags permitted")
 
     def _claim_recent(self, uids) -> None:
-        if self.mbox.read_only:
-            return
-        # Which session first saw each message as new: (account, mailbox, uidvalidity) -> highest
-        # UID claimed as \Recent, shared by all sessions (RFC 3501: only one session is told).
-        claims = self.services.extra.setdefault("imap_recent", {})
-        key = (self.account, self.mbox.name, self.mbox.uidvalidity)
-        claimed = claims.get(key, 0)
-        top = claimed
-        for uid in uids:
-            if uid > claimed:
-                self.recent.add(uid)
-                top = max(top, uid)
-        if top > claimed:
-            claims[key] = top
+        # RFC 3501 2.3.2: only the first session to see a message is told it is \Recent;
+        # EXAMINE shows it as recent too but does not take it away from later sessions.
+        mbox = self.mbox
+        self.recent |= self.services.store.claim_recent(mbox.account, mbox.name, mbox.uidvalidity,
+                                                        uids, take=not mbox.read_only)
 
     def _on_event(self, ev: MailboxEvent) -> None:
         if ev.origin is self:
@@ -554,6 +552,8 @@ class IMAPSession:
     async def cmd_list(self, cmd: Command, lsub: bool = False) -> None:
         ref, pattern = cmd.args["reference"], cmd.args["pattern"]
         word = b"* LSUB" if lsub else b"* LIST"
+        if ref is None or pattern is None:  # not valid modified UTF-7: no mailbox has that name
+            return await self.done(cmd, f"{cmd.name} completed")
         if pattern == "":
             self.send(word + b' (\\Noselect) "/" ""')
             return await self.done(cmd, f"{cmd.name} completed")
@@ -575,8 +575,12 @@ class IMAPSession:
                     if b.special_use:
                         attrs.append(b.special_use)
                 lines[b.name] = attrs
-            # a parent that does not exist (or, for LSUB, is not subscribed) but matches "%"
+            # a parent that does not exist (or, for LSUB, is not subscribed) but matches "%".
+            # RFC 3501 6.3.9: only where "%" stopped at the parent; LSUB "" "x*" lists the
+            # subscribed "x/y" itself, not its unsubscribed parent "x".
             parts = b.name.split("/")
+            if lsub and (not b.subscribed or rx.match(b.name)):
+                parts = []
             for i in range(1, len(parts)):
                 parent = "/".join(parts[:i])
                 if parent in lines or not rx.match(parent):
@@ -793,11 +797,10 @@ class IMAPSession:
     async def _expunge(self, uids) -> list[int]:
         """Expunge (\\Deleted messages, limited to `uids`) and announce it."""
         mbox = self.mbox
-        seq_before = {m.uid: i + 1 for i, m in enumerate(mbox.messages)
-                      if "\\Deleted" in m.flags or uids is not None}
-        if uids is not None:
-            want = set(uids)
-            seq_before = {u: s for u, s in seq_before.items() if u in want}
+        # Every message of the view, not only those this session knows as \Deleted: another
+        # session may have set \Deleted since we last told the client, and the store
+        # expunges by what is on disk.  Each message that leaves the view is announced.
+        seq_before = {m.uid: i + 1 for i, m in enumerate(mbox.messages)}
         gone = await mbox.expunge(uids, origin=self)
         seqs = sorted((seq_before[u] for u in gone if u in seq_before), reverse=True)
         for s in seqs:
@@ -819,6 +822,8 @@ class IMAPSession:
             msgs = self.mbox.messages
             for seq, info in picked:
                 cur = msgs[seq - 1] if seq <= len(msgs) and msgs[seq - 1].uid == info.uid else info
+                # the file may carry keywords another session set: FLAGS announces them first
+                self._note_keywords(cur.flags)
                 self.send(b"* %d FETCH (" % seq + self._uid_item(cur.uid) + b"FLAGS " +
                           response.flag_list(self.flags_of(cur)) + b")")
         await self.done(cmd, "STORE completed")
@@ -840,8 +845,6 @@ class IMAPSession:
             st = await store.status(self.account, dest)
         except MailboxNotFound:
             return self.tagged(cmd, "NO", "[TRYCREATE] Mailbox does not exist")
-        if move and dest == self.mbox.name:
-            return self.tagged(cmd, "NO", "[CANNOT] Source and destination are the same")
         if move and hasattr(self.mbox, "move"):
             seq_before = {m.uid: s for s, m in picked}
             pairs = await self.mbox.move(uids, dest, origin=self)
@@ -1034,19 +1037,21 @@ class IMAPSession:
                 msgs = self.mbox.messages
                 picked = [(s, msgs[s - 1] if s <= len(msgs) and msgs[s - 1].uid == m.uid else m)
                           for s, m in picked]
+        if any(a.name == "FLAGS" for a in atts):
+            # A keyword shows in a FETCH only after an untagged FLAGS announced it.
+            self._note_keywords({f for _, m in picked for f in m.flags})
         missing = False
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
             entries = await self._cache_entries(batch, need_structure) if need_cache else {}
             if need_data:
                 datas = await self._read_many([m for _, m in batch], header_only=need_data == "header")
-                rendered = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas)
+                rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas)
             else:
-                rendered = self._render_batch(batch, atts, entries, None)
+                rendered, gone = self._render_batch(batch, atts, entries, None)
+            missing = missing or gone
             for item in rendered:
-                if item is None:
-                    missing = True
-                elif isinstance(item, bytes):
+                if isinstance(item, bytes):
                     self.out += item
                 else:  # big literals go to the transport as they are, not copied into `out`
                     for chunk in item:
@@ -1058,20 +1063,25 @@ class IMAPSession:
                             self.out += chunk
                 await self.maybe_flush()
         if missing:
-            await self.done(cmd, "[EXPUNGEISSUED] Some messages were expunged", status="NO")
+            # RFC 2180 4.1.3 lets us choose.  As Dovecot: what is still known (UID, FLAGS,
+            # sizes, a cached ENVELOPE) and NIL for the contents, then OK: a NO makes clients
+            # count the whole FETCH as failed and retry it; with OK they go on and learn of
+            # the EXPUNGE at the next command that may announce it.
+            await self.done(cmd, "[EXPUNGEISSUED] Some messages were already expunged")
         else:
             await self.done(cmd, "FETCH completed")
 
-    def _render_batch(self, batch, atts, entries, datas) -> list[bytes | None]:
-        out: list[bytes | None] = []
+    def _render_batch(self, batch, atts, entries, datas) -> tuple[list, bool]:
+        """The FETCH responses of a batch, and whether a message had vanished meanwhile."""
+        out: list = []
+        gone = False
         for seq, m in batch:
             data = None
             root = None
             if datas is not None:
                 data = datas.get(m.uid)
-                if data is None:
-                    out.append(None)
-                    continue
+            vanished = datas is not None and data is None
+            gone = gone or vanished
             items: list[bytes] = []
             for a in atts:
                 name = a.name
@@ -1086,10 +1096,15 @@ class IMAPSession:
                 elif name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
                     key = {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}[name]
                     value = fetch.cached(entries.get(m.uid), key)
-                    if value is None:
-                        out.append(None)
-                        break
+                    if value is None:  # expunged meanwhile, and never parsed
+                        gone = True
+                        continue
                     items.append(name.encode() + b" " + value)
+                elif vanished and name.startswith(("RFC822", "BODY[")):
+                    label = name.encode() if name != "BODY[]" else b"BODY[" + a.section.spec() + b"]"
+                    if a.partial is not None:
+                        label += b"<%d>" % a.partial[0]
+                    items.append(label + b" NIL")
                 elif name == "RFC822":
                     items.append(_Lit(b"RFC822", data))
                 elif name == "RFC822.HEADER":
@@ -1112,6 +1127,6 @@ class IMAPSession:
                         body = body[off:off + length]
                         label += b"<%d>" % off
                     items.append(_Lit(label, body))
-            else:
+            if items:  # "* n FETCH ()" is not valid: nothing left to say of a vanished message
                 out.append(_join_fetch(seq, items))
-        return out
+        return out, gone

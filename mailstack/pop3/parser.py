@@ -241,6 +241,12 @@ def encoded_size(data: bytes) -> int:
     return len(data) + (lf - crlf) + stuffed + tail
 
 
+def message_size(data: bytes) -> int:
+    """The size LIST, STAT and RETR's +OK report (RFC 1939): the message's own octets in
+    CRLF form, as Dovecot counts them; not the dot-stuffing or terminator RETR adds."""
+    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
 def top_extent(data: bytes, lines: int, eof: bool) -> int | None:
     """Bytes of `data` (a prefix of a stored message) that TOP sends: the header, the blank
     line after it, and `lines` lines of the body.  None when `data` ends before that point

@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from typing import Awaitable, Callable
 
+from .. import tlsclose
 from ..store.base import MailboxNotFound, MessageInfo, StoreError
 from .connection import Connection
 from .parser import (LINE_TOO_LONG, Command, CommandError, MessageEncoder, decode_sasl_plain, err,
@@ -150,6 +151,8 @@ class POP3Session:
             await self._release()
             registry.discard(self)
             self.conn.close()
+            # over TLS, close() alone waits up to 30 s for the client's close_notify
+            tlsclose.close_soon(self.conn.transport)
 
     async def _release(self) -> None:
         mailbox, self.mailbox = self.mailbox, None
@@ -513,7 +516,7 @@ class POP3Session:
         self.conn.write(out + b".\r\n")
         self._in_multiline = False
         self.bytes_sent += sent
-        if sent != self.sizes[i]:  # would mean the file changed under us: Maildir files never do
+        if sent < self.sizes[i]:  # would mean the file changed under us: Maildir files never do
             log.warning("RETR %d (uid %d) sent %d octets, LIST said %d", i + 1, uid, sent, self.sizes[i],
                         extra=self._log_extra)
         self.retrieved.add(i)

@@ -1,6 +1,6 @@
-"""The size POP3 reports for each message: the octets RETR sends (CRLF line endings,
-dot-stuffed), which differ from the stored size for LF-stored mail or lines that
-start with ".".
+"""The size POP3 reports for each message: its octets in CRLF form (RFC 1939), which
+differ from the stored size for LF-stored mail; dot-stuffing is not counted (a line
+starting with "." is sent as ".." but is one octet of the message), as Dovecot does.
 
 Computing it means reading the message, so it is done once per message and kept in
 the store's per-message cache under the "pop3" key (the IMAP layer uses other keys
@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 
 from ..store.base import Mailbox, MessageInfo, StoreError
-from .parser import encoded_size
+from .parser import message_size
 
 CACHE_KEY = "pop3"
+CACHE_VERSION = 2  # 1 counted dot-stuffing
 # Marks a message that vanished while we looked (expunged over IMAP meanwhile): left out.
 _GONE = -1
 
@@ -25,7 +26,7 @@ def _sizes_from_files(paths: list[tuple[int, str]]) -> dict[int, int]:
     for uid, path in paths:
         try:
             with open(path, "rb") as f:
-                out[uid] = encoded_size(f.read())
+                out[uid] = message_size(f.read())
         except FileNotFoundError:
             pass
     return out
@@ -40,7 +41,7 @@ async def message_sizes(mailbox: Mailbox) -> tuple[list[MessageInfo], list[int]]
     for info in messages:
         entry = await mailbox.cache_get(info.uid)
         value = entry.get(CACHE_KEY) if entry else None
-        if isinstance(value, dict) and isinstance(value.get("size"), int):
+        if isinstance(value, dict) and value.get("v") == CACHE_VERSION and isinstance(value.get("size"), int):
             sizes[info.uid] = value["size"]
         else:
             cached_entries[info.uid] = dict(entry) if entry else {}
@@ -55,15 +56,18 @@ async def message_sizes(mailbox: Mailbox) -> tuple[list[MessageInfo], list[int]]
                 except (StoreError, KeyError, OSError):
                     computed[m.uid] = _GONE
                     continue
-                computed[m.uid] = await asyncio.to_thread(encoded_size, data)
+                computed[m.uid] = await asyncio.to_thread(message_size, data)
         updates = {}
         for uid, size in computed.items():
             sizes[uid] = size
             if size != _GONE:
                 entry = cached_entries[uid]
-                entry[CACHE_KEY] = {"size": size}
+                entry[CACHE_KEY] = {"size": size, "v": CACHE_VERSION}
                 updates[uid] = entry
         if updates:
-            await mailbox.cache_put(updates)
+            try:
+                await mailbox.cache_put(updates)
+            except (StoreError, OSError):  # e.g. a full disk: computed again next time
+                pass
     kept = [m for m in messages if sizes[m.uid] != _GONE]
     return kept, [sizes[m.uid] for m in kept]

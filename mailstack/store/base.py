@@ -33,6 +33,14 @@ class MailboxExists(StoreError):
     pass
 
 
+class StoreFull(StoreError):
+    """No space left on the disk (or over the filesystem quota); the request changed nothing."""
+
+
+class StoreIOError(StoreError):
+    """The disk failed the request (other than by being full); the request changed nothing."""
+
+
 class MessageGone(StoreError):
     """The message was expunged (by another session or program) after this session listed it."""
 
@@ -143,6 +151,29 @@ class Mailbox(abc.ABC):
 
 
 class Store(abc.ABC):
+    # -- \Recent (RFC 3501 2.3.2): a message is recent to the first session that sees it
+    # selected read-write; EXAMINE and STATUS report it without taking it.  Kept per mailbox
+    # (and UIDVALIDITY) as the highest UID some session took; in memory, for this process.
+
+    def _recent_marks(self) -> dict:
+        return self.__dict__.setdefault("_recent_marks_", {})
+
+    def recent_mark(self, account: str, name: str, uidvalidity: int) -> int:
+        """UIDs above this one are still recent (no read-write session has seen them)."""
+        return self._recent_marks().get((account, name, uidvalidity), 0)
+
+    def claim_recent(self, account: str, name: str, uidvalidity: int, uids: Iterable[int],
+                     take: bool = True) -> set[int]:
+        """Which of `uids` are recent to this session; with `take` (a read-write session)
+        no later session sees them as recent."""
+        marks = self._recent_marks()
+        key = (account, name, uidvalidity)
+        mark = marks.get(key, 0)
+        mine = {u for u in uids if u > mark}
+        if mine and take:
+            marks[key] = max(mine)
+        return mine
+
     @abc.abstractmethod
     async def ensure_account(self, account: str) -> None:
         """Create the account's INBOX and the SPECIAL_MAILBOXES if missing. Idempotent."""

@@ -50,7 +50,9 @@ from ..fsutil import GroupSync, atomic_write, fsync_dir
 from . import filename as fn
 from . import flags as fl
 from . import names
+from . import recent as recentmod
 from . import uidlist as ulmod
+from .diskerrors import FULL, disk_errors
 from .base import (SPECIAL_MAILBOXES, Changes, Mailbox, MailboxExists, MailboxInfo, MailboxNotFound,
                    MessageGone, MessageInfo, MessageSource, Store, StoreError)
 from .uidlist import UidList
@@ -138,13 +140,18 @@ def _new_uidvalidity(account_dir: Path) -> int:
 
 
 def _create_folder(account_dir: Path, path: Path, special_use: str | None) -> None:
-    """Make one mailbox directory; FileExistsError when it is there already."""
+    """Make one mailbox directory; FileExistsError when it is there already.  On any other
+    error (a full disk) nothing of it is left: a later CREATE must not find half a folder."""
     os.mkdir(path, 0o700)
-    _make_subdirs(path)
-    _touch(path / MAILDIRFOLDER)
-    if special_use:
-        _touch(path / SPECIAL_USE, special_use.encode() + b"\n")
-    atomic_write(path / ulmod.NAME, ulmod.format_header(_new_uidvalidity(account_dir), 1))
+    try:
+        _make_subdirs(path)
+        _touch(path / MAILDIRFOLDER)
+        if special_use:
+            _touch(path / SPECIAL_USE, special_use.encode() + b"\n")
+        atomic_write(path / ulmod.NAME, ulmod.format_header(_new_uidvalidity(account_dir), 1))
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _list(path: Path) -> dict[str, tuple[str, str, str]]:
@@ -239,6 +246,21 @@ def _write_message(mailbox_dir: Path, base: str, sub: str, name: str,
         raise
 
 
+def _rename_back(account_dir: Path, pairs: list[tuple[str, str]]) -> None:
+    for old, new in reversed(pairs):
+        try:
+            os.rename(account_dir / names.to_dirname(new), account_dir / names.to_dirname(old))  # type: ignore[operator]
+        except OSError:
+            log.warning("could not rename %s back to %s", new, old)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _read_file(path: Path, start: int = 0, length: int | None = None) -> bytes:
     with open(path, "rb", buffering=0) as f:
         if start:
@@ -283,6 +305,8 @@ class _State:
         self.cache: dict[int, dict] | None = None
         self.cache_lines = 0  # lines in the cache file; -1 = header missing or stale
         self.cache_lock = asyncio.Lock()
+        self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
+        self.recent_task: asyncio.Task | None = None  # writes the mark back
 
     # -- scanning --------------------------------------------------------------------------
 
@@ -397,9 +421,17 @@ class _State:
                 else:
                     items.append((base, None, None))
             items.sort(key=lambda it: fn.arrival_key(it[0], it[2]))
-            with _flock(self.path):
-                ul, ul_sig = self._assign_locked(ul, items)
-            sig = (sig[0], sig[1], ul_sig)
+            try:
+                with _flock(self.path):
+                    ul, ul_sig = self._assign_locked(ul, items)
+                sig = (sig[0], sig[1], ul_sig)
+            except OSError as e:
+                if e.errno not in FULL or ul is None:
+                    raise
+                # A full disk: files dropped in by others get their UIDs once there is room
+                # (this signature never matches, so the next look scans again).
+                log.warning("no room to give UIDs in %s/%s", self.account, self.name)
+                sig = (sig[0], sig[1], ul_sig, "unassigned")
 
         # Entries: reuse the previous object whenever the file name is unchanged.
         prev = {e.name: e for e in self.entries.values()} if self.entries else {}
@@ -490,7 +522,14 @@ class _State:
                 for b in set(gone) | bases:
                     ul.uids.pop(b, None)
                     ul.extra.pop(b, None)
-                self._write_uidlist(ul, None)
+                try:
+                    self._write_uidlist(ul, None)
+                except OSError as e:
+                    if e.errno not in FULL:
+                        raise
+                    # The files are gone already; lines naming missing files are ignored
+                    # when read, and go at the next rewrite.
+                    log.warning("uidlist of %s/%s not rewritten: disk full", self.account, self.name)
                 return ul
         self.ul = await asyncio.to_thread(work)
         self.dirty = True
@@ -659,7 +698,28 @@ def _transfer(src: Path, dst: Path, plan: list[tuple[Entry, str]], move: bool) -
     """Copy (hard link) or move (rename) files into dst/cur/.  Returns what was done."""
     if not (dst / "cur").is_dir():
         raise MailboxNotFound("destination mailbox is gone")
-    done = []
+    done: list[tuple[Entry, str]] = []
+    try:
+        _transfer_files(src, dst, plan, move, done)
+    except BaseException:  # a full disk part way: put back what was done
+        _undo_transfer(src, dst, done, move)
+        raise
+    return done
+
+
+def _undo_transfer(src: Path, dst: Path, done: list[tuple[Entry, str]], move: bool) -> None:
+    for e, dname in done:
+        try:
+            if move:
+                os.rename(dst / "cur" / dname, src / e.sub / e.name)
+            else:
+                os.unlink(dst / "cur" / dname)
+        except OSError:
+            log.warning("could not undo a %s of %s", "move" if move else "copy", dname)
+
+
+def _transfer_files(src: Path, dst: Path, plan: list[tuple[Entry, str]], move: bool,
+                    done: list[tuple[Entry, str]]) -> None:
     listing = None
     for e, dname in plan:
         sub, name = e.sub, e.name
@@ -669,7 +729,7 @@ def _transfer(src: Path, dst: Path, plan: list[tuple[Entry, str]], move: bool) -
                     os.rename(src / sub / name, dst / "cur" / dname)
                 else:
                     _link_or_copy(src / sub / name, dst / "cur" / dname, e.size, e.date)
-                done.append((e, dname))
+                done.append((e._replace(sub=sub, name=name), dname))  # where it came from
                 break
             except FileNotFoundError:
                 if attempt:
@@ -678,7 +738,6 @@ def _transfer(src: Path, dst: Path, plan: list[tuple[Entry, str]], move: bool) -
                 if loc is None:
                     break
                 sub, name = loc[0], loc[1]
-    return done
 
 
 @asynccontextmanager
@@ -785,6 +844,7 @@ class MaildirMailbox(Mailbox):
     def _publish(self, kind: str, uids: Iterable[int], origin: object, mailbox: str | None = None) -> None:
         self._store._publish(self.account, mailbox or self.name, kind, uids, origin)
 
+    @disk_errors
     async def refresh(self) -> Changes:
         self._check_open()
         st = self._st
@@ -831,6 +891,7 @@ class MaildirMailbox(Mailbox):
         e = self._st.entries.get(uid)
         return None if e is None else os.fspath(self._st.path / e.sub / e.name)
 
+    @disk_errors
     async def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str,
                           origin: object = None) -> list[MessageInfo]:
         self._check_writable()
@@ -867,6 +928,7 @@ class MaildirMailbox(Mailbox):
             self._publish("flags", sorted(renamed), origin)
         return out
 
+    @disk_errors
     async def expunge(self, uids: Iterable[int] | None = None, origin: object = None) -> list[int]:
         self._check_writable()
         limit = None if uids is None else set(uids)
@@ -890,10 +952,12 @@ class MaildirMailbox(Mailbox):
         self._publish("expunge", done, origin)
         return done
 
+    @disk_errors
     async def copy(self, uids: Iterable[int], dest: str, origin: object = None) -> list[tuple[int, int]]:
         self._check_open()
         return await self._store._transfer(self, uids, dest, move=False, origin=origin)
 
+    @disk_errors
     async def move(self, uids: Iterable[int], dest: str, origin: object = None) -> list[tuple[int, int]]:
         self._check_writable()
         return await self._store._transfer(self, uids, dest, move=True, origin=origin)
@@ -1001,6 +1065,7 @@ class MaildirStore(Store):
 
     # -- Store interface --------------------------------------------------------------------
 
+    @disk_errors
     async def ensure_account(self, account: str) -> None:
         acct = names.normalize_account(account)
         account_dir = self.account_dir(acct)
@@ -1031,6 +1096,7 @@ class MaildirStore(Store):
             fsync_dir(account_dir)
             fsync_dir(account_dir.parent)
 
+    @disk_errors
     async def deliver(self, account: str, message: "bytes | MessageSource", delivery_id: str,
                       mailbox: str = "INBOX", flags: Iterable[str] = ()) -> bool:
         did = fn.escape_delivery_id(delivery_id)
@@ -1070,6 +1136,7 @@ class MaildirStore(Store):
         self._publish(st.account, st.name, "new", (), None)
         return True
 
+    @disk_errors
     async def append(self, account: str, mailbox: str, message: bytes, flags: Iterable[str] = (),
                      internaldate: float | None = None, origin: object = None) -> tuple[int, int]:
         if not isinstance(message, (bytes, bytearray, memoryview)):
@@ -1089,31 +1156,71 @@ class MaildirStore(Store):
             base = fn.new_base(date, len(message))
             name = fn.join(base, letters)
             await asyncio.to_thread(_write_message, st.path, base, "cur", name, message, date)
-            await self._dsync(st.path / "cur")
-            async with st.lock:
-                uid = (await st.assign([(base, None, None)]))[base]
-                uidvalidity = st.ul.uidvalidity
+            try:
+                await self._dsync(st.path / "cur")
+                async with st.lock:
+                    uid = (await st.assign([(base, None, None)]))[base]
+                    uidvalidity = st.ul.uidvalidity
+            except BaseException:  # no UID (a full disk): the message must not stay without one
+                await asyncio.to_thread(_unlink_quietly, st.path / "cur" / name)
+                raise
         finally:
             st.refs -= 1
         self._publish(st.account, st.name, "new", (uid,), origin)
         return uidvalidity, uid
 
+    @disk_errors
     async def open(self, account: str, name: str, read_only: bool = False) -> Mailbox:
         st = await self._state(account, name)
         async with st.lock:
             await st.sync()
+            await self._load_recent(st)
             mbox = MaildirMailbox(self, st, read_only)
             mbox._diff()
             st.refs += 1
         return mbox
 
+    @disk_errors
     async def status(self, account: str, name: str) -> dict:
         st = await self._state(account, name)
         async with st.lock:
             await st.sync()
             unseen = sum(1 for e in st.entries.values() if "S" not in e.letters)
-            return {"MESSAGES": len(st.entries), "RECENT": 0, "UIDNEXT": st.ul.nextuid,
+            await self._load_recent(st)
+            mark = self.recent_mark(st.account, st.name, st.ul.uidvalidity)
+            recent = sum(1 for uid in st.entries if uid > mark)
+            return {"MESSAGES": len(st.entries), "RECENT": recent, "UIDNEXT": st.ul.nextuid,
                     "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen}
+
+    # -- \Recent, kept on disk (recent.py) ------------------------------------------------
+
+    async def _load_recent(self, st: _State) -> None:
+        if st.recent_loaded:
+            return
+        mark = await asyncio.to_thread(recentmod.read, st.path, st.ul.uidvalidity)
+        marks = self._recent_marks()
+        key = (st.account, st.name, st.ul.uidvalidity)
+        marks[key] = max(marks.get(key, 0), mark)
+        st.recent_loaded = True
+
+    def claim_recent(self, account: str, name: str, uidvalidity: int, uids: Iterable[int],
+                     take: bool = True) -> set[int]:
+        mine = super().claim_recent(account, name, uidvalidity, uids, take)
+        st = self._states.get((account, name))
+        if mine and take and st is not None and (st.recent_task is None or st.recent_task.done()):
+            st.recent_task = asyncio.get_running_loop().create_task(self._save_recent(st, uidvalidity))
+        return mine
+
+    async def _save_recent(self, st: _State, uidvalidity: int) -> None:
+        """Write the mark until what is on disk is the latest (claims made meanwhile)."""
+        written = -1
+        while (mark := self.recent_mark(st.account, st.name, uidvalidity)) != written:
+            try:
+                await asyncio.to_thread(recentmod.write, st.path, uidvalidity, mark)
+            except OSError as e:  # a full disk: kept in memory; written at the next claim
+                log.warning("cannot save the \\Recent mark of %s/%s: %s", st.account, st.name, e)
+                return
+            written = mark
 
     async def list_mailboxes(self, account: str) -> list[MailboxInfo]:
         acct = names.normalize_account(account)
@@ -1143,6 +1250,7 @@ class MaildirStore(Store):
             out.append(MailboxInfo(name, special, name in subs, name in with_children, name in real))
         return out
 
+    @disk_errors
     async def create_mailbox(self, account: str, name: str, special_use: str | None = None) -> None:
         acct = names.normalize_account(account)
         name = names.normalize(name)
@@ -1157,18 +1265,27 @@ class MaildirStore(Store):
             await asyncio.to_thread(self._create_blocking, account_dir, name, special_use)
 
     def _create_blocking(self, account_dir: Path, name: str, special_use: str | None) -> None:
-        for parent in names.parents(name):
-            if parent != names.INBOX:
-                try:
-                    _create_folder(account_dir, account_dir / names.to_dirname(parent), None)  # type: ignore[operator]
-                except FileExistsError:
-                    pass
+        made: list[Path] = []  # parents made here: removed again if the mailbox cannot be
         try:
-            _create_folder(account_dir, account_dir / names.to_dirname(name), special_use)  # type: ignore[operator]
-        except FileExistsError:
-            raise MailboxExists(f"mailbox {name} exists") from None
-        fsync_dir(account_dir)
+            for parent in names.parents(name):
+                if parent != names.INBOX:
+                    path = account_dir / names.to_dirname(parent)  # type: ignore[operator]
+                    try:
+                        _create_folder(account_dir, path, None)
+                        made.append(path)
+                    except FileExistsError:
+                        pass
+            try:
+                _create_folder(account_dir, account_dir / names.to_dirname(name), special_use)  # type: ignore[operator]
+            except FileExistsError:
+                raise MailboxExists(f"mailbox {name} exists") from None
+            fsync_dir(account_dir)
+        except BaseException:
+            for path in reversed(made):
+                shutil.rmtree(path, ignore_errors=True)
+            raise
 
+    @disk_errors
     async def delete_mailbox(self, account: str, name: str) -> None:
         acct = names.normalize_account(account)
         name = names.normalize(name)
@@ -1201,6 +1318,7 @@ class MaildirStore(Store):
         fsync_dir(account_dir)
         shutil.rmtree(trash, ignore_errors=True)
 
+    @disk_errors
     async def rename_mailbox(self, account: str, old: str, new: str) -> None:
         acct = names.normalize_account(account)
         old, new = names.normalize(old), names.normalize(new)
@@ -1216,8 +1334,12 @@ class MaildirStore(Store):
             renamed = dict(pairs)
             subs = await asyncio.to_thread(_read_subscriptions, account_dir)
             if any(s in renamed for s in subs):
-                await asyncio.to_thread(_write_subscriptions, account_dir,
-                                        [renamed.get(s, s) for s in subs])
+                try:
+                    await asyncio.to_thread(_write_subscriptions, account_dir,
+                                            [renamed.get(s, s) for s in subs])
+                except OSError:  # a full disk: the RENAME is refused whole, so undo it
+                    await asyncio.to_thread(_rename_back, account_dir, pairs)
+                    raise
             told = self._forget(acct, old)
             for a, _ in pairs:
                 if a not in told:
@@ -1263,6 +1385,7 @@ class MaildirStore(Store):
             self._publish(acct, names.INBOX, "expunge", [a for a, _ in pairs], None)
             self._publish(acct, new, "new", [b for _, b in pairs], None)
 
+    @disk_errors
     async def subscribe(self, account: str, name: str, subscribed: bool) -> None:
         acct = names.normalize_account(account)
         name = names.normalize(name)
@@ -1289,8 +1412,8 @@ class MaildirStore(Store):
                         origin: object) -> list[tuple[int, int]]:
         src = mbox._st
         dst = await self._state(mbox.account, dest)
-        if move and dst is src:
-            raise StoreError("source and destination are the same mailbox")
+        # A MOVE into the same mailbox (RFC 6851 allows it) renames each file to a new base
+        # name: a new UID for the message, and the old UID expunged.
         wanted = sorted(set(uids))
         async with _locked(src, dst):
             entries = [src.entries[u] for u in wanted if u in mbox._index and u in src.entries]
@@ -1326,14 +1449,19 @@ class MaildirStore(Store):
         done = await asyncio.to_thread(_transfer, src.path, dst.path, plan, move)
         if not done:
             return []
-        await self._dsync(dst.path / "cur")
         items = []
         for e, dname in done:
             base = fn.split(dname)[0]
             items.append((base,
                           e.size if fn.size_of(base) is None else None,
                           e.date if fn.own_time(base) is None else None))
-        assigned = await dst.assign(items)
+        try:
+            await self._dsync(dst.path / "cur")
+            assigned = await dst.assign(items)
+        except BaseException:  # no UIDs (a full disk): the copies must not stay without them
+            await asyncio.to_thread(_undo_transfer, src.path, dst.path, done, move)
+            dst.dirty = True
+            raise
         pairs = [(e.uid, assigned[fn.split(dname)[0]]) for e, dname in done]
         if move:
             await src.drop({e.base for e, _ in done})
