@@ -89,9 +89,11 @@ class Server:
         cfg = self.cfg
         prepare_data_dir(cfg)
         try:
-            directory = Directory(cfg.data_dir, cfg.delivery.plus_separator)
+            directory = Directory.for_config(cfg)
         except DirectoryError as e:
             raise StartError(str(e)) from None
+        if cfg.hostname_note:
+            log.warning("%s", cfg.hostname_note)
         try:
             tls = load_for_config(cfg)
         except TLSError as e:
@@ -243,7 +245,7 @@ class Server:
                             "(a changed list applies now)", "on" if new.proxy.trusted else "off")
             if new.server.data_dir != self.cfg.server.data_dir:
                 raise ConfigError("server.data_dir: cannot change on reload; restart instead")
-            directory = Directory(new.data_dir, new.delivery.plus_separator)
+            directory = Directory.for_config(new)
             services.tls.reload(new.tls.cert or None, new.tls.key or None, new.tls.min_version)
         except (ConfigError, DirectoryError, TLSError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
@@ -251,6 +253,8 @@ class Server:
         self.cfg = new
         services.config = new
         services.directory.plus_separator = new.delivery.plus_separator
+        services.directory.hostname, services.directory.postmaster = directory.hostname, directory.postmaster
+        services.directory.system_users = directory.system_users
         services.directory.domains, services.directory.accounts, services.directory.aliases = (
             directory.domains, directory.accounts, directory.aliases)
         services.directory._mtimes = directory._mtimes
