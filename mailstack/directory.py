@@ -184,7 +184,10 @@ class Directory:
         for n, line in enumerate(_read_lines(accounts_p), 1):
             addr, sep, pwhash = line.partition(":")
             pwhash = pwhash.strip()
-            if not sep or "@" not in addr or not _HASH_RE.match(pwhash):
+            # An argon2 hash must be complete: a line cut short is refused, not taken for a wrong
+            # password.  (Anything else is kept: it simply never verifies, i.e. a locked account.)
+            if not sep or "@" not in addr or not pwhash or (pwhash.startswith("$argon2")
+                                                            and not _HASH_RE.match(pwhash)):
                 raise DirectoryError(f"{accounts_p}: line {n}: expected user@domain:<complete argon2 hash>")
             accounts[normalize_address(addr)] = pwhash
         aliases: dict[str, tuple[str, ...]] = {}

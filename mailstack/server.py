@@ -220,6 +220,8 @@ class Server:
         expiry = await asyncio.to_thread(cert_not_after, services.tls.cert)
         return {
             "hostname": self.cfg.server.hostname,
+            "hostname_note": self.cfg.hostname_note,
+            "postmaster": services.directory.postmaster_account(),
             "pid": os.getpid(),
             "listeners": [{"name": name, "address": _addr(s), "up": s.is_serving()}
                           for name, s in self.listeners],
