@@ -107,6 +107,20 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+_COUNT_FORMAT = ("# mailstack accounts file: {} entries (after editing by hand, correct the number "
+                 "or delete this line)\n")
+_COUNT_RE = re.compile(rb"# mailstack accounts file: (\d+) entries")
+
+
+def _declared_count(path: Path) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            m = _COUNT_RE.match(f.readline(200))
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
 def check_local_part(local: str) -> str | None:
     """Why `local` cannot be an account's local part (None when it can)."""
     if not local:
@@ -181,7 +195,8 @@ class Directory:
         domains_p, accounts_p, aliases_p = self.paths
         domains = {normalize_domain(d) for d in _read_lines(domains_p)}
         accounts: dict[str, str] = {}
-        for n, line in enumerate(_read_lines(accounts_p), 1):
+        lines = _read_lines(accounts_p)
+        for n, line in enumerate(lines, 1):
             addr, sep, pwhash = line.partition(":")
             pwhash = pwhash.strip()
             # An argon2 hash must be complete: a line cut short is refused, not taken for a wrong
@@ -190,6 +205,11 @@ class Directory:
                                                             and not _HASH_RE.match(pwhash)):
                 raise DirectoryError(f"{accounts_p}: line {n}: expected user@domain:<complete argon2 hash>")
             accounts[normalize_address(addr)] = pwhash
+        expected = _declared_count(accounts_p)
+        if expected is not None and expected != len(lines):
+            # A cut exactly at a line end looks well-formed: the count the CLI wrote says otherwise.
+            raise DirectoryError(f"{accounts_p}: {len(lines)} entries, but its first line says {expected} (cut "
+                                 "short? after a hand edit, correct or delete that line)")
         aliases: dict[str, tuple[str, ...]] = {}
         for n, line in enumerate(_read_lines(aliases_p), 1):
             src, sep, dst = line.partition(":")
@@ -220,7 +240,9 @@ class Directory:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(domains_p, "".join(f"{d}\n" for d in sorted(self.domains)).encode(), mode=0o600)
         # In the order made (not sorted): the first account is the default postmaster.
-        atomic_write(accounts_p, "".join(f"{a}:{h}\n" for a, h in self.accounts.items()).encode(), mode=0o600)
+        header = _COUNT_FORMAT.format(len(self.accounts))
+        atomic_write(accounts_p, (header + "".join(f"{a}:{h}\n" for a, h in self.accounts.items())).encode(),
+                     mode=0o600)
         atomic_write(aliases_p,
                      "".join(f"{s}: {', '.join(t)}\n" for s, t in sorted(self.aliases.items())).encode(),
                      mode=0o600)

@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("-B", dest="body_type", metavar="TYPE", help="ignored (7BIT / 8BITMIME)")
     p.add_argument("-N", dest="dsn_notify", metavar="DSN", help="ignored")
     p.add_argument("-v", dest="verbose", action="store_true", help="ignored")
-    p.add_argument("recipients", nargs="*", metavar="RECIPIENT")
+    p.add_argument("recipients", nargs="*", metavar="RECIPIENT", help="envelope recipients; a bare name is a local user of this host")
     p.set_defaults(func=run_sendmail)
 
 
