@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import config as config_mod
@@ -112,6 +113,7 @@ class Server:
 
         from .store.maildir import MaildirStore
         services.store = MaildirStore(cfg.mail_dir, services.events, group_sync)
+        self._tasks.append(asyncio.create_task(self._clean_maildir_tmp(time.time())))
         await self._start_queue(services, group_sync)
         from .pipeline import build_stages
         services.stages = build_stages(services)
@@ -185,6 +187,17 @@ class Server:
         except OSError as e:
             log.error("control socket %s: %s (CLI actions will act on files only)",
                       self.cfg.control_socket, e.strerror or e)
+
+    async def _clean_maildir_tmp(self, started: float) -> None:
+        """Deliveries a kill cut short leave files in tmp/: remove those older than this process."""
+        from .store.maildir import clean_stale_tmp
+        try:
+            n = await asyncio.to_thread(clean_stale_tmp, self.cfg.mail_dir, started)
+        except OSError as e:
+            log.error("cleaning Maildir tmp/ folders failed: %s", e)
+            return
+        if n:
+            log.info("removed %d stale file(s) from Maildir tmp/ folders (left by an earlier stop)", n)
 
     async def _watch_directory(self) -> None:
         """Pick up CLI edits of domains/accounts/aliases without a restart."""
