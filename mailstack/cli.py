@@ -22,8 +22,17 @@ from .directory import Directory, DirectoryError, check_password_strength, norma
 PLUGIN_COMMANDS = ("mailstack.queue.admin", "mailstack.outbound_cli", "mailstack.status")
 
 
+SYSTEM_CONFIG = "/etc/mailstack/config.toml"
+
+
 def default_config_path() -> str:
-    return os.environ.get("MAILSTACK_CONFIG") or "config.toml"
+    """$MAILSTACK_CONFIG, else ./config.toml, else /etc/mailstack/config.toml (where `sendmail`
+    run by cron or PHP, in any directory, finds it)."""
+    if os.environ.get("MAILSTACK_CONFIG"):
+        return os.environ["MAILSTACK_CONFIG"]
+    if not os.path.exists("config.toml") and os.path.exists(SYSTEM_CONFIG):
+        return SYSTEM_CONFIG
+    return "config.toml"
 
 
 def _extract_config(argv: list[str]) -> tuple[list[str], str | None]:
@@ -280,6 +289,21 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         hint = " (run as the server's user or root)" if isinstance(e, PermissionError) else ""
         return _die(f"{where}{e.strerror or e}{hint}")
+
+
+# Console scripts installed with the package (pyproject.toml), for the habits of every Unix host:
+# a symlink /usr/sbin/sendmail -> this `sendmail` lets cron, mail(1), PHP and git send through mailstack.
+def sendmail_main() -> int:
+    return main(["sendmail", *sys.argv[1:]])
+
+
+def mailq_main() -> int:
+    return main(["mailq", *sys.argv[1:]])
+
+
+def newaliases_main() -> int:
+    from .queue.maildrop import newaliases
+    return newaliases(None)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                    "common passwords are refused whatever their length (`--allow-weak` "
                                    "overrides both, for tests).", min=1, max=1024),
     },
+    "sendmail": {
+        "trusted_users": Key("strlist", [], "Local users who may choose the envelope sender with `sendmail -f` "
+                             "(or MAIL FROM in `sendmail -bs`), besides root and server.user; everyone else "
+                             "sends as user@server.hostname."),
+    },
     "queue": {
         "retry_min": Key("float", 300.0, "First retry delay for a deferred message, in seconds "
                          "(Postfix minimal_backoff_time).", min=0.01, max=86400),
@@ -480,6 +485,7 @@ SECTION_DOCS = {
     "proxy": "PROXY protocol from trusted proxies in front of every listener.",
     "auth": "Failed-login slow-down, shared by SMTP AUTH, IMAP and POP3.",
     "accounts": "Accounts: the postmaster, password rules.",
+    "sendmail": "`sendmail` for every local user (console script and `mailstack sendmail`).",
     "queue": "The queue: retries, lifetime, local delivery.",
     "delivery": "Delivery: addresses and outbound SMTP.",
     "dns": "The resolver used for outbound routing (MX, A/AAAA).",

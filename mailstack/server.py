@@ -80,6 +80,7 @@ class Server:
         self.cfg = cfg
         self.listeners: list[tuple[str, asyncio.AbstractServer]] = []
         self.control: asyncio.AbstractServer | None = None
+        self.public: asyncio.AbstractServer | None = None  # sendmail/mailq of every local user
         self.metrics_http: asyncio.AbstractServer | None = None
         self.stopping = asyncio.Event()
         self.services: Services | None = None
@@ -187,6 +188,12 @@ class Server:
         except OSError as e:
             log.error("control socket %s: %s (CLI actions will act on files only)",
                       self.cfg.control_socket, e.strerror or e)
+        from .queue import pickup
+        try:
+            self.public = await pickup.start_public(services)
+        except OSError as e:
+            log.error("local submission socket: %s (only root and the server's user can use sendmail)",
+                      e.strerror or e)
 
     async def _clean_maildir_tmp(self, started: float) -> None:
         """Deliveries a kill cut short leave files in tmp/: remove those older than this process."""
@@ -292,6 +299,8 @@ class Server:
             server.close()
         if self.control is not None:
             self.control.close()
+        if self.public is not None:
+            self.public.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
         await self.services.sessions.drain(self.cfg.server.shutdown_grace)

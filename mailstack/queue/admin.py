@@ -250,8 +250,24 @@ def filter_messages(messages: list[dict], args, now: float | None = None) -> lis
 
 
 # --- commands ---------------------------------------------------------------------------------------------
+def _collect_any(cfg) -> list[dict]:
+    """The queue from the files; a user who may not read them asks the running server (mailq is for
+    everyone, as Postfix's default authorized_mailq_users)."""
+    try:
+        return collect(Spool(cfg.queue_dir))
+    except PermissionError as e:
+        from . import pickup
+        try:
+            resp = pickup.request(cfg, {"action": "list"})
+        except pickup.PickupError as pe:
+            raise control.ControlError(str(pe)) from None
+        if resp is None or not resp.get("ok"):
+            raise control.ControlError(f"{e.filename}: {e.strerror}, and the server is not running to ask") from None
+        return resp["messages"]
+
+
 def cmd_list(args, cfg) -> int:
-    messages = filter_messages(collect(Spool(cfg.queue_dir)), args)
+    messages = filter_messages(_collect_any(cfg), args)
     if getattr(args, "json", False):
         print(json.dumps(messages, indent=1, ensure_ascii=False))
     else:
