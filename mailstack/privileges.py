@@ -44,7 +44,9 @@ def drop_privileges(cfg) -> None:
     pw = _lookup_or_create(name, cfg.data_dir)
     if pw.pw_uid == 0:
         raise PrivilegeError(f"server.user: {name!r} is root (uid 0); name an unprivileged user")
-    _check_reachable(Path(cfg.data_dir), pw)
+    _check_reachable(Path(cfg.data_dir), pw, "server.data_dir")
+    # Modules are imported lazily, some after the switch: the code must stay reachable too.
+    _check_reachable(Path(__file__).resolve().parent, pw, "the mailstack code in")
     _chown_tree(cfg.data_dir, pw.pw_uid, pw.pw_gid)
     _become(pw)
     log.info("running as user %s (uid %d, gid %d)", name, pw.pw_uid, pw.pw_gid)
@@ -91,9 +93,9 @@ def _lookup_or_create(name: str, home) -> pwd.struct_passwd:
     return pw
 
 
-def _check_reachable(data_dir: Path, pw: pwd.struct_passwd) -> None:
-    """The user must be able to reach data_dir once it is no longer root: every directory above it
-    needs search permission for it. Refuse in one line rather than fail later, file by file."""
+def _check_reachable(data_dir: Path, pw: pwd.struct_passwd, what: str) -> None:
+    """The user must be able to reach data_dir (and the code) once it is no longer root: every
+    directory above needs search permission for it. Refuse in one line rather than fail later."""
     groups = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
     for d in reversed(data_dir.resolve().parents):
         try:
@@ -107,9 +109,9 @@ def _check_reachable(data_dir: Path, pw: pwd.struct_passwd) -> None:
         else:
             ok = st.st_mode & stat.S_IXOTH
         if not ok:
-            raise PrivilegeError(f"server.user: {pw.pw_name!r} cannot reach server.data_dir {data_dir}: {d} is "
-                                 f"mode {stat.S_IMODE(st.st_mode):04o}; move data_dir, chmod o+x {d}, or set "
-                                 f"server.user = \"root\"")
+            raise PrivilegeError(f"server.user: {pw.pw_name!r} cannot reach {what} {data_dir}: {d} is mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}; install in a directory others can enter "
+                                 f"(e.g. /opt/mailstack), chmod o+x {d}, or set server.user = \"root\"")
 
 
 def _become(pw: pwd.struct_passwd) -> None:
