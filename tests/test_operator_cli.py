@@ -184,3 +184,11 @@ def test_hostname_never_localhost(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "getfqdn", lambda *a: "host.example.net")
     cfg = config_mod.from_dict({"server": {"data_dir": str(tmp_path)}}, base=tmp_path)
     assert cfg.server.hostname == "host.example.net" and not cfg.hostname_note
+
+
+def test_status_warns_without_postmaster_and_for_a_guessed_hostname():
+    from mailstack.status import assess
+    _, warnings = assess({"ok": True, "postmaster": None, "hostname_note": "server.hostname: 'vm' is not a FQDN"})
+    assert any("no postmaster" in w for w in warnings) and any("not a FQDN" in w for w in warnings)
+    _, warnings = assess({"ok": True, "postmaster": "a@example.test", "hostname_note": ""})
+    assert warnings == []
