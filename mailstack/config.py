@@ -407,6 +407,8 @@ def load(path: str | os.PathLike) -> Config:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:  # a permission, a directory: one line, as every config error
+        raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return from_dict(raw, base=path.parent, path=path)

@@ -28,6 +28,7 @@ log = logging.getLogger("mailstack.pickup")
 
 MAX_REQUEST = 1024 * 1024  # the JSON line: up to max_recipients addresses
 TIMEOUT = 60.0
+MAX_CLIENTS = 64  # local submissions at once; more are closed (sendmail reports it and exits 75)
 
 
 class PickupError(Exception):
@@ -74,7 +75,16 @@ async def start_public(services) -> asyncio.AbstractServer:
     except OSError:
         sock.close()
         raise
-    server = await asyncio.start_unix_server(lambda r, w: _serve(services, r, w), sock=sock, limit=MAX_REQUEST)
+    slots = asyncio.Semaphore(MAX_CLIENTS)
+
+    async def client(reader, writer):
+        if slots.locked():
+            writer.transport.abort()
+            return
+        async with slots:
+            await _serve(services, reader, writer)
+
+    server = await asyncio.start_unix_server(client, sock=sock, limit=MAX_REQUEST)
     log.info("local submission socket ready (sendmail and mailq for every local user)")
     return server
 
