@@ -219,6 +219,6 @@ def test_queue_words_either_parse_cleanly_or_change_nothing(words):
         except UsageError:
             continue
         if ids is None:
-            assert words[0] == "ALL" and len(words) <= 2 and set(states) <= set(ALL_STATES[action])
+            assert words[0] == "ALL" and set(states) <= set(ALL_STATES[action]) and set(words[1:]) <= set(states)
         else:
             assert "ALL" not in ids and all(w in ids for w in words)

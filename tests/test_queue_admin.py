@@ -47,6 +47,8 @@ def test_postsuper_semantics_without_server(tmp_path):
         assert r.returncode == 2, (words, r.stdout, r.stderr)
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
         assert _files(env) == before
+    r = cli(env, "queue", "delete", "ALL", "deferred", "hold", "bogus")  # postsuper: invalid directory name
+    assert r.returncode == 2 and "'bogus' is not a queue state" in r.stderr and _files(env) == before
     r = cli(env, "queue", "release", "ALL", "deferred")
     assert r.returncode == 2 and "'deferred' is not a queue state for release" in r.stderr
     # ALL STATE: only that state

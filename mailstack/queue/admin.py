@@ -1,6 +1,6 @@
 """`mailstack queue list|show|cat|delete|hold|release|requeue|flush`, `mailstack mailq`, `mailstack sendmail`.
 
-Postfix's meaning (postqueue, postsuper, postcat): `delete|hold|requeue ID... | ALL [STATE]`
+Postfix's meaning (postqueue, postsuper, postcat): `delete|hold|requeue ID... | ALL [STATE...]`
 act on those messages, or on every message (of one state only when STATE is given); the
 word ALL only in upper case; an unknown word is an error that changes nothing.
 
@@ -60,9 +60,9 @@ def add_commands(sub) -> None:
                                      "delivered are not delivered again (postsuper -r)")):
         states = ", ".join(ALL_STATES[action])
         p = qsub.add_parser(action, help=text, description=f"{text}. `{action} ALL` acts on every message in "
-                            f"{states}; `{action} ALL STATE` only on those in STATE.")
+                            f"{states}; `{action} ALL STATE...` only on those in these states.")
         p.add_argument("ids", nargs="+", metavar="ID|ALL", help="queue ids, or ALL (upper case) optionally "
-                       f"followed by one state ({states})")
+                       f"followed by states ({states})")
     p = qsub.add_parser("flush", help="try deferred messages now (server must be running; postqueue -f / -s)")
     p.add_argument("--domain", metavar="DOMAIN", help="only messages waiting for this destination "
                    "(postqueue -s DOMAIN)")
@@ -370,17 +370,15 @@ def cmd_flush(args, cfg) -> int:
 
 
 def parse_targets(action: str, words: list[str]) -> tuple[list[str] | None, tuple[str, ...]]:
-    """`ID...` -> (ids, ()); `ALL [STATE]` -> (None, states). UsageError for anything else,
-    before anything is touched (postsuper: an unknown word is fatal)."""
+    """`ID...` -> (ids, ()); `ALL [STATE...]` -> (None, states). UsageError for anything else,
+    before anything is touched (postsuper: "fatal: invalid directory name")."""
     allowed = ALL_STATES[action]
     if words and words[0] == "ALL":
-        if len(words) > 2:
-            raise UsageError(f"unexpected {' '.join(words[2:])!r}: ALL takes at most one state ({', '.join(allowed)})")
-        if len(words) == 2:
-            if words[1] not in allowed:
-                raise UsageError(f"{words[1]!r} is not a queue state for {action} (one of {', '.join(allowed)})")
-            return None, (words[1],)
-        return None, allowed
+        bad = [w for w in words[1:] if w not in allowed]
+        if bad:
+            raise UsageError(f"{bad[0]!r} is not a queue state for {action} (one of {', '.join(allowed)}); "
+                             "nothing was changed")
+        return None, tuple(dict.fromkeys(words[1:])) or allowed
     bad = [w for w in words if not valid_qid(w)]
     if bad:
         hint = " (write ALL in upper case)" if any(w.upper() == "ALL" for w in bad) else ""
