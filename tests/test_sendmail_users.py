@@ -115,3 +115,16 @@ def test_plain_user_with_server_stopped_gets_one_line(world):
         assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
     finally:
         srv.start()
+
+
+@pytest.mark.parametrize("args", [("user", "list"), ("queue", "show", "0123456789ABCD"), ("queue", "delete", "ALL"),
+                                  ("status",), ("queue", "cat", "0123456789ABCD"), ("domain", "add", "x.test")])
+def test_cli_errors_for_a_plain_user_are_one_line(world, args):
+    srv, pw = world
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "MAILSTACK_CONFIG": str(srv.config_path),
+           "HOME": "/"}
+    r = subprocess.run([sys.executable, "-m", "mailstack", *args], capture_output=True, timeout=60,
+                       user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], env=env, cwd="/")
+    assert r.returncode != 0 and b"Traceback" not in r.stderr + r.stdout, r.stderr
+    err = (r.stderr or r.stdout).decode()
+    assert err.count("\n") == 1 and ("Permission denied" in err or "permission" in err.lower()), err

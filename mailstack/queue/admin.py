@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import sys
 import time
@@ -297,6 +298,10 @@ def cmd_show(args, cfg) -> int:
 def cmd_cat(args, cfg) -> int:
     """postcat -q: the queue file as a person reads it."""
     spool = Spool(cfg.queue_dir)
+    try:
+        os.listdir(spool.dir)  # a queue we may not read must not look like "no such message"
+    except FileNotFoundError:
+        pass
     state = spool.locate(args.id, QUEUE_STATES + ("maildrop", "corrupt")) if valid_qid(args.id) else None
     if state is None:
         print(f"mailstack queue: {args.id}: no such message in the queue", file=sys.stderr)
