@@ -67,10 +67,7 @@ def test_plain_user_submits_and_is_known_by_peer_credentials(world):
     assert f"From: {pw.pw_name}@{HOSTNAME}".encode() in msg or f"<{pw.pw_name}@{HOSTNAME}>".encode() in msg
     assert f"uid={pw.pw_uid} from=<{pw.pw_name}@{HOSTNAME}> (local submission)" in srv.log()
     # cron's habit: mail to `root` (root@<hostname>) reaches the postmaster account, not the internet
-    r = as_user(world, "sendmail", "root", input=b"Subject: cron says hi
-
-x
-")
+    r = as_user(world, "sendmail", "root", input=b"Subject: cron says hi\n\nx\n")
     assert r.returncode == 0, r.stderr
     wait_for(lambda: any(b"cron says hi" in m for m in srv.inbox_messages(ALICE)), what="root's mail at postmaster")
     assert f"to=<{ALICE}>, orig_to=<root@{HOSTNAME}>, relay=local" in srv.log()
