@@ -334,10 +334,12 @@ async def _main(cfg: Config) -> int:
     server = Server(cfg)
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mailstack-io"))
-    await server.start()  # drops privileges once ports are bound, before accepting
+    # SIGTERM/SIGINT are caught from the start: one that comes while listeners already accept but
+    # the start is not finished (a client or `docker stop` may be that quick) stops gracefully too.
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()  # drops privileges once ports are bound, before accepting
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

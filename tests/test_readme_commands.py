@@ -91,6 +91,8 @@ def test_readme_walkthrough_runs_as_written(project):
     def up():
         if server.poll() is not None:
             raise AssertionError(f"server exited {server.returncode}:\n{(project / 'server.log').read_text()}")
+        if "mailstack ready" not in (project / "server.log").read_text(errors="replace"):
+            return False  # (a free port taken by another program must not look like our server)
         try:
             socket.create_connection(("127.0.0.1", ports[587]), timeout=1).close()
             return True
