@@ -5,6 +5,9 @@
 #     -v mailstack-data:/data -p 25:25 -p 465:465 -p 587:587 -p 993:993 -p 995:995 mailstack
 #
 # All state (config, accounts, queue, Maildirs, certificates) lives in the volume /data.
+# podman: `podman build --format docker` (the OCI format drops the HEALTHCHECK) and
+# `podman run --sysctl net.ipv4.ip_unprivileged_port_start=0 --network slirp4netns:port_handler=slirp4netns`
+# (ports below 1024 for the non-root user; the clients' real addresses kept).
 # See README.md, section "Docker".
 FROM python:3.12-slim
 

@@ -16,14 +16,23 @@ import sys
 from . import __version__
 from . import config as config_mod
 from .config import ConfigError
-from .directory import Directory, DirectoryError, normalize_address
+from .directory import Directory, DirectoryError, check_password_strength, normalize_address
 
 # Modules that add their own subcommands: add_commands(subparsers); handlers run(args, cfg) -> int.
 PLUGIN_COMMANDS = ("mailstack.queue.admin", "mailstack.outbound_cli", "mailstack.status")
 
 
+SYSTEM_CONFIG = "/etc/mailstack/config.toml"
+
+
 def default_config_path() -> str:
-    return os.environ.get("MAILSTACK_CONFIG") or "config.toml"
+    """$MAILSTACK_CONFIG, else ./config.toml, else /etc/mailstack/config.toml (where `sendmail`
+    run by cron or PHP, in any directory, finds it)."""
+    if os.environ.get("MAILSTACK_CONFIG"):
+        return os.environ["MAILSTACK_CONFIG"]
+    if not os.path.exists("config.toml") and os.path.exists(SYSTEM_CONFIG):
+        return SYSTEM_CONFIG
+    return "config.toml"
 
 
 def _extract_config(argv: list[str]) -> tuple[list[str], str | None]:
@@ -55,8 +64,15 @@ def cmd_serve(args, cfg) -> int:
 
 
 def cmd_config_check(args, cfg) -> int:
+    """Like postconf: every key; `KEY...` only those; `-n` only what differs from the defaults."""
+    if args.keys:
+        try:
+            print(config_mod.dump_keys(cfg, args.keys, changed_only=args.non_default), end="")
+        except ConfigError as e:
+            return _die(str(e))
+        return 0
     print(f"# {cfg.path}: OK", file=sys.stderr)
-    print(config_mod.dump(cfg), end="")
+    print(config_mod.dump(cfg, changed_only=args.non_default), end="")
     return 0
 
 
@@ -67,7 +83,7 @@ def cmd_config_sample(args, cfg) -> int:
 
 # --- directory edits ----------------------------------------------------------------------
 def _directory(cfg) -> Directory:
-    return Directory(cfg.data_dir, cfg.delivery.plus_separator)
+    return Directory.for_config(cfg)
 
 
 def _notify_server(cfg) -> None:
@@ -79,14 +95,20 @@ def _notify_server(cfg) -> None:
         pass
 
 
-def _read_password(args) -> str:
+def _read_password(args, cfg) -> str:
     if getattr(args, "password_stdin", False) or not sys.stdin.isatty():
         line = sys.stdin.readline()
-        return line.rstrip("\r\n")
-    first = getpass.getpass("Password: ")
-    if first != getpass.getpass("Again: "):
-        raise DirectoryError("the two passwords differ")
-    return first
+        password = line.rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if password != getpass.getpass("Again: "):
+            raise DirectoryError("the two passwords differ")
+    if not password:
+        raise DirectoryError("empty password")
+    weak = check_password_strength(password, cfg.accounts.min_password_length)
+    if weak and not args.allow_weak:
+        raise DirectoryError(f"{weak} (accounts.min_password_length; --allow-weak to accept it anyway)")
+    return password
 
 
 def _edit(cfg, change, message: str) -> int:
@@ -118,20 +140,28 @@ def cmd_user(args, cfg) -> int:
     if args.action == "del":
         return _edit(cfg, lambda d: d.del_user(args.address),
                      f"account {args.address} removed (its mail is kept on disk)")
-    password = _read_password(args)
     if args.action == "add":
-        account = normalize_address(args.address)
-        result = _edit(cfg, lambda d: d.add_user(account, password), f"account {account} added")
+        # Validate the address before asking for a password and before anything is written.
+        account = _directory(cfg)._check_new_address(args.address)
+        if account in _directory(cfg).accounts:
+            raise DirectoryError(f"account {account} exists already")
+        password = _read_password(args, cfg)
         _create_mailboxes(cfg, account)
-        return result
+        return _edit(cfg, lambda d: d.add_user(account, password), f"account {account} added")
+    password = _read_password(args, cfg)
     return _edit(cfg, lambda d: d.set_password(args.address, password), f"password of {args.address} changed")
 
 
 def _create_mailboxes(cfg, account: str) -> None:
     """INBOX and the special-use folders exist from the start, so clients see them at once."""
     from .events import EventBus
+    from .store.base import StoreError
     from .store.maildir import MaildirStore
-    asyncio.run(MaildirStore(cfg.mail_dir, EventBus()).ensure_account(account))
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        asyncio.run(MaildirStore(cfg.mail_dir, EventBus()).ensure_account(account))
+    except StoreError as e:
+        raise DirectoryError(f"{account}: {e}") from None
 
 
 def cmd_alias(args, cfg) -> int:
@@ -151,49 +181,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    s = sub.add_parser("serve", help="run the server (SMTP, IMAP, POP3, queue) until SIGTERM")
+    s = sub.add_parser("serve", help="run the server (SMTP, IMAP, POP3, queue) until SIGTERM",
+                       description="Run the server until SIGTERM/SIGINT; SIGHUP reloads the configuration, "
+                                   "accounts and certificates. Started as root, it becomes server.user "
+                                   "once its ports are bound.")
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("config", help="configuration")
+    c = sub.add_parser("config", help="configuration: check, sample, reference")
     csub = c.add_subparsers(dest="action", metavar="ACTION")
     csub.required = True
-    csub.add_parser("check", help="validate and print the effective settings, defaults included"
-                    ).set_defaults(func=cmd_config_check)
+    cc = csub.add_parser("check", help="validate and print the effective settings, defaults included "
+                         "(like postconf)")
+    cc.add_argument("keys", nargs="*", metavar="KEY", help="print only these keys, e.g. server.hostname "
+                    "(like postconf KEY)")
+    cc.add_argument("-n", dest="non_default", action="store_true",
+                    help="print only the settings that differ from the defaults (like postconf -n)")
+    cc.set_defaults(func=cmd_config_check)
     csub.add_parser("sample", help="print a config file with every key explained"
                     ).set_defaults(func=cmd_config_sample, needs_config=False)
     csub.add_parser("reference", help="print the reference of every key as Markdown"
                     ).set_defaults(func=lambda a, c: print(config_mod.reference_markdown(), end="") or 0,
                                    needs_config=False)
 
-    d = sub.add_parser("domain", help="local domains")
+    d = sub.add_parser("domain", help="local domains: add, del, list")
     dsub = d.add_subparsers(dest="action", metavar="ACTION")
     dsub.required = True
-    for action in ("add", "del"):
-        dsub.add_parser(action).add_argument("domain")
-    dsub.add_parser("list")
+    dsub.add_parser("add", help="add a local domain").add_argument("domain", help="e.g. example.com")
+    dsub.add_parser("del", help="remove a local domain (it must have no accounts)").add_argument(
+        "domain", help="e.g. example.com")
+    dsub.add_parser("list", help="the local domains, one a line")
     d.set_defaults(func=cmd_domain)
 
-    u = sub.add_parser("user", help="accounts (password read from a prompt or stdin, never argv)")
+    u = sub.add_parser("user", help="accounts: add, passwd, del, list (password from a prompt or stdin, "
+                       "never argv)")
     usub = u.add_subparsers(dest="action", metavar="ACTION")
     usub.required = True
-    for action in ("add", "passwd"):
-        a = usub.add_parser(action)
-        a.add_argument("address")
+    for action, text in (("add", "add an account (and its mailboxes)"), ("passwd", "change a password")):
+        a = usub.add_parser(action, help=text)
+        a.add_argument("address", help="user@domain, the domain a local one")
         a.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
-    usub.add_parser("del").add_argument("address")
-    usub.add_parser("list")
+        a.add_argument("--allow-weak", action="store_true", help="accept a password shorter than "
+                       "accounts.min_password_length or a common one (for tests)")
+    usub.add_parser("del", help="remove an account (its mail stays on disk)").add_argument(
+        "address", help="user@domain")
+    usub.add_parser("list", help="the accounts, one a line")
     u.set_defaults(func=cmd_user)
 
-    al = sub.add_parser("alias", help="aliases (one address to many; @domain is the catch-all)")
+    al = sub.add_parser("alias", help="aliases: add, del, list (one address to many; @domain is the catch-all)")
     asub = al.add_subparsers(dest="action", metavar="ACTION")
     asub.required = True
-    a = asub.add_parser("add")
-    a.add_argument("source")
-    a.add_argument("targets", nargs="+")
-    a = asub.add_parser("del")
-    a.add_argument("source")
-    a.add_argument("targets", nargs="*")
-    asub.add_parser("list")
+    a = asub.add_parser("add", help="add targets to an alias (made when new)")
+    a.add_argument("source", help="address in a local domain, or @domain for the catch-all")
+    a.add_argument("targets", nargs="+", help="addresses, local or remote")
+    a = asub.add_parser("del", help="remove an alias, or only some of its targets")
+    a.add_argument("source", help="the alias address")
+    a.add_argument("targets", nargs="*", help="targets to remove (none = the whole alias)")
+    asub.add_parser("list", help="the aliases, one a line")
     al.set_defaults(func=cmd_alias)
 
     for name in PLUGIN_COMMANDS:
@@ -202,7 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         module.add_commands(sub)
+    _document_config(p)
     return p
+
+
+def _document_config(parser: argparse.ArgumentParser) -> None:
+    """--config is taken out of argv before parsing (it may stand anywhere); list it in the
+    --help of every command all the same."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _document_config(sub)
+    if not any("--config" in a.option_strings for a in parser._actions):
+        parser.add_argument("-c", "--config", metavar="FILE", help="configuration file (default: "
+                            "$MAILSTACK_CONFIG, else ./config.toml)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,6 +285,25 @@ def main(argv: list[str] | None = None) -> int:
         return _die(str(e))
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # a permission, a missing file, a full disk: one line, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        hint = " (run as the server's user or root)" if isinstance(e, PermissionError) else ""
+        return _die(f"{where}{e.strerror or e}{hint}")
+
+
+# Console scripts installed with the package (pyproject.toml), for the habits of every Unix host:
+# a symlink /usr/sbin/sendmail -> this `sendmail` lets cron, mail(1), PHP and git send through mailstack.
+def sendmail_main() -> int:
+    return main(["sendmail", *sys.argv[1:]])
+
+
+def mailq_main() -> int:
+    return main(["mailq", *sys.argv[1:]])
+
+
+def newaliases_main() -> int:
+    from .queue.maildrop import newaliases
+    return newaliases(None)
 
 
 if __name__ == "__main__":

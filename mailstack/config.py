@@ -49,11 +49,14 @@ _LISTENERS = {
 SCHEMA: dict[str, dict[str, Key]] = {
     "server": {
         "hostname": Key("str", "", "Fully qualified name of this host: used in banners, HELO/EHLO, Received: "
-                        "and the self-signed certificate. Empty = the system's FQDN."),
+                        "and the self-signed certificate. Empty = the system's FQDN (never `localhost`; "
+                        "when the system has no FQDN the start log and `mailstack dns` say so)."),
         "data_dir": Key("path", "data", "Where all state lives: queue, Maildirs, accounts, certificates. "
                         "A relative path is relative to this file's folder."),
-        "user": Key("str", "", "When started as root: the unprivileged user to switch to after binding "
-                    "ports and reading keys. Empty = stay as started."),
+        "user": Key("str", "mailstack", "When started as root: the unprivileged user to switch to after "
+                    "binding ports and reading keys (empty = mailstack); a missing `mailstack` user is "
+                    "created as a system account at the first start. \"root\" = keep running as root "
+                    "(not recommended)."),
         "log_level": Key("enum", "info", "Least severe log level written to stderr.",
                          choices=("debug", "info", "warning", "error")),
         "log_format": Key("enum", "text", "Log line format: one event per line, plain text or JSON.",
@@ -95,7 +98,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        "`reject` answers 5xx (as mox does); `normalize` turns it into CRLF (as Postfix 3.9). "
                        "Either way only <CR><LF>.<CR><LF> ends DATA.", choices=("reject", "normalize")),
         "trusted_networks": Key("cidrs", [], "Client networks allowed to relay without AUTH (Postfix's "
-                                "mynetworks). Empty = nobody: only authenticated users relay."),
+                                "mynetworks). Empty = nobody: only authenticated users relay. A network "
+                                "covering every address (0.0.0.0/0, ::/0) is refused: an open relay.",
+                                check=lambda nets: next((f"{n} covers every address: that makes an open relay"
+                                                         for n in nets if n.prefixlen == 0), None)),
         "max_errors": Key("int", 10, "Protocol errors tolerated in one session before 421 and disconnect.",
                           min=1, max=1000),
     },
@@ -138,6 +144,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
                           "from the same address or for the same account.", min=0, max=60),
         "fail_delay_max": Key("float", 30.0, "Cap on the failed-login delay, in seconds.", min=0, max=600),
         "fail_window": Key("float", 900.0, "Seconds after which failures are forgotten.", min=1, max=86400),
+    },
+    "accounts": {
+        "postmaster": Key("str", "", "Account (or alias) that receives mail for postmaster@ and abuse@ every "
+                          "local domain, the bare `postmaster`, and root/postmaster/MAILER-DAEMON@localhost "
+                          "or @server.hostname (RFC 5321 4.5.1, RFC 2142). Empty = the first account made; "
+                          "an explicit alias of those names still wins."),
+        "min_password_length": Key("int", 12, "Shortest password `mailstack user add/passwd` accepts; the most "
+                                   "common passwords are refused whatever their length (`--allow-weak` "
+                                   "overrides both, for tests).", min=1, max=1024),
+    },
+    "sendmail": {
+        "trusted_users": Key("strlist", [], "Local users who may choose the envelope sender with `sendmail -f` "
+                             "(or MAIL FROM in `sendmail -bs`), besides root and server.user; everyone else "
+                             "sends as user@server.hostname."),
     },
     "queue": {
         "retry_min": Key("float", 300.0, "First retry delay for a deferred message, in seconds "
@@ -297,6 +317,9 @@ class Config:
 
     path: Path | None
     sections: dict[str, _Section]
+    # One line to log at start (and print by `mailstack dns`) when the host name had to be
+    # guessed and is not a fully qualified domain name.
+    hostname_note: str = ""
 
     def __getattr__(self, item: str) -> _Section:
         try:
@@ -340,11 +363,25 @@ def from_dict(raw: dict, base: Path, path: Path | None = None) -> Config:
             value = given.get(key, spec.default)
             values[key] = _check_value(name, spec, value, base)
         sections[section] = _Section(**values)
-    if not sections["server"].hostname:
-        sections["server"].hostname = socket.getfqdn() or "localhost"
     cfg = Config(path=path, sections=sections)
+    if not sections["server"].hostname:
+        sections["server"].hostname, cfg.hostname_note = system_hostname()
     _cross_checks(cfg)
     return cfg
+
+
+def system_hostname() -> tuple[str, str]:
+    """(the system's name for this host, a one-line note when it is not a FQDN). Never
+    `localhost`: a resolver that maps the host name to 127.0.0.1 makes getfqdn() say that."""
+    names = [socket.getfqdn(), socket.gethostname()]
+    usable = [n.lower().rstrip(".") for n in names
+              if n and n.lower().rstrip(".") not in ("localhost", "localhost.localdomain")]
+    fqdn = next((n for n in usable if "." in n), None)
+    if fqdn:
+        return fqdn, ""
+    name = usable[0] if usable else "mailstack.invalid"
+    return name, (f"server.hostname: the system's name {name!r} is not a fully qualified domain name; "
+                  "set server.hostname (e.g. mail.example.com) before other servers see it")
 
 
 def _cross_checks(cfg: Config) -> None:
@@ -370,6 +407,8 @@ def load(path: str | os.PathLike) -> Config:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:  # a permission, a directory: one line, as every config error
+        raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return from_dict(raw, base=path.parent, path=path)
@@ -394,18 +433,48 @@ def _render(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def dump(cfg: Config) -> str:
-    """Effective settings, defaults included, as TOML (like `postconf`)."""
+def _shown(section: str, key: str, value: Any) -> str:
+    if SCHEMA[section][key].secret and value:
+        return '"********"  # set, not shown'
+    return _render(value)
+
+
+def _differs(cfg: Config, defaults: Config, section: str, key: str) -> bool:
+    return _render(getattr(cfg.sections[section], key)) != _render(getattr(defaults.sections[section], key))
+
+
+def _defaults_for(cfg: Config) -> Config:
+    return from_dict({}, base=cfg.path.parent if cfg.path else Path("."))
+
+
+def dump(cfg: Config, changed_only: bool = False) -> str:
+    """Effective settings, defaults included, as TOML (like `postconf`); with changed_only,
+    only those that differ from the defaults (like `postconf -n`)."""
+    defaults = _defaults_for(cfg) if changed_only else None
     out = []
     for section in SCHEMA:
+        keys = [k for k in cfg.sections[section].as_dict()
+                if defaults is None or _differs(cfg, defaults, section, k)]
+        if changed_only and not keys:
+            continue
         out.append(f"[{section}]")
-        for key, value in cfg.sections[section].as_dict().items():
-            if SCHEMA[section][key].secret and value:
-                out.append(f'{key} = "********"  # set, not shown')
-                continue
-            out.append(f"{key} = {_render(value)}")
+        for key in keys:
+            out.append(f"{key} = {_shown(section, key, getattr(cfg.sections[section], key))}")
         out.append("")
     return "\n".join(out)
+
+
+def dump_keys(cfg: Config, names: list[str], changed_only: bool = False) -> str:
+    """`section.key = value` for each name (like `postconf KEY`); ConfigError for an unknown one."""
+    defaults = _defaults_for(cfg) if changed_only else None
+    out = []
+    for name in names:
+        section, _, key = name.partition(".")
+        if section not in SCHEMA or key not in SCHEMA[section]:
+            raise ConfigError(f"{name}: unknown key (`mailstack config reference` lists them)")
+        if defaults is None or _differs(cfg, defaults, section, key):
+            out.append(f"{name} = {_shown(section, key, getattr(cfg.sections[section], key))}\n")
+    return "".join(out)
 
 
 SECTION_DOCS = {
@@ -417,6 +486,8 @@ SECTION_DOCS = {
     "pop3": "POP3 (110, 995).",
     "proxy": "PROXY protocol from trusted proxies in front of every listener.",
     "auth": "Failed-login slow-down, shared by SMTP AUTH, IMAP and POP3.",
+    "accounts": "Accounts: the postmaster, password rules.",
+    "sendmail": "`sendmail` for every local user (console script and `mailstack sendmail`).",
     "queue": "The queue: retries, lifetime, local delivery.",
     "delivery": "Delivery: addresses and outbound SMTP.",
     "dns": "The resolver used for outbound routing (MX, A/AAAA).",

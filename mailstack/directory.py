@@ -9,13 +9,23 @@ Three files under data_dir, each readable and editable by a person:
 
 Lines starting with '#' are comments. The CLI rewrites them atomically
 (tmp file, fsync, rename); the server re-reads them when their mtime changes,
-so edits take effect without a restart.
+so edits take effect without a restart.  A file that does not parse completely (cut
+short, not UTF-8, a malformed line) is refused as a whole: the last good directory
+stays in force, and the refusal is logged once per change of the file.
+
+Names every mail server must answer for (RFC 5321 4.5.1, RFC 2142, Postfix's
+mydestination habits): postmaster@ and abuse@ every local domain, the bare
+`postmaster`, and root/postmaster/MAILER-DAEMON (or any system user) without a
+domain, @localhost or @<server.hostname> go to the postmaster account — unless an
+alias or account of that exact name says otherwise.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import pwd
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +37,16 @@ from .fsutil import atomic_write
 
 MAX_ALIAS_DEPTH = 10
 MAX_EXPANSION = 1000
+
+# Local parts that every local domain has (RFC 5321 4.5.1, RFC 2142) unless set up otherwise.
+ROLE_NAMES = frozenset({"postmaster", "abuse"})
+# Names of this host itself (no domain, @localhost, @<hostname>) that reach the postmaster.
+SYSTEM_NAMES = frozenset({"postmaster", "abuse", "root", "mailer-daemon"})
+# A stored hash must be complete: a cut line is refused, not taken for a wrong password.
+_HASH_RE = re.compile(r"^\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{16,}$")
+# Local parts an account may have: what the store accepts as a directory name, and a
+# plain RFC 5321 dot-string (no quoting, no routing characters).
+_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$&'*+\-=?^_`{|}~]+(\.[A-Za-z0-9!#$&'*+\-=?^_`{|}~]+)*$")
 
 _hasher = PasswordHasher()
 
@@ -70,27 +90,89 @@ class Resolution:
 
 
 def _read_lines(path: Path) -> list[str]:
+    """The meaningful lines of one directory file. DirectoryError when it is not UTF-8 or does not
+    end with a newline (every writer ends it with one: a missing one means the file was cut)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         return []
+    except OSError as e:
+        raise DirectoryError(f"{path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DirectoryError(f"{path}: not UTF-8 (byte {e.start})") from None
+    if text and not text.endswith("\n"):
+        raise DirectoryError(f"{path}: the last line is incomplete (no newline at the end: file cut short?)")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+_COUNT_FORMAT = ("# mailstack accounts file: {} entries (after editing by hand, correct the number "
+                 "or delete this line)\n")
+_COUNT_RE = re.compile(rb"# mailstack accounts file: (\d+) entries")
+
+
+def _declared_count(path: Path) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            m = _COUNT_RE.match(f.readline(200))
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def check_local_part(local: str) -> str | None:
+    """Why `local` cannot be an account's local part (None when it can)."""
+    if not local:
+        return "empty local part"
+    if len(local) > 64:
+        return "local part longer than 64 characters"
+    if not _LOCAL_RE.match(local) or local in (".", ".."):
+        return "local part may hold only letters, digits and !#$&'*+-=?^_`{|}~ with single dots between"
+    return None
+
+
+def check_password_strength(password: str, min_length: int) -> str | None:
+    """Why `password` is too weak (None when it is not)."""
+    if len(password) < min_length:
+        return f"password shorter than {min_length} characters"
+    if password.lower() in COMMON_PASSWORDS or len(set(password)) < 3:
+        return "password is one of the most common ones"
+    return None
+
+
+def _system_users() -> frozenset[str]:
+    try:
+        return frozenset(p.pw_name.lower() for p in pwd.getpwall())
+    except OSError:
+        return frozenset()
+
+
 class Directory:
-    def __init__(self, data_dir: Path | str, plus_separator: str = "+") -> None:
+    def __init__(self, data_dir: Path | str, plus_separator: str = "+", hostname: str = "",
+                 postmaster: str = "") -> None:
         self.data_dir = Path(data_dir)
         self.plus_separator = plus_separator
+        self.hostname = hostname.lower().rstrip(".")  # names of this host are local (see resolve)
+        self.postmaster = postmaster  # accounts.postmaster; "" = the first account made
         self.domains: set[str] = set()
-        self.accounts: dict[str, str] = {}  # address -> hash
+        self.accounts: dict[str, str] = {}  # address -> hash, in the order they were made
         self.aliases: dict[str, tuple[str, ...]] = {}
+        self.system_users: frozenset[str] = frozenset()
         self._mtimes: tuple = ()
+        self._refused: tuple | None = None  # the file versions last refused: not re-read until they change
         # Verified-password cache: argon2 costs ~50 ms of CPU; a client that logs in
         # again with the same password (IMAP clients open several connections) should not
         # pay it each time.  Keyed by an HMAC with a per-process secret, never the password.
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[str, tuple[str, bytes]] = {}
         self.load()
+
+    @classmethod
+    def for_config(cls, cfg) -> "Directory":
+        """The directory of a configuration: data_dir, plus separator, host name, postmaster."""
+        return cls(cfg.data_dir, cfg.delivery.plus_separator, cfg.server.hostname,
+                   getattr(getattr(cfg, "accounts", None), "postmaster", ""))
 
     # --- files -----------------------------------------------------------------
     @property
@@ -113,11 +195,21 @@ class Directory:
         domains_p, accounts_p, aliases_p = self.paths
         domains = {normalize_domain(d) for d in _read_lines(domains_p)}
         accounts: dict[str, str] = {}
-        for n, line in enumerate(_read_lines(accounts_p), 1):
+        lines = _read_lines(accounts_p)
+        for n, line in enumerate(lines, 1):
             addr, sep, pwhash = line.partition(":")
-            if not sep or "@" not in addr:
-                raise DirectoryError(f"{accounts_p}: line {n}: expected user@domain:hash")
-            accounts[normalize_address(addr)] = pwhash.strip()
+            pwhash = pwhash.strip()
+            # An argon2 hash must be complete: a line cut short is refused, not taken for a wrong
+            # password.  (Anything else is kept: it simply never verifies, i.e. a locked account.)
+            if not sep or "@" not in addr or not pwhash or (pwhash.startswith("$argon2")
+                                                            and not _HASH_RE.match(pwhash)):
+                raise DirectoryError(f"{accounts_p}: line {n}: expected user@domain:<complete argon2 hash>")
+            accounts[normalize_address(addr)] = pwhash
+        expected = _declared_count(accounts_p)
+        if expected is not None and expected != len(lines):
+            # A cut exactly at a line end looks well-formed: the count the CLI wrote says otherwise.
+            raise DirectoryError(f"{accounts_p}: {len(lines)} entries, but its first line says {expected} (cut "
+                                 "short? after a hand edit, correct or delete that line)")
         aliases: dict[str, tuple[str, ...]] = {}
         for n, line in enumerate(_read_lines(aliases_p), 1):
             src, sep, dst = line.partition(":")
@@ -126,20 +218,30 @@ class Directory:
                 raise DirectoryError(f"{aliases_p}: line {n}: expected source@domain: target[, target...]")
             aliases[normalize_address(src)] = targets
         self.domains, self.accounts, self.aliases, self._mtimes = domains, accounts, aliases, mtimes
+        self.system_users = _system_users()
         self._verified.clear()
+        self._refused = None
 
     def reload_if_changed(self) -> bool:
-        """Re-read the files if any changed on disk. Cheap: three stat() calls."""
-        if self._stat() == self._mtimes:
+        """Re-read the files if any changed on disk. Cheap: three stat() calls.  A version that
+        was refused (DirectoryError, raised once) is not read again until the files change."""
+        stat = self._stat()
+        if stat == self._mtimes or stat == self._refused:
             return False
-        self.load()
+        try:
+            self.load()
+        except DirectoryError:
+            self._refused = stat
+            raise
         return True
 
     def save(self) -> None:
         domains_p, accounts_p, aliases_p = self.paths
         self.data_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(domains_p, "".join(f"{d}\n" for d in sorted(self.domains)).encode(), mode=0o600)
-        atomic_write(accounts_p, "".join(f"{a}:{h}\n" for a, h in sorted(self.accounts.items())).encode(),
+        # In the order made (not sorted): the first account is the default postmaster.
+        header = _COUNT_FORMAT.format(len(self.accounts))
+        atomic_write(accounts_p, (header + "".join(f"{a}:{h}\n" for a, h in self.accounts.items())).encode(),
                      mode=0o600)
         atomic_write(aliases_p,
                      "".join(f"{s}: {', '.join(t)}\n" for s, t in sorted(self.aliases.items())).encode(),
@@ -157,13 +259,32 @@ class Directory:
             return f"{local.split(sep, 1)[0]}@{domain}"
         return address
 
+    def postmaster_account(self) -> str | None:
+        """Where postmaster mail goes: accounts.postmaster when it names an account (or an alias),
+        else the first account made; None while there is no account."""
+        if self.postmaster:
+            pm = normalize_address(self.postmaster)
+            if pm in self.accounts or pm in self.aliases:
+                return pm
+        return next(iter(self.accounts), None)
+
+    def is_host_name(self, domain: str) -> bool:
+        """No domain, localhost or this host's own name (Postfix's $myhostname, localhost)."""
+        return not domain or domain in ("localhost", "localhost.localdomain") or domain == self.hostname
+
     def resolve(self, address: str) -> Resolution:
         """Resolve one envelope recipient. Address tricks (%, !, quoted @) are never
         interpreted as routing: such a local part is just an unknown user."""
         address = normalize_address(address)
-        local, domain = split_address(address)
-        if not domain or domain not in self.domains:
-            return Resolution("remote")
+        local, domain = split_address(address) if "@" in address else (address, "")
+        if domain not in self.domains:
+            if not self.is_host_name(domain):
+                return Resolution("remote")
+            # This host's own names: root, postmaster, cron's mail for system users.
+            base = self._strip_plus(f"{local}@x").rpartition("@")[0]
+            if base in SYSTEM_NAMES or base in self.system_users:
+                return self._to_postmaster()
+            return Resolution("unknown")
         for candidate in dict.fromkeys((address, self._strip_plus(address))):
             if candidate in self.aliases:
                 return Resolution("alias", targets=self.aliases[candidate])
@@ -171,7 +292,13 @@ class Directory:
                 return Resolution("local", account=candidate)
         if f"@{domain}" in self.aliases:
             return Resolution("alias", targets=self.aliases[f"@{domain}"])
+        if self._strip_plus(address).rpartition("@")[0] in ROLE_NAMES:
+            return self._to_postmaster()
         return Resolution("unknown")
+
+    def _to_postmaster(self) -> Resolution:
+        pm = self.postmaster_account()
+        return Resolution("alias", targets=(pm,)) if pm else Resolution("unknown")
 
     def expand(self, address: str) -> tuple[list[str], list[str]]:
         """Expand aliases recursively -> (local accounts, remote addresses), de-duplicated.
@@ -271,8 +398,11 @@ class Directory:
     def _check_new_address(self, address: str) -> str:
         address = normalize_address(address)
         local, domain = split_address(address)
-        if not local or not domain or any(c in local for c in ' :,"\\@%!') or len(local) > 64:
-            raise DirectoryError(f"{address!r} is not a valid address for an account")
+        reason = check_local_part(local) or (None if domain else "no domain")
+        if reason is None and any(c in local for c in "%!"):
+            reason = "routing characters (% !) in the local part"
+        if reason:
+            raise DirectoryError(f"{address!r} is not a valid address for an account: {reason}")
         if domain not in self.domains:
             raise DirectoryError(f"{domain} is not a local domain (add it with `mailstack domain add {domain}`)")
         return address
@@ -335,3 +465,18 @@ def _dummy_hash() -> str:
     if not _DUMMY:
         _DUMMY.append(hash_password(secrets.token_hex(16)))
     return _DUMMY[0]
+
+
+# The most common passwords of the public breach lists (top of the RockYou / NCSC lists),
+# refused even when long enough.  Short on purpose: a policy floor, not a cracking list.
+COMMON_PASSWORDS = frozenset("""
+123456789012 1234567890123 12345678901234 123456123456 111111111111 000000000000 password1234
+passwordpassword qwertyuiopas qwertyuiop12 qwerty123456 1q2w3e4r5t6y 1qaz2wsx3edc abc123abc123
+iloveyou1234 letmein12345 welcome12345 administrator changeme1234 adminadmin12 trustno12345
+football1234 baseball1234 sunshine1234 princess1234 dragon123456 monkey123456 master123456
+superman1234 starwars1234 whatever1234 passw0rd1234 p@ssw0rd1234 password123! password12345
+correcthorsebatterystaple 123123123123 987654321098 asdfghjkl123 zxcvbnm12345 qazwsxedcrfv
+password 12345678 123456789 1234567890 qwertyuiop iloveyou sunshine princess football
+baseball welcome letmein monkey dragon master superman starwars whatever passw0rd p@ssw0rd
+abc12345 password1 password123 qwerty123 1q2w3e4r 11111111 00000000 87654321 changeme
+""".split())

@@ -45,8 +45,13 @@ def records(cfg, domain: str, addresses: list[str] | None = None) -> tuple[list[
     """(records, notes) for `domain`. `addresses` are this host's public IPs, if known."""
     domain = to_alabel(domain)
     host = cfg.server.hostname.rstrip(".").lower()
-    out: list[Record] = [Record(f"{domain}.", "MX", f"10 {host}.", "mail for the domain is delivered to this host")]
     notes: list[str] = []
+    if "." not in host or host.startswith("localhost") or host.endswith(".invalid"):
+        # Never publish `localhost` (or a bare host name) as an MX: suggest a real name instead.
+        notes.append(f"server.hostname is {host!r}, not a fully qualified domain name: the records use "
+                     f"mail.{domain}; set server.hostname = \"mail.{domain}\" to match them.")
+        host = f"mail.{domain}"
+    out: list[Record] = [Record(f"{domain}.", "MX", f"10 {host}.", "mail for the domain is delivered to this host")]
     addrs = [ipaddress.ip_address(a) for a in (addresses or [])]
     for ip in addrs:
         out.append(Record(f"{host}.", "AAAA" if ip.version == 6 else "A", str(ip), "the MX host's address"))
@@ -66,8 +71,9 @@ def records(cfg, domain: str, addresses: list[str] | None = None) -> tuple[list[
     else:
         notes.append(f"no DKIM key for {domain} yet: run `mailstack dkim keygen {domain}`, then run this again.")
     out.append(Record(f"_dmarc.{domain}.", "TXT",
-                      txt_value(f"v=DMARC1; p=quarantine; adkim=s; aspf=s; rua=mailto:postmaster@{domain}"),
-                      "DMARC: mail failing SPF and DKIM alignment goes to spam; reports to postmaster"))
+                      txt_value(f"v=DMARC1; p=none; rua=mailto:postmaster@{domain}"),
+                      "DMARC: start by only collecting reports (sent to postmaster@, which this server "
+                      "accepts); move to p=quarantine once they show all your mail aligned"))
     for ip in addrs:
         out.append(Record(f"{ip.reverse_pointer}.", "PTR", f"{host}.",
                           "reverse DNS, set by whoever owns the address (your hosting provider)"))

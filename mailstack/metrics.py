@@ -16,7 +16,10 @@ there: it shows as started minus completed minus failed.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import os
+import platform
 import ssl
 import time
 from bisect import bisect_left
@@ -140,8 +143,10 @@ class Metrics:
         return cls
 
     # --- exposition --------------------------------------------------------------------------
-    def render(self, services) -> str:
-        """The text exposition format 0.0.4 of every metric."""
+    def render(self, services, snapshot: dict | None = None) -> str:
+        """The text exposition format 0.0.4 of every metric. `snapshot` is what `read_snapshot`
+        read from disk in a worker thread (queue directories, certificate)."""
+        snapshot = snapshot if snapshot is not None else {}
         out: list[str] = []
         listeners = [name for name, addrs in services.config.listen.as_dict().items() if addrs]
         sessions = services.sessions
@@ -154,6 +159,10 @@ class Metrics:
 
         family("mailstack_start_time_seconds", "gauge", "When the server started, in seconds since the epoch.",
                [((), self.start_time)])
+        from . import __version__
+        family("mailstack_build_info", "gauge", "Always 1; the labels say which mailstack runs on what.",
+               [((("version", __version__), ("python", platform.python_version()),
+                  ("event_loop", type(asyncio.get_event_loop()).__module__.split(".")[0])), 1)])
         opened = getattr(sessions, "opened", Counter())
         family("mailstack_connections_total", "counter", "Connections accepted into a session, per listener.",
                [((("listener", n),), opened[n]) for n in _keys(listeners, opened)])
@@ -183,15 +192,14 @@ class Metrics:
         family("mailstack_bounces_sent_total", "counter", "Non-delivery notifications queued.",
                [((), stats.get("bounces_sent", 0))])
 
-        states = Counter({"incoming": 0, "active": 0, "deferred": 0})
-        delivering = 0
-        if queue is not None:
-            for entry in list(getattr(queue, "entries", {}).values()):
-                states[entry.state] += 1
-            delivering = len(getattr(queue, "_deliveries", ()))
+        delivering = len(getattr(queue, "_deliveries", ())) if queue is not None else 0
+        counts, oldest = snapshot.get("queue", {}), snapshot.get("oldest", {})
         family("mailstack_queue_messages", "gauge",
-               "Messages in the queue manager, per state (held messages are not counted).",
-               [((("state", s),), n) for s, n in sorted(states.items())])
+               "Messages in the queue now, per state (the files of each queue folder; hold included).",
+               [((("state", s),), counts.get(s, 0)) for s in QUEUE_STATES])
+        family("mailstack_queue_oldest_message_age_seconds", "gauge",
+               "Age of the oldest message in each queue state (0 when the state is empty).",
+               [((("state", s),), oldest.get(s, 0.0)) for s in QUEUE_STATES])
         family("mailstack_queue_delivering", "gauge", "Delivery passes in progress now.", [((), delivering)])
 
         family("mailstack_auth_failures_total", "counter", "Failed logins, per protocol.",
@@ -215,6 +223,10 @@ class Metrics:
                "client alert), per listener. Hang-ups, timeouts and port probes: started - completed - failures.",
                tls_samples(self.tls_failed))
 
+        family("mailstack_tls_certificate_expiry_days", "gauge",
+               "Days until each certificate in use expires (negative once expired).",
+               [((("cert", path),), days) for path, days in snapshot.get("certificates", {}).items()])
+
         name = "mailstack_delivery_latency_seconds"
         out.append(f"# HELP {name} Seconds from arrival (\"250 queued\") to delivery, per transport.")
         out.append(f"# TYPE {name} histogram")
@@ -225,6 +237,45 @@ class Metrics:
             out.append(f'{name}_count{{transport="{transport}"}} {hist.count}')
         out.append("")
         return "\n".join(out)
+
+
+QUEUE_STATES = ("incoming", "active", "deferred", "hold", "maildrop")
+
+
+def read_snapshot(services, now: float | None = None) -> dict:
+    """Blocking (a worker thread at scrape time): per queue state, how many files and the age of
+    the oldest (a queue file is written once, so its mtime is its arrival); days left on the
+    certificate."""
+    now = time.time() if now is None else now
+    counts: dict[str, int] = {}
+    oldest: dict[str, float] = {}
+    queue_dir = services.config.queue_dir
+    for state in QUEUE_STATES:
+        n, first = 0, None
+        try:
+            with os.scandir(queue_dir / state) as it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    try:
+                        mtime = e.stat(follow_symlinks=False).st_mtime
+                    except FileNotFoundError:
+                        continue  # delivered or moved while we looked
+                    n += 1
+                    first = mtime if first is None else min(first, mtime)
+        except FileNotFoundError:
+            pass
+        counts[state] = n
+        oldest[state] = round(max(0.0, now - first), 3) if first is not None else 0.0
+    certificates = {}
+    tls = getattr(services, "tls", None)
+    if tls is not None and getattr(tls, "cert", None):
+        from .tls import cert_not_after
+        expiry = cert_not_after(tls.cert)
+        if expiry is not None:
+            left = expiry - datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+            certificates[str(tls.cert)] = round(left.total_seconds() / 86400, 3)
+    return {"queue": counts, "oldest": oldest, "certificates": certificates}
 
 
 def _keys(known, counter) -> list:
@@ -297,7 +348,8 @@ async def start_http(services, host: str, port: int) -> asyncio.Server:
                     method, path = parse_request_head(head)
                     if path != "/metrics":
                         raise BadRequest(404, "Not Found")
-                    body = services.metrics.render(services).encode("utf-8")
+                    snapshot = await asyncio.to_thread(read_snapshot, services)
+                    body = services.metrics.render(services, snapshot).encode("utf-8")
                     answer = http_response(200, "OK", body, CONTENT_TYPE, head_only=method == "HEAD")
                 except asyncio.LimitOverrunError:
                     answer = http_response(431, "Request Header Fields Too Large", b"request head too large\n")

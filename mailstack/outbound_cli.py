@@ -17,7 +17,7 @@ def add_commands(subparsers) -> None:
     ksub = k.add_subparsers(dest="action", metavar="ACTION")
     ksub.required = True
     gen = ksub.add_parser("keygen", help="make a signing key for a domain and print its DNS record")
-    gen.add_argument("domain")
+    gen.add_argument("domain", help="the mail domain, e.g. example.com")
     gen.add_argument("--selector", help="selector (default: dkim.selector from the config)")
     gen.add_argument("--bits", type=int, default=2048, choices=(1024, 2048, 3072, 4096),
                      help="RSA key size (default 2048)")
@@ -25,7 +25,7 @@ def add_commands(subparsers) -> None:
     gen.set_defaults(func=run_dkim_keygen)
 
     d = subparsers.add_parser("dns", help="print the DNS records to publish for a domain (MX, SPF, DKIM, DMARC, PTR)")
-    d.add_argument("domain")
+    d.add_argument("domain", help="the mail domain, e.g. example.com")
     d.add_argument("--ip", action="append", default=[], help="a public address of this host (repeatable)")
     d.set_defaults(func=run_dns)
 

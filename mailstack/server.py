@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import config as config_mod
@@ -79,6 +80,7 @@ class Server:
         self.cfg = cfg
         self.listeners: list[tuple[str, asyncio.AbstractServer]] = []
         self.control: asyncio.AbstractServer | None = None
+        self.public: asyncio.AbstractServer | None = None  # sendmail/mailq of every local user
         self.metrics_http: asyncio.AbstractServer | None = None
         self.stopping = asyncio.Event()
         self.services: Services | None = None
@@ -89,9 +91,11 @@ class Server:
         cfg = self.cfg
         prepare_data_dir(cfg)
         try:
-            directory = Directory(cfg.data_dir, cfg.delivery.plus_separator)
+            directory = Directory.for_config(cfg)
         except DirectoryError as e:
             raise StartError(str(e)) from None
+        if cfg.hostname_note:
+            log.warning("%s", cfg.hostname_note)
         try:
             tls = load_for_config(cfg)
         except TLSError as e:
@@ -110,6 +114,7 @@ class Server:
 
         from .store.maildir import MaildirStore
         services.store = MaildirStore(cfg.mail_dir, services.events, group_sync)
+        self._tasks.append(asyncio.create_task(self._clean_maildir_tmp(time.time())))
         await self._start_queue(services, group_sync)
         from .pipeline import build_stages
         services.stages = build_stages(services)
@@ -183,6 +188,23 @@ class Server:
         except OSError as e:
             log.error("control socket %s: %s (CLI actions will act on files only)",
                       self.cfg.control_socket, e.strerror or e)
+        from .queue import pickup
+        try:
+            self.public = await pickup.start_public(services)
+        except OSError as e:
+            log.error("local submission socket: %s (only root and the server's user can use sendmail)",
+                      e.strerror or e)
+
+    async def _clean_maildir_tmp(self, started: float) -> None:
+        """Deliveries a kill cut short leave files in tmp/: remove those older than this process."""
+        from .store.maildir import clean_stale_tmp
+        try:
+            n = await asyncio.to_thread(clean_stale_tmp, self.cfg.mail_dir, started)
+        except OSError as e:
+            log.error("cleaning Maildir tmp/ folders failed: %s", e)
+            return
+        if n:
+            log.info("removed %d stale file(s) from Maildir tmp/ folders (left by an earlier stop)", n)
 
     async def _watch_directory(self) -> None:
         """Pick up CLI edits of domains/accounts/aliases without a restart."""
@@ -218,6 +240,8 @@ class Server:
         expiry = await asyncio.to_thread(cert_not_after, services.tls.cert)
         return {
             "hostname": self.cfg.server.hostname,
+            "hostname_note": self.cfg.hostname_note,
+            "postmaster": services.directory.postmaster_account(),
             "pid": os.getpid(),
             "listeners": [{"name": name, "address": _addr(s), "up": s.is_serving()}
                           for name, s in self.listeners],
@@ -243,7 +267,7 @@ class Server:
                             "(a changed list applies now)", "on" if new.proxy.trusted else "off")
             if new.server.data_dir != self.cfg.server.data_dir:
                 raise ConfigError("server.data_dir: cannot change on reload; restart instead")
-            directory = Directory(new.data_dir, new.delivery.plus_separator)
+            directory = Directory.for_config(new)
             services.tls.reload(new.tls.cert or None, new.tls.key or None, new.tls.min_version)
         except (ConfigError, DirectoryError, TLSError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
@@ -251,6 +275,8 @@ class Server:
         self.cfg = new
         services.config = new
         services.directory.plus_separator = new.delivery.plus_separator
+        services.directory.hostname, services.directory.postmaster = directory.hostname, directory.postmaster
+        services.directory.system_users = directory.system_users
         services.directory.domains, services.directory.accounts, services.directory.aliases = (
             directory.domains, directory.accounts, directory.aliases)
         services.directory._mtimes = directory._mtimes
@@ -273,6 +299,8 @@ class Server:
             server.close()
         if self.control is not None:
             self.control.close()
+        if self.public is not None:
+            self.public.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
         await self.services.sessions.drain(self.cfg.server.shutdown_grace)
@@ -306,10 +334,12 @@ async def _main(cfg: Config) -> int:
     server = Server(cfg)
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mailstack-io"))
-    await server.start()  # drops privileges once ports are bound, before accepting
+    # SIGTERM/SIGINT are caught from the start: one that comes while listeners already accept but
+    # the start is not finished (a client or `docker stop` may be that quick) stops gracefully too.
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()  # drops privileges once ports are bound, before accepting
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

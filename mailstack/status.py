@@ -85,6 +85,11 @@ def assess(status: dict, now: datetime.datetime | None = None) -> tuple[list[str
     queue = _manager(status)
     if queue.get("running") is False:
         problems.append("the queue manager is not running: accepted mail is not being delivered")
+    if "postmaster" in status and not status["postmaster"]:
+        warnings.append("no postmaster: mail to postmaster@ and abuse@ is refused until an account exists "
+                        "(mailstack user add ...) or accounts.postmaster names one")
+    if status.get("hostname_note"):
+        warnings.append(status["hostname_note"])
     cert = status.get("certificate") or {}
     expiry = _parse_time(cert.get("not_after"))
     if cert and cert.get("path") and expiry is None:

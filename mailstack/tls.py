@@ -17,6 +17,19 @@ log = logging.getLogger("mailstack.tls")
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
+# TLS 1.2 suites of Mozilla's "intermediate" profile: forward secrecy and AEAD only (no CBC:
+# LUCKY13 and friends; testssl.sh grades them down).  TLS 1.3 suites are all AEAD and are not
+# affected by this string.
+AEAD_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+))
+# The outbound client offers the same first; for opportunistic TLS it still accepts what an old
+# MTA can do after them (encrypted with CBC beats plaintext, as Postfix's smtp_tls_ciphers=medium).
+CLIENT_CIPHERS = AEAD_CIPHERS + ":HIGH:!aNULL:!eNULL:!MD5:!RC4:!3DES:!SHA1:!kRSA"
+
 
 class TLSError(Exception):
     pass
@@ -73,6 +86,7 @@ class TLSContexts:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = _VERSIONS[self.min_version]
         ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        ctx.set_ciphers(AEAD_CIPHERS)
         try:
             ctx.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as e:

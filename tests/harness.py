@@ -88,8 +88,9 @@ class MailServer:
         self.data_dir = self.dir / "data"
         self.ports = {name: free_port() for name in listeners}
         sections: dict[str, dict] = {
+            # user = root: tests run as root in directories only root can reach (tmp_path)
             "server": {"hostname": HOSTNAME, "data_dir": str(self.data_dir), "event_loop": loop,
-                       "shutdown_grace": 3.0, "log_level": "info"},
+                       "shutdown_grace": 3.0, "log_level": "info", "user": "root"},
             "listen": {name: ([f"127.0.0.1:{self.ports[name]}"] if name in self.ports else [])
                        for name in LISTENERS},
             "auth": {"fail_delay": 0.05, "fail_delay_max": 0.2},
@@ -117,7 +118,7 @@ class MailServer:
         self.cli("domain", "add", domain)
 
     def add_user(self, address: str, password: str) -> None:
-        self.cli("user", "add", address, "--password-stdin", input=password + "\n")
+        self.cli("user", "add", address, "--password-stdin", "--allow-weak", input=password + "\n")
 
     # --- process ----------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> "MailServer":

@@ -42,5 +42,12 @@ if ((${#missing[@]})); then
 fi
 
 PY=${PYTHON:-python3}
+# Debian 12 / Ubuntu: the system Python refuses pip ("externally managed"): use the project's
+# .venv (made by ./mailstack-setup, the README's first command) instead.
+if [ -z "${PYTHON:-}" ] && "$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))' 2>/dev/null; then
+  ./mailstack-setup
+  PY=.venv/bin/python
+fi
 "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

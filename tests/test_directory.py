@@ -99,9 +99,9 @@ def run_cli(tmp_path, *args, input=None):
 
 def test_cli_domain_user_alias(tmp_path):
     assert run_cli(tmp_path, "domain", "add", "example.test").returncode == 0
-    r = run_cli(tmp_path, "user", "add", "carol@example.test", "--password-stdin", input="s3cret\n")
+    r = run_cli(tmp_path, "user", "add", "carol@example.test", "--password-stdin", input="carol s3cret pass\n")
     assert r.returncode == 0, r.stderr
-    r = run_cli(tmp_path, "user", "add", "dave@example.test", input="pw2\n")  # stdin not a tty
+    r = run_cli(tmp_path, "user", "add", "dave@example.test", input="dave pw2 long pass\n")  # stdin not a tty
     assert r.returncode == 0, r.stderr
     assert run_cli(tmp_path, "user", "list").stdout.split() == ["carol@example.test", "dave@example.test"]
     # the password is never taken from argv
@@ -110,13 +110,13 @@ def test_cli_domain_user_alias(tmp_path):
     assert run_cli(tmp_path, "alias", "add", "team@example.test", "carol@example.test",
                    "dave@example.test").returncode == 0
     assert "team@example.test: carol@example.test, dave@example.test" in run_cli(tmp_path, "alias", "list").stdout
-    r = run_cli(tmp_path, "user", "passwd", "carol@example.test", input="new\n")
+    r = run_cli(tmp_path, "user", "passwd", "carol@example.test", input="new long password\n")
     assert r.returncode == 0
     d = Directory(tmp_path / "data")
-    assert d.check_password("carol@example.test", "new") and not d.check_password("carol@example.test", "s3cret")
+    assert d.check_password("carol@example.test", "new long password") and not d.check_password("carol@example.test", "carol s3cret pass")
     # the account's mailboxes exist from the start
     assert (tmp_path / "data" / "mail" / "example.test" / "carol" / "new").is_dir()
-    r = run_cli(tmp_path, "user", "add", "x@unknown.test", input="pw\n")
+    r = run_cli(tmp_path, "user", "add", "x@unknown.test", input="x long password\n")
     assert r.returncode != 0 and "unknown.test is not a local domain" in r.stderr
     assert run_cli(tmp_path, "user", "del", "dave@example.test").returncode == 0
     assert run_cli(tmp_path, "alias", "del", "team@example.test").returncode == 0

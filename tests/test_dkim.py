@@ -98,7 +98,7 @@ def test_dns_records(tmp_path):
     assert by_type[("local.test.", "MX")] == "10 mx.local.test."
     assert by_type[("mx.local.test.", "A")] == "198.51.100.4"
     assert by_type[("local.test.", "TXT")] == '"v=spf1 mx ip4:192.0.2.7 -all"'
-    assert by_type[("_dmarc.local.test.", "TXT")].startswith('"v=DMARC1; p=quarantine;')
+    assert by_type[("_dmarc.local.test.", "TXT")] == '"v=DMARC1; p=none; rua=mailto:postmaster@local.test"'
     assert by_type[("4.100.51.198.in-addr.arpa.", "PTR")] == "mx.local.test."
     assert any("dkim keygen" in n for n in notes)
     msdkim.generate_key(tmp_path, "local.test", "mail", bits=2048)

@@ -156,3 +156,35 @@ def test_port_below_1024_without_privilege_is_one_clear_line(user, base_dir):
     assert errors[0].endswith(f"cannot start: listen.smtp: cannot listen on 127.0.0.1:{port}: permission denied "
                               "(ports below 1024 need root or CAP_NET_BIND_SERVICE)"), output
     assert "Traceback" not in output
+
+
+def test_default_start_as_root_never_keeps_root(base_dir, tmp_path):
+    """server.user defaults to `mailstack`: created as a system user when missing (and said in the
+    log), then the server runs as it.  Where that user cannot reach data_dir, the start is refused
+    in one line that says what to do, rather than running as root."""
+    existed = True
+    try:
+        pwd.getpwnam("mailstack")
+    except KeyError:
+        existed = False
+    opened = _open_path_to_python()
+    try:
+        srv = MailServer(base_dir, listeners=("smtp",), overrides={"server": {"user": ""}})
+        srv.start()
+        try:
+            pw = pwd.getpwnam("mailstack")
+            assert _ids(srv.proc.pid, "Uid") == [pw.pw_uid] * 4 and pw.pw_uid != 0
+            if not existed:
+                assert "created system user mailstack" in srv.log()
+        finally:
+            assert srv.stop() == 0
+        # tmp_path (root's, mode 0700) is out of the user's reach: refused, one line, not root
+        refused = MailServer(tmp_path, listeners=("smtp",), overrides={"server": {"user": ""}})
+        r = refused.cli("serve", check=False)
+        out = r.stdout + r.stderr
+        assert r.returncode == 1 and "server.user: 'mailstack' cannot reach" in out and "Traceback" not in out
+    finally:
+        for path, mode in opened:
+            os.chmod(path, mode)
+        if not existed:
+            subprocess.run(["userdel", "mailstack"], capture_output=True)

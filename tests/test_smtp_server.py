@@ -247,8 +247,9 @@ RELAY_TRICKS = [
     ("<user@[127.0.0.1]>", "554 5.7.1"),
     ("<user@remote.test.>", "501 5.1.3"),
     ("<alice@example.test>@remote.test", "501 5.5.4"),
-    ("<postmaster>", "554 5.7.1"),
-    # accepted, and local: a catch-all domain and a source route to a local address
+    # accepted, and local: a catch-all domain, a source route to a local address, and the bare
+    # <postmaster> that RFC 5321 4.5.1 requires (it goes to the postmaster account)
+    ("<postmaster>", "250 2.1.5"),
     ("<user%remote.test@other.test>", "250 2.1.5"),
     ('<"user@remote.test"@other.test>', "250 2.1.5"),
     ("<remote.test!user@other.test>", "250 2.1.5"),
@@ -274,7 +275,7 @@ def test_no_open_relay_under_any_address_trick(make_server, loop):
         assert c.cmd("Subject: x\r\n\r\nx\r\n.").startswith("250 2.0.0")
     [(msg, _)] = srv.queued()
     directory = srv.services.directory
-    assert len(msg.recipients) == 5
+    assert len(msg.recipients) == 6
     for rcpt in msg.recipients:
         assert directory.resolve(rcpt).kind in ("local", "alias"), rcpt
         local, remote = directory.expand(rcpt)

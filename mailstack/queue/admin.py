@@ -1,4 +1,8 @@
-"""`mailstack queue list|show|delete|hold|release|flush`, `mailstack mailq`, `mailstack sendmail`.
+"""`mailstack queue list|show|cat|delete|hold|release|requeue|flush`, `mailstack mailq`, `mailstack sendmail`.
+
+Postfix's meaning (postqueue, postsuper, postcat): `delete|hold|requeue ID... | ALL [STATE...]`
+act on those messages, or on every message (of one state only when STATE is given); the
+word ALL only in upper case; an unknown word is an error that changes nothing.
 
 Listing reads the spool directories directly, so it works whether the server runs
 or not.  Actions go through the control socket when a server runs (they take
@@ -7,43 +11,91 @@ are renames and unlinks of the queue files.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
+import re
 import sys
 import time
 
 from . import control
 from .spool import QUEUE_STATES, CorruptQueueFile, Spool, read_envelope, valid_qid
 
+# Which states `ACTION ALL` covers without a STATE word, and which STATE words it accepts.
+ALL_STATES = {
+    "delete": QUEUE_STATES,
+    "hold": ("incoming", "active", "deferred"),
+    "release": ("hold",),
+    "requeue": QUEUE_STATES,
+}
+
+
+class UsageError(Exception):
+    """A command line that must change nothing; str() is the one line to print."""
+
 _MARK = {"active": "*", "incoming": "*", "hold": "!", "maildrop": "+"}
 
 
 def add_commands(sub) -> None:
-    q = sub.add_parser("queue", help="the mail queue: list, show, delete, hold, release, flush",
-                       description="Act on the mail queue. Actions reach a running server through its "
-                                   "control socket; without one they act on the queue files.")
+    q = sub.add_parser("queue", help="the mail queue: list, show, cat, delete, hold, release, requeue, flush",
+                       description="Act on the mail queue (Postfix's postqueue/postsuper/postcat). Actions reach "
+                                   "a running server through its control socket; without one they act on the "
+                                   "queue files.")
     qsub = q.add_subparsers(dest="queue_action", metavar="ACTION")
     qsub.required = True
-    p = qsub.add_parser("list", help="every queued message (like Postfix's mailq)")
-    p.add_argument("--json", action="store_true", help="one JSON document instead of the table")
+    p = qsub.add_parser("list", help="queued messages, all or filtered (like Postfix's mailq)")
+    _list_options(p)
     p = qsub.add_parser("show", help="envelope and per-recipient delivery history of one message")
-    p.add_argument("id")
-    p.add_argument("--json", action="store_true")
-    p = qsub.add_parser("delete", help="delete messages (ALL = the whole queue); no bounce is sent")
-    p.add_argument("ids", nargs="+", metavar="ID|ALL")
-    p = qsub.add_parser("hold", help="put messages on hold: not delivered until released")
-    p.add_argument("ids", nargs="+", metavar="ID|ALL")
-    p = qsub.add_parser("release", help="release held messages and try them at once")
-    p.add_argument("ids", nargs="+", metavar="ID|ALL")
-    qsub.add_parser("flush", help="try every deferred message now (server must be running)")
+    p.add_argument("id", help="queue id")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    p = qsub.add_parser("cat", help="the message as queued: envelope, headers, body (like postcat -q)")
+    p.add_argument("id", help="queue id")
+    part = p.add_mutually_exclusive_group()
+    part.add_argument("--headers-only", "-H", action="store_true", help="only the message headers (postcat -h)")
+    part.add_argument("--body-only", "-b", action="store_true", help="only the message body (postcat -b)")
+    part.add_argument("--envelope-only", "-e", action="store_true", help="only the envelope (postcat -e)")
+    for action, text in (("delete", "delete messages; no bounce is sent (postsuper -d)"),
+                         ("hold", "put messages on hold: not delivered until released (postsuper -h)"),
+                         ("release", "release held messages and try them at once (postsuper -H)"),
+                         ("requeue", "take messages up again as if new, at once; recipients already "
+                                     "delivered are not delivered again (postsuper -r)")):
+        states = ", ".join(ALL_STATES[action])
+        p = qsub.add_parser(action, help=text, description=f"{text}. `{action} ALL` acts on every message in "
+                            f"{states}; `{action} ALL STATE...` only on those in these states.")
+        p.add_argument("ids", nargs="+", metavar="ID|ALL", help="queue ids, or ALL (upper case) optionally "
+                       f"followed by states ({states})")
+    p = qsub.add_parser("flush", help="try deferred messages now (server must be running; postqueue -f / -s)")
+    p.add_argument("--domain", metavar="DOMAIN", help="only messages waiting for this destination "
+                   "(postqueue -s DOMAIN)")
     q.set_defaults(func=run)
 
     m = sub.add_parser("mailq", help="same as `queue list`")
-    m.add_argument("--json", action="store_true")
+    _list_options(m)
     m.set_defaults(func=run, queue_action="list")
 
     from .maildrop import add_parser
 
     add_parser(sub)
+
+
+def _list_options(p) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON document instead of the table")
+    p.add_argument("--state", action="append", choices=QUEUE_STATES + ("maildrop",),
+                   help="only messages in this state (repeatable)")
+    p.add_argument("--from", dest="sender", metavar="PATTERN",
+                   help="only messages whose sender matches (substring, or a glob with * ?; case ignored)")
+    p.add_argument("--to", dest="recipient", metavar="PATTERN",
+                   help="only messages with a waiting recipient that matches (as --from)")
+    p.add_argument("--older-than", metavar="AGE", type=parse_age,
+                   help="only messages queued longer than AGE: seconds, or a number with s, m, h or d")
+
+
+def parse_age(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text or "")
+    if not m:
+        import argparse
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age (e.g. 90, 30m, 2h, 1d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 def run(args, cfg) -> int:
@@ -53,9 +105,14 @@ def run(args, cfg) -> int:
             return cmd_list(args, cfg)
         if action == "show":
             return cmd_show(args, cfg)
+        if action == "cat":
+            return cmd_cat(args, cfg)
         if action == "flush":
             return cmd_flush(args, cfg)
         return cmd_change(args, cfg, action)
+    except UsageError as e:
+        print(f"mailstack queue {action}: {e}", file=sys.stderr)
+        return 2
     except control.ControlError as e:
         print(f"mailstack queue: {e}", file=sys.stderr)
         return 1
@@ -166,9 +223,52 @@ def format_show(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _matches(pattern: str, value: str) -> bool:
+    pattern, value = pattern.lower(), (value or "").lower()
+    return fnmatch.fnmatchcase(value, pattern) if any(c in pattern for c in "*?[") else pattern in value
+
+
+def filter_messages(messages: list[dict], args, now: float | None = None) -> list[dict]:
+    """queue list's --state / --from / --to / --older-than, all of them together."""
+    now = time.time() if now is None else now
+    states = getattr(args, "state", None)
+    sender = getattr(args, "sender", None)
+    recipient = getattr(args, "recipient", None)
+    older = getattr(args, "older_than", None)
+    out = []
+    for m in messages:
+        if states and m["state"] not in states:
+            continue
+        if sender is not None and not _matches(sender, m["sender"] or "MAILER-DAEMON"):
+            continue
+        if recipient is not None and not any(_matches(recipient, r.get("addr") or "") or
+                                             _matches(recipient, r.get("orig") or "") for r in m["recipients"]):
+            continue
+        if older is not None and not (m["arrival"] and now - m["arrival"] > older):
+            continue
+        out.append(m)
+    return out
+
+
 # --- commands ---------------------------------------------------------------------------------------------
+def _collect_any(cfg) -> list[dict]:
+    """The queue from the files; a user who may not read them asks the running server (mailq is for
+    everyone, as Postfix's default authorized_mailq_users)."""
+    try:
+        return collect(Spool(cfg.queue_dir))
+    except PermissionError as e:
+        from . import pickup
+        try:
+            resp = pickup.request(cfg, {"action": "list"})
+        except pickup.PickupError as pe:
+            raise control.ControlError(str(pe)) from None
+        if resp is None or not resp.get("ok"):
+            raise control.ControlError(f"{e.filename}: {e.strerror}, and the server is not running to ask") from None
+        return resp["messages"]
+
+
 def cmd_list(args, cfg) -> int:
-    messages = collect(Spool(cfg.queue_dir))
+    messages = filter_messages(_collect_any(cfg), args)
     if getattr(args, "json", False):
         print(json.dumps(messages, indent=1, ensure_ascii=False))
     else:
@@ -195,8 +295,73 @@ def cmd_show(args, cfg) -> int:
     return 0
 
 
+def cmd_cat(args, cfg) -> int:
+    """postcat -q: the queue file as a person reads it."""
+    spool = Spool(cfg.queue_dir)
+    try:
+        os.listdir(spool.dir)  # a queue we may not read must not look like "no such message"
+    except FileNotFoundError:
+        pass
+    state = spool.locate(args.id, QUEUE_STATES + ("maildrop", "corrupt")) if valid_qid(args.id) else None
+    if state is None:
+        print(f"mailstack queue: {args.id}: no such message in the queue", file=sys.stderr)
+        return 1
+    path = spool.path(state, args.id)
+    try:
+        msg = read_envelope(path, args.id)
+        data = Spool.read_message(msg.source)
+    except FileNotFoundError:
+        print(f"mailstack queue: {args.id}: no longer in the queue", file=sys.stderr)
+        return 1
+    except CorruptQueueFile as e:
+        print(f"mailstack queue: {e}", file=sys.stderr)
+        return 1
+    end = data.find(b"\r\n\r\n")
+    headers, body = (data, b"") if end < 0 else (data[:end + 2], data[end + 4:])
+    out = sys.stdout.buffer
+    if args.headers_only:
+        out.write(headers)
+    elif args.body_only:
+        out.write(body)
+    else:
+        lines = [f"*** ENVELOPE RECORDS {state}/{args.id} ***",
+                 f"message_size: {msg.source.size}",
+                 f"arrival_time: {time.strftime('%a %b %d %H:%M:%S %Y', time.localtime(msg.arrival))}",
+                 f"sender: {msg.sender}"]
+        lines += [f"recipient: {r}" for r in msg.recipients]
+        lines += [f"meta: {k}={v}" for k, v in sorted((msg.meta or {}).items())]
+        out.write(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+        if not args.envelope_only:
+            out.write(f"*** MESSAGE CONTENTS {state}/{args.id} ***\n".encode())
+            out.write(data if data.endswith(b"\n") else data + b"\n")
+            out.write(f"*** MESSAGE FILE END {state}/{args.id} ***\n".encode())
+    out.flush()
+    return 0
+
+
+def _waiting_for(spool: Spool, qid: str, domain: str) -> bool:
+    """Blocking: has this deferred message a recipient waiting for `domain`?"""
+    status = spool.read_status(qid) or {}
+    addrs = [t.get("addr", "") for t in status.get("targets") or [] if isinstance(t, dict)
+             and t.get("status") in ("pending", "deferred")]
+    if not addrs:
+        try:
+            addrs = read_envelope(spool.path("deferred", qid), qid).recipients
+        except (OSError, CorruptQueueFile):
+            return False
+    return any(a.rpartition("@")[2].lower().rstrip(".") == domain for a in addrs)
+
+
+def deferred_for_domain(spool: Spool, domain: str) -> list[str]:
+    return [qid for qid in spool.ids("deferred") if _waiting_for(spool, qid, domain)]
+
+
 def cmd_flush(args, cfg) -> int:
-    resp = control.request(cfg, {"action": "flush"})
+    req = {"action": "flush"}
+    if args.domain:
+        from ..directory import normalize_domain
+        req["domain"] = normalize_domain(args.domain)
+    resp = control.request(cfg, req)
     if resp is None:
         print("mailstack queue: the server is not running; deferred mail is tried when it starts",
               file=sys.stderr)
@@ -204,26 +369,42 @@ def cmd_flush(args, cfg) -> int:
     if not resp.get("ok"):
         print(f"mailstack queue: {resp.get('error')}", file=sys.stderr)
         return 1
-    print(f"flushed: {resp.get('flushed', 0)} deferred message(s) scheduled now")
+    where = f" for {req['domain']}" if args.domain else ""
+    print(f"flushed: {resp.get('flushed', 0)} deferred message(s){where} scheduled now")
     return 0
 
 
+def parse_targets(action: str, words: list[str]) -> tuple[list[str] | None, tuple[str, ...]]:
+    """`ID...` -> (ids, ()); `ALL [STATE...]` -> (None, states). UsageError for anything else,
+    before anything is touched (postsuper: "fatal: invalid directory name")."""
+    allowed = ALL_STATES[action]
+    if words and words[0] == "ALL":
+        bad = [w for w in words[1:] if w not in allowed]
+        if bad:
+            raise UsageError(f"{bad[0]!r} is not a queue state for {action} (one of {', '.join(allowed)}); "
+                             "nothing was changed")
+        return None, tuple(dict.fromkeys(words[1:])) or allowed
+    bad = [w for w in words if not valid_qid(w)]
+    if bad:
+        hint = " (write ALL in upper case)" if any(w.upper() == "ALL" for w in bad) else ""
+        raise UsageError(f"{bad[0]!r} is not a queue id{hint}; nothing was changed")
+    return list(dict.fromkeys(words)), ()
+
+
 def cmd_change(args, cfg, action: str) -> int:
-    """delete / hold / release, through the server when it runs, else on the files."""
+    """delete / hold / release / requeue, through the server when it runs, else on the files."""
     spool = Spool(cfg.queue_dir)
-    ids = args.ids
-    if any(i.upper() == "ALL" for i in ids):
-        if action == "delete":
-            ids = ["ALL"]
+    ids, states = parse_targets(action, args.ids)
+    if ids is None:
+        if action == "delete" and states == QUEUE_STATES:
+            ids = ["ALL"]  # the manager also removes what it holds in memory only
         else:
-            states = ("hold",) if action == "release" else ("incoming", "active", "deferred")
             ids = [qid for _, qid in spool.entries(states)]
+            if not ids:
+                print(f"no message in {', '.join(states)}")
+                return 0
     code = 0
     for qid in ids:
-        if qid != "ALL" and not valid_qid(qid):
-            print(f"mailstack queue: {qid}: not a queue id", file=sys.stderr)
-            code = 1
-            continue
         resp = control.request(cfg, {"action": action, "id": qid})
         if resp is None:
             resp = offline_change(spool, action, qid)
@@ -240,7 +421,7 @@ def cmd_change(args, cfg, action: str) -> int:
     return code
 
 
-_PAST = {"delete": "deleted", "hold": "held", "release": "released"}
+_PAST = {"delete": "deleted", "hold": "held", "release": "released", "requeue": "requeued"}
 
 
 def offline_change(spool: Spool, action: str, qid: str) -> dict:
@@ -270,5 +451,13 @@ def offline_change(spool: Spool, action: str, qid: str) -> dict:
             return {"ok": False, "error": f"{qid}: not on hold"}
         # active/ is taken up first thing when the server starts
         spool.move(qid, "hold", "active", sync=True)
+        return {"ok": True}
+    if action == "requeue":
+        from .manager import requeue_files
+
+        state = spool.locate(qid)
+        if state is None:
+            return {"ok": False, "error": f"{qid}: no such message in the queue"}
+        requeue_files(spool, qid, state)  # incoming/: taken up first thing when the server starts
         return {"ok": True}
     return {"ok": False, "error": f"unknown action {action}"}

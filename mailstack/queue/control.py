@@ -6,7 +6,8 @@ Protocol: one JSON object per line each way.
     -> {"action": "flush"}                       <- {"ok": true, "flushed": 3}
     -> {"action": "delete", "id": "0ABC..."}     <- {"ok": false, "error": "..."}
 
-Actions: status, list, show, delete, hold, release, flush, pickup, reload, reload-directory.
+Actions: status, list, show, delete, hold, release, requeue, flush (optionally for one
+"domain"), pickup, reload, reload-directory.
 """
 from __future__ import annotations
 
@@ -53,7 +54,13 @@ async def handle_request(services, req: dict) -> dict:
     if manager is None:
         return {"ok": False, "error": "the queue manager is not running"}
     if action == "flush":
-        return {"ok": True, "flushed": manager.flush()}
+        domain = str(req.get("domain") or "").strip().lower().rstrip(".")
+        if not domain:
+            return {"ok": True, "flushed": manager.flush()}
+        from .admin import deferred_for_domain
+
+        qids = await asyncio.to_thread(deferred_for_domain, manager.spool, domain)
+        return {"ok": True, "flushed": manager.flush(set(qids))}
     if action == "pickup":
         manager.pickup()
         return {"ok": True}
@@ -61,7 +68,7 @@ async def handle_request(services, req: dict) -> dict:
         from .admin import collect
 
         return {"ok": True, "messages": await asyncio.to_thread(collect, manager.spool)}
-    if action in ("show", "delete", "hold", "release"):
+    if action in ("show", "delete", "hold", "release", "requeue"):
         if not qid:
             return {"ok": False, "error": f"{action}: a queue id is needed"}
         if action == "show":

@@ -1,10 +1,13 @@
-"""`mailstack sendmail`: the sendmail(8) interface for local programs (cron, mail(1), mutt ...).
+"""`mailstack sendmail` (also installed as `sendmail`): the sendmail(8) interface for local
+programs (cron, mail(1), PHP, git ...).
 
-Like Postfix's postdrop, it writes the message durably into queue_dir/maildrop/ (a
-complete queue file: envelope + message, written to a dot-name, fsynced, renamed,
-directory fsynced) and then asks a running server to pick it up at once.  When no
-server runs, the file waits; the server takes it up when it starts (and scans the
-maildrop every few seconds anyway).
+Root and the server's own user write like Postfix's postdrop: the message goes durably into
+queue_dir/maildrop/ (a complete queue file: envelope + message, written to a dot-name,
+fsynced, renamed, directory fsynced) and a running server is asked to pick it up at once;
+when no server runs, the file waits for the next start.  Every other local user cannot
+write there: their message goes to the running server over its public socket (pickup.py),
+which knows them by their peer credentials.  -bs speaks SMTP on stdin/stdout, -bv says how
+addresses would be delivered, -bp lists the queue.
 """
 from __future__ import annotations
 
@@ -44,11 +47,13 @@ def add_parser(sub) -> None:
     p.add_argument("-f", "-r", dest="sender", metavar="SENDER", help="envelope sender (<> for the null sender)")
     p.add_argument("-F", dest="fullname", metavar="NAME", help="full name for a From: header that is added")
     p.add_argument("-b", dest="mode", default="m", metavar="MODE",
-                   help="-bm (default) delivers mail; -bp lists the queue (as mailq)")
+                   help="-bm (default) delivers mail; -bp lists the queue (as mailq); -bs speaks SMTP on "
+                        "stdin/stdout; -bv verifies the recipients and says how each would be delivered; "
+                        "-bi (newaliases) does nothing")
     p.add_argument("-B", dest="body_type", metavar="TYPE", help="ignored (7BIT / 8BITMIME)")
     p.add_argument("-N", dest="dsn_notify", metavar="DSN", help="ignored")
     p.add_argument("-v", dest="verbose", action="store_true", help="ignored")
-    p.add_argument("recipients", nargs="*", metavar="RECIPIENT")
+    p.add_argument("recipients", nargs="*", metavar="RECIPIENT", help="envelope recipients; a bare name is a local user of this host")
     p.set_defaults(func=run_sendmail)
 
 
@@ -58,10 +63,16 @@ def run_sendmail(args, cfg) -> int:
 
         args.json = False
         return cmd_list(args, cfg)
-    if args.mode != "m":
-        print(f"mailstack sendmail: -b{args.mode} is not supported (only -bm and -bp)", file=sys.stderr)
-        return EX_USAGE
+    if args.mode == "i":
+        return newaliases(cfg)
     try:
+        if args.mode == "v":
+            return verify(cfg, args)
+        if args.mode == "s":
+            from .smtpstdio import serve_stdio
+            return serve_stdio(cfg, sys.stdin.buffer, sys.stdout.buffer)
+        if args.mode != "m":
+            raise SendmailError(f"-b{args.mode} is not supported (-bm, -bp, -bs, -bv, -bi)", EX_USAGE)
         qid = sendmail(cfg, sys.stdin.buffer, args)
     except SendmailError as e:
         print(f"mailstack sendmail: {e}", file=sys.stderr)
@@ -117,7 +128,39 @@ def _field_name(field: bytes) -> str:
     return field.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
 
 
-def _check_address(addr: str, hostname: str) -> str:
+def newaliases(cfg) -> int:
+    where = f"{cfg.data_dir / 'aliases'}" if cfg is not None else "the data directory's aliases file"
+    print(f"newaliases: nothing to do: mailstack reads its aliases from {where} as they change "
+          "(edit them with `mailstack alias`)")
+    return 0
+
+
+def verify(cfg, args) -> int:
+    """-bv: how each recipient would be delivered; exit 0 when all are deliverable (as sendmail)."""
+    from . import pickup
+    if not args.recipients:
+        raise SendmailError("-bv needs one or more addresses", EX_USAGE)
+    try:
+        resp = pickup.request(cfg, {"action": "verify", "addresses": args.recipients})
+    except pickup.PickupError as e:
+        raise SendmailError(str(e), EX_TEMPFAIL) from None
+    if resp is None:  # no server: read the directory ourselves (needs the right to)
+        from ..directory import Directory
+        try:
+            directory = Directory.for_config(cfg)
+        except PermissionError as e:
+            raise SendmailError(f"{e.filename}: {e.strerror} and the server is not running", EX_NOPERM) from None
+        results = [pickup.describe(directory, cfg, a) for a in args.recipients]
+    elif not resp.get("ok"):
+        raise SendmailError(resp.get("error", "verify failed"), EX_SOFTWARE)
+    else:
+        results = resp["results"]
+    for r in results:
+        print(f"{r['address']}: {'deliverable' if r['deliverable'] else 'undeliverable'}: {r['route']}")
+    return 0 if all(r["deliverable"] for r in results) else EX_NOUSER
+
+
+def check_address(addr: str, hostname: str) -> str:
     addr = addr.strip()
     if addr.startswith("<") and addr.endswith(">"):
         addr = addr[1:-1].strip()
@@ -126,6 +169,9 @@ def _check_address(addr: str, hostname: str) -> str:
     if "@" not in addr:
         addr = f"{addr}@{hostname}"  # bare user names are local to this host, as in Postfix
     return addr
+
+
+_check_address = check_address
 
 
 def sendmail(cfg, stream, args, now: float | None = None) -> str:
@@ -166,8 +212,8 @@ def sendmail(cfg, stream, args, now: float | None = None) -> str:
 
     qid = new_id()
     names = {_field_name(f) for f in fields}
-    added = [f"Received: by {hostname} (mailstack, from userid {uid})\r\n\tid {qid}; "
-             f"{formatdate(now, localtime=True)}\r\n".encode()]
+    received = (f"Received: by {hostname} (mailstack, from userid {uid})\r\n\tid {qid}; "
+                f"{formatdate(now, localtime=True)}\r\n").encode()
     extra = []
     if "from" not in names:
         name = args.fullname
@@ -186,16 +232,42 @@ def sendmail(cfg, stream, args, now: float | None = None) -> str:
         extra.append(f"Date: {formatdate(now, localtime=True)}\r\n".encode())
     if "message-id" not in names:
         extra.append(f"Message-ID: <{qid}.{int(now)}@{hostname}>\r\n".encode())
-    message = b"".join(added + fields + extra) + body
+    content = b"".join(fields + extra) + body
+    return submit(cfg, sender if args.sender is not None else None, recipients, content, qid=qid,
+                  received=received, now=now)
+
+
+def submit(cfg, sender: str | None, recipients: list[str], content: bytes, qid: str | None = None,
+           received: bytes | None = None, now: float | None = None) -> str:
+    """Queue `content` (headers complete, no Received: yet) for `recipients`. sender None = the
+    user's own address. Root and the server's user drop into the maildrop (works with the
+    server stopped); anyone else goes through the running server's public socket."""
+    now = time.time() if now is None else now
+    hostname = cfg.server.hostname
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    qid = qid or new_id()
+    if received is None:
+        received = (f"Received: by {hostname} (mailstack, from userid {uid})\r\n\tid {qid}; "
+                    f"{formatdate(now, localtime=True)}\r\n").encode()
+    message = received + content
     if len(message) > cfg.smtp.max_message_size:
         raise SendmailError(f"message too large (more than {cfg.smtp.max_message_size} bytes)", EX_DATAERR)
-
+    envelope_sender = f"{user}@{hostname}" if sender is None else sender
     meta = {"listener": "sendmail", "uid": uid, "user": user,
             "body": "7BIT" if message.isascii() else "8BITMIME"}
-    if not all(a.isascii() for a in recipients + [sender]):
+    if not all(a.isascii() for a in recipients + [envelope_sender]):
         meta["smtputf8"] = True
-    header = encode_header(sender, recipients, now, len(message), meta)
-    drop_file(cfg, qid, header, message)
+    header = encode_header(envelope_sender, recipients, now, len(message), meta)
+    try:
+        drop_file(cfg, qid, header, message)
+    except SendmailError as e:
+        if e.code != EX_NOPERM:
+            raise
+        return _submit_to_server(cfg, sender, recipients, content, e)
 
     try:
         from . import control
@@ -204,6 +276,20 @@ def sendmail(cfg, stream, args, now: float | None = None) -> str:
     except Exception:
         pass  # not running, or busy: the server scans the maildrop on start and every few seconds
     return qid
+
+
+def _submit_to_server(cfg, sender, recipients, content: bytes, cause: SendmailError) -> str:
+    from . import pickup
+    try:
+        resp = pickup.request(cfg, {"action": "submit", "sender": sender, "recipients": recipients,
+                                    "size": len(content)}, content)
+    except pickup.PickupError as e:
+        raise SendmailError(str(e), EX_TEMPFAIL) from None
+    if resp is None:
+        raise SendmailError(f"{cause} and the mail server is not running to take the message", EX_TEMPFAIL)
+    if not resp.get("ok"):
+        raise SendmailError(resp.get("error", "refused"), int(resp.get("code") or EX_SOFTWARE))
+    return resp["qid"]
 
 
 def drop_file(cfg, qid: str, header: bytes, message: bytes) -> None:

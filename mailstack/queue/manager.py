@@ -50,6 +50,9 @@ class Entry:
     action: str | None = None  # "delete" | "hold", waiting for the entry to stop being busy
     gone: bool = False  # removed from the manager (deleted/held) while queued
     started: float = field(default_factory=time.time)
+    # (kind, address) already delivered: remote successes recorded in done/ right after the
+    # remote 250, and targets final before a requeue.  Never delivered again.
+    finals: set = field(default_factory=set)
 
     def status_json(self) -> dict:
         return {"qid": self.qid, "attempts": self.attempts, "next_try": self.next_try,
@@ -165,6 +168,11 @@ class QueueManager:
                 os.unlink(spool.status_path(qid))
             except OSError:
                 pass
+        for qid in spool.orphan_done():
+            try:
+                os.unlink(spool.done_path(qid))
+            except OSError:
+                pass
         out: list[Entry] = []
         for state in ("incoming", "active"):
             for qid in spool.ids(state):
@@ -176,19 +184,16 @@ class QueueManager:
                 except FileNotFoundError:
                     continue
                 except CorruptQueueFile as e:
-                    if state == "incoming" and e.truncated:
-                        # A write cut short by the crash: never acknowledged ("250" comes after
-                        # the fsync), so the client still has it and will send it again.
-                        os.unlink(path)
-                        log.warning("removed incomplete message (never acknowledged): %s", e, extra={"qid": qid})
-                    else:
-                        self._quarantine(state, qid, str(e))
+                    # Even a write the crash cut short (never acknowledged: "250" comes after the
+                    # fsync) is kept in corrupt/ for a person to look at, never deleted.
+                    self._quarantine(state, qid, str(e))
                     continue
                 if state == "incoming":
                     path = spool.move(qid, "incoming", "active")
                     msg.source = MessageSource(str(path), msg.source.offset, msg.source.size)
                 entry = Entry(qid, "active", msg)
                 self._apply_status(entry, spool.read_status(qid))
+                entry.finals |= {("remote", a) for a in spool.read_done(qid)}
                 out.append(entry)
         now = time.time()
         for qid in spool.ids("deferred"):
@@ -214,8 +219,17 @@ class QueueManager:
             entry.attempts = int(status.get("attempts", 0))
             entry.next_try = float(status.get("next_try", 0))
             entry.targets = [Target.from_json(t) for t in status.get("targets", [])] or None
+            entry.finals |= {(str(k), str(a).lower()) for k, a in status.get("finals", [])}
         except (TypeError, ValueError):
             entry.targets = None
+
+    def _skip_finals(self, entry: Entry) -> None:
+        """Targets delivered before a crash (done/) or before a requeue are not delivered again."""
+        if not entry.finals:
+            return
+        for t in entry.targets:
+            if t.status in ("pending", "deferred") and (t.kind, t.addr.lower()) in entry.finals:
+                t.status, t.reply = "sent", "final before a restart or requeue (not tried again)"
 
     # --- intake ----------------------------------------------------------------------------
     def _on_enqueue(self, msg: QueuedMessage) -> None:
@@ -302,6 +316,7 @@ class QueueManager:
         try:
             if entry.targets is None:
                 entry.targets = self.local.expand(msg.recipients)
+            self._skip_finals(entry)
             todo = [t for t in entry.targets if t.status in ("pending", "deferred")]
             now = time.time()
             for t in todo:
@@ -505,6 +520,7 @@ class QueueManager:
             self._quarantine("active", entry.qid, str(e))
             return None
         self._apply_status(entry, self.spool.read_status(entry.qid))
+        entry.finals |= {("remote", a) for a in self.spool.read_done(entry.qid)}
         return entry
 
     async def _load_due(self, due: list[Entry]) -> None:
@@ -517,12 +533,12 @@ class QueueManager:
             if not await self._pending_action(entry):
                 self._make_ready(entry)
 
-    def flush(self) -> int:
-        """Try every deferred message now. Returns how many."""
+    def flush(self, qids: set[str] | None = None) -> int:
+        """Try every deferred message (or those of `qids`) now. Returns how many."""
         now = time.time()
         n = 0
         for entry in list(self.entries.values()):
-            if entry.state == "deferred" and not entry.busy:
+            if entry.state == "deferred" and not entry.busy and (qids is None or entry.qid in qids):
                 entry.next_try = now
                 heapq.heappush(self._heap, (now, entry.qid))
                 n += 1
@@ -674,6 +690,30 @@ class QueueManager:
             self._make_ready(entry)
         return {"ok": True}
 
+    async def requeue(self, qid: str) -> dict:
+        """postsuper -r: take the message up again as if new (aliases expanded again, tried at once);
+        recipients already delivered stay delivered."""
+        entry = self.entries.get(qid)
+        if entry is not None:
+            if entry.busy:
+                return {"ok": False, "error": f"{qid}: being delivered right now; requeue it when this "
+                                              "attempt ends"}
+            self.entries.pop(qid, None)
+            entry.gone = True
+        state = await asyncio.to_thread(self.spool.locate, qid)
+        if state is None:
+            return {"ok": False, "error": f"{qid}: no such message in the queue"}
+        try:
+            msg, finals = await asyncio.to_thread(requeue_files, self.spool, qid, state)
+        except (OSError, CorruptQueueFile) as e:
+            return {"ok": False, "error": f"{qid}: cannot requeue: {e}"}
+        fresh = Entry(qid, "incoming", msg, busy=True, finals=finals)
+        self.entries[qid] = fresh
+        self._incoming.append(fresh)
+        self._incoming_event.set()
+        log.info("requeued by the operator (from %s)", state, extra={"qid": qid})
+        return {"ok": True}
+
     def show(self, qid: str) -> dict | None:
         """In-memory view of a message being delivered or waiting in active/ (None otherwise)."""
         entry = self.entries.get(qid)
@@ -691,3 +731,17 @@ class QueueManager:
             counts[e.state] = counts.get(e.state, 0) + 1
         return {"running": self.running, "delivering": len(self._deliveries), "states": counts,
                 "stats": dict(self.stats)}
+
+
+def requeue_files(spool: Spool, qid: str, state: str) -> tuple[QueuedMessage, set]:
+    """Blocking: keep only what was already delivered in the status (as "finals"), move the file
+    to incoming/. Used by the manager and, with no server running, by the CLI."""
+    status = spool.read_status(qid) or {}
+    finals = {(str(k), str(a).lower()) for k, a in status.get("finals", [])}
+    for t in status.get("targets") or []:
+        if isinstance(t, dict) and t.get("status") in ("sent", "bounced", "expired"):
+            finals.add((str(t.get("kind")), str(t.get("addr", "")).lower()))
+    finals |= {("remote", a) for a in spool.read_done(qid)}
+    spool.write_status(qid, {"qid": qid, "attempts": 0, "next_try": 0, "finals": sorted(finals)})
+    path = spool.move(qid, state, "incoming", sync=True)
+    return read_envelope(path, qid), finals

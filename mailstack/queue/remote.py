@@ -257,6 +257,18 @@ class RemoteDelivery:
     async def close(self) -> None:
         await self.cache.close()
 
+    async def _record_done(self, qid: str, recipients: list[str]) -> None:
+        """Durably note the recipients a remote server just accepted, before anything else happens to
+        the message: after a crash only a delivery in flight at that instant can be repeated."""
+        spool = getattr(self.services, "spool", None)
+        if not recipients or spool is None:
+            return
+        try:
+            await asyncio.to_thread(spool.record_done, qid, recipients)
+        except OSError as e:
+            log.error("cannot record the delivery durably (a crash now would repeat it): %s", e,
+                      extra={"qid": qid})
+
     async def _deliver(self, message: QueuedMessage, recipients: list[str]) -> dict[str, RecipientResult]:
         results: dict[str, RecipientResult] = {}
         if check_envelope_address(message.sender):
@@ -391,6 +403,7 @@ class RemoteDelivery:
                         state.results[rcpt] = RecipientResult(rcpt, "deferred", str(e), conn.relay)
                     del state.pending[:len(batch)]
                     break
+                await self._record_done(message.qid, [res.recipient for res in outcome if res.status == "sent"])
                 for res in outcome:
                     state.results[res.recipient] = RecipientResult(res.recipient, res.status, res.reply, conn.relay)
                 del state.pending[:len(batch)]

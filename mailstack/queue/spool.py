@@ -10,6 +10,9 @@ Layout under queue_dir (Postfix's model):
     corrupt/    files that could not be parsed (kept for a person to look at)
     status/     per-recipient delivery status of a message, written only when the
                 message is deferred or held (independent of the state directory)
+    done/       one line per remote recipient that a remote server accepted, appended
+                and fsynced right after its "250" so that a crash before the status is
+                written does not send it again
 
 A queue file holds envelope and message together, so that accepting a message
 costs one file fsync and one (group-committed) directory fsync:
@@ -189,7 +192,7 @@ class Spool:
     def setup(self) -> None:
         """Create the directories (mode 0700). Blocking, small: called once at start."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for name in STATES + ("status",):
+        for name in STATES + ("status", "done"):
             (self.dir / name).mkdir(exist_ok=True, mode=0o700)
         fsync_dir(self.dir)
 
@@ -249,15 +252,53 @@ class Spool:
         return target
 
     def remove(self, qid: str, state: str) -> None:
-        """Forget a message: its file, then its status file."""
+        """Forget a message: its file, then its status and done files."""
         try:
             os.unlink(self.path(state, qid))
         except FileNotFoundError:
             pass
+        for extra in (self.status_path(qid), self.done_path(qid)):
+            try:
+                os.unlink(extra)
+            except FileNotFoundError:
+                pass
+
+    # --- durable record of remote successes (blocking) --------------------------------
+    def done_path(self, qid: str) -> Path:
+        return self.dir / "done" / qid
+
+    def record_done(self, qid: str, recipients: list[str]) -> None:
+        """Append recipients a remote server accepted; durable on return (file fsynced, and the
+        directory when the file is new). Called right after the remote "250"."""
+        path = self.done_path(qid)
+        data = "".join(r.replace("\n", " ") + "\n" for r in recipients).encode("utf-8")
         try:
-            os.unlink(self.status_path(qid))
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+            new = True
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            new = False
         except FileNotFoundError:
-            pass
+            path.parent.mkdir(exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            new = True
+        try:
+            os.write(fd, data)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            fsync_dir(path.parent)
+
+    def read_done(self, qid: str) -> set[str]:
+        """Remote recipients already accepted (lower-cased); a line cut by a crash is ignored."""
+        try:
+            with open(self.done_path(qid), "rb") as f:
+                data = f.read(MAX_ENVELOPE)
+        except (FileNotFoundError, OSError):
+            return set()
+        lines = data.split(b"\n")[:-1]  # the last piece has no newline: incomplete or empty
+        return {line.decode("utf-8", "replace").lower() for line in lines if line}
 
     def locate(self, qid: str, states: Iterable[str] = QUEUE_STATES) -> str | None:
         """Which state directory holds the message now, if any."""
@@ -299,6 +340,10 @@ class Spool:
         """Status files whose message is gone (a crash between the two unlinks)."""
         live = {qid for _, qid in self.entries()}
         return [q for q in self.ids("status") if q not in live]
+
+    def orphan_done(self) -> list[str]:
+        live = {qid for _, qid in self.entries()}
+        return [q for q in self.ids("done") if q not in live]
 
     # --- reading the message (blocking) -----------------------------------------------
     @staticmethod

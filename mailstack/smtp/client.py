@@ -88,6 +88,8 @@ def tls_context(level: str, ca_file: str = "") -> ssl.SSLContext:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        from ..tls import CLIENT_CIPHERS
+        ctx.set_ciphers(CLIENT_CIPHERS)  # AEAD suites first (Mozilla intermediate), as the listeners
         _contexts[key] = ctx
     return ctx
 

@@ -1469,3 +1469,36 @@ class MaildirStore(Store):
                 src.entries.pop(e.uid, None)
             src.version += 1
         return pairs
+
+
+def clean_stale_tmp(root: str | os.PathLike, before: float) -> int:
+    """Blocking, once at server start: remove files in every mailbox's tmp/ last written before
+    `before` (the server's start).  They are deliveries a kill cut short (even 0-byte ones); this
+    server's own deliveries all start later.  Returns how many were removed."""
+    removed = 0
+    try:
+        domains = list(os.scandir(root))
+    except FileNotFoundError:
+        return 0
+    for domain in domains:
+        if not domain.is_dir(follow_symlinks=False):
+            continue
+        for account in os.scandir(domain.path):
+            if not account.is_dir(follow_symlinks=False):
+                continue
+            tmps = [os.path.join(account.path, "tmp")]
+            tmps += [os.path.join(e.path, "tmp") for e in os.scandir(account.path)
+                     if e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+            for tmp in tmps:
+                try:
+                    entries = list(os.scandir(tmp))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                for e in entries:
+                    try:
+                        if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < before:
+                            os.unlink(e.path)
+                            removed += 1
+                    except OSError:
+                        pass
+    return removed
