@@ -239,6 +239,13 @@ class RemoteDelivery:
                                       directory.is_local_domain if directory is not None else None)
         return self._signer
 
+    def forwarder(self):
+        from ..senderauth.forward import Forwarder
+        cfg = self.cfg
+        if getattr(self, "_forwarder", None) is None or self._forwarder.cfg is not cfg:
+            self._forwarder = Forwarder(self.services)
+        return self._forwarder
+
     # --- RemoteTransport ---
     async def deliver(self, message: QueuedMessage, recipients: list[str]) -> list[RecipientResult]:
         try:
@@ -276,8 +283,11 @@ class RemoteDelivery:
             groups.setdefault(route, []).append(rcpt)
         if not groups:
             return results
+        # Forwarded mail (senderauth/forward.py): SRS envelope sender, ARC seal.
+        forwarder = self.forwarder()
+        message = forwarder.rewrite(message)
         try:
-            wire = await asyncio.to_thread(_read_and_prepare, message, self.signer())
+            wire = await asyncio.to_thread(_read_and_prepare, message, self.signer(), forwarder)
         except OSError as e:
             for rcpts in groups.values():
                 for r in rcpts:
@@ -451,7 +461,7 @@ def _dns_reply(e: DnsError) -> str:
     return f"{code} {e.status} {e}"
 
 
-def _read_and_prepare(message: QueuedMessage, signer: DKIMSigner | None) -> WireMessage:
+def _read_and_prepare(message: QueuedMessage, signer: DKIMSigner | None, forwarder=None) -> WireMessage:
     """Read the message text from its spool file, sign and dot-stuff it. Runs in a worker thread."""
     src = message.source
     with open(src.path, "rb") as f:
@@ -461,4 +471,6 @@ def _read_and_prepare(message: QueuedMessage, signer: DKIMSigner | None) -> Wire
         raise OSError(f"{src.path}: expected {src.size} bytes at offset {src.offset}, read {len(data)}")
     data = normalize_crlf(data)
     prefix = signer.sign(data) if signer is not None else b""
+    if forwarder is not None:
+        prefix = forwarder.seal(data, message.meta) + prefix
     return prepare(data, prefix)
