@@ -1,0 +1,119 @@
+"""The senderauth stage in an in-process SMTP server: SPF refusal at MAIL FROM, bounded DNS
+time, the TTL cache shared across sessions, the queue meta and the log line."""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from mailstack.pipeline import build_stages
+from tests.dnsserver import DNSServer
+from tests.smtp_fixture import SMTPServer, USER
+from tests.senderauth_fixtures import message
+
+SPF_LOCALHOST = "v=spf1 ip4:127.0.0.1 -all"
+
+
+@pytest.fixture(scope="module")
+def zone():
+    z = DNSServer({
+        "good.test": {"TXT": [SPF_LOCALHOST]},
+        "_dmarc.good.test": {"TXT": ["v=DMARC1; p=reject"]},
+        "bad.test": {"TXT": ["v=spf1 -all exp=why.bad.test"]},
+        "why.bad.test": {"TXT": ["%{i} is not one of %{d}'s senders"]},
+        "client.good.test": {"TXT": [SPF_LOCALHOST]},
+        "cached.test": {"TXT": [SPF_LOCALHOST]},
+        "_dmarc.cached.test": {"TXT": ["v=DMARC1; p=reject"]},
+    }, ttl=300).start()
+    z.silent.add("slow.test")
+    z.silent.add("_dmarc.slowdmarc.test")
+    z.add("slowdmarc.test", "TXT", SPF_LOCALHOST)
+    yield z
+    z.stop()
+
+
+def _server(tmp_path, zone, **senderauth) -> SMTPServer:
+    srv = SMTPServer(tmp_path, extra_config={
+        "dns": {"nameservers": [zone.address], "timeout": 5.0},
+        "senderauth": {"dns_timeout": 1.0, **senderauth}})
+    srv.services.stages = build_stages(srv.services)
+    return srv.start()
+
+
+def _transaction(srv, sender: str, data: bytes | None = None, helo: str = "client.good.test") -> list[str]:
+    with srv.connect() as c:
+        c.reply()
+        out = [c.cmd(f"EHLO {helo}"), c.cmd(f"MAIL FROM:<{sender}>")]
+        if out[-1].startswith("250") and data is not None:
+            out.append(c.cmd(f"RCPT TO:<{USER}>"))
+            out.append(c.cmd("DATA"))
+            c.send(data + b".\r\n")
+            out.append(c.reply())
+        c.cmd("QUIT")
+    return out
+
+
+def test_spf_refusal_at_mail_from_when_configured(tmp_path, zone):
+    with _server(tmp_path, zone, spf_reject=True) as srv:
+        assert _transaction(srv, "x@good.test")[-1].startswith("250")
+        reply = _transaction(srv, "x@bad.test")[-1]
+        assert reply == "550 5.7.23 SPF: 127.0.0.1 is not allowed to send mail from bad.test: " \
+                        "127.0.0.1 is not one of bad.test's senders"
+        started = time.monotonic()
+        reply = _transaction(srv, "x@slow.test")[-1]
+        assert reply.startswith("451 4.7.24")
+        assert time.monotonic() - started < 4.0  # dns_timeout 1 s bounds it, not the resolver's 5 s
+        # HELO is the identity of the null sender
+        assert _transaction(srv, "", helo="client.good.test")[-1].startswith("250")
+
+
+def test_spf_is_only_recorded_by_default(tmp_path, zone):
+    with _server(tmp_path, zone) as srv:
+        out = _transaction(srv, "x@bad.test", message("x@bad.test", subject="rec-1"))
+        assert out[-1].startswith("250")
+        (msg, data), = srv.queued()
+        assert msg.meta["authres"]["spf"] == "fail"
+        assert b"spf=fail" in data and b"smtp.mailfrom=x@bad.test" in data
+
+
+def test_slow_dns_at_data_is_bounded_and_recorded_as_temperror(tmp_path, zone):
+    with _server(tmp_path, zone) as srv:
+        started = time.monotonic()
+        out = _transaction(srv, "x@slowdmarc.test", message("x@slowdmarc.test", subject="slow-1"))
+        assert out[-1].startswith("250")
+        assert time.monotonic() - started < 4.0
+        (msg, data), = srv.queued()
+        assert msg.meta["authres"]["dmarc"]["result"] == "temperror"
+        assert b"dmarc=temperror" in data
+
+
+def test_dns_answers_are_cached_across_sessions_by_ttl(tmp_path, zone, caplog):
+    with _server(tmp_path, zone) as srv, caplog.at_level(logging.INFO, logger="mailstack.smtp"):
+        zone.queries.clear()
+        for i in range(3):
+            reply = _transaction(srv, "x@cached.test", message("x@cached.test", subject=f"cache-{i}"))[-1]
+            assert reply.startswith("250")
+        names = [q[0] for q in zone.queries]
+        assert names.count("cached.test") == 1 and names.count("_dmarc.cached.test") == 1
+        lines = [r.getMessage() for r in caplog.records if "from=<x@cached.test>" in r.getMessage()]
+        assert len(lines) == 3 and all("spf=pass, dkim=none, dmarc=pass, arc=none" in ln for ln in lines)
+
+
+def test_submission_gets_auth_pass(tmp_path, zone):
+    with _server(tmp_path, zone) as srv:
+        with srv.connect("submission") as c:
+            c.reply()
+            c.cmd("EHLO client")
+            c.starttls()
+            c.cmd("EHLO client")
+            assert c.login().startswith("235")
+            assert c.cmd(f"MAIL FROM:<{USER}>").startswith("250")
+            assert c.cmd(f"RCPT TO:<{USER}>").startswith("250")
+            assert c.cmd("DATA").startswith("354")
+            forged = b"Authentication-Results: mail.example.test; dmarc=pass\r\n" + message(USER)
+            c.send(forged + b".\r\n")
+            assert c.reply().startswith("250")
+        (msg, data), = srv.queued()
+        assert b"Authentication-Results: mail.example.test;\r\n\tauth=pass smtp.auth=alice@example.test\r\n" in data
+        assert b"dmarc=pass" not in data
