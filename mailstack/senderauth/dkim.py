@@ -23,6 +23,90 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from ..dns import DnsError
 
+# --- speed-ups of dkimpy's internals (pyproject pins dkimpy below 1.2 for them) ---------
+# Verifying a typical signed message must cost well under a millisecond of CPU.  dkimpy does
+# the RSA public-key operation with Python's pow() (~0.3 ms for 2048 bits), parses the key
+# record's ASN.1 in Python for every signature, and runs its whitespace regexes over every
+# blank of the body; OpenSSL (through `cryptography`) does the first in ~0.03 ms, a parsed
+# key is kept per record, and the regexes run only when there is something to rewrite
+# (runs of blanks, tabs, blanks before a line end).  Same results:
+# tests/test_senderauth.py compares both with dkimpy's own on fuzzed input.
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+import dkim.canonicalization as _canon
+
+_dkimpy_rsa_verify = dkimpy.RSASSA_PKCS1_v1_5_verify
+_dkimpy_compress = _canon.compress_whitespace
+_RSA_KEYS: dict[tuple[int, int], object] = {}
+_HASHES = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
+
+
+def _openssl_rsa_verify(hash, signature, public_key) -> bool:
+    n, e = public_key["modulus"], public_key["publicExponent"]
+    key = _RSA_KEYS.get((n, e))
+    if key is None:
+        try:
+            key = rsa.RSAPublicNumbers(e, n).public_key()
+        except ValueError:  # a key OpenSSL will not load: let dkimpy judge it
+            return _dkimpy_rsa_verify(hash, signature, public_key)
+        if len(_RSA_KEYS) > 1000:
+            _RSA_KEYS.clear()
+        _RSA_KEYS[(n, e)] = key
+    algorithm = _HASHES.get(hash.name)
+    if algorithm is None:
+        return _dkimpy_rsa_verify(hash, signature, public_key)
+    try:
+        key.verify(signature, hash.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm()))
+        return True
+    except InvalidSignature:
+        return False
+
+
+_RUNS = re.compile(rb"[\t ]{2,}|\t")
+_dkimpy_strip_trailing = _canon.strip_trailing_whitespace
+
+
+def _compress_whitespace(content: bytes) -> bytes:
+    return _RUNS.sub(b" ", content) if b"  " in content or b"\t" in content else content
+
+
+def _strip_trailing_whitespace(content: bytes) -> bytes:
+    if b" \r\n" in content or b"\t\r\n" in content:
+        return _dkimpy_strip_trailing(content)
+    return content
+
+
+_dkimpy_unfold = _canon.unfold_header_value
+
+
+def _unfold_header_value(content: bytes) -> bytes:
+    # Same as dkimpy's re.sub(b"\r?\n", b"", ...): every LF goes, and a CR only right before one.
+    return content.replace(b"\r\n", b"").replace(b"\n", b"")
+
+
+_PARSED_KEYS: dict[tuple, tuple] = {}
+
+
+def _load_pk_from_dns(name, dnsfunc, timeout=5):
+    """dkimpy's key loading, with the parsed key kept for the same record (ASN.1 in Python)."""
+    record = dnsfunc(name, timeout=timeout)
+    found = _PARSED_KEYS.get((name, record))
+    if found is None:
+        found = dkimpy.evaluate_pk(name, record)
+        if len(_PARSED_KEYS) > 1000:
+            _PARSED_KEYS.clear()
+        _PARSED_KEYS[(name, record)] = found
+    return found
+
+
+dkimpy.RSASSA_PKCS1_v1_5_verify = _openssl_rsa_verify
+dkimpy.load_pk_from_dns = _load_pk_from_dns
+_canon.compress_whitespace = _compress_whitespace
+_canon.strip_trailing_whitespace = _strip_trailing_whitespace
+_canon.unfold_header_value = _unfold_header_value
+
+
 MAX_SIGNATURES = 10  # more than this on one message is abuse, not mail: the rest are ignored
 _KEY_TEMPFAIL = object()
 
@@ -78,10 +162,17 @@ def _headers(message: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def key_names(message: bytes) -> set[str]:
-    """Every selector._domainkey.domain a DKIM or ARC check of `message` will look up."""
-    names = set()
-    for name, value in _headers(message):
+def key_names(message: bytes, fields: list[tuple[bytes, bytes]] | None = None) -> set[str]:
+    """Every selector._domainkey.domain a DKIM or ARC check of `message` will look up.
+    `fields`: the message's header fields when the caller has them already (header_fields)."""
+    names: set[str] = set()
+    if fields is None:
+        end = message.find(b"\r\n\r\n")
+        head = (message if end < 0 else message[:end]).lower()
+        if b"dkim-signature:" not in head and b"arc-seal:" not in head:
+            return names
+        fields = _headers(message)
+    for name, value in fields:
         if name.lower() in (b"dkim-signature", b"arc-seal", b"arc-message-signature"):
             tags = signature_tags(value)
             key = _key_name(tags) if tags else None
@@ -90,6 +181,9 @@ def key_names(message: bytes) -> set[str]:
         if len(names) >= 2 * MAX_SIGNATURES:
             break
     return names
+
+
+header_fields = _headers
 
 
 async def prefetch_keys(resolver, names: set[str]) -> dict[str, object]:
@@ -182,8 +276,10 @@ def _unsigned_body(d, tags: dict[bytes, bytes]) -> bool:
 
 def verify_arc(message: bytes, keys: dict[str, object], min_rsa_bits: int = 1024) -> ARCResult:
     """Validate the ARC chain of `message` (RFC 8617 5.2) with prefetched keys. Blocking."""
-    headers = _headers(message)
-    seals = [signature_tags(v) or {} for n, v in headers if n.lower() == b"arc-seal"]
+    end = message.find(b"\r\n\r\n")
+    if b"arc-seal:" not in (message if end < 0 else message[:end]).lower():
+        return ARCResult("none")
+    seals = [signature_tags(v) or {} for n, v in _headers(message) if n.lower() == b"arc-seal"]
     if not seals:
         return ARCResult("none")
     newest = max(seals, key=lambda t: int(t.get(b"i", b"0")) if t.get(b"i", b"").isdigit() else 0)

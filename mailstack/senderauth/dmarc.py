@@ -11,6 +11,7 @@ package (its bundled copy: nothing is downloaded at run time).
 """
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Record:
 _POLICIES = ("none", "quarantine", "reject")
 
 
+@functools.lru_cache(maxsize=1024)  # the same few records arrive over and over; never mutated
 def parse_record(text: str) -> Record:
     """6.3 / 6.6.3: a usable record, or ValueError.  A record with a bad or missing p= but a
     valid rua= counts as p=none (6.6.3 step 6)."""

@@ -11,6 +11,7 @@ be fuzzed; the evaluator counts DNS-querying terms (at most 10) and void lookups
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
@@ -125,6 +126,7 @@ def _parse_cidr(text: str, six_only: bool = False) -> tuple[str, int | None, int
     return m.group("spec"), c4, c6
 
 
+@functools.lru_cache(maxsize=1024)  # the same few records arrive over and over; never mutated
 def parse_record(text: str) -> Record:
     """'v=spf1 ...' -> Record. Raises PermError for anything RFC 7208 calls a syntax error."""
     if not is_spf_record(text.encode("utf-8", "surrogateescape")):
