@@ -154,6 +154,20 @@ def test_header_value_quotes_odd_values():
     assert value == 'mx.test;\r\n\tspf=pass (ok  fine) smtp.mailfrom="a b@c.test"'
 
 
+def test_our_header_parses_with_authres():
+    """Our field must be readable by others (dkimpy's ARC sealing reads it with authres)."""
+    import authres
+
+    value = authresults.header_value("mx.test", [
+        authresults.method("spf", "pass", "mx.test: domain of a@b.test designates 192.0.2.1", smtp_mailfrom="a@b.test"),
+        authresults.method("dkim", "pass", header_d="b.test", header_s="sel", header_i="@b.test", header_b="ab/+cd=="),
+        authresults.method("arc", "none"), authresults.method("dmarc", "pass", "p=REJECT dis=NONE", header_from="b.test")])
+    parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + value.replace("\r\n", ""))
+    assert parsed.authserv_id == "mx.test"
+    assert [r.method for r in parsed.results] == ["spf", "dkim", "arc", "dmarc"]
+    assert 'header.b="ab/+cd=="' in value
+
+
 # --- SRS ---------------------------------------------------------------------------------
 def test_srs_round_trip_forged_and_expired():
     srs = SRS([b"new", b"old"], "fwd.example.test", max_age=21)

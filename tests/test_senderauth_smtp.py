@@ -24,6 +24,8 @@ def zone():
         "why.bad.test": {"TXT": ["%{i} is not one of %{d}'s senders"]},
         "client.good.test": {"TXT": [SPF_LOCALHOST]},
         "cached.test": {"TXT": [SPF_LOCALHOST]},
+        "inject.test": {"TXT": ["v=spf1 -all exp=why.inject.test"]},
+        "why.inject.test": {"TXT": ["no\r\n250 2.0.0 fake"]},
         "_dmarc.cached.test": {"TXT": ["v=DMARC1; p=reject"]},
     }, ttl=300).start()
     z.silent.add("slow.test")
@@ -60,6 +62,9 @@ def test_spf_refusal_at_mail_from_when_configured(tmp_path, zone):
         reply = _transaction(srv, "x@bad.test")[-1]
         assert reply == "550 5.7.23 SPF: 127.0.0.1 is not allowed to send mail from bad.test: " \
                         "127.0.0.1 is not one of bad.test's senders"
+        # the sender domain's explanation cannot break our reply into lines
+        assert _transaction(srv, "x@inject.test")[-1] == \
+            "550 5.7.23 SPF: 127.0.0.1 is not allowed to send mail from inject.test: no 250 2.0.0 fake"
         started = time.monotonic()
         reply = _transaction(srv, "x@slow.test")[-1]
         assert reply.startswith("451 4.7.24")

@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 from ..dkim import DKIMSigner
 from ..dns import DnsError, Resolver
+from ..dns import shared as dns_shared
 from ..nexthop import NextHop, parse_nexthop, to_alabel
 from ..smtp.client import ClientSettings, DataLost, HostError, SMTPConnection, connect
 from ..smtp.clientproto import WireMessage, check_envelope_address, normalize_crlf, prepare
@@ -217,7 +218,7 @@ class RemoteDelivery:
         cfg = self.cfg
         want = (tuple(cfg.dns.nameservers), cfg.dns.timeout)
         if self._resolver is None or (self._resolver_cfg is not None and self._resolver_cfg != want):
-            self._resolver = Resolver.from_config(cfg)
+            self._resolver = dns_shared(cfg)  # the process's one resolver and cache (mailstack/dns.py)
             self._resolver_cfg = want
         return self._resolver
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-_TOKEN = re.compile(r"^[!#$%&'*+\-./0-9=?A-Z^_`a-z{|}~]+$")  # RFC 2045 token, minus tspecials
+_TOKEN = re.compile(r"^[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+$")  # RFC 2045 token: no tspecials
 
 
 def pvalue(value: str) -> str:

@@ -138,6 +138,11 @@ def signature_tags(value: bytes) -> dict[bytes, bytes] | None:
         return None
 
 
+def _text(value: bytes) -> str:
+    """A tag value for headers and logs: ASCII, no white space (it may be folded) or controls."""
+    return re.sub(r"[\s\x00-\x1f\x7f]+", "", value.decode("ascii", "replace"))
+
+
 def _key_name(tags: dict[bytes, bytes]) -> str | None:
     s, d = tags.get(b"s"), tags.get(b"d")
     if not s or not d:
@@ -224,10 +229,10 @@ def verify_dkim(message: bytes, keys: dict[str, object], min_rsa_bits: int = 102
     for idx in range(min(len(indices), MAX_SIGNATURES)):
         tags = signature_tags(d.headers[indices[idx]][1]) or {}
         res = DKIMResult("permerror")
-        res.domain = tags.get(b"d", b"").decode("ascii", "replace").strip().lower()
-        res.selector = tags.get(b"s", b"").decode("ascii", "replace").strip()
-        res.algorithm = tags.get(b"a", b"").decode("ascii", "replace").strip().lower()
-        res.identity = tags.get(b"i", b"").decode("utf-8", "replace").strip() or (f"@{res.domain}" if res.domain else "")
+        res.domain = _text(tags.get(b"d", b"")).lower()[:253]
+        res.selector = _text(tags.get(b"s", b""))[:63]
+        res.algorithm = _text(tags.get(b"a", b"")).lower()[:32]
+        res.identity = _text(tags.get(b"i", b""))[:254] or (f"@{res.domain}" if res.domain else "")
         res.b = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
         out.append(res)
         if not tags:
@@ -284,7 +289,7 @@ def verify_arc(message: bytes, keys: dict[str, object], min_rsa_bits: int = 1024
         return ARCResult("none")
     newest = max(seals, key=lambda t: int(t.get(b"i", b"0")) if t.get(b"i", b"").isdigit() else 0)
     instance = int(newest.get(b"i", b"0")) if newest.get(b"i", b"").isdigit() else 0
-    sealer = newest.get(b"d", b"").decode("ascii", "replace").strip().lower()
+    sealer = _text(newest.get(b"d", b"")).lower()[:253]
     try:
         cv, _, reason = dkimpy.ARC(message, minkey=min_rsa_bits).verify(dnsfunc=_dnsfunc(keys))
     except dkimpy.DnsTimeoutError as e:

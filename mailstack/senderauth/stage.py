@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 
 from email.utils import getaddresses
 
@@ -105,7 +106,8 @@ class SenderAuthStage:
         if not self.settings.spf_reject or self._allowed(conn, res.domain):
             return None
         if res.result == "fail":
-            text = (res.explanation or spf.DEFAULT_EXPLANATION)[:200]
+            # The explanation is the sender domain's text: no line breaks into our reply.
+            text = re.sub(r"[\x00-\x1f\x7f]+", " ", res.explanation or spf.DEFAULT_EXPLANATION)[:200]
             return f"550 5.7.23 SPF: {conn.ip} is not allowed to send mail from {res.domain}: {text}"
         if res.result == "temperror":
             return f"451 4.7.24 SPF: temporary DNS error checking {res.domain}, try again later"
