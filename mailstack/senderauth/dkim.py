@@ -85,6 +85,19 @@ def _unfold_header_value(content: bytes) -> bytes:
     return content.replace(b"\r\n", b"").replace(b"\n", b"")
 
 
+_dkimpy_rfc822_parse = dkimpy.rfc822_parse
+
+
+def _rfc822_parse(message: bytes):
+    """dkimpy's parse, without splitting and re-joining the whole body into lines: with CRLF
+    line ends only (what the SMTP server stores), the body is simply what follows the blank line."""
+    end = message.find(b"\r\n\r\n")
+    if end <= 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
+        return _dkimpy_rfc822_parse(message)
+    headers, _ = _dkimpy_rfc822_parse(message[:end + 4])
+    return headers, message[end + 4:]
+
+
 _PARSED_KEYS: dict[tuple, tuple] = {}
 
 
@@ -102,6 +115,7 @@ def _load_pk_from_dns(name, dnsfunc, timeout=5):
 
 dkimpy.RSASSA_PKCS1_v1_5_verify = _openssl_rsa_verify
 dkimpy.load_pk_from_dns = _load_pk_from_dns
+dkimpy.rfc822_parse = _rfc822_parse
 _canon.compress_whitespace = _compress_whitespace
 _canon.strip_trailing_whitespace = _strip_trailing_whitespace
 _canon.unfold_header_value = _unfold_header_value
@@ -202,6 +216,9 @@ async def prefetch_keys(resolver, names: set[str]) -> dict[str, object]:
         keys = [t for t in txts if b"p=" in t]
         return keys[0] if keys else (txts[0] if txts else None)
 
+    if len(names) == 1:  # the common case: no tasks to make
+        (name,) = names
+        return {name: await one(name)}
     found = await asyncio.gather(*(one(n) for n in names))
     return dict(zip(names, found))
 
