@@ -24,6 +24,8 @@ def zone():
         "why.bad.test": {"TXT": ["%{i} is not one of %{d}'s senders"]},
         "client.good.test": {"TXT": [SPF_LOCALHOST]},
         "cached.test": {"TXT": [SPF_LOCALHOST]},
+        "strict.test": {"TXT": ["v=spf1 -all"]},
+        "_dmarc.strict.test": {"TXT": ["v=DMARC1; p=reject"]},
         "inject.test": {"TXT": ["v=spf1 -all exp=why.inject.test"]},
         "why.inject.test": {"TXT": ["no\r\n250 2.0.0 fake"]},
         "_dmarc.cached.test": {"TXT": ["v=DMARC1; p=reject"]},
@@ -122,3 +124,23 @@ def test_submission_gets_auth_pass(tmp_path, zone):
         (msg, data), = srv.queued()
         assert b"Authentication-Results: mail.example.test;\r\n\tauth=pass smtp.auth=alice@example.test\r\n" in data
         assert b"dmarc=pass" not in data
+
+
+@pytest.mark.parametrize("settings,reply,junk", [
+    ({}, "550 5.7.1 Email rejected per DMARC policy for strict.test", None),
+    ({"dmarc_policy": "quarantine"}, "250", "DMARC quarantine policy of strict.test"),
+    ({"dmarc_policy": "monitor"}, "250", None),
+    ({"allow": ["strict.test"]}, "250", None),
+    ({"allow": ["127.0.0.0/8"]}, "250", None),
+])
+def test_dmarc_enforcement_keys(tmp_path, zone, settings, reply, junk):
+    with _server(tmp_path, zone, **settings) as srv:
+        out = _transaction(srv, "x@strict.test", message("x@strict.test", subject="keys-1"))
+        assert out[-1].startswith(reply), out
+        if reply == "250":
+            (msg, data), = srv.queued()
+            assert msg.meta.get("junk") == junk
+            assert msg.meta["authres"]["dmarc"]["result"] == "fail"
+            assert msg.meta["authres"]["dmarc"]["override"] == ("" if junk else
+                                                                 "monitor only" if settings.get("dmarc_policy")
+                                                                 else "allow-listed")

@@ -100,7 +100,11 @@ class SenderAuthStage:
     async def mail(self, conn, txn) -> str | None:
         if not self._judged(conn):
             return None
-        results = await self._spf(conn, txn.mail_from)
+        try:
+            results = await self._spf(conn, txn.mail_from)
+        except Exception:  # a bug here must not cost the sender its mail: record nothing
+            log.exception("SPF check failed")
+            return None
         txn.state[NAME] = results
         res = results["mailfrom"]
         if not self.settings.spf_reject or self._allowed(conn, res.domain):
@@ -114,6 +118,16 @@ class SenderAuthStage:
         return None
 
     async def data(self, conn, txn, message: bytes):
+        try:
+            return await self._data(conn, txn, message)
+        except Exception:  # a bug here must not refuse or lose mail: accept unjudged, say so
+            from ..smtp.hooks import Verdict
+            log.exception("sender authentication failed")
+            stripped = authresults.strip_ours(message, self.hostname)
+            return Verdict(message=stripped, headers=[("Authentication-Results", authresults.header_value(
+                self.hostname, [authresults.method("dmarc", "temperror", "internal error")]))])
+
+    async def _data(self, conn, txn, message: bytes):
         from ..smtp.hooks import Verdict
 
         stripped = authresults.strip_ours(message, self.hostname)
