@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,7 +38,7 @@ class ZoneResolver:
         return self.zone.get((name.lower().rstrip("."), rdtype), [])
 
 
-def measure(messages: int = 2000, size: int = 4096) -> dict:
+def measure(messages: int = 2000, size: int = 4096, rounds: int = 3) -> dict:
     pem, record = rsa_key()
     zone = {
         ("rsa._domainkey.signer.test", "TXT"): [record.encode()],
@@ -66,14 +66,18 @@ def measure(messages: int = 2000, size: int = 4096) -> dict:
             await spf.check_host(stage.resolver, "198.51.100.7", "signer.test", "bounces@signer.test")
 
     asyncio.run(run_data(50))  # warm up (imports, the Public Suffix List)
-    c0, t0 = time.process_time(), time.perf_counter()
-    log = asyncio.run(run_data(messages))
-    c1, t1 = time.process_time(), time.perf_counter()
+    cpu, wall = [], []
+    for _ in range(rounds):  # the median of a few rounds: a shared machine is noisy
+        c0, t0 = time.process_time(), time.perf_counter()
+        log = asyncio.run(run_data(messages))
+        cpu.append((time.process_time() - c0) * 1000 / messages)
+        wall.append((time.perf_counter() - t0) * 1000 / messages)
+        assert log["dkim"] == "pass:signer.test" and log["dmarc"] == "pass", log
+    c1 = time.process_time()
     asyncio.run(run_spf(messages))
     c2 = time.process_time()
-    assert log["dkim"] == "pass:signer.test" and log["dmarc"] == "pass", log
-    return {"data_cpu_ms_per_msg": (c1 - c0) * 1000 / messages,
-            "data_wall_ms_per_msg": (t1 - t0) * 1000 / messages,
+    return {"data_cpu_ms_per_msg": statistics.median(cpu), "data_cpu_ms_rounds": cpu,
+            "data_wall_ms_per_msg": statistics.median(wall),
             "spf_cpu_ms_per_msg": (c2 - c1) * 1000 / messages,
             "bytes": len(data)}
 
@@ -85,7 +89,8 @@ def main() -> int:
     args = p.parse_args()
     r = measure(args.messages, args.size)
     print(f"sender-auth verification of a {r['bytes']} B signed message: "
-          f"{r['data_cpu_ms_per_msg']:.3f} ms CPU at DATA (DKIM+ARC+DMARC+A-R), "
+          f"{r['data_cpu_ms_per_msg']:.3f} ms CPU at DATA (DKIM+ARC+DMARC+A-R; median of "
+          f"{', '.join(f'{x:.3f}' for x in r['data_cpu_ms_rounds'])}), "
           f"{r['spf_cpu_ms_per_msg']:.3f} ms CPU for SPF at MAIL (cached DNS); target <= 0.5 ms")
     return 0
 

@@ -230,6 +230,11 @@ def test_trusted_arc_overrides_dmarc_failure(world):
             assert "arc=pass" in ar and "dmarc=fail" in ar and "trusted ARC seal of list.test" in ar
         else:
             assert code == 550, text
+    # A trusted sealer's chain that was altered after sealing does not count.
+    signed = sign(message("bob@signer.test", subject="arc-broken-1"), "signer.test", "rsa", pem)
+    broken = _seal_as("list.test", signed).replace(b"the report", b"the invoice")
+    assert send25(srv, "list-bounces@list.test", ALICE, broken)[0] == 550
+    assert "arc=fail" in srv.log()
 
 
 def test_submission_gets_auth_pass_and_own_signed_mail_passes_at_port_25(world):

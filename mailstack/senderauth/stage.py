@@ -157,7 +157,7 @@ class SenderAuthStage:
                 if record_task is not None:
                     found = await record_task
         except TimeoutError:
-            keys = {n: keys.get(n, dkim._KEY_TEMPFAIL) for n in names}
+            keys = {n: keys.get(n, dkim.KEY_TEMPFAIL) for n in names}
             found = dns_mod.DnsError("DNS lookups took too long", temporary=True)
         except dns_mod.DnsError as e:
             found = e
@@ -166,10 +166,10 @@ class SenderAuthStage:
                 record_task.cancel()
         if len(message) <= INLINE_VERIFY_BYTES and len(names) <= 2:
             # dkimpy over a small message costs ~0.3 ms: less than handing it to a thread.
-            dkim_results, arc_res = dkim._verify_both(message, keys, self.settings.dkim_min_rsa_bits)
+            dkim_results, arc_res = dkim.verify_both(message, keys, self.settings.dkim_min_rsa_bits)
         else:
             dkim_results, arc_res = await asyncio.to_thread(
-                dkim._verify_both, message, keys, self.settings.dkim_min_rsa_bits)
+                dkim.verify_both, message, keys, self.settings.dkim_min_rsa_bits)
         if head_from is None:
             dm = dmarc.Verdict("permerror", reason="no single From: address")
         elif isinstance(found, BaseException):
