@@ -144,3 +144,25 @@ def test_dmarc_enforcement_keys(tmp_path, zone, settings, reply, junk):
             assert msg.meta["authres"]["dmarc"]["override"] == ("" if junk else
                                                                  "monitor only" if settings.get("dmarc_policy")
                                                                  else "allow-listed")
+
+
+def test_dmarc_verdicts_are_kept_for_reports_also_when_refused(tmp_path, zone):
+    import json
+
+    from tests.harness import wait_for
+    with _server(tmp_path, zone) as srv:
+        assert _transaction(srv, "x@strict.test", message("x@strict.test"))[-1].startswith("550 5.7.1")
+        assert _transaction(srv, "x@good.test", message("x@good.test"))[-1].startswith("250")
+        assert _transaction(srv, "x@bad.test", message("x@bad.test"))[-1].startswith("250")  # no DMARC record
+        folder = srv.data_dir / "dmarc"
+
+        def rows():
+            files = list(folder.glob("*.jsonl")) if folder.is_dir() else []
+            found = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+            return found if len(found) >= 2 else None
+
+        got = {r["header_from"]: r for r in wait_for(rows, 10, what="verdict lines")}
+        assert set(got) == {"strict.test", "good.test"}
+        assert (got["strict.test"]["dmarc"], got["strict.test"]["disposition"]) == ("fail", "reject")
+        assert (got["good.test"]["dmarc"], got["good.test"]["spf_aligned"]) == ("pass", True)
+        assert got["strict.test"]["ip"] == "127.0.0.1"

@@ -22,7 +22,7 @@ from email.utils import getaddresses
 
 from .. import dns as dns_mod
 from ..nexthop import to_alabel
-from . import authresults, dkim, dmarc, spf
+from . import authresults, dkim, dmarc, reports, spf
 
 log = logging.getLogger("mailstack.senderauth")
 
@@ -49,6 +49,7 @@ class SenderAuthStage:
             except ValueError:
                 self.allow_domains.add(item.lower().rstrip("."))
         self.arc_trusted = {d.lower().rstrip(".") for d in self.settings.arc_trusted}
+        self.verdicts = reports.VerdictLog(cfg.data_dir)
 
     # --- helpers ---------------------------------------------------------------------
     @staticmethod
@@ -223,6 +224,13 @@ class SenderAuthStage:
                             "dkim": ",".join(f"{r.result}:{r.domain}" for r in dkim_results) or "none",
                             "dmarc": dm.result + (f"({action})" if action != "none" else ""),
                             "arc": arc_res.result})
+        if dm.result in ("pass", "fail"):  # the domain publishes a policy: a report row
+            self.verdicts.record({
+                "ip": conn.ip, "header_from": dm.from_domain, "envelope_from": spf_res.domain,
+                "policy_domain": dm.record_domain, "p": dm.policy, "pct": dm.pct, "dmarc": dm.result,
+                "disposition": action, "override": override, "spf": spf_res.result,
+                "spf_aligned": dm.spf_aligned, "dkim_aligned": dm.dkim_aligned,
+                "dkim": [{"d": r.domain, "s": r.selector, "result": r.result} for r in dkim_results]})
         if action == "reject":
             verdict.reply = f"550 5.7.1 Email rejected per DMARC policy for {dm.from_domain}"
         elif action == "quarantine":
