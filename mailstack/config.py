@@ -227,7 +227,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      "(\"192.0.2.0/24\") whose mail skips SPF refusal and DMARC enforcement. Results are still "
                      "recorded.", check=lambda v: next(filter(None, (_allow_error(x) for x in v)), None)),
         "arc_trusted": Key("strlist", [], "Domains of forwarders and mailing lists whose valid ARC seal (d= of the "
-                           "newest ARC-Seal) overrides a DMARC failure, as large providers do for lists."),
+                           "newest ARC-Seal) overrides a DMARC failure, as large providers do for lists.",
+                           check=lambda v: next((f"{x!r} is not a domain name" for x in v
+                                                 if not x or "." not in x or any(c.isspace() or c in "@/:[]" for c in x)),
+                                                None)),
         "dns_timeout": Key("float", 8.0, "Seconds all DNS lookups for one check (SPF at MAIL FROM; DKIM, ARC, "
                            "DMARC at the end of DATA) may take together; what is not answered by then is a "
                            "temperror.", min=0.1, max=120),

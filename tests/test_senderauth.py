@@ -293,3 +293,15 @@ def test_fuzz_srs_reverse(local):
         srs.reverse(f"SRS1={local}@fwd.test")
     except SRSError:
         pass
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"allow": ["not a domain"]}, "senderauth.allow"),
+    ({"arc_trusted": ["lists@x.test"]}, "senderauth.arc_trusted"),
+    ({"dmarc_policy": "drop"}, "senderauth.dmarc_policy"),
+    ({"dns_timeout": 0}, "senderauth.dns_timeout"),
+])
+def test_bad_senderauth_config_names_the_key(tmp_path, raw, key):
+    from mailstack.config import ConfigError, from_dict
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        from_dict({"senderauth": raw}, base=tmp_path)
