@@ -290,3 +290,12 @@ def test_forwarding_rewrites_sender_with_srs_seals_arc_and_bounces_come_back(wor
     forged = "SRS0=abcd" + got.mail_from[9:]
     code, text = send25(srv, "", forged, b"Subject: forged\r\n\r\nx\r\n")
     assert code == 550
+
+
+def test_mail_forged_as_our_own_domain_goes_to_junk(world):
+    """The DMARC record `mailstack dns` told the operator to publish protects the domain."""
+    srv, _, _ = world
+    forged = message(ALICE, subject="forged-own-1")
+    assert send25(srv, "someone@spfok.test", ALICE, forged)[0] == 250
+    ar = auth_results(delivered(srv, "forged-own-1", folder="Junk"))
+    assert "dmarc=fail" in ar and "header.from=example.test" in ar and "dis=QUARANTINE" in ar
