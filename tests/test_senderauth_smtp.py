@@ -39,7 +39,7 @@ def zone():
 
 def _server(tmp_path, zone, **senderauth) -> SMTPServer:
     srv = SMTPServer(tmp_path, extra_config={
-        "dns": {"nameservers": [zone.address], "timeout": 5.0},
+        "dns": {"nameservers": [zone.address], "timeout": 10.0},
         "senderauth": {"dns_timeout": 1.0, **senderauth}})
     srv.services.stages = build_stages(srv.services)
     return srv.start()
@@ -70,7 +70,7 @@ def test_spf_refusal_at_mail_from_when_configured(tmp_path, zone):
         started = time.monotonic()
         reply = _transaction(srv, "x@slow.test")[-1]
         assert reply.startswith("451 4.7.24")
-        assert time.monotonic() - started < 4.0  # dns_timeout 1 s bounds it, not the resolver's 5 s
+        assert time.monotonic() - started < 6.0  # dns_timeout 1 s bounds it, not the resolver's 10 s
         # HELO is the identity of the null sender
         assert _transaction(srv, "", helo="client.good.test")[-1].startswith("250")
 
@@ -89,7 +89,7 @@ def test_slow_dns_at_data_is_bounded_and_recorded_as_temperror(tmp_path, zone):
         started = time.monotonic()
         out = _transaction(srv, "x@slowdmarc.test", message("x@slowdmarc.test", subject="slow-1"))
         assert out[-1].startswith("250")
-        assert time.monotonic() - started < 4.0
+        assert time.monotonic() - started < 6.0  # dns_timeout 1 s, not the resolver's 10 s
         (msg, data), = srv.queued()
         assert msg.meta["authres"]["dmarc"]["result"] == "temperror"
         assert b"dmarc=temperror" in data
