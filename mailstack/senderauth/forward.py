@@ -26,8 +26,13 @@ def srs_domain(cfg) -> str:
     return (cfg.senderauth.srs_domain or cfg.server.hostname).lower().rstrip(".")
 
 
-def make_srs(cfg) -> SRS:
-    return SRS(load_keys(cfg.data_dir), srs_domain(cfg), cfg.senderauth.srs_max_age)
+def make_srs(cfg) -> SRS | None:
+    """The SRS rewriter, or None (logged) when its key cannot be read or made."""
+    try:
+        return SRS(load_keys(cfg.data_dir), srs_domain(cfg), cfg.senderauth.srs_max_age)
+    except (OSError, SRSError) as e:
+        log.error("SRS is off: cannot use %s/srs.key: %s", cfg.data_dir, e)
+        return None
 
 
 def install_reverse(directory, cfg) -> None:
@@ -38,6 +43,9 @@ def install_reverse(directory, cfg) -> None:
         directory.srs_reverse = None
         return
     srs = make_srs(cfg)
+    if srs is None:
+        directory.srs_reverse = None
+        return
 
     def reverse(address: str) -> str | None:
         if not srs.is_srs(address):
