@@ -75,6 +75,7 @@ class Resolver:
         self._resolver.timeout = max(timeout / 3, 0.1)
         self._resolver.cache = dns.resolver.LRUCache(10000)
         self._rng = rng or random.Random()
+        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
 
     @classmethod
     def from_config(cls, cfg) -> "Resolver":
@@ -179,6 +180,23 @@ class Resolver:
     #   A, AAAA -> address text;  MX -> (preference, host);  PTR, CNAME -> host
     # Host names come back lower-case without the final dot.
     async def records(self, name: str, rdtype: str) -> list:
+        # Sessions asking the same question at the same moment share one query: a burst of
+        # mail from one sender costs the DNS server one packet, not one per session.
+        key = (name.lower(), rdtype)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return list(await asyncio.shield(pending))
+        task = asyncio.ensure_future(self._records(name, rdtype))
+        self._inflight[key] = task
+        task.add_done_callback(lambda done: self._query_done(key, done))
+        return list(await asyncio.shield(task))
+
+    def _query_done(self, key: tuple[str, str], task: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # seen: every session that asked may have given up already
+
+    async def _records(self, name: str, rdtype: str) -> list:
         try:
             text = (name if name.isascii() else to_alabel(name)).rstrip(".")
             # From labels, not zone text: an SPF macro may expand to a label with blanks.

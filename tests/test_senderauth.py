@@ -305,3 +305,16 @@ def test_bad_senderauth_config_names_the_key(tmp_path, raw, key):
     from mailstack.config import ConfigError, from_dict
     with pytest.raises(ConfigError, match=rf"^{key}: "):
         from_dict({"senderauth": raw}, base=tmp_path)
+
+
+def test_concurrent_identical_lookups_share_one_query(zone):
+    """A burst of sessions asking the same name at once costs the DNS server one query."""
+    zone.queries.clear()
+    r = resolver(zone)
+
+    async def burst():
+        return await asyncio.gather(*(r.records("_dmarc.signer.test", "TXT") for _ in range(20)))
+
+    answers = run(burst())
+    assert all(a == answers[0] and a for a in answers)
+    assert [q[0] for q in zone.queries].count("_dmarc.signer.test") == 1
