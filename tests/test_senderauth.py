@@ -318,3 +318,17 @@ def test_concurrent_identical_lookups_share_one_query(zone):
     answers = run(burst())
     assert all(a == answers[0] and a for a in answers)
     assert [q[0] for q in zone.queries].count("_dmarc.signer.test") == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(r"\A[A-Za-z ]{0,12}<?[a-z0-9.+_\-]{1,10}@[a-z0-9\-]{1,8}\.[a-z]{2,4}>?\Z"))
+def test_from_domain_fast_path_agrees_with_the_email_parser(value):
+    """The From: shortcut for plain forms finds the domain the full parser finds."""
+    from email.utils import getaddresses
+
+    from mailstack.senderauth.stage import _PLAIN_FROM, _from_domain
+    if not _PLAIN_FROM.match(value):
+        return
+    parsed = [a for _, a in getaddresses([value]) if "@" in a]
+    assert len(parsed) == 1
+    assert _from_domain([(b"From", b" " + value.encode())]) == parsed[0].rpartition("@")[2].lower()

@@ -14,6 +14,7 @@ Current practice on top of the RFCs (as Gmail, rspamd and OpenDKIM do):
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class ARCResult:
     reason: str = ""
 
 
+@functools.lru_cache(maxsize=256)  # key_names() and verify_dkim() read the same fields; never mutated
 def signature_tags(value: bytes) -> dict[bytes, bytes] | None:
     """Tag list of a DKIM-Signature / ARC-* header value; None when it does not parse."""
     try:

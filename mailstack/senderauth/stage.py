@@ -238,13 +238,17 @@ class SenderAuthStage:
         return verdict
 
 
+_PLAIN_FROM = re.compile(r'^[^"(),;:\\@<>]*<?([^"(),;:\\@<>\s]+@[A-Za-z0-9.\-]+)>?\s*$')
+
+
 def _from_domain(fields: list[tuple[bytes, bytes]]) -> str | None:
     """Domain (A-label) of the single From: address (RFC 7489 6.6.1), or None."""
     values = [v for n, v in fields if n.lower() == b"from"]
     if len(values) != 1:  # none, or several: no single author domain to judge
         return None
     text = values[0].decode("utf-8", "replace").replace("\r\n", "")
-    addrs = [a for _, a in getaddresses([text]) if "@" in a]
+    plain = _PLAIN_FROM.match(text)  # "Name <a@b>" / "a@b": no quoting to get wrong, no parser needed
+    addrs = [plain.group(1)] if plain else [a for _, a in getaddresses([text]) if "@" in a]
     if len(addrs) != 1:
         return None
     try:
