@@ -66,6 +66,8 @@ ROWS = [
     ("smtp", "maildir_per_s", "SMTP accept, to in the Maildir", "msg/s", True, None, ""),
     ("smtp", "cpu_ms_per_msg", "SMTP accept, server CPU per message", "ms", False, None, ""),
     ("smtp", "cpu_s", "SMTP accept, server CPU (all processes)", "s", False, None, ""),
+    ("smtp", "senderauth_ms_per_msg", "  + sender auth (DKIM/ARC/DMARC) CPU per 4 KiB signed msg", "ms", False, None,
+     "<= 0.5 ms"),
     ("latency", "p50_ms", "SMTP 1 session, latency p50", "ms", False, None, ""),
     ("latency", "p99_ms", "SMTP 1 session, latency p99", "ms", False, None, ""),
     ("imap", "select_cold_s", "IMAP SELECT {imap_messages:,} messages, first open", "s", False, None, ""),
@@ -230,6 +232,10 @@ def main(argv=None) -> int:
             a = (args.messages, args.size, args.sessions, args.reconnect)
             both("smtp", lambda: wl.smtp_accept(ms, ms, "bench", *a),
                  pf and (lambda: wl.smtp_accept(pf, pf, "bench", *a)), args.rounds)
+            import senderauth as senderauth_bench  # bench/senderauth.py: in-process, no server
+            figure = senderauth_bench.measure(2000, 4096)["data_cpu_ms_per_msg"]
+            results["smtp"].setdefault("mailstack", {})["senderauth_ms_per_msg"] = figure
+            print(f"  senderauth verification CPU {figure:.3f} ms per 4 KiB signed message", flush=True)
         if "latency" in only:
             both("latency", lambda: wl.smtp_latency(ms, "bench", args.latency_messages, args.size),
                  pf and (lambda: wl.smtp_latency(pf, "bench", args.latency_messages, args.size)), args.rounds)

@@ -233,6 +233,40 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         check=lambda v: None if v and v.isascii() and all(c.isalnum() or c in "-_" for c in v)
                         else "must be letters, digits, '-' or '_'"),
     },
+    "senderauth": {
+        "enabled": Key("bool", True, "Check SPF, DKIM, ARC and DMARC of mail received on port 25, add an "
+                       "Authentication-Results header (also `auth=pass` for submission) and remove forged ones "
+                       "that carry server.hostname as their authserv-id."),
+        "spf_reject": Key("bool", False, "Refuse at MAIL FROM when SPF says `fail` (550 5.7.23) and say 451 "
+                          "4.7.24 on a DNS `temperror`. Off: SPF is only recorded and DMARC decides."),
+        "dmarc_policy": Key("enum", "enforce", "What to do with the policy of a domain whose DMARC check fails: "
+                            "enforce (p=reject refused with 550 5.7.1 before the message is accepted, "
+                            "p=quarantine delivered into Junk), quarantine (a reject policy also only goes to "
+                            "Junk), monitor (only recorded).", choices=("enforce", "quarantine", "monitor")),
+        "allow": Key("strlist", [], "Domains (of the From: or MAIL FROM address) and client addresses or networks "
+                     "(\"192.0.2.0/24\") whose mail skips SPF refusal and DMARC enforcement. Results are still "
+                     "recorded.", check=lambda v: next(filter(None, (_allow_error(x) for x in v)), None)),
+        "arc_trusted": Key("strlist", [], "Domains of forwarders and mailing lists whose valid ARC seal (d= of the "
+                           "newest ARC-Seal) overrides a DMARC failure, as large providers do for lists.",
+                           check=lambda v: next((f"{x!r} is not a domain name" for x in v
+                                                 if not x or "." not in x or any(c.isspace() or c in "@/:[]" for c in x)),
+                                                None)),
+        "dns_timeout": Key("float", 8.0, "Seconds all DNS lookups for one check (SPF at MAIL FROM; DKIM, ARC, "
+                           "DMARC at the end of DATA) may take together; what is not answered by then is a "
+                           "temperror.", min=0.1, max=120),
+        "dkim_min_rsa_bits": Key("int", 1024, "RSA DKIM keys shorter than this are not accepted (RFC 8301).",
+                                 min=512, max=8192),
+        "arc_seal": Key("bool", True, "ARC-seal mail received from the internet that is forwarded to remote "
+                        "addresses, with the DKIM key of server.hostname's domain (or of the first local domain "
+                        "that has one)."),
+        "srs": Key("bool", True, "Rewrite the envelope sender of forwarded mail (sender outside the local "
+                   "domains, recipient remote) to an SRS0 address, so SPF passes at the next hop; bounces to "
+                   "SRS addresses go back to the original sender. Key: <data_dir>/srs.key."),
+        "srs_domain": Key("str", "", "Domain of the SRS addresses. Empty = server.hostname (which then needs an "
+                          "MX or A record and an SPF record allowing this host)."),
+        "srs_max_age": Key("int", 21, "Days an SRS address stays valid for bounces (libsrs2's default).",
+                           min=1, max=1000),
+    },
     "metrics": {
         "listen": Key("str", "", "Serve Prometheus metrics (GET /metrics) on this \"host:port\", e.g. "
                       "\"127.0.0.1:9100\". Keep it on loopback or a private network: it is plain HTTP "
@@ -492,6 +526,7 @@ SECTION_DOCS = {
     "delivery": "Delivery: addresses and outbound SMTP.",
     "dns": "The resolver used for outbound routing (MX, A/AAAA).",
     "dkim": "DKIM signing of outbound mail from local domains.",
+    "senderauth": "Sender authentication of inbound mail (SPF, DKIM, ARC, DMARC) and SRS for forwarding.",
     "metrics": "Prometheus metrics over HTTP (off unless `listen` is set).",
 }
 
@@ -536,6 +571,18 @@ def _hostport_error(value: str) -> str | None:
         parse_hostport("", value)
     except ConfigError:
         return f"{value!r} is not host:port (e.g. \"127.0.0.1:9100\")"
+    return None
+
+
+def _allow_error(value: str) -> str | None:
+    """senderauth.allow: a domain name, an address or a network."""
+    try:
+        ipaddress.ip_network(value, strict=False)
+        return None
+    except ValueError:
+        pass
+    if not value or any(c.isspace() or c in "@/:" for c in value) or "." not in value:
+        return f"{value!r} is neither a domain nor an address or network"
     return None
 
 

@@ -166,6 +166,9 @@ class Directory:
         # pay it each time.  Keyed by an HMAC with a per-process secret, never the password.
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[str, tuple[str, bytes]] = {}
+        # senderauth/forward.py: address -> original sender for our SRS addresses, "" when
+        # forged or expired, None when not SRS (installed by the server when SRS is on).
+        self.srs_reverse = None
         self.load()
 
     @classmethod
@@ -277,6 +280,10 @@ class Directory:
         interpreted as routing: such a local part is just an unknown user."""
         address = normalize_address(address)
         local, domain = split_address(address) if "@" in address else (address, "")
+        if self.srs_reverse is not None and local[:4] in ("srs0", "srs1"):
+            original = self.srs_reverse(address)
+            if original is not None:  # a bounce to forwarded mail, or a forged/expired address
+                return Resolution("alias", targets=(original,)) if original else Resolution("unknown")
         if domain not in self.domains:
             if not self.is_host_name(domain):
                 return Resolution("remote")

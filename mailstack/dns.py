@@ -75,6 +75,7 @@ class Resolver:
         self._resolver.timeout = max(timeout / 3, 0.1)
         self._resolver.cache = dns.resolver.LRUCache(10000)
         self._rng = rng or random.Random()
+        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
 
     @classmethod
     def from_config(cls, cfg) -> "Resolver":
@@ -171,9 +172,82 @@ class Resolver:
         return [b"".join(rr.strings).decode("utf-8", "replace") for rr in answer]
 
 
+    # --- lookups for sender authentication (SPF, DKIM, DMARC, ARC) --------------------------
+    # senderauth/ evaluates over this small interface: `records(name, rdtype)` answers a list
+    # (empty for NXDOMAIN and for "no records of this type", which SPF counts alike as void
+    # lookups) or raises DnsError(temporary=True) for timeouts and SERVFAIL.  Values:
+    #   TXT  -> bytes (the record's character-strings concatenated, RFC 7208 3.3)
+    #   A, AAAA -> address text;  MX -> (preference, host);  PTR, CNAME -> host
+    # Host names come back lower-case without the final dot.
+    async def records(self, name: str, rdtype: str) -> list:
+        # Sessions asking the same question at the same moment share one query: a burst of
+        # mail from one sender costs the DNS server one packet, not one per session.
+        key = (name.lower(), rdtype)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return list(await asyncio.shield(pending))
+        task = asyncio.ensure_future(self._records(name, rdtype))
+        self._inflight[key] = task
+        task.add_done_callback(lambda done: self._query_done(key, done))
+        return list(await asyncio.shield(task))
+
+    def _query_done(self, key: tuple[str, str], task: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # seen: every session that asked may have given up already
+
+    async def _records(self, name: str, rdtype: str) -> list:
+        try:
+            text = (name if name.isascii() else to_alabel(name)).rstrip(".")
+            # From labels, not zone text: an SPF macro may expand to a label with blanks.
+            qname = dns.name.Name([label.encode() for label in text.split(".")] + [b""])
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            return []  # not a valid DNS name: nothing can exist there
+        try:
+            answer = await self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
+            return []
+        except dns.resolver.NoNameservers:
+            raise DnsError(f"name={name} type={rdtype}: SERVFAIL", temporary=True) from None
+        except dns.exception.Timeout:
+            raise DnsError(f"name={name} type={rdtype}: DNS lookup timed out", temporary=True) from None
+        except dns.exception.DNSException as e:
+            raise DnsError(f"name={name} type={rdtype}: {e}", temporary=True) from None
+        out: list = []
+        want = dns.rdatatype.from_text(rdtype)
+        for rrset in answer.response.answer if answer.rrset is not None else ():
+            if rrset.rdtype != want:
+                continue
+            for rr in rrset:
+                if rdtype == "TXT":
+                    out.append(b"".join(rr.strings))
+                elif rdtype in ("A", "AAAA"):
+                    out.append(rr.address)
+                elif rdtype == "MX":
+                    host = "" if rr.exchange == dns.name.root else rr.exchange.to_text(omit_final_dot=True)
+                    out.append((rr.preference, host.lower()))
+                else:  # PTR, CNAME
+                    out.append(rr.target.to_text(omit_final_dot=True).lower())
+        return out
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
         return True
     except ValueError:
         return False
+
+
+_SHARED: dict[tuple, Resolver] = {}
+
+
+def shared(cfg) -> Resolver:
+    """The process's one resolver for these settings: its cache (dnspython's, by TTL) is
+    shared by every session and check.  A reload with other name servers gets a new one."""
+    key = (tuple(cfg.dns.nameservers), cfg.dns.timeout)
+    resolver = _SHARED.get(key)
+    if resolver is None:
+        _SHARED.clear()  # settings changed: the old one is no longer wanted
+        resolver = _SHARED[key] = Resolver.from_config(cfg)
+    return resolver

@@ -61,6 +61,13 @@ def records(cfg, domain: str, addresses: list[str] | None = None) -> tuple[list[
     out.append(Record(f"{domain}.", "TXT", txt_value(spf_value(cfg)),
                       "SPF: only the domain's MX hosts" + (" and the relayhost" if cfg.delivery.relayhost else "")
                       + " may send mail from it"))
+    # The host's own name is checked by SPF too: as the HELO identity, and (SRS) as the envelope
+    # sender domain of forwarded mail.
+    for name in dict.fromkeys([host] + ([_srs_domain(cfg)] if cfg.senderauth.srs else [])):
+        if name != domain:
+            spf = "v=spf1 a -all" if name == host else f"v=spf1 a:{host} -all"
+            out.append(Record(f"{name}.", "TXT", txt_value(spf),
+                              "SPF for this host's name: HELO checks and the SRS senders of forwarded mail"))
     found = dkim.DKIMSigner(cfg.data_dir, cfg.dkim.selector).key_for(domain)
     if found:
         selector, pem = found
@@ -81,6 +88,10 @@ def records(cfg, domain: str, addresses: list[str] | None = None) -> tuple[list[
         notes.append(f"PTR: the reverse DNS of this host's public addresses must be {host}. "
                      f"(ask whoever owns the addresses), and {host} must resolve back to them.")
     return out, notes
+
+
+def _srs_domain(cfg) -> str:
+    return (cfg.senderauth.srs_domain or cfg.server.hostname).rstrip(".").lower()
 
 
 def render(recs: list[Record], notes: list[str]) -> str:

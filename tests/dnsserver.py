@@ -9,6 +9,9 @@
     dns.address            # "127.0.0.1:PORT", for config dns.nameservers
     dns.servfail.add("broken.test")   # answer SERVFAIL for this name
     dns.silent.add("slow.test")       # never answer (the client times out)
+    dns.silent_nodata.add("odd.test")  # answer for the types it has, time out for the others
+    dns.add("multi.test", "TXT", ("v=spf1 ip4:", "192.0.2.5 -all"))  # several character-strings
+    dns.add("old.test", "SPF", "v=spf1 -all")     # RFC 4408 type 99
     dns.queries            # [(name, type, "udp"|"tcp"), ...] as received
     dns.stop()
 
@@ -32,6 +35,8 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.SPF
+import dns.rdtypes.ANY.TXT
 import dns.rrset
 
 
@@ -42,6 +47,11 @@ def _txt_rdata(text: str) -> str:
     return " ".join('"' + c.decode().replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
 
 
+def _plain(name: dns.name.Name) -> str:
+    """A query name as the zone dict spells it: labels joined by dots, no escapes, lower-case."""
+    return ".".join(label.decode("utf-8", "replace") for label in name.labels if label).lower()
+
+
 class DNSServer:
     def __init__(self, zone: dict[str, dict[str, list]] | None = None, host: str = "127.0.0.1",
                  ttl: int = 0) -> None:
@@ -50,6 +60,7 @@ class DNSServer:
         self.records: dict[str, dict[str, list]] = {}
         self.servfail: set[str] = set()
         self.silent: set[str] = set()
+        self.silent_nodata: set[str] = set()  # names that never answer for types they have none of
         self.queries: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         for name, types in (zone or {}).items():
@@ -83,7 +94,7 @@ class DNSServer:
         if rtype == "MX":
             if isinstance(value, tuple):
                 pref, host = value
-                return f"{pref} {host.rstrip('.')}." if host != "." else f"{pref} ."
+                return f"{pref} {host.rstrip('.')}." if host.rstrip(".") else f"{pref} ."
             return str(value)
         if rtype == "TXT":
             return _txt_rdata(value)
@@ -109,10 +120,12 @@ class DNSServer:
             response.set_rcode(dns.rcode.FORMERR)
             return response.to_wire()
         q = query.question[0]
-        qname = q.name.to_text(omit_final_dot=True).lower()
+        qname = _plain(q.name)
         qtype = dns.rdatatype.to_text(q.rdtype)
         with self._lock:
             if qname in self.silent:
+                return None
+            if qname in self.silent_nodata and qtype not in self.records.get(qname, {}):
                 return None
             if qname in self.servfail:
                 response.set_rcode(dns.rcode.SERVFAIL)
@@ -137,7 +150,18 @@ class DNSServer:
         return response.to_wire()
 
     def _rrset(self, name: str, rtype: str, values: list) -> dns.rrset.RRset:
-        return dns.rrset.from_text_list(dns.name.from_text(name), self.ttl, dns.rdataclass.IN, rtype,
+        owner = dns.name.Name([label.encode() for label in name.split(".")] + [b""])
+        if rtype in ("TXT", "SPF"):
+            # Built from bytes, not zone text: test data may hold any octets (UTF-8 here).
+            cls = dns.rdtypes.ANY.TXT.TXT if rtype == "TXT" else dns.rdtypes.ANY.SPF.SPF
+            rrset = dns.rrset.RRset(owner, dns.rdataclass.IN, dns.rdatatype.from_text(rtype))
+            for value in values:
+                strings = [value] if isinstance(value, (str, bytes)) else list(value) or [b""]
+                raw = [s.encode("utf-8") if isinstance(s, str) else s for s in strings]
+                chunks = [c[i:i + 255] for c in raw for i in range(0, max(len(c), 1), 255)]
+                rrset.add(cls(dns.rdataclass.IN, dns.rdatatype.from_text(rtype), chunks), self.ttl)
+            return rrset
+        return dns.rrset.from_text_list(owner, self.ttl, dns.rdataclass.IN, rtype,
                                         [self._rdata_text(rtype, v) for v in values])
 
     # --- transport --------------------------------------------------------------
@@ -222,7 +246,7 @@ class DNSServer:
         try:
             q = dns.message.from_wire(data).question[0]
             with self._lock:
-                self.queries.append((q.name.to_text(omit_final_dot=True).lower(),
+                self.queries.append((_plain(q.name),
                                      dns.rdatatype.to_text(q.rdtype), proto))
         except Exception:
             pass

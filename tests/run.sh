@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 DEBS=(swaks libnet-ssleay-perl curl mutt isync offlineimap3 fetchmail getmail6 haproxy
       rspamd spamassassin spamd spamc clamav-daemon clamav-milter spamass-milter
       opendkim opendkim-tools dovecot-imapd dovecot-pop3d dovecot-sieve
-      dovecot-managesieved sieve-connect postfix)
+      dovecot-managesieved sieve-connect postfix postsrsd)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -32,7 +32,7 @@ if ((${#missing[@]})); then
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     [ -z "$ours" ] || rm -f "$rcd"
     # Belt and braces: nothing the packages started may keep the standard ports.
-    for d in rspamd clamav-daemon clamav-freshclam clamav-milter spamd spamassassin opendkim dovecot postfix; do
+    for d in rspamd clamav-daemon clamav-freshclam clamav-milter spamd spamassassin opendkim dovecot postfix postsrsd; do
       service "$d" stop >/dev/null 2>&1 || true
     done
   else

@@ -40,9 +40,11 @@ def delivered(srv, tag: str) -> bytes:
 
 
 def split_received(data: bytes) -> tuple[bytes, bytes]:
-    m = re.match(rb"Received: [^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n", data)
-    assert m, data[:200]
-    return m.group(0), data[m.end():]
+    """(our Received: line, the rest after our Authentication-Results: (senderauth))."""
+    m = re.match(rb"(Received: [^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n)"
+                 rb"Authentication-Results: mail\.example\.test;[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n", data)
+    assert m, data[:400]
+    return m.group(1), data[m.end():]
 
 
 def unstuff(data: bytes) -> bytes:

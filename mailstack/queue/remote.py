@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 from ..dkim import DKIMSigner
 from ..dns import DnsError, Resolver
+from ..dns import shared as dns_shared
 from ..nexthop import NextHop, parse_nexthop, to_alabel
 from ..smtp.client import ClientSettings, DataLost, HostError, SMTPConnection, connect
 from ..smtp.clientproto import WireMessage, check_envelope_address, normalize_crlf, prepare
@@ -217,7 +218,7 @@ class RemoteDelivery:
         cfg = self.cfg
         want = (tuple(cfg.dns.nameservers), cfg.dns.timeout)
         if self._resolver is None or (self._resolver_cfg is not None and self._resolver_cfg != want):
-            self._resolver = Resolver.from_config(cfg)
+            self._resolver = dns_shared(cfg)  # the process's one resolver and cache (mailstack/dns.py)
             self._resolver_cfg = want
         return self._resolver
 
@@ -238,6 +239,13 @@ class RemoteDelivery:
             self._signer = DKIMSigner(cfg.data_dir, cfg.dkim.selector,
                                       directory.is_local_domain if directory is not None else None)
         return self._signer
+
+    def forwarder(self):
+        from ..senderauth.forward import Forwarder
+        cfg = self.cfg
+        if getattr(self, "_forwarder", None) is None or self._forwarder.cfg is not cfg:
+            self._forwarder = Forwarder(self.services)
+        return self._forwarder
 
     # --- RemoteTransport ---
     async def deliver(self, message: QueuedMessage, recipients: list[str]) -> list[RecipientResult]:
@@ -288,8 +296,11 @@ class RemoteDelivery:
             groups.setdefault(route, []).append(rcpt)
         if not groups:
             return results
+        # Forwarded mail (senderauth/forward.py): SRS envelope sender, ARC seal.
+        forwarder = self.forwarder()
+        message = forwarder.rewrite(message)
         try:
-            wire = await asyncio.to_thread(_read_and_prepare, message, self.signer())
+            wire = await asyncio.to_thread(_read_and_prepare, message, self.signer(), forwarder)
         except OSError as e:
             for rcpts in groups.values():
                 for r in rcpts:
@@ -464,7 +475,7 @@ def _dns_reply(e: DnsError) -> str:
     return f"{code} {e.status} {e}"
 
 
-def _read_and_prepare(message: QueuedMessage, signer: DKIMSigner | None) -> WireMessage:
+def _read_and_prepare(message: QueuedMessage, signer: DKIMSigner | None, forwarder=None) -> WireMessage:
     """Read the message text from its spool file, sign and dot-stuff it. Runs in a worker thread."""
     src = message.source
     with open(src.path, "rb") as f:
@@ -474,4 +485,6 @@ def _read_and_prepare(message: QueuedMessage, signer: DKIMSigner | None) -> Wire
         raise OSError(f"{src.path}: expected {src.size} bytes at offset {src.offset}, read {len(data)}")
     data = normalize_crlf(data)
     prefix = signer.sign(data) if signer is not None else b""
+    if forwarder is not None:
+        prefix = forwarder.seal(data, message.meta) + prefix
     return prepare(data, prefix)

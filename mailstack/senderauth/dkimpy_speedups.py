@@ -1,0 +1,104 @@
+"""Speed-ups of dkimpy's internals (pyproject pins dkimpy below 1.2 for them).
+
+Verifying a typical signed message must cost well under a millisecond of CPU.  dkimpy does
+the RSA public-key operation with Python's pow() (~0.3 ms for 2048 bits), parses the key
+record's ASN.1 in Python for every signature, splits and re-joins the whole body into lines,
+and runs its whitespace regexes over every blank of the body.  Here OpenSSL (through
+`cryptography`) does the first in ~0.03 ms, a parsed key is kept per record, the body is
+taken as it is when the message has CRLF line ends only, and the regexes run only when
+there is something to rewrite.  Same results: tests/test_senderauth.py compares each
+replacement with dkimpy's own on fuzzed input.  Importing this module installs them.
+"""
+from __future__ import annotations
+
+import re
+
+import dkim as dkimpy
+import dkim.canonicalization as _canon
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+_dkimpy_rsa_verify = dkimpy.RSASSA_PKCS1_v1_5_verify
+_dkimpy_compress = _canon.compress_whitespace
+_RSA_KEYS: dict[tuple[int, int], object] = {}
+_HASHES = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
+
+
+def _openssl_rsa_verify(hash, signature, public_key) -> bool:
+    n, e = public_key["modulus"], public_key["publicExponent"]
+    key = _RSA_KEYS.get((n, e))
+    if key is None:
+        try:
+            key = rsa.RSAPublicNumbers(e, n).public_key()
+        except ValueError:  # a key OpenSSL will not load: let dkimpy judge it
+            return _dkimpy_rsa_verify(hash, signature, public_key)
+        if len(_RSA_KEYS) > 1000:
+            _RSA_KEYS.clear()
+        _RSA_KEYS[(n, e)] = key
+    algorithm = _HASHES.get(hash.name)
+    if algorithm is None:
+        return _dkimpy_rsa_verify(hash, signature, public_key)
+    try:
+        key.verify(signature, hash.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm()))
+        return True
+    except InvalidSignature:
+        return False
+
+
+_RUNS = re.compile(rb"[\t ]{2,}|\t")
+_dkimpy_strip_trailing = _canon.strip_trailing_whitespace
+
+
+def _compress_whitespace(content: bytes) -> bytes:
+    return _RUNS.sub(b" ", content) if b"  " in content or b"\t" in content else content
+
+
+def _strip_trailing_whitespace(content: bytes) -> bytes:
+    if b" \r\n" in content or b"\t\r\n" in content:
+        return _dkimpy_strip_trailing(content)
+    return content
+
+
+_dkimpy_unfold = _canon.unfold_header_value
+
+
+def _unfold_header_value(content: bytes) -> bytes:
+    # Same as dkimpy's re.sub(b"\r?\n", b"", ...): every LF goes, and a CR only right before one.
+    return content.replace(b"\r\n", b"").replace(b"\n", b"")
+
+
+_dkimpy_rfc822_parse = dkimpy.rfc822_parse
+
+
+def _rfc822_parse(message: bytes):
+    """dkimpy's parse, without splitting and re-joining the whole body into lines: with CRLF
+    line ends only (what the SMTP server stores), the body is simply what follows the blank line."""
+    end = message.find(b"\r\n\r\n")
+    if end <= 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
+        return _dkimpy_rfc822_parse(message)
+    headers, _ = _dkimpy_rfc822_parse(message[:end + 4])
+    return headers, message[end + 4:]
+
+
+_PARSED_KEYS: dict[tuple, tuple] = {}
+
+
+def _load_pk_from_dns(name, dnsfunc, timeout=5):
+    """dkimpy's key loading, with the parsed key kept for the same record (ASN.1 in Python)."""
+    record = dnsfunc(name, timeout=timeout)
+    found = _PARSED_KEYS.get((name, record))
+    if found is None:
+        found = dkimpy.evaluate_pk(name, record)
+        if len(_PARSED_KEYS) > 1000:
+            _PARSED_KEYS.clear()
+        _PARSED_KEYS[(name, record)] = found
+    return found
+
+
+dkimpy.RSASSA_PKCS1_v1_5_verify = _openssl_rsa_verify
+dkimpy.load_pk_from_dns = _load_pk_from_dns
+dkimpy.rfc822_parse = _rfc822_parse
+_canon.compress_whitespace = _compress_whitespace
+_canon.strip_trailing_whitespace = _strip_trailing_whitespace
+_canon.unfold_header_value = _unfold_header_value
