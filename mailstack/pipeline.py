@@ -14,4 +14,6 @@ def build_stages(services) -> tuple:
     """The stage tuple for new SMTP sessions under services.config."""
     stages: list = []
     # Order matters: defence first (cheap refusals), then who sent it, then what it says.
+    from .defense.stage import DefenseStage
+    stages.append(DefenseStage(services))
     return tuple(stages)
