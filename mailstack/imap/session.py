@@ -230,7 +230,7 @@ class IMAPSession:
             timeout = self.cfg.idle_timeout
             if self.state == NOT_AUTH:  # short before login, shorter under stress (defense/connections.py)
                 timeout = floods.read_timeout(self.services, "imap", self.cfg.max_connections, True,
-                                              self.services.config.defense.login_timeout)
+                                              min(timeout, self.services.config.defense.login_timeout))
             self.idle_since = asyncio.get_running_loop().time()
             try:
                 if not await self.read_more(timeout):

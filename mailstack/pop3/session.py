@@ -171,7 +171,7 @@ class POP3Session:
             timeout = cfg.idle_timeout
             if self.state == AUTHORIZATION:  # short before login, shorter under stress (defense/connections.py)
                 timeout = floods.read_timeout(self.services, PROTOCOL, cfg.max_connections, True,
-                                              self.services.config.defense.login_timeout)
+                                              min(timeout, self.services.config.defense.login_timeout))
             self.idle_since = asyncio.get_running_loop().time()
             try:
                 line = await self.conn.readline(timeout)
