@@ -9,6 +9,7 @@
     dns.address            # "127.0.0.1:PORT", for config dns.nameservers
     dns.servfail.add("broken.test")   # answer SERVFAIL for this name
     dns.silent.add("slow.test")       # never answer (the client times out)
+    dns.refused.add("no.test")        # answer REFUSED (a server that will not serve us)
     dns.queries            # [(name, type, "udp"|"tcp"), ...] as received
     dns.stop()
 
@@ -50,6 +51,7 @@ class DNSServer:
         self.records: dict[str, dict[str, list]] = {}
         self.servfail: set[str] = set()
         self.silent: set[str] = set()
+        self.refused: set[str] = set()
         self.queries: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         for name, types in (zone or {}).items():
@@ -116,6 +118,9 @@ class DNSServer:
                 return None
             if qname in self.servfail:
                 response.set_rcode(dns.rcode.SERVFAIL)
+                return response.to_wire()
+            if qname in self.refused:
+                response.set_rcode(dns.rcode.REFUSED)
                 return response.to_wire()
             name, seen = qname, set()
             while True:

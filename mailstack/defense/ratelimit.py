@@ -58,3 +58,30 @@ class RateCounter:
             del self._counts[key]
         while len(self._counts) >= self.max_keys:  # still full: drop the oldest inserted
             self._counts.pop(next(iter(self._counts)))
+
+
+class Pacer:
+    """Outbound pacing per destination: a token bucket of `per_minute` deliveries a minute,
+    allowing a burst of ten seconds' worth.  `reserve()` says how long to wait for a slot,
+    or None when that would be longer than `max_wait` (then the delivery is deferred)."""
+
+    def __init__(self, clock=time.monotonic, max_keys: int = 10_000) -> None:
+        self.clock = clock
+        self.max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def reserve(self, key: str, per_minute: int, max_wait: float = 30.0) -> float | None:
+        if per_minute <= 0:
+            return 0.0
+        rate = per_minute / 60.0
+        burst = max(1.0, per_minute / 6.0)
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
+        wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
+        if wait > max_wait:
+            return None
+        if key not in self._buckets and len(self._buckets) >= self.max_keys:
+            self._buckets.pop(next(iter(self._buckets)))
+        self._buckets[key] = (tokens - 1.0, now)
+        return wait

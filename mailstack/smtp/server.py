@@ -258,6 +258,7 @@ class SMTPSession(SMTP):
                 self.services.metrics.smtp_reject(refusal)
                 self.reply(refusal)
                 self.closing = True
+                await self.flush()  # the refusal is the greeting: it must reach the client
                 return
             self.reply(f"220 {self.hostname} ESMTP mailstack")
             while not self.closing:
