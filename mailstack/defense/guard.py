@@ -201,11 +201,12 @@ class LoginGuard:
         return count
 
     def success(self, ip: str | None, account: str | None) -> None:
+        # Neither count is cleared: the address's, because one valid account must not reset
+        # what an attacker built up against the others; the account's, because the owner
+        # logging in must not hand the guessers elsewhere a fresh start.  The owner is not
+        # slowed by it anyway: this address is now known good for his account.
         if not account:
             return
-        # The account's count is cleared (not the address's: one valid account must not reset
-        # the counter an attacker built up against the others).
-        self._failures.pop(f"acct:{account.lower()}", None)
         if ip:
             if len(self._good) >= self.max_entries:
                 now = self.clock()

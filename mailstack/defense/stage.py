@@ -1,7 +1,7 @@
 """The defence stage of an SMTP session (see smtp/hooks.py): the first one asked.
 
-  connect  connection rate per address (421 4.7.0); on port 25: DNS list lookups start
-           (answered at RCPT), pregreet test during defense.greet_delay (554 5.5.1)
+  connect  (port 25) connection rate per address (421 4.7.0); DNS list lookups start
+           (answered at RCPT); pregreet test during defense.greet_delay (554 5.5.1)
   mail     messages per minute per address / per hour per user (451 4.7.0)
   rcpt     unauthenticated clients: recipients per minute, DNSBL (554 5.7.1 naming the
            list), HELO and reverse-DNS policy, greylisting (451 4.7.1);
@@ -10,7 +10,8 @@
            recipients per minute; past the limit the connection ends (421 4.7.0) and
            new connections from the address are refused while the rate stays high.
 
-Refusals of DNSBL/HELO/rDNS come at RCPT, not at connect, so that the sending MTA's log
+The per-address checks apply to port 25 only: the submission ports require AUTH and
+have the per-user limits.  Refusals of DNSBL/HELO/rDNS come at RCPT, not at connect, so that the sending MTA's log
 names the recipient and the reason (Postfix's smtpd_delay_reject).  Clients in
 smtp.trusted_networks or defense.exempt_networks skip the per-address checks;
 authenticated users skip them too but have their own per-user limits.
@@ -100,7 +101,9 @@ class DefenseStage:
 
     # --- connect --------------------------------------------------------------------------
     async def connect(self, conn) -> str | None:
-        st = conn.state[NAME] = {"exempt": self._exempt(conn)}
+        # Per-address checks are for port 25: the submission ports require AUTH and have the
+        # per-user limits (and a webmail host logging many users in must not hit them).
+        st = conn.state[NAME] = {"exempt": self._exempt(conn) or conn.listener != "smtp"}
         if st["exempt"]:
             return None
         d, sh = self.d, self.shared
@@ -115,8 +118,6 @@ class DefenseStage:
             log.warning("rate limit: connections %.0f/%d per minute", rate, d.max_connections_per_minute,
                         extra={"client": conn.ip})
             return f"421 4.7.0 {conn.hostname} Error: too many connections from your address, try again later"
-        if conn.listener != "smtp":
-            return None
         if self.sites:
             st["dnsbl"] = asyncio.ensure_future(
                 dnsbl.lookup(sh.resolver(self.cfg), self.sites, conn.ip, d.dnsbl_timeout))
