@@ -73,6 +73,7 @@ def admit(services, session, protocol: str, max_connections: int, max_per_ip: in
         return False
     stats = _stats(services)
     total = registry.count(protocol)
+    log.debug("admit %s: %d sessions, %d from %s", protocol, total, registry.count(protocol, ip), ip)
     if total < services.config.defense.stress_at * max_connections:
         return True
     loop = asyncio.get_running_loop()
