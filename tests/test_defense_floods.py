@@ -15,10 +15,7 @@ ALICE, PASSWORD = "alice@example.test", "secret pw"
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    srv = MailServer(tmp_path_factory.mktemp("floods"), listeners=("smtp", "imap", "pop3"), overrides={
-        "pop3": {"max_connections": 20},
-        "defense": {"stress_at": 0.5, "stress_timeout": 1.0},
-    })
+    srv = MailServer(tmp_path_factory.mktemp("floods"), listeners=("smtp", "imap"))
     srv.add_domain("example.test")
     srv.add_user(ALICE, PASSWORD)
     srv.start()
@@ -104,7 +101,14 @@ def test_imap_takes_tens_of_connections_per_address_not_ten_thousand(srv):
             s.close()
 
 
-def test_idle_sessions_before_login_are_closed_under_stress(srv):
+def test_idle_sessions_before_login_are_closed_under_stress(tmp_path):
+    with MailServer(tmp_path, listeners=("pop3",), overrides={
+            "pop3": {"max_connections": 20}, "defense": {"stress_at": 0.5, "stress_timeout": 1.0}}) as srv:
+        srv.start()
+        _stress(srv)
+
+
+def _stress(srv):
     idle, arrivals = [], []
     try:
         for n in range(9):  # pop3.max_connections 20, stress at 50 %: 9 is not stress yet
