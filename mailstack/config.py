@@ -164,6 +164,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "greet_delay": Key("float", 0.0, "Seconds port 25 waits before its banner; a client that talks first "
                            "(pregreet) is refused. A client that passed is not delayed again for a day. "
                            "0 = off; 1-6 is usual (Postfix postscreen_greet_wait).", min=0, max=30),
+        "pipelining_check": Key("enum", "log", "A client that sends commands ahead of the replies before "
+                                "PIPELINING was offered (after HELO, or before the EHLO reply) is a bot taking "
+                                "a shortcut: `off`, `log` it, or `reject` (550 5.5.1 at RCPT).",
+                                choices=("off", "log", "reject")),
         "helo_check": Key("enum", "log", "HELO/EHLO name must be a dotted host name or an address literal and "
                           "not our own name: `off`, `log` it, or `reject` (550 5.7.1 at RCPT).",
                           choices=("off", "log", "reject")),
@@ -199,7 +203,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "outbound_messages_per_minute": Key("int", 600, "Deliveries to one destination (next hop) per minute; "
                                             "the rest wait or are deferred. 0 = no limit.", min=0, max=1000000),
         "login_timeout": Key("float", 60.0, "Seconds an IMAP or POP3 client may stay silent before logging in.",
-                             min=5, max=3600),
+                             min=1, max=3600),
         "stress_at": Key("float", 0.75, "Share of a listener's max_connections in use at which it is under "
                          "stress: sessions not yet past login (IMAP/POP3) or MAIL (SMTP) then get only "
                          "stress_timeout of silence, and at the limit the longest-idle of them makes room "

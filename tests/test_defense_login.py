@@ -52,6 +52,7 @@ def srv(tmp_path_factory):
         "imap": {"allow_plaintext_auth": True},
         "pop3": {"allow_plaintext_auth": True},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "defense": {"login_timeout": 3.0},
     })
     srv.metrics_port = metrics_port
     srv.add_domain("example.test")
@@ -247,3 +248,13 @@ def test_metrics_count_per_reason(srv):
               re.finditer(r'^mailstack_defense_total\{check="login",reason="(\w+)"\} (\d+)$', text, re.M)}
     assert counts.get("bad_password", 0) >= 15 and counts.get("block", 0) >= 3
     assert counts.get("blocked", 0) >= 9 and counts.get("parallel", 0) >= 8
+
+
+def test_imap_client_silent_before_login_is_logged_out_after_login_timeout(srv):
+    s = socket.create_connection(("127.0.0.1", srv.ports["imap"]), timeout=15, source_address=("127.0.0.80", 0))
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"* OK ")
+    t0 = time.monotonic()
+    assert f.readline() == b"* BYE Autologout; idle for too long\r\n"  # not after imap.idle_timeout (30 min)
+    assert 2.5 <= time.monotonic() - t0 < 10
+    s.close()

@@ -51,7 +51,7 @@ def env(tmp_path_factory):
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
         "defense": {"dnsbl_sites": ["bl.test*2", "filtered.test=127.0.0.[2..11]*2", "wl.test*-2"],
                     "dnsbl_threshold": 2, "dnsbl_timeout": 1.0, "greet_delay": 0.3,
-                    "helo_check": "reject", "rdns_check": "reject",
+                    "helo_check": "reject", "rdns_check": "reject", "pipelining_check": "reject",
                     "max_connections_per_minute": 8, "max_messages_per_minute": 3,
                     "max_recipients_per_minute": 6, "max_failed_recipients_per_minute": 3,
                     "user_messages_per_hour": 2, "user_recipients_per_hour": 100},
@@ -142,6 +142,36 @@ def test_client_talking_before_the_banner_is_refused(env):
     with client(srv, "127.0.0.15") as s:
         assert s.noop()[0] == 250
     assert time.monotonic() - t0 < 0.25  # greet_delay is 0.3 s; a client that passed skips it
+
+
+def _raw_replies(sock, n: int) -> list[bytes]:
+    f = sock.makefile("rb")
+    out = []
+    while len(out) < n:
+        line = f.readline()
+        if not line:
+            break
+        if line[3:4] == b" ":
+            out.append(line.rstrip(b"\r\n"))
+    return out
+
+
+def test_pipelining_without_pipelining_is_refused(env):
+    srv, _ = env
+    sock = socket.create_connection(("127.0.0.1", srv.ports["smtp"]), timeout=10, source_address=("127.0.0.17", 0))
+    assert _raw_replies(sock, 1)[0].startswith(b"220 ")
+    sock.sendall(b"HELO client.example.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
+    assert _raw_replies(sock, 3)[2] == b"550 5.5.1 Error: protocol error, command pipelining without PIPELINING"
+    sock.close()
+    log_has(srv, r"\[127\.0\.0\.17\] COMMAND PIPELINING before PIPELINING was offered \(refused\)")
+    # After the EHLO reply has offered PIPELINING, pipelining is what a good client does.
+    sock = socket.create_connection(("127.0.0.1", srv.ports["smtp"]), timeout=10, source_address=("127.0.0.18", 0))
+    assert _raw_replies(sock, 1)[0].startswith(b"220 ")
+    sock.sendall(b"EHLO client.example.test\r\n")
+    assert _raw_replies(sock, 1)[0] == b"250 HELP"
+    sock.sendall(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nQUIT\r\n")
+    assert _raw_replies(sock, 3) == [b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"221 2.0.0 Bye"]
+    sock.close()
 
 
 def test_helo_policy(env):

@@ -4,7 +4,8 @@
            (answered at RCPT); pregreet test during defense.greet_delay (554 5.5.1)
   mail     messages per minute per address / per hour per user (451 4.7.0)
   rcpt     unauthenticated clients: recipients per minute, DNSBL (554 5.7.1 naming the
-           list), HELO and reverse-DNS policy, greylisting (451 4.7.1);
+           list), pipelining without PIPELINING, HELO and reverse-DNS policy,
+           greylisting (451 4.7.1);
            authenticated users: recipients per hour (451 4.7.0)
   rcpt_refused   an unknown recipient (550 5.1.1) counts towards the address's failed
            recipients per minute; past the limit the connection ends (421 4.7.0) and
@@ -179,7 +180,8 @@ class DefenseStage:
             log.warning("rate limit: recipients %.0f/%d per minute", rate, d.max_recipients_per_minute,
                         extra={"client": conn.ip})
             return "451 4.7.0 Error: too many recipients from your address, try again later"
-        refusal = await self._dnsbl(conn, st) or self._helo(conn) or await self._rdns(conn, st)
+        refusal = (await self._dnsbl(conn, st) or self._pipelining(conn, st) or self._helo(conn)
+                   or await self._rdns(conn, st))
         if refusal:
             return refusal
         if d.greylist and conn.listener == "smtp":
@@ -222,6 +224,19 @@ class DefenseStage:
                         self.d.dnsbl_threshold, extra={"client": conn.ip})
             return (f"554 5.7.1 Service unavailable; client [{conn.ip}] blocked using "
                     f"{', '.join(result.listed_by)}")
+        return None
+
+    def _pipelining(self, conn, st: dict) -> str | None:
+        mode = self.d.pipelining_check
+        if mode == "off" or not conn.pipelined:
+            return None
+        if not st.get("pipelining_logged"):
+            st["pipelining_logged"] = True
+            self._count("pipelining", mode)
+            log.info("COMMAND PIPELINING before PIPELINING was offered%s", " (refused)" if mode == "reject" else "",
+                     extra={"client": conn.ip})
+        if mode == "reject":
+            return "550 5.5.1 Error: protocol error, command pipelining without PIPELINING"
         return None
 
     def _helo(self, conn) -> str | None:

@@ -45,6 +45,9 @@ class Connection:
     # returns what it sent (b"" = it hung up) or None if it stayed silent.  What it sent is
     # kept for the command loop.  None when the session cannot offer it.
     early_talk: Callable[[float], Awaitable[bytes | None]] | None = None
+    # The client sent a command while an earlier one was unanswered before PIPELINING was
+    # offered (after HELO, or before the EHLO reply): a bot's shortcut (RFC 2920).
+    pipelined: bool = False
     state: dict = field(default_factory=dict)
 
 

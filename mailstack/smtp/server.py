@@ -265,6 +265,8 @@ class SMTPSession(SMTP):
                 event = await self._next_line(COMMAND_LINE_MAX)
                 if event is None:
                     break
+                if not self.esmtp and self.lines.has_line() and self.conn is not None:
+                    self.conn.pipelined = True  # more commands sent before PIPELINING was offered
                 await self._dispatch(*event)
                 if self._close_after_reply:
                     self.reply(self._close_after_reply)
