@@ -24,6 +24,8 @@ import asyncio
 import logging
 from collections import Counter
 
+from ..metrics import PROTOCOL_OF
+
 log = logging.getLogger("mailstack.defense")
 
 MIN_IDLE_TO_EVICT = 1.0  # seconds
@@ -43,8 +45,14 @@ def _idle_preauth(sessions, now: float, min_idle: float):
     return out
 
 
+def sessions_of(registry, protocol: str) -> int:
+    """Open sessions of `protocol` from the registry's per-listener counts (a handful of
+    entries, not one per client address): this runs on every read before login/MAIL."""
+    return sum(n for listener, n in registry.per_listener.items() if PROTOCOL_OF.get(listener) == protocol)
+
+
 def under_stress(services, protocol: str, max_connections: int) -> bool:
-    return services.sessions.count(protocol) >= services.config.defense.stress_at * max_connections
+    return sessions_of(services.sessions, protocol) >= services.config.defense.stress_at * max_connections
 
 
 def read_timeout(services, protocol: str, max_connections: int, preauth: bool, normal: float) -> float:
@@ -72,8 +80,7 @@ def admit(services, session, protocol: str, max_connections: int, max_per_ip: in
     if registry.count(protocol, ip) >= max_per_ip:
         return False
     stats = _stats(services)
-    total = registry.count(protocol)
-    log.debug("admit %s: %d sessions, %d from %s", protocol, total, registry.count(protocol, ip), ip)
+    total = sessions_of(registry, protocol)
     if total < services.config.defense.stress_at * max_connections:
         return True
     loop = asyncio.get_running_loop()
