@@ -231,3 +231,45 @@ def test_guard_account_delay_spares_known_addresses():
     assert g.delay_for("198.51.100.1", "alice@example.test") == 1.0  # the guessing address itself
     clock.t += 901
     assert g.delay_for("203.0.113.9", "bob@example.test") == 0.0
+
+
+# --- the stage's greylisting exemptions ----------------------------------------------------------
+
+def test_greylisting_exemptions(tmp_path):
+    from mailstack.services import Services, SessionRegistry
+    from mailstack.smtp import hooks
+    from mailstack.defense.stage import DefenseStage
+
+    cfg = config_mod.from_dict({"server": {"data_dir": str(tmp_path)}, "defense": {
+        "greylist": True, "greylist_exempt_networks": ["198.51.100.0/24"],
+        "greylist_spf_domains": ["big.example"], "helo_check": "off"}}, tmp_path)
+
+    async def scenario():
+        services = Services(config=cfg, directory=None, events=None, tls=None, throttle=None,
+                            sessions=SessionRegistry())
+        stage = DefenseStage(services)
+        stage.greylist.state = MemoryState()
+
+        async def rcpt(ip, sender="x@other.example", auth=None, trusted=False, spf=None, dnswl=False):
+            conn = hooks.Connection(ip=ip, listener="smtp", hostname="mx.test", helo="h.example",
+                                    trusted=trusted, auth_user=auth)
+            assert await stage.connect(conn) is None
+            if dnswl:
+                conn.state["defense"]["dnsbl_result"] = dnsbl.Result(score=-2, allowed_by=("wl.example",))
+            txn = hooks.Transaction(mail_from=sender)
+            if spf:
+                txn.state["spf"] = spf
+            return await stage.rcpt(conn, txn, "u@mx.test")
+
+        assert await rcpt("192.0.2.1") == "451 4.7.1 Greylisted, please try again later"
+        assert await rcpt("192.0.2.2", auth="bob@mx.test") is None
+        assert await rcpt("192.0.2.3", trusted=True) is None
+        assert await rcpt("127.0.0.1") is None  # defense.exempt_networks
+        assert await rcpt("198.51.100.7") is None  # greylist_exempt_networks
+        assert await rcpt("192.0.2.4", dnswl=True) is None
+        assert await rcpt("192.0.2.5", sender="a@big.example", spf={"result": "pass", "domain": "big.example"}) is None
+        assert await rcpt("192.0.2.6", sender="a@big.example", spf={"result": "softfail"}) is not None
+        assert await rcpt("192.0.2.7", sender="a@big.example", spf="pass") is None
+        assert await rcpt("203.0.113.1", sender="a@small.example", spf="pass") is not None
+
+    asyncio.run(scenario())

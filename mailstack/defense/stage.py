@@ -180,7 +180,7 @@ class DefenseStage:
             log.warning("rate limit: recipients %.0f/%d per minute", rate, d.max_recipients_per_minute,
                         extra={"client": conn.ip})
             return "451 4.7.0 Error: too many recipients from your address, try again later"
-        refusal = (await self._dnsbl(conn, st) or self._pipelining(conn, st) or self._helo(conn)
+        refusal = (await self._dnsbl(conn, st) or self._pipelining(conn, st) or self._helo(conn, st)
                    or await self._rdns(conn, st))
         if refusal:
             return refusal
@@ -239,19 +239,24 @@ class DefenseStage:
             return "550 5.5.1 Error: protocol error, command pipelining without PIPELINING"
         return None
 
-    def _helo(self, conn) -> str | None:
+    def _helo(self, conn, st: dict) -> str | None:
         mode = self.d.helo_check
         if mode == "off":
             return None
         problem = helo_problem(conn.helo, conn.hostname)
         if problem is None:
             return None
+        if st.get("helo_logged") == conn.helo:  # once per HELO name, not once per recipient
+            return self._helo_reply(conn, problem) if mode == "reject" else None
+        st["helo_logged"] = conn.helo
         self._count("helo", mode)
         log.info("helo check: %r %s%s", (conn.helo or "")[:100], problem, " (refused)" if mode == "reject" else "",
                  extra={"client": conn.ip})
-        if mode == "reject":
-            return f"550 5.7.1 <{(conn.helo or '')[:100]}>: Helo command rejected: {problem}"
-        return None
+        return self._helo_reply(conn, problem) if mode == "reject" else None
+
+    @staticmethod
+    def _helo_reply(conn, problem: str) -> str:
+        return f"550 5.7.1 <{(conn.helo or '')[:100]}>: Helo command rejected: {problem}"
 
     async def _rdns(self, conn, st: dict) -> str | None:
         mode = self.d.rdns_check
