@@ -11,7 +11,7 @@ with its stress-dependent timeouts:
     defense.stress_timeout seconds of silence: the sweep at each new connection closes
     those idle longer, and their next read uses the short timeout;
   - at the global limit, the longest-idle such session — from the address holding the
-    most sessions — is closed to make room for the newcomer (idle at least a second, so
+    most sessions — is closed to make room for the newcomer (idle at least two seconds, so
     a client that just connected and is about to speak is not the one thrown out).
 
 A session taking part offers: `peer_ip`, `preauth` (bool: not yet logged in / no MAIL
@@ -28,7 +28,7 @@ from ..metrics import PROTOCOL_OF
 
 log = logging.getLogger("mailstack.defense")
 
-MIN_IDLE_TO_EVICT = 1.0  # seconds
+MIN_IDLE_TO_EVICT = 2.0  # seconds
 SWEEP_EVERY = 0.5  # seconds between stress sweeps of one protocol
 
 
