@@ -243,12 +243,14 @@ class DefenseStage:
         mode = self.d.helo_check
         if mode == "off":
             return None
-        problem = helo_problem(conn.helo, conn.hostname)
+        # Judged and logged once per HELO name, not once per recipient.
+        if st.get("helo_seen") == conn.helo:
+            problem = st.get("helo_problem")
+            return self._helo_reply(conn, problem) if problem and mode == "reject" else None
+        problem = st["helo_problem"] = helo_problem(conn.helo, conn.hostname)
+        st["helo_seen"] = conn.helo
         if problem is None:
             return None
-        if st.get("helo_logged") == conn.helo:  # once per HELO name, not once per recipient
-            return self._helo_reply(conn, problem) if mode == "reject" else None
-        st["helo_logged"] = conn.helo
         self._count("helo", mode)
         log.info("helo check: %r %s%s", (conn.helo or "")[:100], problem, " (refused)" if mode == "reject" else "",
                  extra={"client": conn.ip})
