@@ -141,12 +141,16 @@ def test_parallel_guesses_from_one_address_are_capped(srv):
         t.start()
     for t in threads:
         t.join(30)
+    # Two at a time (max_parallel) were checked, each after its delay; the third failure
+    # (block_after) blocked the address, and those still waiting their turn were refused.
+    # (The first of the two to fail hands its slot on before the second fails: 2 or 3
+    # guesses are checked, never the ten that were sent at once.)
     checked = [r for r in results if "AUTHENTICATIONFAILED" in r]
     refused = [r for r in results if r == "[UNAVAILABLE] Too many failed logins from your address, try again later"]
-    assert len(results) == 10 and len(checked) <= 2 and len(refused) == 10 - len(checked), results
+    assert len(results) == 10 and len(checked) in (2, 3) and len(refused) == 10 - len(checked), results
     log = srv.log()
     assert re.search(r"warning defense: \[127\.0\.0\.50\] login refused: protocol=imap user=<alice@example\.test> "
-                     r"reason=parallel$", log, re.M)
+                     r"reason=blocked$", log, re.M)
 
 
 def test_guessing_from_several_addresses_blocks_them_everywhere_not_the_owner(srv):
@@ -247,7 +251,7 @@ def test_metrics_count_per_reason(srv):
     counts = {m.group(1): int(m.group(2)) for m in
               re.finditer(r'^mailstack_defense_total\{check="login",reason="(\w+)"\} (\d+)$', text, re.M)}
     assert counts.get("bad_password", 0) >= 15 and counts.get("block", 0) >= 3
-    assert counts.get("blocked", 0) >= 9 and counts.get("parallel", 0) >= 8
+    assert counts.get("blocked", 0) >= 16
 
 
 def test_imap_client_silent_before_login_is_logged_out_after_login_timeout(srv):

@@ -205,19 +205,39 @@ def test_guard_blocks_for_a_window_per_address_and_ipv6_network():
         assert await fail("2001:db8:0:1::1") == "failed"  # another /64
         clock.t += 61
         assert await fail("2001:db8::1") == "failed"  # the block window is over
-        # parallel slots are released on every outcome
+        # over the cap a login waits for a slot; slots are handed on at every outcome
         a1 = await g.attempt("pop3", "192.0.2.1", "x")
         a2 = await g.attempt("pop3", "192.0.2.1", "x")
-        assert (await g.attempt("smtp", "192.0.2.1", "x")).refused == "parallel"
+        third = asyncio.ensure_future(g.attempt("smtp", "192.0.2.1", "x"))
+        await asyncio.sleep(0.05)
+        assert not third.done()
         a1.abandoned()
-        a3 = await g.attempt("smtp", "192.0.2.1", "x")
+        a3 = await asyncio.wait_for(third, 5)
         assert a3.refused is None
         a2.succeeded("x")
         a3.failed()
-        assert g._inflight == {}
+        assert g._inflight == {} and g._waiters == {}
 
     asyncio.run(scenario())
     assert address_key("2001:db8::1") == "2001:db8::/64" and address_key("::ffff:192.0.2.1") == "192.0.2.1"
+
+
+def test_guard_refuses_when_no_slot_frees_in_time():
+    class QuickGuard(LoginGuard):
+        parallel_wait = 0.1
+
+    g = QuickGuard(base_delay=0, max_delay=0, max_parallel=1)
+
+    async def scenario():
+        held = await g.attempt("imap", "192.0.2.9", "x")
+        waiting = asyncio.ensure_future(g.attempt("imap", "192.0.2.9", "y"))
+        late = await g.attempt("pop3", "192.0.2.9", "z")
+        assert late.refused == "parallel" and (await waiting).refused == "parallel"
+        assert (await g.attempt("pop3", "192.0.2.10", "z")).refused is None  # other addresses unaffected
+        held.failed()
+        assert g._inflight == {"192.0.2.10": 1} and g._waiters == {}
+
+    asyncio.run(scenario())
 
 
 def test_guard_account_delay_spares_known_addresses():

@@ -5,9 +5,9 @@ Every login goes through `LoginGuard.attempt()`:
   1. An address (an IPv4 address, or the /64 of an IPv6 one) that failed `block_after`
      times within `window` is blocked for `block_time` on every protocol: its logins are
      answered "try later" at once, the password is not even checked.
-  2. At most `max_parallel` logins per address are checked at once; more are answered
-     "try later" at once.  This is what a doubling delay alone does not do: 200
-     connections each waiting out their own delay still make 200 guesses.
+  2. At most `max_parallel` logins per address are checked at once; more wait their
+     turn (up to parallel_wait, then "try later").  This is what a doubling delay alone
+     does not do: 200 connections each waiting out their own delay made 200 guesses.
   3. The attempt then waits the delay its address earned (doubling per failure, capped),
      holding its parallel slot.  The account's own failure count slows only addresses
      that have never logged in to that account successfully: a guess from X for bob slows
@@ -30,12 +30,13 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 
 log = logging.getLogger("mailstack.defense")
 
 KNOWN_GOOD_TTL = 90 * 86400.0  # seconds an (account, address) pair that logged in stays trusted
 MAX_ENTRIES = 100_000
+MAX_WAITERS = 1000  # logins of one address waiting for a slot (the connection limits bound it first)
 
 
 def address_key(ip: str | None) -> str | None:
@@ -91,6 +92,7 @@ class LoginGuard:
         self._failures: dict[str, tuple[int, float]] = {}  # key -> (count, last failure time)
         self._blocked: dict[str, float] = {}  # address key -> blocked until
         self._inflight: Counter[str] = Counter()  # address key -> logins being checked
+        self._waiters: dict[str, deque[asyncio.Future]] = {}  # address key -> logins waiting for a slot
         self._good: dict[tuple[str, str], float] = {}  # (account, address key) -> trusted until
         self.stats: Counter[tuple[str, str]] = Counter()  # ("login", reason) -> count; the metrics' Counter once wired
 
@@ -111,22 +113,16 @@ class LoginGuard:
 
     # --- the entry point ---------------------------------------------------------------
     async def attempt(self, protocol: str, ip: str | None, user: str | None) -> Attempt:
-        """Admit one login check (or refuse it at once), after the delay it has earned."""
+        """Admit one login check (or refuse it), after the delay it has earned."""
         key = address_key(ip)
-        now = self.clock()
-        refused = None
-        if key is not None and self._blocked.get(key, 0.0) > now:
-            refused = "blocked"
-        elif key is not None and self._inflight[key] >= self.max_parallel:
-            refused = "parallel"
-        if refused:
-            self.stats[("login", refused)] += 1
-            log.warning("login refused: protocol=%s user=<%s> reason=%s", protocol, _shown(user), refused,
-                        extra={"client": ip})
-            return Attempt(self, protocol, ip, user, refused)
-        if key is not None:
-            self._inflight[key] += 1
+        if key is not None and self.blocked(ip):
+            return self._refuse(protocol, ip, user, "blocked")
+        if key is not None and not await self._take_slot(key):
+            return self._refuse(protocol, ip, user, "parallel")
         attempt = Attempt(self, protocol, ip, user, None)
+        if key is not None and self.blocked(ip):  # blocked while this one waited for its turn
+            attempt.abandoned()
+            return self._refuse(protocol, ip, user, "blocked")
         delay = self.delay_for(ip, user)
         if delay:
             try:
@@ -136,13 +132,63 @@ class LoginGuard:
                 raise
         return attempt
 
-    # --- bookkeeping -------------------------------------------------------------------
+    def _refuse(self, protocol: str, ip: str | None, user: str | None, reason: str) -> Attempt:
+        self.stats[("login", reason)] += 1
+        log.warning("login refused: protocol=%s user=<%s> reason=%s", protocol, _shown(user), reason,
+                    extra={"client": ip})
+        return Attempt(self, protocol, ip, user, reason)
+
+    # --- parallel slots per address ------------------------------------------------------
+    # A login over the cap waits for a slot (a burst of clients behind one NAT starting at
+    # once just queues for a moment), at most parallel_wait seconds; then "try later".
+    # The slot is held through the earned delay, so guesses from one address, however
+    # many connections carry them, are checked max_parallel at a time.
+    @property
+    def parallel_wait(self) -> float:
+        return max(5.0, 2 * self.max_delay)
+
+    async def _take_slot(self, key: str) -> bool:
+        if self._inflight[key] < self.max_parallel:
+            self._inflight[key] += 1
+            return True
+        queue = self._waiters.setdefault(key, deque())
+        if len(queue) >= MAX_WAITERS:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        queue.append(fut)
+        try:
+            async with asyncio.timeout(self.parallel_wait):
+                await fut  # resolved by _release, which hands its slot over
+            return True
+        except TimeoutError:
+            return fut.done() and not fut.cancelled()  # handed over just as the wait ran out
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._release_key(key)  # handed over, but this attempt is gone: pass it on
+            raise
+        finally:
+            if not fut.done():
+                fut.cancel()
+            if fut in queue:
+                queue.remove(fut)
+            if not queue:
+                self._waiters.pop(key, None)
+
     def _release(self, ip: str | None) -> None:
         key = address_key(ip)
         if key is not None:
-            self._inflight[key] -= 1
-            if self._inflight[key] <= 0:
-                del self._inflight[key]
+            self._release_key(key)
+
+    def _release_key(self, key: str) -> None:
+        queue = self._waiters.get(key)
+        while queue:
+            fut = queue.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot goes to the next in line
+                return
+        self._inflight[key] -= 1
+        if self._inflight[key] <= 0:
+            del self._inflight[key]
 
     def _count(self, key: str, now: float) -> int:
         entry = self._failures.get(key)
