@@ -140,7 +140,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "fail_window": Key("float", 900.0, "Seconds after which failures are forgotten.", min=1, max=86400),
         # --- defence (mailstack/defense): login guessing, shared by every protocol ---
         "max_parallel": Key("int", 3, "Logins from one address (one /64 for IPv6) being checked at once, all "
-                            "protocols together; more are answered \"try later\" at once.", min=1, max=1000),
+                            "protocols together; more wait their turn (up to twice fail_delay_max, at least "
+                            "5 s), then are answered \"try later\".", min=1, max=1000),
         "block_after": Key("int", 10, "Failed logins from one address within fail_window after which that "
                            "address is refused on every protocol for block_time. 0 = never block.",
                            min=0, max=100000),
