@@ -112,7 +112,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_line_length": Key("int", 65536, "Longest command line, in bytes, literals excluded.",
                                min=1024, max=16 * MiB),
         "max_connections": Key("int", 20000, "Concurrent IMAP sessions.", min=1, max=1000000),
-        "max_connections_per_ip": Key("int", 10000, "Concurrent IMAP sessions from one client address.",
+        "max_connections_per_ip": Key("int", 50, "Concurrent IMAP sessions from one client address.",
                                       min=1, max=1000000),
         "idle_refresh": Key("float", 30.0, "Seconds between looks at the mailbox during IDLE, to notice "
                             "changes made by other programs (in-process deliveries are pushed at once).",
@@ -123,7 +123,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "idle_timeout": Key("float", 600.0, "Seconds of silence before the session is closed; RFC 1939 "
                             "asks for at least 10 minutes.", min=1, max=86400),
         "max_connections": Key("int", 1000, "Concurrent POP3 sessions.", min=1, max=1000000),
-        "max_connections_per_ip": Key("int", 100, "Concurrent POP3 sessions from one client address.",
+        "max_connections_per_ip": Key("int", 20, "Concurrent POP3 sessions from one client address.",
                                       min=1, max=1000000),
         "max_line_length": Key("int", 4096, "Longest command line in bytes, CRLF included (RFC 2449 asks "
                                "for 255; AUTH PLAIN responses can be longer).", min=512, max=1 * MiB),
@@ -144,6 +144,81 @@ SCHEMA: dict[str, dict[str, Key]] = {
                           "from the same address or for the same account.", min=0, max=60),
         "fail_delay_max": Key("float", 30.0, "Cap on the failed-login delay, in seconds.", min=0, max=600),
         "fail_window": Key("float", 900.0, "Seconds after which failures are forgotten.", min=1, max=86400),
+        # --- defence (mailstack/defense): login guessing, shared by every protocol ---
+        "max_parallel": Key("int", 3, "Logins from one address (one /64 for IPv6) being checked at once, all "
+                            "protocols together; more wait their turn (up to twice fail_delay_max, at least "
+                            "5 s), then are answered \"try later\".", min=1, max=1000),
+        "block_after": Key("int", 10, "Failed logins from one address within fail_window after which that "
+                           "address is refused on every protocol for block_time. 0 = never block.",
+                           min=0, max=100000),
+        "block_time": Key("float", 900.0, "Seconds an address stays blocked after block_after failures.",
+                          min=1, max=7 * 86400),
+    },
+    "defense": {
+        "exempt_networks": Key("cidrs", ["127.0.0.1/32", "::1/128"], "Clients never checked by DNSBL, pregreet, "
+                               "HELO/rDNS, greylisting or the per-address rate limits (Postfix's mynetworks "
+                               "exceptions); smtp.trusted_networks are exempt too. Authenticated users keep "
+                               "their per-user limits."),
+        "dnsbl_sites": Key("strlist", [], "DNS block and allow lists asked at connect on port 25, Postfix "
+                           "postscreen syntax: \"domain[=filter][*weight]\", e.g. \"zen.spamhaus.org*3\", "
+                           "\"bl.example=127.0.0.[2..11]*2\"; a negative weight makes it an allow list "
+                           "(DNSWL: \"list.dnswl.org=127.0.[0..255].[1..3]*-2\"). Empty = off.",
+                           check=lambda v: _check_dnsbl_sites(v)),
+        "dnsbl_threshold": Key("int", 1, "Sum of the weights of the lists that list a client at which it is "
+                               "refused (554 5.7.1 at RCPT).", min=1, max=1000),
+        "dnsbl_timeout": Key("float", 3.0, "Seconds the DNS list lookups may take; a list that does not answer "
+                             "in time counts as not listing.", min=0.1, max=60),
+        "greet_delay": Key("float", 0.0, "Seconds port 25 waits before its banner; a client that talks first "
+                           "(pregreet) is refused. A client that passed is not delayed again for a day. "
+                           "0 = off; 1-6 is usual (Postfix postscreen_greet_wait).", min=0, max=30),
+        "pipelining_check": Key("enum", "log", "A client that sends commands ahead of the replies before "
+                                "PIPELINING was offered (after HELO, or before the EHLO reply) is a bot taking "
+                                "a shortcut: `off`, `log` it, or `reject` (550 5.5.1 at RCPT).",
+                                choices=("off", "log", "reject")),
+        "helo_check": Key("enum", "log", "HELO/EHLO name must be a dotted host name or an address literal and "
+                          "not our own name: `off`, `log` it, or `reject` (550 5.7.1 at RCPT).",
+                          choices=("off", "log", "reject")),
+        "rdns_check": Key("enum", "off", "Client address must have a reverse name that resolves back to it: "
+                          "`off`, `log` it, or `reject` (450 4.7.25 at RCPT).", choices=("off", "log", "reject")),
+        "greylist": Key("bool", False, "Greylist unknown (client /24 or /64, sender, recipient) triplets on port "
+                        "25 with 451 4.7.1. Off by default: it delays a new correspondent's first mail by "
+                        "greylist_delay or more; turn it on where bot spam outweighs that."),
+        "greylist_delay": Key("float", 300.0, "Seconds before a retry of a greylisted triplet is accepted.",
+                              min=0, max=86400),
+        "greylist_max_age": Key("float", 86400.0, "Seconds within which the retry must come; later, the "
+                                "triplet starts over.", min=60, max=30 * 86400),
+        "greylist_pass_ttl": Key("float", 35 * 86400.0, "Seconds a triplet that passed stays known.",
+                                 min=3600, max=366 * 86400),
+        "greylist_auto_allow": Key("int", 5, "Triplets a client network must pass before all its mail is "
+                                   "accepted without greylisting. 0 = never.", min=0, max=10000),
+        "greylist_exempt_networks": Key("cidrs", [], "Client networks never greylisted."),
+        "greylist_spf_domains": Key("strlist", [], "Sender domains never greylisted when SPF passes for them "
+                                    "(e.g. big providers that retry from other addresses)."),
+        "max_connections_per_minute": Key("int", 60, "New SMTP connections from one client address per minute; "
+                                          "more get 421 4.7.0. 0 = no limit.", min=0, max=1000000),
+        "max_messages_per_minute": Key("int", 60, "Messages (MAIL) from one client address per minute; more get "
+                                       "451 4.7.0. 0 = no limit.", min=0, max=1000000),
+        "max_recipients_per_minute": Key("int", 300, "Recipients (RCPT) from one client address per minute; more "
+                                         "get 451 4.7.0. 0 = no limit.", min=0, max=1000000),
+        "max_failed_recipients_per_minute": Key("int", 20, "Unknown recipients from one client address per "
+                                                "minute before further RCPTs get 451 4.7.0 (stops directory "
+                                                "harvesting). 0 = no limit.", min=0, max=1000000),
+        "user_messages_per_hour": Key("int", 1000, "Messages one authenticated user may send per hour; more "
+                                      "get 451 4.7.0. 0 = no limit.", min=0, max=10000000),
+        "user_recipients_per_hour": Key("int", 5000, "Recipients one authenticated user may send to per hour; "
+                                        "more get 451 4.7.0. 0 = no limit.", min=0, max=10000000),
+        "outbound_messages_per_minute": Key("int", 600, "Deliveries to one destination (next hop) per minute; "
+                                            "the rest wait or are deferred. 0 = no limit.", min=0, max=1000000),
+        "login_timeout": Key("float", 60.0, "Seconds an IMAP or POP3 client may stay silent before logging in.",
+                             min=1, max=3600),
+        "stress_at": Key("float", 0.75, "Share of a listener's max_connections in use at which it is under "
+                         "stress: sessions not yet past login (IMAP/POP3) or MAIL (SMTP) then get only "
+                         "stress_timeout of silence, and at the limit the longest-idle of them makes room "
+                         "for a new client.", min=0.1, max=1.0),
+        "stress_timeout": Key("float", 10.0, "Seconds of silence allowed before login/MAIL under stress "
+                              "(Postfix's smtpd_timeout under stress).", min=1, max=3600),
+        "state_file": Key("path", "", "SQLite file for state that must survive a restart (greylist triplets, "
+                          "allow-lists). Empty = <data_dir>/defense.sqlite."),
     },
     "accounts": {
         "postmaster": Key("str", "", "Account (or alias) that receives mail for postmaster@ and abuse@ every "
@@ -416,6 +491,14 @@ def system_hostname() -> tuple[str, str]:
     name = usable[0] if usable else "mailstack.invalid"
     return name, (f"server.hostname: the system's name {name!r} is not a fully qualified domain name; "
                   "set server.hostname (e.g. mail.example.com) before other servers see it")
+def _check_dnsbl_sites(sites: list[str]) -> str | None:
+    from .defense.dnsbl import parse_site
+    for site in sites:
+        try:
+            parse_site(site)
+        except ValueError as e:
+            return str(e)
+    return None
 
 
 def _cross_checks(cfg: Config) -> None:
@@ -522,6 +605,7 @@ SECTION_DOCS = {
     "auth": "Failed-login slow-down, shared by SMTP AUTH, IMAP and POP3.",
     "accounts": "Accounts: the postmaster, password rules.",
     "sendmail": "`sendmail` for every local user (console script and `mailstack sendmail`).",
+    "defense": "Defence at the door: DNS lists, pregreet, HELO/rDNS, greylisting, rate limits, floods.",
     "queue": "The queue: retries, lifetime, local delivery.",
     "delivery": "Delivery: addresses and outbound SMTP.",
     "dns": "The resolver used for outbound routing (MX, A/AAAA).",

@@ -171,6 +171,12 @@ class Resolver:
             return []
         return [b"".join(rr.strings).decode("utf-8", "replace") for rr in answer]
 
+    async def ptr(self, ip: str) -> list[str]:
+        """Reverse names of address `ip` (PTR), without the trailing dot. Raises DnsError."""
+        import dns.reversename
+        answer = await self._query(dns.reversename.from_address(ip).to_text(), "PTR")
+        return [rr.target.to_text(omit_final_dot=True) for rr in answer or ()]
+
 
     # --- lookups for sender authentication (SPF, DKIM, DMARC, ARC) --------------------------
     # senderauth/ evaluates over this small interface: `records(name, rdtype)` answers a list

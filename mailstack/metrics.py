@@ -100,6 +100,7 @@ class Metrics:
         self.tls_started: Counter[str] = Counter()  # listener
         self.tls_completed: Counter[str] = Counter()
         self.tls_failed: Counter[str] = Counter()
+        self.defense: Counter[tuple[str, str]] = Counter()  # (check, reason): mailstack/defense
         self.latency = {"local": Histogram(), "remote": Histogram()}
         self._sslobject_classes: dict[str, type[ssl.SSLObject]] = {}
 
@@ -205,6 +206,11 @@ class Metrics:
         family("mailstack_auth_failures_total", "counter", "Failed logins, per protocol.",
                [((("protocol", p),), self.auth_failures[p]) for p in _keys(("smtp", "imap", "pop3"),
                                                                            self.auth_failures)])
+
+        family("mailstack_defense_total", "counter",
+               "Defence actions per check and reason (login: bad_password/blocked/parallel/block; dnsbl, "
+               "pregreet, helo, rdns, greylist, rate limits, connections: stress_timeout/evicted).",
+               [((("check", c), ("reason", r)), n) for (c, r), n in sorted(self.defense.items())])
 
         tls_listeners = _keys(listeners, self.tls_started)
 

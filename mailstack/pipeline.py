@@ -14,6 +14,8 @@ def build_stages(services) -> tuple:
     """The stage tuple for new SMTP sessions under services.config."""
     stages: list = []
     # Order matters: defence first (cheap refusals), then who sent it, then what it says.
+    from .defense.stage import DefenseStage
+    stages.append(DefenseStage(services))
     from .senderauth import forward, stage as senderauth
     forward.install_reverse(services.directory, services.config)  # bounces to SRS addresses
     stages += senderauth.build(services)

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import config as config_mod
-from .authlimit import LoginThrottle
+from .defense.guard import LoginGuard
 from .config import Config, ConfigError
 from .directory import Directory, DirectoryError
 from .events import EventBus
@@ -103,7 +103,7 @@ class Server:
         group_sync = GroupSync()
         services = Services(
             config=cfg, directory=directory, events=EventBus(), tls=tls,
-            throttle=LoginThrottle(cfg.auth.fail_delay, cfg.auth.fail_delay_max, cfg.auth.fail_window),
+            throttle=LoginGuard.from_config(cfg),
             sessions=SessionRegistry(),
         )
         services.extra["group_sync"] = group_sync
@@ -281,7 +281,7 @@ class Server:
             directory.domains, directory.accounts, directory.aliases)
         services.directory._mtimes = directory._mtimes
         services.directory._verified.clear()
-        services.throttle.configure(new.auth.fail_delay, new.auth.fail_delay_max, new.auth.fail_window)
+        services.throttle.reconfigure(new)
         if services.queue is not None and hasattr(services.queue, "reconfigure"):
             services.queue.reconfigure(new)
         from .pipeline import build_stages
@@ -306,6 +306,9 @@ class Server:
         await self.services.sessions.drain(self.cfg.server.shutdown_grace)
         if self.services.queue is not None:
             await self.services.queue.stop()
+        defense = self.services.extra.get("defense")
+        if defense is not None:
+            await defense.state.close()
         for task in self._tasks:
             task.cancel()
         try:

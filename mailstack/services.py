@@ -128,3 +128,7 @@ class Services:
         # TLS handshakes are counted by the SSLObject class of each listener's context.
         if self.tls is not None:
             self.tls.object_class_for = self.metrics.sslobject_class
+        # The login guard counts its refusals into the metrics (mailstack/defense/guard.py).
+        if hasattr(self.throttle, "stats"):
+            self.metrics.defense.update(self.throttle.stats)
+            self.throttle.stats = self.metrics.defense

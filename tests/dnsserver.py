@@ -12,6 +12,7 @@
     dns.silent_nodata.add("odd.test")  # answer for the types it has, time out for the others
     dns.add("multi.test", "TXT", ("v=spf1 ip4:", "192.0.2.5 -all"))  # several character-strings
     dns.add("old.test", "SPF", "v=spf1 -all")     # RFC 4408 type 99
+    dns.refused.add("no.test")        # answer REFUSED (a server that will not serve us)
     dns.queries            # [(name, type, "udp"|"tcp"), ...] as received
     dns.stop()
 
@@ -61,6 +62,7 @@ class DNSServer:
         self.servfail: set[str] = set()
         self.silent: set[str] = set()
         self.silent_nodata: set[str] = set()  # names that never answer for types they have none of
+        self.refused: set[str] = set()
         self.queries: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         for name, types in (zone or {}).items():
@@ -129,6 +131,9 @@ class DNSServer:
                 return None
             if qname in self.servfail:
                 response.set_rcode(dns.rcode.SERVFAIL)
+                return response.to_wire()
+            if qname in self.refused:
+                response.set_rcode(dns.rcode.REFUSED)
                 return response.to_wire()
             name, seen = qname, set()
             while True:

@@ -5,6 +5,7 @@ import asyncio
 import logging
 
 from .. import proxy
+from ..defense import connections as floods
 from .session import IMAPSession
 
 log = logging.getLogger("mailstack.imap")
@@ -21,8 +22,7 @@ async def start_listener(services, name: str, host: str, port: int, *,
         session = IMAPSession(services, name, reader, writer, tls)
         cfg = services.config.imap
         registry = services.sessions
-        if registry.count("imap") >= cfg.max_connections or \
-                registry.count("imap", session.peer_ip) >= cfg.max_connections_per_ip:
+        if not floods.admit(services, session, "imap", cfg.max_connections, cfg.max_connections_per_ip):
             try:
                 services.metrics.connections_refused[name] += 1
                 writer.write(b"* BYE [UNAVAILABLE] Too many connections\r\n")

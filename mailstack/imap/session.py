@@ -20,6 +20,8 @@ import ssl
 import time
 
 from .. import proxy, tlsclose
+from .. import proxy
+from ..defense import connections as floods
 from ..events import MailboxEvent
 from ..smtp.budget import budget_for
 from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
@@ -226,9 +228,34 @@ class IMAPSession:
 
     async def next_event(self):
         while not self.framer.events:
-            if not await self.read_more(self.cfg.idle_timeout):
-                return None
+            timeout = self.cfg.idle_timeout
+            if self.state == NOT_AUTH:  # short before login, shorter under stress (defense/connections.py)
+                timeout = floods.read_timeout(self.services, "imap", self.cfg.max_connections, True,
+                                              min(timeout, self.services.config.defense.login_timeout))
+            self.idle_since = asyncio.get_running_loop().time()
+            try:
+                if not await self.read_more(timeout):
+                    return None
+            finally:
+                self.idle_since = None
         return self.framer.events.pop(0)
+
+    # --- for the connection-flood defence -------------------------------------------------
+    idle_since: float | None = None
+
+    @property
+    def preauth(self) -> bool:
+        return self.state == NOT_AUTH
+
+    def close_idle(self) -> None:
+        self.closing = True
+        try:
+            self.writer.write(bytes(self.out) + b"* BYE Autologout; idle for too long\r\n")
+            self.out.clear()
+            self.writer.close()
+            asyncio.get_running_loop().call_later(1.0, self.writer.transport.abort)
+        except Exception:  # noqa: BLE001 - must not raise
+            pass
 
     async def handle(self, ev) -> None:
         if isinstance(ev, Continuation):
@@ -376,15 +403,20 @@ class IMAPSession:
         self.tls = True
 
     async def login(self, cmd: Command, user: str, password: bytes) -> None:
-        throttle = self.services.throttle
-        await throttle.wait(self.peer_ip, user)
-        account = await self.services.directory.authenticate(user, password) if user else None
+        attempt = await self.services.throttle.attempt("imap", self.peer_ip, user or None)
+        if attempt.refused:  # blocked address or too many logins at once (defense/guard.py)
+            return self.tagged(cmd, "NO", "[UNAVAILABLE] Too many failed logins from your address, try again later")
+        try:
+            account = await self.services.directory.authenticate(user, password) if user else None
+        except BaseException:
+            attempt.abandoned()
+            raise
         if account is None:
-            throttle.failure(self.peer_ip, user or None)
+            attempt.failed()
             self.services.metrics.auth_failures["imap"] += 1
             log.info("IMAP login failed for %s", user[:64], extra={"client": self.peer_ip})
             return self.tagged(cmd, "NO", "[AUTHENTICATIONFAILED] Authentication failed")
-        throttle.success(self.peer_ip, account)
+        attempt.succeeded(account)
         try:
             await self.services.store.ensure_account(account)
         except StoreError as e:

@@ -17,6 +17,7 @@ import urllib.parse
 from typing import Awaitable, Callable
 
 from .. import tlsclose
+from ..defense import connections as floods
 from ..store.base import MailboxNotFound, MessageInfo, StoreError
 from .connection import Connection
 from .parser import (LINE_TOO_LONG, Command, CommandError, MessageEncoder, decode_sasl_plain, err,
@@ -130,8 +131,7 @@ class POP3Session:
 
     async def run(self) -> None:
         registry = self.services.sessions
-        if (registry.count(PROTOCOL) >= self.cfg.max_connections
-                or registry.count(PROTOCOL, self.peer_ip or "") >= self.cfg.max_connections_per_ip):
+        if not floods.admit(self.services, self, PROTOCOL, self.cfg.max_connections, self.cfg.max_connections_per_ip):
             self.services.metrics.connections_refused[self.listener] += 1
             self.conn.write(err("Too many connections, try again later", "SYS/TEMP"))
             self.conn.close()
@@ -171,11 +171,18 @@ class POP3Session:
     async def _loop(self) -> None:
         cfg = self.cfg
         while True:
+            timeout = cfg.idle_timeout
+            if self.state == AUTHORIZATION:  # short before login, shorter under stress (defense/connections.py)
+                timeout = floods.read_timeout(self.services, PROTOCOL, cfg.max_connections, True,
+                                              min(timeout, self.services.config.defense.login_timeout))
+            self.idle_since = asyncio.get_running_loop().time()
             try:
-                line = await self.conn.readline(cfg.idle_timeout)
+                line = await self.conn.readline(timeout)
             except TimeoutError:
                 self.conn.write(err("Disconnected for inactivity"))
                 return
+            finally:
+                self.idle_since = None
             if line is None:
                 return
             self.commands += 1
@@ -330,13 +337,33 @@ class POP3Session:
             return True
         return await self._login(authcid, password)
 
+    # --- for the connection-flood defence -------------------------------------------------
+    idle_since: float | None = None
+
+    @property
+    def preauth(self) -> bool:
+        return self.state == AUTHORIZATION
+
+    def close_idle(self) -> None:
+        try:
+            self.conn.write(err("Disconnected for inactivity"))
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - must not raise
+            pass
+
     async def _login(self, user: str, password: str) -> bool:
         services = self.services
-        throttle = services.throttle
-        await throttle.wait(self.peer_ip, user)
-        account = await services.directory.authenticate(user, password) if len(user) <= 320 else None
+        attempt = await services.throttle.attempt("pop3", self.peer_ip, user)
+        if attempt.refused:  # blocked address or too many logins at once (defense/guard.py)
+            self.conn.write(err("Too many failed logins from your address, try again later", "SYS/TEMP"))
+            return True
+        try:
+            account = await services.directory.authenticate(user, password) if len(user) <= 320 else None
+        except BaseException:
+            attempt.abandoned()
+            raise
         if account is None:
-            throttle.failure(self.peer_ip, user)
+            attempt.failed()
             self.auth_failures += 1
             services.metrics.auth_failures["pop3"] += 1
             log.info("login failed user=<%s>", user[:320], extra=self._log_extra)
@@ -345,7 +372,7 @@ class POP3Session:
                 return False
             self.conn.write(err("Authentication failed", "AUTH"))
             return True
-        throttle.success(self.peer_ip, account)
+        attempt.succeeded(account)
         try:
             locked = await self.locks.acquire(account)
         except OSError as e:

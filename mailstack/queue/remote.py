@@ -23,6 +23,7 @@ from typing import AsyncIterator
 from ..dkim import DKIMSigner
 from ..dns import DnsError, Resolver
 from ..dns import shared as dns_shared
+from ..defense.ratelimit import Pacer
 from ..nexthop import NextHop, parse_nexthop, to_alabel
 from ..smtp.client import ClientSettings, DataLost, HostError, SMTPConnection, connect
 from ..smtp.clientproto import WireMessage, check_envelope_address, normalize_crlf, prepare
@@ -206,6 +207,7 @@ class RemoteDelivery:
         self._signer: DKIMSigner | None = None
         self._global = Limiter()
         self._per_route: dict[str, Limiter] = {}
+        self._pacer = Pacer()  # per-destination messages per minute (defense/ratelimit.py)
         self.cache = ConnectionCache()
         self.connections_opened = 0  # for tests and stats
 
@@ -324,6 +326,15 @@ class RemoteDelivery:
                              wire: WireMessage) -> dict[str, RecipientResult]:
         cfg = self.cfg
         d = cfg.delivery
+        # Be a good neighbour: at most defense.outbound_messages_per_minute to one destination.
+        wait = self._pacer.reserve(str(route.key), cfg.defense.outbound_messages_per_minute)
+        if wait is None:
+            log.info("delivery to %s deferred: over %d messages per minute", route.nexthop,
+                     cfg.defense.outbound_messages_per_minute, extra={"qid": message.qid})
+            return {r: RecipientResult(r, "deferred", "451 4.7.0 destination rate limit reached, will retry")
+                    for r in rcpts}
+        if wait:
+            await asyncio.sleep(wait)
         limiter = self._per_route.setdefault(route.key, Limiter())
         await limiter.acquire(d.destination_concurrency)
         try:

@@ -13,6 +13,8 @@ logging stay in one place).
   rcpt(conn, txn, rcpt)    -> reply | None   after the recipient passed the relay policy
   data(conn, txn, message) -> Verdict        the whole message (our Received: not yet added)
   close(conn)              -> None           the connection is gone (release per-session state)
+  rcpt_refused(conn, rcpt, reply) -> reply | None   the session refused a recipient as unknown
+                           (550 5.1.1); a 421 answer replaces that reply and ends the session
 
 Replies are whole SMTP reply lines ("550 5.7.1 ..."); 4xx means "try later".  The first
 stage that refuses wins: later stages are not asked for that event.  Per-connection and
@@ -24,7 +26,7 @@ Stages are built by server.py from the configuration and handed to every session
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 
 @dataclass
@@ -39,6 +41,13 @@ class Connection:
     auth_user: str | None = None
     trusted: bool = False  # client in smtp.trusted_networks
     rdns: str | None = None  # reverse name, once known (may stay None)
+    # Before the banner: wait up to `seconds` for the client to talk first (pregreet test);
+    # returns what it sent (b"" = it hung up) or None if it stayed silent.  What it sent is
+    # kept for the command loop.  None when the session cannot offer it.
+    early_talk: Callable[[float], Awaitable[bytes | None]] | None = None
+    # The client sent a command while an earlier one was unanswered before PIPELINING was
+    # offered (after HELO, or before the EHLO reply): a bot's shortcut (RFC 2920).
+    pipelined: bool = False
     state: dict = field(default_factory=dict)
 
 

@@ -14,7 +14,7 @@ short of what this server promises are overridden here:
     strict CRLF.CRLF end, bounded by smtp.max_data_in_flight across sessions.
   - smtp_STARTTLS: loop.start_tls(), which asyncio and uvloop both support, and
     the bytes pipelined after STARTTLS are thrown away (RFC 3207 section 5).
-  - AUTH PLAIN / LOGIN against the directory, slowed by the shared LoginThrottle.
+  - AUTH PLAIN / LOGIN against the directory, through the shared login guard (defense/guard.py).
 
 Policy decisions live in policy.py, header fix-ups in cleanup.py.
 """
@@ -31,6 +31,7 @@ from aiosmtpd.smtp import SMTP
 
 from .. import proxy, tlsclose
 from .. import metrics
+from ..defense import connections as floods
 from . import cleanup, hooks, policy
 from .address import simple_path
 from .budget import budget_for
@@ -98,8 +99,7 @@ class SMTPSession(SMTP):
         self.peer_ip = proxy.client_ip(transport, self)  # the real client, also behind a proxy
         limits = self.cfg.smtp
         registry = self.services.sessions
-        if (registry.count("smtp") >= limits.max_connections
-                or registry.count("smtp", self.peer_ip) >= limits.max_connections_per_ip):
+        if not floods.admit(self.services, self, "smtp", limits.max_connections, limits.max_connections_per_ip):
             # Refused before the banner: the 421 is the greeting (RFC 5321 3.1).
             self._refused = True
             self.services.metrics.connections_refused[self.listener] += 1
@@ -115,7 +115,7 @@ class SMTPSession(SMTP):
             self.tls_info = _tls_description(transport)
         self.trusted = policy.is_trusted(self.peer_ip, limits.trusted_networks)
         self.conn = hooks.Connection(ip=self.client, listener=self.listener, hostname=self.hostname,
-                                     tls=self.tls, trusted=self.trusted)
+                                     tls=self.tls, trusted=self.trusted, early_talk=self._early_talk)
         self._session_timer = self.loop.call_later(limits.max_session_time, self._session_expired)
         if _is_loopback(self.peer_ip):
             self._rdns_name = "localhost"
@@ -206,12 +206,39 @@ class SMTPSession(SMTP):
         await self.flush()
         if self.closing:
             return b""
-        self._idle = self.loop.call_later(self.cfg.smtp.command_timeout, self._idle_expired)
+        limits = self.cfg.smtp
+        timeout = floods.read_timeout(self.services, "smtp", limits.max_connections, self.preauth,
+                                      limits.command_timeout)
+        self._idle = self.loop.call_later(timeout, self._idle_expired)
+        self.idle_since = self.loop.time()
         try:
             return await self._reader.read(READ_SIZE)
         finally:
+            self.idle_since = None
             self._idle.cancel()
             self._idle = None
+
+    # --- for the connection-flood defence (defense/connections.py) ------------------------
+    idle_since: float | None = None
+
+    @property
+    def preauth(self) -> bool:
+        """Not yet in a mail transaction or logged in: may be closed early under stress."""
+        return self.auth_user is None and self.mail_from is None and not self.busy and not self._in_data
+
+    def close_idle(self) -> None:
+        log.info("timeout before MAIL (server under stress)", extra={"client": self.client})
+        self._abort(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    async def _early_talk(self, seconds: float) -> bytes | None:
+        """Pregreet test (hooks.Connection.early_talk): anything the client sends before the banner."""
+        try:
+            async with asyncio.timeout(seconds):
+                data = await self._reader.read(READ_SIZE)
+        except TimeoutError:
+            return None
+        self.lines.feed(data)
+        return data
 
     async def _next_line(self, limit: int) -> tuple[str, bytes] | None:
         while True:
@@ -238,6 +265,8 @@ class SMTPSession(SMTP):
                 event = await self._next_line(COMMAND_LINE_MAX)
                 if event is None:
                     break
+                if not self.esmtp and self.lines.has_line() and self.conn is not None:
+                    self.conn.pipelined = True  # more commands sent before PIPELINING was offered
                 await self._dispatch(*event)
                 if self._close_after_reply:
                     self.reply(self._close_after_reply)
@@ -416,6 +445,16 @@ class SMTPSession(SMTP):
             refusal = policy.check_recipient(address, kind, self._policy_client())
         if not refusal and self.txn is not None:
             refusal = await hooks.ask(self.stages, "rcpt", self.conn, self.txn, address)
+        elif refusal and refusal.startswith("550 5.1.1") and self.stages:
+            # Failed recipients per address (directory harvesting): the defence may end the session.
+            ended = await hooks.ask(self.stages, "rcpt_refused", self.conn, address, refusal)
+            if ended:
+                log.info("reject: RCPT from=<%s> to=<%s>: %s", self.mail_from, address, refusal,
+                         extra={"client": self.client})
+                self.services.metrics.smtp_reject(refusal)
+                self.reply(ended)
+                self.closing = True
+                return
         if refusal:
             log.info("reject: RCPT from=<%s> to=<%s>: %s", self.mail_from, address, refusal,
                      extra={"client": self.client})
@@ -688,15 +727,20 @@ class SMTPSession(SMTP):
             return None
 
     async def _check_credentials(self, mechanism: str, user: str, password: bytes) -> None:
-        throttle = self.services.throttle
-        await throttle.wait(self.peer_ip, user)
-        account = await self.services.directory.authenticate(user, password)
+        attempt = await self.services.throttle.attempt("smtp", self.peer_ip, user)
+        if attempt.refused:  # blocked address or too many logins at once (defense/guard.py)
+            return self.reply("454 4.7.0 Error: too many failed logins from your address, try again later")
+        try:
+            account = await self.services.directory.authenticate(user, password)
+        except BaseException:
+            attempt.abandoned()
+            raise
         if account is None:
-            throttle.failure(self.peer_ip, user)
+            attempt.failed()
             self.services.metrics.auth_failures["smtp"] += 1
             log.warning("AUTH %s failed for %r", mechanism, user[:100], extra={"client": self.client})
             return self.reply("535 5.7.8 Error: authentication failed")
-        throttle.success(self.peer_ip, account)
+        attempt.succeeded(account)
         self.auth_user = account
         self.conn.auth_user = account
         log.info("AUTH %s: %s", mechanism, account, extra={"client": self.client})
