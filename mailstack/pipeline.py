@@ -14,4 +14,6 @@ def build_stages(services) -> tuple:
     """The stage tuple for new SMTP sessions under services.config."""
     stages: list = []
     # Order matters: defence first (cheap refusals), then who sent it, then what it says.
+    from .filters.chain import build as build_filters  # content filters (milter, rspamd, spamd, clamd)
+    stages += filter(None, [build_filters(services)])
     return tuple(stages)
