@@ -63,6 +63,9 @@ def verdict_for(is_spam: bool, score: float, required: float, report: str, rejec
     v.headers.append(("X-Spam-Score", f"{score:.1f}"))
     v.headers.append(("X-Spam-Status", f"{'Yes' if is_spam else 'No'}, score={score:.1f} required={required:.1f}"))
     lines = [line.rstrip() for line in report.replace("\r\n", "\n").split("\n") if line.strip()]
+    # SpamAssassin's own X-Spam-Report is the analysis table, without the preamble for people.
+    start = next((i for i, line in enumerate(lines) if line.startswith("Content analysis details")), 0)
+    lines = lines[start:]
     if lines:
         v.headers.append(("X-Spam-Report", "\n\t".join(lines[:MAX_REPORT_LINES])))
     if is_spam:
