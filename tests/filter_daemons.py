@@ -239,7 +239,7 @@ class OpenDKIM(Daemon):
         return self
 
 
-class TestMilter(Daemon):
+class MilterForTests(Daemon):
     name = "testmilter"
 
     def __init__(self, tmp: Path) -> None:

@@ -15,12 +15,26 @@ import json
 import sys
 
 from purepythonmilter import (Accept, AddRecipient, AppendHeader, ChangeHeader, ChangeMailFrom, Continue,
-                              DiscardMessage, InsertHeader, PurePythonMilter, RejectWithCode,
+                              DiscardMessage, InsertHeader, PurePythonMilter, Reject, RejectWithCode,
                               RemoveRecipient, ReplaceBodyChunk, TempFailWithCode, VerdictOrContinue)
-from purepythonmilter.protocol.responses import Quarantine
+import attrs
+from purepythonmilter.protocol.responses import AbstractManipulation
+
+
+@attrs.define(auto_attribs=False, kw_only=True)
+class Quarantine(AbstractManipulation):
+    """SMFIR_QUARANTINE as libmilter's smfi_quarantine() sends it: a modification at end of
+    message, followed by the final answer (purepythonmilter 1.2's own Quarantine class has no
+    usable `reason` field and is sent as the final answer, which Postfix would wait past)."""
+
+    response_char = b"q"
+    reason: str = attrs.field()
+
+    def encode(self) -> bytes:
+        return self.response_char + self.reason.encode() + b"\x00"
 
 LOG = sys.argv[2] if len(sys.argv) > 2 else "/dev/null"
-subjects: dict[str, str] = {}  # queue id (macro i) -> Subject
+subjects: dict[str, str] = {}  # the Subject of the message in progress (the tests send one at a time)
 
 
 def record(stage: str, cmd, **extra) -> None:
@@ -43,18 +57,18 @@ async def on_mail_from(cmd) -> None:
 async def on_rcpt_to(cmd) -> VerdictOrContinue:
     record("rcpt", cmd, address=cmd.address)
     if cmd.address.startswith("rcpt-reject@"):
-        return RejectWithCode(primary_code=(5, 7, 1), text="recipient refused by test milter")
+        return RejectWithCode(primary_code=(5, 5, 0), enhanced_code=(5, 7, 1), text="recipient refused by test milter")
     return Continue()
 
 
 async def on_header(cmd) -> None:
     if cmd.name.lower() == "subject":
-        subjects[cmd.macros.get("i", "")] = cmd.text.strip()
+        subjects["current"] = cmd.text.strip()
         record("header", cmd, name=cmd.name, text=cmd.text)
 
 
 async def on_end_of_message(cmd) -> VerdictOrContinue:
-    subject = subjects.pop(cmd.macros.get("i", ""), "")
+    subject = subjects.pop("current", "")
     record("eom", cmd, subject=subject)
     if subject == "all-actions":
         return Continue(manipulations=[
@@ -68,7 +82,7 @@ async def on_end_of_message(cmd) -> VerdictOrContinue:
             ChangeMailFrom(mail_from="<changed@example.test>"),
         ])
     if subject == "reject":
-        return RejectWithCode(primary_code=(5, 7, 1))
+        return Reject()
     if subject == "replycode":
         return RejectWithCode(primary_code=(5, 5, 3), enhanced_code=(5, 7, 0), text="custom refusal from milter")
     if subject == "tempfail":
