@@ -77,6 +77,18 @@ class Daemon:
                 self.proc.wait(5)
         self.proc = None
 
+    def launch(self) -> None:
+        """Start the process (returns at once; wait() for it to answer)."""
+        raise NotImplementedError
+
+    def wait(self) -> "Daemon":
+        self._wait(*self._ready)
+        return self
+
+    def start(self) -> "Daemon":
+        self.launch()
+        return self.wait()
+
     def __enter__(self):
         return self.start()
 
@@ -100,7 +112,7 @@ class Rspamd(Daemon):
     def controller_url(self) -> str:
         return f"http://127.0.0.1:{self.controller}"
 
-    def start(self) -> "Rspamd":
+    def launch(self) -> None:
         d = self.dir
         for sub in ("override.d", "local.d", "run", "db", "log"):
             (d / sub).mkdir(exist_ok=True)
@@ -131,8 +143,7 @@ class Rspamd(Daemon):
             except OSError:
                 return False
             return ok and _port_open(self.proxy) and _port_open(self.controller)
-        self._wait(ready, 60)
-        return self
+        self._ready = (ready, 60)
 
     def log(self) -> str:
         path = self.dir / "log/rspamd.log"
@@ -152,7 +163,7 @@ class Spamd(Daemon):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "Spamd":
+    def launch(self) -> None:
         self.conf.mkdir(exist_ok=True)
         self.bayes.mkdir(exist_ok=True)
         os.chmod(self.dir, 0o755)
@@ -166,8 +177,7 @@ class Spamd(Daemon):
         self._spawn(["spamd", "--listen", self.address, "-u", "nobody", "--allow-tell", "-x",
                      "--siteconfigpath", str(self.conf), "-s", "stderr", "--max-children", "2",
                      "--pidfile", str(self.dir / "spamd.pid")])
-        self._wait(lambda: _port_open(self.port), 90)
-        return self
+        self._ready = (lambda: _port_open(self.port), 90)
 
     def learned(self) -> dict[str, int]:
         """nspam / nham of the Bayes database (sa-learn --dump magic)."""
@@ -192,7 +202,7 @@ class Clamd(Daemon):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "Clamd":
+    def launch(self) -> None:
         db = self.dir / "db"
         db.mkdir(exist_ok=True)
         # Our own signature database: the EICAR test string as a body signature.
@@ -210,8 +220,7 @@ class Clamd(Daemon):
                     return s.recv(64).startswith(b"PONG")
             except OSError:
                 return False
-        self._wait(ready, 60)
-        return self
+        self._ready = (ready, 60)
 
 
 class OpenDKIM(Daemon):
@@ -226,7 +235,7 @@ class OpenDKIM(Daemon):
     def milter(self) -> str:
         return f"inet:127.0.0.1:{self.port}"
 
-    def start(self) -> "OpenDKIM":
+    def launch(self) -> None:
         subprocess.run(["opendkim-genkey", "-b", "1024", "-D", str(self.dir), "-d", self.domain, "-s",
                         self.selector], check=True, capture_output=True)
         conf = self.dir / "opendkim.conf"
@@ -235,8 +244,7 @@ class OpenDKIM(Daemon):
                         "InternalHosts 127.0.0.1\nRequireSafeKeys no\nCanonicalization relaxed/simple\n"
                         f"PidFile {self.dir}/opendkim.pid\nUserID root\n")
         self._spawn(["opendkim", "-f", "-x", str(conf), "-l"])
-        self._wait(lambda: _port_open(self.port), 30)
-        return self
+        self._ready = (lambda: _port_open(self.port), 30)
 
 
 class MilterForTests(Daemon):
@@ -251,10 +259,9 @@ class MilterForTests(Daemon):
     def milter(self) -> str:
         return f"inet:127.0.0.1:{self.port}"
 
-    def start(self) -> "TestMilter":
+    def launch(self) -> None:
         self._spawn([sys.executable, str(HERE / "filters_testmilter.py"), str(self.port), str(self.events)])
-        self._wait(lambda: _port_open(self.port), 30)
-        return self
+        self._ready = (lambda: _port_open(self.port), 30)
 
     def seen(self) -> list[dict]:
         import json

@@ -79,7 +79,10 @@ def daemons():
         (milter_headers / "milter_headers.conf").write_text(
             "extended_spam_headers = true;\nskip_local = false;\nskip_authenticated = false;\n")
         for d in (rspamd, Spamd(tmp), Clamd(tmp), OpenDKIM(tmp), MilterForTests(tmp)):
-            started.append(d.start())
+            d.launch()  # all load at once; then wait for each
+            started.append(d)
+        for d in started:
+            d.wait()
         yield {d.name: d for d in started}
     finally:
         for d in started:
@@ -160,23 +163,22 @@ def test_spamd_sends_spam_to_junk_and_learns_from_moves(tmp_path, daemons):
         typ, _ = imap.uid("MOVE", "1", "Junk")
         move_time = time.monotonic() - started
         assert typ == "OK"
-        wait_for(lambda: spamd.learned()["nspam"] == before["nspam"] + 1, 30, interval=0.3,
-                 what="spamd to learn the message as spam")
+        wait_for(lambda: "learned spam from bob@example.test" in srv.log(), 30, interval=0.1,
+                 what="the spam report to spamd")
         imap.select("Junk")
         typ, data = imap.uid("SEARCH", "ALL")
         first_junk = data[0].split()[0].decode()
         typ, _ = imap.uid("MOVE", first_junk, "INBOX")
         assert typ == "OK"
-        wait_for(lambda: spamd.learned()["nham"] == before["nham"] + 1, 30, interval=0.3,
-                 what="spamd to learn the message as ham")
+        wait_for(lambda: "learned ham from bob@example.test" in srv.log(), 30, interval=0.1,
+                 what="the ham report to spamd")
         imap.select("Junk")
         typ, data = imap.uid("SEARCH", "ALL")
         for uid in data[0].split():
             assert imap.uid("MOVE", uid.decode(), "Trash")[0] == "OK"  # to Trash: nothing learnt
         imap.logout()
-        time.sleep(0)  # nothing to wait for: the counts below must not have moved by the end
-        wait_for(lambda: "learned ham" in srv.log(), 10, what="learn log line")
-        after = spamd.learned()
+        wait_for(lambda: "from Junk to Trash: nothing to learn" in srv.log(), 30, what="the Trash move handled")
+        after = spamd.learned()  # in spamd's own Bayes database: one spam, one ham, nothing for Trash
         assert after == {"nspam": before["nspam"] + 1, "nham": before["nham"] + 1}, after
         assert move_time < 1.0, move_time  # the IMAP command did not wait for spamd
         print(f"\nIMAP MOVE into Junk answered in {move_time * 1000:.1f} ms")
@@ -218,7 +220,7 @@ def test_clamd_hangs_session_tempfails_in_time_and_loop_keeps_serving(tmp_path, 
             worst, rounds = 0.0, 0
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
                 s.ehlo("other.example.org")
-                while t.is_alive() and rounds < 500:
+                while t.is_alive() and rounds < 100000:
                     started = time.monotonic()
                     assert s.noop()[0] == 250
                     worst = max(worst, time.monotonic() - started)

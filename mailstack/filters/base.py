@@ -9,6 +9,10 @@ class FilterUnavailable(Exception):
     """The filter daemon is down, slow, or answered something unusable."""
 
 
+class LearnRefused(FilterUnavailable):
+    """The learner answered but would not learn this message (e.g. too few tokens): no retry."""
+
+
 def fold(name: str, items: list[str], sep: str = ";") -> str:
     """A long header value, folded after each item (lines stay under ~78 characters mostly)."""
     return (sep + "\n\t").join(items)

@@ -45,7 +45,8 @@ def moved(services, account: str, source: str, dest: str, pairs) -> None:
     """IMAP COPY/MOVE from `source` to `dest` gave (old uid, new uid) `pairs`: queue a learn
     job if it crossed the Junk boundary.  Never raises, never waits."""
     try:
-        if not pairs or services.config.filters.learn == "off":
+        cfg = services.config.filters
+        if not pairs or cfg.learn == "off" or not (cfg.rspamd_controller or cfg.spamd_address):
             return
         learner = services.extra.get(KEY)
         if learner is None:
@@ -80,21 +81,27 @@ class Learner:
             except Exception:
                 log.exception("learn job failed")
 
-    async def _kind(self, account: str, source: str, dest: str) -> str | None:
+    async def _kind(self, account: str, source: str, dest: str) -> tuple[str | None, bool]:
+        """("spam" | "ham" | None, whether the move touched Junk at all)."""
         special = {}
         for info in await self.services.store.list_mailboxes(account):
             if info.special_use:
                 special[info.name] = info.special_use
         into, out_of = special.get(dest) == JUNK, special.get(source) == JUNK
         if into and not out_of:
-            return "spam"
+            return "spam", True
         if out_of and not into and special.get(dest) != TRASH:
-            return "ham"
-        return None
+            return "ham", True
+        return None, into or out_of
 
     async def _job(self, account: str, source: str, dest: str, uids: list[int]) -> None:
-        kind = await self._kind(account, source, dest)
-        target = backend(self.services) if kind else None
+        kind, junk = await self._kind(account, source, dest)
+        if kind is None:
+            if junk:  # say why nothing was reported (from Junk to Trash: the user just deletes spam)
+                log.info("%s moved %d message(s) from %s to %s: nothing to learn", account, len(uids), source,
+                         dest)
+            return
+        target = backend(self.services)
         if target is None:
             return
         from .chain import metrics_of
@@ -114,13 +121,16 @@ class Learner:
             await mbox.close()
 
     async def _report(self, target, kind: str, message: bytes, account: str, uid: int) -> str:
-        from .base import FilterUnavailable
+        from .base import FilterUnavailable, LearnRefused
         retries = self.services.config.filters.learn_retries
         for attempt in range(1, retries + 1):
             try:
                 await target.learn(kind, message)
                 log.info("learned %s from %s (uid %d) via %s", kind, account, uid, target.name)
                 return "ok"
+            except LearnRefused as e:  # the learner answered and said no: asking again won't help
+                log.warning("%s from %s (uid %d) not learned by %s: %s", kind, account, uid, target.name, e)
+                return "refused"
             except FilterUnavailable as e:
                 if attempt == retries:
                     log.warning("learning %s from %s (uid %d) via %s failed after %d attempts: %s", kind,

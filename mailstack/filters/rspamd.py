@@ -15,7 +15,7 @@ import logging
 
 from ..smtp.hooks import Connection, Transaction, Verdict
 from . import http
-from .base import FilterUnavailable, fold, replace_subject
+from .base import FilterUnavailable, LearnRefused, fold, replace_subject
 
 log = logging.getLogger("mailstack.filters")
 
@@ -58,8 +58,10 @@ class Rspamd:
         host, port, base = self.controller
         headers = [("Password", self.password)] if self.password else []
         status, _, body = await http.post(host, port, f"{base}/learn{kind}", headers, message, self.timeout)
-        if status == 208:  # already learned: nothing to do
+        if status in (200, 208):  # learned, or already learned
             return
+        if 200 <= status < 300 or status == 400:  # 204: "learn conditions denied", too few tokens, ...
+            raise LearnRefused(f"rspamd /learn{kind} answered HTTP {status}: {body[:200]!r}")
         if status != 200:
             raise FilterUnavailable(f"rspamd /learn{kind} answered HTTP {status}: {body[:200]!r}")
 

@@ -217,7 +217,15 @@ class MilterChain:
                         verdict.reply = reply
                         break
                     continue
-                changes = codec.apply_modifications(message, mods, bool(peer.session.protocol & codec.P_HDR_LEADSPC))
+                try:
+                    changes = codec.apply_modifications(message, mods,
+                                                        bool(peer.session.protocol & codec.P_HDR_LEADSPC))
+                except codec.ProtocolError as e:
+                    reply = self._failed(peer, state, "end of message", e)
+                    if reply:
+                        verdict.reply = reply
+                        break
+                    continue
                 if changes.message is not None:
                     message = verdict.message = changes.message
                 verdict.add_rcpts += changes.add_rcpts

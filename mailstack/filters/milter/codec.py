@@ -269,10 +269,21 @@ def milter_value(raw: bytes, leading_space: bool) -> bytes:
 
 
 def wire_value(value: str, leading_space: bool) -> bytes:
-    """A header value from a milter -> raw bytes after the colon, CRLF folds."""
-    raw = value.encode("utf-8", "surrogateescape").replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    """A header value from a milter -> raw bytes after the colon, CRLF folds.  Every
+    continuation line starts with white space, so a value can never start a header of its own."""
+    raw = value.encode("utf-8", "surrogateescape").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    lines = raw.split(b"\n")
+    raw = b"\r\n".join([lines[0]] + [line if line[:1] in (b" ", b"\t") else b" " + line for line in lines[1:]])
     if not leading_space and raw[:1] not in (b" ", b"\t"):
         raw = b" " + raw
+    return raw
+
+
+def check_header_name(name: str) -> bytes:
+    """A header name from a milter: printable ASCII without ':' or white space (RFC 5322 2.2)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if not raw or any(c < 33 or c > 126 or c == 58 for c in raw):
+        raise ProtocolError(f"bad header name {name[:40]!r}")
     return raw
 
 
@@ -300,6 +311,7 @@ def _unbracket(address: str) -> str:
 
 def apply_modifications(message: bytes, mods: list[Response], leading_space: bool = False) -> Changes:
     """Apply a milter's end-of-message modifications, in the order sent (libmilter semantics:
+    ProtocolError for a header name that is not one;
     chgheader's index is the n-th header of that name, 1-based, an empty value deletes it and a
     missing one is added; insheader's index is a position among all headers, 0 = top)."""
     out = Changes()
@@ -310,7 +322,7 @@ def apply_modifications(message: bytes, mods: list[Response], leading_space: boo
         out.actions.append({R_ADDHEADER: "addheader", R_INSHEADER: "insheader", R_CHGHEADER: "chgheader",
                             R_REPLBODY: "replbody", R_ADDRCPT: "addrcpt", R_ADDRCPT_PAR: "addrcpt",
                             R_DELRCPT: "delrcpt", R_CHGFROM: "chgfrom", R_QUARANTINE: "quarantine"}[m.code])
-        name = m.name.encode("utf-8", "surrogateescape")
+        name = check_header_name(m.name) if m.code in (R_ADDHEADER, R_INSHEADER, R_CHGHEADER) else b""
         if m.code == R_ADDHEADER:
             headers.append((name, wire_value(m.value, leading_space)))
             edited = True
