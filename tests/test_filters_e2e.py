@@ -120,14 +120,25 @@ def test_rspamd_and_clamd_chain(tmp_path, daemons):
         assert 'mailstack_filter_latency_seconds_count{filter="clamd"} 3' in text
 
 
-def test_rspamd_down_gets_the_default_action(tmp_path, daemons):
+def test_rspamd_down_gets_the_default_action_size_and_listener_skip(tmp_path, daemons):
     dead = f"http://127.0.0.1:{free_port()}"
-    with start_server(tmp_path, {"rspamd_url": dead}) as srv:
+    with start_server(tmp_path, {"rspamd_url": dead, "max_size": 4096}) as srv:
         code, text = send(srv.ports["smtp"], [BOB], CLEAN)
         assert (code, text) == (451, "4.7.1 Service unavailable - try again later")
         wait_for(lambda: "rspamd: no verdict" in srv.log() and "default action tempfail" in srv.log(), 10,
                  what="the log line")
         assert folder(srv, BOB, None) == []
+        # Above filters.max_size: not scanned at all (so rspamd being down does not matter).
+        big = CLEAN + (b"x" * 70 + b"\r\n") * 80
+        assert send(srv.ports["smtp"], [BOB], big)[0] == 250
+        wait_for(lambda: "filters=skipped" in srv.log(), 10, what="the skip in the log")
+        # Submission is not in filters.listeners (default: inbound only): not scanned either.
+        with smtplib.SMTP("127.0.0.1", srv.ports["submission"], timeout=30) as s:
+            s.starttls(context=srv.client_tls())
+            s.login(BOB, PASSWORD)
+            s.sendmail(BOB, [CAROL], CLEAN.replace(b"sender@example.org", BOB.encode()))
+        wait_for(lambda: folder(srv, CAROL, None), 15, what="the submitted message")
+        assert len(wait_for(lambda: folder(srv, BOB, None), 15, what="the big message")) == 1
 
 
 def test_spamd_sends_spam_to_junk_and_learns_from_moves(tmp_path, daemons):
