@@ -231,6 +231,30 @@ class Clamd(Daemon):
         self._ready = (ready, 60)
 
 
+class ClamavMilter(Daemon):
+    """clamav-milter in front of a running Clamd (its ClamdSocket)."""
+
+    name = "clamav-milter"
+
+    def __init__(self, tmp: Path, clamd: "Clamd") -> None:
+        super().__init__(tmp)
+        self.port = free_port()
+        self.clamd = clamd
+
+    @property
+    def milter(self) -> str:
+        return f"inet:127.0.0.1:{self.port}"
+
+    def launch(self) -> None:
+        conf = self.dir / "clamav-milter.conf"
+        conf.write_text(f"MilterSocket inet:{self.port}@127.0.0.1\nClamdSocket tcp:127.0.0.1:{self.clamd.port}\n"
+                        f"Foreground yes\nUser root\nPidFile {self.dir}/pid\nTemporaryDirectory {self.dir}\n"
+                        "OnInfected Reject\nAddHeader Replace\nReportHostname mailstack-test\n"
+                        f"LogFile {self.dir}/clamav-milter.log\nLogInfected Basic\n")
+        self._spawn(["clamav-milter", "-c", str(conf)])
+        self._ready = (lambda: _port_open(self.port), 30)
+
+
 class OpenDKIM(Daemon):
     name = "opendkim"
 

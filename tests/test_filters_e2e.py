@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from filter_daemons import EICAR, GTUBE, Clamd, OpenDKIM, Rspamd, Spamd, MilterForTests
+from filter_daemons import EICAR, GTUBE, ClamavMilter, Clamd, OpenDKIM, Rspamd, Spamd, MilterForTests
 from harness import MailServer, free_port, maildir_path, wait_for
 
 BOB, CAROL, PASSWORD = "bob@example.test", "carol@example.test", "pw of bob"
@@ -83,6 +83,8 @@ def daemons():
             started.append(d)
         for d in started:
             d.wait()
+        by_name = {d.name: d for d in started}
+        started.append(ClamavMilter(tmp, by_name["clamd"]).start())  # needs clamd answering
         yield {d.name: d for d in started}
     finally:
         for d in started:
@@ -256,7 +258,7 @@ def test_clamd_hangs_session_tempfails_in_time_and_loop_keeps_serving(tmp_path, 
 
 def test_milter_chain_every_action(tmp_path, daemons):
     rspamd, dkim, tm = daemons["rspamd"], daemons["opendkim"], daemons["testmilter"]
-    milters = [f"inet:127.0.0.1:{rspamd.proxy}", dkim.milter, tm.milter]
+    milters = [f"inet:127.0.0.1:{rspamd.proxy}", daemons["clamav-milter"].milter, dkim.milter, tm.milter]
     with start_server(tmp_path, {"milters": milters, "listeners": ["smtp", "submission"]}) as srv:
         port = srv.ports["smtp"]
         message = (b"From: Bob <bob@example.test>\r\nTo: bob@example.test\r\nSubject: all-actions\r\n"
@@ -276,6 +278,7 @@ def test_milter_chain_every_action(tmp_path, daemons):
         assert msg.endswith(b"\r\n\r\nreplaced body\r\n")
         assert parsed["DKIM-Signature"] and "d=example.test" in parsed["DKIM-Signature"]
         assert parsed["X-Spamd-Result"] and parsed["X-Rspamd-Queue-Id"], msg[:3000]
+        assert parsed["X-Virus-Status"] == "Clean" and "mailstack-test" in parsed["X-Virus-Scanned"]
         assert b"Return-Path: <changed@example.test>" in msg or "from=<changed@example.test>" in srv.log()
 
         # Verdicts, each on its own message.
@@ -294,6 +297,11 @@ def test_milter_chain_every_action(tmp_path, daemons):
         assert send(port, ["rcpt-reject@example.test"], CLEAN) == (550, "5.7.1 recipient refused by test milter")
         # GTUBE through rspamd's proxy: refused by rspamd's milter answer.
         assert send(port, [BOB], spam_message("gtube")) == (554, "5.7.1 Gtube pattern")
+        # EICAR through clamav-milter (behind rspamd's proxy, which lets it pass).
+        # clamav-milter answers a plain reject (Postfix says the same text).
+        assert send(port, [BOB], CLEAN + EICAR + b"\r\n") == (550, "5.7.1 Command rejected")
+        cm_log = daemons["clamav-milter"].dir / "clamav-milter.log"
+        wait_for(lambda: "Mailstack.Test.EICAR" in cm_log.read_text(), 10, what="clamav-milter's verdict")
         wait_for(lambda: len(folder(srv, BOB, None)) == 1, 15, what="the accepted message")
         time.sleep(0.5)
         assert len(folder(srv, BOB, None)) == 1  # discard and quarantine delivered nothing
