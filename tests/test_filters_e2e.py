@@ -97,7 +97,8 @@ def daemons():
 def test_rspamd_and_clamd_chain(tmp_path, daemons):
     rspamd, clamd = daemons["rspamd"], daemons["clamd"]
     metrics_port = free_port()
-    with start_server(tmp_path, {"rspamd_url": rspamd.url, "clamd_address": clamd.address},
+    with start_server(tmp_path, {"rspamd_url": rspamd.url, "clamd_address": clamd.address,
+                                 "rspamd_controller": rspamd.controller_url},
                       metrics={"listen": f"127.0.0.1:{metrics_port}"}) as srv:
         port = srv.ports["smtp"]
         # GTUBE: rspamd says reject -> refused at the end of DATA, nothing accepted.
@@ -116,12 +117,24 @@ def test_rspamd_and_clamd_chain(tmp_path, daemons):
         assert b"X-Virus-Scanned: clamd (mailstack)" in head
         assert folder(srv, BOB, "Junk") == []
         wait_for(lambda: "clamd=Mailstack.Test.EICAR.UNOFFICIAL" in srv.log(), 10, what="the log line")
+        # Moving it into Junk sends it to rspamd's controller (/learnspam).  This rspamd has no
+        # Bayes backend (redis), so it answers that it will not learn: the request is seen there.
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"])
+        imap.starttls(ssl_context=srv.client_tls())
+        imap.login(BOB, PASSWORD)
+        imap.select("INBOX")
+        assert imap.uid("MOVE", "1", "Junk")[0] == "OK"
+        imap.logout()
+        wait_for(lambda: "spam from bob@example.test (uid 1) not learned by rspamd: rspamd /learnspam answered HTTP 204"
+                 in srv.log(), 20, what="the learn request's answer")
+        assert "<clean.1@example.org>" in rspamd.log() and "learn" in rspamd.log()
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert "mailstack_filter_scanned_total 3" in text
         assert "mailstack_filter_virus_total 1" in text and "mailstack_filter_spam_total 1" in text
         assert 'mailstack_filter_latency_seconds_count{filter="rspamd"} 2' in text
         assert 'mailstack_filter_latency_seconds_count{filter="clamd"} 3' in text
+        assert 'mailstack_filter_learned_total{kind="spam",result="refused"} 1' in text
 
 
 def test_rspamd_down_gets_the_default_action_size_and_listener_skip(tmp_path, daemons):

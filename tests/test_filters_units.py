@@ -342,3 +342,20 @@ def test_strip_and_replace_headers():
     assert base.strip_headers(MSG, {b"x-none"}) is MSG
     assert base.replace_subject(b"Subject: a\r\n b\r\nX: y\r\n\r\nbody", "new") == b"Subject: new\r\nX: y\r\n\r\nbody"
     assert base.replace_subject(b"X: y\r\n\r\nbody", "new") == b"X: y\r\nSubject: new\r\n\r\nbody"
+
+
+# --- configuration -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("keys,message", [
+    ({"milters": ["tcp:127.0.0.1:1"]}, "filters.milters: 'tcp:127.0.0.1:1': expected inet:HOST:PORT or unix:/PATH"),
+    ({"milters": ["inet:h:1 default_action=maybe"]}, "filters.milters: 'default_action=maybe'"),
+    ({"order": ["clamd", "amavis"]}, "filters.order: unknown filter 'amavis'"),
+    ({"listeners": ["imap"]}, "filters.listeners: unknown listener 'imap'"),
+    ({"rspamd_url": "127.0.0.1:11333"}, "filters.rspamd_url: '127.0.0.1:11333': expected http://HOST:PORT"),
+    ({"clamd_address": "clamd"}, "filters.clamd_address: 'clamd': expected HOST:PORT or unix:/PATH"),
+    ({"learn": "bogofilter"}, "filters.learn: must be one of"),
+])
+def test_bad_filter_config_names_the_key(tmp_path, keys, message):
+    from mailstack import config
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({"filters": keys}, base=tmp_path)
+    assert str(e.value).startswith(message), str(e.value)
