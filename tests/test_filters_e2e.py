@@ -9,6 +9,7 @@ import imaplib
 import shutil
 import smtplib
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -78,6 +79,14 @@ def daemons():
         milter_headers.mkdir(parents=True, exist_ok=True)
         (milter_headers / "milter_headers.conf").write_text(
             "extended_spam_headers = true;\nskip_local = false;\nskip_authenticated = false;\n")
+        # rspamd signs mail of example.test (from local addresses) with its own key.
+        subprocess.run(["opendkim-genkey", "-b", "1024", "-D", str(milter_headers), "-d", "example.test",
+                        "-s", "rspamd"], check=True, capture_output=True)
+        (milter_headers / "rspamd.private").rename(milter_headers / "example.test.rspamd.key")
+        (milter_headers / "dkim_signing.conf").write_text(
+            f'enabled = true;\nsign_local = true;\nsign_authenticated = true;\nuse_domain = "header";\n'
+            f'allow_username_mismatch = true;\nselector = "rspamd";\n'
+            f'path = "{milter_headers}/$domain.$selector.key";\n')
         for d in (rspamd, Spamd(tmp), Clamd(tmp), OpenDKIM(tmp), MilterForTests(tmp)):
             d.launch()  # all load at once; then wait for each
             started.append(d)
@@ -116,6 +125,12 @@ def test_rspamd_and_clamd_chain(tmp_path, daemons):
         assert b"X-Rspamd-Action: no action" in head and b"X-Spam-Status: No, score=" in head
         assert b"X-Virus-Scanned: clamd (mailstack)" in head
         assert folder(srv, BOB, "Junk") == []
+        # rspamd's DKIM signature (its dkim_signing module) is added to mail of example.test.
+        own = CLEAN.replace(b"sender@example.org", b"carol@example.test").replace(b"clean.1@", b"own.1@")
+        assert send(port, [CAROL], own, sender=CAROL)[0] == 250
+        [signed] = wait_for(lambda: folder(srv, CAROL, None), 15, what="delivery to carol")
+        signature = email.message_from_bytes(signed)["DKIM-Signature"]
+        assert signature and "d=example.test" in signature and "s=rspamd" in signature, signed[:1500]
         wait_for(lambda: "clamd=Mailstack.Test.EICAR.UNOFFICIAL" in srv.log(), 10, what="the log line")
         # Moving it into Junk sends it to rspamd's controller (/learnspam).  This rspamd has no
         # Bayes backend (redis), so it answers that it will not learn: the request is seen there.
@@ -130,10 +145,10 @@ def test_rspamd_and_clamd_chain(tmp_path, daemons):
         assert "<clean.1@example.org>" in rspamd.log() and "learn" in rspamd.log()
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        assert "mailstack_filter_scanned_total 3" in text
+        assert "mailstack_filter_scanned_total 4" in text
         assert "mailstack_filter_virus_total 1" in text and "mailstack_filter_spam_total 1" in text
-        assert 'mailstack_filter_latency_seconds_count{filter="rspamd"} 2' in text
-        assert 'mailstack_filter_latency_seconds_count{filter="clamd"} 3' in text
+        assert 'mailstack_filter_latency_seconds_count{filter="rspamd"} 3' in text
+        assert 'mailstack_filter_latency_seconds_count{filter="clamd"} 4' in text
         assert 'mailstack_filter_learned_total{kind="spam",result="refused"} 1' in text
 
 
