@@ -16,7 +16,7 @@ from mailstack.filters import base, clamd, http, rspamd, spamd
 from mailstack.filters.base import FilterUnavailable
 from mailstack.filters.milter import codec
 from mailstack.filters.milter.chain import ConnState, MilterChain
-from mailstack.filters.milter.client import MilterUnavailable, parse_milter
+from mailstack.filters.milter.client import parse_milter
 from mailstack.smtp.hooks import Connection, Transaction
 
 MSG = (b"From: a@example.org\r\nSubject: hello\r\nX-Multi: one\r\n\tfolded\r\nX-Multi: two\r\n\r\n"

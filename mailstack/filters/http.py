@@ -92,6 +92,7 @@ async def post(host: str, port: int, path: str, headers: list[tuple[str, str]], 
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(request)
             writer.write(body)
+            await writer.drain()
             data = bytearray()
             while True:
                 chunk = await reader.read(65536)
