@@ -338,6 +338,9 @@ def test_milter_chain_every_action(tmp_path, daemons):
         connects = [e["macros"] for e in seen if e["stage"] == "connect"]
         assert all(m.get("j") == "mail.example.test" and m.get("{client_addr}") == "127.0.0.1" for m in connects)
         assert {m.get("{daemon_name}") for m in connects} == {"smtp", "submission"}  # the listener's name
+        assert {e["hostname"] for e in seen if e["stage"] == "connect"} == {"[127.0.0.1]"}
+        assert any(e["stage"] == "helo" and e["helo"] == "client.example.org" for e in seen)
+        assert any(e["stage"] == "rcpt" and e["macros"].get("{rcpt_addr}") == "bob@example.test" for e in seen)
         mail = next(e for e in seen if e["stage"] == "mail")
         assert mail["macros"].get("{mail_addr}") == "bob@example.test"
         eom = next(e for e in seen if e["stage"] == "eom")

@@ -113,7 +113,9 @@ class MilterChain:
             peer.session = MilterSession(peer.cfg)
             try:
                 await peer.session.open()
-                answer = await peer.session.send(codec.CONNECT, codec.encode_connect(conn.rdns or conn.ip, conn.ip),
+                # The client's name, or "[address]" when it has none (as sendmail sends it).
+                hostname = conn.rdns or f"[{conn.ip}]"
+                answer = await peer.session.send(codec.CONNECT, codec.encode_connect(hostname, conn.ip),
                                                  macros, codec.STAGE_CONNECT)
             except MilterUnavailable as e:
                 self._failed(peer, state, "connect", e)  # the reply waits for MAIL, as Postfix does
