@@ -171,6 +171,16 @@ def test_rspamd_down_gets_the_default_action_size_and_listener_skip(tmp_path, da
             s.sendmail(BOB, [CAROL], CLEAN.replace(b"sender@example.org", BOB.encode()))
         wait_for(lambda: folder(srv, CAROL, None), 15, what="the submitted message")
         assert len(wait_for(lambda: folder(srv, BOB, None), 15, what="the big message")) == 1
+        # A reload with rspamd's default set to accept reaches new sessions.
+        text = srv.config_path.read_text().replace('rspamd_url = "', 'rspamd_default_action = "accept"\nrspamd_url = "')
+        srv.config_path.write_text(text)
+        srv.hup()
+        wait_for(lambda: "reload" in srv.log().lower(), 10, what="the reload")
+
+        def accepted():
+            return send(srv.ports["smtp"], [BOB], CLEAN)[0] == 250
+        wait_for(accepted, 15, interval=0.2, what="the new default action")
+        assert len(wait_for(lambda: folder(srv, BOB, None)[1:], 15, what="the delivery")) == 1
 
 
 def test_spamd_sends_spam_to_junk_and_learns_from_moves(tmp_path, daemons):
