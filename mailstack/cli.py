@@ -19,7 +19,8 @@ from .config import ConfigError
 from .directory import Directory, DirectoryError, check_password_strength, normalize_address
 
 # Modules that add their own subcommands: add_commands(subparsers); handlers run(args, cfg) -> int.
-PLUGIN_COMMANDS = ("mailstack.queue.admin", "mailstack.outbound_cli", "mailstack.status")
+PLUGIN_COMMANDS = ("mailstack.queue.admin", "mailstack.outbound_cli", "mailstack.status",
+                   "mailstack.filters.cli")
 
 
 SYSTEM_CONFIG = "/etc/mailstack/config.toml"

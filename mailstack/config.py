@@ -342,6 +342,67 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "srs_max_age": Key("int", 21, "Days an SRS address stays valid for bounces (libsrs2's default).",
                            min=1, max=1000),
     },
+    # --- content filters (mailstack/filters) ---------------------------------------------
+    "filters": {
+        "order": Key("strlist", ["milters", "clamd", "rspamd", "spamd"], "Order in which the configured "
+                     "filters see a message at the end of DATA (a filter without an address is left out): "
+                     "`milters` (all of `milters`, in their order), `clamd`, `rspamd`, `spamd`. The first "
+                     "reject, tempfail, discard or quarantine ends the chain.",
+                     check=lambda v: _filters_order_error(v)),
+        "listeners": Key("strlist", ["smtp"], "SMTP listeners whose mail is filtered: `smtp` (inbound), "
+                         "`submission`, `submissions` (mail of your own users).",
+                         check=lambda v: next((f"unknown listener {x!r}" for x in v
+                                               if x not in ("smtp", "submission", "submissions")), None)),
+        "max_size": Key("int", 10 * MiB, "Messages larger than this many bytes skip content scanning "
+                        "(logged as filters=skipped); milters get an abort for them.", min=1024, max=2**31),
+        "milters": Key("strlist", [], "Milters (Sendmail/Postfix milter protocol 6), in order: "
+                       "\"inet:HOST:PORT\" or \"unix:/PATH\", optionally followed by per-milter settings, "
+                       "e.g. \"inet:127.0.0.1:8891 default_action=accept command_timeout=10\".",
+                       check=lambda v: _milters_error(v)),
+        "milter_default_action": Key("enum", "tempfail", "What a milter that is down, slow or broken "
+                                     "means (Postfix's milter_default_action): `tempfail` answers 451 4.7.1, "
+                                     "`accept` carries on without it, `reject` answers 550 5.7.1.",
+                                     choices=("tempfail", "accept", "reject")),
+        "milter_connect_timeout": Key("float", 30.0, "Seconds to connect to a milter and negotiate.",
+                                      min=0.1, max=3600),
+        "milter_command_timeout": Key("float", 30.0, "Seconds a milter may take to answer one command.",
+                                      min=0.1, max=3600),
+        "milter_content_timeout": Key("float", 300.0, "Seconds a milter may take over the end of the "
+                                      "message (after each progress report the time starts again).",
+                                      min=0.1, max=3600),
+        "rspamd_url": Key("str", "", "rspamd's normal worker, e.g. \"http://127.0.0.1:11333\" "
+                          "(POST /checkv2). Empty = off.", check=lambda v: _url_error(v)),
+        "rspamd_controller": Key("str", "", "rspamd's controller for learning from Junk moves, e.g. "
+                                 "\"http://127.0.0.1:11334\". Empty = no learning through rspamd.",
+                                 check=lambda v: _url_error(v)),
+        "rspamd_password": Key("str", "", "The controller's password (rspamd's `password`/`enable_password`); "
+                               "empty when rspamd trusts this host (secure_ip).", secret=True),
+        "rspamd_timeout": Key("float", 20.0, "Seconds rspamd may take for one message.", min=0.1, max=3600),
+        "rspamd_default_action": Key("enum", "tempfail", "When rspamd gives no answer: `tempfail` (451 "
+                                     "4.7.1, the sender retries) or `accept`.", choices=("tempfail", "accept")),
+        "spamd_address": Key("str", "", "SpamAssassin's spamd: \"HOST:PORT\" (e.g. \"127.0.0.1:783\") or "
+                             "\"unix:/PATH\". Empty = off.", check=lambda v: _spamd_clamd_error(v)),
+        "spamd_user": Key("str", "", "User name sent to spamd (its per-user settings and Bayes database); "
+                          "empty = spamd's own user."),
+        "spamd_timeout": Key("float", 30.0, "Seconds spamd may take for one message.", min=0.1, max=3600),
+        "spamd_default_action": Key("enum", "tempfail", "When spamd gives no answer: `tempfail` or `accept`.",
+                                    choices=("tempfail", "accept")),
+        "spamd_reject_score": Key("float", 0.0, "Score at or above which spamd's verdict refuses the "
+                                  "message (554 5.7.1); below it spam goes to the Junk folder. 0 = never "
+                                  "refuse.", min=0, max=10000),
+        "clamd_address": Key("str", "", "ClamAV's clamd: \"HOST:PORT\" (e.g. \"127.0.0.1:3310\") or "
+                             "\"unix:/PATH\" (e.g. \"unix:/run/clamav/clamd.ctl\"). Empty = off.",
+                             check=lambda v: _spamd_clamd_error(v)),
+        "clamd_timeout": Key("float", 60.0, "Seconds clamd may take for one message.", min=0.1, max=3600),
+        "clamd_default_action": Key("enum", "tempfail", "When clamd gives no answer: `tempfail` or `accept`.",
+                                    choices=("tempfail", "accept")),
+        "learn": Key("enum", "auto", "Where a message a user moves into Junk (spam) or out of Junk to anything "
+                     "but Trash (ham) is reported: `rspamd` (the controller), `spamd` (TELL; spamd needs "
+                     "--allow-tell), `auto` (rspamd if rspamd_controller is set, else spamd if spamd_address is "
+                     "set), `off`.", choices=("auto", "rspamd", "spamd", "off")),
+        "learn_retries": Key("int", 3, "Attempts to report one message before giving up (logged); attempts "
+                             "are spaced 1, 2, 4 ... seconds apart.", min=1, max=10),
+    },
     "metrics": {
         "listen": Key("str", "", "Serve Prometheus metrics (GET /metrics) on this \"host:port\", e.g. "
                       "\"127.0.0.1:9100\". Keep it on loopback or a private network: it is plain HTTP "
@@ -349,6 +410,48 @@ SCHEMA: dict[str, dict[str, Key]] = {
                       check=lambda v: _hostport_error(v) if v else None),
     },
 }
+
+
+# --- checks of the [filters] block -------------------------------------------------------------
+def _filters_order_error(names: list[str]) -> str | None:
+    known = ("milters", "clamd", "rspamd", "spamd")
+    for name in names:
+        if name not in known:
+            return f"unknown filter {name!r} (known: {', '.join(known)})"
+    if len(set(names)) != len(names):
+        return "a filter is listed twice"
+    return None
+
+
+def _milters_error(specs: list[str]) -> str | None:
+    from .filters.milter.client import parse_milter
+    for spec in specs:
+        try:
+            parse_milter(spec, {"default_action": "tempfail", "connect_timeout": 1.0, "command_timeout": 1.0,
+                                "content_timeout": 1.0})
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def _url_error(url: str) -> str | None:
+    if not url:
+        return None
+    from .filters.http import parse_url
+    try:
+        parse_url(url)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _spamd_clamd_error(address: str) -> str | None:
+    if not address or (address.startswith("unix:/") and len(address) > 6):
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{address!r}: expected HOST:PORT or unix:/PATH"
+    return None
 
 
 class _Section(SimpleNamespace):
@@ -611,6 +714,7 @@ SECTION_DOCS = {
     "dns": "The resolver used for outbound routing (MX, A/AAAA).",
     "dkim": "DKIM signing of outbound mail from local domains.",
     "senderauth": "Sender authentication of inbound mail (SPF, DKIM, ARC, DMARC) and SRS for forwarding.",
+    "filters": "Content filters at the end of DATA: milters, rspamd, SpamAssassin, ClamAV; learning from Junk.",
     "metrics": "Prometheus metrics over HTTP (off unless `listen` is set).",
 }
 

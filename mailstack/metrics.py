@@ -103,6 +103,8 @@ class Metrics:
         self.defense: Counter[tuple[str, str]] = Counter()  # (check, reason): mailstack/defense
         self.latency = {"local": Histogram(), "remote": Histogram()}
         self._sslobject_classes: dict[str, type[ssl.SSLObject]] = {}
+        # Other packages' families (e.g. filters/chain.py): callables returning exposition lines.
+        self.extra_families: list = []
 
     # --- hot-path helpers (one dict add or two) ----------------------------------------------
     def smtp_reject(self, reply: str) -> None:
@@ -241,6 +243,8 @@ class Metrics:
                 out.append(f'{name}_bucket{{transport="{transport}",le="{le}"}} {n}')
             out.append(f'{name}_sum{{transport="{transport}"}} {_num(hist.sum)}')
             out.append(f'{name}_count{{transport="{transport}"}} {hist.count}')
+        for extra in self.extra_families:
+            out += extra()
         out.append("")
         return "\n".join(out)
 

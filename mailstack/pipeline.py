@@ -19,4 +19,6 @@ def build_stages(services) -> tuple:
     from .senderauth import forward, stage as senderauth
     forward.install_reverse(services.directory, services.config)  # bounces to SRS addresses
     stages += senderauth.build(services)
+    from .filters.chain import build as build_filters  # content filters (milter, rspamd, spamd, clamd)
+    stages += filter(None, [build_filters(services)])
     return tuple(stages)

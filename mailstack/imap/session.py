@@ -23,6 +23,7 @@ from .. import proxy, tlsclose
 from .. import proxy
 from ..defense import connections as floods
 from ..events import MailboxEvent
+from ..filters import learn as filters_learn
 from ..smtp.budget import budget_for
 from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
 from . import fetch, response, search
@@ -880,6 +881,7 @@ class IMAPSession:
         if move and hasattr(self.mbox, "move"):
             seq_before = {m.uid: s for s, m in picked}
             pairs = await self.mbox.move(uids, dest, origin=self)
+            filters_learn.moved(self.services, self.account, self.mbox.name, dest, pairs)  # Junk moves teach
             code = self._copyuid(st, pairs)
             if code:
                 self.send(b"* OK " + code + b" Moved")
@@ -889,6 +891,7 @@ class IMAPSession:
             self.recent.difference_update(gone)
             return await self.done(cmd, "MOVE completed")
         pairs = await self.mbox.copy(uids, dest, origin=self)
+        filters_learn.moved(self.services, self.account, self.mbox.name, dest, pairs)  # Junk moves teach
         code = self._copyuid(st, pairs)
         if move:
             if code:

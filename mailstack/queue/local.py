@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from ..directory import normalize_address
+from ..filters.prefs import spam_to_inbox
 from ..store.base import MailboxNotFound, StoreError
 from .types import QueuedMessage, RecipientResult
 
@@ -108,6 +109,8 @@ class LocalTransport:
             return RecipientResult(account, "bounced", f"550 5.1.1 <{account}>: user unknown", "local")
         # A check at SMTP time (DMARC quarantine, a spam filter) may have judged it junk.
         mailbox = JUNK if message.meta.get("junk") else "INBOX"
+        if mailbox == JUNK and await spam_to_inbox(self.services.config.data_dir, account):
+            mailbox = "INBOX"  # the user's choice (`mailstack user prefs ADDRESS --spam-folder inbox`)
         try:
             try:
                 added = await self.services.store.deliver(account, message.source,
