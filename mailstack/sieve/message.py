@@ -1,0 +1,146 @@
+"""The message as Sieve sees it: header fields (decoded RFC 2047 words), addresses, body parts.
+
+Built once per delivery from bytes; everything costly (decoding, address parsing, MIME
+walking) happens on first use only, so a script that looks at two headers pays for two.
+editheader changes the header list in place; `as_bytes()` gives the edited message.
+"""
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+from email.header import decode_header, make_header
+
+MAX_HEADER_BYTES = 1 << 20  # header section parsed at most this far
+
+
+def _decode_words(value: str) -> str:
+    if "=?" not in value:
+        return value
+    try:
+        return str(make_header(decode_header(value)))
+    except Exception:  # a malformed encoded-word is matched as written
+        return value
+
+
+class SieveMessage:
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        end = raw.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
+        sep = 4
+        if end < 0:
+            end2 = raw.find(b"\n\n", 0, MAX_HEADER_BYTES)
+            if end2 >= 0:
+                end, sep = end2, 2
+        if raw.startswith(b"\r\n"):
+            end, sep = 0, 2
+        if end < 0:
+            head, self.body_offset = raw[:MAX_HEADER_BYTES], len(raw)
+        else:
+            head, self.body_offset = raw[:end], end + sep
+        self.header_edited = False
+        # [name as written, raw value (unfolded, leading blank removed)]
+        self.fields: list[list[str]] = []
+        text = head.decode("utf-8", "surrogateescape")
+        for line in text.replace("\r\n", "\n").split("\n"):
+            if not line:
+                continue
+            if line[0] in " \t" and self.fields:
+                self.fields[-1][1] += " " + line.strip(" \t")  # unfold
+                continue
+            name, colon, value = line.partition(":")
+            if not colon:
+                continue
+            self.fields.append([name.strip(), value.strip(" \t")])
+        self._decoded: dict[int, str] = {}
+        self._email = None
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    def headers(self, name: str) -> list[str]:
+        """Decoded values of every field called `name` (any case), top to bottom."""
+        lname = name.lower()
+        out = []
+        for f in self.fields:
+            if f[0].lower() == lname:
+                out.append(_decode_words(f[1]).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        return out
+
+    def exists(self, name: str) -> bool:
+        lname = name.lower()
+        return any(f[0].lower() == lname for f in self.fields)
+
+    def addresses(self, name: str) -> list[str]:
+        """Every address in the fields called `name` (groups flattened); "" for an empty <>."""
+        out = []
+        for value in self.headers(name):
+            for _, addr in email.utils.getaddresses([value]):
+                out.append(addr)
+        return out
+
+    # --- editheader --------------------------------------------------------------------
+    def add_header(self, name: str, value: str, last: bool) -> None:
+        field = [name, value]
+        self.fields.append(field) if last else self.fields.insert(0, field)
+        self.header_edited = True
+        self._email = None
+
+    def delete_header(self, name: str, keep: callable) -> int:
+        """Delete fields called `name` whose decoded value keep(index, value) says to delete."""
+        lname, out, n, idx = name.lower(), [], 0, 0
+        for f in self.fields:
+            if f[0].lower() == lname:
+                idx += 1
+                if keep(idx, _decode_words(f[1])):
+                    n += 1
+                    continue
+            out.append(f)
+        if n:
+            self.fields = out
+            self.header_edited = True
+            self._email = None
+        return n
+
+    def as_bytes(self) -> bytes:
+        if not self.header_edited:
+            return self.raw
+        head = "".join(f"{n}: {v}\r\n" for n, v in self.fields).encode("utf-8", "surrogateescape")
+        return head + b"\r\n" + self.raw[self.body_offset:]
+
+    # --- body (RFC 5173) -----------------------------------------------------------------
+    def body_raw(self) -> str:
+        return self.raw[self.body_offset:].decode("utf-8", "replace")
+
+    def body_parts(self, content_types: list[str] | None) -> list[str]:
+        """Decoded text of the leaf parts whose type matches (":text" = ["text"]).  A content
+        type "" matches every part; "text" matches text/*; "text/plain" only that."""
+        if self._email is None:
+            self._email = email.message_from_bytes(self.raw, policy=email.policy.compat32)
+        out = []
+        for part in self._email.walk():
+            ctype = part.get_content_type().lower()
+            main = ctype.split("/")[0]
+            if part.is_multipart():
+                if content_types and any(t.lower() in (ctype, main) for t in content_types if t):
+                    # a multipart matched by type: its prologue/epilogue text
+                    out.append((part.preamble or "") + (part.epilogue or ""))
+                continue
+            if content_types is not None and not any(t == "" or t.lower() in (ctype, main) for t in content_types):
+                continue
+            payload = part.get_payload(decode=True) or b""
+            charset = part.get_content_charset() or "us-ascii"
+            try:
+                text = payload.decode(charset, "replace")
+            except LookupError:
+                text = payload.decode("utf-8", "replace")
+            if main == "text" and ctype == "text/html":
+                text = _strip_html(text)
+            out.append(text)
+        return out
+
+
+def _strip_html(text: str) -> str:
+    import re
+    return re.sub(r"<[^>]*>", " ", text)
