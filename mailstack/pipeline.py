@@ -14,4 +14,6 @@ def build_stages(services) -> tuple:
     """The stage tuple for new SMTP sessions under services.config."""
     stages: list = []
     # Order matters: defence first (cheap refusals), then who sent it, then what it says.
+    from .sieve.stage import stages as sieve_stages  # last: the recipient's own reject (RFC 5429)
+    stages += sieve_stages(services)
     return tuple(stages)
