@@ -1,0 +1,388 @@
+"""Sieve language: parser errors with line/column (fuzzed), the RFCs' own examples with the
+expected actions, Pigeonhole's sieve-test as an oracle, vacation rules, the CLI."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailstack.sieve import vacation
+from mailstack.sieve.checker import compile_script
+from mailstack.sieve.interpreter import Context, Host, evaluate
+from mailstack.sieve.message import SieveMessage
+from mailstack.sieve.parser import SieveSyntaxError, parse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MSG = (b"Return-Path: <owner-ietf-mta-filters@imc.org>\r\n"
+       b"Date: Tue, 1 Apr 1997 09:06:31 -0800 (PST)\r\n"
+       b"From: coyote@desert.example.org\r\n"
+       b"To: roadrunner@acme.example.com\r\n"
+       b"Cc: Boss <boss+work@acme.example.com>\r\n"
+       b"Subject: I have a present for you\r\n"
+       b"X-Caffeine: C8H10N4O2\r\n"
+       b"List-Id: <mta-filters.imc.org>\r\n"
+       b"Message-ID: <1234@desert.example.org>\r\n"
+       b"\r\n"
+       b"Look, I'm sorry about the whole anvil thing, and I really\r\n"
+       b"didn't mean to try and drop it on you from the top of the\r\n"
+       b"cliff.  I want to try to make it up to you.  I've got some\r\n"
+       b"great birdseed over here at my place--top of the line\r\n"
+       b"stuff--and if you come by, I'll have it all wrapped up\r\n"
+       b"for you.  I'm really sorry for all the problems I've caused.\r\n"
+       b"We can talk about this later.\r\n")
+
+
+def run(script: str, raw: bytes = MSG, sender="coyote@desert.example.org", rcpt="roadrunner@acme.example.com",
+        meta=None, host=None) -> list[str]:
+    ctx = Context(SieveMessage(raw), envelope_from=sender, envelope_to=rcpt, meta=meta or {},
+                  now=dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.timezone.utc), host=host or Host(),
+                  environment={"name": "mailstack", "location": "MDA"})
+    r = evaluate([compile_script(script)], ctx)
+    assert r.error is None, r.error
+    return [a.describe() for a in r.actions]
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,line,col,what", [
+    ('if true {\n  keep;\n', 3, 1, "missing '}'"),
+    ('keep;\nstop', 2, 5, "expected ';'"),
+    ('require "fileinto";\nfileinto "a" "b";', 2, 1, "takes a string"),
+    ('fileinto "x";', 1, 1, 'require "fileinto"'),
+    ('require "fileinto";\nif true { fileinto :create "x"; }', 2, 20, 'require "mailbox"'),
+    ('keep;\nrequire "fileinto";', 2, 1, "require must come before"),
+    ('if header :is "a" "b" keep;', 1, 4, "'header' takes no test"),
+    ('"unterminated', 1, 1, "unterminated string"),
+    ('/* never closed', 1, 1, "unterminated comment"),
+    ('require "frobnicate";', 1, 1, "unsupported extension"),
+    ('if size :over 1x { keep; }', 1, 16, "bad number"),
+    ('else { keep; }', 1, 1, "without a preceding 'if'"),
+    ('if header :comparator "i;nope" "a" "b" { keep; }', 1, 4, "unknown comparator"),
+])
+def test_errors_name_line_and_column(text, line, col, what):
+    with pytest.raises(SieveSyntaxError) as e:
+        compile_script(text)
+    assert (e.value.line, e.value.column) == (line, col), str(e.value)
+    assert what in e.value.message
+
+
+def test_multiline_strings_comments_numbers():
+    cmds = parse('# comment\r\nvacation /* c */ :days 2 text:  # c\r\nline one\r\n..dot\r\n.\r\n;\r\n'
+                 'if size :over 1K { keep; }')
+    assert cmds[0].args[2].values == ["line one\r\n.dot\r\n"]
+    assert cmds[1].tests[0].args[1].value == 1024
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(list('ifelsrquhadto:;{}()[]," \n\r#/*\\01Ktext.') +
+                                ["keep", "require", "header", ":is", "if ", "text:\r\n", "\r\n.\r\n",
+                                 '"fileinto"', "allof(", "${hex:41}", "elsif", "else"]),
+                max_size=60).map("".join))
+def test_fuzz_parser_never_crashes(text):
+    try:
+        compile_script(text)
+    except SieveSyntaxError as e:
+        assert e.line >= 1 and e.column >= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzz_any_text(text):
+    try:
+        compile_script(text)
+    except SieveSyntaxError:
+        pass
+
+
+def test_deep_nesting_is_an_error_not_a_crash():
+    with pytest.raises(SieveSyntaxError):
+        compile_script("if " + "not " * 5000 + "true { keep; }")
+    with pytest.raises(SieveSyntaxError):
+        compile_script("if true {" * 500 + "}" * 500)
+
+
+# --- the RFCs' examples ------------------------------------------------------------------------
+
+RFC_EXAMPLES = [
+    # RFC 5228 section 9: "ribbit" example (parts)
+    ('require "fileinto";\n'
+     'if header :contains "from" "coyote" { discard; }\n'
+     'elsif header :contains ["subject"] ["$$$"] { discard; }\n'
+     'else { fileinto "INBOX"; }', []),
+    ('require ["fileinto"];\n'
+     'if header :is "X-Caffeine" "" { keep; }\n'
+     'elsif address :domain :is ["From", "To"] "example.com" { fileinto "acme"; }\n', ["keep"]),
+    # RFC 5228 2.7.1 and 5.1/5.4/5.9
+    ('if address :all :is "from" "coyote@desert.example.org" { fileinto "x"; }',
+     None),  # fileinto without require -> error (checked below)
+    ('require "fileinto"; if anyof (not exists ["From","Date"], size :over 1M) { discard; }', ["keep"]),
+    ('require "fileinto"; if size :under 1k { fileinto "small"; }', ['fileinto "small"']),
+    ('if header :matches "Subject" "I have*you" { discard; }', []),
+    ('if header :matches "Subject" "*present?for*" { discard; }', []),
+    ('if header :contains :comparator "i;octet" "Subject" "PRESENT" { discard; }', ["keep"]),
+    # RFC 5233 subaddress
+    ('require ["envelope", "subaddress", "fileinto"];\n'
+     'if address :detail "cc" "work" { fileinto "work"; }', ['fileinto "work"']),
+    ('require ["subaddress", "fileinto"];\nif address :user "cc" "boss" { fileinto "boss"; }', ['fileinto "boss"']),
+    # RFC 5229 variables
+    ('require ["fileinto", "variables"];\n'
+     'if header :matches "List-ID" "*<*.*>*" { set "list" "${2}"; fileinto "lists.${list}"; }',
+     ['fileinto "lists.mta-filters"']),
+    ('require "variables"; set :upperfirst "b" "hello"; set :length "n" "${b}"; '
+     'require "fileinto";', None),
+    ('require ["variables", "fileinto"]; set :upperfirst "b" "hello"; set :length "n" "${b}"; '
+     'fileinto "${b}-${n}";', ['fileinto "Hello-5"']),
+    ('require ["variables", "fileinto"]; set :quotewildcard "q" "a*b"; fileinto "${q}";',
+     ['fileinto "a\\*b"']),
+    # RFC 5232 imap4flags
+    ('require ["imap4flags", "fileinto"];\n'
+     'if header :contains "From" "coyote" { setflag "\\\\Deleted"; addflag ["\\\\Seen", "$x"]; '
+     'removeflag "\\\\Deleted"; fileinto "f"; }',
+     ['fileinto "f" :flags \\Seen $x']),
+    ('require "imap4flags"; addflag "flagvar" "A B"; if hasflag :is "flagvar" "B" { keep :flags "K"; }',
+     ['keep :flags K']),
+    ('require "imap4flags"; addflag "\\\\Flagged";', ['keep :flags \\Flagged']),
+    # RFC 5231 relational
+    ('require ["relational", "comparator-i;ascii-numeric", "fileinto"];\n'
+     'if header :value "gt" :comparator "i;ascii-numeric" ["x-priority"] ["3"] { fileinto "p"; }', ["keep"]),
+    ('require ["relational", "comparator-i;ascii-numeric", "fileinto"];\nif address :count "ge" :comparator "i;ascii-numeric" '
+     '["to", "cc"] ["2"] { fileinto "many"; }', ['fileinto "many"']),
+    # RFC 3894 copy, RFC 5490 mailbox
+    ('require ["fileinto", "copy"]; fileinto :copy "c";', ['fileinto "c" :copy', "keep"]),
+    ('require ["fileinto", "mailbox"]; if mailboxexists "INBOX" { fileinto :create "new/box"; }',
+     ['fileinto "new/box" :create']),
+    ('redirect :copy "a@b.example";', None),
+    ('require "copy"; redirect :copy "a@b.example";', ['redirect "a@b.example" :copy', "keep"]),
+    # RFC 5173 body
+    ('require ["body", "fileinto"]; if body :contains "birdseed" { fileinto "seed"; }', ['fileinto "seed"']),
+    ('require ["body", "fileinto"]; if body :raw :contains "ANVIL" { fileinto "x"; }', ['fileinto "x"']),
+    # RFC 5429 reject / ereject
+    ('require "reject"; if header :contains "subject" "present" { reject "No presents."; }',
+     ['reject "No presents."']),
+    ('require "ereject"; ereject "no";', ['ereject "no"']),
+    # RFC 5260 date
+    ('require ["date", "relational", "fileinto"]; if date :value "lt" :originalzone "date" "year" "2000" '
+     '{ fileinto "old"; }', ['fileinto "old"']),
+    ('require ["date", "fileinto"]; if date :is :originalzone "date" "weekday" "2" { fileinto "tue"; }',
+     ['fileinto "tue"']),
+    ('require ["date", "variables", "fileinto"]; if currentdate :zone "+0000" :matches "date" "*" '
+     '{ fileinto "${1}"; }', ['fileinto "2026-11-30"']),
+    # RFC 5183 environment, RFC 5235 spamtest
+    ('require ["environment", "fileinto"]; if environment :is "location" "MDA" { fileinto "mda"; }',
+     ['fileinto "mda"']),
+    # RFC 5228 2.4.2.4 encoded-character
+    ('require ["encoded-character", "fileinto"]; fileinto "${hex:61 62}${unicode:263A}";', ['fileinto "ab☺"']),
+    # RFC 6609 include with return (no such script: :optional)
+    ('require "include"; include :optional "nothere"; keep;', ["keep"]),
+    # RFC 5293 editheader
+    ('require ["editheader", "fileinto"]; deleteheader "X-Caffeine"; addheader "X-Seen" "yes"; '
+     'if not exists "X-Caffeine" { if header :is "X-Seen" "yes" { fileinto "edited"; } }',
+     ['fileinto "edited"']),
+    # RFC 7352 duplicate (nothing seen yet)
+    ('require ["duplicate", "fileinto"]; if duplicate { fileinto "dup"; }', ["keep"]),
+    ('stop; discard;', ["keep"]),
+    ('discard;', []),
+    ('keep; keep;', ["keep"]),
+]
+
+
+@pytest.mark.parametrize("script,expected", RFC_EXAMPLES)
+def test_rfc_examples(script, expected):
+    if expected is None:
+        with pytest.raises(SieveSyntaxError):
+            compile_script(script)
+        return
+    assert run(script) == expected
+
+
+def test_spamtest_and_virustest_from_filter_meta():
+    s = ('require ["spamtest", "virustest", "relational", "comparator-i;ascii-numeric", "fileinto"];\n'
+         'if spamtest :value "ge" :comparator "i;ascii-numeric" "5" { fileinto "Junk"; }\n'
+         'if virustest :value "eq" :comparator "i;ascii-numeric" "5" { discard; }')
+    assert run(s) == ["keep"]  # not tested: 0
+    assert run(s, meta={"spam": {"score": 12.0, "threshold": 5.0, "is_spam": True}}) == ['fileinto "Junk"']
+    assert run(s, meta={"spam": {"score": 1.0, "threshold": 5.0, "is_spam": False}}) == ["keep"]
+    assert run(s, meta={"virus": "Eicar-Test"}) == []
+
+
+def test_include_personal_global_and_return():
+    scripts = {(False, "lists"): 'require ["fileinto", "include"]; if header :contains "list-id" "imc" '
+                                 '{ fileinto "lists"; return; } fileinto "never";',
+               (True, "common"): 'require "imap4flags"; addflag "$common";'}
+
+    class H(Host):
+        def load_include(self, name, is_global):
+            text = scripts.get((is_global, name))
+            return compile_script(text) if text else None
+    s = 'require ["include"]; include :global "common"; include :personal "lists"; include :once "lists";'
+    assert run(s, host=H()) == ['fileinto "lists" :flags $common']
+
+
+def test_runtime_errors_keep_and_bounds():
+    ctx = Context(SieveMessage(MSG))
+    # a redirect loop in the number of actions: bounded, error -> implicit keep only
+    script = compile_script("".join(f'redirect "a{i}@b.example";' for i in range(10)))
+    r = evaluate([script], ctx)
+    assert r.error and "redirects" in r.error and [a.describe() for a in r.actions] == ["keep"]
+    from mailstack.sieve.interpreter import Limits
+    ctx = Context(SieveMessage(MSG), limits=Limits(max_steps=50))
+    r = evaluate([compile_script("if true { keep; } " * 60)], ctx)
+    assert r.error and "steps" in r.error
+
+
+def test_encoded_words_in_headers_are_decoded():
+    raw = b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\nFrom: a@b.c\r\n\r\nx\r\n"
+    assert run('require "fileinto"; if header :contains "subject" "Grüße" { fileinto "de"; }', raw) == \
+        ['fileinto "de"']
+
+
+# --- Pigeonhole's sieve-test as the oracle ---------------------------------------------------------
+
+ORACLE_SCRIPTS = [
+    'require ["fileinto", "imap4flags"];\nif header :contains "Subject" "present" '
+    '{ fileinto :flags "\\\\Flagged" "Gifts"; }',
+    'require ["fileinto", "variables"];\nif header :matches "List-Id" "*<*.*>*" { fileinto "lists.${2}"; }',
+    'require ["fileinto", "copy"];\nfileinto :copy "Archive";',
+    'if address :domain :is "from" "desert.example.org" { discard; }',
+    'require ["fileinto", "subaddress"];\nif address :detail "cc" "work" { fileinto "Work"; } else { keep; }',
+    'require ["body", "fileinto"];\nif body :contains "birdseed" { fileinto "Seed"; }',
+    'require "fileinto";\nif anyof (size :over 100K, header :is "X-Caffeine" "C8H10N4O2") { fileinto "Big"; }',
+    'require ["fileinto", "relational", "comparator-i;ascii-numeric"];\n'
+    'if address :count "ge" :comparator "i;ascii-numeric" ["to", "cc"] "2" { fileinto "Many"; }',
+    'redirect "elsewhere@example.net";',
+    'require ["imap4flags"];\naddflag "\\\\Seen";\nkeep;',
+]
+
+
+def _pigeonhole_actions(out: str) -> list[tuple]:
+    acts = []
+    performed = out.split("Performed actions:", 1)[1]
+    performed, _, implicit = performed.partition("Implicit keep:")
+    for line in performed.splitlines() + implicit.splitlines():
+        line = line.strip()
+        m = re.match(r"\* store message in folder: (.*)", line)
+        if m:
+            acts.append(["store", m.group(1), ()])
+        m = re.match(r"\+ add IMAP flags: (.*)", line)
+        if m:
+            acts[-1][2] = tuple(sorted(f.lower() for f in m.group(1).split()))
+        m = re.match(r"\* redirect message to: (.*)", line)
+        if m:
+            acts.append(["redirect", m.group(1).strip("<>"), ()])
+    return sorted(tuple(a) for a in acts)
+
+
+def _our_actions(lines: list[str]) -> list[tuple]:
+    acts = []
+    for line in lines:
+        flags = ()
+        if " :flags " in line:
+            line, _, f = line.partition(" :flags ")
+            flags = tuple(sorted(x.lower() for x in f.split()))
+        line = line.replace(" :copy", "").replace(" :create", "")
+        if line == "keep":
+            acts.append(("store", "INBOX", flags))
+        elif line.startswith("fileinto "):
+            acts.append(("store", line[len("fileinto "):].strip('"'), flags))
+        elif line.startswith("redirect "):
+            acts.append(("redirect", line[len("redirect "):].strip('"'), ()))
+    return sorted(acts)
+
+
+@pytest.fixture(scope="module")
+def pigeonhole():
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="pigeonhole-", dir="/tmp"))  # sieve-test runs as nobody
+    os.chmod(d, 0o777)
+    (d / "mail").mkdir()
+    os.chmod(d / "mail", 0o777)
+    conf = d / "dovecot.conf"
+    conf.write_text(f"mail_uid = nobody\nmail_gid = nogroup\nfirst_valid_uid = 1\n"
+                    f"mail_location = maildir:{d}/mail\nprotocols =\n")
+    yield d, conf
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("script", ORACLE_SCRIPTS)
+def test_same_actions_as_pigeonhole(pigeonhole, script):
+    d, conf = pigeonhole
+    n = ORACLE_SCRIPTS.index(script)
+    sfile, mfile = d / f"s{n}.sieve", d / "m.eml"
+    sfile.write_text(script)
+    mfile.write_bytes(MSG)
+    for p in (sfile, mfile):
+        os.chmod(p, 0o644)
+    out = subprocess.run(["sieve-test", "-c", str(conf), "-a", "roadrunner@acme.example.com",
+                          "-f", "coyote@desert.example.org", str(sfile), str(mfile)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert _our_actions(run(script)) == _pigeonhole_actions(out.stdout), out.stdout
+
+
+# --- vacation (RFC 5230 / RFC 3834) ---------------------------------------------------------------
+
+def _m(extra: str = "", to="bob@example.test") -> SieveMessage:
+    return SieveMessage(f"From: a@x.test\r\nTo: {to}\r\nSubject: hello\r\nMessage-ID: <m1@x.test>\r\n"
+                        f"{extra}\r\nbody\r\n".encode())
+
+
+@pytest.mark.parametrize("extra,sender,to,why", [
+    ("", "a@x.test", "bob@example.test", None),
+    ("List-Id: <l.x.test>\r\n", "a@x.test", "bob@example.test", "list"),
+    ("Precedence: bulk\r\n", "a@x.test", "bob@example.test", "bulk"),
+    ("Auto-Submitted: auto-replied\r\n", "a@x.test", "bob@example.test", "auto-submitted"),
+    ("Auto-Submitted: no\r\n", "a@x.test", "bob@example.test", None),
+    ("", "", "bob@example.test", "null sender"),
+    ("", "MAILER-DAEMON@x.test", "bob@example.test", "system"),
+    ("", "owner-list@x.test", "bob@example.test", "system"),
+    ("", "a@x.test", "someone-else@example.test", "not in To"),
+])
+def test_vacation_rules(extra, sender, to, why):
+    got = vacation.why_not_reply(_m(extra, to), sender, ["bob@example.test"])
+    if why is None:
+        assert got is None
+    else:
+        assert got is not None and why.lower() in got.lower()
+
+
+def test_vacation_reply_headers():
+    params = {"reason": "I'm away.\nBack Monday.", "subject": None, "from": None, "mime": False}
+    raw = vacation.build_reply(_m(), params, "a@x.test", "bob@example.test", "mail.example.test")
+    text = raw.decode()
+    assert "Auto-Submitted: auto-replied" in text and "Subject: Auto: hello" in text
+    assert "In-Reply-To: <m1@x.test>" in text and "References: <m1@x.test>" in text
+    assert "To: <a@x.test>" in text and "\r\n\r\nI'm away.\r\nBack Monday.\r\n" in text
+
+
+def test_vacation_action_parameters():
+    acts = run('require ["vacation", "vacation-seconds"]; vacation :seconds 3600 :subject "Out" '
+               ':addresses ["rr@acme.example.com"] "Gone";')
+    assert acts == ['vacation to "coyote@desert.example.org" subject "Out" period 3600s', "keep"]
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+def test_cli_sieve_test_prints_actions_and_fails_on_bad_script(tmp_path):
+    script, message = tmp_path / "s.sieve", tmp_path / "m.eml"
+    script.write_text('require ["fileinto", "envelope"];\nif envelope :is "from" "a@b.example" '
+                      '{ fileinto "Env"; }\nredirect :copy "x@y.example";\n'.replace(":copy ", ""))
+    message.write_bytes(MSG)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "mailstack", "sieve", "test", str(script), str(message),
+                        "--envelope-from", "a@b.example", "--envelope-to", "r@acme.example.com"],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ['fileinto "Env"', 'redirect "x@y.example"']
+    script.write_text('require "fileinto";\nfileinto :bogus "x";\n')
+    r = subprocess.run([sys.executable, "-m", "mailstack", "sieve", "test", str(script), str(message)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode != 0 and "line 2, column 10" in r.stderr and "Traceback" not in r.stderr
