@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .match import match_spec
 from .parser import Command, Number, SieveSyntaxError, StringList, Tag, Test, parse
 
 SUPPORTED_EXTENSIONS = (
@@ -284,6 +285,8 @@ class _Checker:
                 tagv[rel] = tagv[rel].lower()
         if "index" in tagv and tagv["index"] < 1:
             raise _err(node, ":index must be 1 or more")
+        if "is" in spec.tags:  # a test that matches: its match type and comparator, resolved once
+            tagv["_spec"] = match_spec(tagv)
         node.tagv = tagv
 
     @staticmethod

@@ -111,8 +111,9 @@ def evaluate_for(cfg, account: str, raw: bytes, sender: str, recipient: str, met
     scripts, error = loaded if loaded is not None else load_scripts(cfg, store, account)
     if not scripts:
         return Plan(None, raw, error, memory)
+    env = environment(cfg, meta) if any({"environment", "include"} & s.uses for s in scripts) else {}
     ctx = Context(SieveMessage(raw), envelope_from=sender, envelope_to=recipient, account=account, meta=meta,
-                  environment=environment(cfg, meta), now=now, limits=limits_from(cfg),
+                  environment=env, now=now, limits=limits_from(cfg),
                   host=DeliveryHost(store, account, mailboxes, memory))
     result = evaluate(scripts, ctx)
     return Plan(result, raw, error or result.error, memory, len(scripts))

@@ -195,10 +195,10 @@ class Interpreter:
         """Expand ${variables} in a string or each string of a list."""
         if not self.frame.variables:
             return value
-        if isinstance(value, list):
-            return [self._expand(v) for v in value]
-        if isinstance(value, str):
-            return self._expand(value)
+        if value.__class__ is str:
+            return value if "${" not in value else self._expand(value)
+        if value.__class__ is list:
+            return [v if "${" not in v else self._expand(v) for v in value]
         return value
 
     def _expand(self, text: str) -> str:
@@ -251,7 +251,7 @@ class Interpreter:
                     self.block(cmd.block)
                 continue
             last_if_taken = None
-            getattr(self, "c_" + name)(cmd)
+            self._commands[name](self, cmd)
 
     def c_require(self, cmd) -> None:
         pass
@@ -448,7 +448,7 @@ class Interpreter:
     # --- tests ---------------------------------------------------------------------------------
     def test(self, test) -> bool:
         self.step()
-        return bool(getattr(self, "t_" + test.name)(test))
+        return bool(self._tests[test.name](self, test))
 
     def t_true(self, test) -> bool:
         return True
@@ -654,6 +654,10 @@ def _split_flags(values) -> list[str]:
     for v in values:
         out.extend(v.split())
     return list(dict.fromkeys(out))
+
+
+Interpreter._commands = {n[2:]: f for n, f in vars(Interpreter).items() if n.startswith("c_")}
+Interpreter._tests = {n[2:]: f for n, f in vars(Interpreter).items() if n.startswith("t_")}
 
 
 def evaluate(scripts: list[Script], ctx: Context) -> Result:

@@ -77,18 +77,32 @@ def match_one(value: str, key: str, mtype: str, comparator: str, relation: str |
     raise ValueError(mtype)
 
 
+def match_spec(tagv: dict) -> tuple[str, str, str | None]:
+    """(match type, comparator, relation) of a test's tags; "count" is a match type here."""
+    comparator = tagv.get("comparator", "i;ascii-casemap")
+    if "count" in tagv:
+        return "count", comparator, tagv["count"]
+    if "value" in tagv:
+        return "value", comparator, tagv["value"]
+    return ("matches" if "matches" in tagv else "contains" if "contains" in tagv else "is"), comparator, None
+
+
 def match_values(values: list[str], keys: list[str], tagv: dict, captures: list | None = None) -> bool:
     """Any value against any key, with the match type and comparator of a test's tags.
     On a :matches hit, the captures are put into `captures` (cleared first)."""
-    comparator = tagv.get("comparator", "i;ascii-casemap")
-    if "count" in tagv:
+    spec = tagv.get("_spec")  # precomputed by the checker
+    mtype, comparator, rel = spec if spec is not None else match_spec(tagv)
+    if mtype == "count":
         n = str(len(values))
-        return any(_REL[tagv["count"]](compare(n, k, comparator)) for k in keys)
-    if "value" in tagv:
-        mtype, rel = "value", tagv["value"]
-    else:
-        mtype = "matches" if "matches" in tagv else "contains" if "contains" in tagv else "is"
-        rel = None
+        return any(_REL[rel](compare(n, k, comparator)) for k in keys)
+    if mtype == "contains" and comparator == "i;ascii-casemap":  # the common case, kept short
+        lkeys = [_casemap(k) for k in keys]
+        for v in values:
+            lv = _casemap(v)
+            for k in lkeys:
+                if k in lv:
+                    return True
+        return False
     for v in values:
         for k in keys:
             r = match_one(v, k, mtype, comparator, rel)

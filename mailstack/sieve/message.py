@@ -52,8 +52,15 @@ class SieveMessage:
             if not colon:
                 continue
             self.fields.append([name.strip(), value.strip(" \t")])
-        self._decoded: dict[int, str] = {}
         self._email = None
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._by_name: dict[str, list[str]] = {}  # lower-case name -> raw values, top to bottom
+        for name, value in self.fields:
+            self._by_name.setdefault(name.lower(), []).append(value)
+        self._decoded: dict[str, list[str]] = {}
+        self._addresses: dict[str, list[str]] = {}
 
     @property
     def size(self) -> int:
@@ -62,22 +69,22 @@ class SieveMessage:
     def headers(self, name: str) -> list[str]:
         """Decoded values of every field called `name` (any case), top to bottom."""
         lname = name.lower()
-        out = []
-        for f in self.fields:
-            if f[0].lower() == lname:
-                out.append(_decode_words(f[1]).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        out = self._decoded.get(lname)
+        if out is None:
+            out = self._decoded[lname] = [
+                _decode_words(v).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                for v in self._by_name.get(lname, ())]
         return out
 
     def exists(self, name: str) -> bool:
-        lname = name.lower()
-        return any(f[0].lower() == lname for f in self.fields)
+        return name.lower() in self._by_name
 
     def addresses(self, name: str) -> list[str]:
         """Every address in the fields called `name` (groups flattened); "" for an empty <>."""
-        out = []
-        for value in self.headers(name):
-            for _, addr in email.utils.getaddresses([value]):
-                out.append(addr)
+        lname = name.lower()
+        out = self._addresses.get(lname)
+        if out is None:
+            out = self._addresses[lname] = [a for _, a in email.utils.getaddresses(self.headers(lname))]
         return out
 
     # --- editheader --------------------------------------------------------------------
@@ -86,6 +93,7 @@ class SieveMessage:
         self.fields.append(field) if last else self.fields.insert(0, field)
         self.header_edited = True
         self._email = None
+        self._reindex()
 
     def delete_header(self, name: str, keep: callable) -> int:
         """Delete fields called `name` whose decoded value keep(index, value) says to delete."""
@@ -101,6 +109,7 @@ class SieveMessage:
             self.fields = out
             self.header_edited = True
             self._email = None
+            self._reindex()
         return n
 
     def as_bytes(self) -> bytes:
