@@ -203,7 +203,11 @@ class SieveDelivery:
                     used, added = await self.store_one(account, data, did, "INBOX", action.flags)
                 done.append(_delivered(used, added))
             elif action.kind == "redirect":
-                done.append(await self._redirect(message, account, plan, action, f"{did}.{n}", memory))
+                sent = await self._redirect(message, account, plan, action, f"{did}.{n}", memory)
+                if sent is None:  # a loop: keep it here rather than lose it
+                    used, added = await self.store_one(account, data, did, default_mailbox, ())
+                    sent = f"redirect to <{action.arg}> refused (mail loop); " + _delivered(used, added)
+                done.append(sent)
             elif action.kind == "vacation":
                 done.append(await self._vacation(message, account, msg, action, memory))
         await asyncio.to_thread(memory.save)
@@ -223,12 +227,14 @@ class SieveDelivery:
             pass
         return await self.store_one(account, data, did, mailbox, action.flags, fallback=False)
 
-    async def _redirect(self, message, account: str, plan: Plan, action: Action, key: str, memory: Memory) -> str:
+    async def _redirect(self, message, account: str, plan: Plan, action: Action, key: str,
+                        memory: Memory) -> str | None:
+        """Queue the redirect; None when it would loop (this account redirected it before)."""
         msg = plan.result.message
         if any(v.strip().strip("<>").lower() == account.lower() for v in msg.headers("Delivered-To")):
             log.warning("sieve: account=<%s> qid=%s: redirect to <%s> refused: mail loop (Delivered-To)",
                         account, message.qid, action.arg)
-            return f"redirect to <{action.arg}> refused: loop"
+            return None
         if memory.seen("duplicate", "done:" + key):
             return f"redirected to <{action.arg}> (already)"
         body = msg.as_bytes() if msg.header_edited else await asyncio.to_thread(_read_source, message.source)

@@ -61,7 +61,7 @@ class Action:
             return f'{self.kind} "{_one_line(self.arg)}"'
         if self.kind == "vacation":
             p = self.params
-            return (f'vacation to "{p.get("to", "")}" subject "{_one_line(p.get("subject", ""))}" '
+            return (f'vacation to "{p.get("to", "")}" subject "{_one_line(p.get("subject") or "")}" '
                     f'period {p.get("seconds")}s')
         return self.kind
 
