@@ -238,6 +238,28 @@ def test_runtime_errors_keep_and_bounds():
     assert r.error and "steps" in r.error
 
 
+MIME_MSG = (b"From: a@b.example\r\nSubject: files\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=\"XX\"\r\n\r\npre\r\n--XX\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n--XX\r\n"
+            b"Content-Type: application/pdf; name=\"report.pdf\"\r\n"
+            b"Content-Disposition: attachment; filename=\"report.pdf\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--XX--\r\n")
+
+
+@pytest.mark.parametrize("test,hit", [
+    ('header :mime :anychild :contenttype "Content-Type" "application/pdf"', True),
+    ('header :mime :type "Content-Type" "multipart"', True),
+    ('header :mime :subtype "Content-Type" "pdf"', False),  # top level only without :anychild
+    ('header :mime :anychild :param "filename" :matches "Content-Disposition" "*.pdf"', True),
+    ('exists :mime :anychild "Content-Disposition"', True),
+    ('exists "Content-Disposition"', False),
+])
+def test_mime_aware_header_matching(test, hit):
+    acts = run(f'require ["mime", "fileinto"];\nif {test} {{ fileinto "hit"; }}',
+               MIME_MSG)
+    assert acts == (['fileinto "hit"'] if hit else ["keep"])
+
+
 def test_encoded_words_in_headers_are_decoded():
     raw = b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\nFrom: a@b.c\r\n\r\nx\r\n"
     assert run('require "fileinto"; if header :contains "subject" "Grüße" { fileinto "de"; }', raw) == \
@@ -312,20 +334,38 @@ def pigeonhole():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.parametrize("script", ORACLE_SCRIPTS)
-def test_same_actions_as_pigeonhole(pigeonhole, script):
+MIME_ORACLE_SCRIPTS = [
+    'require ["mime", "fileinto"];\nif header :mime :anychild :param "filename" :matches '
+    '"Content-Disposition" "*.pdf" { fileinto "pdf"; }',
+    'require ["mime", "fileinto"];\nif header :mime :anychild :contenttype "Content-Type" "text/plain" '
+    '{ fileinto "text"; }',
+    'require ["body", "fileinto"];\nif body :content "application" :contains "JVB" { fileinto "b"; }',
+    'require ["body", "fileinto"];\nif body :text :contains "hello" { fileinto "t"; }',
+]
+
+
+def _oracle(pigeonhole, script: str, raw: bytes, tag: str) -> None:
     d, conf = pigeonhole
-    n = ORACLE_SCRIPTS.index(script)
-    sfile, mfile = d / f"s{n}.sieve", d / "m.eml"
+    sfile, mfile = d / f"{tag}.sieve", d / f"{tag}.eml"
     sfile.write_text(script)
-    mfile.write_bytes(MSG)
+    mfile.write_bytes(raw)
     for p in (sfile, mfile):
         os.chmod(p, 0o644)
     out = subprocess.run(["sieve-test", "-c", str(conf), "-a", "roadrunner@acme.example.com",
                           "-f", "coyote@desert.example.org", str(sfile), str(mfile)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert _our_actions(run(script)) == _pigeonhole_actions(out.stdout), out.stdout
+    assert _our_actions(run(script, raw)) == _pigeonhole_actions(out.stdout), out.stdout
+
+
+@pytest.mark.parametrize("script", ORACLE_SCRIPTS)
+def test_same_actions_as_pigeonhole(pigeonhole, script):
+    _oracle(pigeonhole, script, MSG, f"s{ORACLE_SCRIPTS.index(script)}")
+
+
+@pytest.mark.parametrize("script", MIME_ORACLE_SCRIPTS)
+def test_same_mime_actions_as_pigeonhole(pigeonhole, script):
+    _oracle(pigeonhole, script, MIME_MSG, f"m{MIME_ORACLE_SCRIPTS.index(script)}")
 
 
 # --- vacation (RFC 5230 / RFC 3834) ---------------------------------------------------------------

@@ -147,6 +147,7 @@ class ManageSieveSession:
             lines.append('"STARTTLS"')
         if self.account:
             lines.append(f'"OWNER" {quote(self.account).decode()}')
+        lines.append('"UNAUTHENTICATE"')
         lines.append('"VERSION" "1.0"')
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 

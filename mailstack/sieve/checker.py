@@ -17,7 +17,7 @@ SUPPORTED_EXTENSIONS = (
     "fileinto", "reject", "ereject", "envelope", "encoded-character", "vacation", "vacation-seconds",
     "subaddress", "comparator-i;ascii-numeric", "relational", "imap4flags", "copy", "include",
     "body", "variables", "date", "index", "mailbox", "spamtest", "spamtestplus", "virustest",
-    "environment", "editheader", "duplicate",
+    "environment", "editheader", "duplicate", "mime",
 )
 BUILTIN = {"comparator-i;octet", "comparator-i;ascii-casemap"}
 COMPARATORS = {"i;octet", "i;ascii-casemap", "i;ascii-numeric"}
@@ -41,6 +41,9 @@ _MATCH = {"is": (None, None), "contains": (None, None), "matches": (None, None),
 _ADDR = {"all": (None, None), "localpart": (None, None), "domain": (None, None),
          "user": ("subaddress", None), "detail": ("subaddress", None)}
 _INDEX = {"index": ("index", "n"), "last": ("index", None)}
+_MIME = {"mime": ("mime", None), "anychild": ("mime", None)}
+_MIMEOPT = {"type": ("mime", None), "subtype": ("mime", None), "contenttype": ("mime", None),
+            "param": ("mime", "l")}
 _MG = frozenset({"is", "contains", "matches", "value", "count"})
 _AG = frozenset({"all", "localpart", "domain", "user", "detail"})
 
@@ -75,10 +78,11 @@ COMMANDS: dict[str, Spec] = {
 }
 
 TESTS: dict[str, Spec] = {
-    "address": Spec(None, (("l", "l"),), {**_MATCH, **_ADDR, **_INDEX}, groups=(_MG, _AG)),
-    "header": Spec(None, (("l", "l"),), {**_MATCH, **_INDEX}, groups=(_MG,)),
+    "address": Spec(None, (("l", "l"),), {**_MATCH, **_ADDR, **_INDEX, **_MIME}, groups=(_MG, _AG)),
+    "header": Spec(None, (("l", "l"),), {**_MATCH, **_INDEX, **_MIME, **_MIMEOPT},
+                   groups=(_MG, frozenset(_MIMEOPT))),
     "envelope": Spec("envelope", (("l", "l"),), {**_MATCH, **_ADDR}, groups=(_MG, _AG)),
-    "exists": Spec(None, (("l",),)),
+    "exists": Spec(None, (("l",),), dict(_MIME)),
     "size": Spec(None, (("n",),), {"over": (None, None), "under": (None, None)},
                  groups=(frozenset({"over", "under"}),)),
     "allof": Spec(tests="list"), "anyof": Spec(tests="list"), "not": Spec(tests="one"),
@@ -218,6 +222,9 @@ class _Checker:
             self.test(t)
         if test.name == "size" and not ({"over", "under"} & test.tagv.keys()):
             raise _err(test, "'size' needs :over or :under")
+        mime_tags = {"anychild", *_MIMEOPT} & test.tagv.keys()
+        if mime_tags and not test.tagv.get("mime"):
+            raise _err(test, f"':{sorted(mime_tags)[0]}' needs ':mime'")
         if test.name in ("date", "currentdate"):
             part = test.posv[-2]
             if "${" not in part and part.lower() not in DATE_PARTS:
@@ -225,12 +232,12 @@ class _Checker:
 
     decode = False
 
-    def string(self, s: str) -> str:
+    def string(self, s: str, node=None) -> str:
         if self.decode:
             try:
                 return decode_encoded_characters(s)
             except ValueError as e:
-                raise SieveSyntaxError(str(e), 0, 0)
+                raise SieveSyntaxError(str(e), getattr(node, "line", 1), getattr(node, "column", 1))
         return s
 
     def arguments(self, node, spec: Spec, kind: str) -> None:
@@ -303,8 +310,8 @@ class _Checker:
         if kind == "n":
             return arg.value
         if kind == "s":
-            return self.string(arg.values[0])
-        return [self.string(v) for v in arg.values]
+            return self.string(arg.values[0], arg)
+        return [self.string(v, arg) for v in arg.values]
 
 
 _KIND_TEXT = {"s": "a string", "l": "a string list", "n": "a number"}

@@ -113,7 +113,7 @@ def evaluate_for(cfg, account: str, raw: bytes, sender: str, recipient: str, met
         return Plan(None, raw, error, memory)
     env = environment(cfg, meta) if any({"environment", "include"} & s.uses for s in scripts) else {}
     ctx = Context(SieveMessage(raw), envelope_from=sender, envelope_to=recipient, account=account, meta=meta,
-                  environment=env, now=now, limits=limits_from(cfg),
+                  environment=env, now=now, limits=limits_from(cfg), separator=cfg.delivery.plus_separator,
                   host=DeliveryHost(store, account, mailboxes, memory))
     result = evaluate(scripts, ctx)
     return Plan(result, raw, error or result.error, memory, len(scripts))
@@ -166,8 +166,8 @@ class SieveDelivery:
             def work() -> Plan:
                 memory = Memory.load(user_dir / MEMORY_FILE)
                 raw = _read_source(message.source)
-                return evaluate_for(cfg, account, raw, message.sender, account, dict(message.meta),
-                                    mailboxes, memory, loaded=loaded)
+                return evaluate_for(cfg, account, raw, message.sender, self._original_recipient(message, account),
+                                    dict(message.meta), mailboxes, memory, loaded=loaded)
             plan = await asyncio.to_thread(work)
             if plan.error:
                 log.warning("sieve: account=<%s> qid=%s: %s; delivering to %s", account, message.qid, plan.error,
@@ -176,6 +176,22 @@ class SieveDelivery:
                 used, added = await self.store_one(account, message.source, did, default_mailbox, ())
                 return "sent", _delivered(used, added)
             return await self._execute(message, account, did, default_mailbox, plan)
+
+    def _original_recipient(self, message, account: str) -> str:
+        """The envelope recipient that led to this account (user+detail@, an alias), for
+        `envelope "to"`; the account itself when none can be told."""
+        directory = self.services.directory
+        for rcpt in message.recipients:
+            if rcpt.lower() == account:
+                return rcpt
+        for rcpt in message.recipients:
+            try:
+                local, _ = directory.expand(rcpt)
+            except Exception:
+                continue
+            if account in local:
+                return rcpt
+        return account
 
     async def _execute(self, message, account: str, did: str, default_mailbox: str, plan: Plan):
         result, memory = plan.result, plan.memory

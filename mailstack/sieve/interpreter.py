@@ -8,6 +8,7 @@ Work is bounded: steps (commands + tests evaluated), actions, redirects, include
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class Context:
     now: dt.datetime | None = None
     host: Host = field(default_factory=Host)
     limits: Limits = field(default_factory=Limits)
+    separator: str = SUBADDRESS_SEPARATOR  # delivery.plus_separator
 
 
 class _Stop(Exception):
@@ -466,6 +468,8 @@ class Interpreter:
         return any(self.test(t) for t in test.tests)
 
     def t_exists(self, test) -> bool:
+        if test.tagv.get("anychild"):
+            return all(self.msg.part_headers(h, True) for h in self.s(test.posv[0]))
         return all(self.msg.exists(h) for h in self.s(test.posv[0]))
 
     def t_size(self, test) -> bool:
@@ -490,10 +494,15 @@ class Interpreter:
         return [values[pos]] if 0 <= pos < len(values) else []
 
     def t_header(self, test) -> bool:
+        t = test.tagv
         values: list[str] = []
         for name in self.s(test.posv[0]):
-            values.extend(self._indexed(self.msg.headers(name), test.tagv))
-        return self._match(values, self.s(test.posv[1]), test.tagv)
+            if t.get("mime"):
+                raw = [v for v, _ in self.msg.part_headers(name, bool(t.get("anychild")))]
+                values.extend(_mime_values(self._indexed(raw, t), t, self.s(t.get("param", []))))
+            else:
+                values.extend(self._indexed(self.msg.headers(name), t))
+        return self._match(values, self.s(test.posv[1]), t)
 
     def t_address(self, test) -> bool:
         values: list[str] = []
@@ -502,12 +511,15 @@ class Interpreter:
                 # RFC 5228 5.1: only headers that hold addresses; others never match
                 continue
             for addr in self._indexed_addresses(name, test.tagv):
-                part = _address_part(addr, test.tagv)
+                part = _address_part(addr, test.tagv, self.ctx.separator)
                 if part is not None:
                     values.append(part)
         return self._match(values, self.s(test.posv[1]), test.tagv)
 
     def _indexed_addresses(self, name: str, tagv: dict) -> list[str]:
+        if tagv.get("anychild"):
+            import email.utils
+            return [a for _, a in email.utils.getaddresses([v for v, _ in self.msg.part_headers(name, True)])]
         if "index" not in tagv:
             return self.msg.addresses(name)
         import email.utils
@@ -528,7 +540,7 @@ class Interpreter:
                     continue
             else:
                 continue
-            v = _address_part(addr, test.tagv)
+            v = _address_part(addr, test.tagv, self.ctx.separator)
             if v is not None:
                 values.append(v)
         return self._match(values, self.s(test.posv[1]), test.tagv)
@@ -632,7 +644,7 @@ _ADDRESS_HEADERS = {"from", "to", "cc", "bcc", "sender", "resent-from", "resent-
                     "apparently-to", "for", "original-from"}
 
 
-def _address_part(addr: str, tagv: dict) -> str | None:
+def _address_part(addr: str, tagv: dict, sep: str = SUBADDRESS_SEPARATOR) -> str | None:
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, ""
@@ -641,12 +653,38 @@ def _address_part(addr: str, tagv: dict) -> str | None:
     if tagv.get("domain"):
         return domain
     if tagv.get("user"):
-        return local.split(SUBADDRESS_SEPARATOR, 1)[0]
+        return local.split(sep, 1)[0] if sep else local
     if tagv.get("detail"):
-        if SUBADDRESS_SEPARATOR not in local:
+        if not sep or sep not in local:
             return None  # RFC 5233: no detail part: the test does not match this address
-        return local.split(SUBADDRESS_SEPARATOR, 1)[1]
+        return local.split(sep, 1)[1]
     return addr
+
+
+def _mime_values(values: list[str], tagv: dict, params: list[str]) -> list[str]:
+    """RFC 5703 4.2: :type, :subtype, :contenttype or :param of structured MIME header values."""
+    if not ({"type", "subtype", "contenttype", "param"} & tagv.keys()):
+        return values
+    out = []
+    for v in values:
+        main, _, rest = v.partition(";")
+        ctype = main.strip().lower()
+        typ, _, sub = ctype.partition("/")
+        if tagv.get("type"):
+            out.append(typ)
+        elif tagv.get("subtype"):
+            out.append(sub)
+        elif tagv.get("contenttype"):
+            out.append(ctype)
+        else:
+            from email.message import Message
+            m = Message()
+            m["Content-Type"] = "x/x;" + rest
+            want = {p.lower() for p in params}
+            for k, val in m.get_params()[1:]:
+                if k.lower() in want:
+                    out.append(email.utils.collapse_rfc2231_value(val))
+    return out
 
 
 def _split_flags(values) -> list[str]:

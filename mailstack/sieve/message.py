@@ -46,12 +46,14 @@ class SieveMessage:
             if not line:
                 continue
             if line[0] in " \t" and self.fields:
-                self.fields[-1][1] += " " + line.strip(" \t")  # unfold
+                self.fields[-1][1] += line  # unfold: only the line break goes (RFC 5322 2.2.3)
                 continue
             name, colon, value = line.partition(":")
             if not colon:
                 continue
-            self.fields.append([name.strip(), value.strip(" \t")])
+            self.fields.append([name.strip(), value.lstrip(" \t")])
+        for f in self.fields:
+            f[1] = f[1].rstrip(" \t")
         self._email = None
         self._reindex()
 
@@ -86,6 +88,22 @@ class SieveMessage:
         if out is None:
             out = self._addresses[lname] = [a for _, a in email.utils.getaddresses(self.headers(lname))]
         return out
+
+    # --- mime (RFC 5703) ----------------------------------------------------------------
+    def part_headers(self, name: str, anychild: bool) -> list[tuple[str, object]]:
+        """[(decoded value, part)] of a header in the top level, or in every MIME part."""
+        if not anychild:
+            return [(v, None) for v in self.headers(name)]
+        out = []
+        for part in self._parsed().walk():
+            for raw in part.get_all(name, []) or []:
+                out.append((_decode_words(" ".join(str(raw).split())), part))
+        return out
+
+    def _parsed(self):
+        if self._email is None:
+            self._email = email.message_from_bytes(self.as_bytes(), policy=email.policy.compat32)
+        return self._email
 
     # --- editheader --------------------------------------------------------------------
     def add_header(self, name: str, value: str, last: bool) -> None:
@@ -125,10 +143,8 @@ class SieveMessage:
     def body_parts(self, content_types: list[str] | None) -> list[str]:
         """Decoded text of the leaf parts whose type matches (":text" = ["text"]).  A content
         type "" matches every part; "text" matches text/*; "text/plain" only that."""
-        if self._email is None:
-            self._email = email.message_from_bytes(self.raw, policy=email.policy.compat32)
         out = []
-        for part in self._email.walk():
+        for part in self._parsed().walk():
             ctype = part.get_content_type().lower()
             main = ctype.split("/")[0]
             if part.is_multipart():

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from ..smtp.hooks import Verdict
-from .deliver import evaluate_for
+from .deliver import evaluate_for, load_scripts, script_store
 
 log = logging.getLogger("mailstack.sieve")
 
@@ -34,9 +34,13 @@ class SieveRejectStage:
         if len(local) != 1 or remote or not directory.account_exists(local[0]):
             return Verdict()
         account = local[0]
+        cfg = self.services.config
+        loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
+        if not any({"reject", "ereject", "include"} & s.uses for s in loaded[0]):
+            return Verdict()  # nothing in these scripts can refuse the message
         meta = {"client_ip": conn.ip, "client_helo": conn.helo, "auth_user": conn.auth_user}
-        plan = await asyncio.to_thread(evaluate_for, self.services.config, account, message, txn.mail_from,
-                                       account, meta)
+        plan = await asyncio.to_thread(evaluate_for, cfg, account, message, txn.mail_from, rcpt, meta,
+                                       loaded=loaded)
         if plan.result is None or plan.error:
             return Verdict()
         for action in plan.result.actions:
