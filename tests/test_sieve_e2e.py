@@ -217,3 +217,46 @@ def test_vacation_once_per_sender_not_to_lists(server):
     assert b"In-Reply-To: <" in got[0]
     time.sleep(0)  # the other two were delivered before; no second reply was queued
     assert len(replies()) == 1
+
+
+def test_cli_list_get_deactivate_delete(server):
+    user = "carol@example.test"
+    server.cli("sieve", "put", user, "one", input="keep;\n")
+    server.cli("sieve", "activate", user, "one")
+    assert "one  ACTIVE" in server.cli("sieve", "list", user).stdout
+    assert server.cli("sieve", "get", user, "one").stdout == "keep;\n"
+    r = server.cli("sieve", "delete", user, "one", check=False)
+    assert r.returncode != 0 and "active" in r.stderr and "Traceback" not in r.stderr
+    server.cli("sieve", "deactivate", user)
+    server.cli("sieve", "delete", user, "one")
+    assert "one" not in server.cli("sieve", "list", user).stdout
+    r = server.cli("sieve", "put", user, "bad", input="if true {\n", check=False)
+    assert r.returncode != 0 and "line 2" in r.stderr
+
+
+def test_starttls_drops_pipelined_plaintext_and_quota_is_enforced(server):
+    import socket
+    raw = socket.create_connection(("127.0.0.1", server.ports["managesieve"]), timeout=10)
+    f = raw.makefile("rb")
+    while not f.readline().startswith(b"OK"):
+        pass
+    raw.sendall(b"STARTTLS\r\nLOGOUT\r\n")  # the LOGOUT must not be run inside TLS
+    assert f.readline().startswith(b"OK")
+    tls = server.client_tls().wrap_socket(raw, server_hostname=HOSTNAME)
+    t = tls.makefile("rwb")
+    caps = b""
+    while not caps.endswith(b'"TLS active"\r\n'):
+        line = t.readline()
+        assert line, caps
+        caps += line
+    assert b'"SASL" "PLAIN"' in caps and b"STARTTLS" not in caps
+    t.write(b'AUTHENTICATE "PLAIN" {40+}\r\nAGJvYkBleGFtcGxlLnRlc3QAczNjcmV0LXBhc3M=\r\n')  # a literal
+    t.flush()
+    assert t.readline().startswith(b"OK")
+    t.write(b'HAVESPACE "x" 99999999\r\n')
+    t.flush()
+    assert t.readline().startswith(b"NO (QUOTA/MAXSIZE)")
+    t.write(b"LOGOUT\r\n")
+    t.flush()
+    assert t.readline().startswith(b"OK")
+    tls.close()

@@ -269,7 +269,7 @@ class SieveDelivery:
         cfg = self.services.config
         p = action.params
         sender = message.sender
-        mine = [account, *p.get("addresses", [])]
+        mine = [account, self._original_recipient(message, account), *p.get("addresses", [])]
         why = vac.why_not_reply(msg, sender, mine)
         if why is not None:
             log.info("sieve: account=<%s> qid=%s: no vacation reply: %s", account, message.qid, why)
