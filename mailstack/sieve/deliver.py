@@ -42,8 +42,12 @@ def script_store(cfg) -> ScriptStore:
 
 
 class DeliveryHost(Host):
-    def __init__(self, store: ScriptStore, account: str, mailboxes: set[str] | None, memory: Memory | None):
-        self.store, self.account, self.mailboxes, self.memory = store, account, mailboxes, memory
+    def __init__(self, cfg, account: str, mailboxes: set[str] | None, memory: Memory | None):
+        self.cfg, self.account, self.mailboxes, self.memory = cfg, account, mailboxes, memory
+
+    @property
+    def store(self) -> ScriptStore:
+        return script_store(self.cfg)
 
     def load_include(self, name: str, is_global: bool) -> Script | None:
         return self.store.global_include(name) if is_global else self.store.personal_include(self.account, name)
@@ -107,14 +111,13 @@ def evaluate_for(cfg, account: str, raw: bytes, sender: str, recipient: str, met
                  now: dt.datetime | None = None, loaded: tuple | None = None) -> Plan:
     """Compile (cached) and run the account's scripts on a message.  Blocking; pure apart from
     reading scripts.  Never raises for script problems: Plan.error says what went wrong."""
-    store = script_store(cfg)
-    scripts, error = loaded if loaded is not None else load_scripts(cfg, store, account)
+    scripts, error = loaded if loaded is not None else load_scripts(cfg, script_store(cfg), account)
     if not scripts:
         return Plan(None, raw, error, memory)
     env = environment(cfg, meta) if any({"environment", "include"} & s.uses for s in scripts) else {}
     ctx = Context(SieveMessage(raw), envelope_from=sender, envelope_to=recipient, account=account, meta=meta,
                   environment=env, now=now, limits=limits_from(cfg), separator=cfg.delivery.plus_separator,
-                  host=DeliveryHost(store, account, mailboxes, memory))
+                  host=DeliveryHost(cfg, account, mailboxes, memory))
     result = evaluate(scripts, ctx)
     return Plan(result, raw, error or result.error, memory, len(scripts))
 
