@@ -426,3 +426,15 @@ def test_cli_sieve_test_prints_actions_and_fails_on_bad_script(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mailstack", "sieve", "test", str(script), str(message)],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode != 0 and "line 2, column 10" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_refuses_a_global_script_that_does_not_compile(tmp_path):
+    from mailstack import config
+    bad = tmp_path / "before.sieve"
+    bad.write_text('fileinto "x";\n')
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({"sieve": {"before": str(bad)}}, tmp_path)
+    assert str(e.value).startswith("sieve.before: ") and "line 1" in str(e.value)
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({"sieve": {"after": str(tmp_path / "missing.sieve")}}, tmp_path)
+    assert str(e.value).startswith("sieve.after: cannot read")

@@ -67,6 +67,21 @@ def load_compiled(path: Path, max_size: int) -> Script | None:
     return script
 
 
+def global_script_error(path: str) -> str | None:
+    """For config checks of sieve.before/after: why the script at path cannot be used, or None."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_bytes().decode("utf-8", "replace")
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    try:
+        compile_script(text)
+    except SieveSyntaxError as e:
+        return f"{path}: {e}"
+    return None
+
+
 class ScriptStore:
     def __init__(self, data_dir: os.PathLike | str, max_scripts: int = 20, max_size: int = 64 * 1024) -> None:
         self.root = Path(data_dir) / "sieve"
