@@ -13,11 +13,10 @@ import asyncio
 import datetime as dt
 import logging
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..store.base import MailboxExists, MailboxNotFound, MessageSource
+from ..store.base import MailboxExists, MailboxNotFound, StoreError
 from . import vacation as vac
 from .checker import Script
 from .interpreter import Action, Context, Host, Limits, Result, evaluate
@@ -212,13 +211,15 @@ class SieveDelivery:
             reason = " ".join(action.arg.split())[:400] or "rejected"
             return "bounced", f"550 5.7.1 <{account}>: rejected by the recipient's filter: {reason}"
         for n, action in enumerate(result.actions):
-            if action.kind in ("keep", "fileinto"):
-                mailbox = default_mailbox if action.kind == "keep" else action.arg
+            if action.kind == "keep":  # the default mailbox; INBOX if Junk was deleted, as without sieve
+                used, added = await self.store_one(account, data, did, default_mailbox, action.flags)
+                done.append(_delivered(used, added))
+            elif action.kind == "fileinto":
                 try:
-                    used, added = await self._store(account, data, did, mailbox, action)
-                except MailboxNotFound:
-                    log.warning("sieve: account=<%s> qid=%s: fileinto %r: no such mailbox; delivering to INBOX",
-                                account, message.qid, mailbox)
+                    used, added = await self._store(account, data, did, action.arg, action)
+                except StoreError as e:  # no such mailbox (without :create), a name the store refuses
+                    log.warning("sieve: account=<%s> qid=%s: fileinto %r: %s; delivering to INBOX",
+                                account, message.qid, action.arg, e or "no such mailbox")
                     used, added = await self.store_one(account, data, did, "INBOX", action.flags)
                 done.append(_delivered(used, added))
             elif action.kind == "redirect":

@@ -341,7 +341,7 @@ class Interpreter:
 
     # variables
     def c_set(self, cmd) -> None:
-        name = self.s(cmd.posv[0]) if False else cmd.posv[0]
+        name = cmd.posv[0]  # a variable name is never expanded (RFC 5229 3)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise SieveRuntimeError(f"bad variable name {name!r}")
         value = self.s(cmd.posv[1])
@@ -518,11 +518,9 @@ class Interpreter:
 
     def _indexed_addresses(self, name: str, tagv: dict) -> list[str]:
         if tagv.get("anychild"):
-            import email.utils
             return [a for _, a in email.utils.getaddresses([v for v, _ in self.msg.part_headers(name, True)])]
         if "index" not in tagv:
             return self.msg.addresses(name)
-        import email.utils
         fields = self._indexed(self.msg.headers(name), tagv)
         return [a for _, a in email.utils.getaddresses(fields)]
 

@@ -123,7 +123,7 @@ def tokenize(text: str) -> list[_Token]:
                 line_start = i + chunk.rfind("\n") + 1
             i = j + 2
         elif c == '"':
-            start, sline, scol = i, line, i - line_start + 1
+            sline, scol = line, i - line_start + 1
             i += 1
             out = []
             while True:
@@ -147,7 +147,6 @@ def tokenize(text: str) -> list[_Token]:
                     line_start = i + 1
                 out.append(ch)
                 i += 1
-            del start
             # RFC 5228 2.4.2: line breaks inside strings are CRLF
             s = "".join(out).replace("\r\n", "\n").replace("\n", "\r\n")
             tokens.append(_Token(_STR, s, sline, scol))
