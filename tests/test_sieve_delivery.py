@@ -154,3 +154,17 @@ def test_duplicate_and_vacation_memory_persist(tmp_path):
     replies = env.inbox("bob@example.test")
     assert len(replies) == 1 and b"Auto-Submitted: auto-replied" in replies[0]
     assert (ScriptStore(env.data_dir).user_dir("alice@example.test") / "memory.json").exists()
+
+
+def test_fileinto_a_name_the_store_refuses_goes_to_inbox(tmp_path, caplog):
+    env = make_env(tmp_path)
+    put(env, "alice@example.test", 'require ["fileinto", "mailbox"];\nfileinto :create "a//../b";\n')
+
+    async def go():
+        async with env.running():
+            await env.spool.enqueue("carol@example.test", ["alice@example.test"], [message("odd")], {})
+            await until(lambda: env.inbox("alice@example.test"), what="INBOX")
+    with caplog.at_level(logging.WARNING, logger="mailstack.sieve"):
+        run(go())
+    assert [r for r in caplog.records if "a//../b" in r.getMessage()]
+    assert not env.queue_files()
