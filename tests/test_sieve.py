@@ -438,3 +438,39 @@ def test_config_refuses_a_global_script_that_does_not_compile(tmp_path):
     with pytest.raises(config.ConfigError) as e:
         config.from_dict({"sieve": {"after": str(tmp_path / "missing.sieve")}}, tmp_path)
     assert str(e.value).startswith("sieve.after: cannot read")
+
+
+def test_script_store_limits_and_names(tmp_path):
+    from mailstack.sieve.scripts import ScriptError, ScriptStore
+    store = ScriptStore(tmp_path, max_scripts=2, max_size=2048)
+    store.put("a@x.test", "one", "keep;")
+    store.put("a@x.test", "two", "keep;")
+    store.put("a@x.test", "two", "discard;")  # replacing one counts no more
+    with pytest.raises(ScriptError) as e:
+        store.put("a@x.test", "three", "keep;")
+    assert e.value.code == "QUOTA/MAXSCRIPTS"
+    with pytest.raises(ScriptError) as e:
+        store.have_space("a@x.test", "one", 4096)
+    assert e.value.code == "QUOTA/MAXSIZE"
+    for bad in ("../x", ".hidden", "a/b", "ACTIVE", "x" * 200, "tab\there"):
+        with pytest.raises(ScriptError):
+            store.put("a@x.test", bad, "keep;")
+    with pytest.raises(SieveSyntaxError):
+        store.put("a@x.test", "one", "keep")
+
+
+def test_header_index_and_last():
+    raw = b"Received: from a\r\nReceived: from b\r\nReceived: from c\r\nFrom: x@y.z\r\n\r\nbody\r\n"
+    s = ('require ["index", "fileinto", "variables"];\n'
+         'if header :index 1 :last :matches "received" "from *" { fileinto "${1}"; }')
+    assert run(s, raw) == ['fileinto "c"']
+    s = 'require ["index", "fileinto"];\nif header :index 2 :is "received" "from b" { fileinto "two"; }'
+    assert run(s, raw) == ['fileinto "two"']
+
+
+def test_vacation_mime_reply_is_the_given_entity():
+    params = {"reason": "Content-Type: text/html; charset=utf-8\r\n\r\n<p>away</p>\r\n", "mime": True,
+              "subject": "Out", "from": "Bob <bob@example.test>"}
+    raw = vacation.build_reply(_m(), params, "a@x.test", "bob@example.test", "mail.example.test").decode()
+    assert "From: Bob <bob@example.test>" in raw and "Subject: Out" in raw
+    assert "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>away</p>" in raw

@@ -260,3 +260,27 @@ def test_starttls_drops_pipelined_plaintext_and_quota_is_enforced(server):
     t.flush()
     assert t.readline().startswith(b"OK")
     tls.close()
+
+
+def test_failed_logins_are_throttled_and_disconnect(server):
+    import base64
+    import socket
+    raw = socket.create_connection(("127.0.0.1", server.ports["managesieve"]), timeout=30)
+    f = raw.makefile("rb")
+    while not f.readline().startswith(b"OK"):
+        pass
+    raw.sendall(b"STARTTLS\r\n")
+    assert f.readline().startswith(b"OK")
+    tls = server.client_tls().wrap_socket(raw, server_hostname=HOSTNAME)
+    t = tls.makefile("rwb")
+    while not t.readline().startswith(b"OK"):
+        pass
+    bad = base64.b64encode(b"\0carol@example.test\0wrong").decode()
+    replies, started = [], time.monotonic()
+    for _ in range(3):
+        t.write(f'AUTHENTICATE "PLAIN" "{bad}"\r\n'.encode())
+        t.flush()
+        replies.append(t.readline())
+    assert replies[0].startswith(b"NO") and replies[1].startswith(b"NO") and replies[2].startswith(b"BYE")
+    assert time.monotonic() - started >= 0.05  # the throttle (auth.fail_delay 0.05 s in tests) slowed them
+    tls.close()
