@@ -281,6 +281,19 @@ ORACLE_SCRIPTS = [
     'if address :count "ge" :comparator "i;ascii-numeric" ["to", "cc"] "2" { fileinto "Many"; }',
     'redirect "elsewhere@example.net";',
     'require ["imap4flags"];\naddflag "\\\\Seen";\nkeep;',
+    'require "reject";\nif header :contains "subject" "present" { reject "No presents, thanks."; }',
+    'require "vacation";\nvacation :days 3 :subject "Away" "Gone fishing.";',
+    'require ["vacation", "vacation-seconds"];\nvacation :seconds 7200 "Back soon.";',
+    'discard;',
+    'require ["editheader", "fileinto"];\naddheader "X-A" "1";\nif header :is "X-A" "1" { fileinto "edited"; }',
+    'require ["date", "relational", "fileinto"];\n'
+    'if date :value "lt" :originalzone "date" "year" "2000" { fileinto "old"; }',
+    'require ["fileinto", "variables"];\nset :upper "a" "x";\nset :lowerfirst "b" "ABC";\nfileinto "${a}${b}";',
+    'require ["imap4flags"];\nsetflag ["\\\\Seen", "\\\\Deleted"];\nremoveflag "\\\\Deleted";',
+    'require ["envelope", "subaddress", "fileinto"];\n'
+    'if envelope :localpart :is "from" "coyote" { fileinto "env"; }',
+    'require ["fileinto", "encoded-character"];\nfileinto "${hex:41 42}";',
+    'if not header :matches "subject" "*anvil*" { discard; }',
 ]
 
 
@@ -299,6 +312,14 @@ def _pigeonhole_actions(out: str) -> list[tuple]:
         m = re.match(r"\* redirect message to: (.*)", line)
         if m:
             acts.append(["redirect", m.group(1).strip("<>"), ()])
+        m = re.match(r"\* reject message with reason: (.*)", line)
+        if m:
+            acts.append(["reject", m.group(1).strip(), ()])
+        if line.startswith("* send vacation message"):
+            acts.append(["vacation", None, ()])
+        m = re.match(r"=> (seconds|subject) *: (.*)", line)
+        if m and acts and acts[-1][0] == "vacation":
+            acts[-1][2] = acts[-1][2] + ((m.group(1), m.group(2).strip()),)
     return sorted(tuple(a) for a in acts)
 
 
@@ -316,6 +337,12 @@ def _our_actions(lines: list[str]) -> list[tuple]:
             acts.append(("store", line[len("fileinto "):].strip('"'), flags))
         elif line.startswith("redirect "):
             acts.append(("redirect", line[len("redirect "):].strip('"'), ()))
+        elif line.startswith("reject "):
+            acts.append(("reject", line[len("reject "):].strip('"'), ()))
+        elif line.startswith("vacation "):
+            m = re.match(r'vacation to "[^"]*" subject "([^"]*)" period (\d+)s', line)
+            extra = (("seconds", m.group(2)),) + ((("subject", m.group(1)),) if m.group(1) else ())
+            acts.append(("vacation", None, extra))
     return sorted(acts)
 
 
@@ -329,7 +356,9 @@ def pigeonhole():
     os.chmod(d / "mail", 0o777)
     conf = d / "dovecot.conf"
     conf.write_text(f"mail_uid = nobody\nmail_gid = nogroup\nfirst_valid_uid = 1\n"
-                    f"mail_location = maildir:{d}/mail\nprotocols =\n")
+                    f"mail_location = maildir:{d}/mail\nprotocols =\n"
+                    "plugin {\n  sieve_extensions = +editheader +vacation-seconds\n"
+                    "  sieve_vacation_min_period = 0\n}\n")
     yield d, conf
     shutil.rmtree(d, ignore_errors=True)
 
