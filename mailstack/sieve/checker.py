@@ -26,6 +26,14 @@ DATE_PARTS = {"year", "month", "day", "date", "julian", "hour", "minute", "secon
               "std11", "zone", "weekday"}
 
 
+# RFC 5228 5.1: the address test looks only at headers that hold addresses
+ADDRESS_HEADERS = {"from", "to", "cc", "bcc", "sender", "resent-from", "resent-to", "resent-cc", "resent-bcc",
+                    "resent-sender", "reply-to", "return-path", "delivered-to", "x-original-to",
+                    "envelope-to", "errors-to", "original-recipient", "disposition-notification-to",
+                    "mail-followup-to", "mail-reply-to", "x-envelope-to", "x-envelope-from",
+                    "apparently-to", "for", "original-from"}
+
+
 @dataclass
 class Spec:
     ext: str | None = None
@@ -222,6 +230,10 @@ class _Checker:
             self.test(t)
         if test.name == "size" and not ({"over", "under"} & test.tagv.keys()):
             raise _err(test, "'size' needs :over or :under")
+        if test.name == "address" and not test.tagv.get("mime"):
+            for name in test.posv[0]:
+                if "${" not in name and name.lower() not in ADDRESS_HEADERS:
+                    raise _err(test, f"header \"{name}\" holds no addresses: not allowed in the address test")
         mime_tags = {"anychild", *_MIMEOPT} & test.tagv.keys()
         if mime_tags and not test.tagv.get("mime"):
             raise _err(test, f"':{sorted(mime_tags)[0]}' needs ':mime'")

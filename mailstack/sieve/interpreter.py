@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import match
-from .checker import Script
+from .checker import ADDRESS_HEADERS as _ADDRESS_HEADERS, Script
 from .extensions import date as datex
 from .extensions.spamtest import spamtest_value, virustest_value
 from .message import SieveMessage
@@ -635,11 +635,6 @@ class Interpreter:
 
 
 _ADDR_SPEC = re.compile(r"[^\s@<>()\[\],;:\"]+@[^\s@<>()\[\],;:\"]+")
-_ADDRESS_HEADERS = {"from", "to", "cc", "bcc", "sender", "resent-from", "resent-to", "resent-cc", "resent-bcc",
-                    "resent-sender", "reply-to", "return-path", "delivered-to", "x-original-to",
-                    "envelope-to", "errors-to", "original-recipient", "disposition-notification-to",
-                    "mail-followup-to", "mail-reply-to", "x-envelope-to", "x-envelope-from",
-                    "apparently-to", "for", "original-from"}
 
 
 def _address_part(addr: str, tagv: dict, sep: str = SUBADDRESS_SEPARATOR) -> str | None:
