@@ -294,6 +294,14 @@ ORACLE_SCRIPTS = [
     'if envelope :localpart :is "from" "coyote" { fileinto "env"; }',
     'require ["fileinto", "encoded-character"];\nfileinto "${hex:41 42}";',
     'if not header :matches "subject" "*anvil*" { discard; }',
+    'require ["date", "fileinto", "variables"];\nif date :zone "+0000" :matches "date" "iso8601" "*" { fileinto "${1}"; }',
+    'require ["date", "fileinto", "variables"];\nif date :zone "+0200" :matches "date" "time" "*" { fileinto "${1}"; }',
+    'require ["date", "fileinto", "variables"];\nif date :originalzone :matches "date" "julian" "*" '
+    '{ fileinto "${1}"; }',
+    'require ["fileinto", "variables"];\nif address :matches "from" "*@*.*" { fileinto "${1}-${2}-${3}"; }',
+    'require ["variables", "fileinto"];\nif header :matches "subject" "*" { set :length "n" "${1}"; '
+    'fileinto "${n}"; }',
+    'require ["imap4flags", "fileinto"];\naddflag "B";\nfileinto "x";\nremoveflag "B";\nfileinto "y";',
 ]
 
 

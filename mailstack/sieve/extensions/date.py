@@ -62,9 +62,9 @@ def date_part(d: dt.datetime, part: str) -> str | None:
         return f"{d.second:02d}"
     if part == "time":
         return f"{d.hour:02d}:{d.minute:02d}:{d.second:02d}"
-    if part == "iso8601":
+    if part == "iso8601":  # RFC 3339 date-time; UTC as "Z" (as Pigeonhole writes it)
         z = _zone_text(d)
-        return d.strftime("%Y-%m-%dT%H:%M:%S") + f"{z[:3]}:{z[3:]}"
+        return d.strftime("%Y-%m-%dT%H:%M:%S") + ("Z" if z == "+0000" else f"{z[:3]}:{z[3:]}")
     if part == "std11":
         return email.utils.format_datetime(d)
     if part == "zone":
