@@ -232,6 +232,8 @@ def test_cli_list_get_deactivate_delete(server):
     assert "one" not in server.cli("sieve", "list", user).stdout
     r = server.cli("sieve", "put", user, "bad", input="if true {\n", check=False)
     assert r.returncode != 0 and "line 2" in r.stderr
+    r = server.cli("sieve", "put", "nobody@example.test", "x", input="keep;\n", check=False)
+    assert r.returncode != 0 and "no such account" in r.stderr
 
 
 def test_starttls_drops_pipelined_plaintext_and_quota_is_enforced(server):

@@ -52,6 +52,9 @@ def run(args, cfg) -> int:
         account = normalize_address(args.user)
     except Exception as e:
         return _err(str(e))
+    from ..directory import Directory
+    if args.action in ("put", "activate") and not Directory(cfg.data_dir).account_exists(account):
+        return _err(f"{account}: no such account (mailstack user add {account})")
     try:
         if args.action == "list":
             for name, active in store.list(account):
