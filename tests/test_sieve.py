@@ -511,3 +511,46 @@ def test_vacation_mime_reply_is_the_given_entity():
     raw = vacation.build_reply(_m(), params, "a@x.test", "bob@example.test", "mail.example.test").decode()
     assert "From: Bob <bob@example.test>" in raw and "Subject: Out" in raw
     assert "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>away</p>" in raw
+
+
+# --- the interpreter never raises, whatever a checked script does to whatever message ----------------
+
+_KEYS = st.sampled_from(['"a"', '"*"', '"?*x"', '""', '"${1}"', '"\\\\*"', '["x", "${v}"]', '"5"'])
+_HEADERS = st.sampled_from(['"subject"', '"from"', '["to", "cc"]', '"x-none"', '"date"', '"${v}"'])
+_TESTS = st.one_of(
+    st.builds(lambda m, h, k: f"header {m} {h} {k}", st.sampled_from([":is", ":contains", ":matches",
+                                                                     ':value "gt"', ':count "ge"']), _HEADERS, _KEYS),
+    st.builds(lambda p, k: f'address {p} "from" {k}', st.sampled_from([":all", ":localpart", ":domain", ":user",
+                                                                        ":detail"]), _KEYS),
+    st.builds(lambda k: f'envelope :is "from" {k}', _KEYS),
+    st.builds(lambda k: f"body :contains {k}", _KEYS),
+    st.builds(lambda k: f"string :matches \"${{v}}\" {k}", _KEYS),
+    st.builds(lambda k: f'date :value "ge" "date" "year" {k}', _KEYS),
+    st.builds(lambda k: f"hasflag :contains {k}", _KEYS),
+    st.sampled_from(["true", "false", "size :over 10", "exists \"subject\"", "duplicate", "spamtest \"5\"",
+                     'environment "name" "mailstack"']),
+)
+_COMMANDS = st.sampled_from([
+    'fileinto "${1}x";', "keep;", "discard;", 'redirect "a@b.example";', 'redirect :copy "c@d.example";',
+    'addflag "${v}";', 'setflag "v" "\\\\Seen x";', 'removeflag "x";', 'set :upper "v" "${1}${2}";',
+    'set :length "v" "${v}${v}";', 'vacation "away";', 'addheader "X-T" "${v}";', 'deleteheader "subject";',
+    'fileinto :copy :flags "${v}" "f";', "stop;", 'reject "no";', 'include :optional "x";', "return;",
+])
+_REQUIRE = ('require ["fileinto", "imap4flags", "variables", "envelope", "subaddress", "relational", "copy", '
+            '"body", "date", "vacation", "editheader", "duplicate", "spamtest", "environment", "reject", '
+            '"include"];\n')
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(_TESTS, st.lists(_COMMANDS, max_size=3)), max_size=6),
+       st.binary(max_size=300), st.sampled_from(["", "a@b.example", "x+y@z.example"]))
+def test_fuzz_interpreter_never_raises(rules, body, sender):
+    script = _REQUIRE + "".join(f"if {t} {{ {' '.join(c)} }}\n" for t, c in rules)
+    checked = compile_script(script)
+    raw = b"Subject: hi =?utf-8?q?x?=\r\nFrom: A <a@b.example>\r\nDate: Tue, 1 Apr 1997 09:06:31 -0800\r\n\r\n" + body
+    for candidate in (raw, body):
+        r = evaluate([checked], Context(SieveMessage(candidate), envelope_from=sender, envelope_to="r@x.example",
+                                        meta={"spam": {"score": 3, "threshold": 5}}))
+        assert all(a.describe() for a in r.actions)
+        if r.error:  # a run-time error keeps the message, nothing else
+            assert [a.describe() for a in r.actions] == ["keep"]

@@ -170,7 +170,13 @@ class SieveDelivery:
                 raw = _read_source(message.source)
                 return evaluate_for(cfg, account, raw, message.sender, self._original_recipient(message, account),
                                     dict(message.meta), mailboxes, memory, loaded=loaded)
-            plan = await asyncio.to_thread(work)
+            try:
+                plan = await asyncio.to_thread(work)
+            except OSError:
+                raise  # the spool file could not be read: the queue retries
+            except Exception as e:  # a bug in the interpreter must not hold the message back
+                log.exception("sieve: account=<%s> qid=%s: evaluation failed", account, message.qid)
+                plan = Plan(None, b"", f"internal error: {e!r}")
             if plan.error:
                 log.warning("sieve: account=<%s> qid=%s: %s; delivering to %s", account, message.qid, plan.error,
                             default_mailbox)

@@ -35,12 +35,16 @@ class SieveRejectStage:
             return Verdict()
         account = local[0]
         cfg = self.services.config
-        loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
-        if not any({"reject", "ereject", "include"} & s.uses for s in loaded[0]):
-            return Verdict()  # nothing in these scripts can refuse the message
-        meta = {"client_ip": conn.ip, "client_helo": conn.helo, "auth_user": conn.auth_user}
-        plan = await asyncio.to_thread(evaluate_for, cfg, account, message, txn.mail_from, rcpt, meta,
-                                       loaded=loaded)
+        try:
+            loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
+            if not any({"reject", "ereject", "include"} & s.uses for s in loaded[0]):
+                return Verdict()  # nothing in these scripts can refuse the message
+            meta = {"client_ip": conn.ip, "client_helo": conn.helo, "auth_user": conn.auth_user}
+            plan = await asyncio.to_thread(evaluate_for, cfg, account, message, txn.mail_from, rcpt, meta,
+                                           loaded=loaded)
+        except Exception:  # accept: delivery runs the scripts again and keeps the message if they fail
+            log.exception("sieve: account=<%s>: DATA-time evaluation failed", account)
+            return Verdict()
         if plan.result is None or plan.error:
             return Verdict()
         for action in plan.result.actions:
