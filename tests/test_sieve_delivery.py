@@ -168,3 +168,30 @@ def test_fileinto_a_name_the_store_refuses_goes_to_inbox(tmp_path, caplog):
         run(go())
     assert [r for r in caplog.records if "a//../b" in r.getMessage()]
     assert not env.queue_files()
+
+
+def test_include_global_and_personal_scripts_from_disk(tmp_path):
+    env = make_env(tmp_path)
+    store = ScriptStore(env.data_dir)
+    store.global_dir().mkdir(parents=True)
+    (store.global_dir() / "spam.sieve").write_text(
+        'require ["fileinto", "mailbox", "include"];\n'
+        'if header :contains "subject" "lottery" { fileinto :create "Spammy"; stop; }\n')
+    store.put("alice@example.test", "lists", 'require ["fileinto", "mailbox", "include"];\n'
+              'if header :contains "subject" "[dev]" { fileinto :create "Dev"; return; }\n')
+    put(env, "alice@example.test", 'require ["include", "fileinto"];\ninclude :global "spam";\n'
+        'include :personal "lists";\nfileinto "Archive";\n')
+
+    async def go():
+        async with env.running():
+            await env.services.store.ensure_account("alice@example.test")
+            for subject in ("lottery win", "[dev] build", "hello"):
+                await env.spool.enqueue("carol@example.test", ["alice@example.test"], [message(subject)], {})
+            await until(lambda: folder(env, "alice@example.test", "Spammy")
+                        and folder(env, "alice@example.test", "Dev")
+                        and len(folder(env, "alice@example.test", "Archive")) == 2, what="three filings")
+    run(go())
+    assert b"lottery" in folder(env, "alice@example.test", "Spammy")[0][1]
+    archived = b"".join(d for _, d in folder(env, "alice@example.test", "Archive"))
+    assert b"[dev] build" in archived and b"hello" in archived  # return ends only the included script
+    assert not env.inbox("alice@example.test")
