@@ -153,7 +153,8 @@ RFC_EXAMPLES = [
     # RFC 5231 relational
     ('require ["relational", "comparator-i;ascii-numeric", "fileinto"];\n'
      'if header :value "gt" :comparator "i;ascii-numeric" ["x-priority"] ["3"] { fileinto "p"; }', ["keep"]),
-    ('require ["relational", "comparator-i;ascii-numeric", "fileinto"];\nif address :count "ge" :comparator "i;ascii-numeric" '
+    ('require ["relational", "comparator-i;ascii-numeric", "fileinto"];\n'
+     'if address :count "ge" :comparator "i;ascii-numeric" '
      '["to", "cc"] ["2"] { fileinto "many"; }', ['fileinto "many"']),
     # RFC 3894 copy, RFC 5490 mailbox
     ('require ["fileinto", "copy"]; fileinto :copy "c";', ['fileinto "c" :copy', "keep"]),
@@ -294,7 +295,8 @@ ORACLE_SCRIPTS = [
     'if envelope :localpart :is "from" "coyote" { fileinto "env"; }',
     'require ["fileinto", "encoded-character"];\nfileinto "${hex:41 42}";',
     'if not header :matches "subject" "*anvil*" { discard; }',
-    'require ["date", "fileinto", "variables"];\nif date :zone "+0000" :matches "date" "iso8601" "*" { fileinto "${1}"; }',
+    'require ["date", "fileinto", "variables"];\n'
+    'if date :zone "+0000" :matches "date" "iso8601" "*" { fileinto "${1}"; }',
     'require ["date", "fileinto", "variables"];\nif date :zone "+0200" :matches "date" "time" "*" { fileinto "${1}"; }',
     'require ["date", "fileinto", "variables"];\nif date :originalzone :matches "date" "julian" "*" '
     '{ fileinto "${1}"; }',
