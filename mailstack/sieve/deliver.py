@@ -14,7 +14,6 @@ import datetime as dt
 import logging
 import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..store.base import MailboxExists, MailboxNotFound, StoreError
 from . import vacation as vac
@@ -36,8 +35,18 @@ def limits_from(cfg) -> Limits:
                   max_include_depth=s.max_include_depth)
 
 
+_stores: dict[tuple, ScriptStore] = {}
+
+
 def script_store(cfg) -> ScriptStore:
-    return ScriptStore(cfg.data_dir, cfg.sieve.max_scripts, cfg.sieve.max_script_size)
+    """One ScriptStore per (data dir, limits): made once, not per delivery."""
+    key = (cfg.server.data_dir, cfg.sieve.max_scripts, cfg.sieve.max_script_size)  # a str: no Path per call
+    store = _stores.get(key)
+    if store is None:
+        if len(_stores) > 16:
+            _stores.clear()
+        store = _stores[key] = ScriptStore(*key)
+    return store
 
 
 class DeliveryHost(Host):
@@ -84,7 +93,7 @@ def load_scripts(cfg, store: ScriptStore, account: str) -> tuple[list[Script], s
             if path is None:
                 s = store.active_script(account)
             elif path:
-                s = load_compiled(Path(path), cfg.sieve.max_script_size)
+                s = load_compiled(path, cfg.sieve.max_script_size)
             else:
                 s = None
         except (SieveSyntaxError, OSError) as e:

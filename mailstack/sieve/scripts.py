@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -33,9 +34,12 @@ class ScriptError(Exception):
         self.code = code  # ManageSieve response code: NONEXISTENT, ACTIVE, ALREADYEXISTS, QUOTA/...
 
 
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
 def valid_name(name: str) -> bool:
-    return (0 < len(name) <= MAX_NAME and "/" not in name and "\\" not in name and not name.startswith(".")
-            and not any(ord(c) < 32 or ord(c) == 127 for c in name) and name != "ACTIVE")
+    return (0 < len(name) <= MAX_NAME and not name.startswith(".") and name != "ACTIVE"
+            and _BAD_NAME.search(name) is None)
 
 
 _cache: "OrderedDict[tuple, Script]" = OrderedDict()
@@ -43,12 +47,12 @@ _cache_lock = threading.Lock()
 CACHE_SIZE = 512
 
 
-def load_compiled(path: Path, max_size: int) -> Script | None:
+def load_compiled(path: "Path | str", max_size: int) -> Script | None:
     """The compiled script at path (cached), None if there is no such file.
     Raises SieveSyntaxError if it does not compile, OSError if unreadable."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
         return None
     key = (str(path), st.st_mtime_ns, st.st_size)
     with _cache_lock:
@@ -58,7 +62,8 @@ def load_compiled(path: Path, max_size: int) -> Script | None:
             return script
     if st.st_size > max_size:
         raise SieveSyntaxError(f"script too large ({st.st_size} > {max_size} bytes)", 1, 1)
-    text = path.read_bytes().decode("utf-8", "replace")
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", "replace")
     script = compile_script(text, max_size)
     with _cache_lock:
         _cache[key] = script
@@ -85,6 +90,7 @@ def global_script_error(path: str) -> str | None:
 class ScriptStore:
     def __init__(self, data_dir: os.PathLike | str, max_scripts: int = 20, max_size: int = 64 * 1024) -> None:
         self.root = Path(data_dir) / "sieve"
+        self.root_str = str(self.root)
         self.max_scripts, self.max_size = max_scripts, max_size
 
     def user_dir(self, account: str) -> Path:
@@ -125,11 +131,20 @@ class ScriptStore:
             raise ScriptError(f"no script named {name!r}", "NONEXISTENT") from None
 
     def active_script(self, account: str) -> Script | None:
-        """The user's active script, compiled (cached), or None.  Raises SieveSyntaxError."""
-        name = self.active_name(account)
-        if name is None:
+        """The user's active script, compiled (cached), or None.  Raises SieveSyntaxError.
+        Runs for every delivery: plain os calls, no pathlib."""
+        account = account.lower()
+        if not account or "/" in account or account.startswith("."):
             return None
-        return load_compiled(self.user_dir(account) / f"{name}.sieve", self.max_size)
+        folder = os.path.join(self.root_str, "users", account)
+        try:
+            with open(os.path.join(folder, "ACTIVE"), "rb") as f:
+                name = f.read().decode("utf-8", "replace").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not valid_name(name):
+            return None
+        return load_compiled(os.path.join(folder, name + ".sieve"), self.max_size)
 
     def personal_include(self, account: str, name: str) -> Script | None:
         if not valid_name(name):
