@@ -35,23 +35,84 @@ def compare(a: str, b: str, comparator: str) -> int:
     return (x > y) - (x < y)
 
 
-@functools.lru_cache(maxsize=512)
-def _glob(pattern: str, casefold: bool) -> re.Pattern:
-    out, i = [], 0
+@functools.lru_cache(maxsize=1024)
+def _glob_plan(pattern: str, casefold: bool) -> tuple:
+    """A :matches key -> its segments between the "*"s.  Each segment is (text, regex or None):
+    its characters ("?" as a placeholder) and, when it holds a "?", a regex that finds it."""
+    segments, cur, i = [], [], 0
     while i < len(pattern):
         c = pattern[i]
         if c == "*":
-            out.append("(.*?)")
+            segments.append(cur)
+            cur = []
         elif c == "?":
-            out.append("(.)")
-        elif c == "\\" and i + 1 < len(pattern):
-            i += 1
-            out.append(re.escape(pattern[i]))
+            cur.append(None)
         else:
-            out.append(re.escape(c))
+            if c == "\\" and i + 1 < len(pattern):
+                i += 1
+                c = pattern[i]
+            cur.append(_casemap(c) if casefold else c)
         i += 1
-    flags = re.DOTALL | ((re.IGNORECASE | re.ASCII) if casefold else 0)
-    return re.compile("".join(out), flags)
+    segments.append(cur)
+    plan = []
+    for seg in segments:
+        literal = "".join("?" if t is None else t for t in seg)
+        rx = None
+        if any(t is None for t in seg):
+            rx = re.compile("".join("." if t is None else re.escape(t) for t in seg), re.DOTALL)
+        plan.append((seg, literal, rx))
+    return tuple(plan)
+
+
+def _at(seg: list, text: str, pos: int) -> bool:
+    """Does segment `seg` match text at pos?"""
+    if pos < 0 or pos + len(seg) > len(text):
+        return False
+    return all(t is None or t == text[pos + k] for k, t in enumerate(seg))
+
+
+def _find(entry: tuple, text: str, pos: int) -> int:
+    seg, literal, rx = entry
+    if rx is None:
+        return text.find(literal, pos)
+    m = rx.search(text, pos)
+    return -1 if m is None else m.start()
+
+
+def glob_match(pattern: str, text: str, casefold: bool) -> list[str] | None:
+    """:matches in linear-ish time (no backtracking blow-up, whatever the key).
+
+    Each "*" matches as little as possible, leftmost first (RFC 5229 3.2: "[*] *" on
+    "[acme] [fwd] x" gives "acme" and "[fwd] x"): the first segment is anchored at the start,
+    the last at the end, and each one between is found at its leftmost place.
+    Returns [text, captures of each "*" and "?" in order] or None."""
+    plan = _glob_plan(pattern, casefold)
+    hay = _casemap(text) if casefold else text
+    n = len(hay)
+    first, last = plan[0], plan[-1]
+    if len(plan) == 1:  # no "*": the whole value
+        if len(first[0]) != n or not _at(first[0], hay, 0):
+            return None
+        return [text] + [text[k] for k, t in enumerate(first[0]) if t is None]
+    if not _at(first[0], hay, 0):
+        return None
+    caps = [text[k] for k, t in enumerate(first[0]) if t is None]
+    pos = len(first[0])
+    tail_start = n - len(last[0])
+    if tail_start < pos:
+        return None
+    for entry in plan[1:-1]:
+        found = _find(entry, hay, pos)
+        if found < 0 or found + len(entry[0]) > tail_start:
+            return None
+        caps.append(text[pos:found])
+        caps.extend(text[found + k] for k, t in enumerate(entry[0]) if t is None)
+        pos = found + len(entry[0])
+    if not _at(last[0], hay, tail_start):
+        return None
+    caps.append(text[pos:tail_start])
+    caps.extend(text[tail_start + k] for k, t in enumerate(last[0]) if t is None)
+    return [text, *caps]
 
 
 def match_one(value: str, key: str, mtype: str, comparator: str, relation: str | None = None):
@@ -68,10 +129,8 @@ def match_one(value: str, key: str, mtype: str, comparator: str, relation: str |
             return _casemap(key) in _casemap(value)
         return key in value
     if mtype == "matches":
-        m = _glob(key, comparator == "i;ascii-casemap").fullmatch(value)
-        if m is None:
-            return False
-        return [value, *m.groups()]
+        caps = glob_match(key, value, comparator == "i;ascii-casemap")
+        return False if caps is None else caps
     if mtype == "value":
         return _REL[relation](compare(value, key, comparator))
     raise ValueError(mtype)
