@@ -255,6 +255,15 @@ def test_starttls_drops_pipelined_plaintext_and_quota_is_enforced(server):
     t.write(b'AUTHENTICATE "PLAIN" {40+}\r\nAGJvYkBleGFtcGxlLnRlc3QAczNjcmV0LXBhc3M=\r\n')  # a literal
     t.flush()
     assert t.readline().startswith(b"OK")
+    t.write(b"UNAUTHENTICATE\r\n")
+    t.flush()
+    assert t.readline().startswith(b"OK")
+    t.write(b'AUTHENTICATE "PLAIN"\r\n')  # no initial response: the server asks with an empty challenge
+    t.flush()
+    assert t.readline() == b'""\r\n'
+    t.write(b'"AGJvYkBleGFtcGxlLnRlc3QAczNjcmV0LXBhc3M="\r\n')
+    t.flush()
+    assert t.readline().startswith(b"OK")
     t.write(b'HAVESPACE "x" 99999999\r\n')
     t.flush()
     assert t.readline().startswith(b"NO (QUOTA/MAXSIZE)")
