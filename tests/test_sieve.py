@@ -316,6 +316,8 @@ def _pigeonhole_actions(out: str) -> list[tuple]:
         m = re.match(r"\* store message in folder: (.*)", line)
         if m:
             acts.append(["store", m.group(1), ()])
+        if line == "* keep":  # sieve-test's word for a keep in a script that is not the last
+            acts.append(["store", "INBOX", ()])
         m = re.match(r"\+ add IMAP flags: (.*)", line)
         if m:
             acts[-1][2] = tuple(sorted(f.lower() for f in m.group(1).split()))
@@ -383,23 +385,56 @@ MIME_ORACLE_SCRIPTS = [
 ]
 
 
-def _oracle(pigeonhole, script: str, raw: bytes, tag: str) -> None:
+def _oracle(pigeonhole, script: str, raw: bytes, tag: str, before: list[str] = ()) -> None:
     d, conf = pigeonhole
     sfile, mfile = d / f"{tag}.sieve", d / f"{tag}.eml"
     sfile.write_text(script)
     mfile.write_bytes(raw)
+    extra = []
+    for n, text in enumerate(before):
+        b = d / f"{tag}-before{n}.sieve"
+        b.write_text(text)
+        os.chmod(b, 0o644)
+        extra += ["-s", str(b)]
     for p in (sfile, mfile):
         os.chmod(p, 0o644)
     out = subprocess.run(["sieve-test", "-c", str(conf), "-a", "roadrunner@acme.example.com",
-                          "-f", "coyote@desert.example.org", str(sfile), str(mfile)],
+                          "-f", "coyote@desert.example.org", *extra, str(sfile), str(mfile)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
+    if before:
+        ctx = Context(SieveMessage(raw), envelope_from="coyote@desert.example.org",
+                      envelope_to="roadrunner@acme.example.com")
+        result = evaluate([compile_script(t) for t in (*before, script)], ctx)
+        assert result.error is None
+        ours = _our_actions([a.describe() for a in result.actions])
+        # sieve-test prints each script's own actions; the implicit keep of the last one is final
+        blocks = out.stdout.split("Performed actions:")[1:]
+        theirs = sorted(a for b in blocks[:-1] for a in _pigeonhole_actions(
+            "Performed actions:" + b.split("Implicit keep:")[0] + "Implicit keep:"))
+        theirs = sorted(theirs + _pigeonhole_actions("Performed actions:" + blocks[-1]))
+        assert ours == theirs, out.stdout
+        return
     assert _our_actions(run(script, raw)) == _pigeonhole_actions(out.stdout), out.stdout
 
 
 @pytest.mark.parametrize("script", ORACLE_SCRIPTS)
 def test_same_actions_as_pigeonhole(pigeonhole, script):
     _oracle(pigeonhole, script, MSG, f"s{ORACLE_SCRIPTS.index(script)}")
+
+
+MULTI_SCRIPTS = [  # (global before scripts, user's script): the sequence semantics of sieve_before
+    (['require "imap4flags";\naddflag "x";'], 'require "fileinto";\nfileinto "b";'),
+    (['require "fileinto";\nfileinto "a";'], 'require "fileinto";\nfileinto "b";'),
+    (['require ["fileinto", "copy"];\nfileinto :copy "a";\nstop;'], 'require "fileinto";\nfileinto "b";'),
+    (['discard;'], 'require "fileinto";\nfileinto "b";'),
+    (['require "variables";\nset "v" "1";', 'keep;'], 'require ["fileinto", "variables"];\nfileinto "v${v}";'),
+]
+
+
+@pytest.mark.parametrize("before,script", MULTI_SCRIPTS)
+def test_script_sequence_as_pigeonhole(pigeonhole, before, script):
+    _oracle(pigeonhole, script, MSG, f"q{MULTI_SCRIPTS.index((before, script))}", before)
 
 
 @pytest.mark.parametrize("script", MIME_ORACLE_SCRIPTS)

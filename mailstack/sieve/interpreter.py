@@ -165,17 +165,21 @@ class Interpreter:
 
     # --- entry point ----------------------------------------------------------------------
     def run(self, scripts: list[Script]) -> Result:
-        """Run scripts in order (global before, user's, global after); a `stop` ends them all."""
+        """Run scripts in order (global before, user's, global after), as Pigeonhole does:
+        `stop` ends the script it is in; the next script runs only while the message is still
+        kept (implicitly or by an explicit keep): a fileinto, redirect or discard ends the
+        sequence.  Flags carry over, variables do not (unless declared global)."""
         error = None
         try:
             for script in scripts:
                 self.frame = _Frame(script, self.globals)
+                first = len(self.actions)
                 try:
                     self.block(script.commands)
-                except _Return:
+                except (_Return, _Stop):
                     pass
-        except _Stop:
-            pass
+                if not self.implicit_keep and not any(a.kind == "keep" for a in self.actions[first:]):
+                    break  # the message went elsewhere (or was discarded): later scripts do not run
         except SieveRuntimeError as e:
             error = str(e)
         except RecursionError:
