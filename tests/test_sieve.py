@@ -423,6 +423,38 @@ def test_same_actions_as_pigeonhole(pigeonhole, script):
     _oracle(pigeonhole, script, MSG, f"s{ORACLE_SCRIPTS.index(script)}")
 
 
+TRICKY_MSG = ("From: =?utf-8?q?J=C3=BCrgen?= <juergen@m\u00fcller.example>, \"Doe, J\" <jd@x.example>\r\n"
+        "To: undisclosed-recipients:;\r\nCc: team: a@t.example, b@t.example;\r\n"
+        "Subject: =?iso-8859-1?q?Gr=FC=DFe?= und =?utf-8?b?w6TDtsO8?=\r\n"
+        "X-Spaces:    lead and trail   \r\nX-Folded: line one\r\n\tline two\r\n"
+        "Date: Wed, 31 Dec 2025 23:59:59 +1400\r\n\r\nBody\r\n").encode()
+TRICKY_SCRIPTS = [
+ 'require ["fileinto","variables"]; if header :matches "subject" "*" { fileinto "${1}"; }',
+ 'require ["fileinto","variables"]; if address :all :matches "from" "*" { fileinto "${1}"; }',
+ 'require ["fileinto"]; if address :all :is "from" "jd@x.example" { fileinto "jd"; }',
+ 'require ["fileinto"]; if address :domain :is "cc" "t.example" { fileinto "team"; }',
+ 'require ["fileinto","relational","comparator-i;ascii-numeric"]; '
+ 'if address :count "eq" :comparator "i;ascii-numeric" "cc" "2" { fileinto "two"; }',
+ 'require ["fileinto","relational","comparator-i;ascii-numeric"]; '
+ 'if address :count "eq" :comparator "i;ascii-numeric" "to" "0" { fileinto "zero"; }',
+ 'require ["fileinto","variables"]; if header :matches "x-spaces" "*" { fileinto "[${1}]"; }',
+ 'require ["fileinto","variables"]; if header :matches "x-folded" "*" { fileinto "[${1}]"; }',
+ 'require ["fileinto"]; if header :contains "SUBJECT" "grüße" { fileinto "de"; }',
+ 'require ["fileinto"]; if header :contains "subject" "ÄÖÜ" { fileinto "umlaut-case"; }',
+ 'require ["fileinto","date","variables"]; if date :originalzone :matches "date" "date" "*" { fileinto "${1}"; }',
+ 'require ["fileinto","date","variables"]; if date :zone "-0500" :matches "date" "date" "*" { fileinto "${1}"; }',
+ 'require ["fileinto","date","variables"]; if date :zone "-0500" :matches "date" "weekday" "*" { fileinto "${1}"; }',
+ 'require ["fileinto","variables"]; if address :localpart :matches "from" "*" { fileinto "${1}"; }',
+ 'require ["fileinto","variables"]; set :lower "x" "ÄB"; fileinto "${x}";',
+ 'require ["fileinto","variables"]; set :upperfirst "x" "äb"; fileinto "${x}";',
+]
+
+
+@pytest.mark.parametrize("script", TRICKY_SCRIPTS)
+def test_encoded_words_groups_folding_and_zones_as_pigeonhole(pigeonhole, script):
+    _oracle(pigeonhole, script, TRICKY_MSG, f"t{TRICKY_SCRIPTS.index(script)}")
+
+
 MULTI_SCRIPTS = [  # (global before scripts, user's script): the sequence semantics of sieve_before
     (['require "imap4flags";\naddflag "x";'], 'require "fileinto";\nfileinto "b";'),
     (['require "fileinto";\nfileinto "a";'], 'require "fileinto";\nfileinto "b";'),

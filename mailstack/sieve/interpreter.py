@@ -22,6 +22,8 @@ from .message import SieveMessage
 PROTECTED_HEADERS = {"received", "auto-submitted"}  # editheader may not touch these (RFC 5293 §6)
 MAX_VARIABLE = 4096  # characters kept in one variable
 SUBADDRESS_SEPARATOR = "+"
+_ASCII_LOWER = {c: c + 32 for c in range(65, 91)}
+_ASCII_UPPER = {c: c - 32 for c in range(97, 123)}
 
 
 class SieveRuntimeError(Exception):
@@ -353,14 +355,15 @@ class Interpreter:
             raise SieveRuntimeError(f"bad variable name {name!r}")
         value = self.s(cmd.posv[1])
         t = cmd.tagv
+        # case modifiers change ASCII letters only (as Pigeonhole; i;ascii-casemap is the default)
         if t.get("lower"):
-            value = value.lower()
+            value = value.translate(_ASCII_LOWER)
         if t.get("upper"):
-            value = value.upper()
+            value = value.translate(_ASCII_UPPER)
         if t.get("lowerfirst"):
-            value = value[:1].lower() + value[1:]
+            value = value[:1].translate(_ASCII_LOWER) + value[1:]
         if t.get("upperfirst"):
-            value = value[:1].upper() + value[1:]
+            value = value[:1].translate(_ASCII_UPPER) + value[1:]
         if t.get("quotewildcard"):
             value = match.quote_wildcards(value)
         if t.get("length"):

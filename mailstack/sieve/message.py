@@ -46,7 +46,10 @@ class SieveMessage:
             if not line:
                 continue
             if line[0] in " \t" and self.fields:
-                self.fields[-1][1] += line  # unfold: only the line break goes (RFC 5322 2.2.3)
+                # unfold: the line break goes (RFC 5322 2.2.3); the fold's tabs read as spaces,
+                # as Pigeonhole reads them
+                lead = len(line) - len(line.lstrip(" \t"))
+                self.fields[-1][1] += line[:lead].replace("\t", " ") + line[lead:]
                 continue
             name, colon, value = line.partition(":")
             if not colon:
