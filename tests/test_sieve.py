@@ -189,6 +189,24 @@ RFC_EXAMPLES = [
      ['fileinto "edited"']),
     # RFC 7352 duplicate (nothing seen yet)
     ('require ["duplicate", "fileinto"]; if duplicate { fileinto "dup"; }', ["keep"]),
+    # RFC 5230 section 4 examples
+    ('require "vacation";\nif header :contains "subject" "cyrus" {\n'
+     '    vacation "I\'m out -- send mail to cyrus-bugs";\n} else {\n'
+     '    vacation "I\'m out -- call me at +1 304 555 0123";\n}',
+     ['vacation to "coyote@desert.example.org" subject "" period 604800s', "keep"]),
+    ('require "vacation";\nvacation :days 23 :addresses ["tjs@example.edu", "ts4z@landru.example.edu"]\n'
+     '"I\'m away until October 19. If it\'s an emergency, call 911, I guess." ;',
+     ['vacation to "coyote@desert.example.org" subject "" period 1987200s', "keep"]),
+    # RFC 5232 section 5 (with the variables it uses)
+    ('require ["fileinto", "imap4flags", "variables"];\n'
+     'if header :contains "from" "coyote@desert.example.org" {\n'
+     '    setflag "flagvar" "\\\\Flagged";\n    fileinto :flags "${flagvar}" "INBOX.From Boss";\n}',
+     ['fileinto "INBOX.From Boss" :flags \\Flagged']),
+    # RFC 7352 section 3 (nothing remembered yet: not a duplicate)
+    ('require ["duplicate", "fileinto", "mailbox"];\nif duplicate {\n  fileinto :create "Trash/Duplicate";\n}',
+     ["keep"]),
+    # RFC 5293 section 4
+    ('require ["editheader"];\naddheader "X-Source" "mail.example.com";', ["keep"]),
     ('stop; discard;', ["keep"]),
     ('discard;', []),
     ('keep; keep;', ["keep"]),
@@ -657,3 +675,84 @@ def test_matches_with_many_wildcards_on_a_long_value_is_fast():
     started = time.process_time()
     assert glob_match("*a*a*a*a*a*a*a*a*a*a*b", "a" * 50_000, False) is None
     assert time.process_time() - started < 2.0  # the regex form takes longer than the age of the universe
+
+
+# RFC 5228 section 9: the complete example script, with the mail it sorts
+RFC5228_SECTION_9 = """#
+# Example Sieve Filter
+# Declare any optional features or extension used by the script
+#
+require ["fileinto", "reject"];
+
+#
+# Reject any large messages (note that the four leading dots get
+# "stuffed" to three)
+#
+if size :over 1M
+        {
+        reject text:
+Please do not send me large attachments.
+Put your file on a server and send me the URL.
+Thank you.
+.... Fred
+.
+;
+        stop;
+        }
+#
+# Handle messages from known mailing lists
+# Move messages from IETF filter discussion list to filter folder
+#
+if header :is "Sender" "owner-ietf-mta-filters@imc.org"
+        {
+        fileinto "filter";  # move to "filter" folder
+        }
+#
+# Keep all messages to or from people in my company
+#
+elsif address :domain :is ["From", "To"] "example.com"
+        {
+        keep;               # keep in "In" folder
+        }
+
+#
+# Try and catch unsolicited email.  If a message is not to me,
+# or it contains a subject known to be spam, file it away.
+#
+elsif anyof (not address :all :contains
+               ["To", "Cc", "Bcc"] "me@example.com",
+             header :matches "subject"
+               ["*make*money*fast*", "*university*dipl*mas*"])
+        {
+        # If message header does not contain my address,
+        # it's from a list.
+        fileinto "spam";   # move to "spam" folder
+        }
+else
+        {
+        # Move all other (non-company) mail to "personal"
+        # folder.
+        fileinto "personal";
+        }
+"""
+
+
+@pytest.mark.parametrize("headers,size,expected", [
+    ("From: a@b.example\r\nTo: me@example.com\r\n", 2 << 20,
+     ['reject "Please do not send me large attachments. Put your file on a server and send me the URL. '
+      'Thank you. ... Fred"']),
+    ("Sender: owner-ietf-mta-filters@imc.org\r\nTo: me@example.com\r\n", 0, ['fileinto "filter"']),
+    ("From: boss@example.com\r\nTo: me@example.com\r\n", 0, ["keep"]),
+    ("From: x@y.example\r\nTo: list@lists.example\r\n", 0, ['fileinto "spam"']),
+    ("From: x@y.example\r\nTo: me@example.com\r\nSubject: Make lots of money fast\r\n", 0, ["keep"]),
+    ("From: x@y.example\r\nTo: f@z.example\r\nCc: me@example.com\r\nSubject: Make lots of money fast\r\n", 0,
+     ['fileinto "spam"']),
+    ("From: x@y.example\r\nCc: me@example.com\r\nSubject: lunch\r\n", 0, ['fileinto "personal"']),
+])
+def test_rfc5228_section_9_example(headers, size, expected):
+    raw = (headers + "\r\n").encode() + b"x" * size
+    assert run(RFC5228_SECTION_9, raw) == expected
+
+
+def test_rfc5228_section_9_example_as_pigeonhole(pigeonhole):
+    _oracle(pigeonhole, RFC5228_SECTION_9, b"From: x@y.example\r\nTo: list@lists.example\r\n\r\nhi\r\n", "r9")
