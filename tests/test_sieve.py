@@ -66,6 +66,9 @@ def run(script: str, raw: bytes = MSG, sender="coyote@desert.example.org", rcpt=
     ('if size :over 1x { keep; }', 1, 16, "bad number"),
     ('else { keep; }', 1, 1, "without a preceding 'if'"),
     ('if header :comparator "i;nope" "a" "b" { keep; }', 1, 4, "unknown comparator"),
+    ('require "vacation";\nvacation :from "x\r\nBcc: v@x.example" "r";', 2, 1, "not a valid address"),
+    ('redirect "nope";', 1, 1, "not a valid address"),
+    ('if address "x-caffeine" "a" { keep; }', 1, 4, "holds no addresses"),
 ])
 def test_errors_name_line_and_column(text, line, col, what):
     with pytest.raises(SieveSyntaxError) as e:
@@ -516,6 +519,12 @@ def test_vacation_rules(extra, sender, to, why):
         assert got is None
     else:
         assert got is not None and why.lower() in got.lower()
+
+
+def test_vacation_from_with_a_line_break_cannot_inject_headers():
+    params = {"reason": "away", "from": "me@example.test\r\nBcc: victim@x.test"}
+    raw = vacation.build_reply(_m(), params, "a@x.test", "bob@example.test", "mail.example.test").decode()
+    assert "\r\nBcc:" not in raw
 
 
 def test_vacation_reply_headers():

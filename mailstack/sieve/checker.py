@@ -125,6 +125,16 @@ class Script:
     uses: set[str]  # command and test names used (the interpreter prefetches what they need)
 
 
+def _valid_mailbox(text: str) -> bool:
+    """An RFC 5322 mailbox ("Name <a@b>" or "a@b") on one line."""
+    import email.utils
+    if "\r" in text or "\n" in text:
+        return False
+    _, addr = email.utils.parseaddr(text)
+    local, at, domain = addr.rpartition("@")
+    return bool(at and local and domain and " " not in addr)
+
+
 def _err(node, msg: str) -> SieveSyntaxError:
     return SieveSyntaxError(msg, node.line, node.column)
 
@@ -212,6 +222,11 @@ class _Checker:
             raise _err(cmd, f"'{cmd.name}' takes no block")
         if cmd.name == "vacation" and "days" in cmd.tagv and cmd.tagv["days"] < 0:
             raise _err(cmd, ":days must not be negative")
+        if cmd.name == "vacation" and "from" in cmd.tagv and "${" not in cmd.tagv["from"]:
+            if not _valid_mailbox(cmd.tagv["from"]):
+                raise _err(cmd, f"vacation :from \"{cmd.tagv['from']}\" is not a valid address")
+        if cmd.name == "redirect" and "${" not in cmd.posv[0] and not _valid_mailbox(cmd.posv[0]):
+            raise _err(cmd, f"redirect to \"{cmd.posv[0]}\": not a valid address")
 
     def test(self, test: Test) -> None:
         spec = TESTS.get(test.name)

@@ -64,8 +64,9 @@ def build_reply(msg: SieveMessage, params: dict, sender: str, from_addr: str, ho
         orig = (msg.headers("Subject") or [""])[0]
         subject = f"Auto: {orig}" if orig else "Automated reply"
     subject = " ".join(subject.split())
+    from_value = " ".join((params.get("from") or from_addr).split())  # one line: no header injection
     lines = [
-        f"From: {_header(params.get('from') or from_addr)}",
+        f"From: {_header(from_value)}",
         f"To: <{sender}>",
         f"Subject: {_header(subject)}",
         f"Date: {email.utils.formatdate(now, localtime=True)}",
