@@ -156,6 +156,7 @@ class ManageSieveSession:
         mcfg = self.cfg.managesieve
         if (registry.count(PROTOCOL) >= mcfg.max_connections
                 or registry.count(PROTOCOL, self.peer_ip or "") >= mcfg.max_connections_per_ip):
+            self.services.metrics.connections_refused[self.listener] += 1
             self.conn.write(bye("Too many connections, try again later"))
             self.conn.close()
             return
@@ -273,6 +274,7 @@ class ManageSieveSession:
             account = await self.services.directory.authenticate(authcid, password)
         if account is None:
             throttle.failure(self.peer_ip, authcid)
+            self.services.metrics.auth_failures[PROTOCOL] += 1
             self.auth_failures += 1
             log.info("login failed user=<%s>", authcid[:320], extra=self._extra)
             if self.auth_failures >= AUTH_FAILURES_BEFORE_DISCONNECT:
