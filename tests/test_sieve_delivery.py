@@ -195,3 +195,26 @@ def test_include_global_and_personal_scripts_from_disk(tmp_path):
     archived = b"".join(d for _, d in folder(env, "alice@example.test", "Archive"))
     assert b"[dev] build" in archived and b"hello" in archived  # return ends only the included script
     assert not env.inbox("alice@example.test")
+
+
+def test_editheader_changes_the_stored_copy(tmp_path):
+    env = make_env(tmp_path)
+    put(env, "alice@example.test", 'require ["editheader", "fileinto"];\n'
+        'deleteheader "X-Internal";\naddheader "X-Filtered" "by sieve";\n'
+        'deleteheader :index 1 "Received";\n')  # Received is protected: a run-time error keeps the original
+
+    put(env, "bob@example.test", 'require ["editheader"];\ndeleteheader "X-Internal";\n'
+        'addheader :last "X-Filtered" "by sieve";\n')
+
+    async def go():
+        async with env.running():
+            for rcpt in ("alice@example.test", "bob@example.test"):
+                await env.spool.enqueue("carol@example.test", [rcpt],
+                                        [message("edit me", extra="X-Internal: secret\r\n")], {})
+            await until(lambda: env.inbox("alice@example.test") and env.inbox("bob@example.test"), what="both")
+    run(go())
+    alice, = env.inbox("alice@example.test")
+    assert b"X-Internal: secret" in alice and b"X-Filtered" not in alice  # error: the message as it came
+    bob, = env.inbox("bob@example.test")
+    head, _, body = bob.partition(b"\r\n\r\n")
+    assert b"X-Internal" not in head and head.endswith(b"X-Filtered: by sieve") and body == b"Hi there.\r\n"

@@ -187,8 +187,10 @@ class Interpreter:
         except RecursionError:
             error = "script nested too deeply"
         if error is not None:
-            # RFC 5228 2.10.6: on a run-time error, keep the message; no other action.
-            return Result([Action("keep", "INBOX", params={"implicit": True})], self.msg, [], error)
+            # RFC 5228 2.10.6: on a run-time error, keep the message (as it came: editheader
+            # changes are dropped too); no other action.
+            return Result([Action("keep", "INBOX", params={"implicit": True})], SieveMessage(self.msg.raw), [],
+                          error)
         actions = list(self.actions)
         if self.implicit_keep:
             actions.append(Action("keep", "INBOX", tuple(self.flags), params={"implicit": True}))
