@@ -216,12 +216,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         else "must be letters, digits, '-' or '_'"),
     },
     # --- sieve / managesieve (issue 15) ------------------------------------------------
-    "sieve": {
+    "sieve": {  # sieve.before/after must name a script that compiles: checked at start, not at a delivery
         "enabled": Key("bool", True, "Run users' Sieve filters (and the global ones) at local delivery."),
         "before": Key("path", "", "A global Sieve script run for every account before the user's own "
-                      "(Pigeonhole's sieve_before). Empty = none.", check=lambda v: _sieve_script_error(v)),
+                      "(Pigeonhole's sieve_before). Empty = none.",
+                      check=lambda v: __import__("mailstack.sieve.scripts", fromlist=["_"]).global_script_error(v)),
         "after": Key("path", "", "A global Sieve script run for every account after the user's own "
-                     "(Pigeonhole's sieve_after). Empty = none.", check=lambda v: _sieve_script_error(v)),
+                     "(Pigeonhole's sieve_after). Empty = none.",
+                     check=lambda v: __import__("mailstack.sieve.scripts", fromlist=["_"]).global_script_error(v)),
         "max_script_size": Key("int", 64 * 1024, "Largest Sieve script, in bytes.", min=1024, max=16 * MiB),
         "max_scripts": Key("int", 20, "Sieve scripts one account may store.", min=1, max=10000),
         "max_steps": Key("int", 10000, "Commands and tests one delivery may evaluate (across every "
@@ -527,9 +529,3 @@ def reference_markdown() -> str:
             out.append(f"| `{section}.{key}` | `{shown}` | {doc} |")
         out.append("")
     return "\n".join(out)
-
-
-def _sieve_script_error(path: str) -> str | None:
-    """sieve.before/after must name a script that compiles (checked at start, not at the first delivery)."""
-    from .sieve.scripts import global_script_error
-    return global_script_error(path)
