@@ -312,6 +312,8 @@ class _Checker:
             if f"comparator-{comp}" not in self.exts and f"comparator-{comp}" not in BUILTIN:
                 raise _err(node, f"comparator \"{comp}\" needs require \"comparator-{comp}\"")
             tagv["comparator"] = comp
+            if comp == "i;ascii-numeric" and ({"contains", "matches"} & tagv.keys()):
+                raise _err(node, "comparator \"i;ascii-numeric\" cannot do substring matches (:contains, :matches)")
         for rel in ("value", "count"):
             if rel in tagv:
                 if tagv[rel].lower() not in RELATIONS:

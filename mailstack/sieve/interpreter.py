@@ -238,8 +238,9 @@ class Interpreter:
         for a in self.actions:  # RFC 5228 2.10.3: the same fileinto/keep/redirect twice is done once
             if a.kind == action.kind and a.arg == action.arg and action.kind in ("fileinto", "redirect", "keep"):
                 if action.kind != "redirect":
-                    a.flags = tuple(dict.fromkeys(a.flags + action.flags))
+                    a.flags = action.flags  # the last one's flags, as Pigeonhole
                 a.copy = a.copy and action.copy
+                a.create = a.create or action.create
                 return
         self.actions.append(action)
 
@@ -589,7 +590,8 @@ class Interpreter:
             values = self.msg.body_parts(self.s(t["content"]))
         else:
             values = self.msg.body_parts(["text"])
-        return self._match(values, self.s(test.posv[0]), t)
+        # no match variables from body (as Pigeonhole): a body is not a value to carry around
+        return match.match_values(values, self.s(test.posv[0]), t)
 
     def _zone_date(self, d: dt.datetime, tagv: dict) -> dt.datetime:
         if tagv.get("originalzone"):
