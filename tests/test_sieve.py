@@ -806,7 +806,8 @@ def _random_test(rng, depth=0) -> str:
 
 
 def test_random_scripts_as_pigeonhole(pigeonhole):
-    """40 random scripts (fixed seed) through both; 550+ more agreed in development runs."""
+    """40 random scripts (fixed seed) over three messages through both; ~1 800 more (with string,
+    hasflag, date and mime tests too) agreed in development runs."""
     import random
     rng = random.Random(20261201)
     compared = 0
@@ -818,7 +819,7 @@ def test_random_scripts_as_pigeonhole(pigeonhole):
             compile_script(script)
         except SieveSyntaxError:
             continue  # e.g. i;ascii-numeric with :contains, refused by both
-        _oracle(pigeonhole, script, MSG, f"rand{n}")
+        _oracle(pigeonhole, script, rng.choice([MSG, MIME_MSG, TRICKY_MSG]), f"rand{n}")
         compared += 1
         if compared == 40:
             break

@@ -536,11 +536,11 @@ class Interpreter:
 
     def _indexed_addresses(self, name: str, tagv: dict) -> list[str]:
         if tagv.get("anychild"):
-            return [a for _, a in email.utils.getaddresses([v for v, _ in self.msg.part_headers(name, True)])]
+            return [a for _, a in email.utils.getaddresses([v for v, _ in self.msg.part_headers(name, True)]) if a]
         if "index" not in tagv:
             return self.msg.addresses(name)
         fields = self._indexed(self.msg.headers(name), tagv)
-        return [a for _, a in email.utils.getaddresses(fields)]
+        return [a for _, a in email.utils.getaddresses(fields) if a]
 
     def t_envelope(self, test) -> bool:
         values: list[str] = []

@@ -89,7 +89,8 @@ class SieveMessage:
         lname = name.lower()
         out = self._addresses.get(lname)
         if out is None:
-            out = self._addresses[lname] = [a for _, a in email.utils.getaddresses(self.headers(lname))]
+            # an empty group ("undisclosed-recipients:;") holds no address (as Pigeonhole reads it)
+            out = self._addresses[lname] = [a for _, a in email.utils.getaddresses(self.headers(lname)) if a]
         return out
 
     # --- mime (RFC 5703) ----------------------------------------------------------------
