@@ -17,7 +17,7 @@ from . import match
 from .checker import ADDRESS_HEADERS as _ADDRESS_HEADERS, Script
 from .extensions import date as datex
 from .extensions.spamtest import spamtest_value, virustest_value
-from .message import SieveMessage
+from .message import RawAddress, SieveMessage, parse_addresses
 
 PROTECTED_HEADERS = {"received", "auto-submitted"}  # editheader may not touch these (RFC 5293 §6)
 MAX_VARIABLE = 4096  # characters kept in one variable
@@ -528,19 +528,19 @@ class Interpreter:
             if name.lower() not in _ADDRESS_HEADERS:
                 # RFC 5228 5.1: only headers that hold addresses; others never match
                 continue
+            counting = "count" in test.tagv  # :count counts addresses, whatever part they lack
             for addr in self._indexed_addresses(name, test.tagv):
                 part = _address_part(addr, test.tagv, self.ctx.separator)
-                if part is not None:
-                    values.append(part)
+                if part is not None or counting:
+                    values.append(part or "")
         return self._match(values, self.s(test.posv[1]), test.tagv)
 
     def _indexed_addresses(self, name: str, tagv: dict) -> list[str]:
         if tagv.get("anychild"):
-            return [a for _, a in email.utils.getaddresses([v for v, _ in self.msg.part_headers(name, True)]) if a]
+            return parse_addresses([v for v, _ in self.msg.part_headers(name, True)])
         if "index" not in tagv:
             return self.msg.addresses(name)
-        fields = self._indexed(self.msg.headers(name), tagv)
-        return [a for _, a in email.utils.getaddresses(fields) if a]
+        return parse_addresses(self._indexed(self.msg.headers(name), tagv))
 
     def t_envelope(self, test) -> bool:
         values: list[str] = []
@@ -657,6 +657,8 @@ _ADDR_SPEC = re.compile(r"[^\s@<>()\[\],;:\"]+@[^\s@<>()\[\],;:\"]+")
 
 
 def _address_part(addr: str, tagv: dict, sep: str = SUBADDRESS_SEPARATOR) -> str | None:
+    if isinstance(addr, RawAddress):  # no address could be read: only :all sees the value
+        return None if any(tagv.get(p) for p in ("localpart", "domain", "user", "detail")) else str(addr)
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, ""

@@ -23,6 +23,26 @@ def _decode_words(value: str) -> str:
         return value
 
 
+class RawAddress(str):
+    """A header value in which no address could be read ("undisclosed-recipients:;", "junk"):
+    the address test's :all sees the whole value, :localpart/:domain see nothing (as Pigeonhole)."""
+
+
+def parse_addresses(values: list[str]) -> list[str]:
+    out: list[str] = []
+    for value in values:
+        found = []
+        for _, addr in email.utils.getaddresses([value]):
+            local, at, domain = addr.rpartition("@")
+            if at and local and domain:
+                found.append(addr)
+        if found:
+            out.extend(found)
+        elif value.strip():
+            out.append(RawAddress(value.strip()))
+    return out
+
+
 class SieveMessage:
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
@@ -89,8 +109,7 @@ class SieveMessage:
         lname = name.lower()
         out = self._addresses.get(lname)
         if out is None:
-            # an empty group ("undisclosed-recipients:;") holds no address (as Pigeonhole reads it)
-            out = self._addresses[lname] = [a for _, a in email.utils.getaddresses(self.headers(lname)) if a]
+            out = self._addresses[lname] = parse_addresses(self.headers(lname))
         return out
 
     # --- mime (RFC 5703) ----------------------------------------------------------------
