@@ -44,6 +44,8 @@ _LISTENERS = {
     "imaps": ("0.0.0.0:993", "IMAP over implicit TLS"),
     "pop3": ("0.0.0.0:110", "POP3 with STLS"),
     "pop3s": ("0.0.0.0:995", "POP3 over implicit TLS"),
+    "managesieve": ("0.0.0.0:4190", "ManageSieve (RFC 5804): users upload their Sieve filters; STARTTLS, "
+                    "then AUTHENTICATE PLAIN"),
 }
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -403,6 +405,38 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "learn_retries": Key("int", 3, "Attempts to report one message before giving up (logged); attempts "
                              "are spaced 1, 2, 4 ... seconds apart.", min=1, max=10),
     },
+    # --- sieve / managesieve (issue 15) ------------------------------------------------
+    "sieve": {  # sieve.before/after must name a script that compiles: checked at start, not at a delivery
+        "enabled": Key("bool", True, "Run users' Sieve filters (and the global ones) at local delivery."),
+        "before": Key("path", "", "A global Sieve script run for every account before the user's own "
+                      "(Pigeonhole's sieve_before). Empty = none.",
+                      check=lambda v: __import__("mailstack.sieve.scripts", fromlist=["_"]).global_script_error(v)),
+        "after": Key("path", "", "A global Sieve script run for every account after the user's own "
+                     "(Pigeonhole's sieve_after). Empty = none.",
+                     check=lambda v: __import__("mailstack.sieve.scripts", fromlist=["_"]).global_script_error(v)),
+        "max_script_size": Key("int", 64 * 1024, "Largest Sieve script, in bytes.", min=1024, max=16 * MiB),
+        "max_scripts": Key("int", 20, "Sieve scripts one account may store.", min=1, max=10000),
+        "max_steps": Key("int", 10000, "Commands and tests one delivery may evaluate (across every "
+                         "script); more is a run-time error and the message goes to INBOX.", min=100,
+                         max=10_000_000),
+        "max_actions": Key("int", 32, "Actions one delivery may take (fileinto, redirect, ...).", min=1, max=1000),
+        "max_redirects": Key("int", 4, "Redirects one delivery may make.", min=0, max=100),
+        "max_include_depth": Key("int", 5, "How deep `include` may nest.", min=1, max=50),
+        "vacation_min_period": Key("float", 86400.0, "Shortest time between two vacation replies to one "
+                                   "sender, in seconds; a shorter :days/:seconds is raised to it.",
+                                   min=0, max=90 * 86400),
+        "vacation_max_period": Key("float", 90 * 86400.0, "Longest time between two vacation replies to one "
+                                   "sender, in seconds.", min=0, max=365 * 86400),
+    },
+    "managesieve": {
+        "max_connections": Key("int", 1000, "Concurrent ManageSieve sessions.", min=1, max=100000),
+        "max_connections_per_ip": Key("int", 20, "Concurrent ManageSieve sessions from one address.",
+                                      min=1, max=100000),
+        "idle_timeout": Key("float", 1800.0, "Seconds of silence before the session is closed.",
+                            min=10, max=86400),
+        "max_line_length": Key("int", 8192, "Longest command line, in bytes, literals excluded.",
+                               min=1024, max=1 * MiB),
+    },
     "metrics": {
         "listen": Key("str", "", "Serve Prometheus metrics (GET /metrics) on this \"host:port\", e.g. "
                       "\"127.0.0.1:9100\". Keep it on loopback or a private network: it is plain HTTP "
@@ -715,6 +749,8 @@ SECTION_DOCS = {
     "dkim": "DKIM signing of outbound mail from local domains.",
     "senderauth": "Sender authentication of inbound mail (SPF, DKIM, ARC, DMARC) and SRS for forwarding.",
     "filters": "Content filters at the end of DATA: milters, rspamd, SpamAssassin, ClamAV; learning from Junk.",
+    "sieve": "Sieve filtering at local delivery (RFC 5228 and extensions).",
+    "managesieve": "ManageSieve (RFC 5804, port 4190): where users upload their Sieve scripts.",
     "metrics": "Prometheus metrics over HTTP (off unless `listen` is set).",
 }
 

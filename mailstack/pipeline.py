@@ -21,4 +21,6 @@ def build_stages(services) -> tuple:
     stages += senderauth.build(services)
     from .filters.chain import build as build_filters  # content filters (milter, rspamd, spamd, clamd)
     stages += filter(None, [build_filters(services)])
+    from .sieve.stage import stages as sieve_stages  # last: the recipient's own reject (RFC 5429)
+    stages += sieve_stages(services)
     return tuple(stages)

@@ -35,6 +35,7 @@ PROTOCOL_MODULES = {
     "submission": "mailstack.smtp.server",
     "imap": "mailstack.imap.server", "imaps": "mailstack.imap.server",
     "pop3": "mailstack.pop3.server", "pop3s": "mailstack.pop3.server",
+    "managesieve": "mailstack.managesieve.server",
 }
 DIRECTORY_POLL_SECONDS = 1.0
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-LISTENERS = ("smtp", "submissions", "submission", "imap", "imaps", "pop3", "pop3s")
+LISTENERS = ("smtp", "submissions", "submission", "imap", "imaps", "pop3", "pop3s", "managesieve")
 HOSTNAME = "mail.example.test"
 
 

@@ -141,7 +141,8 @@ def test_port_below_1024_without_privilege_is_one_clear_line(user, base_dir):
     config = write_config(base / "config.toml", {
         "server": {"hostname": "mail.example.test", "data_dir": str(data)},
         "listen": {name: [f"127.0.0.1:{port}"] if name == "smtp" else []
-                   for name in ("smtp", "submissions", "submission", "imap", "imaps", "pop3", "pop3s")},
+                   for name in ("smtp", "submissions", "submission", "imap", "imaps", "pop3", "pop3s",
+                                "managesieve")},
     })
     os.chmod(config, 0o644)
     result = subprocess.run(

@@ -111,16 +111,12 @@ class LocalTransport:
         mailbox = JUNK if message.meta.get("junk") else "INBOX"
         if mailbox == JUNK and await spam_to_inbox(self.services.config.data_dir, account):
             mailbox = "INBOX"  # the user's choice (`mailstack user prefs ADDRESS --spam-folder inbox`)
+        did = delivery_id(message.qid, account)
         try:
-            try:
-                added = await self.services.store.deliver(account, message.source,
-                                                          delivery_id(message.qid, account), mailbox=mailbox)
-            except MailboxNotFound:
-                if mailbox == "INBOX":
-                    raise
-                mailbox = "INBOX"  # the user deleted that folder: never lose the message over it
-                added = await self.services.store.deliver(account, message.source,
-                                                          delivery_id(message.qid, account))
+            if self.services.config.sieve.enabled:  # the user's filters decide where it goes
+                status, reply = await self._sieve().deliver(message, account, did, mailbox)
+                return RecipientResult(account, status, reply, "local")
+            mailbox, added = await self._store(account, message.source, did, mailbox)
         except StoreError as e:
             return RecipientResult(account, "deferred", f"452 4.2.0 <{account}>: {e}", "local")
         except OSError as e:
@@ -137,3 +133,23 @@ class LocalTransport:
                                f"delivered to maildir{where}" if added else "delivered to maildir (duplicate)",
                                "local")
 
+    def _sieve(self):
+        from ..sieve.deliver import SieveDelivery  # sieve sits above the queue: imported on first use
+        if self._sieve_delivery is None:
+            self._sieve_delivery = SieveDelivery(self.services, self._store)
+        return self._sieve_delivery
+
+    _sieve_delivery = None
+
+    async def _store(self, account: str, message, did: str, mailbox: str, flags=(),
+                     fallback: bool = True) -> tuple[str, bool]:
+        """Into `mailbox`; when it is gone (the user deleted Junk) into INBOX unless fallback is
+        off (sieve decides then).  Returns (mailbox used, added)."""
+        store = self.services.store
+        try:
+            return mailbox, await store.deliver(account, message, did, mailbox=mailbox, flags=flags)
+        except MailboxNotFound:
+            if mailbox == "INBOX" or not fallback:
+                raise
+            # the user deleted that folder: never lose the message over it
+            return "INBOX", await store.deliver(account, message, did, flags=flags)

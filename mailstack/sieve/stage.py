@@ -1,0 +1,61 @@
+"""The DATA-time part of Sieve: reject/ereject refused in the SMTP session itself.
+
+When a message has a single recipient and it leads to exactly one local account, that
+account's scripts are evaluated at DATA (without side effects: no redirect, vacation or
+duplicate memory) and a reject/ereject becomes the 550 reply, so no bounce is ever sent
+(RFC 5429 2.1).  Otherwise delivery runs them and a reject becomes a DSN.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..smtp.hooks import Verdict
+from .deliver import evaluate_for, load_scripts, script_store
+
+log = logging.getLogger("mailstack.sieve")
+
+
+class SieveRejectStage:
+    name = "sieve"
+
+    def __init__(self, services) -> None:
+        self.services = services
+
+    async def data(self, conn, txn, message: bytes) -> Verdict:
+        if len(txn.rcpts) != 1:
+            return Verdict()
+        directory = self.services.directory
+        rcpt = txn.rcpts[0]
+        try:
+            local, remote = directory.expand(rcpt)
+        except Exception:
+            return Verdict()
+        if len(local) != 1 or remote or not directory.account_exists(local[0]):
+            return Verdict()
+        account = local[0]
+        cfg = self.services.config
+        try:
+            loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
+            if not any({"reject", "ereject", "include"} & s.uses for s in loaded[0]):
+                return Verdict()  # nothing in these scripts can refuse the message
+            meta = {"client_ip": conn.ip, "client_helo": conn.helo, "auth_user": conn.auth_user}
+            plan = await asyncio.to_thread(evaluate_for, cfg, account, message, txn.mail_from, rcpt, meta,
+                                           loaded=loaded)
+        except Exception:  # accept: delivery runs the scripts again and keeps the message if they fail
+            log.exception("sieve: account=<%s>: DATA-time evaluation failed", account)
+            return Verdict()
+        if plan.result is None or plan.error:
+            return Verdict()
+        for action in plan.result.actions:
+            if action.kind in ("reject", "ereject"):
+                reason = " ".join(action.arg.split())[:400] or "rejected"
+                log.info("sieve: account=<%s>: %s at DATA: %s", account, action.kind, reason)
+                return Verdict(reply=f"550 5.7.1 {reason}", log={"sieve": action.kind})
+        return Verdict()
+
+
+def stages(services) -> list:
+    if not services.config.sieve.enabled:
+        return []
+    return [SieveRejectStage(services)]
