@@ -19,7 +19,8 @@ from .config import ConfigError
 from .directory import Directory, DirectoryError, normalize_address
 
 # Modules that add their own subcommands: add_commands(subparsers); handlers run(args, cfg) -> int.
-PLUGIN_COMMANDS = ("mailstack.queue.admin", "mailstack.outbound_cli", "mailstack.status")
+PLUGIN_COMMANDS = ("mailstack.queue.admin", "mailstack.outbound_cli", "mailstack.status",
+                   "mailstack.migrate.cli")
 
 
 def default_config_path() -> str:

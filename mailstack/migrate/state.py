@@ -28,7 +28,7 @@ class FolderState:
     max_dest_uid: int = 0  # highest destination UID recorded (for the crash window check)
 
 
-def _esc(s: str) -> str:
+def esc(s: str) -> str:
     return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
@@ -43,7 +43,7 @@ class Journal:
 
     def load(self, folder: str, uidvalidity: int, dest: str) -> FolderState:
         st = FolderState()
-        key = f"{_esc(folder)}\t{uidvalidity}\t"
+        key = f"{esc(folder)}\t{uidvalidity}\t"
         try:
             f = open(self.path, "r", encoding="utf-8", errors="replace")
         except FileNotFoundError:
@@ -56,14 +56,28 @@ class Journal:
                 if len(parts) != 5 or not parts[2].isdigit() or not parts[4].isdigit():
                     continue
                 st.done.add(int(parts[2]))
-                if parts[3] == _esc(dest):
+                if parts[3] == esc(dest):
                     st.max_dest_uid = max(st.max_dest_uid, int(parts[4]))
         return st
 
-    def record(self, folder: str, uidvalidity: int, uid: int, dest: str, dest_uid: int) -> None:
+    def keys(self, folder: str, uidvalidity: int) -> set[str]:
+        """The source keys recorded for a folder, as text (for sources whose messages are
+        known by name rather than UID: a Maildir file's base name)."""
+        out = set()
+        prefix = f"{esc(folder)}\t{uidvalidity}\t"
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.startswith(prefix) and line.endswith("\n"):
+                        out.add(line.split("\t")[2])
+        except FileNotFoundError:
+            pass
+        return out
+
+    def record(self, folder: str, uidvalidity: int, uid: int | str, dest: str, dest_uid: int) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        line = f"{_esc(folder)}\t{uidvalidity}\t{uid}\t{_esc(dest)}\t{dest_uid}\n".encode("utf-8")
+        line = f"{esc(folder)}\t{uidvalidity}\t{esc(str(uid))}\t{esc(dest)}\t{dest_uid}\n".encode("utf-8")
         os.write(self._fd, line)
         self._unsynced += 1
         if self._unsynced >= FSYNC_EVERY:
