@@ -30,13 +30,6 @@ BIG = 2 * 1024 * 1024
 def dovecot():
     dc = Dovecot()
     dc.add_user(SRC, SRC_PW)
-    # a user Dovecot lets have one connection at a time: the "rate-limiting remote"
-    dc.users["limited@example.test"] = "pw-l"
-    with open(dc.dir / "passwd", "a") as f:
-        f.write("limited@example.test:{PLAIN}pw-l::::::userdb_mail_max_userip_connections=1\n")
-    home = dc.dir / "home" / "limited@example.test"
-    home.mkdir()
-    os.chown(home, dc.uid, dc.gid)
     dc.start()
     dc.made = fill_account("127.0.0.1", dc.imaps_port, dc.client_tls(), SRC, SRC_PW, BIG)
     yield dc
@@ -147,10 +140,13 @@ def test_import_imap_options_and_errors(tmp_path, dovecot):
     assert r.returncode == 1 and "no such account" in r.stderr
 
 
-def test_import_backs_off_when_the_remote_limits_connections(tmp_path, dovecot):
-    """Dovecot allows this user one connection: while the test holds it, the importer is
-    refused, backs off, and completes once the connection is released."""
+def test_import_backs_off_when_the_remote_limits_connections(tmp_path):
+    """A Dovecot that allows one connection per user and address: while the test holds it, the
+    importer is refused (NO [LIMIT]), backs off, and completes once the connection is released."""
     user, pw = "limited@example.test", "pw-l"
+    dovecot = Dovecot(extra="protocol imap {\n  mail_max_userip_connections = 1\n}\n")
+    dovecot.add_user(user, pw)
+    dovecot.start()
     c = imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps_port, ssl_context=dovecot.client_tls())
     c.login(user, pw)
     c.append("INBOX", "(\\Seen)", None, b"Subject: limited\r\nMessage-ID: <l@x>\r\n\r\nhi\r\n")
@@ -166,10 +162,12 @@ def test_import_backs_off_when_the_remote_limits_connections(tmp_path, dovecot):
                  30, what="the remote to refuse the second connection")
         time.sleep(0.3)  # let the importer see the refusal (it then backs off for >= 1 s)
         c.logout()
-        out, err = proc.communicate(timeout=90)
+        proc.wait(timeout=90)
+        err = proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
+        dovecot.cleanup()
     err = err.decode()
     assert proc.returncode == 0, err
     assert "retrying in" in err, err
@@ -228,12 +226,13 @@ def test_import_from_mailstack_while_running_wakes_idle(tmp_path):
         c.append("Projects/2024", "(\\Seen Urgent)", None, b"Subject: p\r\n\r\nproject\r\n")
         c.logout()
         # an IDLE client of the destination account, on INBOX
-        idle = socket.create_connection(("127.0.0.1", srv.ports["imap"]), timeout=20)
+        idle = ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.ports["imaps"]), timeout=20))
         f = idle.makefile("rb")
         f.readline()
         idle.sendall(b"a LOGIN alice@example.test secret\r\n")
-        while not f.readline().startswith(b"a "):
+        while not (line := f.readline()).startswith(b"a "):
             pass
+        assert line.startswith(b"a OK"), line
         idle.sendall(b"b SELECT INBOX\r\nc IDLE\r\n")
         while not f.readline().startswith(b"+"):
             pass
