@@ -36,7 +36,8 @@ class Counts:
     skipped: int = 0  # already there (journal, Message-ID + size, kept UID)
     failed: int = 0
     bytes_total: int = 0
-    bytes_done: int = 0
+    bytes_done: int = 0  # copied or found already there (for the rate and ETA)
+    bytes_copied: int = 0
     warnings: list[str] = field(default_factory=list)
 
 
@@ -72,6 +73,7 @@ class Progress:
     def copied(self, size: int) -> None:
         self.c.copied += 1
         self.c.bytes_done += size
+        self.c.bytes_copied += size
         self.tick()
 
     def skipped(self, n: int = 1, size: int = 0) -> None:
@@ -130,7 +132,7 @@ class Progress:
     def summary(self) -> str:
         c = self.c
         elapsed = time.monotonic() - self.started
-        text = (f"{self.verb}: {c.copied} messages ({human_bytes(c.bytes_done)}) in {c.folders_done} folders, "
+        text = (f"{self.verb}: {c.copied} messages ({human_bytes(c.bytes_copied)}) in {c.folders_done} folders, "
                 f"{c.skipped} already there, {c.failed} failed, {len(c.warnings)} warnings, "
                 f"in {human_time(elapsed)}")
         self.line(text)
