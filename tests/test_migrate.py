@@ -135,6 +135,13 @@ def test_import_imap_options_and_errors(tmp_path, dovecot):
     r = srv.cli("import", "imap", DST, "--from", "imap://192.0.2.1", "--login", "x", "--password-stdin",
                 input="x\n", check=False)
     assert r.returncode == 1 and "no TLS to a remote host" in r.stderr
+    from harness import free_port
+    r = srv.cli("import", "imap", DST, "--from", f"imaps://127.0.0.1:{free_port()}", "--login", "x",
+                "--password-stdin", input="x\n", check=False)
+    assert r.returncode == 1 and "cannot connect to 127.0.0.1" in r.stderr and "Traceback" not in r.stderr
+    r = srv.cli("import", "imap", DST, "--from", f"imaps://127.0.0.1:{dovecot.imaps_port}", "--login", "x",
+                "--password-stdin", input="x\n", check=False)  # no --ca-file: self-signed refused
+    assert r.returncode == 1 and "certificate not trusted" in r.stderr, r.stderr
     r = srv.cli("import", "imap", "nobody@example.test", "--from", "imaps://127.0.0.1", "--login", "x",
                 "--password-stdin", input="x\n", check=False)
     assert r.returncode == 1 and "no such account" in r.stderr

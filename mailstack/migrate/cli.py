@@ -7,8 +7,10 @@ import asyncio
 import getpass
 import ssl
 import sys
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
+
+from ..store.base import StoreError
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -106,7 +108,7 @@ def cmd_import_imap(args, cfg) -> int:
         source = imap.Source(host, port, tls, args.login, secret, args.oauth2_token_stdin, ctx)
         opts = imap.Options(args.folders, args.exclude, since)
         return asyncio.run(imap.run_import(cfg, account, source, opts, Progress("imported")))
-    except (ValueError, imap.ImportError_, OSError) as e:
+    except (ValueError, imap.ImportError_, OSError, StoreError) as e:
         return _die(str(e) or type(e).__name__)
 
 
@@ -123,7 +125,7 @@ def cmd_import_maildir(args, cfg) -> int:
         account = _account(cfg, args.user)
         return asyncio.run(dovecot.run_import(cfg, account, Path(args.path), Progress("imported"),
                                               args.pop3_uidl_format, keep_uids=not args.new_uids))
-    except (ValueError, dovecot.TreeError, OSError) as e:
+    except (ValueError, dovecot.TreeError, OSError, StoreError) as e:
         return _die(str(e))
 
 
@@ -134,5 +136,5 @@ def cmd_export(args, cfg) -> int:
         account = _account(cfg, args.user)
         return asyncio.run(export.run_export(cfg, account, Path(args.dest), Progress("exported"),
                                              mbox=args.mbox))
-    except (ValueError, export.ExportError, OSError) as e:
+    except (ValueError, export.ExportError, OSError, StoreError) as e:
         return _die(str(e))

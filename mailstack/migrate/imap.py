@@ -248,7 +248,9 @@ class Connection:
         self.client: aioimaplib.IMAP4 | None = None
         self.lost = asyncio.Event()
         self.selected: str | None = None
+        self.select_response = None
         self.backoffs = 0
+        self.ever_connected = False
 
     async def _connect_once(self) -> None:
         self.lost = asyncio.Event()
@@ -263,8 +265,14 @@ class Connection:
                                        ssl_context=ctx)
         try:
             await self._call(self.client.wait_hello_from_server(), 30)
-        except (OSError, ssl.SSLError) as e:
+        except ssl.SSLCertVerificationError as e:
+            raise ImportError_(f"{self.src.host}:{self.src.port}: certificate not trusted ({e.verify_message}); "
+                               "use --ca-file for a private CA") from None
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, _Lost) as e:
+            if not self.ever_connected:  # a typo or a closed port: say so now, not after minutes
+                raise ImportError_(f"cannot connect to {self.src.host}:{self.src.port}: {e or 'timeout'}") from None
             raise _Lost(f"cannot connect to {self.src.host}:{self.src.port}: {e}") from None
+        self.ever_connected = True
         proto = self.client.protocol
         if self.src.oauth2:
             resp = await self._call(proto.xoauth2(self.src.login, self.src.secret), 60)
