@@ -191,7 +191,7 @@ def test_resume_after_kill_9(tmp_path, dovecot):
     dovecot.add_user(user, pw)
     c = imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps_port, ssl_context=dovecot.client_tls())
     c.login(user, pw)
-    n = 400
+    n = 250
     for i in range(n):
         c.append("INBOX", "(\\Seen)" if i % 2 else "()", None,
                  f"Subject: m{i}\r\nMessage-ID: <k{i}@x>\r\n\r\n{'x' * 2000}\r\n".encode())
@@ -203,7 +203,7 @@ def test_resume_after_kill_9(tmp_path, dovecot):
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.stdin.write(pw.encode() + b"\n")
     proc.stdin.close()
-    wait_for(lambda: _count_files(srv, DST) >= 60 or proc.poll() is not None, 60, what="import under way")
+    wait_for(lambda: _count_files(srv, DST) >= 40 or proc.poll() is not None, 60, what="import under way")
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     partial = _count_files(srv, DST)

@@ -395,7 +395,11 @@ async def list_folders(conn: Connection, opts: Options, progress: Progress) -> l
             name = raw
         levels = name.split(delim) if delim else [name]
         remote = name
-        local = folders.local_name(levels, attrs)
+        try:
+            local = folders.local_name(levels, attrs)
+        except StoreError as e:
+            progress.warn(f"skipping {remote}: no mailstack name for it ({e})")
+            continue
         local_slash = "/".join(levels)
         if opts.folders and not folders.matches(local_slash, opts.folders) and \
                 not folders.matches(local, opts.folders):
