@@ -315,7 +315,6 @@ def test_import_dovecot_maildir_keeps_uids_flags_keywords_and_pop3_uidls(tmp_pat
         p = socket.create_connection(("127.0.0.1", srv.ports["pop3"]), timeout=20)
         pf = p.makefile("rb")
         pf.readline()
-        import ssl as _ssl
         p.sendall(b"STLS\r\n")
         pf.readline()
         tls = srv.client_tls().wrap_socket(p)

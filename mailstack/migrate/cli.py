@@ -2,7 +2,6 @@
 `mailstack export USER DEST [--mbox]`: added to the CLI through cli.PLUGIN_COMMANDS."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import getpass
 import ssl

@@ -131,14 +131,7 @@ def parse_subscriptions(data: bytes) -> list[list[str]]:
 
 def folder_levels(dirname: str) -> list[str]:
     """Maildir++ directory ".Archive.2023" -> ["Archive", "2023"], decoded from modified UTF-7."""
-    levels = dirname[1:].split(".")
-    out = []
-    for lvl in levels:
-        try:
-            out.append(mutf7.decode(lvl))
-        except Exception:
-            out.append(lvl)
-    return out
+    return _decode_levels(dirname[1:].split("."))
 
 
 def _decode_levels(levels: list[str]) -> list[str]:

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import re
 import ssl
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
