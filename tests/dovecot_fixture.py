@@ -87,6 +87,9 @@ namespace inbox {{
   mailbox Drafts {{
     special_use = \\Drafts
   }}
+  mailbox "All Mail" {{
+    special_use = \\All
+  }}
 }}
 service imap-login {{
   inet_listener imap {{

@@ -127,9 +127,22 @@ def test_import_imap_from_dovecot_copies_everything_once(tmp_path, dovecot):
 
 def test_import_imap_options_and_errors(tmp_path, dovecot):
     srv = _server(tmp_path)
+    # a \All folder (Gmail's All Mail) is a view of the others: skipped unless named
+    c = imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps_port, ssl_context=dovecot.client_tls())
+    c.login(SRC, SRC_PW)
+    c.create('"All Mail"')
+    c.append('"All Mail"', "()", None, b"Subject: all\r\nMessage-ID: <all@x>\r\n\r\nall\r\n")
+    c.logout()
+    r = _import_imap(srv, dovecot, "--exclude", "INBOX", "Sent", "Entw*")
+    assert "skipping All Mail: a virtual view" in r.stderr and "imported: 1 messages" in r.stderr, r.stderr
+    r = _import_imap(srv, dovecot, "--folders", "All Mail")
+    assert "imported: 1 messages" in r.stderr, r.stderr
+    assert len(_snapshot(srv.data_dir, DST)["All Mail"]) == 1
+    (tmp_path / "second").mkdir()
+    srv = _server(tmp_path / "second")
     r = _import_imap(srv, dovecot, "--folders", "Archive", "--exclude", "INBOX")
     assert "imported: 1 messages" in r.stderr, r.stderr
-    assert "Archive/2023/Q1" in _snapshot(srv.data_dir, DST)
+    assert len(_snapshot(srv.data_dir, DST)["Archive/2023/Q1"]) == 1
     r = _import_imap(srv, dovecot, password="wrong", check=False)
     assert r.returncode == 1 and "login as u@example.test refused" in r.stderr and "Traceback" not in r.stderr
     r = srv.cli("import", "imap", DST, "--from", "imap://192.0.2.1", "--login", "x", "--password-stdin",
