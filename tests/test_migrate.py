@@ -160,6 +160,21 @@ def test_import_imap_options_and_errors(tmp_path, dovecot):
     assert r.returncode == 1 and "no such account" in r.stderr
 
 
+def test_import_with_an_oauth2_token(tmp_path, dovecot):
+    """SASL XOAUTH2 (what Gmail and Outlook want); Dovecot checks the token against its passdb."""
+    dovecot.add_user("oauth@example.test", "ya29.token-xyz")
+    c = imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps_port, ssl_context=dovecot.client_tls())
+    c.login("oauth@example.test", "ya29.token-xyz")
+    c.append("INBOX", "(\\Seen)", None, b"Subject: o\r\nMessage-ID: <o@x>\r\n\r\noauth\r\n")
+    c.logout()
+    srv = _server(tmp_path)
+    r = srv.cli("import", "imap", DST, "--from", f"imaps://127.0.0.1:{dovecot.imaps_port}", "--login",
+                "oauth@example.test", "--oauth2-token-stdin", "--ca-file", str(dovecot.dir / "cert.pem"),
+                input="ya29.token-xyz\n", timeout=60)
+    assert "imported: 1 messages" in r.stderr, r.stderr
+    assert "user=<oauth@example.test>, method=XOAUTH2" in dovecot.log()
+
+
 def test_import_backs_off_when_the_remote_limits_connections(tmp_path):
     """A Dovecot that allows one connection per user and address: while the test holds it, the
     importer is refused (NO [LIMIT]), backs off, and completes once the connection is released."""
