@@ -249,13 +249,6 @@ def _copy_converted(src: Path, dst_dir: Path, tmp_name: str) -> tuple[int, float
     return size, st.st_mtime
 
 
-def _read_converted(src: Path) -> tuple[bytes, float]:
-    st = os.stat(src)
-    data = src.read_bytes()
-    out, _ = to_crlf(data, False)
-    return out, st.st_mtime
-
-
 # -- the import ---------------------------------------------------------------------------------
 
 async def run_import(cfg, account: str, root: Path, progress: Progress,
@@ -363,33 +356,45 @@ async def _import_keeping_uids(target: Target, progress: Progress, folder: Sourc
 
 async def _import_appending(target: Target, journal: Journal, progress: Progress, folder: SourceFolder,
                             local: str) -> None:
-    """Fresh UIDs: store.append with flags and date, journal keyed by the Dovecot base name."""
+    """Fresh UIDs (preserve.append_new, a batch at a time), flags and dates kept, the journal
+    keyed by the Dovecot base name so a rerun copies nothing twice."""
     from .state import esc
     msgs = await asyncio.to_thread(list_messages, folder.path)
     key = f"maildir:{folder.path.name}"
     done = await asyncio.to_thread(journal.keys, key, 0)
+    mdir = target.store.mailbox_dir(target.account, local)
     progress.add_work(len(msgs))
-    for i, (base, (sub, name)) in enumerate(sorted(msgs.items())):
+    batch: list[tuple[str, int, float, set[str]]] = []
+    bases: list[str] = []
+
+    async def flush() -> None:
+        _, uids, lost = await asyncio.to_thread(preserve.append_new, mdir, batch)
+        if lost:
+            progress.warn(f"{local}: keywords not kept (26 per folder at most): {' '.join(lost)}")
+        for base, uid, (_, size, _, _) in zip(bases, uids, batch):
+            journal.record(key, 0, base, local, uid)
+            progress.copied(size)
+        batch.clear()
+        bases.clear()
+        await target.changed(local)
+
+    for base, (sub, name) in sorted(msgs.items()):
         if esc(base) in done:
             progress.skipped(1)
             continue
         _, letters = split_name(name)
-        flags = _flags_of(sub, letters, folder.keywords)
+        tmp = preserve.tmp_name()
         try:
-            data, mtime = await asyncio.to_thread(_read_converted, folder.path / sub / name)
+            size, mtime = await asyncio.to_thread(_copy_converted, folder.path / sub / name, mdir, tmp)
         except FileNotFoundError:
             progress.failed(f"{local}: {name} vanished while copying (is Dovecot still running?)")
             continue
-        try:
-            _, uid = await target.store.append(target.account, local, data, sorted(flags), mtime)
-        except StoreError as e:
-            progress.warn(f"{local}: {name}: keywords not kept ({e})")
-            _, uid = await target.store.append(target.account, local, data,
-                                               sorted(f for f in flags if f.startswith("\\")), mtime)
-        journal.record(key, 0, base, local, uid)
-        progress.copied(len(data))
-        if i % BATCH == 0:
-            await target.changed(local)
+        batch.append((tmp, size, mtime, _flags_of(sub, letters, folder.keywords)))
+        bases.append(base)
+        if len(batch) >= BATCH:
+            await flush()
+    if batch:
+        await flush()
 
 
 async def _subscriptions(target: Target, root: Path, tree: list[SourceFolder], local_names: dict,

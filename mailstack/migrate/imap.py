@@ -21,6 +21,7 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 import aioimaplib
 
 from ..imap import mutf7
+from ..store import preserve
 from ..store.base import StoreError
 from . import folders
 from .progress import Progress
@@ -508,6 +510,8 @@ async def _copy_batch(conn: Connection, target: Target, journal: Journal, progre
                           mailbox=name, timeout=timeout)
     got = {m.uid: m.body for m in parse_fetch(resp.lines) if m.body is not None}
     del resp
+    mdir = target.store.mailbox_dir(target.account, local)
+    items, order = [], []
     for uid, meta in want.items():
         body = got.pop(uid, None)
         if body is None:
@@ -516,17 +520,20 @@ async def _copy_batch(conn: Connection, target: Target, journal: Journal, progre
         flags, dropped = check_flags(meta.flags)
         if dropped:
             progress.warn(f"{name} UID {uid}: flags not kept: {' '.join(dropped)}")
-        try:
-            _, dest_uid = await target.store.append(target.account, local, body, flags, meta.internaldate)
-        except StoreError as e:
-            if "keyword" not in str(e):
-                raise
-            # more than 26 keywords in one folder: keep the message and its system flags
-            progress.warn(f"{name} UID {uid}: keywords not kept ({e})")
-            flags = [f for f in flags if f.startswith("\\")]
-            _, dest_uid = await target.store.append(target.account, local, body, flags, meta.internaldate)
+        tmp = await asyncio.to_thread(preserve.write_tmp, mdir, body)
+        date = meta.internaldate if meta.internaldate is not None and meta.internaldate >= 0 else time.time()
+        items.append((tmp, len(body), date, set(flags)))
+        order.append(uid)
+        del body
+    if not items:
+        return
+    # One uidlist update for the batch (see preserve.append_new for why not store.append).
+    _, dest_uids, lost_keywords = await asyncio.to_thread(preserve.append_new, mdir, items)
+    if lost_keywords:
+        progress.warn(f"{local}: keywords not kept (26 per folder at most): {' '.join(lost_keywords)}")
+    for uid, dest_uid, (_, size, _, _) in zip(order, dest_uids, items):
         journal.record(name, uidvalidity, uid, local, dest_uid)
-        progress.copied(len(body))
+        progress.copied(size)
     await target.changed(local)
 
 

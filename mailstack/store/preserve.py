@@ -155,6 +155,115 @@ def place(mailbox_dir: Path, batch: list[tuple[int, str, int, float, str]]) -> N
     fsync_dir(mailbox_dir / "cur")
 
 
+# -- appending many messages at once ------------------------------------------------------------
+
+_NEXT_CACHE: dict[str, tuple[tuple, int]] = {}  # uidlist path -> (stat signature, next UID)
+
+
+def _sig(path: Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def append_new(mailbox_dir: Path, batch: list[tuple[str, int, float, set[str]]]) -> tuple[int, list[int], list[str]]:
+    """Give the next UIDs to messages already written and fsynced to tmp/ and move them into
+    cur/: batch of (tmp name, size, internal date, flags).  Returns (UIDVALIDITY, UIDs in batch
+    order, keywords that found no letter).  Blocking.
+
+    What store.append does for one message, done for a batch under one flock, because
+    store.append re-reads the whole uidlist for every message (33 ms per message at 20,000
+    messages in the folder: hours for a 100,000-message INBOX).  Here the next UID is taken
+    from the previous batch's answer when the uidlist has not changed since (stat signature),
+    so the cost per message does not grow with the folder.  Same order as place(): uidlist
+    lines (fsynced) before the renames, then cur/ fsynced."""
+    if not batch:
+        return 0, [], []
+    words: list[str] = []
+    for _, _, _, flags in batch:
+        words += [f for f in flags if not f.startswith("\\") and f not in words]
+    path = mailbox_dir / ulmod.NAME
+    key = str(path)
+    with _flock(mailbox_dir):
+        table = _merge_keywords(mailbox_dir, words) if words else _read_keywords(mailbox_dir)
+        index = {k.lower(): fl.KEYWORD_LETTERS[i] for i, k in enumerate(table)}
+        try:
+            sig = _sig(path)
+        except FileNotFoundError:
+            sig = None
+        cached = _NEXT_CACHE.get(key)
+        uidvalidity = 0
+        if cached is not None and sig is not None and cached[0][0] == sig:
+            nextuid, uidvalidity = cached[1], cached[0][1]
+            clean = True
+        else:
+            data = path.read_bytes() if sig is not None else b""
+            ul = ulmod.parse(data) if data else None
+            if ul is None:  # lost or never made: a new UIDVALIDITY, as maildir.py would
+                from .maildir import _new_uidvalidity
+                ul = ulmod.UidList(_new_uidvalidity(mailbox_dir.parent if mailbox_dir.name.startswith(".")
+                                                    else mailbox_dir), 1, clean_end=False)
+            nextuid, uidvalidity, clean = ul.nextuid, ul.uidvalidity, ul.clean_end and bool(data)
+        named = []
+        dropped: list[str] = []
+        for tmp, size, date, flags in batch:
+            letters = "".join(fl.LETTER_OF[f] for f in flags if f in fl.LETTER_OF)
+            for f in flags:
+                if f.startswith("\\"):
+                    continue
+                if f.lower() in index:
+                    letters += index[f.lower()]
+                elif f not in dropped:
+                    dropped.append(f)
+            named.append((nextuid, tmp, fn.new_base(date, size), date, "".join(sorted(set(letters)))))
+            nextuid += 1
+        lines = b"".join(ulmod.format_line(uid, base) for uid, _, base, _, _ in named)
+        if clean:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                view = memoryview(lines)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:  # first write, or a torn last line left by a crash: rewrite the whole list
+            ul = ulmod.parse(path.read_bytes()) if sig is not None else None
+            if ul is None or ul.uidvalidity != uidvalidity:
+                ul = ulmod.UidList(uidvalidity, 1)
+            for uid, _, base, _, _ in named:
+                ul.uids[base] = uid
+            ul.nextuid = max(ul.nextuid, nextuid)
+            atomic_write(path, ulmod.format_all(ul))
+        _NEXT_CACHE[key] = ((_sig(path), uidvalidity), nextuid)
+    for uid, tmp, base, date, letters in named:
+        src = mailbox_dir / "tmp" / tmp
+        os.utime(src, (date, date))
+        os.rename(src, mailbox_dir / "cur" / fn.join(base, letters))
+    fsync_dir(mailbox_dir / "cur")
+    return uidvalidity, [n[0] for n in named], dropped
+
+
+def _read_keywords(mailbox_dir: Path) -> list[str]:
+    try:
+        return fl.parse_keywords_file((mailbox_dir / KEYWORDS).read_bytes())
+    except FileNotFoundError:
+        return []
+
+
+def write_tmp(mailbox_dir: Path, data: bytes) -> str:
+    """Write a message to tmp/ under a fresh name, fsynced; returns the name.  Blocking."""
+    name = tmp_name()
+    fd = os.open(mailbox_dir / "tmp" / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return name
+
+
 def forget_missing(mailbox_dir: Path, uids: set[int]) -> None:
     """Drop uidlist lines of `uids` (listed, file never placed) so they can be placed again."""
     if not uids:
