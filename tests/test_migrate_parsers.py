@@ -126,7 +126,7 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise():
         p.skipped(1, 1000)
         p.end_folder()
         p.summary()
-    assert "\r\x1b[K[##########----------] folders 1/2  messages 2/4" in tty.getvalue()
+    assert "\r\x1b[K[##########----------] folders 1/2  messages 2/4  2.0 KiB" in tty.getvalue()
     assert "\r" not in plain.getvalue() and plain.getvalue().startswith("folder INBOX\n")
     assert plain.getvalue().endswith("imported: 1 messages (1000 B) in 1 folders, 1 already there, 0 failed, "
                                      "0 warnings, in 0s\n")

@@ -445,7 +445,7 @@ async def _dest_index(target: Target, dest: str, above_uid: int) -> dict[tuple[s
 
 
 async def import_folder(conn: Connection, target: Target, journal: Journal, progress: Progress,
-                        raw: str, local: str, opts: Options, known: set[str]) -> None:
+                        raw: str, local: str, opts: Options, known: set[str], expected: int = 0) -> None:
     name = raw  # as the server spells it (modified UTF-7): what SELECT and the journal use
     await target.ensure_mailbox(local, known)
     await conn.run(lambda p: p.simple_command("NOOP"), mailbox=name)
@@ -463,7 +463,7 @@ async def import_folder(conn: Connection, target: Target, journal: Journal, prog
             uids += [int(x) for x in line.split() if x.isdigit()]
     uids.sort()
     todo = [u for u in uids if u not in state.done]
-    progress.add_work(len(uids))
+    progress.add_work(len(uids) - expected)  # STATUS counted `expected` already
     progress.skipped(len(uids) - len(todo))
     if not todo:
         return
@@ -546,12 +546,13 @@ async def run_import(cfg, account: str, source: Source, opts: Options, progress:
     conn = Connection(source, progress)
     try:
         todo = await list_folders(conn, opts, progress)
-        progress.plan(len(todo))
+        expected = {raw: await _message_count(conn, raw) for raw, _, _ in todo}
+        progress.plan(len(todo), sum(expected.values()))
         known = await target.existing()
         subscribed = await _remote_subscriptions(conn)
         for raw, local, _attrs in todo:
             progress.begin_folder(local)
-            await import_folder(conn, target, journal, progress, raw, local, opts, known)
+            await import_folder(conn, target, journal, progress, raw, local, opts, known, expected[raw])
             if raw in subscribed:
                 await target.store.subscribe(target.account, local, True)
             progress.end_folder()
@@ -560,6 +561,16 @@ async def run_import(cfg, account: str, source: Source, opts: Options, progress:
         await conn.close()
     progress.summary()
     return 1 if progress.c.failed else 0
+
+
+async def _message_count(conn: Connection, raw: str) -> int:
+    """MESSAGES of a folder (STATUS), for the progress total; 0 when the server will not say."""
+    resp = await conn.run(lambda p: p.simple_command("STATUS", quote(raw), "(MESSAGES)"))
+    for line in resp.lines:
+        m = re.search(rb"\(MESSAGES (\d+)\)", line) if isinstance(line, bytes) else None
+        if m:
+            return int(m.group(1))
+    return 0
 
 
 async def _remote_subscriptions(conn: Connection) -> set[str]:

@@ -97,13 +97,11 @@ class Progress:
         rate = c.bytes_done / elapsed
         done = c.copied + c.skipped + c.failed
         eta = ""
-        if c.bytes_total and c.bytes_done and c.bytes_done < c.bytes_total and rate > 0:
-            eta = f" ETA {human_time((c.bytes_total - c.bytes_done) / rate)}"
-        elif c.messages_total and done and done < c.messages_total:
+        if c.messages_total and done and done < c.messages_total:
+            # by messages: the byte total of folders not yet listed is not known in advance
             eta = f" ETA {human_time((c.messages_total - done) * elapsed / done)}"
-        total_bytes = f"/{human_bytes(c.bytes_total)}" if c.bytes_total else ""
         return (f"folders {c.folders_done}/{c.folders_total}  messages {done}/{c.messages_total}  "
-                f"{human_bytes(c.bytes_done)}{total_bytes}  {human_bytes(rate)}/s{eta}")
+                f"{human_bytes(c.bytes_done)}  {human_bytes(rate)}/s{eta}")
 
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()
