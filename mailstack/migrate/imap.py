@@ -282,6 +282,7 @@ class Connection:
         if resp.result != "OK":
             text = _status_text(resp)
             if self._throttle(text) or "BYE" in text.upper():
+                await self.close()  # a fresh connection for the next try
                 raise _Throttled(f"login: {text}")
             raise ImportError_(f"login as {self.src.login} refused: {text}")
         self.selected = None
@@ -318,9 +319,9 @@ class Connection:
             self.client.protocol.transport.close()
         self.client = None
 
-    async def _backoff(self, why: str) -> None:
+    async def _backoff(self, why: str, tries: int) -> None:
         self.backoffs += 1
-        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(self.backoffs - 1, 10))
+        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(tries - 1, 10))
         self.progress.line(f"remote busy or gone ({why}); retrying in {delay:g}s")
         await asyncio.sleep(delay)
 
@@ -356,7 +357,7 @@ class Connection:
                 if isinstance(e, _Lost) or self.lost.is_set():
                     self.selected = None
                     await self.close()
-                await self._backoff(str(e) or type(e).__name__)
+                await self._backoff(str(e) or type(e).__name__, tries)
 
 
 def _select_info(resp) -> tuple[int | None, int | None]:
