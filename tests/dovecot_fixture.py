@@ -117,6 +117,10 @@ service stats {{
         self.users[user] = password
         with open(self.dir / "passwd", "a") as f:
             f.write(f"{user}:{{PLAIN}}{password}::::::\n")
+        # Dovecot re-reads a passwd-file whose mtime (in whole seconds) changed: make sure it did
+        import time
+        self._mtime = max(int(time.time()) + 1, getattr(self, "_mtime", 0) + 1)
+        os.utime(self.dir / "passwd", (self._mtime, self._mtime))
         home = self.dir / "home" / user
         home.mkdir(parents=True, exist_ok=True)
         os.chown(home, self.uid, self.gid)

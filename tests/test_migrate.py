@@ -211,7 +211,7 @@ def _count_files(srv: MailServer, account: str) -> int:
     return len(os.listdir(d)) if d.is_dir() else 0
 
 
-def test_resume_after_kill_9(tmp_path, dovecot):
+def test_reconnect_after_bye_and_resume_after_kill_9(tmp_path, dovecot):
     user, pw = "many@example.test", "pw-m"
     dovecot.add_user(user, pw)
     c = imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps_port, ssl_context=dovecot.client_tls())
@@ -229,6 +229,14 @@ def test_resume_after_kill_9(tmp_path, dovecot):
     proc.stdin.write(pw.encode() + b"\n")
     proc.stdin.close()
     wait_for(lambda: _count_files(srv, DST) >= 40 or proc.poll() is not None, 60, what="import under way")
+    # the remote drops the session (BYE): the importer reconnects, re-selects and goes on
+    kick = subprocess.run(["doveadm", "-c", str(dovecot.conf), "kick", user], capture_output=True, text=True,
+                          timeout=30)
+    assert kick.returncode == 0 and user in kick.stdout, kick.stdout + kick.stderr
+    after_kick = _count_files(srv, DST)
+    wait_for(lambda: _count_files(srv, DST) >= after_kick + 40 or proc.poll() is not None, 60,
+             what="import going on after the kick")
+    assert proc.poll() is None, "the importer stopped after the remote's BYE"
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     partial = _count_files(srv, DST)
