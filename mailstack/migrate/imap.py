@@ -2,9 +2,9 @@
 
 Per folder: SELECT, UID SEARCH (ALL or SINCE), then in chunks of META_CHUNK UIDs a metadata
 FETCH (UID FLAGS INTERNALDATE RFC822.SIZE Message-ID), then the bodies in batches bounded by
-BATCH_BYTES (one message alone when it is bigger), each appended through store.append with
-its flags, keywords and INTERNALDATE, byte for byte as BODY.PEEK[] gave it (PEEK: \\Seen is
-not set on the source).  Memory is bounded by one metadata chunk plus one body batch, never
+BATCH_BYTES (one message alone when it is bigger), appended a batch at a time
+(store/preserve.append_new) with their flags, keywords and INTERNALDATE, byte for byte as
+BODY.PEEK[] gave them (PEEK: \\Seen is not set on the source).  Memory is bounded by one metadata chunk plus one body batch, never
 a folder.
 
 Idempotent and resumable through the journal (state.py), keyed by the source folder's

@@ -1,9 +1,11 @@
 """Where imported messages go.
 
-Always through the store: a MaildirStore on the configured mail_dir, built the way server.py
-builds it.  The Maildir store is made to be shared by several processes (UID assignment and
-keyword tables are flock()ed, files arrive tmp/ -> fsync -> rename), so the importer writes
-the same way whether or not the server runs.  When a server does run, its control socket is
+Always into the store: a MaildirStore on the configured mail_dir, built the way server.py
+builds it (accounts, folders, subscriptions), and the store-level functions of
+store/preserve.py for the messages themselves (a batch at a time, or under kept UIDs).  The
+Maildir store is made to be shared by several processes (UID assignment and keyword tables
+are flock()ed, files arrive tmp/ -> fsync -> rename), so the importer writes the same way
+whether or not the server runs.  When a server does run, its control socket is
 told after each batch which mailbox changed; the server publishes the same "new" event local
 delivery publishes, so IMAP IDLE sessions report the mail at once instead of at their next
 poll (imap.idle_refresh).  Message bytes never go over the control socket (it is a small
