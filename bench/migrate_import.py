@@ -102,7 +102,7 @@ def main() -> int:
         rc, secs, peak, err = peak_rss(cmd, b"pw\n")
         n = args.messages + args.big
         print(f"account: {n} messages in {args.folders} folders, {total / 2**20:.1f} MiB "
-              f"(largest {max(args.big_size if args.big else 0, args.size) / 2**20:.1f} MiB), generated in {gen:.1f}s")
+              f"(largest {max(args.big_size if args.big else 0, args.size) / 2**20:.2f} MiB), generated in {gen:.1f}s")
         print(f"import: exit {rc}, {secs:.1f}s, {n / secs:.0f} msg/s, {total / 2**20 / secs:.1f} MiB/s, "
               f"importer peak RSS {peak / 1024:.1f} MiB  ({env_note})")
         print(err.strip().splitlines()[-1] if err.strip() else "")
