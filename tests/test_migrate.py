@@ -36,15 +36,55 @@ def dovecot():
     dc.cleanup()
 
 
-def _server(tmp_path: Path, **overrides) -> MailServer:
-    srv = MailServer(tmp_path, overrides={"imap": {"idle_refresh": 300.0}, **overrides})
-    srv.add_domain("example.test")
-    srv.add_user(DST, "secret")
+def _server(tmp_path: Path, *users: tuple[str, str]) -> MailServer:
+    """A configured (not started) mailstack with the destination account.  Accounts are
+    written in-process (what `mailstack user add` does) to spare two interpreter starts."""
+    import asyncio
+
+    from mailstack.directory import Directory
+    from mailstack.events import EventBus
+    from mailstack.store.maildir import MaildirStore
+    srv = MailServer(tmp_path, overrides={"imap": {"idle_refresh": 300.0}})
+    srv.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    d = Directory(srv.data_dir)
+    d.add_domain("example.test")
+    for address, password in ((DST, "secret"), *users):
+        d.add_user(address, password)
+    d.save()
+    store = MaildirStore(srv.data_dir / "mail", EventBus())
+    for address, _ in ((DST, "secret"), *users):
+        asyncio.run(store.ensure_account(address))
     return srv
 
 
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _cli(srv: MailServer, *args: str, input: str = "", check: bool = True, timeout: float = 0) -> _Result:
+    """`mailstack ARGS --config …` run in this process (an interpreter start costs more than
+    most of these imports); the tests that need a real process (kill -9) use Popen."""
+    import contextlib
+    import io
+
+    from mailstack import cli
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdin
+    sys.stdin = io.StringIO(input)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([*args, "--config", str(srv.config_path)])
+    finally:
+        sys.stdin = saved
+    result = _Result(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"mailstack {' '.join(args)} failed ({code}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
 def _import_imap(srv: MailServer, dc: Dovecot, *extra: str, login=SRC, password=SRC_PW, check=True):
-    return srv.cli("import", "imap", DST, "--from", f"imaps://127.0.0.1:{dc.imaps_port}", "--login", login,
+    return _cli(srv, "import", "imap", DST, "--from", f"imaps://127.0.0.1:{dc.imaps_port}", "--login", login,
                    "--password-stdin", "--ca-file", str(dc.dir / "cert.pem"), *extra,
                    input=password + "\n", check=check, timeout=120)
 
@@ -142,17 +182,17 @@ def test_import_imap_options_and_errors(tmp_path, dovecot):
     assert len(_snapshot(srv.data_dir, DST)["All Mail"]) == 1
     r = _import_imap(srv, dovecot, password="wrong", check=False)
     assert r.returncode == 1 and "login as u@example.test refused" in r.stderr and "Traceback" not in r.stderr
-    r = srv.cli("import", "imap", DST, "--from", "imap://192.0.2.1", "--login", "x", "--password-stdin",
+    r = _cli(srv, "import", "imap", DST, "--from", "imap://192.0.2.1", "--login", "x", "--password-stdin",
                 input="x\n", check=False)
     assert r.returncode == 1 and "no TLS to a remote host" in r.stderr
     from harness import free_port
-    r = srv.cli("import", "imap", DST, "--from", f"imaps://127.0.0.1:{free_port()}", "--login", "x",
+    r = _cli(srv, "import", "imap", DST, "--from", f"imaps://127.0.0.1:{free_port()}", "--login", "x",
                 "--password-stdin", input="x\n", check=False)
     assert r.returncode == 1 and "cannot connect to 127.0.0.1" in r.stderr and "Traceback" not in r.stderr
-    r = srv.cli("import", "imap", DST, "--from", f"imaps://127.0.0.1:{dovecot.imaps_port}", "--login", "x",
+    r = _cli(srv, "import", "imap", DST, "--from", f"imaps://127.0.0.1:{dovecot.imaps_port}", "--login", "x",
                 "--password-stdin", input="x\n", check=False)  # no --ca-file: self-signed refused
     assert r.returncode == 1 and "certificate not trusted" in r.stderr, r.stderr
-    r = srv.cli("import", "imap", "nobody@example.test", "--from", "imaps://127.0.0.1", "--login", "x",
+    r = _cli(srv, "import", "imap", "nobody@example.test", "--from", "imaps://127.0.0.1", "--login", "x",
                 "--password-stdin", input="x\n", check=False)
     assert r.returncode == 1 and "no such account" in r.stderr
 
@@ -165,7 +205,7 @@ def test_import_with_an_oauth2_token(tmp_path, dovecot):
     c.append("INBOX", "(\\Seen)", None, b"Subject: o\r\nMessage-ID: <o@x>\r\n\r\noauth\r\n")
     c.logout()
     srv = _server(tmp_path)
-    r = srv.cli("import", "imap", DST, "--from", f"imaps://127.0.0.1:{dovecot.imaps_port}", "--login",
+    r = _cli(srv, "import", "imap", DST, "--from", f"imaps://127.0.0.1:{dovecot.imaps_port}", "--login",
                 "oauth@example.test", "--oauth2-token-stdin", "--ca-file", str(dovecot.dir / "cert.pem"),
                 input="ya29.token-xyz\n", timeout=60)
     assert "imported: 1 messages" in r.stderr, r.stderr
@@ -252,8 +292,7 @@ def test_reconnect_after_bye_and_resume_after_kill_9(tmp_path, dovecot):
 # -- mailstack as the source, while the destination server runs ------------------------------
 
 def test_import_from_mailstack_while_running_wakes_idle(tmp_path):
-    srv = _server(tmp_path)
-    srv.add_user("old@example.test", "oldpw")
+    srv = _server(tmp_path, ("old@example.test", "oldpw"))
     srv.start()
     try:
         ctx = srv.client_tls()
@@ -277,7 +316,7 @@ def test_import_from_mailstack_while_running_wakes_idle(tmp_path):
         while not f.readline().startswith(b"+"):
             pass
         t0 = time.monotonic()
-        r = srv.cli("import", "imap", DST, "--from", f"imaps://127.0.0.1:{srv.ports['imaps']}", "--login",
+        r = _cli(srv, "import", "imap", DST, "--from", f"imaps://127.0.0.1:{srv.ports['imaps']}", "--login",
                     "old@example.test", "--password-stdin", "--ca-file", str(srv.cert_path),
                     input="oldpw\n", timeout=120)
         assert "the server is running" in r.stderr and "imported: 4 messages" in r.stderr, r.stderr
@@ -334,7 +373,7 @@ def dovecot_tree():
 
 def test_import_dovecot_maildir_keeps_uids_flags_keywords_and_pop3_uidls(tmp_path, dovecot_tree):
     srv = _server(tmp_path)
-    r = srv.cli("import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
+    r = _cli(srv, "import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
     assert "imported:" in r.stderr and " 0 failed" in r.stderr, r.stderr
     srv.start()
     try:
@@ -364,7 +403,7 @@ def test_import_dovecot_maildir_keeps_uids_flags_keywords_and_pop3_uidls(tmp_pat
     finally:
         srv.stop()
     # rerun: nothing copied twice
-    r = srv.cli("import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
+    r = _cli(srv, "import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
     assert "imported: 0 messages" in r.stderr, r.stderr
 
 
@@ -375,11 +414,11 @@ def test_import_maildir_into_a_folder_with_mail_appends(tmp_path, dovecot_tree):
     from mailstack.events import EventBus
     from mailstack.store.maildir import MaildirStore
     asyncio.run(MaildirStore(srv.data_dir / "mail", EventBus()).append(DST, "Sent", b"Subject: mine\r\n\r\nx\r\n"))
-    r = srv.cli("import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
+    r = _cli(srv, "import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
     assert "Sent: holds other mail already" in r.stderr, r.stderr
     snap = _snapshot(srv.data_dir, DST)
     assert len(snap["Sent"]) == 2
-    r = srv.cli("import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
+    r = _cli(srv, "import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
     assert "imported: 0 messages" in r.stderr, r.stderr
     assert len(_snapshot(srv.data_dir, DST)["Sent"]) == 2
 
@@ -401,11 +440,11 @@ def _mutt_status(path: Path, *extra: str) -> str:
 
 def test_export_maildir_and_mbox_read_by_dovecot_and_mutt(tmp_path, dovecot_tree):
     srv = _server(tmp_path)
-    srv.cli("import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
+    _cli(srv, "import", "maildir", DST, str(dovecot_tree.maildir(SRC)), timeout=120)
     exp_user = "exp@example.test"
     dovecot_tree.add_user(exp_user, "pw-e")
     out = dovecot_tree.maildir(exp_user)
-    r = srv.cli("export", DST, str(out), timeout=120)
+    r = _cli(srv, "export", DST, str(out), timeout=120)
     assert "exported:" in r.stderr, r.stderr
     subprocess.run(["chown", "-R", f"{dovecot_tree.uid}:{dovecot_tree.gid}", str(out)], check=True)
     # Dovecot serves the tree: same folders, UIDVALIDITY, UIDNEXT, UIDs, flags, keywords and bytes
@@ -422,12 +461,12 @@ def test_export_maildir_and_mbox_read_by_dovecot_and_mutt(tmp_path, dovecot_tree
     assert _mutt_status(out) == "STATUS 5/5 unread=3 flag=1"
     # mbox
     mbox_out = tmp_path / "mbox"
-    r = srv.cli("export", DST, str(mbox_out), "--mbox", timeout=120)
+    r = _cli(srv, "export", DST, str(mbox_out), "--mbox", timeout=120)
     assert "exported:" in r.stderr, r.stderr
     assert _mutt_status(mbox_out / "INBOX") == "STATUS 5/5 unread=3 flag=1"
     assert (mbox_out / "Archive" / "2023" / "Q1").is_file()
     text = (mbox_out / "INBOX").read_bytes()
     assert text.count(b"\nFrom MAILER-DAEMON ") + text.startswith(b"From MAILER-DAEMON ") == 5
     # refuse to write over something
-    r = srv.cli("export", DST, str(mbox_out), check=False)
+    r = _cli(srv, "export", DST, str(mbox_out), check=False)
     assert r.returncode == 1 and "not an empty directory" in r.stderr

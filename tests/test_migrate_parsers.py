@@ -130,3 +130,19 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise():
     assert "\r" not in plain.getvalue() and plain.getvalue().startswith("folder INBOX\n")
     assert plain.getvalue().endswith("imported: 1 messages (1000 B) in 1 folders, 1 already there, 0 failed, "
                                      "0 warnings, in 0s\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sets(st.sampled_from(["\\Seen", "\\Answered", "\\Flagged", "\\Draft", "kw"])))
+def test_mbox_entry_has_one_from_line_and_round_trips_the_body(message, flags):
+    out = export.mbox_entry(message, flags, 1_700_000_000)
+    lines = out.split(b"\n")
+    assert lines[0].startswith(b"From MAILER-DAEMON ")
+    assert not any(line.startswith(b"From ") for line in lines[1:])  # every other one is quoted
+    assert out.endswith(b"\n\n") and b"\r\n" not in out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_message_id_parser_never_crashes(header):
+    imap.message_id_of(header)
