@@ -20,7 +20,7 @@ from .directory import Directory, DirectoryError, check_password_strength, norma
 
 # Modules that add their own subcommands: add_commands(subparsers); handlers run(args, cfg) -> int.
 PLUGIN_COMMANDS = ("mailstack.queue.admin", "mailstack.outbound_cli", "mailstack.status",
-                   "mailstack.filters.cli", "mailstack.sieve.cli")
+                   "mailstack.filters.cli", "mailstack.sieve.cli", "mailstack.migrate.cli")
 
 
 SYSTEM_CONFIG = "/etc/mailstack/config.toml"

@@ -21,7 +21,7 @@ from ..defense import connections as floods
 from ..store.base import MailboxNotFound, MessageInfo, StoreError
 from .connection import Connection
 from .parser import (LINE_TOO_LONG, Command, CommandError, MessageEncoder, decode_sasl_plain, err,
-                     multiline, ok, parse_command, parse_number, top_extent, uidl_for_key)
+                     format_uidl, multiline, ok, parse_command, parse_number, top_extent, uidl_for_key)
 from .sizes import message_sizes
 
 log = logging.getLogger("mailstack.pop3")
@@ -99,6 +99,7 @@ class POP3Session:
         self.account: str | None = None
         self.mailbox = None
         self.messages: list[MessageInfo] = []
+        self.uidl_style: tuple[str, dict[int, str]] | None = None
         self.sizes: list[int] = []  # octets RETR sends for each message
         self.deleted: set[int] = set()  # message indexes (0-based) marked by DELE
         self.total_octets = 0  # kept as running sums so STAT is O(1) in a big maildrop
@@ -416,7 +417,21 @@ class POP3Session:
             return False
         self.mailbox, self.messages, self.sizes = mailbox, messages, sizes
         self.total_octets = sum(sizes)
+        # An INBOX imported from Dovecot keeps Dovecot's UIDLs (`mailstack import maildir`).
+        mailbox_dir = getattr(store, "mailbox_dir", None)
+        if mailbox_dir is not None:
+            from ..store.preserve import read_pop3_uidl
+            self.uidl_style = await asyncio.to_thread(read_pop3_uidl, mailbox_dir(account, "INBOX"))
         return True
+
+    def _uidl(self, m: MessageInfo) -> str:
+        if self.uidl_style:
+            fmt, saved = self.uidl_style
+            try:
+                return saved.get(m.uid) or format_uidl(fmt, m.uid, self.mailbox.uidvalidity)
+            except ValueError:
+                pass
+        return uidl_for_key(m.key)
 
     # --- TRANSACTION ----------------------------------------------------------------------
     def _message(self, cmd: Command, arg: int = 0) -> int | None:
@@ -480,7 +495,7 @@ class POP3Session:
         return await self._listing(cmd, lambda i: str(self.sizes[i]))
 
     async def cmd_uidl(self, cmd: Command) -> bool:
-        return await self._listing(cmd, lambda i: uidl_for_key(self.messages[i].key))
+        return await self._listing(cmd, lambda i: self._uidl(self.messages[i]))
 
     async def cmd_dele(self, cmd: Command) -> bool:
         if len(cmd.args) != 1:

@@ -7,7 +7,8 @@ Protocol: one JSON object per line each way.
     -> {"action": "delete", "id": "0ABC..."}     <- {"ok": false, "error": "..."}
 
 Actions: status, list, show, delete, hold, release, requeue, flush (optionally for one
-"domain"), pickup, reload, reload-directory.
+"domain"), pickup, reload, reload-directory, mailbox-changed (files added by another
+process, e.g. `mailstack import`).
 """
 from __future__ import annotations
 
@@ -51,6 +52,14 @@ async def handle_request(services, req: dict) -> dict:
     if action == "reload-directory":
         changed = await asyncio.to_thread(services.directory.reload_if_changed)
         return {"ok": True, "changed": changed}
+    if action == "mailbox-changed":  # `mailstack import` added files: wake IDLE sessions now
+        from ..events import MailboxEvent
+
+        account, mailbox = str(req.get("account", "")), str(req.get("mailbox", ""))
+        if not account or not mailbox:
+            return {"ok": False, "error": "mailbox-changed: account and mailbox are needed"}
+        services.events.publish(MailboxEvent(account, mailbox, "new", (), None))
+        return {"ok": True}
     if manager is None:
         return {"ok": False, "error": "the queue manager is not running"}
     if action == "flush":
