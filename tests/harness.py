@@ -81,6 +81,18 @@ def write_config(path: Path, sections: dict[str, dict]) -> Path:
     return path
 
 
+_EMPTY_DNS = None
+
+
+def empty_dns():
+    """One loopback DNS server for the whole test run that answers NXDOMAIN for every name."""
+    global _EMPTY_DNS
+    if _EMPTY_DNS is None:
+        from dnsserver import DNSServer
+        _EMPTY_DNS = DNSServer({}).start()
+    return _EMPTY_DNS
+
+
 class MailServer:
     def __init__(self, tmp_path: Path, overrides: dict | None = None, loop: str = "asyncio",
                  listeners=LISTENERS) -> None:
@@ -96,6 +108,9 @@ class MailServer:
             "auth": {"fail_delay": 0.05, "fail_delay_max": 0.2},
             "queue": {"retry_min": 0.5, "retry_max": 2.0},
         }
+        # Tests talk only to servers they started: DNS (SPF, DMARC, MX…) goes to a loopback
+        # server that knows no names unless a test brings its own zone.
+        sections["dns"] = {"nameservers": [empty_dns().address], "timeout": 2.0}
         for section, keys in (overrides or {}).items():
             sections.setdefault(section, {}).update(keys)
         self.config_path = write_config(self.dir / "config.toml", sections)
