@@ -470,3 +470,47 @@ def test_export_maildir_and_mbox_read_by_dovecot_and_mutt(tmp_path, dovecot_tree
     # refuse to write over something
     r = _cli(srv, "export", DST, str(mbox_out), check=False)
     assert r.returncode == 1 and "not an empty directory" in r.stderr
+
+
+def test_import_maildir_into_a_running_server(tmp_path, dovecot_tree):
+    """The server runs and a client has Sent selected: the import takes the empty folders over
+    (Dovecot's UIDVALIDITY), the selected client is told to select again, a new one sees
+    Dovecot's UIDs."""
+    srv = _server(tmp_path)
+    srv.start()
+    try:
+        c = imaplib.IMAP4_SSL("127.0.0.1", srv.ports["imaps"], ssl_context=srv.client_tls())
+        c.login(DST, "secret")
+        c.select("Sent")
+        r = _cli(srv, "import", "maildir", DST, str(dovecot_tree.maildir(SRC)))
+        assert "the server is running" in r.stderr and " 0 failed" in r.stderr, r.stderr
+        with pytest.raises(imaplib.IMAP4.abort, match="UIDVALIDITY changed"):
+            c.noop()  # the server says BYE: the client must resynchronise from scratch
+        got = _dovecot_view("127.0.0.1", srv.ports["imaps"], srv.client_tls(), DST, "secret")
+        for folder, want in dovecot_tree.view.items():
+            assert got[{"Deleted Messages": "Trash"}.get(folder, folder)] == want, folder
+    finally:
+        srv.stop()
+
+
+def test_import_from_a_server_whose_separator_is_a_dot(tmp_path):
+    """Dovecot's default namespace separator for Maildir is "."; names map to "/" levels."""
+    from mailstack.imap.mutf7 import encode
+    dc = Dovecot(separator=".")
+    dc.add_user(SRC, SRC_PW)
+    dc.start()
+    try:
+        c = imaplib.IMAP4_SSL("127.0.0.1", dc.imaps_port, ssl_context=dc.client_tls())
+        c.login(SRC, SRC_PW)
+        for name in ("Archive.2023", "Entwürfe.Größe", "Sent"):
+            c.create('"' + encode(name) + '"')
+            c.append('"' + encode(name) + '"', "(\\Seen)", None, f"Subject: {name}\r\n\r\nx\r\n".encode())
+        c.logout()
+        srv = _server(tmp_path)
+        r = _import_imap(srv, dc)
+        assert "imported: 3 messages" in r.stderr, r.stderr
+        snap = _snapshot(srv.data_dir, DST)
+        assert [b for b, *_ in snap["Archive/2023"]] == [b"Subject: Archive.2023\r\n\r\nx\r\n"]
+        assert len(snap["Entwürfe/Größe"]) == 1 and len(snap["Sent"]) == 1
+    finally:
+        dc.cleanup()
