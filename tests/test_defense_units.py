@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from mailstack.senderauth.spf import Result as _SPFResult
+
 from mailstack import config as config_mod
 from mailstack.config import ConfigError
 from mailstack.defense import dnsbl
@@ -270,6 +272,9 @@ def test_greylisting_exemptions(tmp_path):
         stage = DefenseStage(services)
         stage.greylist.state = MemoryState()
 
+        def spf_result(result, domain):
+            return _SPFResult(result, domain=domain)
+
         async def rcpt(ip, sender="x@other.example", auth=None, trusted=False, spf=None, dnswl=False):
             conn = hooks.Connection(ip=ip, listener="smtp", hostname="mx.test", helo="h.example",
                                     trusted=trusted, auth_user=auth)
@@ -277,8 +282,8 @@ def test_greylisting_exemptions(tmp_path):
             if dnswl:
                 conn.state["defense"]["dnsbl_result"] = dnsbl.Result(score=-2, allowed_by=("wl.example",))
             txn = hooks.Transaction(mail_from=sender)
-            if spf:
-                txn.state["spf"] = spf
+            if spf:  # what the senderauth stage records at MAIL
+                txn.state["senderauth"] = {"mailfrom": spf_result(*spf)}
             return await stage.rcpt(conn, txn, "u@mx.test")
 
         assert await rcpt("192.0.2.1") == "451 4.7.1 Greylisted, please try again later"
@@ -287,9 +292,9 @@ def test_greylisting_exemptions(tmp_path):
         assert await rcpt("127.0.0.1") is None  # defense.exempt_networks
         assert await rcpt("198.51.100.7") is None  # greylist_exempt_networks
         assert await rcpt("192.0.2.4", dnswl=True) is None
-        assert await rcpt("192.0.2.5", sender="a@big.example", spf={"result": "pass", "domain": "big.example"}) is None
-        assert await rcpt("192.0.2.6", sender="a@big.example", spf={"result": "softfail"}) is not None
-        assert await rcpt("192.0.2.7", sender="a@big.example", spf="pass") is None
-        assert await rcpt("203.0.113.1", sender="a@small.example", spf="pass") is not None
+        assert await rcpt("192.0.2.5", sender="a@big.example", spf=("pass", "big.example")) is None
+        assert await rcpt("192.0.2.6", sender="a@big.example", spf=("softfail", "big.example")) is not None
+        assert await rcpt("192.0.2.7", sender="a@big.example", spf=("pass", "")) is None
+        assert await rcpt("203.0.113.1", sender="a@small.example", spf=("pass", "small.example")) is not None
 
     asyncio.run(scenario())

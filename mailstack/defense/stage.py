@@ -284,11 +284,11 @@ class DefenseStage:
             return None
         if _in(conn.ip, d.greylist_exempt_networks):
             return None
-        spf = txn.state.get("spf") or (txn.state.get("senderauth") or {}).get("spf")
-        if spf and d.greylist_spf_domains:
-            result_text = spf.get("result") if isinstance(spf, dict) else str(spf)
-            domain = (spf.get("domain") if isinstance(spf, dict) else None) or txn.mail_from.rpartition("@")[2]
-            if result_text == "pass" and domain.lower() in {x.lower() for x in d.greylist_spf_domains}:
+        # SPF of MAIL FROM, as the senderauth stage left it at MAIL (it runs before RCPT).
+        spf = (txn.state.get("senderauth") or {}).get("mailfrom")
+        if spf is not None and d.greylist_spf_domains:
+            domain = spf.domain or txn.mail_from.rpartition("@")[2]
+            if spf.result == "pass" and domain.lower() in {x.lower() for x in d.greylist_spf_domains}:
                 return None
         try:
             passes, why = await self.greylist.check(conn.ip, txn.mail_from, rcpt)
