@@ -44,7 +44,7 @@ RUN pip install --no-build-isolation /src \
 ENV MAILSTACK_CONFIG=/data/config.toml
 VOLUME /data
 WORKDIR /data
-EXPOSE 25 465 587 143 993 110 995
+EXPOSE 25 465 587 143 993 110 995 4190
 
 # Not root. Binding ports below 1024 as a non-root user relies on the container's
 # net.ipv4.ip_unprivileged_port_start=0, which Docker (>= 20.10) sets by default;

@@ -292,10 +292,19 @@ def test_forwarding_rewrites_sender_with_srs_seals_arc_and_bounces_come_back(wor
     assert code == 550
 
 
-def test_mail_forged_as_our_own_domain_goes_to_junk(world):
-    """The DMARC record `mailstack dns` told the operator to publish protects the domain."""
-    srv, _, _ = world
-    forged = message(ALICE, subject="forged-own-1")
-    assert send25(srv, "someone@spfok.test", ALICE, forged)[0] == 250
-    ar = auth_results(delivered(srv, "forged-own-1", folder="Junk"))
-    assert "dmarc=fail" in ar and "header.from=example.test" in ar and "dis=QUARANTINE" in ar
+def test_mail_forged_as_our_own_domain_is_flagged_then_junked_once_the_policy_tightens(world):
+    """`mailstack dns` suggests DMARC p=none to start with (issue 11): forged mail is
+    delivered but marked dmarc=fail; once the operator publishes p=quarantine it goes to Junk."""
+    srv, dns, _ = world
+    assert send25(srv, "someone@spfok.test", ALICE, message(ALICE, subject="forged-own-1"))[0] == 250
+    ar = auth_results(delivered(srv, "forged-own-1"))
+    assert "dmarc=fail" in ar and "header.from=example.test" in ar and "dis=NONE" in ar
+    dns.remove("_dmarc.example.test", "TXT")
+    dns.add("_dmarc.example.test", "TXT", "v=DMARC1; p=quarantine; rua=mailto:postmaster@example.test")
+    try:
+        assert send25(srv, "someone@spfok.test", ALICE, message(ALICE, subject="forged-own-2"))[0] == 250
+        ar = auth_results(delivered(srv, "forged-own-2", folder="Junk"))
+        assert "dmarc=fail" in ar and "dis=QUARANTINE" in ar
+    finally:
+        dns.remove("_dmarc.example.test", "TXT")
+        dns.add("_dmarc.example.test", "TXT", "v=DMARC1; p=none; rua=mailto:postmaster@example.test")

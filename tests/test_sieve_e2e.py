@@ -179,14 +179,18 @@ def test_authenticate_needs_tls_and_good_password(server):
         assert f.readline().startswith(b"OK")
 
 
-def test_redirect_leaves_through_the_outbound_queue_keeping_the_sender(server, sink):
+def test_redirect_leaves_through_the_outbound_queue_with_the_sender_in_srs(server, sink):
     server.cli("sieve", "put", "carol@example.test", "fwd", input='redirect "carol@elsewhere.test";\n')
     server.cli("sieve", "activate", "carol@example.test", "fwd")
     send(server, "z@remote.test", ["carol@example.test"], msg("z@remote.test", "carol@example.test", "fwd me"))
     wait_for(lambda: [m for m in sink.messages if "carol@elsewhere.test" in m.rcpt_tos], 30, what="redirect")
     m = [m for m in sink.messages if "carol@elsewhere.test" in m.rcpt_tos][0]
     assert b"fwd me" in m.content and b"Delivered-To: carol@example.test" in m.content
-    assert m.mail_from == "z@remote.test"
+    # Forwarded with the original sender, rewritten by SRS so SPF passes at the next hop
+    # (senderauth.srs); a bounce to it goes back to z@remote.test.
+    from mailstack.senderauth.srs import SRS, load_keys
+    assert m.mail_from.startswith("SRS0=")
+    assert SRS(load_keys(server.data_dir), HOSTNAME).reverse(m.mail_from) == "z@remote.test"
     assert not server.inbox_messages("carol@example.test")
 
 

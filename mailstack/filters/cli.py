@@ -14,7 +14,7 @@ def add_commands(subparsers) -> None:
     # `user prefs …` under the existing verb group; a top-level `prefs` if that group changed shape.
     parent = actions[0] if actions else subparsers
     p = parent.add_parser("prefs", help=help_text, description=help_text)
-    p.add_argument("address")
+    p.add_argument("address", help="the account, e.g. bob@example.test")
     p.add_argument("--spam-folder", choices=prefs.CHOICES["spam_folder"],
                    help="junk (default): spam is delivered into the Junk folder; inbox: into INBOX")
     p.set_defaults(func=run)

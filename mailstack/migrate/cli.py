@@ -38,7 +38,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_import_imap)
 
     p = isub.add_parser("maildir", help="take over a Dovecot Maildir++ tree keeping UIDs, flags, keywords")
-    p.add_argument("user")
+    p.add_argument("user", help="the mailstack account to fill")
     p.add_argument("path", help="the Maildir root (Dovecot's ~/Maildir)")
     p.add_argument("--pop3-uidl-format", default="%08Xu%08Xv", metavar="FORMAT",
                    help="Dovecot's pop3_uidl_format, so POP3 clients keep their UIDLs (default %(default)s)")
@@ -46,7 +46,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_import_maildir)
 
     p = sub.add_parser("export", help="write an account out as a Maildir++ tree (or mbox files)")
-    p.add_argument("user")
+    p.add_argument("user", help="the mailstack account to write out")
     p.add_argument("dest", help="directory to create (must be empty or absent)")
     p.add_argument("--mbox", action="store_true", help="one mbox file per folder instead of Maildir")
     p.set_defaults(func=cmd_export)

@@ -186,7 +186,11 @@ _OUR_HEADERS = re.compile(rb"^(status|x-status|x-keywords|x-uid):", re.I)
 def mbox_entry(message: bytes, flags: set[str], internaldate: float) -> bytes:
     """One mboxrd entry: From_ line, headers with Status/X-Status/X-Keywords, quoted body, blank
     line.  Pure."""
-    text = message.replace(b"\r\n", b"\n")
+    text = message
+    while b"\r\n" in text:  # CR CR LF too: mbox lines end in LF alone
+        text = text.replace(b"\r\n", b"\n")
+    if text.endswith(b"\r"):  # a last line ending in a bare CR: the LF we add completes it
+        text = text[:-1] + b"\n"
     head, sep, body = text.partition(b"\n\n")
     if not sep:
         head, body = text.rstrip(b"\n"), b""

@@ -29,13 +29,13 @@ def add_commands(subparsers) -> None:
             ("deactivate", "no active script", False),
             ("delete", "delete a script (not the active one)", True)):
         c = sub.add_parser(name, help=helptext)
-        c.add_argument("user")
+        c.add_argument("user", help="the account, e.g. alice@example.test")
         if with_name:
-            c.add_argument("name")
+            c.add_argument("name", help="the script's name")
         c.set_defaults(func=run)
     t = sub.add_parser("test", help="run a script against a message file and print the actions")
-    t.add_argument("script")
-    t.add_argument("message")
+    t.add_argument("script", help="the Sieve script file")
+    t.add_argument("message", help="the message file (as it would arrive)")
     t.add_argument("--envelope-from", default="", help="envelope sender (default: the null sender)")
     t.add_argument("--envelope-to", default="", help="envelope recipient")
     t.set_defaults(func=run_test, needs_config=False)  # works on any machine: defaults are enough
