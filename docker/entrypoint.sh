@@ -78,8 +78,9 @@ if [ -n "$DOMAIN" ] && ! grep -qxF "$DOMAIN" "$DATA/domains" 2>/dev/null; then
     say "added local domain $DOMAIN"
 fi
 
-# Until the first account exists, say how to make one and where certificates go.
-if [ ! -s "$DATA/accounts" ]; then
+# Until the first account exists, say how to make one and where certificates go.  (The
+# accounts file starts with a comment line that counts its entries: look for an entry.)
+if ! grep -q '^[^#[:space:]]' "$DATA/accounts" 2>/dev/null; then
     example=${DOMAIN:-example.com}
     say "no accounts yet. Add one (asks for the password):"
     say "    docker exec -it <container> mailstack user add alice@$example"
