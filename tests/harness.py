@@ -48,9 +48,9 @@ def maildir_path(data_dir: Path, address: str) -> Path:
     return Path(data_dir) / "mail" / domain / local
 
 
-def inbox_messages(data_dir: Path, address: str) -> list[bytes]:
-    """Bytes of every message in the account's INBOX (new/ and cur/)."""
-    root = maildir_path(data_dir, address)
+def inbox_messages(data_dir: Path, address: str, folder: str | None = None) -> list[bytes]:
+    """Bytes of every message in the account's INBOX, or in `folder` (new/ and cur/)."""
+    root = maildir_path(data_dir, address) / (f".{folder}" if folder else "")
     out = []
     for sub in ("new", "cur"):
         d = root / sub

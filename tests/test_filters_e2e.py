@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from filter_daemons import EICAR, GTUBE, ClamavMilter, Clamd, OpenDKIM, Rspamd, Spamd, MilterForTests
-from harness import MailServer, free_port, maildir_path, wait_for
+from harness import MailServer, free_port, inbox_messages, wait_for
 
 BOB, CAROL, PASSWORD = "bob@example.test", "carol@example.test", "pw of bob"
 CLEAN = (b"From: Sender <sender@example.org>\r\nTo: bob@example.test\r\nSubject: lunch\r\n"
@@ -33,13 +33,7 @@ def spam_message(subject: str = "offer") -> bytes:
 
 
 def folder(srv: MailServer, address: str, name: str | None) -> list[bytes]:
-    root = maildir_path(srv.data_dir, address) / (f".{name}" if name else "")
-    out = []
-    for sub in ("new", "cur"):
-        d = root / sub
-        if d.is_dir():
-            out += [p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")]
-    return out
+    return inbox_messages(srv.data_dir, address, name)
 
 
 def send(port: int, rcpts, message: bytes, sender: str = "sender@example.org", helo: str = "client.example.org"):

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 
 from ..metrics import Histogram
+from ..smtp import hooks
 from ..smtp.hooks import Connection, Transaction, Verdict
 from .base import FilterUnavailable, strip_headers
 from .milter.chain import ConnState, MilterChain
@@ -160,16 +161,8 @@ class FilterStage:
                 v = await self._scan(name, conn, txn, message)
             self.metrics.observe(name, time.monotonic() - started)
             if v.message is not None:
-                message = total.message = v.message
-            total.headers.extend(v.headers)
-            total.meta.update(v.meta)
-            total.log.update(v.log)
-            total.add_rcpts.extend(v.add_rcpts)
-            total.del_rcpts.extend(v.del_rcpts)
-            if v.sender is not None:
-                total.sender = v.sender
-            if v.reply or v.discard or v.hold:
-                total.reply, total.discard, total.hold = v.reply, v.discard, v.hold
+                message = v.message
+            if hooks.fold(total, v):
                 break
         if total.meta.get("virus"):
             self.metrics.virus += 1

@@ -137,17 +137,27 @@ async def judge(stages, conn: Connection, txn: Transaction, message: bytes) -> t
         v = await method(conn, txn, message)
         if v.message is not None:
             message = v.message
-        total.headers.extend(v.headers)
-        total.meta.update(v.meta)
-        total.log.update(v.log)
-        total.add_rcpts.extend(v.add_rcpts)
-        total.del_rcpts.extend(v.del_rcpts)
-        if v.sender is not None:
-            total.sender = v.sender
-        if v.reply or v.discard or v.hold:
-            total.reply, total.discard, total.hold = v.reply, v.discard, v.hold
+        if fold(total, v):
             break
     return total, message
+
+
+def fold(total: Verdict, v: Verdict) -> bool:
+    """Add verdict `v` to `total` (a later replacement wins); True when `v` ends the chain
+    (a refusal, discard or hold)."""
+    if v.message is not None:
+        total.message = v.message
+    total.headers.extend(v.headers)
+    total.meta.update(v.meta)
+    total.log.update(v.log)
+    total.add_rcpts.extend(v.add_rcpts)
+    total.del_rcpts.extend(v.del_rcpts)
+    if v.sender is not None:
+        total.sender = v.sender
+    if v.reply or v.discard or v.hold:
+        total.reply, total.discard, total.hold = v.reply, v.discard, v.hold
+        return True
+    return False
 
 
 def close_all(stages, conn: Connection) -> None:
