@@ -118,7 +118,8 @@ class Mailstack:
         self.dir.mkdir(parents=True)
         self.data_dir = self.dir / "data"
         self.ports = {"smtp": free_port(), "imap": free_port(), "pop3": free_port()}
-        listen = {name: [] for name in ("smtp", "submissions", "submission", "imap", "imaps", "pop3", "pop3s")}
+        listen = {name: [] for name in ("smtp", "submissions", "submission", "imap", "imaps", "pop3", "pop3s",
+                                        "managesieve")}
         for name, port in self.ports.items():
             listen[name] = [f"127.0.0.1:{port}"]
         # Plaintext login on loopback for both sides (Dovecot gets disable_plaintext_auth = no):
