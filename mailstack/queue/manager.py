@@ -234,6 +234,7 @@ class QueueManager:
     # --- intake ----------------------------------------------------------------------------
     def _on_enqueue(self, msg: QueuedMessage) -> None:
         if not self.running:
+            self.spool.forget_data(msg)
             return  # stays in incoming/, taken up at next start
         entry = Entry(msg.qid, "incoming", msg)
         entry.busy = True  # owned by the take-up loop until it is in active/
@@ -264,6 +265,7 @@ class QueueManager:
             for entry, err in zip(batch, results):
                 if err is not None:
                     log.error("cannot take up: %s", err, extra={"qid": entry.qid})
+                    self.spool.forget_data(entry.msg)
                     self.entries.pop(entry.qid, None)
                     continue
                 entry.state = "active"
@@ -329,6 +331,7 @@ class QueueManager:
                 now = time.time()
                 for t, r in zip(local, results):
                     self._record(entry, t, r, now)
+            self.spool.forget_data(msg)  # remote delivery and retries read the queue file
             self._local_slots.release()
             slot_held = False
             remote = [t for t in todo if t.kind == "remote"]
@@ -344,6 +347,7 @@ class QueueManager:
             self.entries.pop(entry.qid, None)
         finally:
             if slot_held:
+                self.spool.forget_data(msg)
                 self._local_slots.release()
 
     async def _deliver_remote(self, entry: Entry, targets: list[Target]) -> None:
