@@ -310,6 +310,18 @@ class QueueManager:
         log.log(level, "to=<%s>%s, relay=%s, delay=%s, status=%s (%s)", target.addr, orig, result.relay,
                 _fmt_delay(now - entry.msg.arrival), result.status, result.reply, extra={"qid": entry.qid})
 
+    def record_direct(self, msg: QueuedMessage, targets: list[Target], results: list[RecipientResult]) -> None:
+        """Log and count a delivery made at accept time (queue/direct.py) as a queue pass would;
+        accounts not "sent" are queued by the caller and recorded by their own pass."""
+        entry = Entry(msg.qid, "direct", msg)
+        now = time.time()
+        for t, r in zip(targets, results):
+            if r.status == "sent":
+                self._record(entry, t, r, now)
+        if all(r.status == "sent" for r in results):
+            self.stats["removed"] += 1
+            log.info("removed", extra={"qid": msg.qid})
+
     async def _deliver(self, entry: Entry) -> None:
         """One delivery pass over every target not yet final. Holds a local slot until the local
         part is done; the remote part runs under the remote limit."""
