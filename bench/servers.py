@@ -113,7 +113,7 @@ def install_peers() -> None:
 class Mailstack:
     name = "mailstack"
 
-    def __init__(self, workdir: Path, loop: str = "auto") -> None:
+    def __init__(self, workdir: Path, loop: str = "auto", senderauth: bool = True) -> None:
         self.dir = workdir / "mailstack"
         self.dir.mkdir(parents=True)
         self.data_dir = self.dir / "data"
@@ -134,6 +134,7 @@ class Mailstack:
                      "max_connections_per_ip": 30000},
             "pop3": {"allow_plaintext_auth": True},
             "delivery": {"outbound": False},
+            "senderauth": {"enabled": senderauth},
         }
         lines = []
         for section, keys in sections.items():
