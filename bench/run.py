@@ -137,13 +137,13 @@ def target_met(text: str, ms, peer, higher: bool, ratio: float | None = None) ->
 def table(results: dict, rows) -> str:
     head = ("figure", "unit", "mailstack", "peer", "mailstack/peer", "better", "target")
     lines = []
-    for wk, key, label, unit, higher, ratio, target in rows:
+    for wk, key, label, unit, higher, goal, target in rows:
         if wk not in results:
             continue
         ms = results[wk].get("mailstack", {}).get(key)
         peer = results[wk].get("peer", {}).get(key)
         ratio = (ms / peer) if (ms is not None and peer) else None
-        met = target_met(target, ms, peer, higher, ratio)
+        met = target_met(target, ms, peer, higher, goal)
         lines.append((label, unit, fmt(ms), fmt(peer), f"{ratio:.2f}" if ratio is not None else "-",
                       "higher" if higher else "lower", f"{target} {met}".strip()))
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
