@@ -10,7 +10,9 @@ loses nothing the client was told about (it sends again; a duplicate is what RFC
 section 6.1 allows).
 
 Only the plain case takes this path: every recipient a local account, the message small
-enough to be held in memory, the queue manager running.  Everything else (remote or
+enough to be held in memory, the queue manager running with a local delivery slot free
+and no queued mail waiting for one (so queue.local_concurrency still bounds local
+delivery, and a burst beyond it is queued as before).  Everything else (remote or
 unknown recipients, held mail, big messages), and every account whose delivery did not
 end "sent" (a full disk, a Sieve reject that needs a bounce), goes through the queue as
 before, with the same queue id: the store's delivery ids make a second delivery to an
@@ -43,6 +45,8 @@ async def deliver_at_accept(services, qid: str, sender: str, recipients: list[st
     targets = manager.local.expand(recipients)
     if not targets or any(t.kind != "local" for t in targets):
         return None
+    if not await manager.take_local_slot():  # local delivery is busy: queue it, as before
+        return None
     data = b"".join(chunks)
     msg = QueuedMessage(qid=qid, sender=sender, recipients=list(recipients), source=data,  # type: ignore[arg-type]
                         arrival=time.time(), meta=dict(meta), data=data)
@@ -51,5 +55,7 @@ async def deliver_at_accept(services, qid: str, sender: str, recipients: list[st
     except Exception:  # a bug must not lose the message: the queue delivers it (ids dedupe)
         log.exception("delivery at accept failed; queued instead", extra={"qid": qid})
         return list(recipients)
+    finally:
+        manager.release_local_slot()
     manager.record_direct(msg, targets, results)
     return [t.addr for t, r in zip(targets, results) if r.status != "sent"]
