@@ -55,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--dovecot-scheme", default="PLAIN", help="Dovecot password scheme (default PLAIN; "
                    "see servers.Dovecot for why not ARGON2ID)")
     p.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"), help="mailstack event loop")
+    p.add_argument("--senderauth", default="off", choices=("on", "off"),
+                   help="mailstack's SPF/DKIM/ARC/DMARC checks on port 25 (default off: Postfix as started "
+                        "here checks none of them, so off compares like with like; `on` is mailstack's own "
+                        "default and measures what the checks cost, DNS round trips included)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs, Maildirs)")
     return p.parse_args(argv)
@@ -62,13 +66,13 @@ def parse_args(argv=None):
 
 # (workload, key, label, unit, higher_is_better, target ratio or None, target text)
 ROWS = [
-    ("smtp", "queued_per_s", "SMTP accept {messages:,} x {size} B x {sessions}, to 250", "msg/s", True, 1.0, ">= Postfix"),
+    ("smtp", "queued_per_s", "SMTP accept {messages:,} x {size} B x {sessions}, to 250", "msg/s", True, 2.0, ">= 2 x Postfix"),
     ("smtp", "maildir_per_s", "SMTP accept, to in the Maildir", "msg/s", True, None, ""),
     ("smtp", "cpu_ms_per_msg", "SMTP accept, server CPU per message", "ms", False, None, ""),
     ("smtp", "cpu_s", "SMTP accept, server CPU (all processes)", "s", False, None, ""),
     ("smtp", "senderauth_ms_per_msg", "  + sender auth (DKIM/ARC/DMARC) CPU per 4 KiB signed msg", "ms", False, None,
      "<= 0.5 ms"),
-    ("latency", "p50_ms", "SMTP 1 session, latency p50", "ms", False, None, ""),
+    ("latency", "p50_ms", "SMTP 1 session, latency p50", "ms", False, 1.0, "<= Postfix"),
     ("latency", "p99_ms", "SMTP 1 session, latency p99", "ms", False, None, ""),
     ("imap", "select_cold_s", "IMAP SELECT {imap_messages:,} messages, first open", "s", False, None, ""),
     ("imap", "list_cold_s", "IMAP FETCH 1:* (UID FLAGS SIZE DATE ENVELOPE)", "s", False, None, ""),
@@ -119,11 +123,14 @@ def fmt(v) -> str:
     return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
 
 
-def target_met(text: str, ms, peer, higher: bool) -> str:
+def target_met(text: str, ms, peer, higher: bool, ratio: float | None = None) -> str:
     if not text or ms is None:
         return ""
-    if text.startswith(">= "):
-        return "" if peer is None else ("met" if ms >= peer else "MISSED")
+    if text.startswith((">= ", "<= ")) and not text.split()[1][0].isdigit() or ratio is not None:
+        if peer is None:
+            return ""
+        ratio = ratio or 1.0
+        return "met" if (ms >= ratio * peer if higher else ms <= ratio * peer) else "MISSED"
     limit = float(text.split()[1])
     return "met" if ms < limit else "MISSED"
 
@@ -131,13 +138,13 @@ def target_met(text: str, ms, peer, higher: bool) -> str:
 def table(results: dict, rows) -> str:
     head = ("figure", "unit", "mailstack", "peer", "mailstack/peer", "better", "target")
     lines = []
-    for wk, key, label, unit, higher, _, target in rows:
+    for wk, key, label, unit, higher, goal, target in rows:
         if wk not in results:
             continue
         ms = results[wk].get("mailstack", {}).get(key)
         peer = results[wk].get("peer", {}).get(key)
         ratio = (ms / peer) if (ms is not None and peer) else None
-        met = target_met(target, ms, peer, higher)
+        met = target_met(target, ms, peer, higher, goal)
         lines.append((label, unit, fmt(ms), fmt(peer), f"{ratio:.2f}" if ratio is not None else "-",
                       "higher" if higher else "lower", f"{target} {met}".strip()))
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
@@ -173,7 +180,7 @@ def main(argv=None) -> int:
             "cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
             "loadavg_start": os.getloadavg(), "args": vars(args) | {"json": str(args.json)}}
     try:
-        ms = Mailstack(workdir, loop=args.loop)
+        ms = Mailstack(workdir, loop=args.loop, senderauth=args.senderauth == "on")
         pf = dv = None
         if with_peers:
             pf = Postfix(workdir, sessions=max(100, args.sessions))

@@ -113,12 +113,13 @@ def install_peers() -> None:
 class Mailstack:
     name = "mailstack"
 
-    def __init__(self, workdir: Path, loop: str = "auto") -> None:
+    def __init__(self, workdir: Path, loop: str = "auto", senderauth: bool = True) -> None:
         self.dir = workdir / "mailstack"
         self.dir.mkdir(parents=True)
         self.data_dir = self.dir / "data"
         self.ports = {"smtp": free_port(), "imap": free_port(), "pop3": free_port()}
-        listen = {name: [] for name in ("smtp", "submissions", "submission", "imap", "imaps", "pop3", "pop3s")}
+        listen = {name: [] for name in ("smtp", "submissions", "submission", "imap", "imaps", "pop3", "pop3s",
+                                        "managesieve")}
         for name, port in self.ports.items():
             listen[name] = [f"127.0.0.1:{port}"]
         # Plaintext login on loopback for both sides (Dovecot gets disable_plaintext_auth = no):
@@ -133,6 +134,7 @@ class Mailstack:
                      "max_connections_per_ip": 30000},
             "pop3": {"allow_plaintext_auth": True},
             "delivery": {"outbound": False},
+            "senderauth": {"enabled": senderauth},
         }
         lines = []
         for section, keys in sections.items():

@@ -22,11 +22,14 @@ alias or account of that exact name says otherwise.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import hmac
+import os
 import pwd
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +52,19 @@ _HASH_RE = re.compile(r"^\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$&'*+\-=?^_`{|}~]+(\.[A-Za-z0-9!#$&'*+\-=?^_`{|}~]+)*$")
 
 _hasher = PasswordHasher()
+
+# argon2 verifications run here, not in the default executor: they are CPU-bound (and use
+# ~64 MiB each), so one thread per core is what the machine can do at once, and a burst of
+# logins must not hold up the disk work queued in the default executor behind them.
+_argon2_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _argon2_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _argon2_executor
+    if _argon2_executor is None:
+        _argon2_executor = concurrent.futures.ThreadPoolExecutor(
+            max(1, min(os.cpu_count() or 1, 8)), thread_name_prefix="argon2")
+    return _argon2_executor
 
 
 class DirectoryError(Exception):
@@ -165,7 +181,8 @@ class Directory:
         # again with the same password (IMAP clients open several connections) should not
         # pay it each time.  Keyed by an HMAC with a per-process secret, never the password.
         self._cache_key = secrets.token_bytes(32)
-        self._verified: dict[str, tuple[str, bytes]] = {}
+        self._verified: dict[str, tuple[str, bytes, float]] = {}  # account -> (hash, token, when)
+        self._inflight: dict[tuple[str, bytes], asyncio.Future] = {}  # verifications running now
         # senderauth/forward.py: address -> original sender for our SRS addresses, "" when
         # forged or expired, None when not SRS (installed by the server when SRS is on).
         self.srs_reverse = None
@@ -355,6 +372,15 @@ class Directory:
     def _cache_id(self, account: str, password: bytes) -> bytes:
         return hmac.new(self._cache_key, account.encode() + b"\0" + password, hashlib.sha256).digest()
 
+    # Verified passwords are remembered this long (Dovecot's auth_cache_ttl is one hour).
+    CACHE_TTL = 3600.0
+
+    def _cached(self, account: str, stored: str, token: bytes) -> bool:
+        cached = self._verified.get(account)
+        if not cached or cached[0] != stored or time.monotonic() - cached[2] > self.CACHE_TTL:
+            return False
+        return hmac.compare_digest(cached[1], token)
+
     def check_password(self, username: str, password: str | bytes) -> str | None:
         """Blocking (argon2): call through authenticate() from the event loop."""
         account = normalize_address(username)
@@ -368,20 +394,39 @@ class Directory:
             except VerificationError:
                 pass
             return None
-        cached = self._verified.get(account)
         token = self._cache_id(account, password)
-        if cached and cached[0] == stored and hmac.compare_digest(cached[1], token):
+        if self._cached(account, stored, token):
             return account
         try:
             _hasher.verify(stored, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return None
-        self._verified[account] = (stored, token)
+        # Keyed to the stored hash: a new password (or a reload with another hash) forgets it.
+        self._verified[account] = (stored, token, time.monotonic())
         return account
 
     async def authenticate(self, username: str, password: str | bytes) -> str | None:
-        """Verify credentials off the event loop. Returns the account address or None."""
-        return await asyncio.to_thread(self.check_password, username, password)
+        """Verify credentials off the event loop. Returns the account address or None.
+
+        A password verified within CACHE_TTL is answered on the loop (one HMAC, ~2 us) with no
+        thread hand-off.  Everything else goes to the argon2 pool (one thread per core: argon2
+        is CPU and ~64 MiB each, more threads would only queue in the kernel), and logins that
+        arrive together with the same credentials wait for one verification instead of each
+        running argon2 (an IMAP client opening several connections, a burst of reconnects)."""
+        account = normalize_address(username)
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        token = self._cache_id(account, password)
+        stored = self.accounts.get(account)
+        if stored is not None and self._cached(account, stored, token):
+            return account
+        key = (account, token)
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().run_in_executor(_argon2_pool(), self.check_password, account, password)
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _f, key=key: self._inflight.pop(key, None))
+        return await asyncio.shield(fut)  # one cancelled login must not fail the others waiting
 
     # --- edits (CLI) -------------------------------------------------------------------
     def add_domain(self, domain: str) -> None:

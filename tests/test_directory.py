@@ -121,3 +121,39 @@ def test_cli_domain_user_alias(tmp_path):
     assert run_cli(tmp_path, "user", "del", "dave@example.test").returncode == 0
     assert run_cli(tmp_path, "alias", "del", "team@example.test").returncode == 0
     assert run_cli(tmp_path, "alias", "list").stdout == ""
+
+
+def test_login_cache_single_flight_new_hash_and_ttl(d, monkeypatch):
+    """Verified passwords: answered on the loop once verified, one argon2 run for a burst of
+    identical logins, forgotten when the stored hash changes or the TTL runs out; a wrong
+    password is never taken from the cache."""
+    import asyncio
+
+    from mailstack import directory as dirmod
+
+    runs = []
+
+    class Counting:  # the real argon2 hasher, counted
+        def verify(self, stored, password):
+            runs.append(1)
+            return real.verify(stored, password)
+
+        def hash(self, password):
+            return real.hash(password)
+
+    real = dirmod._hasher
+    monkeypatch.setattr(dirmod, "_hasher", Counting())
+
+    async def burst(n, password="pw-a"):
+        return await asyncio.gather(*(d.authenticate("Alice@Example.test", password) for _ in range(n)))
+
+    assert asyncio.run(burst(20)) == ["alice@example.test"] * 20
+    assert len(runs) == 1  # one verification for the whole burst
+    assert asyncio.run(burst(5)) == ["alice@example.test"] * 5 and len(runs) == 1  # from the cache
+    assert asyncio.run(burst(3, "wrong")) == [None] * 3 and len(runs) == 2  # never from the cache
+    d.accounts["alice@example.test"] = hash_password("new-pw")  # a new password (a reload)
+    assert asyncio.run(burst(1)) == [None]
+    assert asyncio.run(burst(1, "new-pw")) == ["alice@example.test"]
+    n = len(runs)
+    monkeypatch.setattr(d, "CACHE_TTL", -1.0)  # expired: verified again
+    assert asyncio.run(burst(1, "new-pw")) == ["alice@example.test"] and len(runs) == n + 1

@@ -7,6 +7,7 @@ account reached through several recipients gets the message once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -114,9 +115,12 @@ class LocalTransport:
         did = delivery_id(message.qid, account)
         try:
             if self.services.config.sieve.enabled:  # the user's filters decide where it goes
+                if message.data is not None:  # still in memory from SMTP: no read of the queue file
+                    message = dataclasses.replace(message, source=message.data, data=None)
                 status, reply = await self._sieve().deliver(message, account, did, mailbox)
                 return RecipientResult(account, status, reply, "local")
-            mailbox, added = await self._store(account, message.source, did, mailbox)
+            source = message.data if message.data is not None else message.source
+            mailbox, added = await self._store(account, source, did, mailbox)
         except StoreError as e:
             return RecipientResult(account, "deferred", f"452 4.2.0 <{account}>: {e}", "local")
         except OSError as e:

@@ -234,6 +234,7 @@ class QueueManager:
     # --- intake ----------------------------------------------------------------------------
     def _on_enqueue(self, msg: QueuedMessage) -> None:
         if not self.running:
+            self.spool.forget_data(msg)
             return  # stays in incoming/, taken up at next start
         entry = Entry(msg.qid, "incoming", msg)
         entry.busy = True  # owned by the take-up loop until it is in active/
@@ -264,6 +265,7 @@ class QueueManager:
             for entry, err in zip(batch, results):
                 if err is not None:
                     log.error("cannot take up: %s", err, extra={"qid": entry.qid})
+                    self.spool.forget_data(entry.msg)
                     self.entries.pop(entry.qid, None)
                     continue
                 entry.state = "active"
@@ -308,6 +310,30 @@ class QueueManager:
         log.log(level, "to=<%s>%s, relay=%s, delay=%s, status=%s (%s)", target.addr, orig, result.relay,
                 _fmt_delay(now - entry.msg.arrival), result.status, result.reply, extra={"qid": entry.qid})
 
+    async def take_local_slot(self) -> bool:
+        """For delivery at accept time: take a local delivery slot if one is free now and no
+        queued message is waiting for one (queue.local_concurrency still bounds local delivery,
+        and mail already queued is not overtaken).  Never waits."""
+        if not self.running or self._local_slots.locked() or not self._ready.empty():
+            return False
+        await self._local_slots.acquire()  # free: returns at once
+        return True
+
+    def release_local_slot(self) -> None:
+        self._local_slots.release()
+
+    def record_direct(self, msg: QueuedMessage, targets: list[Target], results: list[RecipientResult]) -> None:
+        """Log and count a delivery made at accept time (queue/direct.py) as a queue pass would;
+        accounts not "sent" are queued by the caller and recorded by their own pass."""
+        entry = Entry(msg.qid, "direct", msg)
+        now = time.time()
+        for t, r in zip(targets, results):
+            if r.status == "sent":
+                self._record(entry, t, r, now)
+        if all(r.status == "sent" for r in results):
+            self.stats["removed"] += 1
+            log.info("removed", extra={"qid": msg.qid})
+
     async def _deliver(self, entry: Entry) -> None:
         """One delivery pass over every target not yet final. Holds a local slot until the local
         part is done; the remote part runs under the remote limit."""
@@ -329,6 +355,7 @@ class QueueManager:
                 now = time.time()
                 for t, r in zip(local, results):
                     self._record(entry, t, r, now)
+            self.spool.forget_data(msg)  # remote delivery and retries read the queue file
             self._local_slots.release()
             slot_held = False
             remote = [t for t in todo if t.kind == "remote"]
@@ -344,6 +371,7 @@ class QueueManager:
             self.entries.pop(entry.qid, None)
         finally:
             if slot_held:
+                self.spool.forget_data(msg)
                 self._local_slots.release()
 
     async def _deliver_remote(self, entry: Entry, targets: list[Target]) -> None:

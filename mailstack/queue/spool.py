@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..fsutil import GroupSync, atomic_write, fsync_dir
+from ..fsutil import GroupSync, atomic_write, fsync_dir, fsync_together
 from ..store.base import MessageSource
 from .types import QueuedMessage
 
@@ -139,10 +139,10 @@ def read_envelope(path: str | os.PathLike, qid: str | None = None) -> QueuedMess
                          source=MessageSource(path, offset, size), arrival=arrival, meta=meta)
 
 
-def write_queue_file(path: str | os.PathLike, header: bytes, chunks: Iterable, exclusive: bool = True,
-                     owner: tuple[int, int] | None = None) -> None:
-    """Create `path` with header + chunks (os.writev, no concatenation) and fsync it.
-    On any error the partial file is removed."""
+def create_queue_file(path: str | os.PathLike, header: bytes, chunks: Iterable, exclusive: bool = True,
+                      owner: tuple[int, int] | None = None) -> int:
+    """Create `path` with header + chunks (os.writev, no concatenation), not yet fsynced; returns
+    the open descriptor.  On any error the partial file is removed."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o600)
     try:
@@ -160,15 +160,31 @@ def write_queue_file(path: str | os.PathLike, header: bytes, chunks: Iterable, e
             del views[:done]
             if n:
                 views[0] = views[0][n:]
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    return fd
+
+
+def write_queue_file(path: str | os.PathLike, header: bytes, chunks: Iterable, exclusive: bool = True,
+                     owner: tuple[int, int] | None = None) -> None:
+    """Create `path` with header + chunks and fsync it. On any error the partial file is removed."""
+    fd = create_queue_file(path, header, chunks, exclusive, owner)
+    try:
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        _unlink_quietly(path)
         raise
     os.close(fd)
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class Spool:
@@ -181,6 +197,9 @@ class Spool:
         # Ids whose files in incoming/ this process is writing right now: a scan of incoming/
         # (start-up recovery) must not take such a file for one a crash cut short.
         self.writing: set[str] = set()
+        self._batch: list = []  # (path, header, chunks, future) waiting for the next group commit
+        self._committing = False
+        self.kept_bytes = 0  # bytes of new messages held in memory for local delivery
 
     # --- layout ----------------------------------------------------------------------
     def path(self, state: str, qid: str) -> Path:
@@ -212,33 +231,107 @@ class Spool:
         path = self.path(state, qid)
         self.writing.add(qid)
         try:
-            await asyncio.to_thread(self._write_new, path, header, chunks)
-            try:
-                await self.group_sync.sync(path.parent)
-            except BaseException:
-                # Not durable: it was never acknowledged, so it must not be delivered either.
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-                raise
+            await self._commit(path, header, chunks)
         finally:
             self.writing.discard(qid)
         msg = QueuedMessage(qid=qid, sender=sender, recipients=list(recipients),
                             source=MessageSource(str(path), len(header), size), arrival=arrival,
                             meta=dict(meta))
         if self.on_enqueue is not None and state == "incoming":
+            self.keep_in_memory(msg, chunks)
             self.on_enqueue(msg)
         return qid
 
-    def _write_new(self, path: Path, header: bytes, chunks: list) -> None:
+    # --- group commit --------------------------------------------------------------------
+    # Every message that arrives while a batch is being made durable waits for the next batch;
+    # a batch is one worker-thread call: write every file, then fsync all of them and their
+    # directory at once (fsutil.fsync_together), so a burst of N messages costs about one
+    # durable step instead of N in a row, and the event loop is woken once per batch.
+    def _commit(self, path: Path, header: bytes, chunks: list) -> "asyncio.Future[None]":
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._batch.append((path, header, chunks, fut))
+        if not self._committing:
+            self._committing = True
+            loop.create_task(self._commit_loop())
+        return fut
+
+    async def _commit_loop(self) -> None:
         try:
-            write_queue_file(path, header, chunks)
-        except FileNotFoundError:
-            # Mail arrived before the spool was set up (or while another thread was setting it
-            # up): make sure the directories exist, then try once more.
-            self.setup()
-            write_queue_file(path, header, chunks)
+            while self._batch:
+                batch, self._batch = self._batch, []
+                try:
+                    errors = await asyncio.to_thread(self._write_batch, [item[:3] for item in batch])
+                except BaseException as e:  # cancelled at shutdown: nothing of it was acknowledged
+                    for item in batch + self._batch:
+                        if not item[3].done():
+                            item[3].set_exception(RuntimeError("the spool is shutting down"))
+                    self._batch = []
+                    if isinstance(e, Exception):
+                        continue
+                    raise
+                for (_, _, _, fut), err in zip(batch, errors):
+                    if fut.done():
+                        continue
+                    if err is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(err)
+        finally:
+            self._committing = False
+
+    def _write_batch(self, items: list) -> list[BaseException | None]:
+        """Blocking: create every file, then make all of them durable together.  A file whose
+        write or fsync (or whose directory's fsync) failed is removed: it was never acknowledged,
+        so it must not be delivered either."""
+        errors: list[BaseException | None] = [None] * len(items)
+        fds: dict[int, int] = {}
+        for i, (path, header, chunks) in enumerate(items):
+            try:
+                try:
+                    fds[i] = create_queue_file(path, header, chunks)
+                except FileNotFoundError:
+                    # Mail arrived before the spool was set up (or while another thread was setting
+                    # it up): make sure the directories exist, then try once more.
+                    self.setup()
+                    fds[i] = create_queue_file(path, header, chunks)
+            except Exception as e:
+                errors[i] = e
+        dirs = sorted({os.fspath(items[i][0].parent) for i in fds})
+        try:
+            fd_errors, dir_errors = fsync_together(list(fds.values()), dirs)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        for (i, _), err in zip(fds.items(), fd_errors):
+            err = err or dir_errors[os.fspath(items[i][0].parent)]
+            if err is not None:
+                errors[i] = err
+                _unlink_quietly(items[i][0])
+        return errors
+
+    # --- the bytes of new messages, kept for local delivery ---------------------------------
+    # A message just accepted is usually delivered locally a moment later: it is handed to the
+    # store from memory instead of being read back from the queue file.  Bounded per message
+    # and in total; what does not fit is read from the file as before.
+    KEEP_MAX_MESSAGE = 1024 * 1024
+    KEEP_MAX_TOTAL = 64 * 1024 * 1024
+
+    def keep_in_memory(self, msg: QueuedMessage, chunks: list) -> None:
+        size = msg.source.size
+        if size > self.KEEP_MAX_MESSAGE or self.kept_bytes + size > self.KEEP_MAX_TOTAL:
+            return
+        data = b"".join(chunks)
+        if len(data) != size:
+            return
+        msg.data = data
+        self.kept_bytes += size
+
+    def forget_data(self, msg: QueuedMessage | None) -> None:
+        """The message's bytes are no longer needed in memory (its local delivery is done)."""
+        if msg is not None and msg.data is not None:
+            self.kept_bytes -= len(msg.data)
+            msg.data = None
 
     # --- moving (blocking) ---------------------------------------------------------------
     def move(self, qid: str, src: str, dst: str, sync: bool = False) -> Path:

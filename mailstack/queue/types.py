@@ -19,6 +19,9 @@ class QueuedMessage:
     source: MessageSource  # the message bytes: spool file, offset, size
     arrival: float  # time.time() when "250 queued" was said
     meta: dict = field(default_factory=dict)
+    # The message bytes when still in memory from SMTP (Spool.keep_in_memory): local delivery
+    # uses them instead of reading the queue file back.  None otherwise.
+    data: bytes | None = field(default=None, repr=False, compare=False)
     # meta keys set by SMTP-in: client_ip, client_helo, auth_user, listener,
     # smtputf8 (bool), body ("7BIT" | "8BITMIME"), envid/notify/orcpt when DSN is supported
 

@@ -32,6 +32,7 @@ from aiosmtpd.smtp import SMTP
 from .. import proxy, tlsclose
 from .. import metrics
 from ..defense import connections as floods
+from ..queue import direct
 from . import cleanup, hooks, policy
 from .address import simple_path
 from .budget import budget_for
@@ -602,7 +603,7 @@ class SMTPSession(SMTP):
             meta["hold_reason"] = verdict.hold
         size = len(header) + sum(len(c) for c in chunks)
         # Shielded: a client that hangs up now must not cut a queue file short.
-        task = asyncio.ensure_future(spool.enqueue(sender, rcpts, [header, *chunks], meta, **kwargs))
+        task = asyncio.ensure_future(self._store_or_queue(spool, sender, rcpts, [header, *chunks], meta, kwargs))
         self.busy = True
         try:
             qid = await asyncio.shield(task)
@@ -621,6 +622,19 @@ class SMTPSession(SMTP):
                  extra={"qid": qid, "client": self.client})
         self.services.metrics.received[self.listener] += 1
         self.reply(f"250 2.0.0 Ok: queued as {qid}")
+
+    async def _store_or_queue(self, spool, sender: str, rcpts: list[str], chunks: list, meta: dict,
+                              kwargs: dict) -> str:
+        """Durable on return: delivered into local Maildirs at once when it can be
+        (queue/direct.py), queued for whatever could not."""
+        qid = kwargs.get("qid")
+        if qid is not None and "state" not in kwargs:
+            left = await direct.deliver_at_accept(self.services, qid, sender, rcpts, chunks, meta)
+            if left is not None:
+                if left:
+                    await spool.enqueue(sender, left, chunks, meta, **kwargs)
+                return qid
+        return await spool.enqueue(sender, rcpts, chunks, meta, **kwargs)
 
     # --- STARTTLS -----------------------------------------------------------------------
     async def smtp_STARTTLS(self, arg: str) -> None:

@@ -1,0 +1,81 @@
+"""Delivery at accept time (queue/direct.py), through the real server process: mail for
+local accounts only is in the Maildir when the "250" arrives, with no queue file; mail with
+a remote recipient, and an account whose delivery does not end "sent", go through the
+queue as before.  (The kill -9 crash test is tests/test_queue_e2e.py.)"""
+from __future__ import annotations
+
+import os
+import smtplib
+
+import pytest
+
+from harness import MailServer, wait_for
+
+ALICE, BOB, PASSWORD = "alice@example.test", "bob@example.test", "secret pw"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MailServer(tmp_path_factory.mktemp("direct"), {
+        "senderauth": {"enabled": False},  # no DNS here; what is tested is the delivery path
+        "delivery": {"outbound": False},
+    }, listeners=("smtp",))
+    srv.add_domain("example.test")
+    srv.add_user(ALICE, PASSWORD)
+    srv.add_user(BOB, PASSWORD)
+    srv.cli("alias", "add", "team@example.test", BOB, "someone@remote.test")  # one local, one remote
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def queue_files(srv) -> list[str]:
+    q = srv.data_dir / "queue"
+    return [f"{s}/{n}" for s in ("incoming", "active", "deferred", "hold")
+            if (q / s).is_dir() for n in os.listdir(q / s)]
+
+
+def send(srv, rcpts, subject: str) -> None:
+    body = f"From: x@remote.test\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
+        s.sendmail("x@remote.test", rcpts, body)
+
+
+def has(srv, account: str, subject: str) -> bool:
+    return any(f"Subject: {subject}\r\n".encode() in m for m in srv.inbox_messages(account))
+
+
+def test_local_mail_is_in_the_maildir_when_250_comes_and_never_queued(server):
+    before = len(server.inbox_messages(ALICE))
+    send(server, [ALICE, "Alice@Example.test"], "direct one")
+    # No waiting: the 250 was said after the Maildir file (and its directory) was fsynced.
+    assert has(server, ALICE, "direct one")
+    assert len(server.inbox_messages(ALICE)) == before + 1  # one account, once
+    assert queue_files(server) == []
+    log = wait_for(lambda: "status=sent (delivered to maildir)" in server.log() and server.log(), 10,
+                   what="the delivery log line")
+    assert "relay=local" in log
+
+
+def test_a_remote_recipient_sends_the_whole_message_through_the_queue(server):
+    send(server, ["team@example.test"], "mixed")
+    # outbound is off: the remote part stays deferred, so the queue file stays
+    wait_for(lambda: has(server, BOB, "mixed"), 15, what="bob's copy")
+    wait_for(lambda: any(f.startswith("deferred/") for f in queue_files(server)), 15, what="deferred remote")
+
+
+def test_an_account_not_delivered_at_once_is_queued_and_the_others_keep_their_copy(server):
+    # bob's script rejects; with two recipients the DATA-time reject does not apply
+    # (RFC 5429: one recipient only), so delivery runs it: alice has it at once, bob's part
+    # goes to the queue, which rejects again and bounces to the sender.
+    server.cli("sieve", "put", BOB, "rej", input='require "reject";\nreject "not here";\n')
+    server.cli("sieve", "activate", BOB, "rej")
+    try:
+        send(server, [ALICE, BOB], "half")
+        assert has(server, ALICE, "half")
+        wait_for(lambda: "<bob@example.test>" in server.log() and "status=bounced" in server.log(), 15,
+                 what="bob's rejection through the queue")
+        assert not has(server, BOB, "half")
+        assert sum(b"Subject: half\r\n" in m for m in server.inbox_messages(ALICE)) == 1
+    finally:
+        server.cli("sieve", "deactivate", BOB)
