@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from . import addresses
 from .response import nstring, string
 
-CACHE_VERSION = 4  # 4: envelopes parse comments/CFWS (addresses.py)
+CACHE_VERSION = 5  # 4: envelopes parse comments/CFWS (addresses.py); 5: "hs" for SEARCH
 MAX_DEPTH = 32  # MIME nesting we follow; deeper parts are treated as opaque
 MAX_PARTS = 2000  # parts per message we enumerate
 
@@ -391,6 +391,7 @@ def cache_entry(data: bytes) -> dict:
         "body": bodystructure(data, root, False).decode("latin-1"),
         "sent": sent,
         "hsize": root.body_start,
+        "hs": _header_index(root),
     }
 
 
@@ -401,7 +402,12 @@ def header_entry(header: bytes) -> dict:
     hend, bstart = split_header(header)
     root = Part(0, bstart, bstart, parse_headers(header[:hend]))
     return {"v": CACHE_VERSION, "env": envelope(root).decode("latin-1"),
-            "sent": _sent_date(root), "hsize": bstart}
+            "sent": _sent_date(root), "hsize": bstart, "hs": _header_index(root)}
+
+
+def _header_index(root: "Part") -> dict:
+    from .search import header_index  # search.py imports this module
+    return header_index(root)
 
 
 def _sent_date(root: "Part") -> int | None:

@@ -28,6 +28,7 @@ class Candidate:
     max_uid: int
     sent: int | None = None  # yyyymmdd of the Date: header (from the metadata cache)
     data: bytes | None = None  # the header (for HEADER keys) or whole message (BODY/TEXT)
+    hs: dict | None = None  # the index's searchable header texts (header_index)
     _root: "fetch.Part | None" = None
 
     def root(self) -> "fetch.Part":
@@ -36,16 +37,41 @@ class Candidate:
         return self._root
 
 
+# Header fields whose searchable texts the index keeps (SUBJECT/FROM/TO/CC/BCC and the
+# HEADER names clients search most), so such searches read no message file.
+INDEXED_HEADERS = ("subject", "from", "to", "cc", "bcc", "sender", "reply-to", "message-id",
+                   "in-reply-to", "references", "list-id")
+
+
+def header_index(root: "fetch.Part") -> dict:
+    """name -> the case-folded texts a HEADER search of that field matches against (for
+    the fields in INDEXED_HEADERS that the message has): what _header_matches computes."""
+    out: dict[str, list[str]] = {}
+    for k, v in root.headers:
+        name = k.decode("ascii", "replace")
+        if name not in INDEXED_HEADERS:
+            continue
+        value = fetch.unfold(v)
+        texts = out.setdefault(name, [])
+        texts.append(_fold(_decode_words(value)))
+        if k in _ADDRESS_HEADERS:
+            texts.extend(_fold(form) for form in _address_forms(value))
+    return out
+
+
+ORDER = ["none", "sent", "index", "header", "full"]
+
+
 def needs(key: tuple) -> str:
-    """"none", "sent" (cached Date), "header" or "full"."""
+    """"none", "sent" (cached Date), "index" (cached header texts), "header" or "full"."""
     op = key[0]
     if op in ("BODY", "TEXT"):
         return "full"
     if op == "HEADER":
-        return "header"
+        return "index" if key[1].lower() in INDEXED_HEADERS else "header"
     if op in ("SENTBEFORE", "SENTON", "SENTSINCE"):
         return "sent"
-    order = ["none", "sent", "header", "full"]
+    order = ORDER
     subs: list = []
     if op == "AND":
         subs = key[1]
@@ -98,9 +124,12 @@ def _fold(s: str) -> str:
 
 
 def _header_matches(c: Candidate, name: str, needle: str) -> bool:
+    needle = _fold(needle)
+    if c.hs is not None and name.lower() in INDEXED_HEADERS:
+        texts = c.hs.get(name.lower())
+        return texts is not None and (not needle or any(needle in t for t in texts))
     root = c.root()
     lname = name.lower().encode("ascii", "replace")
-    needle = _fold(needle)
     for k, v in root.headers:
         if k == lname:
             if not needle:

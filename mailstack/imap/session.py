@@ -923,11 +923,14 @@ class IMAPSession:
             batch = msgs[start:start + FETCH_BATCH]
             cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
                                       m.uid in self.recent, n, max_uid) for i, m in enumerate(batch)]
-            if need == "sent":
+            if need in ("sent", "index"):  # answered from the metadata index
                 entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)])
                 for c, m in zip(cands, batch):
                     e = entries.get(m.uid)
                     c.sent = e.get("sent") if e else None
+                    c.hs = e.get("hs") if e else None
+                    if need == "index" and c.hs is None:
+                        c.hs = {}  # vanished meanwhile and never indexed: matches no header
             elif need in ("header", "full"):
                 datas = await self._read_many(batch, header_only=need == "header")
                 for c, m in zip(cands, batch):
