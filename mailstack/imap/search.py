@@ -194,10 +194,55 @@ def _body_matches(c: Candidate, needle: str) -> bool:
     return any(needle in _fold(t) for t in _body_texts(data, root))
 
 
+# --- full-text index (store/fts.py) ------------------------------------------------------
+TEXT_SEP = "\uffff"  # store/fts.py's segment separator
+
+
+def message_texts(data: bytes) -> tuple[str, str]:
+    """What a TEXT / BODY scan compares, case-folded, as the full-text index stores it:
+    (header names and decoded values, decoded body texts), segments joined by U+FFFF."""
+    root = fetch.parse(data)
+    head = TEXT_SEP.join(seg for k, v in root.headers
+                         for seg in (k.decode("ascii", "replace").lower(), _fold(_decode_words(v))))
+    body = TEXT_SEP.join(_fold(t) for t in _body_texts(data, root))
+    return head, body
+
+
+def fulltext_keys(key: tuple) -> list[tuple[str, str]]:
+    """The BODY / TEXT keys of a search, as (op, case-folded string)."""
+    op = key[0]
+    if op in ("BODY", "TEXT"):
+        return [(op, _fold(key[1]))]
+    if op == "AND":
+        return [k for sub in key[1] for k in fulltext_keys(sub)]
+    if op == "OR":
+        return fulltext_keys(key[1]) + fulltext_keys(key[2])
+    if op == "NOT":
+        return fulltext_keys(key[1])
+    return []
+
+
+def substitute(key: tuple, answers: dict[tuple[str, str], frozenset]) -> tuple:
+    """The key with each answered BODY / TEXT replaced by the set of UIDs that match it."""
+    op = key[0]
+    if op in ("BODY", "TEXT"):
+        uids = answers.get((op, _fold(key[1])))
+        return key if uids is None else ("INSET", uids)
+    if op == "AND":
+        return ("AND", [substitute(k, answers) for k in key[1]])
+    if op == "OR":
+        return ("OR", substitute(key[1], answers), substitute(key[2], answers))
+    if op == "NOT":
+        return ("NOT", substitute(key[1], answers))
+    return key
+
+
 def matches(key: tuple, c: Candidate) -> bool:
     op = key[0]
     if op == "ALL":
         return True
+    if op == "INSET":
+        return c.uid in key[1]
     if op == "AND":
         return all(matches(k, c) for k in key[1])
     if op == "OR":

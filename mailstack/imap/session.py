@@ -25,6 +25,7 @@ from ..defense import connections as floods
 from ..events import MailboxEvent
 from ..filters import learn as filters_learn
 from ..smtp.budget import budget_for
+from ..store import fts
 from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
 from . import fetch, response, search
 from .parser import (Command, CommandFramer, Continuation, FetchAtt, Frame, FrameError, MailboxNameError,
@@ -917,6 +918,11 @@ class IMAPSession:
         msgs = list(self.mbox.messages)
         n = len(msgs)
         max_uid = msgs[-1].uid if msgs else 0
+        wanted = [k for k in dict.fromkeys(search.fulltext_keys(key)) if fts.usable(k[1])]
+        if wanted and msgs:  # BODY / TEXT from the full-text index when the store has one
+            sets = await self.mbox.fulltext_search([(needle, op == "BODY") for op, needle in wanted])
+            if sets is not None:
+                key = search.substitute(key, {k: frozenset(s) for k, s in zip(wanted, sets)})
         need = search.needs(key)
         found: list[int] = []
         for start in range(0, n, FETCH_BATCH):

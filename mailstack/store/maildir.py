@@ -38,6 +38,7 @@ import fcntl
 import logging
 import os
 import shutil
+import sqlite3
 import time
 import uuid
 from contextlib import asynccontextmanager, contextmanager
@@ -49,6 +50,7 @@ from ..fsutil import GroupSync, atomic_write, fsync_dir
 from . import filename as fn
 from . import flags as fl
 from . import names
+from . import fts
 from . import index as idxmod
 from . import recent as recentmod
 from . import uidlist as ulmod
@@ -74,6 +76,7 @@ MAX_IDLE_STATES = 256  # loaded mailboxes kept without any session, for delivery
 SPECIAL_USE_ATTRS = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
 _COPY_CHUNK = 1 << 20
 INDEX_AT_DELIVERY_MAX = 16 << 20  # bigger messages are indexed when first looked at
+FTS_SLACK = 1000  # expunged rows tolerated in a full-text index beyond the live ones
 
 
 class Entry(NamedTuple):
@@ -261,10 +264,15 @@ def _write_and_index(mailbox_dir: Path, base: str, sub: str, name: str,
             message = _read_file(Path(message.path), message.offset, message.size)
         entry = idxmod.message_entry(message)
         idxmod.append_lines(mailbox_dir / idxmod.NAME, uidvalidity, [idxmod.delivered_line(base, entry)])
-        return entry
     except Exception:  # noqa: BLE001 - a full disk or a parser bug must not lose the message
         log.warning("could not index %s at delivery", base, exc_info=True)
         return None
+    try:
+        fts.add_message(mailbox_dir, base, message)
+        entry["fts"] = True  # not stored: tells the caller the full-text index has it
+    except Exception:  # noqa: BLE001 - derived data: added when first searched
+        log.warning("could not add %s to the full-text index at delivery", base, exc_info=True)
+    return entry
 
 
 def _rename_back(account_dir: Path, pairs: list[tuple[str, str]]) -> None:
@@ -324,6 +332,8 @@ class _State:
         self.delivery_ids: set[str] = set()
         self.refs = 0  # open sessions and deliveries in flight (not evicted while > 0)
         self.index: MetadataIndex | None = None  # loaded on first use (index.py)
+        self.fts_lock = asyncio.Lock()
+        self.fts_bases: set[str] | None = None  # bases in the full-text index (fts.py)
         self.cache_lock = asyncio.Lock()
         self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
         self.recent_task: asyncio.Task | None = None  # writes the mark back
@@ -948,6 +958,35 @@ class MaildirMailbox(Mailbox):
         if entries:
             await self._st.cache_put(entries)
 
+    async def fulltext_search(self, queries: list[tuple[str, bool]]) -> list[set[int]] | None:
+        self._check_open()
+        st = self._st
+        view = {uid: e for uid in self._index if (e := st.entries.get(uid)) is not None}
+        path = st.path / fts.NAME
+        async with st.fts_lock:
+            try:
+                if st.fts_bases is None:
+                    st.fts_bases = await asyncio.to_thread(fts.indexed, path)
+                known = st.fts_bases
+                missing = [(e.base, st.path / e.sub / e.name) for e in view.values() if e.base not in known]
+                if missing:
+                    added = await asyncio.to_thread(fts.index_files, path, missing)
+                    known.update(added)
+                    if len(added) < len(missing):  # renamed meanwhile: this time, scan
+                        return None
+                found = await asyncio.to_thread(
+                    lambda: [fts.search(path, needle, body_only) for needle, body_only in queries])
+                if len(known) > 2 * len(view) + FTS_SLACK:  # mostly expunged rows: rebuild
+                    await asyncio.to_thread(fts.drop, path)
+                    st.fts_bases = None
+            except sqlite3.Error as e:  # damaged or no room: drop it, answer by scanning
+                log.warning("full-text index of %s/%s unusable (%s): rebuilt", st.account, st.name, e)
+                st.fts_bases = None
+                await asyncio.to_thread(fts.drop, path)
+                return None
+        uid_of = {e.base: uid for uid, e in view.items()}
+        return [{uid_of[b] for b in bases if b in uid_of} for bases in found]
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -1110,11 +1149,20 @@ class MaildirStore(Store):
             raise
         finally:
             st.refs -= 1
-        if entry is not None and st.index is not None and st.index.uidvalidity == st.ul.uidvalidity:
-            st.index.note_delivered(base, entry)
+        self._note_indexed(st, base, entry)
         st.dirty = True
         self._publish(st.account, st.name, "new", (), None)
         return True
+
+    @staticmethod
+    def _note_indexed(st: _State, base: str, entry: dict | None) -> None:
+        """What _write_and_index wrote, into the loaded indexes of the mailbox."""
+        if entry is None:
+            return
+        if entry.pop("fts", False) and st.fts_bases is not None:
+            st.fts_bases.add(base)
+        if st.index is not None and st.index.uidvalidity == st.ul.uidvalidity:
+            st.index.note_delivered(base, entry)
 
     @disk_errors
     async def append(self, account: str, mailbox: str, message: bytes, flags: Iterable[str] = (),
@@ -1137,8 +1185,7 @@ class MaildirStore(Store):
             name = fn.join(base, letters)
             entry = await asyncio.to_thread(_write_and_index, st.path, base, "cur", name, message,
                                             date, st.ul.uidvalidity)
-            if entry is not None and st.index is not None and st.index.uidvalidity == st.ul.uidvalidity:
-                st.index.note_delivered(base, entry)
+            self._note_indexed(st, base, entry)
             try:
                 await self._dsync(st.path / "cur")
                 async with st.lock:

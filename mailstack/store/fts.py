@@ -1,0 +1,161 @@
+"""The per-mailbox full-text index for SEARCH BODY / TEXT: SQLite FTS5 (in the stdlib's
+sqlite3), one file `mailstack-fts.sqlite` per mailbox.
+
+What is indexed is exactly what a plain scan compares (imap/search.py `message_texts`):
+the decoded text parts (quoted-printable and base64 undone, charsets decoded) and the
+decoded header fields, case-folded by Python, as segments joined by U+FFFF (a
+noncharacter no search string contains).  The "trigram" tokenizer with case_sensitive 1
+makes a quoted phrase match any substring of three characters or more of that folded text,
+so an FTS answer is the scan's answer; shorter strings (and a string holding U+FFFF) are
+not asked here: the caller scans.
+
+Documents are keyed by the message file's base name: its content never changes under that
+name, so a row is right wherever the message is listed, whatever its UID.  Rows of
+expunged messages stay (the table is contentless, and SQLite 3.40 cannot delete from
+those) and are ignored: only bases in the caller's view count.  When they outnumber the
+live ones the file is dropped and rebuilt.  A damaged or unreadable file is dropped too:
+the index is derived data.
+
+Everything here is blocking (worker threads); one connection per mailbox file, used under
+its own lock.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+log = logging.getLogger("mailstack.store")
+
+NAME = "mailstack-fts.sqlite"
+SEP = "\uffff"
+MIN_NEEDLE = 3  # characters: the trigram tokenizer's unit
+_MAX_OPEN = 64  # connections kept open (per mailbox file)
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
+           "CREATE VIRTUAL TABLE IF NOT EXISTS text USING fts5(head, body, content='', "
+           "tokenize='trigram case_sensitive 1');")
+
+_open: dict[str, "_Conn"] = {}
+_open_lock = threading.Lock()
+
+
+class _Conn:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # derived data: a lost tail is re-added
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+
+def _conn(path: Path) -> _Conn:
+    key = os.fspath(path)
+    with _open_lock:
+        c = _open.pop(key, None)
+        if c is None:
+            if len(_open) >= _MAX_OPEN:
+                old_key = next(iter(_open))
+                old = _open[old_key]
+                if old.lock.acquire(blocking=False):  # not in use: close it
+                    del _open[old_key]
+                    old.close()
+                    old.lock.release()
+            c = _Conn(path)
+        _open[key] = c  # most recently used last
+        return c
+
+
+def drop(path: Path) -> None:
+    """Forget the file (rebuilt when next needed)."""
+    with _open_lock:
+        c = _open.pop(os.fspath(path), None)
+    if c is not None:
+        with c.lock:
+            c.close()
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(os.fspath(path) + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def indexed(path: Path) -> set[str]:
+    c = _conn(path)
+    with c.lock:
+        return {row[0] for row in c.db.execute("SELECT base FROM docs")}
+
+
+def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
+    """docs: (base, head text, body text) as message_texts gives them."""
+    if not docs:
+        return
+    c = _conn(path)
+    with c.lock:
+        db = c.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for base, head, body in docs:
+                cur = db.execute("INSERT OR IGNORE INTO docs(base) VALUES (?)", (base,))
+                if cur.rowcount:
+                    db.execute("INSERT INTO text(rowid, head, body) VALUES (?, ?, ?)",
+                               (cur.lastrowid, head, body))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def usable(needle: str) -> bool:
+    """Can the index answer a search for this (case-folded) string?"""
+    return len(needle) >= MIN_NEEDLE and SEP not in needle
+
+
+def search(path: Path, needle: str, body_only: bool) -> set[str]:
+    """Bases of the documents containing `needle` (already case-folded) in their body
+    (BODY) or anywhere (TEXT)."""
+    phrase = '"' + needle.replace('"', '""') + '"'
+    query = ("body : " + phrase) if body_only else phrase
+    c = _conn(path)
+    with c.lock:
+        return {row[0] for row in c.db.execute(
+            "SELECT base FROM docs WHERE id IN (SELECT rowid FROM text WHERE text MATCH ?)", (query,))}
+
+
+def add_message(mailbox_dir: Path, base: str, data: bytes) -> None:
+    """At delivery: index one message from the bytes in hand."""
+    from ..imap.search import message_texts  # the store stays importable without IMAP
+    head, body = message_texts(data)
+    add(mailbox_dir / NAME, [(base, head, body)])
+
+
+def index_files(path: Path, files: list[tuple[str, Path]]) -> set[str]:
+    """Add messages to the index from their files, in batches (the messages that were
+    not delivered here, or were before the index existed).  Returns the bases added; a
+    file renamed meanwhile is left out."""
+    from ..imap.search import message_texts
+    added: set[str] = set()
+    batch: list[tuple[str, str, str]] = []
+    for base, file in files:
+        try:
+            with open(file, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        head, body = message_texts(data)
+        batch.append((base, head, body))
+        if len(batch) >= 500:
+            add(path, batch)
+            added.update(b for b, _, _ in batch)
+            batch = []
+    add(path, batch)
+    added.update(b for b, _, _ in batch)
+    return added
