@@ -49,6 +49,7 @@ class _Conn:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # derived data: a lost tail is re-added
         self.db.executescript(_SCHEMA)
+        self.ident = identity(path)
 
     def close(self) -> None:
         try:
@@ -57,10 +58,24 @@ class _Conn:
             pass
 
 
+def identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` now (None: none): one removed or replaced behind our back
+    (a person, a restore) is noticed, and its rows are not believed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _conn(path: Path) -> _Conn:
     key = os.fspath(path)
     with _open_lock:
         c = _open.pop(key, None)
+        if c is not None and c.ident != identity(path):
+            with c.lock:
+                c.close()
+            c = None
         if c is None:
             if len(_open) >= _MAX_OPEN:
                 old_key = next(iter(_open))
@@ -88,10 +103,11 @@ def drop(path: Path) -> None:
             pass
 
 
-def indexed(path: Path) -> set[str]:
+def indexed(path: Path) -> tuple[set[str], tuple[int, int] | None]:
+    """The bases in the index, and the identity of its file."""
     c = _conn(path)
     with c.lock:
-        return {row[0] for row in c.db.execute("SELECT base FROM docs")}
+        return {row[0] for row in c.db.execute("SELECT base FROM docs")}, c.ident
 
 
 def add(path: Path, docs: list[tuple[str, str, str]]) -> None:

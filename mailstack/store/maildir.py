@@ -334,6 +334,7 @@ class _State:
         self.index: MetadataIndex | None = None  # loaded on first use (index.py)
         self.fts_lock = asyncio.Lock()
         self.fts_bases: set[str] | None = None  # bases in the full-text index (fts.py)
+        self.fts_ident: tuple | None = None  # which file they were read from
         self.cache_lock = asyncio.Lock()
         self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
         self.recent_task: asyncio.Task | None = None  # writes the mark back
@@ -965,8 +966,8 @@ class MaildirMailbox(Mailbox):
         path = st.path / fts.NAME
         async with st.fts_lock:
             try:
-                if st.fts_bases is None:
-                    st.fts_bases = await asyncio.to_thread(fts.indexed, path)
+                if st.fts_bases is None or st.fts_ident != await asyncio.to_thread(fts.identity, path):
+                    st.fts_bases, st.fts_ident = await asyncio.to_thread(fts.indexed, path)
                 known = st.fts_bases
                 missing = [(e.base, st.path / e.sub / e.name) for e in view.values() if e.base not in known]
                 if missing:
