@@ -235,3 +235,28 @@ def test_fts_usable_only_for_what_trigrams_answer():
     assert fts.usable("abc") and not fts.usable("ab") and not fts.usable("a\uffffb")
     head, body = search.message_texts(CORPUS[1])
     assert "die strasse ist" in body and "subject" in head.split(search.TEXT_SEP)
+
+
+def test_fts_catches_up_in_the_background_on_a_mailbox_filled_behind_its_back(tmp_path, monkeypatch):
+    from mailstack.store import maildir as maildir_mod
+    monkeypatch.setattr(maildir_mod, "FTS_INLINE", 2)
+    monkeypatch.setattr(maildir_mod, "FTS_CATCH_UP_DELAY", 0)
+    monkeypatch.setattr(maildir_mod, "FTS_BATCH", 2)
+    srv = InProcessIMAP(tmp_path)
+    try:
+        maildir = Path(srv.cfg.mail_dir) / "example.test" / "alice"
+        for i, m in enumerate(CORPUS):  # as a migration or a person with cp would
+            (maildir / "new" / f"17000000{i:02d}.M1P1.elsewhere").write_bytes(m)
+        r = Raw(srv)
+        r.cmd("SELECT INBOX")
+        want = {"fox": [1, 3, 5], "strasse": [2, 4]}
+        for needle, uids in want.items():  # first: a scan, while the index fills
+            assert r.cmd(f"UID SEARCH BODY {needle}")[0] == [b"* SEARCH " + " ".join(map(str, uids)).encode()]
+        deadline = time.monotonic() + 20
+        while len(srv.call(asyncio.to_thread(fts.indexed, maildir / fts.NAME))[0]) < len(CORPUS):
+            assert time.monotonic() < deadline, "the full-text index never caught up"
+            time.sleep(0.05)
+        for needle, uids in want.items():  # now from the index
+            assert r.cmd(f"UID SEARCH BODY {needle}")[0] == [b"* SEARCH " + " ".join(map(str, uids)).encode()]
+    finally:
+        srv.close()

@@ -77,6 +77,9 @@ SPECIAL_USE_ATTRS = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\
 _COPY_CHUNK = 1 << 20
 INDEX_AT_DELIVERY_MAX = 16 << 20  # bigger messages are indexed when first looked at
 FTS_SLACK = 1000  # expunged rows tolerated in a full-text index beyond the live ones
+FTS_INLINE = 300  # messages a search adds to the full-text index itself; more: background
+FTS_BATCH = 500  # messages per worker-thread call when the index catches up
+FTS_CATCH_UP_DELAY = 1.0  # seconds: the scan that found the index behind goes first
 
 
 class Entry(NamedTuple):
@@ -335,6 +338,7 @@ class _State:
         self.fts_lock = asyncio.Lock()
         self.fts_bases: set[str] | None = None  # bases in the full-text index (fts.py)
         self.fts_ident: tuple | None = None  # which file they were read from
+        self.fts_task: asyncio.Task | None = None  # filling the index in the background
         self.cache_lock = asyncio.Lock()
         self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
         self.recent_task: asyncio.Task | None = None  # writes the mark back
@@ -964,12 +968,20 @@ class MaildirMailbox(Mailbox):
         st = self._st
         view = {uid: e for uid in self._index if (e := st.entries.get(uid)) is not None}
         path = st.path / fts.NAME
+        if st.fts_task is not None and not st.fts_task.done():
+            return None  # being filled in the background: scan meanwhile
         async with st.fts_lock:
             try:
                 if st.fts_bases is None or st.fts_ident != await asyncio.to_thread(fts.identity, path):
                     st.fts_bases, st.fts_ident = await asyncio.to_thread(fts.indexed, path)
                 known = st.fts_bases
                 missing = [(e.base, st.path / e.sub / e.name) for e in view.values() if e.base not in known]
+                if len(missing) > FTS_INLINE:
+                    # Many messages the index has not seen (put there behind our back, or
+                    # from before it existed): adding them costs more than one scan, so
+                    # this search scans, and the index catches up in the background.
+                    st.fts_task = asyncio.get_running_loop().create_task(self._fts_catch_up(st))
+                    return None
                 if missing:
                     added = await asyncio.to_thread(fts.index_files, path, missing)
                     known.update(added)
@@ -987,6 +999,29 @@ class MaildirMailbox(Mailbox):
                 return None
         uid_of = {e.base: uid for uid, e in view.items()}
         return [{uid_of[b] for b in bases if b in uid_of} for bases in found]
+
+    @staticmethod
+    async def _fts_catch_up(st: _State) -> None:
+        """Add what the full-text index lacks, in batches, after the scan that found it
+        behind (both would share the same cores)."""
+        await asyncio.sleep(FTS_CATCH_UP_DELAY)
+        path = st.path / fts.NAME
+        try:
+            while True:
+                async with st.fts_lock:
+                    known = st.fts_bases
+                    if known is None:
+                        return
+                    batch = [(e.base, st.path / e.sub / e.name) for e in list(st.entries.values())
+                             if e.base not in known][:FTS_BATCH]
+                    if not batch:
+                        return
+                    added = await asyncio.to_thread(fts.index_files, path, batch)
+                    known.update(added)
+                    if not added:  # all renamed meanwhile: the next search tries again
+                        return
+        except (sqlite3.Error, OSError) as e:
+            log.warning("full-text index of %s/%s not filled: %s", st.account, st.name, e)
 
     async def close(self) -> None:
         if not self._closed:
@@ -1069,6 +1104,8 @@ class MaildirStore(Store):
     def _release(self, st: _State) -> None:
         if st.refs <= 0:
             st.index = None  # the biggest part; reloaded on demand
+            if st.fts_task is None or st.fts_task.done():
+                st.fts_bases = None
 
     def _forget(self, account: str, name: str) -> set[str]:
         """Drop states of a renamed mailbox and its children; publish "deleted" for them."""
