@@ -395,14 +395,18 @@ def cache_entry(data: bytes) -> dict:
     }
 
 
-def header_entry(header: bytes) -> dict:
+def header_entry(header: bytes, search_fields: bool = False) -> dict:
     """The part of a cache entry that the header alone gives (ENVELOPE, the Date: for SENT*
     searches): what a client's first listing asks for, at a fraction of a full parse.
-    `header` must hold the whole header block; BODYSTRUCTURE is added when first asked for."""
+    `header` must hold the whole header block; BODYSTRUCTURE is added when first asked for,
+    the searchable header texts ("hs") when a SEARCH first needs them."""
     hend, bstart = split_header(header)
     root = Part(0, bstart, bstart, parse_headers(header[:hend]))
-    return {"v": CACHE_VERSION, "env": envelope(root).decode("latin-1"),
-            "sent": _sent_date(root), "hsize": bstart, "hs": _header_index(root)}
+    entry = {"v": CACHE_VERSION, "env": envelope(root).decode("latin-1"),
+             "sent": _sent_date(root), "hsize": bstart}
+    if search_fields:  # costs as much again as the envelope: only when a SEARCH wants it
+        entry["hs"] = _header_index(root)
+    return entry
 
 
 def _header_index(root: "Part") -> dict:

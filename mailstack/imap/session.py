@@ -930,7 +930,8 @@ class IMAPSession:
             cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
                                       m.uid in self.recent, n, max_uid) for i, m in enumerate(batch)]
             if need in ("sent", "index"):  # answered from the metadata index
-                entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)])
+                entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)],
+                                                    search_fields=need == "index")
                 for c, m in zip(cands, batch):
                     e = entries.get(m.uid)
                     c.sent = e.get("sent") if e else None
@@ -989,14 +990,14 @@ class IMAPSession:
                     del got[uid]
         return got  # type: ignore[return-value]
 
-    async def _compute_entries(self, infos, structure: bool) -> dict[int, dict]:
+    async def _compute_entries(self, infos, structure: bool, search_fields: bool = False) -> dict[int, dict]:
         """Read and parse messages in one worker-thread call (the cold-cache path). Without
         `structure` only the header is read and parsed (enough for ENVELOPE and SENT*)."""
         mbox = self.mbox
         paths = {m.uid: mbox.path(m.uid) for m in infos}
 
         def entry(data: bytes) -> dict:
-            return fetch.cache_entry(data) if structure else fetch.header_entry(data)
+            return fetch.cache_entry(data) if structure else fetch.header_entry(data, search_fields)
 
         def work() -> tuple[dict[int, dict], list[int]]:
             out: dict[int, dict] = {}
@@ -1027,7 +1028,7 @@ class IMAPSession:
             out[uid] = await asyncio.to_thread(entry, data)
         return out
 
-    async def _cache_entries(self, picked, structure: bool = False) -> dict[int, dict]:
+    async def _cache_entries(self, picked, structure: bool = False, search_fields: bool = False) -> dict[int, dict]:
         """Metadata cache entries for these messages; missing ones are computed (one thread
         call for the batch) and written back with one cache_put. An entry made from the header
         alone lacks the body structure: it is completed when `structure` is asked for."""
@@ -1037,14 +1038,15 @@ class IMAPSession:
         old: dict[int, dict] = {}
         for _, m in picked:
             e = await mbox.cache_get(m.uid)
-            if e and e.get("v") == fetch.CACHE_VERSION and (not structure or "bs" in e):
+            if e and e.get("v") == fetch.CACHE_VERSION and (not structure or "bs" in e) and \
+                    (not search_fields or "hs" in e):
                 entries[m.uid] = e
             else:
                 missing.append(m)
                 if e:
                     old[m.uid] = e  # keep what other modules (POP3 sizes) put there
         if missing:
-            fresh = await self._compute_entries(missing, structure)
+            fresh = await self._compute_entries(missing, structure, search_fields)
             fresh = {uid: {**old.get(uid, {}), **e} for uid, e in fresh.items()}
             entries.update(fresh)
             if fresh:
