@@ -260,3 +260,28 @@ def test_fts_catches_up_in_the_background_on_a_mailbox_filled_behind_its_back(tm
             assert r.cmd(f"UID SEARCH BODY {needle}")[0] == [b"* SEARCH " + " ".join(map(str, uids)).encode()]
     finally:
         srv.close()
+
+
+def test_big_message_fetch_is_streamed_exactly(tmp_path, monkeypatch):
+    from mailstack.imap import session as session_mod
+    monkeypatch.setattr(session_mod, "STREAM_MIN", 100_000)
+    monkeypatch.setattr(session_mod, "STREAM_CHUNK", 7_000)  # pieces that do not divide the size
+    srv = InProcessIMAP(tmp_path)
+    try:
+        big = b"From: a@x.test\r\nSubject: big\r\n\r\n" + b"".join(b"line %06d of a big message\r\n" % i
+                                                                   for i in range(20000))
+        srv.deliver(ALICE, big)
+        srv.deliver(ALICE, message(1))
+        r = Raw(srv)
+        r.cmd("SELECT INBOX")
+        lines, tagged = r.cmd("FETCH 1:2 (UID RFC822.SIZE BODY.PEEK[] ENVELOPE)")
+        assert b"OK" in tagged
+        first = lines[0]
+        head = b"* 1 FETCH (UID 1 RFC822.SIZE %d BODY[] {%d}\r\n" % (len(big), len(big))
+        assert first.startswith(head) and first[len(head):len(head) + len(big)] == big
+        assert first[len(head) + len(big):].startswith(b' ENVELOPE (NIL "big"')
+        assert message(1) in lines[1]
+        lines, _ = r.cmd("FETCH 1 RFC822")  # sets \Seen, streamed as well
+        assert big in lines[0] and b"\\Seen" in lines[0]
+    finally:
+        srv.close()

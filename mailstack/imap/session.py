@@ -50,6 +50,8 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 BIG_CHUNK = 65536
+STREAM_MIN = 1 << 20  # whole messages at least this big are streamed, not read whole
+STREAM_CHUNK = 256 * 1024  # bytes read per piece when streaming
 
 
 class _Lit:
@@ -61,14 +63,29 @@ class _Lit:
         self.label, self.data = label, data
 
 
-def _join_fetch(seq: int, items: list) -> "bytes | list[bytes]":
+class _Stream:
+    """A whole-message literal sent in bounded pieces read from the store as the client takes
+    them (big messages: never whole in memory)."""
+
+    __slots__ = ("label", "uid", "size")
+
+    def __init__(self, label: bytes, uid: int, size: int) -> None:
+        self.label, self.uid, self.size = label, uid, size
+
+
+def _join_fetch(seq: int, items: list) -> "bytes | list":
     """One "* n FETCH (...)" response: bytes, or a list of chunks when it holds a big literal."""
     chunks: list[bytes] = []
     cur = bytearray(b"* %d FETCH (" % seq)
     for i, item in enumerate(items):
         if i:
             cur += b" "
-        if isinstance(item, _Lit):
+        if isinstance(item, _Stream):
+            cur += item.label + b" {%d}\r\n" % item.size
+            chunks.append(bytes(cur))
+            chunks.append(item)
+            cur = bytearray()
+        elif isinstance(item, _Lit):
             cur += item.label + b" {%d}\r\n" % len(item.data)
             if len(item.data) >= BIG_CHUNK:
                 chunks.append(bytes(cur))
@@ -913,6 +930,26 @@ class IMAPSession:
         await self.cmd_copy(cmd, move=True)
 
     # ------------------------------------------------------------------ SEARCH
+    def _render_streamed(self, m, a, entries) -> "bytes | _Stream | None":
+        """One FETCH item of a message that is streamed (only whole-message literals)."""
+        name = a.name
+        if name == "UID":
+            return b"UID %d" % m.uid
+        if name == "FLAGS":
+            return b"FLAGS " + response.flag_list(self.flags_of(m))
+        if name == "INTERNALDATE":
+            return b"INTERNALDATE " + response.internaldate(m.internaldate)
+        if name == "RFC822.SIZE":
+            return b"RFC822.SIZE %d" % m.size
+        if name == "RFC822":
+            return _Stream(b"RFC822", m.uid, m.size)
+        if name == "BODY[]":
+            return _Stream(b"BODY[]", m.uid, m.size)
+        if name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
+            value = fetch.cached(entries.get(m.uid), {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}[name])
+            return None if value is None else name.encode() + b" " + value
+        return None
+
     async def cmd_search(self, cmd: Command) -> None:
         key = cmd.args["key"]
         msgs = list(self.mbox.messages)
@@ -1086,13 +1123,21 @@ class IMAPSession:
         if any(a.name == "FLAGS" for a in atts):
             # A keyword shows in a FETCH only after an untagged FLAGS announced it.
             self._note_keywords({f for _, m in picked for f in m.flags})
+        # Whole messages only (BODY[] / RFC822, no part, no partial): big ones are streamed.
+        streamable = need_data == "full" and all(
+            a.name == "RFC822" or (a.name == "BODY[]" and not a.section.part and not a.section.text
+                                   and a.partial is None)
+            for a in atts if a.name.startswith(("RFC822", "BODY[")) and a.name != "RFC822.SIZE")
         missing = False
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
             entries = await self._cache_entries(batch, need_structure) if need_cache else {}
             if need_data:
-                datas = await self._read_many([m for _, m in batch], header_only=need_data == "header")
-                rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas)
+                streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
+                datas = await self._read_many([m for _, m in batch if m.uid not in streams],
+                                              header_only=need_data == "header")
+                rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas,
+                                                         streams)
             else:
                 rendered, gone = self._render_batch(batch, atts, entries, None)
             missing = missing or gone
@@ -1101,7 +1146,10 @@ class IMAPSession:
                     self.out += item
                 else:  # big literals go to the transport as they are, not copied into `out`
                     for chunk in item:
-                        if len(chunk) >= BIG_CHUNK:
+                        if isinstance(chunk, _Stream):
+                            await self.flush()
+                            await self._stream(chunk)
+                        elif len(chunk) >= BIG_CHUNK:
                             await self.flush()
                             self.writer.write(chunk)
                             await self.drain()
@@ -1117,13 +1165,40 @@ class IMAPSession:
         else:
             await self.done(cmd, "FETCH completed")
 
-    def _render_batch(self, batch, atts, entries, datas) -> tuple[list, bool]:
+    async def _stream(self, item: _Stream) -> None:
+        """Send a message literal piece by piece.  The size was announced: a file that
+        shrank or vanished meanwhile (Maildir files never change; a person could) cannot
+        be answered any more, so the connection is closed rather than the literal faked."""
+        offset = 0
+        while offset < item.size:
+            want = min(STREAM_CHUNK, item.size - offset)
+            try:
+                chunk = await self.mbox.read_range(item.uid, offset, want)
+            except (StoreError, OSError) as e:
+                chunk, why = b"", str(e)
+            else:
+                why = "the file is shorter than its size"
+            if not chunk:
+                log.error("FETCH of UID %d cut after %d of %d bytes: %s", item.uid, offset, item.size,
+                          why, extra={"client": self.peer_ip})
+                self.writer.transport.abort()
+                raise _Bye()
+            chunk = chunk[:item.size - offset]
+            self.writer.write(chunk)
+            offset += len(chunk)
+            await self.drain()
+
+    def _render_batch(self, batch, atts, entries, datas, streams=frozenset()) -> tuple[list, bool]:
         """The FETCH responses of a batch, and whether a message had vanished meanwhile."""
         out: list = []
         gone = False
         for seq, m in batch:
             data = None
             root = None
+            if m.uid in streams:
+                items = [self._render_streamed(m, a, entries) for a in atts]
+                out.append(_join_fetch(seq, [x for x in items if x is not None]))
+                continue
             if datas is not None:
                 data = datas.get(m.uid)
             vanished = datas is not None and data is None
