@@ -233,7 +233,7 @@ def address_list(value: bytes | None) -> bytes:
     if value is None:
         return b"NIL"
     out = [b"(" + nstring(a.name) + b" " + nstring(a.route) + b" " + nstring(a.mailbox) + b" " +
-           nstring(a.host) + b")" for a in addresses.parse_list(unfold(value))]
+           nstring(a.host) + b")" for a in addresses.parse_list_cached(unfold(value))]
     return b"(" + b"".join(out) + b")" if out else b"NIL"
 
 
@@ -395,16 +395,15 @@ def cache_entry(data: bytes) -> dict:
     }
 
 
-def header_entry(header: bytes, search_fields: bool = False) -> dict:
+def header_entry(header: bytes, search_fields: bool = True) -> dict:
     """The part of a cache entry that the header alone gives (ENVELOPE, the Date: for SENT*
     searches): what a client's first listing asks for, at a fraction of a full parse.
-    `header` must hold the whole header block; BODYSTRUCTURE is added when first asked for,
-    the searchable header texts ("hs") when a SEARCH first needs them."""
+    `header` must hold the whole header block; BODYSTRUCTURE is added when first asked for."""
     hend, bstart = split_header(header)
     root = Part(0, bstart, bstart, parse_headers(header[:hend]))
     entry = {"v": CACHE_VERSION, "env": envelope(root).decode("latin-1"),
              "sent": _sent_date(root), "hsize": bstart}
-    if search_fields:  # costs as much again as the envelope: only when a SEARCH wants it
+    if search_fields:
         entry["hs"] = _header_index(root)
     return entry
 

@@ -149,7 +149,7 @@ def _address_forms(value: bytes) -> list[str]:
     """What a FROM/TO/CC/BCC search matches besides the raw text: each address with its
     comments and folding white space taken out (RFC 5322 CFWS), as "name <local@domain>"."""
     out = []
-    for a in addresses.parse_list(value):
+    for a in addresses.parse_list_cached(value):
         spec = a.addr_spec()
         if a.name is not None:
             name = _decode_words(a.name)

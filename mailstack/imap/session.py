@@ -1027,14 +1027,16 @@ class IMAPSession:
                     del got[uid]
         return got  # type: ignore[return-value]
 
-    async def _compute_entries(self, infos, structure: bool, search_fields: bool = False) -> dict[int, dict]:
+    async def _compute_entries(self, infos, structure: bool) -> dict[int, dict]:
         """Read and parse messages in one worker-thread call (the cold-cache path). Without
         `structure` only the header is read and parsed (enough for ENVELOPE and SENT*)."""
         mbox = self.mbox
         paths = {m.uid: mbox.path(m.uid) for m in infos}
 
         def entry(data: bytes) -> dict:
-            return fetch.cache_entry(data) if structure else fetch.header_entry(data, search_fields)
+            # the searchable header texts come along (cheap once the envelope parsed the
+            # addresses): a header SEARCH after a first listing reads no file again
+            return fetch.cache_entry(data) if structure else fetch.header_entry(data)
 
         def work() -> tuple[dict[int, dict], list[int]]:
             out: dict[int, dict] = {}
@@ -1083,7 +1085,7 @@ class IMAPSession:
                 if e:
                     old[m.uid] = e  # keep what other modules (POP3 sizes) put there
         if missing:
-            fresh = await self._compute_entries(missing, structure, search_fields)
+            fresh = await self._compute_entries(missing, structure)
             fresh = {uid: {**old.get(uid, {}), **e} for uid, e in fresh.items()}
             entries.update(fresh)
             if fresh:
