@@ -238,10 +238,9 @@ def test_fts_usable_only_for_what_trigrams_answer():
 
 
 def test_fts_catches_up_in_the_background_on_a_mailbox_filled_behind_its_back(tmp_path, monkeypatch):
-    from mailstack.store import maildir as maildir_mod
-    monkeypatch.setattr(maildir_mod, "FTS_INLINE", 2)
-    monkeypatch.setattr(maildir_mod, "FTS_CATCH_UP_DELAY", 0)
-    monkeypatch.setattr(maildir_mod, "FTS_BATCH", 2)
+    monkeypatch.setattr(fts, "INLINE", 2)
+    monkeypatch.setattr(fts, "CATCH_UP_DELAY", 0)
+    monkeypatch.setattr(fts, "BATCH", 2)
     srv = InProcessIMAP(tmp_path)
     try:
         maildir = Path(srv.cfg.mail_dir) / "example.test" / "alice"

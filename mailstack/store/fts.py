@@ -21,11 +21,13 @@ its own lock.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("mailstack.store")
 
@@ -33,6 +35,10 @@ NAME = "mailstack-fts.sqlite"
 SEP = "\uffff"
 MIN_NEEDLE = 3  # characters: the trigram tokenizer's unit
 _MAX_OPEN = 64  # connections kept open (per mailbox file)
+SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
+INLINE = 300  # messages a search adds itself; more: the index catches up in the background
+BATCH = 500  # messages per worker-thread call when catching up
+CATCH_UP_DELAY = 1.0  # seconds: the scan that found the index behind goes first
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
            "CREATE VIRTUAL TABLE IF NOT EXISTS text USING fts5(head, body, content='', "
            "tokenize='trigram case_sensitive 1');")
@@ -175,3 +181,80 @@ def index_files(path: Path, files: list[tuple[str, Path]]) -> set[str]:
     add(path, batch)
     added.update(b for b, _, _ in batch)
     return added
+
+
+class MailboxFulltext:
+    """This process's view of one mailbox's index file: the bases it holds (so a search
+    knows what to add first) and the background catch-up.  Used on the event loop."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path = path
+        self.label = label  # account/mailbox, for the log
+        self.lock = asyncio.Lock()
+        self.bases: set[str] | None = None  # None: not read (or released)
+        self.ident: tuple[int, int] | None = None  # the file `bases` was read from
+        self.task: asyncio.Task | None = None
+
+    def note_added(self, base: str) -> None:
+        if self.bases is not None:
+            self.bases.add(base)
+
+    def release(self) -> None:
+        """No session on the mailbox: forget the base set (reread when needed)."""
+        if self.task is None or self.task.done():
+            self.bases = None
+
+    async def search(self, view: dict[str, Path], queries: list[tuple[str, bool]],
+                     unindexed: Callable[[set[str]], list[tuple[str, Path]]]) -> list[set[str]] | None:
+        """For each (folded string, body only?) the bases of `view` (base -> file) that match,
+        or None: the caller scans (index being filled, damaged, or a file renamed
+        meanwhile).  `unindexed(known)` lists the mailbox's files the index lacks."""
+        if self.task is not None and not self.task.done():
+            return None  # being filled in the background: scan meanwhile
+        path = self.path
+        async with self.lock:
+            try:
+                if self.bases is None or self.ident != await asyncio.to_thread(identity, path):
+                    self.bases, self.ident = await asyncio.to_thread(indexed, path)
+                known = self.bases
+                missing = [(b, f) for b, f in view.items() if b not in known]
+                if len(missing) > INLINE:
+                    # Many messages the index has not seen (put there behind our back, or
+                    # from before it existed): adding them costs more than one scan, so
+                    # this search scans, and the index catches up in the background.
+                    self.task = asyncio.get_running_loop().create_task(self._catch_up(unindexed))
+                    return None
+                if missing:
+                    added = await asyncio.to_thread(index_files, path, missing)
+                    known.update(added)
+                    if len(added) < len(missing):  # renamed meanwhile: this time, scan
+                        return None
+                found = await asyncio.to_thread(
+                    lambda: [search(path, needle, body_only) for needle, body_only in queries])
+                if len(known) > 2 * len(view) + SLACK:  # mostly expunged rows: rebuild
+                    await asyncio.to_thread(drop, path)
+                    self.bases = None
+                return found
+            except sqlite3.Error as e:  # damaged or no room: drop it, answer by scanning
+                log.warning("full-text index of %s unusable (%s): rebuilt", self.label, e)
+                self.bases = None
+                await asyncio.to_thread(drop, path)
+                return None
+
+    async def _catch_up(self, unindexed: Callable[[set[str]], list[tuple[str, Path]]]) -> None:
+        await asyncio.sleep(CATCH_UP_DELAY)
+        try:
+            while True:
+                async with self.lock:
+                    known = self.bases
+                    if known is None:
+                        return
+                    batch = unindexed(known)[:BATCH]
+                    if not batch:
+                        return
+                    added = await asyncio.to_thread(index_files, self.path, batch)
+                    known.update(added)
+                    if not added:  # all renamed meanwhile: the next search tries again
+                        return
+        except (sqlite3.Error, OSError) as e:
+            log.warning("full-text index of %s not filled: %s", self.label, e)

@@ -38,7 +38,6 @@ import fcntl
 import logging
 import os
 import shutil
-import sqlite3
 import time
 import uuid
 from contextlib import asynccontextmanager, contextmanager
@@ -76,10 +75,6 @@ MAX_IDLE_STATES = 256  # loaded mailboxes kept without any session, for delivery
 SPECIAL_USE_ATTRS = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
 _COPY_CHUNK = 1 << 20
 INDEX_AT_DELIVERY_MAX = 16 << 20  # bigger messages are indexed when first looked at
-FTS_SLACK = 1000  # expunged rows tolerated in a full-text index beyond the live ones
-FTS_INLINE = 300  # messages a search adds to the full-text index itself; more: background
-FTS_BATCH = 500  # messages per worker-thread call when the index catches up
-FTS_CATCH_UP_DELAY = 1.0  # seconds: the scan that found the index behind goes first
 
 
 class Entry(NamedTuple):
@@ -335,10 +330,7 @@ class _State:
         self.delivery_ids: set[str] = set()
         self.refs = 0  # open sessions and deliveries in flight (not evicted while > 0)
         self.index: MetadataIndex | None = None  # loaded on first use (index.py)
-        self.fts_lock = asyncio.Lock()
-        self.fts_bases: set[str] | None = None  # bases in the full-text index (fts.py)
-        self.fts_ident: tuple | None = None  # which file they were read from
-        self.fts_task: asyncio.Task | None = None  # filling the index in the background
+        self.fulltext = fts.MailboxFulltext(path / fts.NAME, f"{account}/{name}")
         self.cache_lock = asyncio.Lock()
         self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
         self.recent_task: asyncio.Task | None = None  # writes the mark back
@@ -967,61 +959,15 @@ class MaildirMailbox(Mailbox):
         self._check_open()
         st = self._st
         view = {uid: e for uid in self._index if (e := st.entries.get(uid)) is not None}
-        path = st.path / fts.NAME
-        if st.fts_task is not None and not st.fts_task.done():
-            return None  # being filled in the background: scan meanwhile
-        async with st.fts_lock:
-            try:
-                if st.fts_bases is None or st.fts_ident != await asyncio.to_thread(fts.identity, path):
-                    st.fts_bases, st.fts_ident = await asyncio.to_thread(fts.indexed, path)
-                known = st.fts_bases
-                missing = [(e.base, st.path / e.sub / e.name) for e in view.values() if e.base not in known]
-                if len(missing) > FTS_INLINE:
-                    # Many messages the index has not seen (put there behind our back, or
-                    # from before it existed): adding them costs more than one scan, so
-                    # this search scans, and the index catches up in the background.
-                    st.fts_task = asyncio.get_running_loop().create_task(self._fts_catch_up(st))
-                    return None
-                if missing:
-                    added = await asyncio.to_thread(fts.index_files, path, missing)
-                    known.update(added)
-                    if len(added) < len(missing):  # renamed meanwhile: this time, scan
-                        return None
-                found = await asyncio.to_thread(
-                    lambda: [fts.search(path, needle, body_only) for needle, body_only in queries])
-                if len(known) > 2 * len(view) + FTS_SLACK:  # mostly expunged rows: rebuild
-                    await asyncio.to_thread(fts.drop, path)
-                    st.fts_bases = None
-            except sqlite3.Error as e:  # damaged or no room: drop it, answer by scanning
-                log.warning("full-text index of %s/%s unusable (%s): rebuilt", st.account, st.name, e)
-                st.fts_bases = None
-                await asyncio.to_thread(fts.drop, path)
-                return None
+
+        def unindexed(known: set[str]) -> list[tuple[str, Path]]:
+            return [(e.base, st.path / e.sub / e.name) for e in list(st.entries.values()) if e.base not in known]
+        found = await st.fulltext.search({e.base: st.path / e.sub / e.name for e in view.values()},
+                                         queries, unindexed)
+        if found is None:
+            return None
         uid_of = {e.base: uid for uid, e in view.items()}
         return [{uid_of[b] for b in bases if b in uid_of} for bases in found]
-
-    @staticmethod
-    async def _fts_catch_up(st: _State) -> None:
-        """Add what the full-text index lacks, in batches, after the scan that found it
-        behind (both would share the same cores)."""
-        await asyncio.sleep(FTS_CATCH_UP_DELAY)
-        path = st.path / fts.NAME
-        try:
-            while True:
-                async with st.fts_lock:
-                    known = st.fts_bases
-                    if known is None:
-                        return
-                    batch = [(e.base, st.path / e.sub / e.name) for e in list(st.entries.values())
-                             if e.base not in known][:FTS_BATCH]
-                    if not batch:
-                        return
-                    added = await asyncio.to_thread(fts.index_files, path, batch)
-                    known.update(added)
-                    if not added:  # all renamed meanwhile: the next search tries again
-                        return
-        except (sqlite3.Error, OSError) as e:
-            log.warning("full-text index of %s/%s not filled: %s", st.account, st.name, e)
 
     async def close(self) -> None:
         if not self._closed:
@@ -1104,8 +1050,7 @@ class MaildirStore(Store):
     def _release(self, st: _State) -> None:
         if st.refs <= 0:
             st.index = None  # the biggest part; reloaded on demand
-            if st.fts_task is None or st.fts_task.done():
-                st.fts_bases = None
+            st.fulltext.release()
 
     def _forget(self, account: str, name: str) -> set[str]:
         """Drop states of a renamed mailbox and its children; publish "deleted" for them."""
@@ -1197,8 +1142,8 @@ class MaildirStore(Store):
         """What _write_and_index wrote, into the loaded indexes of the mailbox."""
         if entry is None:
             return
-        if entry.pop("fts", False) and st.fts_bases is not None:
-            st.fts_bases.add(base)
+        if entry.pop("fts", False):
+            st.fulltext.note_added(base)
         if st.index is not None and st.index.uidvalidity == st.ul.uidvalidity:
             st.index.note_delivered(base, entry)
 
