@@ -4,20 +4,23 @@ sqlite3), one file `mailstack-fts.sqlite` per mailbox.
 What is indexed is exactly what a plain scan compares (imap/search.py `message_texts`):
 the decoded text parts (quoted-printable and base64 undone, charsets decoded) and the
 decoded header fields, case-folded by Python, as segments joined by U+FFFF (a
-noncharacter no search string contains).  The "trigram" tokenizer with case_sensitive 1
-makes a quoted phrase match any substring of three characters or more of that folded text,
-so an FTS answer is the scan's answer; shorter strings (and a string holding U+FFFF) are
-not asked here: the caller scans.
+noncharacter no search string contains).  The "trigram" tokenizer (case_sensitive 1: the
+text is folded already) with detail=none keeps, per document, only which three-character
+sequences occur: a document holding a string holds all of its trigrams, so the AND of them
+gives every match and a few more.  Those few candidates are then read and checked with the
+scan's own test, so the answer is exactly the scan's answer.  (detail=full would answer
+phrases directly, but makes the index three times slower to fill and bigger.)  Strings
+shorter than three characters (and one holding U+FFFF) are not asked here: the caller scans.
 
 Documents are keyed by the message file's base name: its content never changes under that
 name, so a row is right wherever the message is listed, whatever its UID.  Rows of
 expunged messages stay (the table is contentless, and SQLite 3.40 cannot delete from
 those) and are ignored: only bases in the caller's view count.  When they outnumber the
-live ones the file is dropped and rebuilt.  A damaged or unreadable file is dropped too:
-the index is derived data.
+live ones the file is dropped and rebuilt.  A damaged, unreadable or replaced file is
+noticed and dropped too: the index is derived data.
 
-Everything here is blocking (worker threads); one connection per mailbox file, used under
-its own lock.
+The module-level functions are blocking (worker threads); one connection per mailbox file,
+used under its own lock.  MailboxFulltext is the event-loop side.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ BATCH = 500  # messages per worker-thread call when catching up
 CATCH_UP_DELAY = 1.0  # seconds: the scan that found the index behind goes first
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
            "CREATE VIRTUAL TABLE IF NOT EXISTS text USING fts5(head, body, content='', "
-           "tokenize='trigram case_sensitive 1');")
+           "detail=none, tokenize='trigram case_sensitive 1');")
 
 _open: dict[str, "_Conn"] = {}
 _open_lock = threading.Lock()
@@ -141,15 +144,40 @@ def usable(needle: str) -> bool:
     return len(needle) >= MIN_NEEDLE and SEP not in needle
 
 
-def search(path: Path, needle: str, body_only: bool) -> set[str]:
-    """Bases of the documents containing `needle` (already case-folded) in their body
-    (BODY) or anywhere (TEXT)."""
-    phrase = '"' + needle.replace('"', '""') + '"'
-    query = ("body : " + phrase) if body_only else phrase
+def candidates(path: Path, needle: str, body_only: bool) -> set[str]:
+    """Bases of the documents holding every trigram of `needle` (case-folded) in their body
+    (BODY) or anywhere (TEXT): each match, and perhaps a few more."""
+    grams = sorted({needle[i:i + MIN_NEEDLE] for i in range(len(needle) - MIN_NEEDLE + 1)})
+    query = " AND ".join('"' + g.replace('"', '""') + '"' for g in grams)
+    if body_only:
+        query = "body : (" + query + ")"
     c = _conn(path)
     with c.lock:
         return {row[0] for row in c.db.execute(
             "SELECT base FROM docs WHERE id IN (SELECT rowid FROM text WHERE text MATCH ?)", (query,))}
+
+
+def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]]) -> list[set[str]] | None:
+    """For each (folded string, body only?) the bases of `files` whose texts hold it: the
+    index's candidates, checked against the message itself.  None when a candidate's file
+    is gone (renamed meanwhile): the caller scans."""
+    from ..imap.search import message_texts
+    texts: dict[str, tuple[str, str]] = {}
+    out = []
+    for needle, body_only in queries:
+        found = set()
+        for base in candidates(path, needle, body_only) & files.keys():
+            if base not in texts:
+                try:
+                    with open(files[base], "rb") as f:
+                        texts[base] = message_texts(f.read())
+                except FileNotFoundError:
+                    return None
+            head, body = texts[base]
+            if needle in body or (not body_only and needle in head):
+                found.add(base)
+        out.append(found)
+    return out
 
 
 def add_message(mailbox_dir: Path, base: str, data: bytes) -> None:
@@ -159,25 +187,35 @@ def add_message(mailbox_dir: Path, base: str, data: bytes) -> None:
     add(mailbox_dir / NAME, [(base, head, body)])
 
 
-def index_files(path: Path, files: list[tuple[str, Path]]) -> set[str]:
+def index_files(path: Path, files: list[tuple[str, Path]],
+                relocate: Callable[[], dict[str, Path]] | None = None) -> set[str]:
     """Add messages to the index from their files, in batches (the messages that were
-    not delivered here, or were before the index existed).  Returns the bases added; a
-    file renamed meanwhile is left out."""
+    not delivered here, or were before the index existed).  A file renamed meanwhile (new/
+    to cur/, a flag change) is looked up once more with `relocate` (base -> file now).
+    Returns the bases added."""
     from ..imap.search import message_texts
     added: set[str] = set()
     batch: list[tuple[str, str, str]] = []
-    for base, file in files:
-        try:
-            with open(file, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            continue
-        head, body = message_texts(data)
-        batch.append((base, head, body))
-        if len(batch) >= 500:
-            add(path, batch)
-            added.update(b for b, _, _ in batch)
-            batch = []
+    moved: list[str] = []
+    for attempt in range(2):
+        for base, file in files:
+            try:
+                with open(file, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                moved.append(base)
+                continue
+            head, body = message_texts(data)
+            batch.append((base, head, body))
+            if len(batch) >= 500:
+                add(path, batch)
+                added.update(b for b, _, _ in batch)
+                batch = []
+        if not moved or relocate is None or attempt:
+            break
+        now = relocate()
+        files = [(b, now[b]) for b in moved if b in now]
+        moved = []
     add(path, batch)
     added.update(b for b, _, _ in batch)
     return added
@@ -205,7 +243,8 @@ class MailboxFulltext:
             self.bases = None
 
     async def search(self, view: dict[str, Path], queries: list[tuple[str, bool]],
-                     unindexed: Callable[[set[str]], list[tuple[str, Path]]]) -> list[set[str]] | None:
+                     unindexed: Callable[[set[str]], list[tuple[str, Path]]],
+                     relocate: Callable[[], dict[str, Path]] | None = None) -> list[set[str]] | None:
         """For each (folded string, body only?) the bases of `view` (base -> file) that match,
         or None: the caller scans (index being filled, damaged, or a file renamed
         meanwhile).  `unindexed(known)` lists the mailbox's files the index lacks."""
@@ -222,15 +261,14 @@ class MailboxFulltext:
                     # Many messages the index has not seen (put there behind our back, or
                     # from before it existed): adding them costs more than one scan, so
                     # this search scans, and the index catches up in the background.
-                    self.task = asyncio.get_running_loop().create_task(self._catch_up(unindexed))
+                    self.task = asyncio.get_running_loop().create_task(self._catch_up(unindexed, relocate))
                     return None
                 if missing:
-                    added = await asyncio.to_thread(index_files, path, missing)
+                    added = await asyncio.to_thread(index_files, path, missing, relocate)
                     known.update(added)
                     if len(added) < len(missing):  # renamed meanwhile: this time, scan
                         return None
-                found = await asyncio.to_thread(
-                    lambda: [search(path, needle, body_only) for needle, body_only in queries])
+                found = await asyncio.to_thread(answer, path, view, queries)
                 if len(known) > 2 * len(view) + SLACK:  # mostly expunged rows: rebuild
                     await asyncio.to_thread(drop, path)
                     self.bases = None
@@ -241,7 +279,8 @@ class MailboxFulltext:
                 await asyncio.to_thread(drop, path)
                 return None
 
-    async def _catch_up(self, unindexed: Callable[[set[str]], list[tuple[str, Path]]]) -> None:
+    async def _catch_up(self, unindexed: Callable[[set[str]], list[tuple[str, Path]]],
+                        relocate: Callable[[], dict[str, Path]] | None) -> None:
         await asyncio.sleep(CATCH_UP_DELAY)
         try:
             while True:
@@ -252,7 +291,7 @@ class MailboxFulltext:
                     batch = unindexed(known)[:BATCH]
                     if not batch:
                         return
-                    added = await asyncio.to_thread(index_files, self.path, batch)
+                    added = await asyncio.to_thread(index_files, self.path, batch, relocate)
                     known.update(added)
                     if not added:  # all renamed meanwhile: the next search tries again
                         return
