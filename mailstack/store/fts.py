@@ -39,12 +39,13 @@ SEP = "\uffff"
 MIN_NEEDLE = 3  # characters: the trigram tokenizer's unit
 _MAX_OPEN = 64  # connections kept open (per mailbox file)
 SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
-INLINE = 300  # messages a search adds itself; more: the index catches up in the background
-BATCH = 500  # messages per worker-thread call when catching up
-CATCH_UP_DELAY = 1.0  # seconds: the scan that found the index behind goes first
+BATCH = 500  # messages per transaction when adding from files
+# Two tables: detail=none allows no column filter, and BODY must not match the header.
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
-           "CREATE VIRTUAL TABLE IF NOT EXISTS text USING fts5(head, body, content='', "
-           "detail=none, tokenize='trigram case_sensitive 1');")
+           "CREATE VIRTUAL TABLE IF NOT EXISTS body USING fts5(t, content='', detail=none, "
+           "tokenize='trigram case_sensitive 1');"
+           "CREATE VIRTUAL TABLE IF NOT EXISTS head USING fts5(t, content='', detail=none, "
+           "tokenize='trigram case_sensitive 1');")
 
 _open: dict[str, "_Conn"] = {}
 _open_lock = threading.Lock()
@@ -131,8 +132,8 @@ def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
             for base, head, body in docs:
                 cur = db.execute("INSERT OR IGNORE INTO docs(base) VALUES (?)", (base,))
                 if cur.rowcount:
-                    db.execute("INSERT INTO text(rowid, head, body) VALUES (?, ?, ?)",
-                               (cur.lastrowid, head, body))
+                    db.execute("INSERT INTO body(rowid, t) VALUES (?, ?)", (cur.lastrowid, body))
+                    db.execute("INSERT INTO head(rowid, t) VALUES (?, ?)", (cur.lastrowid, head))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -149,50 +150,23 @@ def candidates(path: Path, needle: str, body_only: bool) -> set[str]:
     (BODY) or anywhere (TEXT): each match, and perhaps a few more."""
     grams = sorted({needle[i:i + MIN_NEEDLE] for i in range(len(needle) - MIN_NEEDLE + 1)})
     query = " AND ".join('"' + g.replace('"', '""') + '"' for g in grams)
-    if body_only:
-        query = "body : (" + query + ")"
+    sql = "SELECT rowid FROM body WHERE body MATCH ?"
+    if not body_only:
+        sql += " UNION SELECT rowid FROM head WHERE head MATCH ?"
     c = _conn(path)
     with c.lock:
         return {row[0] for row in c.db.execute(
-            "SELECT base FROM docs WHERE id IN (SELECT rowid FROM text WHERE text MATCH ?)", (query,))}
-
-
-def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]]) -> list[set[str]] | None:
-    """For each (folded string, body only?) the bases of `files` whose texts hold it: the
-    index's candidates, checked against the message itself.  None when a candidate's file
-    is gone (renamed meanwhile): the caller scans."""
-    from ..imap.search import message_texts
-    texts: dict[str, tuple[str, str]] = {}
-    out = []
-    for needle, body_only in queries:
-        found = set()
-        for base in candidates(path, needle, body_only) & files.keys():
-            if base not in texts:
-                try:
-                    with open(files[base], "rb") as f:
-                        texts[base] = message_texts(f.read())
-                except FileNotFoundError:
-                    return None
-            head, body = texts[base]
-            if needle in body or (not body_only and needle in head):
-                found.add(base)
-        out.append(found)
-    return out
-
-
-def add_message(mailbox_dir: Path, base: str, data: bytes) -> None:
-    """At delivery: index one message from the bytes in hand."""
-    from ..imap.search import message_texts  # the store stays importable without IMAP
-    head, body = message_texts(data)
-    add(mailbox_dir / NAME, [(base, head, body)])
+            f"SELECT base FROM docs WHERE id IN ({sql})", (query,) if body_only else (query, query))}
 
 
 def index_files(path: Path, files: list[tuple[str, Path]],
-                relocate: Callable[[], dict[str, Path]] | None = None) -> set[str]:
-    """Add messages to the index from their files, in batches (the messages that were
-    not delivered here, or were before the index existed).  A file renamed meanwhile (new/
-    to cur/, a flag change) is looked up once more with `relocate` (base -> file now).
-    Returns the bases added."""
+                relocate: Callable[[], dict[str, Path]] | None = None,
+                seen: Callable[[str, str, str], None] | None = None) -> set[str]:
+    """Add messages to the index from their files, in batches of BATCH (the messages that
+    were not delivered here, or were before the index existed).  A file renamed meanwhile
+    (new/ to cur/, a flag change) is looked up once more with `relocate` (base -> file
+    now).  `seen(base, head, body)` is told each message's texts on the way (a search
+    answers from them).  Returns the bases added."""
     from ..imap.search import message_texts
     added: set[str] = set()
     batch: list[tuple[str, str, str]] = []
@@ -206,8 +180,10 @@ def index_files(path: Path, files: list[tuple[str, Path]],
                 moved.append(base)
                 continue
             head, body = message_texts(data)
+            if seen is not None:
+                seen(base, head, body)
             batch.append((base, head, body))
-            if len(batch) >= 500:
+            if len(batch) >= BATCH:
                 add(path, batch)
                 added.update(b for b, _, _ in batch)
                 batch = []
@@ -221,9 +197,45 @@ def index_files(path: Path, files: list[tuple[str, Path]],
     return added
 
 
+def _holds(head: str, body: str, needle: str, body_only: bool) -> bool:
+    return needle in body or (not body_only and needle in head)
+
+
+def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
+           missing: list[tuple[str, Path]] = (),
+           relocate: Callable[[], dict[str, Path]] | None = None) -> tuple[list[set[str]], set[str]] | None:
+    """For each (folded string, body only?) the bases of `files` whose texts hold it, and
+    the bases added to the index.  The `missing` messages are read, answered from their
+    texts and added (one pass: a first search costs a scan plus the insertions); the
+    others come from the index's candidates, checked against the message itself.  None
+    when a file is gone (renamed meanwhile, not found again): the caller scans."""
+    from ..imap.search import message_texts
+    out: list[set[str]] = [set() for _ in queries]
+
+    def seen(base: str, head: str, body: str) -> None:
+        for i, (needle, body_only) in enumerate(queries):
+            if _holds(head, body, needle, body_only):
+                out[i].add(base)
+    added = index_files(path, list(missing), relocate, seen) if missing else set()
+    if len(added) < len(missing):
+        return None
+    texts: dict[str, tuple[str, str]] = {}
+    for i, (needle, body_only) in enumerate(queries):
+        for base in (candidates(path, needle, body_only) & files.keys()) - added:
+            if base not in texts:
+                try:
+                    with open(files[base], "rb") as f:
+                        texts[base] = message_texts(f.read())
+                except FileNotFoundError:
+                    return None
+            if _holds(*texts[base], needle, body_only):
+                out[i].add(base)
+    return out, added
+
+
 class MailboxFulltext:
     """This process's view of one mailbox's index file: the bases it holds (so a search
-    knows what to add first) and the background catch-up.  Used on the event loop."""
+    knows what to add first).  Used on the event loop."""
 
     def __init__(self, path: Path, label: str) -> None:
         self.path = path
@@ -231,7 +243,6 @@ class MailboxFulltext:
         self.lock = asyncio.Lock()
         self.bases: set[str] | None = None  # None: not read (or released)
         self.ident: tuple[int, int] | None = None  # the file `bases` was read from
-        self.task: asyncio.Task | None = None
 
     def note_added(self, base: str) -> None:
         if self.bases is not None:
@@ -239,17 +250,14 @@ class MailboxFulltext:
 
     def release(self) -> None:
         """No session on the mailbox: forget the base set (reread when needed)."""
-        if self.task is None or self.task.done():
-            self.bases = None
+        self.bases = None
 
     async def search(self, view: dict[str, Path], queries: list[tuple[str, bool]],
-                     unindexed: Callable[[set[str]], list[tuple[str, Path]]],
                      relocate: Callable[[], dict[str, Path]] | None = None) -> list[set[str]] | None:
         """For each (folded string, body only?) the bases of `view` (base -> file) that match,
-        or None: the caller scans (index being filled, damaged, or a file renamed
-        meanwhile).  `unindexed(known)` lists the mailbox's files the index lacks."""
-        if self.task is not None and not self.task.done():
-            return None  # being filled in the background: scan meanwhile
+        or None: the caller scans (damaged index, or a file renamed meanwhile).  Messages
+        the index lacks (put there behind our back, or from before it existed) are added
+        on the way, in the same pass that answers for them."""
         path = self.path
         async with self.lock:
             try:
@@ -257,18 +265,11 @@ class MailboxFulltext:
                     self.bases, self.ident = await asyncio.to_thread(indexed, path)
                 known = self.bases
                 missing = [(b, f) for b, f in view.items() if b not in known]
-                if len(missing) > INLINE:
-                    # Many messages the index has not seen (put there behind our back, or
-                    # from before it existed): adding them costs more than one scan, so
-                    # this search scans, and the index catches up in the background.
-                    self.task = asyncio.get_running_loop().create_task(self._catch_up(unindexed, relocate))
+                result = await asyncio.to_thread(answer, path, view, queries, missing, relocate)
+                if result is None:
                     return None
-                if missing:
-                    added = await asyncio.to_thread(index_files, path, missing, relocate)
-                    known.update(added)
-                    if len(added) < len(missing):  # renamed meanwhile: this time, scan
-                        return None
-                found = await asyncio.to_thread(answer, path, view, queries)
+                found, added = result
+                known.update(added)
                 if len(known) > 2 * len(view) + SLACK:  # mostly expunged rows: rebuild
                     await asyncio.to_thread(drop, path)
                     self.bases = None
@@ -278,22 +279,3 @@ class MailboxFulltext:
                 self.bases = None
                 await asyncio.to_thread(drop, path)
                 return None
-
-    async def _catch_up(self, unindexed: Callable[[set[str]], list[tuple[str, Path]]],
-                        relocate: Callable[[], dict[str, Path]] | None) -> None:
-        await asyncio.sleep(CATCH_UP_DELAY)
-        try:
-            while True:
-                async with self.lock:
-                    known = self.bases
-                    if known is None:
-                        return
-                    batch = unindexed(known)[:BATCH]
-                    if not batch:
-                        return
-                    added = await asyncio.to_thread(index_files, self.path, batch, relocate)
-                    known.update(added)
-                    if not added:  # all renamed meanwhile: the next search tries again
-                        return
-        except (sqlite3.Error, OSError) as e:
-            log.warning("full-text index of %s not filled: %s", self.label, e)

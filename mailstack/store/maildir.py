@@ -960,12 +960,10 @@ class MaildirMailbox(Mailbox):
         st = self._st
         view = {uid: e for uid in self._index if (e := st.entries.get(uid)) is not None}
 
-        def unindexed(known: set[str]) -> list[tuple[str, Path]]:
-            return [(e.base, st.path / e.sub / e.name) for e in list(st.entries.values()) if e.base not in known]
         def relocate() -> dict[str, Path]:  # blocking: where each file is now
             return {base: st.path / sub / name for base, (sub, name, _) in _list(st.path).items()}
         found = await st.fulltext.search({e.base: st.path / e.sub / e.name for e in view.values()},
-                                         queries, unindexed, relocate)
+                                         queries, relocate)
         if found is None:
             return None
         uid_of = {e.base: uid for uid, e in view.items()}
