@@ -159,6 +159,13 @@ def candidates(path: Path, needle: str, body_only: bool) -> set[str]:
             f"SELECT base FROM docs WHERE id IN ({sql})", (query,) if body_only else (query, query))}
 
 
+def add_message(mailbox_dir: Path, base: str, data: bytes) -> None:
+    """At delivery: index one message from the bytes in hand."""
+    from ..imap.search import message_texts  # the store stays importable without IMAP
+    head, body = message_texts(data)
+    add(mailbox_dir / NAME, [(base, head, body)])
+
+
 def index_files(path: Path, files: list[tuple[str, Path]],
                 relocate: Callable[[], dict[str, Path]] | None = None,
                 seen: Callable[[str, str, str], None] | None = None) -> set[str]:
