@@ -48,8 +48,8 @@ def parse_args(argv=None):
                    "mailstack and peer; the table shows the median (default 3)")
     p.add_argument("--latency-messages", type=int, default=300, help="SMTP latency: messages (default 300)")
     p.add_argument("--imap-messages", type=int, default=10000, help="IMAP: messages in the mailbox (default 10000)")
-    p.add_argument("--search-pause", type=float, default=10.0,
-                   help="IMAP: seconds idle before the second SEARCH BODY, for both servers (default 10)")
+    p.add_argument("--search-pause", type=float, default=0.0,
+                   help="IMAP: seconds idle before the second SEARCH BODY, for both servers (default 0)")
     p.add_argument("--fetch-bodies", type=int, default=100, help="IMAP: full bodies fetched (default 100)")
     p.add_argument("--push-messages", type=int, default=100, help="IDLE push: messages (default 100)")
     p.add_argument("--idle-sessions", default="1000,10000", help="idle IMAP sessions held (default 1000,10000)")

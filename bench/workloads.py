@@ -133,7 +133,7 @@ def imap_mailbox(imap_server, user: str, expected: int, bodies: int, header_word
         t1, _, _ = c.timed("SELECT INBOX")
         t2, _, _ = c.timed(f"FETCH 1:* {LIST_ITEMS}")
         out["open_list_warm_s"] = t1 + t2
-        time.sleep(search_body_pause)  # mailstack: its full-text index catches up meanwhile
+        time.sleep(search_body_pause)  # time for background indexing, if a server does any
         t, lines, _ = c.timed(f'UID SEARCH BODY "{body_word}"')
         out["search_body_again_s"] = t
         out["search_body_again_hits"] = sum(len(x.split()) - 2 for x in lines if x.startswith(b"* SEARCH"))
