@@ -40,6 +40,7 @@ MIN_NEEDLE = 3  # characters: the trigram tokenizer's unit
 _MAX_OPEN = 64  # connections kept open (per mailbox file)
 SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
 BATCH = 500  # messages per transaction when adding from files
+QUEUE_MAX = 2000  # delivered messages per transaction (their texts wait in memory)
 # Two tables: detail=none allows no column filter, and BODY must not match the header.
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
            "CREATE VIRTUAL TABLE IF NOT EXISTS body USING fts5(t, content='', detail=none, "
@@ -159,11 +160,10 @@ def candidates(path: Path, needle: str, body_only: bool) -> set[str]:
             f"SELECT base FROM docs WHERE id IN ({sql})", (query,) if body_only else (query, query))}
 
 
-def add_message(mailbox_dir: Path, base: str, data: bytes) -> None:
-    """At delivery: index one message from the bytes in hand."""
+def texts_of(data: bytes) -> tuple[str, str]:
+    """At delivery: what the index stores of a message, from the bytes in hand."""
     from ..imap.search import message_texts  # the store stays importable without IMAP
-    head, body = message_texts(data)
-    add(mailbox_dir / NAME, [(base, head, body)])
+    return message_texts(data)
 
 
 def index_files(path: Path, files: list[tuple[str, Path]],
@@ -250,10 +250,31 @@ class MailboxFulltext:
         self.lock = asyncio.Lock()
         self.bases: set[str] | None = None  # None: not read (or released)
         self.ident: tuple[int, int] | None = None  # the file `bases` was read from
+        self.pending: list[tuple[str, str, str]] = []  # delivered, not written yet
+        self.flusher: asyncio.Task | None = None
 
-    def note_added(self, base: str) -> None:
-        if self.bases is not None:
-            self.bases.add(base)
+    def queue(self, base: str, head: str, body: str) -> None:
+        """A delivered message's texts: written with the others that arrive meanwhile, in
+        one transaction (one commit per message would cost more than the delivery).  A
+        crash loses only the queue: those messages are added at the next search."""
+        if len(self.pending) >= 10 * QUEUE_MAX:  # the file is stuck (locked by another
+            return                                # process?): left for the next search
+        self.pending.append((base, head, body))
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self.pending:
+            async with self.lock:
+                batch, self.pending = self.pending[:QUEUE_MAX], self.pending[QUEUE_MAX:]
+                try:
+                    await asyncio.to_thread(add, self.path, batch)
+                except sqlite3.Error as e:
+                    log.warning("full-text index of %s not updated (%s): filled at the next search",
+                                self.label, e)
+                    continue
+                if self.bases is not None:
+                    self.bases.update(b for b, _, _ in batch)
 
     def release(self) -> None:
         """No session on the mailbox: forget the base set (reread when needed)."""

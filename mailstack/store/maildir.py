@@ -265,11 +265,10 @@ def _write_and_index(mailbox_dir: Path, base: str, sub: str, name: str,
     except Exception:  # noqa: BLE001 - a full disk or a parser bug must not lose the message
         log.warning("could not index %s at delivery", base, exc_info=True)
         return None
-    try:
-        fts.add_message(mailbox_dir, base, message)
-        entry["fts"] = True  # not stored: tells the caller the full-text index has it
+    try:  # added to the full-text index by the caller, several deliveries in one transaction
+        entry["fts"] = fts.texts_of(message)  # not stored in the metadata index
     except Exception:  # noqa: BLE001 - derived data: added when first searched
-        log.warning("could not add %s to the full-text index at delivery", base, exc_info=True)
+        log.warning("could not extract the text of %s at delivery", base, exc_info=True)
     return entry
 
 
@@ -1142,8 +1141,9 @@ class MaildirStore(Store):
         """What _write_and_index wrote, into the loaded indexes of the mailbox."""
         if entry is None:
             return
-        if entry.pop("fts", False):
-            st.fulltext.note_added(base)
+        texts = entry.pop("fts", None)
+        if texts is not None:
+            st.fulltext.queue(base, *texts)
         if st.index is not None and st.index.uidvalidity == st.ul.uidvalidity:
             st.index.note_delivered(base, entry)
 
