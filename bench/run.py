@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    "mailstack and peer; the table shows the median (default 3)")
     p.add_argument("--latency-messages", type=int, default=300, help="SMTP latency: messages (default 300)")
     p.add_argument("--imap-messages", type=int, default=10000, help="IMAP: messages in the mailbox (default 10000)")
+    p.add_argument("--search-pause", type=float, default=0.0,
+                   help="IMAP: seconds idle before the second SEARCH BODY, for both servers (default 0)")
     p.add_argument("--fetch-bodies", type=int, default=100, help="IMAP: full bodies fetched (default 100)")
     p.add_argument("--push-messages", type=int, default=100, help="IDLE push: messages (default 100)")
     p.add_argument("--idle-sessions", default="1000,10000", help="idle IMAP sessions held (default 1000,10000)")
@@ -80,6 +82,7 @@ ROWS = [
     ("imap", "open_list_warm_s", "IMAP open + list, again", "s", False, None, "< 2 s"),
     ("imap", "search_header_s", "IMAP UID SEARCH SUBJECT", "s", False, None, ""),
     ("imap", "search_body_s", "IMAP UID SEARCH BODY", "s", False, None, ""),
+    ("imap", "search_body_again_s", "IMAP UID SEARCH BODY, again (2nd session)", "s", False, None, ""),
     ("imap", "fetch_bodies_s", "IMAP FETCH {fetch_bodies} full bodies", "s", False, None, ""),
     ("imap", "cpu_s", "IMAP workload, server CPU", "s", False, None, ""),
     ("push", "p50_ms", "IDLE push, SMTP 250 -> EXISTS p50", "ms", False, None, ""),
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
             both("idle", lambda: wl.idle_sessions(ms, "idle", idle_counts),
                  dv and (lambda: wl.idle_sessions(dv, "idle", idle_counts)))
         if "imap" in only:
-            a = (args.imap_messages, args.fetch_bodies, corpus.HEADER_WORD, corpus.BODY_WORD)
+            a = (args.imap_messages, args.fetch_bodies, corpus.HEADER_WORD, corpus.BODY_WORD, args.search_pause)
             both("imap", lambda: wl.imap_mailbox(ms, "imap", *a), dv and (lambda: wl.imap_mailbox(dv, "imap", *a)))
         if "push" in only:
             both("push", lambda: wl.idle_push(ms, ms, "push", args.push_messages),

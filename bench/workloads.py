@@ -93,7 +93,8 @@ def smtp_latency(smtp_server, user: str, messages: int, size: int) -> dict:
 LIST_ITEMS = "(UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE)"
 
 
-def imap_mailbox(imap_server, user: str, expected: int, bodies: int, header_word: str, body_word: str) -> dict:
+def imap_mailbox(imap_server, user: str, expected: int, bodies: int, header_word: str, body_word: str,
+                 search_body_pause: float = 0.0) -> dict:
     roots = imap_server.roots("imap")
     cpu0 = proctree.sample(roots).cpu
     out: dict = {}
@@ -132,6 +133,10 @@ def imap_mailbox(imap_server, user: str, expected: int, bodies: int, header_word
         t1, _, _ = c.timed("SELECT INBOX")
         t2, _, _ = c.timed(f"FETCH 1:* {LIST_ITEMS}")
         out["open_list_warm_s"] = t1 + t2
+        time.sleep(search_body_pause)  # time for background indexing, if a server does any
+        t, lines, _ = c.timed(f'UID SEARCH BODY "{body_word}"')
+        out["search_body_again_s"] = t
+        out["search_body_again_hits"] = sum(len(x.split()) - 2 for x in lines if x.startswith(b"* SEARCH"))
         c.command("LOGOUT")
     finally:
         c.close()

@@ -225,7 +225,8 @@ def test_search_utf8_subject_and_base64_body():
 def test_search_needs():
     assert search.needs(key("SEEN UID 1:5")) == "none"
     assert search.needs(key("SENTON 1-Jan-2020")) == "sent"
-    assert search.needs(key("OR SEEN SUBJECT x")) == "header"
+    assert search.needs(key("OR SEEN SUBJECT x")) == "index"  # from the metadata index
+    assert search.needs(key("OR SUBJECT x HEADER X-Spam y")) == "header"
     assert search.needs(key("NOT TEXT x")) == "full"
 
 
@@ -249,5 +250,5 @@ def test_header_entry_agrees_with_the_full_entry(message):
     """A first listing parses headers only; what it caches must be what a full parse gives."""
     full = fetch.cache_entry(message)
     head = fetch.header_entry(message)
-    assert head == {k: full[k] for k in ("v", "env", "sent", "hsize")}
+    assert head == {k: full[k] for k in ("v", "env", "sent", "hsize", "hs")}
     assert "bs" not in head

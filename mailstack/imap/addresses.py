@@ -9,6 +9,7 @@ Dovecot does.  Garbage yields what can be recovered, never an exception.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 MAX_TOKENS = 5000
@@ -186,3 +187,10 @@ def parse_list(value: bytes) -> list[Address]:
     if in_group:
         out.append(Address(None, None, None, None))
     return out
+
+
+@functools.lru_cache(maxsize=512)
+def parse_list_cached(value: bytes) -> tuple[Address, ...]:
+    """parse_list, remembered: the ENVELOPE and the index's searchable address forms parse
+    the same header values one after the other, and mail repeats its senders."""
+    return tuple(parse_list(value))

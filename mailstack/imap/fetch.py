@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from . import addresses
 from .response import nstring, string
 
-CACHE_VERSION = 4  # 4: envelopes parse comments/CFWS (addresses.py)
+CACHE_VERSION = 5  # 4: envelopes parse comments/CFWS (addresses.py); 5: "hs" for SEARCH
 MAX_DEPTH = 32  # MIME nesting we follow; deeper parts are treated as opaque
 MAX_PARTS = 2000  # parts per message we enumerate
 
@@ -233,7 +233,7 @@ def address_list(value: bytes | None) -> bytes:
     if value is None:
         return b"NIL"
     out = [b"(" + nstring(a.name) + b" " + nstring(a.route) + b" " + nstring(a.mailbox) + b" " +
-           nstring(a.host) + b")" for a in addresses.parse_list(unfold(value))]
+           nstring(a.host) + b")" for a in addresses.parse_list_cached(unfold(value))]
     return b"(" + b"".join(out) + b")" if out else b"NIL"
 
 
@@ -391,17 +391,26 @@ def cache_entry(data: bytes) -> dict:
         "body": bodystructure(data, root, False).decode("latin-1"),
         "sent": sent,
         "hsize": root.body_start,
+        "hs": _header_index(root),
     }
 
 
-def header_entry(header: bytes) -> dict:
+def header_entry(header: bytes, search_fields: bool = True) -> dict:
     """The part of a cache entry that the header alone gives (ENVELOPE, the Date: for SENT*
     searches): what a client's first listing asks for, at a fraction of a full parse.
     `header` must hold the whole header block; BODYSTRUCTURE is added when first asked for."""
     hend, bstart = split_header(header)
     root = Part(0, bstart, bstart, parse_headers(header[:hend]))
-    return {"v": CACHE_VERSION, "env": envelope(root).decode("latin-1"),
-            "sent": _sent_date(root), "hsize": bstart}
+    entry = {"v": CACHE_VERSION, "env": envelope(root).decode("latin-1"),
+             "sent": _sent_date(root), "hsize": bstart}
+    if search_fields:
+        entry["hs"] = _header_index(root)
+    return entry
+
+
+def _header_index(root: "Part") -> dict:
+    from .search import header_index  # search.py imports this module
+    return header_index(root)
 
 
 def _sent_date(root: "Part") -> int | None:

@@ -28,6 +28,7 @@ class Candidate:
     max_uid: int
     sent: int | None = None  # yyyymmdd of the Date: header (from the metadata cache)
     data: bytes | None = None  # the header (for HEADER keys) or whole message (BODY/TEXT)
+    hs: dict | None = None  # the index's searchable header texts (header_index)
     _root: "fetch.Part | None" = None
 
     def root(self) -> "fetch.Part":
@@ -36,16 +37,41 @@ class Candidate:
         return self._root
 
 
+# Header fields whose searchable texts the index keeps (SUBJECT/FROM/TO/CC/BCC and the
+# HEADER names clients search most), so such searches read no message file.
+INDEXED_HEADERS = ("subject", "from", "to", "cc", "bcc", "sender", "reply-to", "message-id",
+                   "in-reply-to", "references", "list-id")
+
+
+def header_index(root: "fetch.Part") -> dict:
+    """name -> the case-folded texts a HEADER search of that field matches against (for
+    the fields in INDEXED_HEADERS that the message has): what _header_matches computes."""
+    out: dict[str, list[str]] = {}
+    for k, v in root.headers:
+        name = k.decode("ascii", "replace")
+        if name not in INDEXED_HEADERS:
+            continue
+        value = fetch.unfold(v)
+        texts = out.setdefault(name, [])
+        texts.append(_fold(_decode_words(value)))
+        if k in _ADDRESS_HEADERS:
+            texts.extend(_fold(form) for form in _address_forms(value))
+    return out
+
+
+ORDER = ["none", "sent", "index", "header", "full"]
+
+
 def needs(key: tuple) -> str:
-    """"none", "sent" (cached Date), "header" or "full"."""
+    """"none", "sent" (cached Date), "index" (cached header texts), "header" or "full"."""
     op = key[0]
     if op in ("BODY", "TEXT"):
         return "full"
     if op == "HEADER":
-        return "header"
+        return "index" if key[1].lower() in INDEXED_HEADERS else "header"
     if op in ("SENTBEFORE", "SENTON", "SENTSINCE"):
         return "sent"
-    order = ["none", "sent", "header", "full"]
+    order = ORDER
     subs: list = []
     if op == "AND":
         subs = key[1]
@@ -98,9 +124,12 @@ def _fold(s: str) -> str:
 
 
 def _header_matches(c: Candidate, name: str, needle: str) -> bool:
+    needle = _fold(needle)
+    if c.hs is not None and name.lower() in INDEXED_HEADERS:
+        texts = c.hs.get(name.lower())
+        return texts is not None and (not needle or any(needle in t for t in texts))
     root = c.root()
     lname = name.lower().encode("ascii", "replace")
-    needle = _fold(needle)
     for k, v in root.headers:
         if k == lname:
             if not needle:
@@ -120,7 +149,7 @@ def _address_forms(value: bytes) -> list[str]:
     """What a FROM/TO/CC/BCC search matches besides the raw text: each address with its
     comments and folding white space taken out (RFC 5322 CFWS), as "name <local@domain>"."""
     out = []
-    for a in addresses.parse_list(value):
+    for a in addresses.parse_list_cached(value):
         spec = a.addr_spec()
         if a.name is not None:
             name = _decode_words(a.name)
@@ -165,10 +194,55 @@ def _body_matches(c: Candidate, needle: str) -> bool:
     return any(needle in _fold(t) for t in _body_texts(data, root))
 
 
+# --- full-text index (store/fts.py) ------------------------------------------------------
+TEXT_SEP = "\uffff"  # store/fts.py's segment separator
+
+
+def message_texts(data: bytes) -> tuple[str, str]:
+    """What a TEXT / BODY scan compares, case-folded, as the full-text index stores it:
+    (header names and decoded values, decoded body texts), segments joined by U+FFFF."""
+    root = fetch.parse(data)
+    head = TEXT_SEP.join(seg for k, v in root.headers
+                         for seg in (k.decode("ascii", "replace").lower(), _fold(_decode_words(v))))
+    body = TEXT_SEP.join(_fold(t) for t in _body_texts(data, root))
+    return head, body
+
+
+def fulltext_keys(key: tuple) -> list[tuple[str, str]]:
+    """The BODY / TEXT keys of a search, as (op, case-folded string)."""
+    op = key[0]
+    if op in ("BODY", "TEXT"):
+        return [(op, _fold(key[1]))]
+    if op == "AND":
+        return [k for sub in key[1] for k in fulltext_keys(sub)]
+    if op == "OR":
+        return fulltext_keys(key[1]) + fulltext_keys(key[2])
+    if op == "NOT":
+        return fulltext_keys(key[1])
+    return []
+
+
+def substitute(key: tuple, answers: dict[tuple[str, str], frozenset]) -> tuple:
+    """The key with each answered BODY / TEXT replaced by the set of UIDs that match it."""
+    op = key[0]
+    if op in ("BODY", "TEXT"):
+        uids = answers.get((op, _fold(key[1])))
+        return key if uids is None else ("INSET", uids)
+    if op == "AND":
+        return ("AND", [substitute(k, answers) for k in key[1]])
+    if op == "OR":
+        return ("OR", substitute(key[1], answers), substitute(key[2], answers))
+    if op == "NOT":
+        return ("NOT", substitute(key[1], answers))
+    return key
+
+
 def matches(key: tuple, c: Candidate) -> bool:
     op = key[0]
     if op == "ALL":
         return True
+    if op == "INSET":
+        return c.uid in key[1]
     if op == "AND":
         return all(matches(k, c) for k in key[1])
     if op == "OR":

@@ -25,6 +25,7 @@ from ..defense import connections as floods
 from ..events import MailboxEvent
 from ..filters import learn as filters_learn
 from ..smtp.budget import budget_for
+from ..store import fts
 from ..store.base import SYSTEM_FLAGS, MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
 from . import fetch, response, search
 from .parser import (Command, CommandFramer, Continuation, FetchAtt, Frame, FrameError, MailboxNameError,
@@ -49,6 +50,8 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 BIG_CHUNK = 65536
+STREAM_MIN = 1 << 20  # whole messages at least this big are streamed, not read whole
+STREAM_CHUNK = 256 * 1024  # bytes read per piece when streaming
 
 
 class _Lit:
@@ -60,14 +63,29 @@ class _Lit:
         self.label, self.data = label, data
 
 
-def _join_fetch(seq: int, items: list) -> "bytes | list[bytes]":
+class _Stream:
+    """A whole-message literal sent in bounded pieces read from the store as the client takes
+    them (big messages: never whole in memory)."""
+
+    __slots__ = ("label", "uid", "size")
+
+    def __init__(self, label: bytes, uid: int, size: int) -> None:
+        self.label, self.uid, self.size = label, uid, size
+
+
+def _join_fetch(seq: int, items: list) -> "bytes | list":
     """One "* n FETCH (...)" response: bytes, or a list of chunks when it holds a big literal."""
     chunks: list[bytes] = []
     cur = bytearray(b"* %d FETCH (" % seq)
     for i, item in enumerate(items):
         if i:
             cur += b" "
-        if isinstance(item, _Lit):
+        if isinstance(item, _Stream):
+            cur += item.label + b" {%d}\r\n" % item.size
+            chunks.append(bytes(cur))
+            chunks.append(item)
+            cur = bytearray()
+        elif isinstance(item, _Lit):
             cur += item.label + b" {%d}\r\n" % len(item.data)
             if len(item.data) >= BIG_CHUNK:
                 chunks.append(bytes(cur))
@@ -912,22 +930,51 @@ class IMAPSession:
         await self.cmd_copy(cmd, move=True)
 
     # ------------------------------------------------------------------ SEARCH
+    def _render_streamed(self, m, a, entries) -> "bytes | _Stream | None":
+        """One FETCH item of a message that is streamed (only whole-message literals)."""
+        name = a.name
+        if name == "UID":
+            return b"UID %d" % m.uid
+        if name == "FLAGS":
+            return b"FLAGS " + response.flag_list(self.flags_of(m))
+        if name == "INTERNALDATE":
+            return b"INTERNALDATE " + response.internaldate(m.internaldate)
+        if name == "RFC822.SIZE":
+            return b"RFC822.SIZE %d" % m.size
+        if name == "RFC822":
+            return _Stream(b"RFC822", m.uid, m.size)
+        if name == "BODY[]":
+            return _Stream(b"BODY[]", m.uid, m.size)
+        if name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
+            value = fetch.cached(entries.get(m.uid), {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}[name])
+            return None if value is None else name.encode() + b" " + value
+        return None
+
     async def cmd_search(self, cmd: Command) -> None:
         key = cmd.args["key"]
         msgs = list(self.mbox.messages)
         n = len(msgs)
         max_uid = msgs[-1].uid if msgs else 0
+        wanted = [k for k in dict.fromkeys(search.fulltext_keys(key)) if fts.usable(k[1])]
+        if wanted and msgs:  # BODY / TEXT from the full-text index when the store has one
+            sets = await self.mbox.fulltext_search([(needle, op == "BODY") for op, needle in wanted])
+            if sets is not None:
+                key = search.substitute(key, {k: frozenset(s) for k, s in zip(wanted, sets)})
         need = search.needs(key)
         found: list[int] = []
         for start in range(0, n, FETCH_BATCH):
             batch = msgs[start:start + FETCH_BATCH]
             cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
                                       m.uid in self.recent, n, max_uid) for i, m in enumerate(batch)]
-            if need == "sent":
-                entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)])
+            if need in ("sent", "index"):  # answered from the metadata index
+                entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)],
+                                                    search_fields=need == "index")
                 for c, m in zip(cands, batch):
                     e = entries.get(m.uid)
                     c.sent = e.get("sent") if e else None
+                    c.hs = e.get("hs") if e else None
+                    if need == "index" and c.hs is None:
+                        c.hs = {}  # vanished meanwhile and never indexed: matches no header
             elif need in ("header", "full"):
                 datas = await self._read_many(batch, header_only=need == "header")
                 for c, m in zip(cands, batch):
@@ -987,6 +1034,8 @@ class IMAPSession:
         paths = {m.uid: mbox.path(m.uid) for m in infos}
 
         def entry(data: bytes) -> dict:
+            # the searchable header texts come along (cheap once the envelope parsed the
+            # addresses): a header SEARCH after a first listing reads no file again
             return fetch.cache_entry(data) if structure else fetch.header_entry(data)
 
         def work() -> tuple[dict[int, dict], list[int]]:
@@ -1018,7 +1067,7 @@ class IMAPSession:
             out[uid] = await asyncio.to_thread(entry, data)
         return out
 
-    async def _cache_entries(self, picked, structure: bool = False) -> dict[int, dict]:
+    async def _cache_entries(self, picked, structure: bool = False, search_fields: bool = False) -> dict[int, dict]:
         """Metadata cache entries for these messages; missing ones are computed (one thread
         call for the batch) and written back with one cache_put. An entry made from the header
         alone lacks the body structure: it is completed when `structure` is asked for."""
@@ -1028,7 +1077,8 @@ class IMAPSession:
         old: dict[int, dict] = {}
         for _, m in picked:
             e = await mbox.cache_get(m.uid)
-            if e and e.get("v") == fetch.CACHE_VERSION and (not structure or "bs" in e):
+            if e and e.get("v") == fetch.CACHE_VERSION and (not structure or "bs" in e) and \
+                    (not search_fields or "hs" in e):
                 entries[m.uid] = e
             else:
                 missing.append(m)
@@ -1075,13 +1125,21 @@ class IMAPSession:
         if any(a.name == "FLAGS" for a in atts):
             # A keyword shows in a FETCH only after an untagged FLAGS announced it.
             self._note_keywords({f for _, m in picked for f in m.flags})
+        # Whole messages only (BODY[] / RFC822, no part, no partial): big ones are streamed.
+        streamable = need_data == "full" and all(
+            a.name == "RFC822" or (a.name == "BODY[]" and not a.section.part and not a.section.text
+                                   and a.partial is None)
+            for a in atts if a.name.startswith(("RFC822", "BODY[")) and a.name != "RFC822.SIZE")
         missing = False
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
             entries = await self._cache_entries(batch, need_structure) if need_cache else {}
             if need_data:
-                datas = await self._read_many([m for _, m in batch], header_only=need_data == "header")
-                rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas)
+                streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
+                datas = await self._read_many([m for _, m in batch if m.uid not in streams],
+                                              header_only=need_data == "header")
+                rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas,
+                                                         streams)
             else:
                 rendered, gone = self._render_batch(batch, atts, entries, None)
             missing = missing or gone
@@ -1090,7 +1148,10 @@ class IMAPSession:
                     self.out += item
                 else:  # big literals go to the transport as they are, not copied into `out`
                     for chunk in item:
-                        if len(chunk) >= BIG_CHUNK:
+                        if isinstance(chunk, _Stream):
+                            await self.flush()
+                            await self._stream(chunk)
+                        elif len(chunk) >= BIG_CHUNK:
                             await self.flush()
                             self.writer.write(chunk)
                             await self.drain()
@@ -1106,13 +1167,40 @@ class IMAPSession:
         else:
             await self.done(cmd, "FETCH completed")
 
-    def _render_batch(self, batch, atts, entries, datas) -> tuple[list, bool]:
+    async def _stream(self, item: _Stream) -> None:
+        """Send a message literal piece by piece.  The size was announced: a file that
+        shrank or vanished meanwhile (Maildir files never change; a person could) cannot
+        be answered any more, so the connection is closed rather than the literal faked."""
+        offset = 0
+        while offset < item.size:
+            want = min(STREAM_CHUNK, item.size - offset)
+            try:
+                chunk = await self.mbox.read_range(item.uid, offset, want)
+            except (StoreError, OSError) as e:
+                chunk, why = b"", str(e)
+            else:
+                why = "the file is shorter than its size"
+            if not chunk:
+                log.error("FETCH of UID %d cut after %d of %d bytes: %s", item.uid, offset, item.size,
+                          why, extra={"client": self.peer_ip})
+                self.writer.transport.abort()
+                raise _Bye()
+            chunk = chunk[:item.size - offset]
+            self.writer.write(chunk)
+            offset += len(chunk)
+            await self.drain()
+
+    def _render_batch(self, batch, atts, entries, datas, streams=frozenset()) -> tuple[list, bool]:
         """The FETCH responses of a batch, and whether a message had vanished meanwhile."""
         out: list = []
         gone = False
         for seq, m in batch:
             data = None
             root = None
+            if m.uid in streams:
+                items = [self._render_streamed(m, a, entries) for a in atts]
+                out.append(_join_fetch(seq, [x for x in items if x is not None]))
+                continue
             if datas is not None:
                 data = datas.get(m.uid)
             vanished = datas is not None and data is None

@@ -19,6 +19,27 @@ CACHE_VERSION = 2  # 1 counted dot-stuffing
 _GONE = -1
 
 
+def size_entry(data: bytes) -> dict:
+    """The cache value for a message (also written by the store at delivery)."""
+    return {"size": message_size(data), "v": CACHE_VERSION}
+
+
+def size_from_name(key: str) -> int | None:
+    """Dovecot's ",W=<n>" field of a Maildir base name: the size in CRLF form, which is
+    exactly the POP3 size (Dovecot trusts it the same way; files are named so by Dovecot,
+    by Postfix's virtual(8) and other deliverers)."""
+    i = key.find(",W=")
+    if i < 0:
+        return None
+    j = i + 3
+    k = j
+    while k < len(key) and key[k].isdigit():
+        k += 1
+    if k == j or (k < len(key) and key[k] not in ",:"):
+        return None
+    return int(key[j:k])
+
+
 def _sizes_from_files(paths: list[tuple[int, str]]) -> dict[int, int]:
     """Blocking: read each file and count.  uid -> size; a file not found is left out (its
     name may have changed with its flags: the caller asks the store again)."""
@@ -39,6 +60,10 @@ async def message_sizes(mailbox: Mailbox) -> tuple[list[MessageInfo], list[int]]
     cached_entries: dict[int, dict] = {}
     missing: list[MessageInfo] = []
     for info in messages:
+        named = size_from_name(info.key)
+        if named is not None:
+            sizes[info.uid] = named
+            continue
         entry = await mailbox.cache_get(info.uid)
         value = entry.get(CACHE_KEY) if entry else None
         if isinstance(value, dict) and value.get("v") == CACHE_VERSION and isinstance(value.get("size"), int):

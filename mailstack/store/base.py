@@ -145,6 +145,12 @@ class Mailbox(abc.ABC):
     async def cache_put(self, entries: dict[int, dict]) -> None:
         """Persist cache entries for several messages at once (one write)."""
 
+    async def fulltext_search(self, queries: list[tuple[str, bool]]) -> list[set[int]] | None:
+        """For each (case-folded string, body only?) the UIDs of this view whose text (or
+        body only) contains it, as a plain scan would find (imap/search.py), from a
+        full-text index; None when there is none (the caller scans)."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release what the session held (locks, subscriptions)."""

@@ -11,7 +11,7 @@ On disk (see names.py for the directory of a mailbox):
     in every mailbox directory:
         mailstack-uidlist               base name -> UID (uidlist.py)
         mailstack-keywords              keyword letters a..z (flags.py)
-        mailstack-cache                 parsed-metadata cache, one JSON line per UID
+        mailstack-cache                 the metadata index: one JSON line per message (index.py)
         mailstack-lock                  flock()ed around uidlist/keyword rewrites, so the
                                         CLI or another process can share the mailbox
 
@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -50,17 +49,19 @@ from ..fsutil import GroupSync, atomic_write, fsync_dir
 from . import filename as fn
 from . import flags as fl
 from . import names
+from . import fts
+from . import index as idxmod
 from . import recent as recentmod
 from . import uidlist as ulmod
 from .diskerrors import FULL, disk_errors
 from .base import (SPECIAL_MAILBOXES, Changes, Mailbox, MailboxExists, MailboxInfo, MailboxNotFound,
                    MessageGone, MessageInfo, MessageSource, Store, StoreError)
+from .index import MetadataIndex
 from .uidlist import UidList
 
 log = logging.getLogger("mailstack.store")
 
 KEYWORDS = "mailstack-keywords"
-CACHE = "mailstack-cache"
 LOCK = "mailstack-lock"
 SPECIAL_USE = "mailstack-special-use"
 SUBSCRIPTIONS = "subscriptions"
@@ -73,6 +74,7 @@ FINE_SETTLE = 0.05  # seconds, when timestamps have a sub-second part
 MAX_IDLE_STATES = 256  # loaded mailboxes kept without any session, for delivery and STATUS
 SPECIAL_USE_ATTRS = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
 _COPY_CHUNK = 1 << 20
+INDEX_AT_DELIVERY_MAX = 16 << 20  # bigger messages are indexed when first looked at
 
 
 class Entry(NamedTuple):
@@ -246,6 +248,30 @@ def _write_message(mailbox_dir: Path, base: str, sub: str, name: str,
         raise
 
 
+def _write_and_index(mailbox_dir: Path, base: str, sub: str, name: str,
+                     message: "bytes | MessageSource", mtime: float | None, uidvalidity: int) -> dict | None:
+    """_write_message, then the message's index entry from the bytes in hand, appended to
+    the mailbox's index under its base name (index.py).  Indexing never fails a delivery:
+    without an entry the message is indexed when first looked at."""
+    _write_message(mailbox_dir, base, sub, name, message, mtime)
+    size = message.size if isinstance(message, MessageSource) else len(message)
+    if size > INDEX_AT_DELIVERY_MAX:
+        return None
+    try:
+        if isinstance(message, MessageSource):
+            message = _read_file(Path(message.path), message.offset, message.size)
+        entry = idxmod.message_entry(message)
+        idxmod.append_lines(mailbox_dir / idxmod.NAME, uidvalidity, [idxmod.delivered_line(base, entry)])
+    except Exception:  # noqa: BLE001 - a full disk or a parser bug must not lose the message
+        log.warning("could not index %s at delivery", base, exc_info=True)
+        return None
+    try:  # added to the full-text index by the caller, several deliveries in one transaction
+        entry["fts"] = fts.texts_of(message)  # not stored in the metadata index
+    except Exception:  # noqa: BLE001 - derived data: added when first searched
+        log.warning("could not extract the text of %s at delivery", base, exc_info=True)
+    return entry
+
+
 def _rename_back(account_dir: Path, pairs: list[tuple[str, str]]) -> None:
     for old, new in reversed(pairs):
         try:
@@ -302,8 +328,8 @@ class _State:
         self.kw_sig: tuple | None = None
         self.delivery_ids: set[str] = set()
         self.refs = 0  # open sessions and deliveries in flight (not evicted while > 0)
-        self.cache: dict[int, dict] | None = None
-        self.cache_lines = 0  # lines in the cache file; -1 = header missing or stale
+        self.index: MetadataIndex | None = None  # loaded on first use (index.py)
+        self.fulltext = fts.MailboxFulltext(path / fts.NAME, f"{account}/{name}")
         self.cache_lock = asyncio.Lock()
         self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
         self.recent_task: asyncio.Task | None = None  # writes the mark back
@@ -559,69 +585,23 @@ class _State:
                 return table, _stat_sig(path)
         self.keywords, self.kw_sig = await asyncio.to_thread(work)
 
-    # -- metadata cache -----------------------------------------------------------------------
+    # -- metadata index (index.py) -------------------------------------------------------
 
-    def _cache_load_blocking(self, uidvalidity: int) -> tuple[dict[int, dict], int]:
-        try:
-            data = (self.path / CACHE).read_bytes()
-        except FileNotFoundError:
-            return {}, -1
-        lines = data.split(b"\n")
-        if lines[0] != b"V%d" % uidvalidity:
-            return {}, -1
-        out: dict[int, dict] = {}
-        count = 0
-        for line in lines[1:]:
-            uid, _, js = line.partition(b" ")
-            if not js:
-                continue
-            count += 1
-            try:
-                value = json.loads(js)
-                if isinstance(value, dict):
-                    out[int(uid)] = value
-            except ValueError:
-                continue
-        return out, count
-
-    async def cache_load(self) -> dict[int, dict]:
-        if self.cache is None:
+    async def index_load(self) -> MetadataIndex:
+        if self.index is None or self.index.uidvalidity != self.ul.uidvalidity:
             async with self.cache_lock:
-                if self.cache is None:
-                    self.cache, self.cache_lines = await asyncio.to_thread(
-                        self._cache_load_blocking, self.ul.uidvalidity)
-        return self.cache
+                if self.index is None or self.index.uidvalidity != self.ul.uidvalidity:
+                    uids = dict(self.ul.uids)
+                    self.index = await asyncio.to_thread(
+                        MetadataIndex.load, self.path / idxmod.NAME, self.ul.uidvalidity, uids)
+        return self.index
 
     async def cache_put(self, entries: dict[int, dict]) -> None:
-        cache = await self.cache_load()
-        lines = []
-        decoded = {}
-        for uid, value in entries.items():
-            js = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-            decoded[int(uid)] = json.loads(js)  # what a reload would give (tuples -> lists)
-            lines.append(b"%d %s\n" % (int(uid), js.encode("utf-8")))
+        idx = await self.index_load()
         async with self.cache_lock:
-            cache.update(decoded)
-            live = {uid: v for uid, v in cache.items() if uid in self.entries} if self.entries else cache
-            rewrite = self.cache_lines < 0 or self.cache_lines + len(lines) > 2 * len(live) + 1000
-            header = b"V%d\n" % self.ul.uidvalidity
-            path = self.path / CACHE
-            if rewrite:
-                self.cache = live
-                body = b"".join(b"%d %s\n" % (uid, json.dumps(v, separators=(",", ":"),
-                                                              ensure_ascii=False).encode("utf-8"))
-                                for uid, v in live.items())
-                await asyncio.to_thread(atomic_write, path, header + body)
-                self.cache_lines = len(live)
-            else:
-                def append() -> None:
-                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                    try:
-                        _write_all(fd, b"".join(lines))
-                    finally:
-                        os.close(fd)
-                await asyncio.to_thread(append)
-                self.cache_lines += len(lines)
+            live = {uid: e.base for uid, e in self.entries.items()} if self.entries else None
+            rewrite, data = idx.plan_put(entries, live)
+            await asyncio.to_thread(idx.write, rewrite, data)
 
 
 # ---------------------------------------------------------------- blocking file operations
@@ -963,12 +943,30 @@ class MaildirMailbox(Mailbox):
         return await self._store._transfer(self, uids, dest, move=True, origin=origin)
 
     async def cache_get(self, uid: int) -> dict | None:
-        cache = self._st.cache if self._st.cache is not None else await self._st.cache_load()
-        return cache.get(uid)
+        st = self._st
+        idx = st.index
+        if idx is None or idx.uidvalidity != st.ul.uidvalidity:
+            idx = await st.index_load()
+        e = st.entries.get(uid)
+        return idx.get(uid, e.base if e is not None else None)
 
     async def cache_put(self, entries: dict[int, dict]) -> None:
         if entries:
             await self._st.cache_put(entries)
+
+    async def fulltext_search(self, queries: list[tuple[str, bool]]) -> list[set[int]] | None:
+        self._check_open()
+        st = self._st
+        view = {uid: e for uid in self._index if (e := st.entries.get(uid)) is not None}
+
+        def relocate() -> dict[str, Path]:  # blocking: where each file is now
+            return {base: st.path / sub / name for base, (sub, name, _) in _list(st.path).items()}
+        found = await st.fulltext.search({e.base: st.path / e.sub / e.name for e in view.values()},
+                                         queries, relocate)
+        if found is None:
+            return None
+        uid_of = {e.base: uid for uid, e in view.items()}
+        return [{uid_of[b] for b in bases if b in uid_of} for bases in found]
 
     async def close(self) -> None:
         if not self._closed:
@@ -1050,8 +1048,8 @@ class MaildirStore(Store):
 
     def _release(self, st: _State) -> None:
         if st.refs <= 0:
-            st.cache = None  # the biggest part; reloaded on demand
-            st.cache_lines = 0
+            st.index = None  # the biggest part; reloaded on demand
+            st.fulltext.release()
 
     def _forget(self, account: str, name: str) -> set[str]:
         """Drop states of a renamed mailbox and its children; publish "deleted" for them."""
@@ -1125,16 +1123,29 @@ class MaildirStore(Store):
                     letters = "".join(sorted(fl.letters_for(system, keywords, st.keywords)))
             base = fn.new_base(time.time(), size, did)
             sub, name = ("cur", fn.join(base, letters)) if letters else ("new", base)
-            await asyncio.to_thread(_write_message, st.path, base, sub, name, message, None)
+            entry = await asyncio.to_thread(_write_and_index, st.path, base, sub, name, message,
+                                            None, st.ul.uidvalidity)
             await self._dsync(st.path / sub)
         except BaseException:
             st.delivery_ids.discard(did)
             raise
         finally:
             st.refs -= 1
+        self._note_indexed(st, base, entry)
         st.dirty = True
         self._publish(st.account, st.name, "new", (), None)
         return True
+
+    @staticmethod
+    def _note_indexed(st: _State, base: str, entry: dict | None) -> None:
+        """What _write_and_index wrote, into the loaded indexes of the mailbox."""
+        if entry is None:
+            return
+        texts = entry.pop("fts", None)
+        if texts is not None:
+            st.fulltext.queue(base, *texts)
+        if st.index is not None and st.index.uidvalidity == st.ul.uidvalidity:
+            st.index.note_delivered(base, entry)
 
     @disk_errors
     async def append(self, account: str, mailbox: str, message: bytes, flags: Iterable[str] = (),
@@ -1155,7 +1166,9 @@ class MaildirStore(Store):
                 letters = "".join(sorted(fl.letters_for(system, keywords, st.keywords)))
             base = fn.new_base(date, len(message))
             name = fn.join(base, letters)
-            await asyncio.to_thread(_write_message, st.path, base, "cur", name, message, date)
+            entry = await asyncio.to_thread(_write_and_index, st.path, base, "cur", name, message,
+                                            date, st.ul.uidvalidity)
+            self._note_indexed(st, base, entry)
             try:
                 await self._dsync(st.path / "cur")
                 async with st.lock:

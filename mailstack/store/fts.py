@@ -1,0 +1,309 @@
+"""The per-mailbox full-text index for SEARCH BODY / TEXT: SQLite FTS5 (in the stdlib's
+sqlite3), one file `mailstack-fts.sqlite` per mailbox.
+
+What is indexed is exactly what a plain scan compares (imap/search.py `message_texts`):
+the decoded text parts (quoted-printable and base64 undone, charsets decoded) and the
+decoded header fields, case-folded by Python, as segments joined by U+FFFF (a
+noncharacter no search string contains).  The "trigram" tokenizer (case_sensitive 1: the
+text is folded already) with detail=none keeps, per document, only which three-character
+sequences occur: a document holding a string holds all of its trigrams, so the AND of them
+gives every match and a few more.  Those few candidates are then read and checked with the
+scan's own test, so the answer is exactly the scan's answer.  (detail=full would answer
+phrases directly, but makes the index three times slower to fill and bigger.)  Strings
+shorter than three characters (and one holding U+FFFF) are not asked here: the caller scans.
+
+Documents are keyed by the message file's base name: its content never changes under that
+name, so a row is right wherever the message is listed, whatever its UID.  Rows of
+expunged messages stay (the table is contentless, and SQLite 3.40 cannot delete from
+those) and are ignored: only bases in the caller's view count.  When they outnumber the
+live ones the file is dropped and rebuilt.  A damaged, unreadable or replaced file is
+noticed and dropped too: the index is derived data.
+
+The module-level functions are blocking (worker threads); one connection per mailbox file,
+used under its own lock.  MailboxFulltext is the event-loop side.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("mailstack.store")
+
+NAME = "mailstack-fts.sqlite"
+SEP = "\uffff"
+MIN_NEEDLE = 3  # characters: the trigram tokenizer's unit
+_MAX_OPEN = 64  # connections kept open (per mailbox file)
+SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
+BATCH = 500  # messages per transaction when adding from files
+QUEUE_MAX = 2000  # delivered messages per transaction (their texts wait in memory)
+# Two tables: detail=none allows no column filter, and BODY must not match the header.
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
+           "CREATE VIRTUAL TABLE IF NOT EXISTS body USING fts5(t, content='', detail=none, "
+           "tokenize='trigram case_sensitive 1');"
+           "CREATE VIRTUAL TABLE IF NOT EXISTS head USING fts5(t, content='', detail=none, "
+           "tokenize='trigram case_sensitive 1');")
+
+_open: dict[str, "_Conn"] = {}
+_open_lock = threading.Lock()
+
+
+class _Conn:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # derived data: a lost tail is re-added
+        self.db.executescript(_SCHEMA)
+        self.ident = identity(path)
+
+    def close(self) -> None:
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+
+def identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` now (None: none): one removed or replaced behind our back
+    (a person, a restore) is noticed, and its rows are not believed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _conn(path: Path) -> _Conn:
+    key = os.fspath(path)
+    with _open_lock:
+        c = _open.pop(key, None)
+        if c is not None and c.ident != identity(path):
+            with c.lock:
+                c.close()
+            c = None
+        if c is None:
+            if len(_open) >= _MAX_OPEN:
+                old_key = next(iter(_open))
+                old = _open[old_key]
+                if old.lock.acquire(blocking=False):  # not in use: close it
+                    del _open[old_key]
+                    old.close()
+                    old.lock.release()
+            c = _Conn(path)
+        _open[key] = c  # most recently used last
+        return c
+
+
+def drop(path: Path) -> None:
+    """Forget the file (rebuilt when next needed)."""
+    with _open_lock:
+        c = _open.pop(os.fspath(path), None)
+    if c is not None:
+        with c.lock:
+            c.close()
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(os.fspath(path) + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def indexed(path: Path) -> tuple[set[str], tuple[int, int] | None]:
+    """The bases in the index, and the identity of its file."""
+    c = _conn(path)
+    with c.lock:
+        return {row[0] for row in c.db.execute("SELECT base FROM docs")}, c.ident
+
+
+def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
+    """docs: (base, head text, body text) as message_texts gives them."""
+    if not docs:
+        return
+    c = _conn(path)
+    with c.lock:
+        db = c.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for base, head, body in docs:
+                cur = db.execute("INSERT OR IGNORE INTO docs(base) VALUES (?)", (base,))
+                if cur.rowcount:
+                    db.execute("INSERT INTO body(rowid, t) VALUES (?, ?)", (cur.lastrowid, body))
+                    db.execute("INSERT INTO head(rowid, t) VALUES (?, ?)", (cur.lastrowid, head))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def usable(needle: str) -> bool:
+    """Can the index answer a search for this (case-folded) string?"""
+    return len(needle) >= MIN_NEEDLE and SEP not in needle
+
+
+def candidates(path: Path, needle: str, body_only: bool) -> set[str]:
+    """Bases of the documents holding every trigram of `needle` (case-folded) in their body
+    (BODY) or anywhere (TEXT): each match, and perhaps a few more."""
+    grams = sorted({needle[i:i + MIN_NEEDLE] for i in range(len(needle) - MIN_NEEDLE + 1)})
+    query = " AND ".join('"' + g.replace('"', '""') + '"' for g in grams)
+    sql = "SELECT rowid FROM body WHERE body MATCH ?"
+    if not body_only:
+        sql += " UNION SELECT rowid FROM head WHERE head MATCH ?"
+    c = _conn(path)
+    with c.lock:
+        return {row[0] for row in c.db.execute(
+            f"SELECT base FROM docs WHERE id IN ({sql})", (query,) if body_only else (query, query))}
+
+
+def texts_of(data: bytes) -> tuple[str, str]:
+    """At delivery: what the index stores of a message, from the bytes in hand."""
+    from ..imap.search import message_texts  # the store stays importable without IMAP
+    return message_texts(data)
+
+
+def index_files(path: Path, files: list[tuple[str, Path]],
+                relocate: Callable[[], dict[str, Path]] | None = None,
+                seen: Callable[[str, str, str], None] | None = None) -> set[str]:
+    """Add messages to the index from their files, in batches of BATCH (the messages that
+    were not delivered here, or were before the index existed).  A file renamed meanwhile
+    (new/ to cur/, a flag change) is looked up once more with `relocate` (base -> file
+    now).  `seen(base, head, body)` is told each message's texts on the way (a search
+    answers from them).  Returns the bases added."""
+    from ..imap.search import message_texts
+    added: set[str] = set()
+    batch: list[tuple[str, str, str]] = []
+    moved: list[str] = []
+    for attempt in range(2):
+        for base, file in files:
+            try:
+                with open(file, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                moved.append(base)
+                continue
+            head, body = message_texts(data)
+            if seen is not None:
+                seen(base, head, body)
+            batch.append((base, head, body))
+            if len(batch) >= BATCH:
+                add(path, batch)
+                added.update(b for b, _, _ in batch)
+                batch = []
+        if not moved or relocate is None or attempt:
+            break
+        now = relocate()
+        files = [(b, now[b]) for b in moved if b in now]
+        moved = []
+    add(path, batch)
+    added.update(b for b, _, _ in batch)
+    return added
+
+
+def _holds(head: str, body: str, needle: str, body_only: bool) -> bool:
+    return needle in body or (not body_only and needle in head)
+
+
+def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
+           missing: list[tuple[str, Path]] = (),
+           relocate: Callable[[], dict[str, Path]] | None = None) -> tuple[list[set[str]], set[str]] | None:
+    """For each (folded string, body only?) the bases of `files` whose texts hold it, and
+    the bases added to the index.  The `missing` messages are read, answered from their
+    texts and added (one pass: a first search costs a scan plus the insertions); the
+    others come from the index's candidates, checked against the message itself.  None
+    when a file is gone (renamed meanwhile, not found again): the caller scans."""
+    from ..imap.search import message_texts
+    out: list[set[str]] = [set() for _ in queries]
+
+    def seen(base: str, head: str, body: str) -> None:
+        for i, (needle, body_only) in enumerate(queries):
+            if _holds(head, body, needle, body_only):
+                out[i].add(base)
+    added = index_files(path, list(missing), relocate, seen) if missing else set()
+    if len(added) < len(missing):
+        return None
+    texts: dict[str, tuple[str, str]] = {}
+    for i, (needle, body_only) in enumerate(queries):
+        for base in (candidates(path, needle, body_only) & files.keys()) - added:
+            if base not in texts:
+                try:
+                    with open(files[base], "rb") as f:
+                        texts[base] = message_texts(f.read())
+                except FileNotFoundError:
+                    return None
+            if _holds(*texts[base], needle, body_only):
+                out[i].add(base)
+    return out, added
+
+
+class MailboxFulltext:
+    """This process's view of one mailbox's index file: the bases it holds (so a search
+    knows what to add first).  Used on the event loop."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path = path
+        self.label = label  # account/mailbox, for the log
+        self.lock = asyncio.Lock()
+        self.bases: set[str] | None = None  # None: not read (or released)
+        self.ident: tuple[int, int] | None = None  # the file `bases` was read from
+        self.pending: list[tuple[str, str, str]] = []  # delivered, not written yet
+        self.flusher: asyncio.Task | None = None
+
+    def queue(self, base: str, head: str, body: str) -> None:
+        """A delivered message's texts: written with the others that arrive meanwhile, in
+        one transaction (one commit per message would cost more than the delivery).  A
+        crash loses only the queue: those messages are added at the next search."""
+        if len(self.pending) >= 10 * QUEUE_MAX:  # the file is stuck (locked by another
+            return                                # process?): left for the next search
+        self.pending.append((base, head, body))
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self.pending:
+            async with self.lock:
+                batch, self.pending = self.pending[:QUEUE_MAX], self.pending[QUEUE_MAX:]
+                try:
+                    await asyncio.to_thread(add, self.path, batch)
+                except sqlite3.Error as e:
+                    log.warning("full-text index of %s not updated (%s): filled at the next search",
+                                self.label, e)
+                    continue
+                if self.bases is not None:
+                    self.bases.update(b for b, _, _ in batch)
+
+    def release(self) -> None:
+        """No session on the mailbox: forget the base set (reread when needed)."""
+        self.bases = None
+
+    async def search(self, view: dict[str, Path], queries: list[tuple[str, bool]],
+                     relocate: Callable[[], dict[str, Path]] | None = None) -> list[set[str]] | None:
+        """For each (folded string, body only?) the bases of `view` (base -> file) that match,
+        or None: the caller scans (damaged index, or a file renamed meanwhile).  Messages
+        the index lacks (put there behind our back, or from before it existed) are added
+        on the way, in the same pass that answers for them."""
+        path = self.path
+        async with self.lock:
+            try:
+                if self.bases is None or self.ident != await asyncio.to_thread(identity, path):
+                    self.bases, self.ident = await asyncio.to_thread(indexed, path)
+                known = self.bases
+                missing = [(b, f) for b, f in view.items() if b not in known]
+                result = await asyncio.to_thread(answer, path, view, queries, missing, relocate)
+                if result is None:
+                    return None
+                found, added = result
+                known.update(added)
+                if len(known) > 2 * len(view) + SLACK:  # mostly expunged rows: rebuild
+                    await asyncio.to_thread(drop, path)
+                    self.bases = None
+                return found
+            except sqlite3.Error as e:  # damaged or no room: drop it, answer by scanning
+                log.warning("full-text index of %s unusable (%s): rebuilt", self.label, e)
+                self.bases = None
+                await asyncio.to_thread(drop, path)
+                return None

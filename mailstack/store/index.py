@@ -1,0 +1,193 @@
+"""The per-mailbox metadata index (what dovecot.index.cache is to Dovecot).
+
+One file per mailbox, `mailstack-cache`:
+
+    V<uidvalidity>\n                     the UIDVALIDITY the UID lines belong to
+    <uid> <json>\n                       the entry of the message with that UID
+    =<base> <json>\n                     the entry of the message file with that base name,
+                                         written at delivery, before the UID is known
+
+An entry is a JSON object: the rendered ENVELOPE and BODYSTRUCTURE, the header size, the
+Date: day for SENT*, the decoded header fields that SEARCH uses ("hs"), the POP3 size...
+(imap/fetch.py and pop3/sizes.py own the keys).  The store does not interpret them.
+CONDSTORE's per-message modification sequences fit the same entries next (a "ms" key,
+written by the STORE that changes the flags).
+
+Why it is never wrong:
+
+* A Maildir file's content never changes under its base name (names are unique, and a
+  flag change renames only the part after ":2,"), so an entry keyed by base is right for
+  as long as a file has that base, wherever the UID list puts it.
+* UID lines belong to one UIDVALIDITY (the header): a lost uidlist means new UIDs and a
+  new UIDVALIDITY, and the whole file is ignored (rebuilt as messages are looked at).
+  UIDs are never reused under one UIDVALIDITY, so a line of an expunged message is just
+  never asked for again (and dropped at the next compaction).
+* A line cut short by a crash (kill -9, power loss) is not valid JSON and is skipped;
+  every append starts on a fresh line, so a torn line can never glue onto the next one.
+* Messages added behind the server's back (mv into new/ or cur/) have no entry: they are
+  computed from the file when first needed and appended; removed ones simply vanish
+  from the listing.
+
+Everything here that touches the disk is blocking and runs in worker threads.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..fsutil import atomic_write
+
+NAME = "mailstack-cache"
+COMPACT_SLACK = 1000  # dead lines tolerated beyond twice the live ones before a rewrite
+
+
+def _dumps(value: dict) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def append_lines(path: Path, uidvalidity: int, lines: list[bytes]) -> None:
+    """Blocking: append whole lines, creating the file (with its header) if missing.  Not
+    fsynced: the index is derived data; a lost tail is recomputed, never misread."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fresh = False
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fresh = True
+        except FileExistsError:  # another writer made it meanwhile
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            fresh = False
+    try:
+        data = b"".join(lines)
+        if fresh:
+            data = b"V%d\n" % uidvalidity + data
+        else:
+            size = os.fstat(fd).st_size
+            if size:
+                rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    last = os.pread(rfd, 1, size - 1)
+                finally:
+                    os.close(rfd)
+                if last != b"\n":  # a line torn by a crash: never glue onto it
+                    data = b"\n" + data
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def delivered_line(base: str, entry: dict) -> bytes:
+    return b"=%s %s\n" % (base.encode("utf-8", "surrogateescape"), _dumps(entry))
+
+
+class MetadataIndex:
+    """The loaded index of one mailbox.  Mutated on the event loop only (the state's
+    cache_lock serialises writers); load() runs in a thread and returns a fresh object."""
+
+    def __init__(self, path: Path, uidvalidity: int) -> None:
+        self.path = path
+        self.uidvalidity = uidvalidity
+        self.by_uid: dict[int, dict] = {}
+        self.by_base: dict[str, dict] = {}  # delivered, UID not known when loaded
+        self.lines = -1  # lines in the file; -1: missing or of another UIDVALIDITY
+
+    @classmethod
+    def load(cls, path: Path, uidvalidity: int, uids: dict[str, int]) -> "MetadataIndex":
+        """Blocking.  `uids` is the uidlist's base -> UID (to place delivery-time lines)."""
+        idx = cls(path, uidvalidity)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return idx
+        lines = data.split(b"\n")
+        if lines[0] != b"V%d" % uidvalidity:
+            return idx
+        count = 0
+        for line in lines[1:]:
+            key, _, js = line.partition(b" ")
+            if not js:
+                continue
+            count += 1
+            try:
+                value = json.loads(js)
+            except ValueError:  # torn by a crash
+                continue
+            if not isinstance(value, dict):
+                continue
+            if key.startswith(b"="):
+                base = key[1:].decode("utf-8", "surrogateescape")
+                uid = uids.get(base)
+                if uid is None:
+                    idx.by_base[base] = value
+                else:
+                    idx.by_uid[uid] = {**idx.by_uid.get(uid, {}), **value}
+            elif key.isdigit():
+                idx.by_uid[int(key)] = value
+        idx.lines = count
+        return idx
+
+    def get(self, uid: int, base: str | None) -> dict | None:
+        value = self.by_uid.get(uid)
+        if value is None and base is not None:
+            value = self.by_base.pop(base, None)
+            if value is not None:
+                self.by_uid[uid] = value
+        return value
+
+    def note_delivered(self, base: str, entry: dict) -> None:
+        """A line appended at delivery (by this process) is now in the file."""
+        self.by_base[base] = entry
+        if self.lines >= 0:
+            self.lines += 1
+
+    def plan_put(self, entries: dict[int, dict], live: dict[int, str] | None
+                 ) -> tuple[bool, bytes]:
+        """Apply `entries` in memory; return (rewrite?, bytes to append or the whole file).
+        `live` is UID -> base of the messages that exist now (None: unknown, keep all)."""
+        lines = []
+        for uid, value in entries.items():
+            js = _dumps(value)
+            self.by_uid[int(uid)] = json.loads(js)  # what a reload gives (tuples -> lists)
+            lines.append(b"%d %s\n" % (int(uid), js))
+        if live is not None:
+            for uid, base in live.items():  # delivered entries that now have their UID
+                if uid not in self.by_uid and base in self.by_base:
+                    self.by_uid[uid] = self.by_base.pop(base)
+        kept = self.by_uid if live is None else {u: v for u, v in self.by_uid.items() if u in live}
+        if self.lines >= 0 and self.lines + len(lines) <= 2 * len(kept) + COMPACT_SLACK:
+            self.lines += len(lines)
+            return False, b"".join(lines)
+        self.by_uid = kept
+        if live is not None:  # keep delivered lines whose UID is not given yet
+            assigned = set(live.values())
+            self.by_base = {b: v for b, v in self.by_base.items() if b not in assigned}
+        body = [b"V%d\n" % self.uidvalidity]
+        body += [b"%d %s\n" % (uid, _dumps(v)) for uid, v in self.by_uid.items()]
+        body += [delivered_line(b, v) for b, v in self.by_base.items()]
+        self.lines = len(body) - 1
+        return True, b"".join(body)
+
+    def write(self, rewrite: bool, data: bytes) -> None:
+        """Blocking: carry out what plan_put decided."""
+        if rewrite:
+            atomic_write(self.path, data)
+        elif data:
+            append_lines(self.path, self.uidvalidity, [data])
+
+
+def message_entry(data: bytes) -> dict:
+    """The full index entry of a message from its bytes (at delivery or APPEND time)."""
+    from ..imap import fetch  # the store stays importable without the protocol packages
+    from ..pop3 import sizes
+    entry = fetch.cache_entry(data)
+    entry[sizes.CACHE_KEY] = sizes.size_entry(data)
+    return entry
