@@ -865,3 +865,24 @@ def test_recent_mark_survives_a_restart(tmp_path):
         all_uids = [m.uid for m in box2.messages]
         assert second.claim_recent(box2.account, box2.name, box2.uidvalidity, all_uids) == {all_uids[-1]}
     asyncio.run(go())
+
+
+def test_delivery_into_a_special_folder_waits_for_the_account_being_set_up(tmp_path):
+    """A first delivery sets the account up (special folders included) under the account
+    lock; a second delivery filed into Archive at that moment (a Sieve fileinto) must wait
+    for it, not find "no mailbox Archive" and fall back to INBOX."""
+    async def go():
+        store = make_store(tmp_path)
+        lock = store._account_lock(ACCT)
+        await lock.acquire()  # the first delivery's set-up is in progress
+        task = asyncio.create_task(store.deliver(ACCT, b"Subject: report\r\n\r\nx\r\n", "d1", mailbox="Archive"))
+        deadline = time.monotonic() + 10
+        while not task.done() and not lock._waiters and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(store._ensure_account_blocking, store.account_dir(ACCT))
+        lock.release()
+        assert await asyncio.wait_for(task, 10) is True
+        assert (await store.status(ACCT, "Archive"))["MESSAGES"] == 1
+        with pytest.raises(MailboxNotFound):  # a folder that does not exist still does not
+            await store.deliver(ACCT, b"Subject: x\r\n\r\nx\r\n", "d2", mailbox="Nowhere")
+    run(go())

@@ -1010,7 +1010,7 @@ class MaildirStore(Store):
         else:
             await asyncio.to_thread(fsync_dir, directory)
 
-    async def _state(self, account: str, name: str) -> _State:
+    async def _state(self, account: str, name: str, retried: bool = False) -> _State:
         """The loaded shared state of a mailbox; MailboxNotFound if it does not exist.
         INBOX is created on first use (an account added by hand still gets mail)."""
         acct = names.normalize_account(account)
@@ -1028,10 +1028,13 @@ class MaildirStore(Store):
             except MailboxNotFound:
                 if self._states.get(key) is st:
                     del self._states[key]
-                if name != names.INBOX:
+                if retried:
                     raise
+                # INBOX is made on first use.  Another mailbox may be one of the special
+                # folders a first delivery is setting up at this very moment (under the
+                # account lock): wait for that set-up, then look once more.
                 await self.ensure_account(acct)
-                return await self._state(acct, name)
+                return await self._state(acct, name, retried=True)
         self._evict()
         return st
 
