@@ -181,6 +181,22 @@ def remove_socket(services) -> None:
 
 
 # --- client (blocking, for the CLI) -----------------------------------------------------------
+def read_answer(s: socket.socket, error: type[Exception], where: str = "") -> dict:
+    """One JSON answer line from a blocking socket (the control and the pickup socket);
+    `error(where + reason)` when it is too large or missing."""
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > 256 * 1024 * 1024:
+            raise error(f"{where}answer too large")
+    if not buf:
+        raise error(f"{where}the server closed the connection without an answer")
+    return json.loads(buf)
+
+
 def request(path, req: dict, timeout: float = 60.0) -> dict | None:
     """Send one request to the socket at `path` (or a Config's control_socket). Returns the
     response, or None when no server listens there."""
@@ -195,17 +211,7 @@ def request(path, req: dict, timeout: float = 60.0) -> dict | None:
         except PermissionError as e:
             raise ControlError(f"{path}: {e.strerror} (run as the server's user or root)") from None
         s.sendall(json.dumps(req).encode("utf-8") + b"\n")
-        buf = bytearray()
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-            if len(buf) > 256 * 1024 * 1024:
-                raise ControlError("response too large")
-        if not buf:
-            raise ControlError(f"{path}: the server closed the connection without an answer")
-        return json.loads(buf)
+        return read_answer(s, ControlError, f"{path}: ")
     except socket.timeout:
         raise ControlError(f"{path}: no answer from the server within {timeout:g}s") from None
     finally:

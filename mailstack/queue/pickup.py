@@ -23,6 +23,7 @@ import socket
 import struct
 import time
 from email.utils import formatdate
+from .control import read_answer
 
 log = logging.getLogger("mailstack.pickup")
 
@@ -203,17 +204,7 @@ def request(cfg, req: dict, body: bytes = b"", timeout: float = TIMEOUT) -> dict
             raise PickupError(f"the process behind the mail server's socket runs as uid {peer_uid}, not as "
                               "root or server.user: refusing to talk to it")
         s.sendall(json.dumps(req).encode() + b"\n" + body)
-        buf = bytearray()
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-            if len(buf) > 256 * 1024 * 1024:
-                raise PickupError("answer too large")
-        if not buf:
-            raise PickupError("the server closed the connection without an answer")
-        return json.loads(buf)
+        return read_answer(s, PickupError)
     except socket.timeout:
         raise PickupError(f"no answer from the server within {timeout:g}s") from None
     finally:
