@@ -261,7 +261,7 @@ def test_fts_fills_itself_on_a_mailbox_filled_behind_its_back(tmp_path, monkeypa
 
 
 def test_big_message_fetch_is_streamed_exactly(tmp_path, monkeypatch):
-    from mailstack.imap import session as session_mod
+    from mailstack.imap import fetching as session_mod
     monkeypatch.setattr(session_mod, "STREAM_MIN", 100_000)
     monkeypatch.setattr(session_mod, "STREAM_CHUNK", 7_000)  # pieces that do not divide the size
     srv = InProcessIMAP(tmp_path)

@@ -1,0 +1,350 @@
+"""IMAP FETCH: rendering from the metadata index where it can, reading message files in
+batches off the loop where it must, and streaming big messages in bounded pieces."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..store.base import StoreError
+from . import fetch, response
+from .parser import Command, FetchAtt
+from .states import FETCH_BATCH, Bye
+
+log = logging.getLogger("mailstack.imap")
+
+HEADER_PEEK = 16384  # bytes read first when only the header is needed
+BIG_CHUNK = 65536
+STREAM_MIN = 1 << 20  # whole messages at least this big are streamed, not read whole
+STREAM_CHUNK = 256 * 1024  # bytes read per piece when streaming
+
+class _Lit:
+    """A FETCH item whose value is a literal: kept apart so big bodies are not copied."""
+
+    __slots__ = ("label", "data")
+
+    def __init__(self, label: bytes, data: bytes) -> None:
+        self.label, self.data = label, data
+
+
+class _Stream:
+    """A whole-message literal sent in bounded pieces read from the store as the client takes
+    them (big messages: never whole in memory)."""
+
+    __slots__ = ("label", "uid", "size")
+
+    def __init__(self, label: bytes, uid: int, size: int) -> None:
+        self.label, self.uid, self.size = label, uid, size
+
+
+def _join_fetch(seq: int, items: list) -> "bytes | list":
+    """One "* n FETCH (...)" response: bytes, or a list of chunks when it holds a big literal."""
+    chunks: list[bytes] = []
+    cur = bytearray(b"* %d FETCH (" % seq)
+    for i, item in enumerate(items):
+        if i:
+            cur += b" "
+        if isinstance(item, _Stream):
+            cur += item.label + b" {%d}\r\n" % item.size
+            chunks.append(bytes(cur))
+            chunks.append(item)
+            cur = bytearray()
+        elif isinstance(item, _Lit):
+            cur += item.label + b" {%d}\r\n" % len(item.data)
+            if len(item.data) >= BIG_CHUNK:
+                chunks.append(bytes(cur))
+                chunks.append(item.data)
+                cur = bytearray()
+            else:
+                cur += item.data
+        else:
+            cur += item
+    cur += b")\r\n"
+    if not chunks:
+        return bytes(cur)
+    chunks.append(bytes(cur))
+    return chunks
+
+
+class FetchCommands:
+    """Mixed into IMAPSession (session.py), which owns the I/O and the state."""
+
+    def _render_streamed(self, m, a, entries) -> "bytes | _Stream | None":
+        """One FETCH item of a message that is streamed (only whole-message literals)."""
+        name = a.name
+        if name == "UID":
+            return b"UID %d" % m.uid
+        if name == "FLAGS":
+            return b"FLAGS " + response.flag_list(self.flags_of(m))
+        if name == "INTERNALDATE":
+            return b"INTERNALDATE " + response.internaldate(m.internaldate)
+        if name == "RFC822.SIZE":
+            return b"RFC822.SIZE %d" % m.size
+        if name == "RFC822":
+            return _Stream(b"RFC822", m.uid, m.size)
+        if name == "BODY[]":
+            return _Stream(b"BODY[]", m.uid, m.size)
+        if name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
+            value = fetch.cached(entries.get(m.uid), {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}[name])
+            return None if value is None else name.encode() + b" " + value
+        return None
+
+    async def _read_many(self, infos, header_only: bool = False) -> dict[int, bytes]:
+        """Message bytes for several messages, read in one worker thread when the store
+        gives file paths; messages that vanished meanwhile are left out."""
+        mbox = self.mbox
+        paths = {m.uid: mbox.path(m.uid) for m in infos}
+
+        def work() -> dict[int, bytes | None]:
+            out: dict[int, bytes | None] = {}
+            for uid, path in paths.items():
+                if path is None:
+                    out[uid] = None
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        if header_only:
+                            data = f.read(HEADER_PEEK)
+                            if len(data) == HEADER_PEEK and fetch._BLANK.search(data) is None:
+                                data += f.read()
+                        else:
+                            data = f.read()
+                    out[uid] = data
+                except OSError:
+                    out[uid] = None
+            return out
+
+        got = await asyncio.to_thread(work)
+        for uid, data in list(got.items()):
+            if data is None:
+                try:
+                    got[uid] = await mbox.read(uid)
+                except (StoreError, OSError, KeyError):
+                    del got[uid]
+        return got  # type: ignore[return-value]
+
+    async def _compute_entries(self, infos, structure: bool) -> dict[int, dict]:
+        """Read and parse messages in one worker-thread call (the cold-cache path). Without
+        `structure` only the header is read and parsed (enough for ENVELOPE and SENT*)."""
+        mbox = self.mbox
+        paths = {m.uid: mbox.path(m.uid) for m in infos}
+
+        def entry(data: bytes) -> dict:
+            # the searchable header texts come along (cheap once the envelope parsed the
+            # addresses): a header SEARCH after a first listing reads no file again
+            return fetch.cache_entry(data) if structure else fetch.header_entry(data)
+
+        def work() -> tuple[dict[int, dict], list[int]]:
+            out: dict[int, dict] = {}
+            retry: list[int] = []
+            for uid, path in paths.items():
+                try:
+                    if path is None:
+                        raise FileNotFoundError
+                    with open(path, "rb") as f:
+                        if structure:
+                            data = f.read()
+                        else:
+                            data = f.read(HEADER_PEEK)
+                            if len(data) == HEADER_PEEK and fetch._BLANK.search(data) is None:
+                                data += f.read()
+                except OSError:
+                    retry.append(uid)
+                    continue
+                out[uid] = entry(data)
+            return out, retry
+
+        out, retry = await asyncio.to_thread(work)
+        for uid in retry:  # renamed meanwhile, or a backend without files
+            try:
+                data = await mbox.read(uid)
+            except (StoreError, OSError, KeyError):
+                continue
+            out[uid] = await asyncio.to_thread(entry, data)
+        return out
+
+    async def _cache_entries(self, picked, structure: bool = False, search_fields: bool = False) -> dict[int, dict]:
+        """Metadata cache entries for these messages; missing ones are computed (one thread
+        call for the batch) and written back with one cache_put. An entry made from the header
+        alone lacks the body structure: it is completed when `structure` is asked for."""
+        mbox = self.mbox
+        entries: dict[int, dict] = {}
+        missing = []
+        old: dict[int, dict] = {}
+        for _, m in picked:
+            e = await mbox.cache_get(m.uid)
+            if e and e.get("v") == fetch.CACHE_VERSION and (not structure or "bs" in e) and \
+                    (not search_fields or "hs" in e):
+                entries[m.uid] = e
+            else:
+                missing.append(m)
+                if e:
+                    old[m.uid] = e  # keep what other modules (POP3 sizes) put there
+        if missing:
+            fresh = await self._compute_entries(missing, structure)
+            fresh = {uid: {**old.get(uid, {}), **e} for uid, e in fresh.items()}
+            entries.update(fresh)
+            if fresh:
+                try:
+                    await mbox.cache_put(fresh)
+                except (StoreError, OSError):
+                    log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
+        return entries
+
+    async def cmd_fetch(self, cmd: Command) -> None:
+        picked = self.resolve(cmd)
+        if picked is None:
+            return self.tagged(cmd, "BAD", "Invalid message sequence number")
+        atts: list[FetchAtt] = list(cmd.args["atts"])
+        if cmd.uid and not any(a.name == "UID" for a in atts):
+            atts.insert(0, FetchAtt("UID"))
+        need_cache = any(a.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY") for a in atts)
+        need_structure = any(a.name in ("BODYSTRUCTURE", "BODY") for a in atts)
+        need_data = None  # None, "header", "full"
+        for a in atts:
+            if a.name in ("RFC822", "RFC822.TEXT") or (a.name == "BODY[]" and not fetch.header_only(a.section)):
+                need_data = "full"
+            elif a.name in ("RFC822.HEADER", "BODY[]") and need_data is None:
+                need_data = "header"
+        sets_seen = not self.mbox.read_only and any(
+            a.name in ("RFC822", "RFC822.TEXT") or (a.name == "BODY[]" and not a.peek) for a in atts)
+        if sets_seen:
+            unseen = [m.uid for _, m in picked if "\\Seen" not in m.flags]
+            if unseen:
+                await self.mbox.store_flags(unseen, ["\\Seen"], "+", origin=self)
+                if not any(a.name == "FLAGS" for a in atts):
+                    atts.append(FetchAtt("FLAGS"))
+                # refresh the infos from the view so FLAGS shows \Seen
+                msgs = self.mbox.messages
+                picked = [(s, msgs[s - 1] if s <= len(msgs) and msgs[s - 1].uid == m.uid else m)
+                          for s, m in picked]
+        if any(a.name == "FLAGS" for a in atts):
+            # A keyword shows in a FETCH only after an untagged FLAGS announced it.
+            self._note_keywords({f for _, m in picked for f in m.flags})
+        # Whole messages only (BODY[] / RFC822, no part, no partial): big ones are streamed.
+        streamable = need_data == "full" and all(
+            a.name == "RFC822" or (a.name == "BODY[]" and not a.section.part and not a.section.text
+                                   and a.partial is None)
+            for a in atts if a.name.startswith(("RFC822", "BODY[")) and a.name != "RFC822.SIZE")
+        missing = False
+        for start in range(0, len(picked), FETCH_BATCH):
+            batch = picked[start:start + FETCH_BATCH]
+            entries = await self._cache_entries(batch, need_structure) if need_cache else {}
+            if need_data:
+                streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
+                datas = await self._read_many([m for _, m in batch if m.uid not in streams],
+                                              header_only=need_data == "header")
+                rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas,
+                                                         streams)
+            else:
+                rendered, gone = self._render_batch(batch, atts, entries, None)
+            missing = missing or gone
+            for item in rendered:
+                if isinstance(item, bytes):
+                    self.out += item
+                else:  # big literals go to the transport as they are, not copied into `out`
+                    for chunk in item:
+                        if isinstance(chunk, _Stream):
+                            await self.flush()
+                            await self._stream(chunk)
+                        elif len(chunk) >= BIG_CHUNK:
+                            await self.flush()
+                            self.writer.write(chunk)
+                            await self.drain()
+                        else:
+                            self.out += chunk
+                await self.maybe_flush()
+        if missing:
+            # RFC 2180 4.1.3 lets us choose.  As Dovecot: what is still known (UID, FLAGS,
+            # sizes, a cached ENVELOPE) and NIL for the contents, then OK: a NO makes clients
+            # count the whole FETCH as failed and retry it; with OK they go on and learn of
+            # the EXPUNGE at the next command that may announce it.
+            await self.done(cmd, "[EXPUNGEISSUED] Some messages were already expunged")
+        else:
+            await self.done(cmd, "FETCH completed")
+
+    async def _stream(self, item: _Stream) -> None:
+        """Send a message literal piece by piece.  The size was announced: a file that
+        shrank or vanished meanwhile (Maildir files never change; a person could) cannot
+        be answered any more, so the connection is closed rather than the literal faked."""
+        offset = 0
+        while offset < item.size:
+            want = min(STREAM_CHUNK, item.size - offset)
+            try:
+                chunk = await self.mbox.read_range(item.uid, offset, want)
+            except (StoreError, OSError) as e:
+                chunk, why = b"", str(e)
+            else:
+                why = "the file is shorter than its size"
+            if not chunk:
+                log.error("FETCH of UID %d cut after %d of %d bytes: %s", item.uid, offset, item.size,
+                          why, extra={"client": self.peer_ip})
+                self.writer.transport.abort()
+                raise Bye()
+            chunk = chunk[:item.size - offset]
+            self.writer.write(chunk)
+            offset += len(chunk)
+            await self.drain()
+
+    def _render_batch(self, batch, atts, entries, datas, streams=frozenset()) -> tuple[list, bool]:
+        """The FETCH responses of a batch, and whether a message had vanished meanwhile."""
+        out: list = []
+        gone = False
+        for seq, m in batch:
+            data = None
+            root = None
+            if m.uid in streams:
+                items = [self._render_streamed(m, a, entries) for a in atts]
+                out.append(_join_fetch(seq, [x for x in items if x is not None]))
+                continue
+            if datas is not None:
+                data = datas.get(m.uid)
+            vanished = datas is not None and data is None
+            gone = gone or vanished
+            items: list[bytes] = []
+            for a in atts:
+                name = a.name
+                if name == "UID":
+                    items.append(b"UID %d" % m.uid)
+                elif name == "FLAGS":
+                    items.append(b"FLAGS " + response.flag_list(self.flags_of(m)))
+                elif name == "INTERNALDATE":
+                    items.append(b"INTERNALDATE " + response.internaldate(m.internaldate))
+                elif name == "RFC822.SIZE":
+                    items.append(b"RFC822.SIZE %d" % m.size)
+                elif name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
+                    key = {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}[name]
+                    value = fetch.cached(entries.get(m.uid), key)
+                    if value is None:  # expunged meanwhile, and never parsed
+                        gone = True
+                        continue
+                    items.append(name.encode() + b" " + value)
+                elif vanished and name.startswith(("RFC822", "BODY[")):
+                    label = name.encode() if name != "BODY[]" else b"BODY[" + a.section.spec() + b"]"
+                    if a.partial is not None:
+                        label += b"<%d>" % a.partial[0]
+                    items.append(label + b" NIL")
+                elif name == "RFC822":
+                    items.append(_Lit(b"RFC822", data))
+                elif name == "RFC822.HEADER":
+                    hend, bstart = fetch.split_header(data)
+                    items.append(_Lit(b"RFC822.HEADER", data[:bstart]))
+                elif name == "RFC822.TEXT":
+                    hend, bstart = fetch.split_header(data)
+                    items.append(_Lit(b"RFC822.TEXT", data[bstart:]))
+                elif name == "BODY[]":
+                    sec = a.section
+                    if not sec.part and not sec.text:
+                        body = data
+                    else:
+                        if root is None:
+                            root = fetch.parse(data)
+                        body = fetch.section_bytes(data, root, sec)
+                    label = b"BODY[" + sec.spec() + b"]"
+                    if a.partial is not None:
+                        off, length = a.partial
+                        body = body[off:off + length]
+                        label += b"<%d>" % off
+                    items.append(_Lit(label, body))
+            if items:  # "* n FETCH ()" is not valid: nothing left to say of a vanished message
+                out.append(_join_fetch(seq, items))
+        return out, gone
