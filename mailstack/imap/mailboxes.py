@@ -169,6 +169,10 @@ class MailboxCommands:
         await self.done(cmd, "NAMESPACE completed")
 
     async def cmd_enable(self, cmd: Command) -> None:
-        # No ENABLE-able extension is offered (CONDSTORE, UTF8=ACCEPT ...), so none is enabled.
-        self.send(b"* ENABLED")
+        from .session import ENABLEABLE
+        # RFC 5161: unknown names are ignored; the answer lists only what this command
+        # newly enabled.
+        new = [c for c in dict.fromkeys(cmd.args["capabilities"]) if c in ENABLEABLE and c not in self.enabled]
+        self.enabled.update(new)
+        self.send(" ".join(["* ENABLED"] + new).encode())
         await self.done(cmd, "ENABLE completed")

@@ -30,6 +30,21 @@ log = logging.getLogger("mailstack.imap")
 FLUSH_AT = 256 * 1024
 
 
+# Offered once logged in, one per line so each extension adds its own line.  An extension
+# is listed only when it is complete.
+AUTHENTICATED_CAPABILITIES = [
+    "NAMESPACE",
+    "UIDPLUS",
+    "MOVE",
+    "UNSELECT",
+    "SPECIAL-USE",
+    "CHILDREN",
+]
+# What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
+# self.enabled, and each extension checks it there.  One per line, as above.
+ENABLEABLE = frozenset({
+})
+
 _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 _NOT_AUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 _AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
@@ -65,6 +80,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
         self.closing = False
         self.uid_cmd = False
         self.reserved = 0  # bytes of the in-flight literal counted in the shared budget
+        self.enabled: set[str] = set()  # extensions switched on by ENABLE (RFC 5161)
 
     # ------------------------------------------------------------------ output
     def send(self, line: bytes) -> None:
@@ -115,7 +131,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
             else:
                 caps.append("LOGINDISABLED")
         else:
-            caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "SPECIAL-USE", "CHILDREN"]
+            caps += AUTHENTICATED_CAPABILITIES
         return " ".join(caps)
 
     # ------------------------------------------------------------------ main loop
