@@ -81,6 +81,8 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
         self.uid_cmd = False
         self.reserved = 0  # bytes of the in-flight literal counted in the shared budget
         self.enabled: set[str] = set()  # extensions switched on by ENABLE (RFC 5161)
+        self.used: set[str] | None = None  # command names used after login (summary line)
+        self.client_name: str | None = None  # from ID, for the summary line
 
     # ------------------------------------------------------------------ output
     def send(self, line: bytes) -> None:
@@ -259,6 +261,9 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
                 return self.tagged(cmd, "BAD", "No mailbox selected")
         handler = getattr(self, "cmd_" + name.lower())
         self.uid_cmd = cmd.uid
+        if self.account is not None:  # for the summary line at the end (which extensions clients use)
+            self.used = self.used or set()
+            self.used.add("UID " + name if cmd.uid else name)
         try:
             await handler(cmd)
         except MailboxNotFound as e:
@@ -289,6 +294,12 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
         self.tagged(cmd, status, text)
 
     async def cleanup(self) -> None:
+        if self.account is not None:
+            # One line per session: which commands and extensions this client used
+            # (docs/imap-clients.md is built from these lines).
+            log.info("IMAP session summary: client=%s commands=%s enabled=%s", self.client_name or "-",
+                     ",".join(sorted(self.used or ())) or "-", ",".join(sorted(self.enabled)) or "-",
+                     extra={"client": self.peer_ip})
         self.state = LOGOUT
         self._release_reserved()
         await self.unselect()
@@ -316,6 +327,10 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
         self.state = LOGOUT
 
     async def cmd_id(self, cmd: Command) -> None:
+        params = cmd.args["params"] or {}
+        name = params.get("name") or params.get("Name")
+        if name:
+            self.client_name = " ".join((name + " " + (params.get("version") or "")).split())[:64]
         self.send(b'* ID ("name" "mailstack")')
         await self.done(cmd, "ID completed")
 
