@@ -297,9 +297,9 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
         if self.account is not None:
             # One line per session: which commands and extensions this client used
             # (docs/imap-clients.md is built from these lines).
-            log.info("IMAP session summary: account=%s client=%s commands=%s enabled=%s", self.account, self.client_name or "-",
-                     ",".join(sorted(self.used or ())) or "-", ",".join(sorted(self.enabled)) or "-",
-                     extra={"client": self.peer_ip})
+            log.info("IMAP session summary: account=%s client=%s commands=%s enabled=%s",
+                     self.account, self.client_name or "-", ",".join(sorted(self.used or ())) or "-",
+                     ",".join(sorted(self.enabled)) or "-", extra={"client": self.peer_ip})
         self.state = LOGOUT
         self._release_reserved()
         await self.unselect()
