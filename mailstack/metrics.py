@@ -45,12 +45,15 @@ REJECT_REASONS = {
     "553 5.6.7": "smtputf8_required",
     "553 5.7.1": "sender_not_owned",
     "550 5.1.1": "unknown_user",
-    "554 5.7.1": "relay_denied",
     "452 4.5.3": "too_many_recipients",
 }
+# "554 5.7.1" is shared by the relay refusal and every stage's policy refusal (DNSBL,
+# spam, milter): told apart by the words the replies carry.
+POLICY_REFUSALS = (("Relay access denied", "relay_denied"), ("blocked using", "blocklisted"),
+                   ("pam", "spam"))
 # DataReader.error -> reason
 DATA_REJECT_REASONS = {"size": "size", "line": "line_too_long", "bare": "bare_lf", "resources": "resources"}
-SMTP_REJECT_REASONS = ("auth_required", "relay_denied", "unknown_user", "sender_not_owned", "size",
+SMTP_REJECT_REASONS = ("auth_required", "relay_denied", "blocklisted", "spam", "policy", "unknown_user", "sender_not_owned", "size",
                        "bare_lf", "line_too_long", "too_many_recipients", "smtputf8_required", "resources",
                        "too_many_errors", "other")
 
@@ -109,7 +112,12 @@ class Metrics:
     # --- hot-path helpers (one dict add or two) ----------------------------------------------
     def smtp_reject(self, reply: str) -> None:
         """Count a MAIL/RCPT policy refusal by its reply."""
-        self.smtp_rejected[REJECT_REASONS.get(reply[:9], "other")] += 1
+        code = reply[:9]
+        if code == "554 5.7.1":
+            reason = next((r for words, r in POLICY_REFUSALS if words in reply), "policy")
+        else:
+            reason = REJECT_REASONS.get(code, "other")
+        self.smtp_rejected[reason] += 1
 
     def delivery(self, status: str, relay: str, seconds: float) -> None:
         """One recipient's delivery result (queue manager); latency for delivered ones."""

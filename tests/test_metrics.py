@@ -87,9 +87,14 @@ def test_reject_reasons_match_the_policy_replies():
     metrics.smtp_reject(policy.check_recipient_count(5, 5))
     metrics.smtp_reject(policy.check_address_charset("ü@example.test", False))
     metrics.smtp_reject("999 9.9.9 something new")
+    # the stages' 554 5.7.1 refusals are not relay refusals (defense/stage.py, filters/)
+    metrics.smtp_reject("554 5.7.1 Service unavailable; client [192.0.2.9] blocked using zen.example")
+    metrics.smtp_reject("554 5.7.1 Spam message rejected (score 9.0)")
+    metrics.smtp_reject("554 5.7.1 Access denied")
     assert metrics.smtp_rejected == {"relay_denied": 1, "unknown_user": 1, "auth_required": 1,
                                      "sender_not_owned": 1, "size": 1, "too_many_recipients": 1,
-                                     "smtputf8_required": 1, "other": 1}
+                                     "smtputf8_required": 1, "other": 1, "blocklisted": 1, "spam": 1,
+                                     "policy": 1}
 
 
 # --- the real server -------------------------------------------------------------------------------
