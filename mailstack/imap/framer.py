@@ -38,14 +38,36 @@ class FrameError:
 
 
 LITERAL_RE = re.compile(rb"\{(\d{1,20})(\+?)\}\r?\n?$")
+
+# --- literal8 (RFC 3516 BINARY, RFC 4466 append-data; UTF8=ACCEPT's APPEND uses it too) ----
+# "~{n}" / "~{n+}" announces a literal that may hold any octet, NUL included.  It is framed
+# exactly as a literal (LITERAL_RE finds its "{n}" at the end of the line piece, with the
+# same continuation, LITERAL+ and size rules); the "~" stays in the line piece, so a grammar
+# that allows literal8 reads it with `literal_at`.  A grammar that does not (everything but
+# APPEND data) sees "~" where a string should start and answers BAD.
+LITERAL8_RE = re.compile(rb"~\{(\d{1,20})(\+?)\}\r?\n?$")
+
+
+def literal_at(line: bytes, pos: int, allow_literal8: bool = True) -> tuple[int, bool] | None:
+    """The literal announced at `pos` of a line piece (which must end there): (size,
+    is_literal8), or None when there is none."""
+    m = LITERAL8_RE.match(line, pos) if allow_literal8 and line[pos:pos + 1] == b"~" else None
+    if m is not None:
+        return int(m.group(1)), True
+    m = LITERAL_RE.match(line, pos)
+    return (int(m.group(1)), False) if m is not None else None
+
 _TAG_CMD_RE = re.compile(rb"([^ ]*) +(?:(?i:UID) +)?([A-Za-z]+)")
 
 
 class CommandFramer:
-    def __init__(self, max_line: int, max_literal: int, max_message: int) -> None:
+    def __init__(self, max_line: int, max_literal: int, max_message: int,
+                 max_append: int | None = None) -> None:
         self.max_line = max_line  # bytes of one line piece
         self.max_literal = max_literal  # a literal outside APPEND
         self.max_message = max_message  # an APPEND literal
+        # all literals of one APPEND (MULTIAPPEND: several messages; CATENATE: several parts)
+        self.max_append = max(max_message, max_append or 0)
         self._buf = bytearray()
         self._parts: list[bytes] = []
         self._literal_left = 0  # > 0: reading literal bytes
@@ -68,7 +90,7 @@ class CommandFramer:
         first = self._parts[0] if self._parts else bytes(self._buf[:200])
         m = _TAG_CMD_RE.match(first)
         if m and m.group(2).upper() == b"APPEND":
-            return self.max_message, self.max_message + 4 * self.max_line
+            return self.max_message, self.max_append + 4 * self.max_line
         return self.max_literal, 4 * self.max_line + 4 * self.max_literal
 
     def _tag(self) -> bytes | None:

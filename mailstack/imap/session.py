@@ -18,6 +18,7 @@ from .. import proxy, tlsclose
 from ..defense import connections as floods
 from ..smtp.budget import budget_for
 from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
+from .appending import AppendCommands, max_append_bytes
 from .fetching import BIG_CHUNK, FetchCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
@@ -39,7 +40,17 @@ AUTHENTICATED_CAPABILITIES = [
     "UNSELECT",
     "SPECIAL-USE",
     "CHILDREN",
+    "BINARY",  # RFC 3516 (fetching.py, binary.py; literal8 in APPEND: appending.py)
+    "MULTIAPPEND",  # RFC 3502 (appending.py)
+    "CATENATE",  # RFC 4469 (appending.py, imapurl.py)
+    "APPENDLIMIT={appendlimit}",  # RFC 7889: filled in by capabilities()
 ]
+# LITERAL-: not offered.  RFC 7888: LITERAL- is LITERAL+ with non-synchronising literals
+# limited to 4096 octets (a server offering only LITERAL- must refuse bigger ones with BAD
+# [TOOBIG]).  We offer LITERAL+, the superset, to every client: a non-synchronising
+# literal of any size up to the command's bound is accepted, and advertising LITERAL- too
+# would announce a limit we do not apply.  Dovecot offers LITERAL+ only, as we do; RFC 9051
+# puts LITERAL- into IMAP4rev2's base, which a LITERAL+ server satisfies already.
 # What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
 # self.enabled, and each extension checks it there.  One per line, as above.
 ENABLEABLE = frozenset({
@@ -56,7 +67,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 
-class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
+class IMAPSession(AppendCommands, MailboxCommands, SelectedCommands, FetchCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -70,7 +81,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
         self.account: str | None = None
         self.out = bytearray()
         self.framer = CommandFramer(self.cfg.max_line_length, min(self.cfg.max_line_length, 1 << 20),
-                                    cfg.smtp.max_message_size)
+                                    cfg.smtp.max_message_size, max_append_bytes(cfg))
         self.mbox = None  # selected Mailbox
         self.recent: set[int] = set()
         self.keywords: set[str] = set()
@@ -131,7 +142,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
             else:
                 caps.append("LOGINDISABLED")
         else:
-            caps += AUTHENTICATED_CAPABILITIES
+            caps += [c.format(appendlimit=self.appendlimit()) for c in AUTHENTICATED_CAPABILITIES]
         return " ".join(caps)
 
     # ------------------------------------------------------------------ main loop
