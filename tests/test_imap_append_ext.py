@@ -402,3 +402,38 @@ def _ctx(srv):
     ctx = srv.client_tls()
     ctx.check_hostname = False
     return ctx
+
+
+def test_big_literal_plus_literals_count_against_the_shared_budget(tmp_path):
+    """LITERAL+ literals over 64 KiB are counted in the process-wide budget of message bytes
+    in memory like synchronising ones: when it is spent, the command's bytes are skipped and
+    it gets NO [LIMIT]; the session goes on and the budget is given back in every case."""
+    from mailstack.smtp.budget import budget_for
+    s = InProcessIMAP(tmp_path)
+    try:
+        budget = budget_for(s.services)
+        r = Raw(s)
+        parts = [msg(i) + b"w" * 150_000 for i in range(2)]
+        two = b"APPEND INBOX" + b"".join(b" {%d+}\r\n%s" % (len(p), p) for p in parts)
+        budget.used = budget.limit - 200_000  # room for one of the two literals only
+        _, tagged = r.cmd(two)
+        assert b"NO [LIMIT]" in tagged
+        assert budget.used == budget.limit - 200_000
+        r.ok("NOOP")
+        assert _count(r, "INBOX") == 0
+        # refused half-way through: the synchronising literal after it gets no "+"
+        budget.used = budget.limit - 100_000
+        r.send(b"h APPEND INBOX {%d+}\r\n%s {5}\r\n" % (len(parts[0]), parts[0]))
+        _, tagged = r.until(b"h")
+        assert tagged.startswith(b"h NO [LIMIT]") and budget.used == budget.limit - 100_000
+        budget.used = 0
+        _, tagged = r.cmd(two)
+        assert _uids(tagged)[1] and budget.used == 0
+        # a client gone in the middle of a command gives its share back too
+        r.send(b"g APPEND INBOX {%d+}\r\n%s" % (len(parts[0]), parts[0][:1000]))
+        from harness import wait_for
+        wait_for(lambda: budget.used == len(parts[0]), 10, 0.02, "the literal to be counted")
+        r.close()
+        wait_for(lambda: budget.used == 0, 10, 0.02, "the budget to be given back")
+    finally:
+        s.close()

@@ -81,7 +81,8 @@ class IMAPSession(AppendCommands, MailboxCommands, SelectedCommands, FetchComman
         self.account: str | None = None
         self.out = bytearray()
         self.framer = CommandFramer(self.cfg.max_line_length, min(self.cfg.max_line_length, 1 << 20),
-                                    cfg.smtp.max_message_size, max_append_bytes(cfg))
+                                    cfg.smtp.max_message_size, max_append_bytes(cfg),
+                                    reserve=lambda n: budget_for(services).reserve(n))  # LITERAL+ ones
         self.mbox = None  # selected Mailbox
         self.recent: set[int] = set()
         self.keywords: set[str] = set()
@@ -206,6 +207,8 @@ class IMAPSession(AppendCommands, MailboxCommands, SelectedCommands, FetchComman
             pass
 
     async def handle(self, ev) -> None:
+        if isinstance(ev, (Frame, FrameError)):  # big LITERAL+ literals the framer counted
+            self.reserved += ev.reserved
         if isinstance(ev, Continuation):
             # Big literals (APPEND) count against the process-wide budget of message bytes
             # held in memory, shared with SMTP DATA: many clients uploading at once get a
@@ -213,7 +216,8 @@ class IMAPSession(AppendCommands, MailboxCommands, SelectedCommands, FetchComman
             if ev.size > BIG_CHUNK and not self.framer.events:
                 budget = budget_for(self.services)
                 if not budget.reserve(ev.size):
-                    self.framer.refuse_literal()
+                    self.reserved += self.framer.refuse_literal()
+                    self._release_reserved()
                     tag = (ev.tag or b"*").decode("ascii", "replace")
                     self.send(f"{tag} NO [LIMIT] Server busy, try again later".encode())
                     return
@@ -301,6 +305,7 @@ class IMAPSession(AppendCommands, MailboxCommands, SelectedCommands, FetchComman
 
     async def cleanup(self) -> None:
         self.state = LOGOUT
+        self.reserved += self.framer.pending_reserved
         self._release_reserved()
         await self.unselect()
         try:
