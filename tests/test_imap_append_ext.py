@@ -437,3 +437,44 @@ def test_big_literal_plus_literals_count_against_the_shared_budget(tmp_path):
         wait_for(lambda: budget.used == 0, 10, 0.02, "the budget to be given back")
     finally:
         s.close()
+
+
+_words = st.sampled_from([b"APPEND", b"INBOX", b"CATENATE", b"(", b")", b"TEXT", b"URL", b'"/INBOX/;UID=1"',
+                          b"~{3}", b"~{2+}", b"{3}", b"{70000+}", b"~{70001+}", b"{0+}", b"(\\Seen)", b"\x00",
+                          b'"01-Feb-2024 10:00:00 +0000"', b"FETCH", b"1", b"BINARY[1]<0.5>",
+                          b"BINARY.SIZE[2]", b"BINARY.PEEK[]", b" "])
+_cmds = st.lists(_words, max_size=20).map(lambda ws: b"a " + b" ".join(ws))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_cmds, min_size=1, max_size=4), st.lists(st.booleans(), min_size=1, max_size=8),
+       st.integers(1, 5000))
+def test_fuzz_append_framing_parsing_and_budget_bookkeeping(cmds, grants, chunk):
+    """Commands with literal8, CATENATE and big LITERAL+ literals, fed in pieces, with a
+    budget that grants or refuses at random: only protocol errors come out, and every
+    byte granted is handed over with exactly one Frame/FrameError or still pending."""
+    from mailstack.imap.framer import CommandFramer, Frame, FrameError
+    granted = []
+    answers = iter(grants * 100)
+
+    def reserve(n):
+        ok = next(answers)
+        if ok:
+            granted.append(n)
+        return ok
+    f = CommandFramer(300, 300, 200_000, 300_000, reserve=reserve)
+    stream = b"\r\n".join(cmds) + b"\r\n" + b"x" * 75_000 + b"\r\n"
+    for i in range(0, len(stream), chunk * 97):
+        f.feed(stream[i:i + chunk * 97])
+    handed = 0
+    for ev in f.events:
+        handed += getattr(ev, "reserved", 0)
+        if isinstance(ev, Frame):
+            try:
+                parse_command(ev.parts)
+            except ParseError:
+                pass
+        else:
+            assert not isinstance(ev, FrameError) or ev.reserved >= 0
+    assert handed + f._reserved == sum(granted)
+    assert f.buffered < 400_000
