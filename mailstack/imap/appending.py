@@ -161,10 +161,13 @@ class AppendCommands:
                 raise bad("no such message")
             if u.section is None and u.partial is None and msgs[i].size > room:
                 raise _Refused(f"[TOOBIG] The message would be larger than {self.appendlimit()} bytes")
-            # counted in the shared budget of message bytes in memory until the command ends
-            if not budget_for(self.services).reserve(msgs[i].size):
+            # counted in the shared budget of message bytes in memory: the whole message while
+            # it is read, then what is kept of it until the command ends
+            budget = budget_for(self.services)
+            held = msgs[i].size
+            if not budget.reserve(held):
                 raise _Refused("[LIMIT] Server busy, try again later")
-            self.reserved += msgs[i].size
+            self.reserved += held
             try:
                 data = await box.read(u.uid)
             except (StoreError, OSError, KeyError):
@@ -180,4 +183,7 @@ class AppendCommands:
         if u.partial is not None:
             off, length = u.partial
             data = data[off:] if length is None else data[off:off + length]
+        excess = max(0, held - len(data))
+        budget.release(excess)
+        self.reserved -= excess
         return data
