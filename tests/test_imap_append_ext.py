@@ -268,6 +268,14 @@ def test_catenate_replaces_an_attachment_from_urls_and_text(srv):
     r.ok("EXAMINE Drafts2")
     lines = r.ok(f"UID FETCH {third} BODY.PEEK[]")
     assert b"\r\n".join(lines).endswith(b"first\r\n" + DRAFT + b")")
+    # relative to the selected mailbox (the base URL of RFC 4469 3 in the selected state)
+    r.ok("SELECT Drafts2")
+    _, tagged = r.cmd(_catenate_cmd("Drafts2", [f";UID={uid}/;SECTION=1"]))
+    _, fourth = _uids(tagged)
+    assert b"{10}\r\nfirst text" in b"\r\n".join(r.ok(f"UID FETCH {fourth} BODY.PEEK[]"))
+    r.ok("UNSELECT")
+    _, tagged = r.cmd(_catenate_cmd("Drafts2", [f";UID={uid}"]))
+    assert b"NO [BADURL ;UID=" in tagged and b"no mailbox is selected" in tagged
     r.close()
 
 
@@ -357,6 +365,10 @@ def test_imap_urls():
     assert imapurl.parse("/x/;UID=1/;SECTION=HEADER.FIELDS%20(SUBJECT%20TO)").section == \
         Section((), "HEADER.FIELDS", ("SUBJECT", "TO"))
     assert imapurl.parse("/x/;UID=1/;PARTIAL=7").partial == (7, None)
+    u = imapurl.parse(";UID=4/;SECTION=2", selected="Entwürfe/a b")  # relative to the selected mailbox
+    assert (u.mailbox, u.uid, u.section) == ("Entwürfe/a b", 4, Section((2,)))
+    with pytest.raises(imapurl.URLError):
+        imapurl.parse(";UID=4")  # nothing selected
     for bad in ("imap://u@h/INBOX/;UID=1", "//h/INBOX/;UID=1", "/INBOX", "/INBOX/;UID=x", "/INBOX/;UID=4294967296",
                 "/INBOX;FOO=1/;UID=1", "/INBOX/;UID=1/;SECTION=1.", "/INBOX/;UID=1/;PARTIAL=1.0", "/;UID=1",
                 "/INBOX/;UID=1/;UID=2", "/IN BOX/;UID=1", "/x/;UID=1/;SECTION=%FF"):

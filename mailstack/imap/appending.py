@@ -142,7 +142,7 @@ class AppendCommands:
             return _Refused(f"[BADURL {_url_text(url)}] {why}")
 
         try:
-            u = imapurl.parse(url)
+            u = imapurl.parse(url, self.mbox.name if self.mbox is not None else None)
         except imapurl.URLError as e:
             raise bad(str(e)) from None
         if check_mailbox_name(u.mailbox):

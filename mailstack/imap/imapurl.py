@@ -3,7 +3,9 @@
 
 RFC 4469 3: only relative URLs naming a message or a part of one on this server, for the
 logged-in user, are in scope: "/" enc-mailbox [";UIDVALIDITY=" n] "/;UID=" n
-["/;SECTION=" enc-section] ["/;PARTIAL=" offset ["." length]].  Absolute URLs (a scheme,
+["/;SECTION=" enc-section] ["/;PARTIAL=" offset ["." length]], and, in the selected
+state, the same from ";UID=" on, relative to the selected mailbox (the base URL RFC 4469
+gives then; Dovecot resolves those too).  Absolute URLs (a scheme,
 an iserver: another user or server), message lists, searches and URLAUTH are refused:
 the server answers NO [BADURL ...] for them.  The keywords match without regard to case
 (the RFC's examples write ";section="); the mailbox is percent-decoded, then read as
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 from . import mutf7
 from .parser import ParseError, Section, _Cursor, _section
@@ -71,10 +73,15 @@ def _decode_section(enc: str) -> Section:
     return sec
 
 
-def parse(url: str) -> MessageURL:
-    """The message (part) a CATENATE URL names; URLError for anything else."""
+def parse(url: str, selected: str | None = None) -> MessageURL:
+    """The message (part) a CATENATE URL names; URLError for anything else.  `selected`:
+    the selected mailbox, the base of URLs that start at ";UID=" """
     if len(url) > MAX_URL:
         raise URLError("URL too long")
+    if url[:5].upper() == ";UID=":
+        if selected is None:
+            raise URLError("mailbox-relative URL, but no mailbox is selected")
+        url = "/" + quote(mutf7.encode(selected), safe="&/") + "/" + url
     if not url.startswith("/") or url.startswith("//"):
         raise URLError("only URLs relative to this server and user are supported")
     if "?" in url or "#" in url:
