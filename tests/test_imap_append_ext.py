@@ -490,3 +490,57 @@ def test_fuzz_append_framing_parsing_and_budget_bookkeeping(cmds, grants, chunk)
             assert not isinstance(ev, FrameError) or ev.reserved >= 0
     assert handed + f._reserved == sum(granted)
     assert f.buffered < 400_000
+
+
+def test_same_results_as_dovecot(srv):
+    """The same MULTIAPPEND and CATENATE commands on Dovecot and here: the same stored
+    bytes, APPENDUID uid-sets of the same shape, the same all-or-nothing refusal, and
+    BADURL for the same URLs (a part that does not exist excepted: Dovecot appends nothing
+    for it, we refuse it as RFC 4469 4.1 lists "invalid body part")."""
+    from dovecot_fixture import Dovecot
+    from harness import wait_for
+    from test_imap_binary import _dovecot_raw
+    dc = Dovecot().start()
+    try:
+        dc.add_user("u@example.test", "pw")
+
+        def login_ok():
+            try:
+                _dovecot_raw(dc).close()
+                return True
+            except (AssertionError, OSError, EOFError):
+                return False
+        wait_for(login_ok, 15, 0.2, "dovecot to accept the new user")
+        answers = []
+        for client in (_dovecot_raw(dc), Raw(srv)):
+            box = f"Same{len(answers)}"
+            got = {}
+            client.ok(f"CREATE {box}")
+            _, tagged = client.cmd(b"APPEND %s {%d+}\r\n%s (\\Seen) {%d+}\r\n%s" % (
+                box.encode(), len(DRAFT), DRAFT, len(msg(1)), msg(1)))
+            v, uids = _uids(tagged)
+            got["uids"] = uids
+            first = uids.split(":")[0]
+            base = f"/{box};UIDVALIDITY={v}/;UID={first}"
+            _, tagged = client.cmd(_catenate_cmd(box, [f"{base}/;SECTION=HEADER", b"--BB\r\n",
+                                                       f"{base}/;SECTION=1.MIME", f"{base}/;SECTION=1",
+                                                       b"\r\n--BB--\r\n", f"{base}/;SECTION=2/;PARTIAL=2.3"]))
+            _, cat_uid = _uids(tagged)
+            _, tagged = client.cmd(b"APPEND %s {3+}\r\nabc {0+}\r\n" % box.encode())
+            got["empty refused"] = b" NO " in tagged
+            for label, url in (("uidvalidity", f"/{box};UIDVALIDITY={v + 1}/;UID={first}"),
+                               ("uid", f"/{box}/;UID=99"), ("mailbox", "/NoSuch/;UID=1"),
+                               ("absolute", f"imap://u@127.0.0.1/{box}/;UID={first}")):
+                _, tagged = client.cmd(_catenate_cmd(box, [url]))
+                got[label] = (tagged.split(b" ")[1], re.findall(rb"\[BADURL ([^\]]*)\]", tagged) == [url.encode()])
+            client.ok(f"EXAMINE {box}")
+            lines = client.ok(f"UID FETCH {cat_uid} BODY.PEEK[]")
+            got["catenated"] = b"\r\n".join(lines).split(b"}\r\n", 1)[1][:-1]
+            got["messages"] = re.search(rb"MESSAGES (\d+)", b"".join(client.ok(f"STATUS {box} (MESSAGES)"))).group(1)
+            answers.append(got)
+            client.close()
+        dovecot, ours = answers
+        assert dovecot["catenated"].startswith(b"From: bob@example.org")
+        assert ours == {**dovecot, "catenated": dovecot["catenated"].replace(b"Same0", b"Same1")}
+    finally:
+        dc.cleanup()
