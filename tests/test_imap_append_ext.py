@@ -321,7 +321,8 @@ def test_catenate_result_over_the_limit_is_toobig(tmp_path):
         s.close()
 
 
-def test_catenate_within_multiappend(srv):
+def test_catenate_within_multiappend(srv, caplog):
+    caplog.set_level("INFO", logger="mailstack.imap")
     r = Raw(srv)
     r.ok("CREATE Both")
     _, tagged = r.cmd(b"APPEND Both {%d+}\r\n%s" % (len(msg(7)), msg(7)))
@@ -336,6 +337,9 @@ def test_catenate_within_multiappend(srv):
     lines = r.ok(f"UID FETCH {int(uid) + 1} BODY.PEEK[TEXT]")
     assert b"{6}\r\nnew!\r\n" in b"\r\n".join(lines)
     r.close()
+    # for the real-client matrix: which extension a session used, once each
+    used = [rec.getMessage() for rec in caplog.records if rec.getMessage().endswith(" used")]
+    assert sorted(used) == ["IMAP CATENATE used", "IMAP MULTIAPPEND used"]
 
 
 # --- grammar and the URL parser ---------------------------------------------------------------
