@@ -344,3 +344,23 @@ def test_same_answers_as_dovecot(srv):
             assert ours[key] == dovecot[key], key
     finally:
         dc.cleanup()
+
+
+def test_imapclient_fetches_decoded_parts(srv):
+    """imapclient has no BINARY support of its own, but passes the items through: decoded
+    text and sizes come back parsed.  (Its reader does not know literal8 "~{n}", so data
+    holding NUL is for BINARY-aware clients only.)"""
+    from imapclient import IMAPClient
+    ctx = srv.client_tls()
+    ctx.check_hostname = False
+    c = IMAPClient("127.0.0.1", srv.ports["imaps"], ssl_context=ctx)
+    try:
+        c.login("alice@example.test", "secret")
+        c.create_folder("BinClient")
+        c.append("BinClient", NO_UNKNOWN)
+        c.select_folder("BinClient", readonly=True)
+        got = c.fetch([1], ["BINARY.PEEK[1]", "BINARY.SIZE[2]", "BINARY.PEEK[4.1]"])[1]
+        assert got[b"BINARY[1]"] == "héllo wo".encode() and got[b"BINARY.SIZE[2]"] == 256
+        assert got[b"BINARY[4.1]"] == b"hello"
+    finally:
+        c.logout()
