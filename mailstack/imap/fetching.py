@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from ..store.base import StoreError
-from . import fetch, response
+from . import binary, fetch, response
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
 
@@ -24,6 +24,12 @@ class _Lit:
 
     def __init__(self, label: bytes, data: bytes) -> None:
         self.label, self.data = label, data
+
+
+class _Lit8(_Lit):
+    """A literal8 (RFC 3516 "~{n}"): BINARY data that holds NUL."""
+
+    __slots__ = ()
 
 
 class _Stream:
@@ -49,7 +55,7 @@ def _join_fetch(seq: int, items: list) -> "bytes | list":
             chunks.append(item)
             cur = bytearray()
         elif isinstance(item, _Lit):
-            cur += item.label + b" {%d}\r\n" % len(item.data)
+            cur += item.label + (b" ~{%d}\r\n" if isinstance(item, _Lit8) else b" {%d}\r\n") % len(item.data)
             if len(item.data) >= BIG_CHUNK:
                 chunks.append(bytes(cur))
                 chunks.append(item.data)
@@ -201,12 +207,13 @@ class FetchCommands:
         need_structure = any(a.name in ("BODYSTRUCTURE", "BODY") for a in atts)
         need_data = None  # None, "header", "full"
         for a in atts:
-            if a.name in ("RFC822", "RFC822.TEXT") or (a.name == "BODY[]" and not fetch.header_only(a.section)):
+            if a.name in ("RFC822", "RFC822.TEXT", "BINARY[]", "BINARY.SIZE") or (
+                    a.name == "BODY[]" and not fetch.header_only(a.section)):
                 need_data = "full"
             elif a.name in ("RFC822.HEADER", "BODY[]") and need_data is None:
                 need_data = "header"
         sets_seen = not self.mbox.read_only and any(
-            a.name in ("RFC822", "RFC822.TEXT") or (a.name == "BODY[]" and not a.peek) for a in atts)
+            a.name in ("RFC822", "RFC822.TEXT") or (a.name in ("BODY[]", "BINARY[]") and not a.peek) for a in atts)
         if sets_seen:
             unseen = [m.uid for _, m in picked if "\\Seen" not in m.flags]
             if unseen:
@@ -221,7 +228,9 @@ class FetchCommands:
             # A keyword shows in a FETCH only after an untagged FLAGS announced it.
             self._note_keywords({f for _, m in picked for f in m.flags})
         # Whole messages only (BODY[] / RFC822, no part, no partial): big ones are streamed.
-        streamable = need_data == "full" and all(
+        if any(a.name.startswith("BINARY") for a in atts):
+            self.note_extension("BINARY")
+        streamable = need_data == "full" and not any(a.name.startswith("BINARY") for a in atts) and all(
             a.name == "RFC822" or (a.name == "BODY[]" and not a.section.part and not a.section.text
                                    and a.partial is None)
             for a in atts if a.name.startswith(("RFC822", "BODY[")) and a.name != "RFC822.SIZE")
@@ -233,8 +242,14 @@ class FetchCommands:
                 streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
                 datas = await self._read_many([m for _, m in batch if m.uid not in streams],
                                               header_only=need_data == "header")
-                rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas,
-                                                         streams)
+                try:  # decoding BINARY sections happens here too, off the loop
+                    rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas,
+                                                             streams)
+                except binary.UnknownCTE as e:
+                    return await self.done(cmd, f"[UNKNOWN-CTE] Cannot decode {str(e)[:40]!r}", "NO")
+                except binary.NotLeaf:
+                    return await self.done(cmd, "[CANNOT] BINARY is for leaf body parts only (RFC 9051 6.4.5)",
+                                           "NO")
             else:
                 rendered, gone = self._render_batch(batch, atts, entries, None)
             missing = missing or gone
@@ -285,6 +300,21 @@ class FetchCommands:
             offset += len(chunk)
             await self.drain()
 
+    @staticmethod
+    def _render_binary(a, data: bytes, root) -> list:
+        """BINARY[part]<partial> or BINARY.SIZE[part] (RFC 3516): decoded; a literal8 when the
+        bytes hold NUL."""
+        spec = a.section.spec()
+        if a.name == "BINARY.SIZE":
+            return [b"BINARY.SIZE[%s] %d" % (spec, binary.fetch_size(data, root, a.section.part))]
+        value = binary.fetch_value(data, root, a.section.part)
+        label = b"BINARY[" + spec + b"]"
+        if a.partial is not None:
+            off, length = a.partial
+            value = value[off:off + length]
+            label += b"<%d>" % off
+        return [(_Lit8 if b"\0" in value else _Lit)(label, value)]
+
     def _render_batch(self, batch, atts, entries, datas, streams=frozenset()) -> tuple[list, bool]:
         """The FETCH responses of a batch, and whether a message had vanished meanwhile."""
         out: list = []
@@ -318,6 +348,14 @@ class FetchCommands:
                         gone = True
                         continue
                     items.append(name.encode() + b" " + value)
+                elif name in ("BINARY[]", "BINARY.SIZE"):
+                    if vanished:
+                        if name == "BINARY[]":
+                            items.append(b"BINARY[" + a.section.spec() + b"] NIL")
+                        continue
+                    if root is None:
+                        root = fetch.parse(data)
+                    items += self._render_binary(a, data, root)
                 elif vanished and name.startswith(("RFC822", "BODY[")):
                     label = name.encode() if name != "BODY[]" else b"BODY[" + a.section.spec() + b"]"
                     if a.partial is not None:

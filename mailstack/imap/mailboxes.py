@@ -1,10 +1,9 @@
 """IMAP commands on mailboxes as a whole (authenticated state): CREATE, DELETE, RENAME,
-(UN)SUBSCRIBE, LIST, LSUB, STATUS, APPEND, NAMESPACE, ENABLE."""
+(UN)SUBSCRIBE, LIST, LSUB, STATUS, NAMESPACE, ENABLE (APPEND: appending.py)."""
 from __future__ import annotations
 
 import re
 
-from ..store.base import MailboxNotFound
 from . import response
 from .parser import Command
 
@@ -142,27 +141,12 @@ class MailboxCommands:
         if self._bad_name(cmd, name):
             return
         st = await self.services.store.status(self.account, name)
+        st = {**st, "APPENDLIMIT": self.appendlimit()}  # RFC 7889: the same for every mailbox
         items = []
         for item in cmd.args["items"]:
             items.append(f"{item} {int(st.get(item, 0))}")
         self.send(b"* STATUS " + response.mailbox(name) + b" (" + " ".join(items).encode() + b")")
         await self.done(cmd, "STATUS completed")
-
-    async def cmd_append(self, cmd: Command) -> None:
-        name = cmd.args["mailbox"]
-        if self._bad_name(cmd, name):
-            return
-        message = cmd.args["message"]
-        if not message:
-            return self.tagged(cmd, "NO", "Cannot append an empty message")
-        try:
-            uidvalidity, uid = await self.services.store.append(
-                self.account, name, message, cmd.args["flags"], cmd.args["date"], origin=self)
-        except MailboxNotFound:
-            return self.tagged(cmd, "NO", "[TRYCREATE] Mailbox does not exist")
-        if self.mbox is not None and self.mbox.name == name:
-            self.dirty = True
-        await self.done(cmd, f"[APPENDUID {uidvalidity} {uid}] APPEND completed")
 
     async def cmd_namespace(self, cmd: Command) -> None:
         self.send(b'* NAMESPACE (("" "/")) NIL NIL')

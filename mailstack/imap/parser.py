@@ -373,8 +373,32 @@ def _fetch_att(c: _Cursor) -> FetchAtt:
         return FetchAtt("BODY[]", section, peek=word == "BODY.PEEK", partial=partial)
     if word in _SIMPLE_ATTS:
         return FetchAtt(word)
+    if word in ("BINARY", "BINARY.PEEK", "BINARY.SIZE") and c.peek() == 0x5B:
+        return _binary_att(c, word)
     c.pos = start
     raise c.error(f"unknown FETCH attribute {word or c.line[c.pos:c.pos + 20]!r}")
+
+
+def _binary_att(c: _Cursor, word: str) -> FetchAtt:
+    """BINARY[part]<partial>, BINARY.PEEK[...], BINARY.SIZE[part] (RFC 3516): name
+    "BINARY[]" or "BINARY.SIZE", the section holds the part numbers only."""
+    c.pos += 1
+    part: list[int] = []
+    while c.peek() != 0x5D:
+        if part:
+            c.expect(b".")
+        part.append(c.number(nz=True))
+    c.pos += 1
+    partial = None
+    if word != "BINARY.SIZE" and c.peek() == 0x3C:
+        c.pos += 1
+        off = c.number()
+        c.expect(b".")
+        length = c.number(nz=True)
+        c.expect(b">")
+        partial = (off, length)
+    name = "BINARY.SIZE" if word == "BINARY.SIZE" else "BINARY[]"
+    return FetchAtt(name, Section(tuple(part)), peek=word == "BINARY.PEEK", partial=partial)
 
 
 def _section(c: _Cursor) -> Section:
@@ -573,6 +597,7 @@ def _list(c: _Cursor) -> dict:
 
 
 _STATUS_ITEMS = {"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"}
+_STATUS_ITEMS.add("APPENDLIMIT")  # RFC 7889
 
 
 def _status(c: _Cursor) -> dict:
@@ -594,23 +619,8 @@ def _status(c: _Cursor) -> dict:
 
 
 def _append(c: _Cursor) -> dict:
-    c.sp()
-    mailbox = c.mailbox()
-    c.sp()
-    flags: list[str] = []
-    date = None
-    if c.peek() == 0x28:
-        flags = c.flag_list()
-        c.sp()
-    if c.peek() == 0x22:
-        date = c.date_time()
-        c.sp()
-    if not c.is_literal_here():
-        raise c.error("APPEND needs the message as a literal")
-    message = c.literal()
-    if "\\Recent" in flags:
-        raise c.error("\\Recent cannot be set")
-    return {"mailbox": mailbox, "flags": flags, "date": date, "message": message}
+    from .parse_append import parse_append  # MULTIAPPEND, CATENATE, literal8: see there
+    return parse_append(c)
 
 
 def _login(c: _Cursor) -> dict:

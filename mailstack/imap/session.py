@@ -18,6 +18,7 @@ from .. import proxy, tlsclose
 from ..defense import connections as floods
 from ..smtp.budget import budget_for
 from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
+from .appending import AppendCommands, max_append_bytes
 from .fetching import BIG_CHUNK, FetchCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
@@ -39,7 +40,17 @@ AUTHENTICATED_CAPABILITIES = [
     "UNSELECT",
     "SPECIAL-USE",
     "CHILDREN",
+    "BINARY",  # RFC 3516 (fetching.py, binary.py; literal8 in APPEND: appending.py)
+    "MULTIAPPEND",  # RFC 3502 (appending.py)
+    "CATENATE",  # RFC 4469 (appending.py, imapurl.py)
+    "APPENDLIMIT={appendlimit}",  # RFC 7889: filled in by capabilities()
 ]
+# LITERAL-: not offered.  RFC 7888: LITERAL- is LITERAL+ with non-synchronising literals
+# limited to 4096 octets (a server offering only LITERAL- must refuse bigger ones with BAD
+# [TOOBIG]).  We offer LITERAL+, the superset, to every client: a non-synchronising
+# literal of any size up to the command's bound is accepted, and advertising LITERAL- too
+# would announce a limit we do not apply.  Dovecot offers LITERAL+ only, as we do; RFC 9051
+# puts LITERAL- into IMAP4rev2's base, which a LITERAL+ server satisfies already.
 # What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
 # self.enabled, and each extension checks it there.  One per line, as above.
 ENABLEABLE = frozenset({
@@ -56,7 +67,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 
-class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
+class IMAPSession(AppendCommands, MailboxCommands, SelectedCommands, FetchCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -70,7 +81,8 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
         self.account: str | None = None
         self.out = bytearray()
         self.framer = CommandFramer(self.cfg.max_line_length, min(self.cfg.max_line_length, 1 << 20),
-                                    cfg.smtp.max_message_size)
+                                    cfg.smtp.max_message_size, max_append_bytes(cfg),
+                                    reserve=lambda n: budget_for(services).reserve(n))  # LITERAL+ ones
         self.mbox = None  # selected Mailbox
         self.recent: set[int] = set()
         self.keywords: set[str] = set()
@@ -133,7 +145,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
             else:
                 caps.append("LOGINDISABLED")
         else:
-            caps += AUTHENTICATED_CAPABILITIES
+            caps += [c.format(appendlimit=self.appendlimit()) for c in AUTHENTICATED_CAPABILITIES]
         return " ".join(caps)
 
     # ------------------------------------------------------------------ main loop
@@ -197,6 +209,8 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
             pass
 
     async def handle(self, ev) -> None:
+        if isinstance(ev, (Frame, FrameError)):  # big LITERAL+ literals the framer counted
+            self.reserved += ev.reserved
         if isinstance(ev, Continuation):
             # Big literals (APPEND) count against the process-wide budget of message bytes
             # held in memory, shared with SMTP DATA: many clients uploading at once get a
@@ -204,7 +218,8 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
             if ev.size > BIG_CHUNK and not self.framer.events:
                 budget = budget_for(self.services)
                 if not budget.reserve(ev.size):
-                    self.framer.refuse_literal()
+                    self.reserved += self.framer.refuse_literal()
+                    self._release_reserved()
                     tag = (ev.tag or b"*").decode("ascii", "replace")
                     self.send(f"{tag} NO [LIMIT] Server busy, try again later".encode())
                     return
@@ -301,6 +316,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
                      self.account, self.client_name or "-", ",".join(sorted(self.used or ())) or "-",
                      ",".join(sorted(self.enabled)) or "-", extra={"client": self.peer_ip})
         self.state = LOGOUT
+        self.reserved += self.framer.pending_reserved
         self._release_reserved()
         await self.unselect()
         try:

@@ -197,6 +197,29 @@ class Store(abc.ABC):
                      internaldate: float | None = None, origin: object = None) -> tuple[int, int]:
         """IMAP APPEND. Returns (uidvalidity, uid) for UIDPLUS APPENDUID."""
 
+    async def append_many(self, account: str, mailbox: str,
+                          messages: list[tuple[bytes, Iterable[str], float | None]],
+                          origin: object = None) -> tuple[int, list[int]]:
+        """IMAP MULTIAPPEND (RFC 3502): (message, flags, internal date) each, all added or
+        none.  Returns (uidvalidity, UIDs in order).  This default appends one by one and
+        expunges what it added when one fails; the Maildir store overrides it so that the
+        messages appear together (store/multiappend.py)."""
+        uidvalidity, done = 0, []
+        try:
+            for message, flags, date in messages:
+                uidvalidity, uid = await self.append(account, mailbox, message, flags, date, origin)
+                done.append(uid)
+        except BaseException:
+            if done:
+                box = await self.open(account, mailbox)
+                try:
+                    await box.store_flags(done, ["\\Deleted"], "+", origin)
+                    await box.expunge(done, origin)
+                finally:
+                    await box.close()
+            raise
+        return uidvalidity, done
+
     @abc.abstractmethod
     async def open(self, account: str, name: str, read_only: bool = False) -> Mailbox:
         """Open a mailbox for a session (raises MailboxNotFound)."""

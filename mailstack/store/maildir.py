@@ -1186,6 +1186,11 @@ class MaildirStore(Store):
         return uidvalidity, uid
 
     @disk_errors
+    async def append_many(self, account: str, mailbox: str, messages, origin: object = None) -> tuple[int, list[int]]:
+        from .multiappend import append_many  # all or nothing: see there
+        return await append_many(self, account, mailbox, messages, origin)
+
+    @disk_errors
     async def open(self, account: str, name: str, read_only: bool = False) -> Mailbox:
         st = await self._state(account, name)
         async with st.lock:
