@@ -19,6 +19,7 @@ from ..defense import connections as floods
 from ..smtp.budget import budget_for
 from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
 from .fetching import BIG_CHUNK, FetchCommands
+from .listing import ListCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
 from .parser import Command, MailboxNameError, ParseError, parse_command, parse_tag
@@ -39,10 +40,17 @@ AUTHENTICATED_CAPABILITIES = [
     "UNSELECT",
     "SPECIAL-USE",
     "CHILDREN",
+    "LIST-EXTENDED",
+    "LIST-STATUS",
+    "STATUS=SIZE",
+    "UTF8=ACCEPT",
+    "CREATE-SPECIAL-USE",
 ]
 # What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
 # self.enabled, and each extension checks it there.  One per line, as above.
 ENABLEABLE = frozenset({
+    "UTF8=ACCEPT",
+    "IMAP4REV2",
 })
 
 _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
@@ -56,7 +64,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 
-class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
+class IMAPSession(ListCommands, MailboxCommands, SelectedCommands, FetchCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -233,7 +241,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
 
     async def _run_frame(self, ev: Frame) -> None:
         try:
-            cmd = parse_command(ev.parts)
+            cmd = parse_command(ev.parts, self.enabled)
         except ParseError as e:
             code = f"[{e.code}] " if e.code else ""
             # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error;
