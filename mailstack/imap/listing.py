@@ -113,7 +113,8 @@ def select_mailboxes(boxes: list[MailboxInfo], subscribed: set[str], patterns: l
         recursive = n in childinfo_for
         if not meets(n) and not recursive:
             continue
-        row = Row(n, selectable=n in existing)
+        # RFC 5819 section 3: no STATUS for a name listed only for its CHILDINFO
+        row = Row(n, selectable=n in existing and meets(n))
         if n not in existing:
             row.attrs.append("\\NonExistent")
         if n in subscribed and (want_sub or "SUBSCRIBED" in returns):
