@@ -129,7 +129,7 @@ def test_rev2_select_has_no_recent_or_unseen_and_lists_the_mailbox(srv):
     for i in range(3):
         srv.deliver(ALICE, MSG % (i, i, i))
     c = session(srv)
-    assert c.ok("ENABLE IMAP4rev2") == [b"* ENABLED IMAP4REV2"]
+    assert c.ok("ENABLE IMAP4rev2") == [b"* ENABLED IMAP4rev2"]
     caps = c.ok("CAPABILITY")[0]
     assert b"IMAP4rev1" in caps and b"IMAP4rev2" not in caps  # advertised by the lead at merge
     lines = c.ok("SELECT INBOX")
@@ -192,3 +192,34 @@ def test_rev2_list_namespace_status_and_utf8_names(srv):
     c.ok(f'CREATE "{SNOWMAN}"'.encode())
     assert f'* LIST (\\HasNoChildren) "/" "{SNOWMAN}"'.encode() in c.ok('LIST "" "Gr*"')
     c.close()
+
+
+# ------------------------------------------------------------ SMTPUTF8 in, UTF8=ACCEPT out
+
+def test_smtputf8_message_reads_back_unchanged_over_utf8_accept(tmp_path):
+    """The whole EAI path in the real server process: a message submitted with SMTPUTF8
+    (UTF-8 address and headers) is delivered and read by an IMAP client that enabled
+    UTF8=ACCEPT, headers byte for byte, searchable without CHARSET."""
+    import smtplib
+
+    from harness import MailServer
+    srv = MailServer(tmp_path)
+    srv.add_domain("example.test")
+    srv.add_user("carol@example.test", "c-pass")
+    srv.start()
+    try:
+        msg = UTF8_MSG.replace(b"alice@example.test", b"carol@example.test")
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
+            s.ehlo("client.example")
+            assert s.has_extn("smtputf8")
+            s.sendmail("jörg@bücher.example", ["carol@example.test"], msg, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        c = Client(srv.ports["imaps"], srv.client_tls(), "carol@example.test", "c-pass")
+        c.ok("ENABLE UTF8=ACCEPT")
+        c.ok("SELECT INBOX")
+        from harness import wait_for
+        wait_for(lambda: c.ok('SEARCH SUBJECT "Grüße aus Köln"'.encode()) == [b"* SEARCH 1"], 20, 0.1, "delivery")
+        header = c.ok("FETCH 1 (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])")[0]
+        assert "From: Jörg Müller <jörg@bücher.example>\r\nSubject: Grüße aus Köln ☃".encode() in header
+        c.close()
+    finally:
+        assert srv.stop() == 0

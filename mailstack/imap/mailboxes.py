@@ -10,6 +10,7 @@ from .listing import canonical_use
 from .parser import Command
 
 log = logging.getLogger("mailstack.imap")
+_SPELLING = {"IMAP4REV2": "IMAP4rev2"}  # ENABLED echoes a capability as it is registered
 
 def check_mailbox_name(name: str) -> str | None:
     """Why a mailbox name is refused, or None.  Names must stay inside the user's Maildir."""
@@ -127,5 +128,5 @@ class MailboxCommands:
         self.enabled.update(new)
         for c in new:
             log.info("IMAP enable %s", c, extra={"client": self.peer_ip})
-        self.send(" ".join(["* ENABLED"] + new).encode())
+        self.send(" ".join(["* ENABLED"] + [_SPELLING.get(c, c) for c in new]).encode())
         await self.done(cmd, "ENABLE completed")
