@@ -93,7 +93,7 @@ def list_command(c, status_items: frozenset) -> dict:
         extended = True
         returns, items = _option_list(c, RETURN_OPTIONS, "return option", status_items)
     return {"reference": reference, "patterns": patterns, "selection": set(selection),
-            "returns": set(returns), "status_items": items, "extended": extended,
+            "returns": set(returns), "status_items": list(dict.fromkeys(items)), "extended": extended,
             # the basic form's single pattern, for code that knows only RFC 3501 LIST
             "pattern": patterns[0] if len(patterns) == 1 else None}
 
