@@ -487,3 +487,47 @@ def test_fuzz_valid_list_commands_parse_back(selection, patterns, returns, items
     a = parse(line.encode()).args
     assert a["selection"] == selection and a["patterns"] == patterns
     assert a["returns"] == returns | ({"STATUS"} if items else set()) and a["status_items"] == items
+
+
+_NAMES = st.lists(st.sampled_from(["a", "a/b", "a/b/c", "b", "b/x2", "c2", "c2/d", "INBOX", "e/f2"]),
+                  unique=True, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_NAMES, _NAMES, _NAMES, st.lists(st.sampled_from(["*", "%", "a/%", "*2", "a", "INBOX", "%/%"]),
+                                         min_size=1, max_size=3),
+       st.sets(st.sampled_from(["SUBSCRIBED", "RECURSIVEMATCH", "SPECIAL-USE"])),
+       st.sets(st.sampled_from(["SUBSCRIBED", "CHILDREN", "SPECIAL-USE"])))
+def test_fuzz_selection_rules(real, special, subscribed, patterns, selection, returns):
+    """RFC 5258 section 3's rules over random hierarchies, checked one by one."""
+    from mailstack.imap.listing import list_pattern, select_mailboxes
+    from mailstack.store.base import MailboxInfo
+    names = set(real) | {"INBOX"}
+    parents = {n.rsplit("/", 1)[0] for n in names if "/" in n}
+    boxes = [MailboxInfo(n, "\\Archive" if n in special else None, n in subscribed, False, True) for n in names]
+    boxes += [MailboxInfo(p, None, p in subscribed, True, False) for p in parents - names]
+    if "RECURSIVEMATCH" in selection and not selection & {"SUBSCRIBED", "SPECIAL-USE"}:
+        selection = selection | {"SUBSCRIBED"}
+    rxs = [list_pattern(p) for p in patterns]
+    out = select_mailboxes(boxes, set(subscribed), rxs, selection, returns)
+    listed = [r.name for r in out]
+    assert len(listed) == len(set(listed)) and (not listed or listed[0] == "INBOX" or "INBOX" not in listed)
+
+    def meets(n):
+        if not selection & {"SUBSCRIBED", "SPECIAL-USE"}:
+            return n in names or n in parents
+        return ("SUBSCRIBED" not in selection or n in subscribed) and \
+            ("SPECIAL-USE" not in selection or (n in special and n in names))
+    for r in out:
+        assert any(rx.match(r.name) for rx in rxs)  # only names matching a pattern
+        assert ("\\NonExistent" in r.attrs) == (r.name not in names)
+        assert r.selectable == (r.name in names and meets(r.name))  # who gets a LIST-STATUS
+        if not meets(r.name):  # listed only because a descendant meets the criteria
+            assert r.childinfo and "RECURSIVEMATCH" in selection
+        if "\\Subscribed" in r.attrs:
+            assert r.name in subscribed
+        if "CHILDREN" not in returns:
+            assert not {"\\HasChildren", "\\HasNoChildren"} & set(r.attrs)
+    for n in names | parents | set(subscribed):  # nothing that meets the criteria is left out
+        if meets(n) and any(rx.match(n) for rx in rxs):
+            assert n in listed, n

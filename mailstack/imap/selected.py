@@ -43,11 +43,11 @@ class SelectedCommands:
         self.keywords = {f for m in msgs for f in m.flags if not f.startswith("\\")}
         self._send_flags()
         self.send(b"* %d EXISTS" % len(msgs))
-        if self.rev2:  # RFC 9051: a LIST of the mailbox; no RECENT, no UNSEEN code
+        if self.imap4rev2:  # RFC 9051: a LIST of the mailbox; no RECENT, no UNSEEN code
             self.send(b'* LIST () "/" ' + response.mailbox(mbox.name, True))
         else:
             self.send(b"* %d RECENT" % len(self.recent))
-        for i, m in enumerate(() if self.rev2 else msgs):  # rev2 dropped [UNSEEN n]
+        for i, m in enumerate(() if self.imap4rev2 else msgs):  # rev2 dropped [UNSEEN n]
             if "\\Seen" not in m.flags:
                 self.send(b"* OK [UNSEEN %d] First unseen" % (i + 1))
                 break
@@ -66,7 +66,7 @@ class SelectedCommands:
         self.send(b"* OK [PERMANENTFLAGS " + response.flag_list(perm) + b"] Flags permitted")
 
     @property
-    def rev2(self) -> bool:
+    def imap4rev2(self) -> bool:
         """The client ENABLEd IMAP4rev2 (rev2.py lists what that changes)."""
         return rev2.REV2 in self.enabled
 
@@ -192,7 +192,7 @@ class SelectedCommands:
             for m in changes.new:
                 self._note_keywords(m.flags)
             self.send(b"* %d EXISTS" % len(msgs))
-            if not self.rev2:
+            if not self.imap4rev2:
                 self.send(b"* %d RECENT" % len(self.recent))
 
     def _note_keywords(self, flags) -> None:
@@ -211,7 +211,7 @@ class SelectedCommands:
 
     def flags_of(self, info) -> list[str]:
         flags = sorted(info.flags)
-        if info.uid in self.recent and not self.rev2:  # IMAP4rev2 has no \\Recent
+        if info.uid in self.recent and not self.imap4rev2:  # IMAP4rev2 has no \\Recent
             flags.append("\\Recent")
         return flags
 
@@ -380,7 +380,7 @@ class SelectedCommands:
                     lambda cs=cands: [c.uid if cmd.uid else c.seq for c in cs if search.matches(key, c)])
                 continue
             found += [c.uid if cmd.uid else c.seq for c in cands if search.matches(key, c)]
-        if self.rev2:  # IMAP4rev2: ESEARCH, never * SEARCH
+        if self.imap4rev2:  # IMAP4rev2: ESEARCH, never * SEARCH
             self.send(rev2.esearch(cmd.tag, cmd.uid, found))
             return await self.done(cmd, "SEARCH completed")
         line = bytearray(b"* SEARCH")
