@@ -383,6 +383,8 @@ QUERIES = [
     'LIST "" "%" RETURN ()', 'LIST (RECURSIVEMATCH) "" "%"', 'LIST (FOO) "" "%"',
     'LIST "" "%" RETURN (FOO)', 'LIST "" "%" RETURN (STATUS ())', 'STATUS Tofu (MESSAGES UNSEEN SIZE)',
     'NAMESPACE',
+    # as MailKit asks when LIST-EXTENDED is offered; as clients find Sent/Drafts/Trash
+    'LIST "" "%" RETURN (SUBSCRIBED CHILDREN)', 'LIST "" "*" RETURN (SUBSCRIBED CHILDREN SPECIAL-USE)',
 ]
 
 
