@@ -223,3 +223,36 @@ def test_smtputf8_message_reads_back_unchanged_over_utf8_accept(tmp_path):
         c.close()
     finally:
         assert srv.stop() == 0
+
+
+def test_mutt_opens_a_utf8_folder_after_enable_utf8_accept(srv, tmp_path, caplog):
+    """mutt 2.2 ENABLEs UTF8=ACCEPT when offered and then names folders in UTF-8."""
+    import os
+    import shutil
+    import subprocess
+    assert shutil.which("mutt") and shutil.which("script"), "mutt is in tests/run.sh DEBS, script in bsdutils"
+    caplog.set_level(logging.INFO, logger="mailstack.imap")
+    c = session(srv)
+    c.ok("ENABLE UTF8=ACCEPT")
+    c.ok(f'CREATE "{SNOWMAN}"'.encode())
+    c.close()
+    for i in range(2):
+        srv.deliver(ALICE, MSG % (i, i, i), SNOWMAN)
+    (tmp_path / "certs").write_text(srv.cert.read_text())
+    rc = tmp_path / "muttrc"
+    rc.write_text(f"""
+set folder="imaps://{ALICE.replace('@', '%40')}@127.0.0.1:{srv.ports['imaps']}/"
+set spoolfile="+{SNOWMAN}"
+set imap_pass="{PW}"
+set certificate_file="{tmp_path}/certs"
+set ssl_verify_host=no
+set charset="utf-8"
+set sleep_time=0
+""", encoding="utf-8")
+    env = dict(os.environ, TERM="xterm", HOME=str(tmp_path), LC_ALL="C.UTF-8")
+    r = subprocess.run(["script", "-qec", f"mutt -n -F {rc} -e 'push <quit>'", "/dev/null"],
+                       capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert b"Msgs:2" in r.stdout, r.stdout[-2000:]  # mutt's status bar: it opened the folder
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert messages.count("IMAP enable UTF8=ACCEPT") == 2, messages  # ours above, then mutt's
