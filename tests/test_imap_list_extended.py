@@ -533,3 +533,28 @@ def test_fuzz_selection_rules(real, special, subscribed, patterns, selection, re
     for n in names | parents | set(subscribed):  # nothing that meets the criteria is left out
         if meets(n) and any(rx.match(n) for rx in rxs):
             assert n in listed, n
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.text(alphabet="ab/*%", max_size=9), st.text(alphabet="ab/", max_size=9))
+def test_fuzz_pattern_matcher_agrees_with_a_regex(pattern, name):
+    """The linear-time LIST matcher answers as the obvious regex does (on short names)."""
+    from mailstack.imap.listing import list_pattern
+    rx = "".join(".*" if ch == "*" else "[^/]*" if ch == "%" else re.escape(ch) for ch in pattern)
+    assert list_pattern(pattern).match(name) == bool(re.fullmatch(rx, name, re.S)), (pattern, name)
+
+
+def test_pathological_patterns_cost_no_time(alice):
+    import time
+    from mailstack.imap.listing import list_pattern
+    long = "a" * 500
+    for pattern in ("*a" * 16 + "*b", "%a" * 16 + "%b", "*a%" * 10 + "b", "*" * 300 + "b"):
+        t = time.monotonic()
+        assert not list_pattern(pattern).match(long)
+        assert time.monotonic() - t < 0.5, pattern  # a backtracking regex takes seconds from 3 stars
+    alice.ok(f"CREATE {'a' * 200}")
+    t = time.monotonic()
+    assert alice.ok('LIST "" ' + "*a" * 16 + "*b") == []
+    assert time.monotonic() - t < 5
+    lines, status, tagged = alice.cmd('LIST "" ' + "*a" * 40)
+    assert status == "BAD" and b"wildcards" in tagged

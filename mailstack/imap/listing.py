@@ -15,11 +15,13 @@ tests/test_imap_list_extended.py):
 """
 from __future__ import annotations
 
+import asyncio
+import bisect
 import logging
 import re
 from dataclasses import dataclass, field
 
-from ..store.base import MailboxInfo
+from ..store.base import MailboxInfo, StoreError
 from . import response
 from .parser import Command
 
@@ -36,15 +38,66 @@ def canonical_use(attr: str) -> str:
     return "\\" + attr[1:].capitalize()
 
 
-def list_pattern(pattern: str) -> re.Pattern:
-    """LIST wildcards: * matches anything, % anything but the hierarchy separator."""
-    out = []
-    for ch in pattern:
-        out.append(".*" if ch == "*" else "[^/]*" if ch == "%" else re.escape(ch))
-    rx = "".join(out)
-    if pattern[:5].upper() == "INBOX" and (len(pattern) == 5 or pattern[5] in "/*%"):
-        rx = "INBOX" + "".join(out[5:])
-    return re.compile(rx + r"\Z", re.S)
+MAX_WILDCARDS = 32  # per LIST pattern: a bound on the work one LIST may ask for
+
+
+class ListPattern:
+    """A LIST pattern: `*` matches anything, `%` anything but the hierarchy separator.
+
+    Matched segment by segment, keeping the set of places each literal segment can end:
+    time grows with (wildcards x name length), never exponentially, whereas a regex of
+    ".*a.*a.*a.*b" backtracks for seconds over a 500-character name (a client could stall
+    the event loop with one LIST)."""
+
+    __slots__ = ("segments", "wildcards")
+
+    def __init__(self, pattern: str) -> None:
+        if pattern[:5].upper() == "INBOX" and (len(pattern) == 5 or pattern[5] in "/*%"):
+            pattern = "INBOX" + pattern[5:]  # INBOX is case-insensitive (RFC 3501 5.1)
+        self.segments: list[str] = []
+        self.wildcards: list[str] = []  # "*" or "%" between segments i and i+1
+        for i, piece in enumerate(re.split(r"([*%]+)", pattern)):
+            if i % 2:  # a run of wildcards: "*" if any of them crosses the separator
+                self.wildcards.append("*" if "*" in piece else "%")
+            else:
+                self.segments.append(piece)
+
+    def match(self, name: str) -> bool:
+        segs, wilds = self.segments, self.wildcards
+        if not wilds:
+            return name == segs[0]
+        if not name.startswith(segs[0]) or sum(map(len, segs)) > len(name):
+            return False
+        slashes = [0]  # slashes[i]: how many "/" in name[:i]
+        for ch in name:
+            slashes.append(slashes[-1] + (ch == "/"))
+        ends = [len(segs[0])]  # ascending: where the segments so far can end
+        last = len(wilds)
+        for i, wild in enumerate(wilds, 1):
+            seg = segs[i]
+            if i == last:  # the final segment sits at the end of the name
+                start = len(name) - len(seg)
+                if not name.endswith(seg) or start < ends[0]:
+                    return False
+                if wild == "*":
+                    return True
+                p = ends[bisect.bisect_right(ends, start) - 1]
+                return slashes[start] == slashes[p]
+            new: list[int] = []
+            q = name.find(seg, ends[0])
+            while q >= 0:
+                # "%": the skipped text, from the latest end before q, holds no "/"
+                if wild == "*" or slashes[q] == slashes[ends[bisect.bisect_right(ends, q) - 1]]:
+                    new.append(q + len(seg))
+                q = name.find(seg, q + 1)
+            if not new:
+                return False
+            ends = new
+        return False  # not reached
+
+
+def list_pattern(pattern: str) -> ListPattern:
+    return ListPattern(pattern)
 
 
 def full_pattern(reference: str, pattern: str) -> str:
@@ -70,7 +123,7 @@ def _parents(name: str):
         yield "/".join(parts[:i])
 
 
-def select_mailboxes(boxes: list[MailboxInfo], subscribed: set[str], patterns: list[re.Pattern],
+def select_mailboxes(boxes: list[MailboxInfo], subscribed: set[str], patterns: list[ListPattern],
                      selection: set[str], returns: set[str]) -> list[Row]:
     """The rows of an extended LIST (RFC 5258 section 3), INBOX first, then by name."""
     by_name = {b.name: b for b in boxes}
@@ -133,7 +186,7 @@ def select_mailboxes(boxes: list[MailboxInfo], subscribed: set[str], patterns: l
     return rows
 
 
-def basic_rows(boxes: list[MailboxInfo], rx: re.Pattern, lsub: bool = False) -> list[Row]:
+def basic_rows(boxes: list[MailboxInfo], rx: ListPattern, lsub: bool = False) -> list[Row]:
     """RFC 3501 LIST / LSUB (one pattern, no options), as mailstack always answered them."""
     names = {b.name: b for b in boxes}
     lines: dict[str, list[str]] = {}
@@ -197,15 +250,19 @@ class ListCommands:
         if not extended and valid == [""]:  # the hierarchy delimiter and root (RFC 3501 6.3.8)
             self.send(word + b' (\\Noselect) "/" ""')
             return await self.done(cmd, f"{cmd.name} completed")
-        regexes = [list_pattern(full_pattern(ref, p)) for p in valid]
+        matchers = [list_pattern(full_pattern(ref, p)) for p in valid]
+        if any(len(m.wildcards) > MAX_WILDCARDS for m in matchers):
+            return self.tagged(cmd, "BAD", f"more than {MAX_WILDCARDS} wildcards in a pattern")
         rows: list[Row] = []
-        if regexes:
+        if matchers:
             boxes = await self.services.store.list_mailboxes(self.account)
+            # matching thousands of names against several patterns is CPU work: off the loop
             if extended:
                 subscribed = set(await self.services.store.subscriptions(self.account))
-                rows = select_mailboxes(boxes, subscribed, regexes, args["selection"], args["returns"])
+                rows = await asyncio.to_thread(select_mailboxes, boxes, subscribed, matchers,
+                                               args["selection"], args["returns"])
             else:
-                rows = basic_rows(boxes, regexes[0], lsub)
+                rows = await asyncio.to_thread(basic_rows, boxes, matchers[0], lsub)
                 if "IMAP4REV2" in self.enabled and not lsub:  # RFC 9051 7.3.1: what does not exist
                     for row in rows:
                         row.attrs = ["\\NonExistent" if a == "\\Noselect" else a for a in row.attrs]
@@ -221,7 +278,7 @@ class ListCommands:
                 # vanished meanwhile gets none (it is gone, the LIST stands)
                 try:
                     st = await self.services.store.status(self.account, row.name)
-                except Exception:  # noqa: BLE001 - a STATUS may be dropped (RFC 5819 section 2)
+                except StoreError:  # gone meanwhile: its STATUS may be dropped (RFC 5819 section 2)
                     continue
                 self.send(self.status_response(row.name, items, st))
             await self.maybe_flush()
