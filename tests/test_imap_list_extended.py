@@ -451,7 +451,7 @@ _PATS = st.sampled_from(['""', '"*"', "%", "INBOX", '"a b"', "(", ")", '("x" "y"
 _TOKENS = st.one_of(_OPTS, _PATS, st.text(alphabet="()\" \\%*~{}RETURNLISTabc12+", max_size=6))
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_TOKENS, max_size=10), st.sampled_from(["LIST", "CREATE x", "STATUS x", "LSUB"]),
        st.sampled_from([frozenset(), frozenset({"UTF8=ACCEPT"}), frozenset({"IMAP4REV2"})]))
 def test_fuzz_list_create_status_grammar(tokens, verb, enabled):
@@ -470,7 +470,7 @@ def test_fuzz_list_create_status_grammar(tokens, verb, enabled):
         assert ("STATUS" in cmd.args["returns"]) == bool(cmd.args["status_items"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.sets(st.sampled_from(["SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"])),
        st.lists(st.sampled_from(["INBOX", "*", "%", "a/%", "Größe*"]), min_size=1, max_size=4),
        st.sets(st.sampled_from(["SUBSCRIBED", "CHILDREN", "SPECIAL-USE"])),
@@ -495,7 +495,7 @@ _NAMES = st.lists(st.sampled_from(["a", "a/b", "a/b/c", "b", "b/x2", "c2", "c2/d
                   unique=True, max_size=8)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_NAMES, _NAMES, _NAMES, st.lists(st.sampled_from(["*", "%", "a/%", "*2", "a", "INBOX", "%/%"]),
                                          min_size=1, max_size=3),
        st.sets(st.sampled_from(["SUBSCRIBED", "RECURSIVEMATCH", "SPECIAL-USE"])),
