@@ -70,7 +70,9 @@ class MemStore(Store):
         mark = self.recent_mark(account, name, box.uidvalidity)
         return {"MESSAGES": len(box.msgs), "RECENT": sum(1 for u in box.msgs if u > mark), "UIDNEXT": box.uidnext,
                 "UIDVALIDITY": box.uidvalidity,
-                "UNSEEN": sum(1 for m in box.msgs.values() if "\\Seen" not in m[1])}
+                "UNSEEN": sum(1 for m in box.msgs.values() if "\\Seen" not in m[1]),
+                "SIZE": sum(len(m[0]) for m in box.msgs.values()),
+                "DELETED": sum(1 for m in box.msgs.values() if "\\Deleted" in m[1])}
 
     async def list_mailboxes(self, account):
         boxes = self._acct(account)

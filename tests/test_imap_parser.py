@@ -147,7 +147,8 @@ def test_store_forms_and_mailbox_names():
     assert parse(b"a SELECT inbox").args["mailbox"] == "INBOX"
     assert parse(b"a SELECT Entw&APw-rfe").args["mailbox"] == "Entwürfe"
     assert parse(b'a RENAME "a b" c').args == {"old": "a b", "new": "c"}
-    assert parse(b'a LIST "" *').args == {"reference": "", "pattern": "*"}
+    args = parse(b'a LIST "" *').args
+    assert (args["reference"], args["pattern"], args["extended"]) == ("", "*", False)
     assert parse(b"a LSUB foo/ %").args["pattern"] == "%"
 
 

@@ -2,10 +2,14 @@
 (UN)SUBSCRIBE, LIST, LSUB, STATUS, NAMESPACE, ENABLE (APPEND: appending.py)."""
 from __future__ import annotations
 
-import re
+import logging
 
 from . import response
+from .listing import canonical_use
 from .parser import Command
+
+log = logging.getLogger("mailstack.imap")
+_SPELLING = {"IMAP4REV2": "IMAP4rev2"}  # ENABLED echoes a capability as it is registered
 
 def check_mailbox_name(name: str) -> str | None:
     """Why a mailbox name is refused, or None.  Names must stay inside the user's Maildir."""
@@ -13,7 +17,7 @@ def check_mailbox_name(name: str) -> str | None:
         return "empty mailbox name"
     if len(name) > 512:
         return "mailbox name too long"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F or ch in "\u2028\u2029" for ch in name):  # RFC 6855 3
         return "mailbox name contains a control character"
     if name.startswith("/") or name.startswith("~"):
         return "mailbox name must not be an absolute path"
@@ -27,17 +31,6 @@ def check_mailbox_name(name: str) -> str | None:
     if len(parts) > 32:
         return "mailbox hierarchy too deep"
     return None
-
-
-def list_pattern(pattern: str) -> re.Pattern:
-    """LIST wildcards: * matches anything, % anything but the hierarchy separator."""
-    out = []
-    for ch in pattern:
-        out.append(".*" if ch == "*" else "[^/]*" if ch == "%" else re.escape(ch))
-    rx = "".join(out)
-    if pattern[:5].upper() == "INBOX" and (len(pattern) == 5 or pattern[5] in "/*%"):
-        rx = "INBOX" + "".join(out[5:])
-    return re.compile(rx + r"\Z", re.S)
 
 
 class MailboxCommands:
@@ -56,7 +49,14 @@ class MailboxCommands:
             return
         if name.upper() == "INBOX":
             return self.tagged(cmd, "NO", "[ALREADYEXISTS] INBOX exists always")
-        await self.services.store.create_mailbox(self.account, name)
+        special_use = None
+        if cmd.args.get("use"):  # CREATE-SPECIAL-USE (RFC 6154 section 3; listing.py)
+            refusal = await self.special_use_refusal(cmd.args["use"])
+            if refusal:
+                return self.tagged(cmd, "NO", f"[USEATTR] {refusal}")
+            special_use = canonical_use(cmd.args["use"][0])
+            self.note_extension("CREATE-SPECIAL-USE")
+        await self.services.store.create_mailbox(self.account, name, special_use)
         await self.done(cmd, "CREATE completed")
 
     async def cmd_delete(self, cmd: Command) -> None:
@@ -89,63 +89,12 @@ class MailboxCommands:
     async def cmd_unsubscribe(self, cmd: Command) -> None:
         await self.cmd_subscribe(cmd, subscribed=False)
 
-    async def cmd_list(self, cmd: Command, lsub: bool = False) -> None:
-        ref, pattern = cmd.args["reference"], cmd.args["pattern"]
-        word = b"* LSUB" if lsub else b"* LIST"
-        if ref is None or pattern is None:  # not valid modified UTF-7: no mailbox has that name
-            return await self.done(cmd, f"{cmd.name} completed")
-        if pattern == "":
-            self.send(word + b' (\\Noselect) "/" ""')
-            return await self.done(cmd, f"{cmd.name} completed")
-        full = ref + pattern if not ref.endswith("/") or not pattern.startswith("/") else ref + pattern[1:]
-        rx = list_pattern(full)
-        boxes = await self.services.store.list_mailboxes(self.account)
-        names = {b.name: b for b in boxes}
-        lines: dict[str, list[str]] = {}
-        for b in boxes:
-            if lsub and not b.subscribed:
-                continue
-            if rx.match(b.name):
-                attrs = []
-                if not b.selectable:
-                    attrs.append("\\Noselect")
-                if not lsub:
-                    has_children = b.has_children or any(n.startswith(b.name + "/") for n in names)
-                    attrs.append("\\HasChildren" if has_children else "\\HasNoChildren")
-                    if b.special_use:
-                        attrs.append(b.special_use)
-                lines[b.name] = attrs
-            # a parent that does not exist (or, for LSUB, is not subscribed) but matches "%".
-            # RFC 3501 6.3.9: only where "%" stopped at the parent; LSUB "" "x*" lists the
-            # subscribed "x/y" itself, not its unsubscribed parent "x".
-            parts = b.name.split("/")
-            if lsub and (not b.subscribed or rx.match(b.name)):
-                parts = []
-            for i in range(1, len(parts)):
-                parent = "/".join(parts[:i])
-                if parent in lines or not rx.match(parent):
-                    continue
-                if parent in names and (not lsub or names[parent].subscribed):
-                    continue
-                lines[parent] = ["\\Noselect"] + ([] if lsub else ["\\HasChildren"])
-        order = sorted(lines, key=lambda n: (n != "INBOX", n))
-        for n in order:
-            self.send(word + b" (" + " ".join(lines[n]).encode() + b') "/" ' + response.mailbox(n))
-        await self.done(cmd, f"{cmd.name} completed")
-
-    async def cmd_lsub(self, cmd: Command) -> None:
-        await self.cmd_list(cmd, lsub=True)
-
     async def cmd_status(self, cmd: Command) -> None:
         name = cmd.args["mailbox"]
         if self._bad_name(cmd, name):
             return
         st = await self.services.store.status(self.account, name)
-        st = {**st, "APPENDLIMIT": self.appendlimit()}  # RFC 7889: the same for every mailbox
-        items = []
-        for item in cmd.args["items"]:
-            items.append(f"{item} {int(st.get(item, 0))}")
-        self.send(b"* STATUS " + response.mailbox(name) + b" (" + " ".join(items).encode() + b")")
+        self.send(self.status_response(name, cmd.args["items"], st))  # listing.py
         await self.done(cmd, "STATUS completed")
 
     async def cmd_namespace(self, cmd: Command) -> None:
@@ -157,6 +106,10 @@ class MailboxCommands:
         # RFC 5161: unknown names are ignored; the answer lists only what this command
         # newly enabled.
         new = [c for c in dict.fromkeys(cmd.args["capabilities"]) if c in ENABLEABLE and c not in self.enabled]
+        if self.mbox is not None:  # these change the wire format: before SELECT only (RFC 6855 3)
+            new = [c for c in new if c not in ("UTF8=ACCEPT", "IMAP4REV2")]
         self.enabled.update(new)
-        self.send(" ".join(["* ENABLED"] + new).encode())
+        for c in new:
+            log.info("IMAP enable %s", c, extra={"client": self.peer_ip})
+        self.send(" ".join(["* ENABLED"] + [_SPELLING.get(c, c) for c in new]).encode())
         await self.done(cmd, "ENABLE completed")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .framer import literal_at
+from .parse_list import append_utf8_data
 from .parser import _Cursor
 
 MAX_CATENATE_PARTS = 256  # parts of one CATENATE message
@@ -86,6 +87,8 @@ def _message(c: _Cursor) -> AppendMessage:
         c.pos += 8
         msg.catenate = True
         _catenate(c, msg)
+    elif (utf8_data := append_utf8_data(c)) is not None:  # UTF8=ACCEPT: UTF8 (~{n}...)
+        msg.parts.append(("text", utf8_data))
     elif literal_at(c.line, c.pos) is not None:
         msg.parts.append(("text", _literal_data(c, msg)))
     else:

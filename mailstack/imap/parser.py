@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import mutf7
+from . import mutf7, parse_list
 from .framer import LITERAL_RE
 from .framer import CommandFramer, Continuation, Frame, FrameError  # noqa: F401 - the framing half
 
@@ -60,6 +60,8 @@ class _Cursor:
         self.line = parts[0]
         self.pos = 0
         self.tag = tag
+        self.utf8 = False  # mailbox names in UTF-8 (UTF8=ACCEPT / IMAP4rev2 enabled)
+        self.enabled: frozenset | set = frozenset()  # what the session ENABLEd
 
     def error(self, message: str) -> ParseError:
         return ParseError(self.tag, message)
@@ -177,10 +179,20 @@ class _Cursor:
             return None
         return self.string()
 
+    def _name(self, raw: bytes) -> str:
+        """A mailbox name or pattern off the wire: modified UTF-7, or UTF-8 once the client
+        enabled UTF8=ACCEPT or IMAP4rev2 (RFC 6855 section 3, RFC 9051 section 5.1)."""
+        if self.utf8:
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ParseError(self.tag, "mailbox name is not valid UTF-8") from None
+        return mutf7.decode(raw)
+
     def mailbox(self) -> str:
         raw = self.astring()
         try:
-            name = mutf7.decode(raw)
+            name = self._name(raw)
         except mutf7.MUTF7Error:
             raise MailboxNameError(self.tag, "Mailbox name is not valid modified UTF-7",
                                    code="CANNOT") from None
@@ -196,7 +208,15 @@ class _Cursor:
             if not raw:
                 raise self.error("expected a mailbox pattern")
         try:
-            return mutf7.decode(raw)
+            return self._name(raw)
+        except mutf7.MUTF7Error:
+            return None
+
+    def list_reference(self) -> str | None:
+        """LIST's reference name; None when it is not valid modified UTF-7 (matches nothing)."""
+        raw = self.astring()
+        try:
+            return self._name(raw)
         except mutf7.MUTF7Error:
             return None
 
@@ -537,6 +557,8 @@ def _search(c: _Cursor) -> dict:
     c.sp()
     start = c.pos
     if c.take(ATOM_CHARS).upper() == b"CHARSET":
+        if "UTF8=ACCEPT" in c.enabled:  # RFC 6855 section 3: conflicting charset labels
+            raise c.error("SEARCH CHARSET is not allowed after ENABLE UTF8=ACCEPT")
         c.sp()
         name = c.astring().decode("ascii", "replace").lower()
         if name not in ("us-ascii", "utf-8", "utf8"):
@@ -575,7 +597,10 @@ def _select(c: _Cursor) -> dict:
 
 def _create(c: _Cursor) -> dict:
     c.sp()
-    return {"mailbox": c.mailbox()}
+    out = {"mailbox": c.mailbox()}
+    if c.maybe_sp():  # CREATE-SPECIAL-USE (RFC 6154): (USE (\\Archive))
+        out["use"] = parse_list.create_params(c)
+    return out
 
 
 def _rename(c: _Cursor) -> dict:
@@ -587,17 +612,18 @@ def _rename(c: _Cursor) -> dict:
 
 def _list(c: _Cursor) -> dict:
     c.sp()
-    ref = c.astring()
-    try:
-        reference = mutf7.decode(ref)
-    except mutf7.MUTF7Error:
-        reference = None  # matches nothing, as a bad pattern
+    reference = c.list_reference()  # None (not valid modified UTF-7) matches nothing
     c.sp()
     return {"reference": reference, "pattern": c.list_mailbox()}
 
 
+def _list_extended(c: _Cursor) -> dict:  # LIST-EXTENDED, LIST-STATUS (parse_list.py)
+    return parse_list.list_command(c, frozenset(_STATUS_ITEMS))
+
+
 _STATUS_ITEMS = {"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"}
 _STATUS_ITEMS.add("APPENDLIMIT")  # RFC 7889
+_STATUS_ITEMS |= {"SIZE", "DELETED"}  # STATUS=SIZE (RFC 8438), DELETED (RFC 9051)
 
 
 def _status(c: _Cursor) -> dict:
@@ -724,7 +750,7 @@ COMMANDS = {
     "AUTHENTICATE": _authenticate, "LOGIN": _login,
     "SELECT": _select, "EXAMINE": _select, "CREATE": _create, "DELETE": _one_mailbox,
     "RENAME": _rename, "SUBSCRIBE": _one_mailbox, "UNSUBSCRIBE": _one_mailbox,
-    "LIST": _list, "LSUB": _list, "STATUS": _status, "APPEND": _append,
+    "LIST": _list_extended, "LSUB": _list, "STATUS": _status, "APPEND": _append,
     "CHECK": _no_args, "CLOSE": _no_args, "EXPUNGE": _no_args, "UNSELECT": _no_args,
     "SEARCH": _search, "FETCH": _fetch, "STORE": _store, "COPY": _copy, "MOVE": _copy,
     "IDLE": _no_args, "NAMESPACE": _no_args, "ID": _id, "ENABLE": _enable,
@@ -744,11 +770,15 @@ def parse_tag(parts: list[bytes]) -> str | None:
     return line[:i].decode("ascii")
 
 
-def parse_command(parts: list[bytes]) -> Command:
+def parse_command(parts: list[bytes], enabled: frozenset | set = frozenset()) -> Command:
+    """`enabled`: what the session ENABLEd; with UTF8=ACCEPT or IMAP4rev2 mailbox names
+    are UTF-8, not modified UTF-7 (RFC 6855 section 3, RFC 9051 section 5.1)."""
     tag = parse_tag(parts)
     if tag is None:
         raise ParseError(None, "missing or invalid tag")
     c = _Cursor(parts, tag)
+    c.enabled = enabled
+    c.utf8 = "UTF8=ACCEPT" in enabled or "IMAP4REV2" in enabled
     c.pos = len(tag)
     c.sp()
     name = c.atom("command").upper()

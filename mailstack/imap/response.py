@@ -48,9 +48,15 @@ def astring(data: bytes | str) -> bytes:
     return string(data)
 
 
-def mailbox(name: str) -> bytes:
-    """A mailbox name on the wire: modified UTF-7, as an astring."""
-    return astring(mutf7.encode(name).encode("ascii"))
+def mailbox(name: str, utf8: bool = False) -> bytes:
+    """A mailbox name on the wire: modified UTF-7, as an astring; with `utf8` (the client
+    enabled UTF8=ACCEPT or IMAP4rev2) the name itself in a UTF-8 quoted string."""
+    if not utf8:
+        return astring(mutf7.encode(name).encode("ascii"))
+    data = name.encode("utf-8")
+    if data.isascii() or len(data) >= 1024 or any(b < 0x20 or b == 0x7F for b in data):
+        return astring(data)
+    return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 def flag_list(flags) -> bytes:

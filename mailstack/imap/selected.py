@@ -15,7 +15,7 @@ from ..events import MailboxEvent
 from ..filters import learn as filters_learn
 from ..store import fts
 from ..store.base import SYSTEM_FLAGS, MailboxNotFound, StoreError
-from . import response, search
+from . import response, rev2, search
 from .parser import Command, Frame
 from .states import AUTH, FETCH_BATCH, READ_SIZE, SELECTED, Bye
 
@@ -25,6 +25,8 @@ class SelectedCommands:
     """Mixed into IMAPSession (session.py), which owns the I/O and the state."""
 
     async def cmd_select(self, cmd: Command, read_only: bool = False) -> None:
+        if self.mbox is not None and self.enabled & rev2.CLOSED_FOR:
+            self.send(b"* OK [CLOSED] Previous mailbox closed")  # RFC 9051 7.1, RFC 7162 3.2.11
         await self.unselect()
         self.state = AUTH
         name = cmd.args["mailbox"]
@@ -41,8 +43,11 @@ class SelectedCommands:
         self.keywords = {f for m in msgs for f in m.flags if not f.startswith("\\")}
         self._send_flags()
         self.send(b"* %d EXISTS" % len(msgs))
-        self.send(b"* %d RECENT" % len(self.recent))
-        for i, m in enumerate(msgs):
+        if self.imap4rev2:  # RFC 9051: a LIST of the mailbox; no RECENT, no UNSEEN code
+            self.send(b'* LIST () "/" ' + response.mailbox(mbox.name, True))
+        else:
+            self.send(b"* %d RECENT" % len(self.recent))
+        for i, m in enumerate(() if self.imap4rev2 else msgs):  # rev2 dropped [UNSEEN n]
             if "\\Seen" not in m.flags:
                 self.send(b"* OK [UNSEEN %d] First unseen" % (i + 1))
                 break
@@ -59,6 +64,11 @@ class SelectedCommands:
         self.send(response.flag_list(list(SYSTEM_FLAGS) + kws).join([b"* FLAGS ", b""]))
         perm = list(SYSTEM_FLAGS) + kws + ["\\*"] if not self.mbox.read_only else []
         self.send(b"* OK [PERMANENTFLAGS " + response.flag_list(perm) + b"] Flags permitted")
+
+    @property
+    def imap4rev2(self) -> bool:
+        """The client ENABLEd IMAP4rev2 (rev2.py lists what that changes)."""
+        return rev2.REV2 in self.enabled
 
     def _claim_recent(self, uids) -> None:
         # RFC 3501 2.3.2: only the first session to see a message is told it is \Recent;
@@ -182,7 +192,8 @@ class SelectedCommands:
             for m in changes.new:
                 self._note_keywords(m.flags)
             self.send(b"* %d EXISTS" % len(msgs))
-            self.send(b"* %d RECENT" % len(self.recent))
+            if not self.imap4rev2:
+                self.send(b"* %d RECENT" % len(self.recent))
 
     def _note_keywords(self, flags) -> None:
         new = {f for f in flags if not f.startswith("\\")} - self.keywords
@@ -200,7 +211,7 @@ class SelectedCommands:
 
     def flags_of(self, info) -> list[str]:
         flags = sorted(info.flags)
-        if info.uid in self.recent:
+        if info.uid in self.recent and not self.imap4rev2:  # IMAP4rev2 has no \\Recent
             flags.append("\\Recent")
         return flags
 
@@ -369,6 +380,9 @@ class SelectedCommands:
                     lambda cs=cands: [c.uid if cmd.uid else c.seq for c in cs if search.matches(key, c)])
                 continue
             found += [c.uid if cmd.uid else c.seq for c in cands if search.matches(key, c)]
+        if self.imap4rev2:  # IMAP4rev2: ESEARCH, never * SEARCH
+            self.send(rev2.esearch(cmd.tag, cmd.uid, found))
+            return await self.done(cmd, "SEARCH completed")
         line = bytearray(b"* SEARCH")
         for x in found:
             line += b" %d" % x

@@ -20,6 +20,7 @@ from ..smtp.budget import budget_for
 from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
 from .appending import AppendCommands, max_append_bytes
 from .fetching import BIG_CHUNK, FetchCommands
+from .listing import ListCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
 from .parser import Command, MailboxNameError, ParseError, parse_command, parse_tag
@@ -44,6 +45,11 @@ AUTHENTICATED_CAPABILITIES = [
     "MULTIAPPEND",  # RFC 3502 (appending.py)
     "CATENATE",  # RFC 4469 (appending.py, imapurl.py)
     "APPENDLIMIT={appendlimit}",  # RFC 7889: filled in by capabilities()
+    "LIST-EXTENDED",
+    "LIST-STATUS",
+    "STATUS=SIZE",
+    "UTF8=ACCEPT",
+    "CREATE-SPECIAL-USE",
 ]
 # LITERAL-: not offered.  RFC 7888: LITERAL- is LITERAL+ with non-synchronising literals
 # limited to 4096 octets (a server offering only LITERAL- must refuse bigger ones with BAD
@@ -54,6 +60,8 @@ AUTHENTICATED_CAPABILITIES = [
 # What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
 # self.enabled, and each extension checks it there.  One per line, as above.
 ENABLEABLE = frozenset({
+    "UTF8=ACCEPT",
+    "IMAP4REV2",
 })
 
 _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
@@ -67,7 +75,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 
-class IMAPSession(AppendCommands, MailboxCommands, SelectedCommands, FetchCommands):
+class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommands, FetchCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -250,7 +258,7 @@ class IMAPSession(AppendCommands, MailboxCommands, SelectedCommands, FetchComman
 
     async def _run_frame(self, ev: Frame) -> None:
         try:
-            cmd = parse_command(ev.parts)
+            cmd = parse_command(ev.parts, self.enabled)
         except ParseError as e:
             code = f"[{e.code}] " if e.code else ""
             # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error;

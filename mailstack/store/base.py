@@ -226,7 +226,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def status(self, account: str, name: str) -> dict:
-        """{"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"} without opening it for a session."""
+        """{"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "SIZE" (bytes of all
+        messages), "DELETED" (messages flagged \\Deleted)} without opening it for a session."""
 
     @abc.abstractmethod
     async def list_mailboxes(self, account: str) -> list[MailboxInfo]:

@@ -1211,7 +1211,10 @@ class MaildirStore(Store):
             mark = self.recent_mark(st.account, st.name, st.ul.uidvalidity)
             recent = sum(1 for uid in st.entries if uid > mark)
             return {"MESSAGES": len(st.entries), "RECENT": recent, "UIDNEXT": st.ul.nextuid,
-                    "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen}
+                    "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen,
+                    # STATUS=SIZE (RFC 8438) and DELETED (RFC 9051), from the names on disk
+                    "SIZE": sum(e.size for e in st.entries.values()),
+                    "DELETED": sum(1 for e in st.entries.values() if "T" in e.letters)}
 
     # -- \Recent, kept on disk (recent.py) ------------------------------------------------
 
