@@ -18,6 +18,7 @@ from .. import proxy, tlsclose
 from ..defense import connections as floods
 from ..smtp.budget import budget_for
 from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
+from .compress import CompressCommands
 from .fetching import BIG_CHUNK, FetchCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
@@ -39,6 +40,7 @@ AUTHENTICATED_CAPABILITIES = [
     "UNSELECT",
     "SPECIAL-USE",
     "CHILDREN",
+    "COMPRESS=DEFLATE",
 ]
 # What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
 # self.enabled, and each extension checks it there.  One per line, as above.
@@ -56,7 +58,8 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 
-class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
+class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands,
+                  CompressCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config

@@ -1,0 +1,354 @@
+"""COMPRESS=DEFLATE (RFC 4978) over real sockets: a raw client doing its own zlib (an
+implementation independent of the server's), Debian's mbsync (which speaks COMPRESS),
+over implicit TLS and over a plain connection."""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+
+import socket
+import subprocess
+import threading
+import tracemalloc
+import zlib
+
+import pytest
+
+from harness import wait_for
+from imap_fixtures import HOST, InProcessIMAP
+
+ALICE, PW = "alice@example.test", "secret"
+
+
+def msg(n: int, body: bytes = b"") -> bytes:
+    return (b"From: Al Sender <al@x.org>\r\nTo: Alice <alice@example.test>\r\nSubject: hello number %d\r\n"
+            b"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\nMessage-ID: <m%d@x.org>\r\n\r\nbody text %d\r\n"
+            % (n, n, n)) + body
+
+
+@pytest.fixture
+def srv(tmp_path):
+    s = InProcessIMAP(tmp_path, imap_overrides={"allow_plaintext_auth": True})
+    yield s
+    s.close()
+
+
+class ZRaw:
+    """A line-level IMAP client that can switch on COMPRESS=DEFLATE (zlib, wbits=-15)."""
+
+    def __init__(self, srv, tls: bool = True, login: bool = True) -> None:
+        sock = socket.create_connection(("127.0.0.1", srv.ports["imaps" if tls else "imap"]), timeout=15)
+        if tls:
+            sock = srv.client_tls().wrap_socket(sock, server_hostname=HOST)
+        self.sock = sock
+        self.buf = b""
+        self.n = 0
+        self.deflate = self.inflate = None
+        self.wire_in = 0  # bytes received from the socket since compression began (or ever)
+        self.greeting = self.line()
+        if login:
+            self.ok(f"LOGIN {ALICE} {PW}")
+
+    def compress(self) -> None:
+        lines, tagged = self.cmd("COMPRESS DEFLATE")
+        assert tagged.endswith(b"OK DEFLATE active") and not self.buf, (lines, tagged)
+        self.deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self.inflate = zlib.decompressobj(-15)
+        self.wire_in = 0
+
+    def recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        self.wire_in += len(data)
+        if not data:
+            raise EOFError(self.buf)
+        return self.inflate.decompress(data) if self.inflate else data
+
+    def send(self, data: bytes) -> None:
+        if self.deflate:
+            data = self.deflate.compress(data) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self.buf += self.recv()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        m = re.search(rb"\{(\d+)\}$", line)
+        if m:
+            need = int(m.group(1))
+            while len(self.buf) < need:
+                self.buf += self.recv()
+            lit, self.buf = self.buf[:need], self.buf[need:]
+            return line + b"\r\n" + lit + self.line()
+        return line
+
+    def cmd(self, text: str | bytes) -> tuple[list[bytes], bytes]:
+        self.n += 1
+        tag = b"t%d" % self.n
+        self.send(tag + b" " + (text.encode() if isinstance(text, str) else text) + b"\r\n")
+        return self.until(tag)
+
+    def until(self, tag: bytes) -> tuple[list[bytes], bytes]:
+        lines = []
+        while True:
+            line = self.line()
+            if line.startswith(tag + b" "):
+                return lines, line
+            lines.append(line)
+
+    def ok(self, text) -> list[bytes]:
+        lines, tagged = self.cmd(text)
+        assert b" OK " in tagged, (text, lines, tagged)
+        return lines
+
+    def rest(self) -> bytes:
+        """Everything until the server closes the connection."""
+        out = self.buf
+        try:
+            while True:
+                out += self.recv()
+        except (EOFError, ConnectionError):
+            return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_offered_after_login_only_and_refused_twice(srv):
+    c = ZRaw(srv, login=False)
+    assert b"COMPRESS=DEFLATE" not in c.greeting
+    _, tagged = c.cmd("COMPRESS DEFLATE")
+    assert b"BAD" in tagged  # as Dovecot: after authentication
+    c.ok(f"LOGIN {ALICE} {PW}")
+    caps = c.ok("CAPABILITY")[0]
+    assert b" COMPRESS=DEFLATE" in caps
+    _, tagged = c.cmd("COMPRESS GZIP")
+    assert tagged.startswith(b"t") and b" BAD " in tagged
+    c.compress()
+    assert c.ok("NOOP") == []
+    # the second COMPRESS is answered, compressed, with NO [COMPRESSIONACTIVE]; the session goes on
+    _, tagged = c.cmd("COMPRESS DEFLATE")
+    assert b"NO [COMPRESSIONACTIVE]" in tagged
+    c.ok("SELECT INBOX")
+    c.send(b"z LOGOUT\r\n")
+    assert c.until(b"z")[1] == b"z OK LOGOUT completed"
+    c.close()
+
+
+def test_plain_connection_and_no_starttls_after_compress(srv, caplog):
+    """Independent of TLS: on port 143 (where login is allowed); STARTTLS after COMPRESS is refused."""
+    caplog.set_level(logging.INFO, logger="mailstack.imap")
+    srv.deliver(ALICE, msg(1))
+    c = ZRaw(srv, tls=False)
+    c.compress()
+    _, tagged = c.cmd("STARTTLS")
+    assert b" BAD " in tagged
+    lines = c.ok("SELECT INBOX")
+    assert b"* 1 EXISTS" in lines
+    lines = c.ok("FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert b"Subject: hello number 1" in lines[0]
+    c.close()
+    assert any(r.getMessage() == "IMAP COMPRESS=DEFLATE on" for r in caplog.records)
+
+
+def test_pipelined_data_after_compress_is_refused(srv):
+    c = ZRaw(srv)
+    c.sock.sendall(b"a COMPRESS DEFLATE\r\n" + zlib.compress(b"b NOOP\r\n")[:-4])
+    out = c.rest()
+    assert b"a BAD Pipelined data after COMPRESS" in out and b"a OK" not in out
+
+
+def test_idle_push_arrives_through_compression(srv):
+    c = ZRaw(srv)
+    c.compress()
+    c.ok("SELECT INBOX")
+    c.send(b"i IDLE\r\n")
+    assert c.line() == b"+ idling"
+    srv.deliver(ALICE, msg(1))
+    assert c.line() == b"* 1 EXISTS"  # the socket timeout (15 s) bounds the wait
+    assert c.line() == b"* 1 RECENT"
+    c.send(b"DONE\r\n")
+    assert c.until(b"i")[1] == b"i OK IDLE terminated"
+    c.close()
+
+
+def test_big_fetch_streamed_and_big_append_through_compression(srv):
+    rnd = os.urandom(1 << 20).hex().encode()  # 2 MiB of hex text: compressible, not trivially
+    body = b"".join(rnd[i:i + 76] + b"\r\n" for i in range(0, len(rnd), 76))
+    big = msg(1, body + body + body[: (5 << 20) - 2 * len(body)])
+    assert len(big) > 5_000_000
+    srv.deliver(ALICE, big)
+    c = ZRaw(srv)
+    c.compress()
+    c.ok("SELECT INBOX")
+    lines = c.ok("FETCH 1 BODY[]")
+    assert lines[0].startswith(b"* 1 FETCH (BODY[] {%d}\r\n" % len(big))
+    assert lines[0].endswith(big + b" FLAGS (\\Seen \\Recent))")
+    assert c.wire_in < len(big) * 0.7  # hex compresses to about half
+    # APPEND of a big literal (synchronising: "+" comes back compressed)
+    up = msg(2, body)
+    c.n += 1
+    c.send(b"t%d APPEND INBOX {%d}\r\n" % (c.n, len(up)))
+    assert c.line().startswith(b"+ ")
+    c.send(up + b"\r\n")
+    assert b"OK [APPENDUID" in c.until(b"t%d" % c.n)[1]
+    lines = c.ok("FETCH 2 BODY.PEEK[]")
+    assert lines[-1].endswith(up + b")")
+    c.close()
+
+
+def _bomb(size: int) -> bytes:
+    """`size` bytes of one endless command line: a block of 1 MiB of "A" compressed with a
+    full flush (no back-references across it) is repeated, so building it costs nothing."""
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = z.compress(b"t1 NOOP ") + z.flush(zlib.Z_FULL_FLUSH)
+    block = z.compress(b"A" * (1 << 20)) + z.flush(zlib.Z_FULL_FLUSH)
+    return head + block * (size >> 20)
+
+
+def test_decompression_bomb_is_answered_with_bye_in_bounded_memory(srv):
+    bomb = _bomb(1 << 30)  # 1 GiB of one command line in about 1 MB
+    assert len(bomb) < 1_100_000
+    c = ZRaw(srv, tls=False)  # plain: this test sends and reads at once from two threads
+    c.compress()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        def send():
+            try:
+                c.sock.sendall(bomb)
+            except OSError:  # the server hangs up long before the end
+                pass
+        sender = threading.Thread(target=send)
+        sender.start()
+        out = c.rest()
+        sender.join(15)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert b"* BYE [TOOBIG] Compressed command line too long" in out
+    assert peak < 4 << 20, peak  # the whole process (server and this client): far below 1 GiB
+    wait_for(lambda: srv.session_count() == 0, what="session closed")
+
+
+def test_corrupt_stream_is_answered_with_bye(srv):
+    c = ZRaw(srv)
+    c.compress()
+    c.sock.sendall(b"\xff" * 64)
+    assert b"* BYE [PARSE] Corrupt compressed data" in c.rest()
+
+
+def test_shutdown_bye_is_compressed(tmp_path):
+    s = InProcessIMAP(tmp_path)
+    c = ZRaw(s)
+    c.compress()
+    c.ok("NOOP")
+    s.close()
+    assert b"* BYE Server shutting down" in c.rest()
+
+
+def test_many_sessions_memory_and_envelope_bytes_on_the_wire(srv):
+    """The zlib state per session (tracemalloc sees zlib's allocations) and what COMPRESS saves
+    on FETCH 1:* ENVELOPE."""
+    for i in range(200):
+        srv.deliver(ALICE, msg(i))
+    plain = ZRaw(srv)
+    plain.ok("SELECT INBOX")
+    plain.wire_in = 0
+    lines = plain.ok("FETCH 1:* ENVELOPE")
+    assert len(lines) == 200
+    plain_bytes = plain.wire_in
+    plain.close()
+    sessions = [ZRaw(srv) for _ in range(40)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for c in sessions:
+            c.compress()
+        z = sessions[0]
+        z.ok("SELECT INBOX")
+        z.wire_in = 0
+        assert z.ok("FETCH 1:* ENVELOPE") == lines
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    # both sides of the 40 sessions are in this process: the client's zlib objects (default
+    # window, memLevel 8: ~300 KB each side) count too, so measure the server alone below
+    per_session_both = (after - before) / len(sessions)
+    print(f"\nFETCH 1:* ENVELOPE of 200 messages: {plain_bytes} bytes plain, {z.wire_in} compressed "
+          f"({plain_bytes / z.wire_in:.1f}x); client+server zlib state {per_session_both / 1024:.0f} KiB/session")
+    assert z.wire_in * 4 < plain_bytes
+    for c in sessions:
+        c.close()
+    wait_for(lambda: srv.session_count() == 0, what="sessions closed")
+    server_side = srv.call(_server_zlib_memory(40))
+    print(f"server zlib state: {server_side / 1024:.0f} KiB/session")
+    assert server_side < 128 * 1024
+
+
+async def _server_zlib_memory(n: int) -> float:
+    from mailstack.imap.compress import DeflateWriter, InflateReader  # noqa: PLC0415
+
+    class _Raw:
+        def is_closing(self):
+            return False
+
+        def write(self, data):
+            pass
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        keep = []
+        for _ in range(n):
+            w = DeflateWriter(_Raw())
+            w.write(b"* 1 FETCH (FLAGS (\\Seen))\r\n" * 200)  # deflate allocates its window on use
+            r = InflateReader(None, w, lambda: False)
+            r._inflate.decompress(zlib.compress(b"t1 NOOP\r\n" * 100)[2:-4])
+            keep.append((w, r))
+        return (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+
+
+
+def test_mbsync_uses_compress(srv, tmp_path, caplog):
+    """Debian's mbsync (isync 1.4) sends COMPRESS DEFLATE when offered: a real client's zlib."""
+    caplog.set_level(logging.INFO, logger="mailstack.imap")
+    for i in range(30):
+        srv.deliver(ALICE, msg(i, b"line of body text\r\n" * 200))
+    local = tmp_path / "mail"
+    local.mkdir()
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(f"""
+IMAPAccount remote
+Host 127.0.0.1
+Port {srv.ports['imaps']}
+User {ALICE}
+Pass {PW}
+SSLType IMAPS
+CertificateFile {srv.cert}
+
+IMAPStore remote
+Account remote
+
+MaildirStore local
+Path {local}/
+Inbox {local}/INBOX
+
+Channel sync
+Far :remote:
+Near :local:
+Patterns INBOX
+Create Near
+SyncState *
+""")
+    r = subprocess.run(["mbsync", "-D", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "COMPRESS DEFLATE" in r.stdout + r.stderr
+    files = list((local / "INBOX" / "new").iterdir()) + list((local / "INBOX" / "cur").iterdir())
+    assert len(files) == 30
+    assert any(r.getMessage() == "IMAP COMPRESS=DEFLATE on" for r in caplog.records)
