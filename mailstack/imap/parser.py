@@ -721,6 +721,14 @@ COMMANDS = {
     "IDLE": _no_args, "NAMESPACE": _no_args, "ID": _id, "ENABLE": _enable,
 }
 COMMANDS["COMPRESS"] = compress_grammar.parse_compress  # RFC 4978
+
+
+def _notify(c: _Cursor) -> dict:  # RFC 5465; the grammar lives in notify.py (it imports this module)
+    from .notify import parse_notify  # noqa: PLC0415
+    return parse_notify(c)
+
+
+COMMANDS["NOTIFY"] = _notify
 UID_COMMANDS = {"FETCH": _fetch, "STORE": _store, "SEARCH": _search, "COPY": _copy, "MOVE": _copy,
                 "EXPUNGE": _uid_expunge}
 

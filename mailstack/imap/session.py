@@ -19,6 +19,7 @@ from ..defense import connections as floods
 from ..smtp.budget import budget_for
 from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
 from .compress import CompressCommands
+from .notify import NotifyCommands
 from .fetching import BIG_CHUNK, FetchCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
@@ -41,6 +42,7 @@ AUTHENTICATED_CAPABILITIES = [
     "SPECIAL-USE",
     "CHILDREN",
     "COMPRESS=DEFLATE",
+    "NOTIFY",
 ]
 # What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
 # self.enabled, and each extension checks it there.  One per line, as above.
@@ -59,7 +61,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands,
-                  CompressCommands):
+                  CompressCommands, NotifyCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -157,7 +159,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands,
 
     async def read_more(self, timeout: float | None) -> bool:
         try:
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+            data = await asyncio.wait_for(self.read_or_notify(), timeout)  # NOTIFY news while waiting
         except asyncio.TimeoutError:
             self.send(b"* BYE Autologout; idle for too long")
             raise Bye() from None
@@ -294,6 +296,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands,
     async def cleanup(self) -> None:
         self.state = LOGOUT
         self._release_reserved()
+        self.notify_stop()
         await self.unselect()
         try:
             if self.out and not self.writer.is_closing():
