@@ -4,8 +4,9 @@
 I/O).  `NotifyCommands` is mixed into IMAPSession: NOTIFY SET/NONE, and the delivery of
 what the in-process event bus (events.py) reports for the account:
 
-- a mailbox other than the selected one: `* STATUS` (MESSAGES UIDNEXT UIDVALIDITY UNSEEN
-  after new or expunged messages, UIDVALIDITY UNSEEN after flag changes, as Dovecot);
+- a mailbox other than the selected one: `* STATUS` with the items Dovecot sends: MESSAGES
+  UIDNEXT UIDVALIDITY UNSEEN after new messages, MESSAGES UIDNEXT UNSEEN after expunges,
+  UNSEEN after flag changes;
 - the selected mailbox, with a `selected` filter: EXISTS/EXPUNGE/FETCH FLAGS at once (the
   session's sync), and for MessageNew a FETCH of the requested items;
 - MailboxName: `* LIST` for a created mailbox, `(\\NonExistent)` for a deleted one, the new
@@ -206,7 +207,7 @@ def matches(spec: NotifySpec, mailbox: str, event: str, selected: str | None,
 class _Pending:
     """What happened since the client was last told, coalesced."""
 
-    status: dict[str, bool] = field(default_factory=dict)  # mailbox -> counts changed (else flags only)
+    status: dict[str, set[str]] = field(default_factory=dict)  # mailbox -> the message events seen
     lists: list[tuple[str, str, str | None]] = field(default_factory=list)  # (kind, name, old name)
     new_after: tuple[object, int] | None = None  # (selected Mailbox, its highest UID) before arrivals
 
@@ -222,6 +223,7 @@ class NotifyCommands:
     _notify_pending: _Pending | None = None
     _notify_wake: asyncio.Event | None = None
     _notify_subscribed: set[str] | None = None
+    _notify_unseen: dict[str, int] | None = None
 
     async def cmd_notify(self, cmd: Command) -> None:
         if self.state < AUTH:
@@ -233,6 +235,7 @@ class NotifyCommands:
         self.notify_stop()
         if spec is None:
             return await self.done(cmd, "NOTIFY completed")
+        self._notify_unseen = {}  # mailbox -> UNSEEN last told
         if any(g.filter == "subscribed" for g in spec.groups):
             self._notify_subscribed = {b.name for b in await self.services.store.list_mailboxes(self.account)
                                        if b.subscribed}
@@ -240,7 +243,7 @@ class NotifyCommands:
             for b in await self.services.store.list_mailboxes(self.account):
                 if b.selectable and (self.mbox is None or b.name != self.mbox.name) and \
                         matches(spec, b.name, "MessageNew", None, self._notify_subscribed or ()):
-                    await self._send_status(b.name, True)
+                    await self._send_status(b.name, {"MessageNew"})
         self.notify_spec = spec
         self._notify_pending = _Pending()
         self._notify_wake = asyncio.Event()
@@ -280,7 +283,7 @@ class NotifyCommands:
                 msgs = self.mbox.messages  # what the client knows of: the rest is new
                 pending.new_after = (self.mbox, msgs[-1].uid if msgs else 0)
         elif event in MESSAGE_EVENTS:
-            pending.status[ev.mailbox] = pending.status.get(ev.mailbox, False) or event != "FlagChange"
+            pending.status.setdefault(ev.mailbox, set()).add(event)
         else:
             pending.lists.append((ev.kind, ev.mailbox, ev.old_name))
         self._notify_wake.set()
@@ -325,19 +328,30 @@ class NotifyCommands:
             await self.sync(allow_expunge=True)
         if pending.new_after is not None and pending.new_after[0] is self.mbox and group is not None:
             await self._fetch_new(pending.new_after[1], group.fetch_atts)
-        for name, counts in pending.status.items():
+        for name, events in pending.status.items():
             if self.mbox is None or name != self.mbox.name:
-                await self._send_status(name, counts)
+                await self._send_status(name, events)
         if pending.lists:
             await self._send_lists(pending.lists)
         await self.flush()
 
-    async def _send_status(self, name: str, counts: bool) -> None:
+    async def _send_status(self, name: str, events: set[str]) -> None:
         try:
             st = await self.services.store.status(self.account, name)
         except (MailboxNotFound, StoreError):
             return  # gone meanwhile: MailboxName tells it, if asked for
-        items = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN") if counts else ("UIDVALIDITY", "UNSEEN")
+        # the items Dovecot sends for each kind of change
+        if "MessageNew" in events:
+            items: tuple[str, ...] = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
+        elif "MessageExpunge" in events:
+            items = ("MESSAGES", "UIDNEXT", "UNSEEN")
+        else:
+            items = ("UNSEEN",)
+            if self._notify_unseen.get(name) == st.get("UNSEEN"):
+                return  # e.g. \Deleted set: nothing a STATUS shows changed (Dovecot is as quiet)
+        if len(self._notify_unseen) >= MAX_PENDING:
+            self._notify_unseen.clear()
+        self._notify_unseen[name] = st.get("UNSEEN")
         self.send(b"* STATUS " + response.mailbox(name) + b" (" +
                   " ".join(f"{i} {int(st.get(i, 0))}" for i in items).encode() + b")")
 
