@@ -285,7 +285,7 @@ def test_many_sessions_memory_and_envelope_bytes_on_the_wire(srv):
     wait_for(lambda: srv.session_count() == 0, what="sessions closed")
     server_side = srv.call(_server_zlib_memory(40))
     print(f"server zlib state: {server_side / 1024:.0f} KiB/session")
-    assert server_side < 128 * 1024
+    assert server_side < 160 * 1024  # zlib's defaults (Dovecot's) take ~300 KiB
 
 
 async def _server_zlib_memory(n: int) -> float:
