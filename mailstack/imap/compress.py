@@ -127,8 +127,8 @@ class CompressCommands:
     async def cmd_compress(self, cmd: Command) -> None:
         if self.state < AUTH:  # as Dovecot: offered and accepted once logged in
             return self.tagged(cmd, "BAD", "Not authenticated")
-        if cmd.args["algorithm"] != "DEFLATE":
-            return self.tagged(cmd, "BAD", "Unsupported compression algorithm")
+        if cmd.args["algorithm"] != "DEFLATE":  # NO, as Dovecot answers
+            return self.tagged(cmd, "NO", "Unknown compression mechanism")
         if self.compression is not None:
             return self.tagged(cmd, "NO", "[COMPRESSIONACTIVE] DEFLATE is active already")
         if self.framer.buffered or self.framer.events or len(getattr(self.reader, "_buffer", b"")):
