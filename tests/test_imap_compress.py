@@ -3,6 +3,7 @@ implementation independent of the server's), Debian's mbsync (which speaks COMPR
 over implicit TLS and over a plain connection."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -15,6 +16,7 @@ import tracemalloc
 import zlib
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from harness import wait_for
 from imap_fixtures import HOST, InProcessIMAP
@@ -362,3 +364,31 @@ def test_same_answers_as_dovecot(srv):
     ours = _answers(ZRaw(srv, tls=False, login=False))
     assert ours == theirs == [b"BAD", b"NO", b"OK", b"NO [COMPRESSIONACTIVE]", b"BAD"]
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=64), st.integers(1, 150_000)), min_size=1, max_size=4),
+       st.lists(st.integers(1, 20_000), min_size=1, max_size=8), st.integers(512, 65536))
+def test_inflate_reader_gives_back_the_stream_in_bounded_pieces(pieces, cuts, n):
+    """Whatever the expansion and however the compressed bytes are cut: reads of at most n
+    bytes that join up to exactly what was compressed."""
+    from mailstack.imap.compress import InflateReader  # noqa: PLC0415
+    plain = b"".join(p * (count // len(p) + 1) for p, count in pieces)
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    wire = z.compress(plain) + z.flush(zlib.Z_SYNC_FLUSH)
+
+    async def run() -> bytes:
+        raw = asyncio.StreamReader()
+        at = 0
+        for cut in cuts:
+            raw.feed_data(wire[at:at + cut])
+            at += cut
+        raw.feed_data(wire[at:])
+        raw.feed_eof()
+        reader = InflateReader(raw, None, lambda: False)
+        out = bytearray()
+        while chunk := await reader.read(n):
+            assert len(chunk) <= n
+            out += chunk
+        return bytes(out)
+    assert asyncio.run(run()) == plain
