@@ -243,9 +243,10 @@ def test_sessions_leave_no_subscription(srv):
 
 
 def test_smtp_delivery_reaches_a_watching_client(tmp_path):
-    """The real server process: mail over SMTP lands in INBOX while the client has another
-    folder selected; the STATUS push arrives without a command."""
-    srv = MailServer(tmp_path)
+    """The real server process (on uvloop, as production): mail over SMTP lands in INBOX
+    while the client, compressed, has another folder selected; the STATUS push arrives
+    without a command."""
+    srv = MailServer(tmp_path, loop="uvloop")
     srv.add_domain("example.test")
     srv.add_user("carol@example.test", "c-pass")
     srv.start()
@@ -261,6 +262,7 @@ def test_smtp_delivery_reaches_a_watching_client(tmp_path):
                 self.greeting = self.line()
         c = Client()
         c.ok("LOGIN carol@example.test c-pass")
+        c.compress()
         c.ok("SELECT Archive")
         c.ok("NOTIFY SET (selected (MessageNew MessageExpunge)) (inboxes (MessageNew MessageExpunge))")
         with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as smtp:
