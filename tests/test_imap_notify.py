@@ -164,6 +164,8 @@ def test_mailbox_names_and_subscriptions(srv):
     assert a.line() == b'* LIST () "/" Done'
     b.ok("DELETE Done")
     assert a.line() == b'* LIST (\\NonExistent) "/" Done'
+    b.ok("SUBSCRIBE Nowhere")
+    assert a.line() == b'* LIST (\\NonExistent \\Subscribed) "/" Nowhere'
     assert quiet(a) == b""
     a.close()
     b.close()

@@ -365,8 +365,8 @@ class NotifyCommands:
             attrs = []
             if b is None or not b.selectable:
                 attrs.append("\\NonExistent" if b is None else "\\Noselect")
-            if b is not None and b.subscribed:
-                attrs.append("\\Subscribed")
+            if kind == "subscribed" or (kind != "unsubscribed" and b is not None and b.subscribed):
+                attrs.append("\\Subscribed")  # also for a name that is not a mailbox (RFC 3501 allows it)
             line = b"* LIST (" + " ".join(attrs).encode() + b') "/" ' + response.mailbox(name)
             if kind == "renamed" and old is not None:
                 line += b' ("OLDNAME" (' + response.mailbox(old) + b"))"
