@@ -94,6 +94,11 @@ class CommandFramer:
     def buffered(self) -> int:
         return len(self._buf) + (len(self._literal) if self._literal is not None else 0)
 
+    @property
+    def discarding(self) -> bool:
+        """Throwing away the rest of an over-long line (COMPRESS takes it for a bomb)."""
+        return self._discarding
+
     def feed(self, data: bytes) -> None:
         """Consume bytes; complete events are appended to `self.events`."""
         self._buf += data

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import mutf7, parse_list
+from . import compress as compress_grammar
 from .framer import LITERAL_RE
 from .framer import CommandFramer, Continuation, Frame, FrameError  # noqa: F401 - the framing half
 
@@ -755,6 +756,15 @@ COMMANDS = {
     "SEARCH": _search, "FETCH": _fetch, "STORE": _store, "COPY": _copy, "MOVE": _copy,
     "IDLE": _no_args, "NAMESPACE": _no_args, "ID": _id, "ENABLE": _enable,
 }
+COMMANDS["COMPRESS"] = compress_grammar.parse_compress  # RFC 4978
+
+
+def _notify(c: _Cursor) -> dict:  # RFC 5465; the grammar lives in notify.py (it imports this module)
+    from .notify import parse_notify  # noqa: PLC0415
+    return parse_notify(c)
+
+
+COMMANDS["NOTIFY"] = _notify
 UID_COMMANDS = {"FETCH": _fetch, "STORE": _store, "SEARCH": _search, "COPY": _copy, "MOVE": _copy,
                 "EXPUNGE": _uid_expunge}
 

@@ -116,6 +116,7 @@ class SelectedCommands:
                 if self.wake.is_set() and self.state == SELECTED:
                     self.wake.clear()
                     await self.sync(allow_expunge=True)
+                    await self.notify_push()  # NOTIFY (notify.py): news of other mailboxes too
                     await self.flush()
                     continue
                 if read_task is None:
@@ -140,6 +141,7 @@ class SelectedCommands:
                 if self.state == SELECTED:
                     await self.sync(allow_expunge=True)
                     await self.flush()
+                await self.notify_push()  # NOTIFY (notify.py), also when no mailbox is selected
         finally:
             self.wake = None
             if read_task is not None and not read_task.done():

@@ -19,6 +19,8 @@ from ..defense import connections as floods
 from ..smtp.budget import budget_for
 from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
 from .appending import AppendCommands, max_append_bytes
+from .compress import CompressCommands
+from .notify import NotifyCommands
 from .fetching import BIG_CHUNK, FetchCommands
 from .listing import ListCommands
 from .mailboxes import MailboxCommands
@@ -50,6 +52,8 @@ AUTHENTICATED_CAPABILITIES = [
     "STATUS=SIZE",
     "UTF8=ACCEPT",
     "CREATE-SPECIAL-USE",
+    "COMPRESS=DEFLATE",
+    "NOTIFY",
 ]
 # LITERAL-: not offered.  RFC 7888: LITERAL- is LITERAL+ with non-synchronising literals
 # limited to 4096 octets (a server offering only LITERAL- must refuse bigger ones with BAD
@@ -75,7 +79,8 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 
-class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommands, FetchCommands):
+class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommands, FetchCommands,
+                  CompressCommands, NotifyCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -176,7 +181,7 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
 
     async def read_more(self, timeout: float | None) -> bool:
         try:
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+            data = await asyncio.wait_for(self.read_or_notify(), timeout)  # NOTIFY news while waiting
         except asyncio.TimeoutError:
             self.send(b"* BYE Autologout; idle for too long")
             raise Bye() from None
@@ -326,6 +331,7 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
         self.state = LOGOUT
         self.reserved += self.framer.pending_reserved
         self._release_reserved()
+        self.notify_stop()
         await self.unselect()
         try:
             if self.out and not self.writer.is_closing():

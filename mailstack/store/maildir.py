@@ -1287,6 +1287,7 @@ class MaildirStore(Store):
             await self.ensure_account(acct)
         async with self._account_lock(acct):
             await asyncio.to_thread(self._create_blocking, account_dir, name, special_use)
+        self._publish(acct, name, "created", (), None)  # for IMAP NOTIFY MailboxName
 
     def _create_blocking(self, account_dir: Path, name: str, special_use: str | None) -> None:
         made: list[Path] = []  # parents made here: removed again if the mailbox cannot be
@@ -1368,6 +1369,8 @@ class MaildirStore(Store):
             for a, _ in pairs:
                 if a not in told:
                     self._publish(acct, a, "deleted", (), None)
+            for a, b in pairs:  # for IMAP NOTIFY MailboxName (OLDNAME)
+                self.events.publish(MailboxEvent(acct, b, "renamed", (), None, old_name=a))
 
     def _rename_blocking(self, account_dir: Path, old: str, new: str) -> list[tuple[str, str]]:
         od, nd = names.to_dirname(old), names.to_dirname(new)
@@ -1415,16 +1418,20 @@ class MaildirStore(Store):
         name = names.normalize(name)
         account_dir = self.account_dir(acct)
 
-        def work() -> None:
+        def work() -> bool:
             subs = _read_subscriptions(account_dir)
             if subscribed and name not in subs:
                 _write_subscriptions(account_dir, subs + [name])
             elif not subscribed and name in subs:
                 _write_subscriptions(account_dir, [s for s in subs if s != name])
+            else:
+                return False
+            return True
         async with self._account_lock(acct):
             if not account_dir.is_dir():
                 raise MailboxNotFound("no such account")
-            await asyncio.to_thread(work)
+            if await asyncio.to_thread(work):  # for IMAP NOTIFY SubscriptionChange
+                self._publish(acct, name, "subscribed" if subscribed else "unsubscribed", (), None)
 
     async def subscriptions(self, account: str) -> list[str]:
         account_dir = self.account_dir(names.normalize_account(account))
