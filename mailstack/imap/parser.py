@@ -721,6 +721,8 @@ COMMANDS = {
 }
 UID_COMMANDS = {"FETCH": _fetch, "STORE": _store, "SEARCH": _search, "COPY": _copy, "MOVE": _copy,
                 "EXPUNGE": _uid_expunge}
+from .parse_quota import QUOTA_COMMANDS  # noqa: E402 - GETQUOTA, GETQUOTAROOT, SETQUOTA (RFC 9208)
+COMMANDS.update(QUOTA_COMMANDS)
 
 
 def parse_tag(parts: list[bytes]) -> str | None:

@@ -18,11 +18,13 @@ from .. import proxy, tlsclose
 from ..defense import connections as floods
 from ..smtp.budget import budget_for
 from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
+from ..store.quota import QuotaExceeded
 from .fetching import BIG_CHUNK, FetchCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
 from .parser import Command, MailboxNameError, ParseError, parse_command, parse_tag
 from .selected import SelectedCommands
+from .quota import QuotaCommands
 from .states import AUTH, LOGOUT, NOT_AUTH, READ_SIZE, SELECTED, Bye
 
 log = logging.getLogger("mailstack.imap")
@@ -39,6 +41,9 @@ AUTHENTICATED_CAPABILITIES = [
     "UNSELECT",
     "SPECIAL-USE",
     "CHILDREN",
+    "QUOTA",
+    "QUOTA=RES-STORAGE",
+    "QUOTA=RES-MESSAGE",
 ]
 # What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
 # self.enabled, and each extension checks it there.  One per line, as above.
@@ -49,6 +54,7 @@ _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 _NOT_AUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 _AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
          "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"}
+_AUTH |= {"GETQUOTA", "GETQUOTAROOT", "SETQUOTA"}  # quota.py (RFC 9208)
 _SELECTED = {"CHECK", "CLOSE", "EXPUNGE", "UNSELECT", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
 # RFC 3501 7.4.1: no EXPUNGE while answering these (non-UID) commands.
 _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
@@ -56,7 +62,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 
-class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
+class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands, QuotaCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -265,6 +271,8 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
             self.tagged(cmd, "NO", f"[NONEXISTENT] {e or 'Mailbox does not exist'}")
         except MailboxExists as e:
             self.tagged(cmd, "NO", f"[ALREADYEXISTS] {e or 'Mailbox exists'}")
+        except QuotaExceeded as e:  # the account's quota (store/quota.py); nothing was changed
+            self.tagged(cmd, "NO", f"[OVERQUOTA] {e}")
         except StoreFull as e:  # as Dovecot answers ENOSPC; the store changed nothing
             self.tagged(cmd, "NO", f"[OVERQUOTA] {e}")
         except StoreIOError as e:

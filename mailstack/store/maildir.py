@@ -923,11 +923,14 @@ class MaildirMailbox(Mailbox):
             if not done:
                 return []
             bases = {st.entries[u].base for u in done}
+            freed = sum(st.entries[u].size for u in done)
             await st.drop(bases)
             for uid in done:
                 st.entries.pop(uid, None)
             st.version += 1
             self._drop_from_view(done)
+        if self._store.quota is not None:
+            await self._store.quota.charge(self.account, -freed, -len(done))
         done.sort()
         self._publish("expunge", done, origin)
         return done
@@ -978,6 +981,8 @@ class MaildirMailbox(Mailbox):
 # ---------------------------------------------------------------- the store
 
 class MaildirStore(Store):
+    quota = None  # store/quota.py's Quota when usage is tracked and limits enforced (server.py)
+
     def __init__(self, root: str | os.PathLike, events: EventBus, group_sync: GroupSync | None = None) -> None:
         self.root = Path(root)
         self.events = events
@@ -1124,6 +1129,8 @@ class MaildirStore(Store):
                     if keywords:
                         await st.ensure_keywords(keywords)
                     letters = "".join(sorted(fl.letters_for(system, keywords, st.keywords)))
+            if self.quota is not None:
+                await self.quota.check(st.account, size)
             base = fn.new_base(time.time(), size, did)
             sub, name = ("cur", fn.join(base, letters)) if letters else ("new", base)
             entry = await asyncio.to_thread(_write_and_index, st.path, base, sub, name, message,
@@ -1136,6 +1143,8 @@ class MaildirStore(Store):
             st.refs -= 1
         self._note_indexed(st, base, entry)
         st.dirty = True
+        if self.quota is not None:
+            await self.quota.charge(st.account, size, 1)
         self._publish(st.account, st.name, "new", (), None)
         return True
 
@@ -1167,6 +1176,8 @@ class MaildirStore(Store):
                 if keywords:
                     await st.ensure_keywords(keywords)
                 letters = "".join(sorted(fl.letters_for(system, keywords, st.keywords)))
+            if self.quota is not None:
+                await self.quota.check(st.account, len(message))
             base = fn.new_base(date, len(message))
             name = fn.join(base, letters)
             entry = await asyncio.to_thread(_write_and_index, st.path, base, "cur", name, message,
@@ -1182,6 +1193,8 @@ class MaildirStore(Store):
                 raise
         finally:
             st.refs -= 1
+        if self.quota is not None:
+            await self.quota.charge(st.account, len(message), 1)
         self._publish(st.account, st.name, "new", (uid,), origin)
         return uidvalidity, uid
 
@@ -1310,6 +1323,8 @@ class MaildirStore(Store):
         account_dir = self.account_dir(acct)
         async with self._account_lock(acct):
             await asyncio.to_thread(self._delete_blocking, account_dir, name)
+            if self.quota is not None:  # its messages are gone: counted again at the next look
+                await self.quota.forget(acct)
             # The children keep their states; only this one is gone.
             st = self._states.pop((acct, name), None)
             if st is not None:
@@ -1452,6 +1467,8 @@ class MaildirStore(Store):
         words = [src.keywords[ord(c) - 97] for c in used_kw if ord(c) - 97 < len(src.keywords)]
         if words:
             await dst.ensure_keywords(words)
+        if not move and self.quota is not None:  # a MOVE stays in the account: no change
+            await self.quota.check(dst.account, sum(e.size for e in entries), len(entries))
         remap = {c: fl.keyword_letters([src.keywords[ord(c) - 97]], dst.keywords)
                  for c in used_kw if ord(c) - 97 < len(src.keywords)}
         plan = []
@@ -1479,6 +1496,8 @@ class MaildirStore(Store):
             dst.dirty = True
             raise
         pairs = [(e.uid, assigned[fn.split(dname)[0]]) for e, dname in done]
+        if not move and self.quota is not None:
+            await self.quota.charge(dst.account, sum(e.size for e, _ in done), len(done))
         if move:
             await src.drop({e.base for e, _ in done})
             for e, _ in done:

@@ -1,0 +1,356 @@
+"""Per-account quota: usage kept in Maildir++'s `maildirsize` file, limits from the directory.
+
+The file is the one Courier, Dovecot, Exim and maildrop keep in the account's Maildir root
+(the INBOX directory), so Dovecot pointed at the same Maildir reports the same numbers:
+
+    1073741824S,1000C          the limits: bytes (S) and messages (C); "0S" = no limit
+    52123 17                   the usage when last counted: bytes, messages
+    3120 1                     then one line per change, appended: +/- bytes, +/- messages
+    -3120 -1
+
+Usage is the sum of the lines.  A change appends one short line (O_APPEND: concurrent
+writers do not tear it), so a delivery never walks the Maildir.  The file is counted again
+(every folder's new/ and cur/, sizes from the ",S=" in the names, stat() only without one)
+and rewritten whole (tmp + rename) when it is missing, unreadable, at least 5120 bytes
+long (Maildir++'s limit: some hundreds of changes), when its limits are not the current
+ones, or when it was last written more than 15 minutes ago: messages added or removed
+behind the server's back (a `mv` into cur/, another program) are then counted.
+
+Every message file counts, \\Deleted ones too, in every folder (Trash and Junk included),
+as with Dovecot.  A MOVE inside the account changes nothing; COPY, APPEND and delivery
+add, EXPUNGE and DELETE of a folder remove.
+
+The blocking functions here run in worker threads; `Quota` is the async face the store,
+SMTP and IMAP use.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from ..fsutil import atomic_write
+from .base import StoreError
+
+log = logging.getLogger("mailstack.store")
+
+MAILDIRSIZE = "maildirsize"
+RECALC_SIZE = 5120  # bytes: a longer file is counted again (Maildir++, Dovecot)
+STALE = 15 * 60  # seconds: an older file is counted again
+_DELTA_RE = re.compile(rb"^\s*(-?\d{1,20})\s+(-?\d{1,20})\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d{1,20})\s*([kmgt]?)(i?b)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class QuotaExceeded(StoreError):
+    """The account's quota does not allow this; nothing was changed.  `permanent`: the
+    request can never fit (bigger than the whole limit), not merely not now."""
+
+    def __init__(self, message: str = "Quota exceeded (mailbox for user is full)", permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Limits:
+    storage: int = 0  # bytes; 0 = no limit
+    messages: int = 0  # 0 = no limit
+
+    @property
+    def unlimited(self) -> bool:
+        return not self.storage and not self.messages
+
+    def header(self) -> str:
+        """The first line of maildirsize, as Dovecot writes it ("0S" when there is no limit)."""
+        parts = []
+        if self.storage or not self.messages:
+            parts.append(f"{self.storage}S")
+        if self.messages:
+            parts.append(f"{self.messages}C")
+        return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class Usage:
+    storage: int = 0  # bytes
+    messages: int = 0
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+def parse_size(text: str) -> int:
+    """"500M", "1G", "1024", "10 KiB" -> bytes (K/M/G/T are powers of 1024).  ValueError
+    with a one-line reason otherwise."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (a number with an optional K, M, G or T, e.g. 500M)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def format_size(n: int) -> str:
+    """Bytes as a short size: exact units when they fit (1G, 512M), else one decimal (1.5M)."""
+    for unit in ("T", "G", "M", "K"):
+        mult = _UNITS[unit.lower()]
+        if n >= mult:
+            if n % mult == 0:
+                return f"{n // mult}{unit}"
+            return f"{n / mult:.1f}{unit}"
+    return f"{n}B"
+
+
+def parse_limits(line: bytes) -> Limits | None:
+    """The header line ("1000S,10C", "0S", "10C"); None when it is not one."""
+    storage = messages = 0
+    for part in line.strip().split(b","):
+        part = part.strip()
+        if len(part) < 2 or not part[:-1].isdigit():
+            return None
+        value = int(part[:-1])
+        if part.endswith(b"S"):
+            storage = value
+        elif part.endswith(b"C"):
+            messages = value
+        else:
+            return None
+    return Limits(storage, messages)
+
+
+def parse_maildirsize(data: bytes) -> tuple[Limits, Usage, int] | None:
+    """(limits of the header, usage summed, number of usage lines); None when the file is
+    broken (no header, a malformed line, a negative sum: count again)."""
+    if not data.endswith(b"\n") or b"\0" in data:
+        return None
+    lines = data.split(b"\n")[:-1]
+    if not lines:
+        return None
+    limits = parse_limits(lines[0])
+    if limits is None:
+        return None
+    storage = messages = 0
+    for line in lines[1:]:
+        m = _DELTA_RE.match(line)
+        if not m:
+            return None
+        storage += int(m.group(1))
+        messages += int(m.group(2))
+    if storage < 0 or messages < 0 or len(lines) < 2:
+        return None
+    return limits, Usage(storage, messages), len(lines) - 1
+
+
+def percent(usage: Usage, limits: Limits) -> float:
+    """How full the fuller of the two resources is, in percent (0 without limits)."""
+    fills = []
+    if limits.storage:
+        fills.append(100.0 * usage.storage / limits.storage)
+    if limits.messages:
+        fills.append(100.0 * usage.messages / limits.messages)
+    return max(fills, default=0.0)
+
+
+def refusal(usage: Usage, limits: Limits, storage: int, messages: int) -> QuotaExceeded | None:
+    """Why adding `messages` messages of `storage` bytes would break the limits (None if not)."""
+    if limits.storage and storage > limits.storage or limits.messages and messages > limits.messages:
+        return QuotaExceeded("Quota exceeded (message too large for the mailbox)", permanent=True)
+    if (limits.storage and usage.storage + storage > limits.storage
+            or limits.messages and usage.messages + messages > limits.messages):
+        return QuotaExceeded()
+    return None
+
+
+def over(usage: Usage, limits: Limits) -> bool:
+    """Full already: not even a message of one byte fits."""
+    return refusal(usage, limits, 1, 1) is not None
+
+
+# --------------------------------------------------------------------------- blocking (threads)
+
+def _folder_dirs(account_dir: Path) -> list[Path]:
+    """INBOX and every Maildir++ folder (".Name" directories) of the account."""
+    out = [account_dir]
+    try:
+        with os.scandir(account_dir) as it:
+            for de in it:
+                if de.name.startswith(".") and de.name not in (".", "..") and de.is_dir(follow_symlinks=False):
+                    out.append(Path(de.path))
+    except FileNotFoundError:
+        return []
+    return out
+
+
+def count(account_dir: Path) -> Usage:
+    """Walk the account: every file in every folder's new/ and cur/ (as Dovecot counts)."""
+    storage = messages = 0
+    for folder in _folder_dirs(account_dir):
+        for sub in ("new", "cur"):
+            path = folder / sub
+            try:
+                names = os.listdir(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name in names:
+                i = name.find(",S=")
+                if i >= 0:
+                    digits = re.match(r"\d+", name[i + 3:])
+                    rest = name[i + 3 + len(digits.group()):] if digits else "x"
+                    if digits and (not rest or rest[0] in ":,"):
+                        storage += int(digits.group())
+                        messages += 1
+                        continue
+                try:
+                    storage += os.stat(path / name).st_size
+                    messages += 1
+                except FileNotFoundError:  # moved or expunged meanwhile
+                    pass
+    return Usage(storage, messages)
+
+
+def _read(path: Path) -> tuple[bytes, float] | None:
+    """(up to RECALC_SIZE + 1 bytes of the file, its mtime) or None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            mtime = os.fstat(f.fileno()).st_mtime
+            return f.read(RECALC_SIZE + 1), mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _recount(account_dir: Path, limits: Limits, write: bool) -> Usage:
+    usage = count(account_dir)
+    if write and account_dir.is_dir():
+        data = f"{limits.header()}\n{usage.storage} {usage.messages}\n".encode()
+        try:
+            atomic_write(account_dir / MAILDIRSIZE, data)
+        except OSError as e:  # a full disk: the count is right all the same; written later
+            log.warning("cannot write %s: %s", account_dir / MAILDIRSIZE, e.strerror or e)
+    return usage
+
+
+def load(account_dir: Path, limits: Limits, write: bool = True, now: float | None = None) -> tuple[Usage, bool]:
+    """The account's usage, from maildirsize, counted again when the file says so (see the
+    module's doc).  Returns (usage, counted again?).  `write=False` (the CLI) never writes."""
+    path = Path(account_dir) / MAILDIRSIZE
+    got = _read(path)
+    if got is not None:
+        data, mtime = got
+        parsed = parse_maildirsize(data) if len(data) < RECALC_SIZE else None
+        if parsed is not None and parsed[0] == limits and (now or time.time()) - mtime < STALE:
+            return parsed[1], False
+    return _recount(Path(account_dir), limits, write), True
+
+
+def change(account_dir: Path, limits: Limits, storage: int, messages: int) -> tuple[Usage, Usage]:
+    """Record a change that has happened already: one line appended (or the file counted
+    again, which includes it).  Returns (usage before, usage after)."""
+    after, counted = load(account_dir, limits)
+    if counted:
+        return Usage(after.storage - storage, after.messages - messages), after
+    before = after
+    try:
+        fd = os.open(Path(account_dir) / MAILDIRSIZE, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    except FileNotFoundError:  # removed since it was read: counted again at the next look
+        return before, Usage(before.storage + storage, before.messages + messages)
+    try:
+        os.write(fd, f"{storage} {messages}\n".encode())
+    finally:
+        os.close(fd)
+    return before, Usage(before.storage + storage, before.messages + messages)
+
+
+def forget(account_dir: Path) -> None:
+    """Make the next look count the account again (a whole folder went)."""
+    try:
+        os.unlink(Path(account_dir) / MAILDIRSIZE)
+    except FileNotFoundError:
+        pass
+
+
+# --------------------------------------------------------------------------- async face
+
+# Set while the server itself delivers a notice (the quota warning): it must get through.
+exempt: contextvars.ContextVar[bool] = contextvars.ContextVar("quota_exempt", default=False)
+
+
+class Quota:
+    """What the store, SMTP and IMAP ask about quota.  Installed by the server as
+    `store.quota`; a store without one tracks nothing and enforces nothing.
+
+    limits_of(account) -> Limits   the account's limits (directory, else the config default)
+    warn(account, usage, limits)   called once each time usage crosses warn_percent upwards
+    """
+
+    def __init__(self, account_dir: Callable[[str], Path], limits_of: Callable[[str], Limits],
+                 warn_percent: "float | Callable[[], float]" = 0,
+                 warn: Callable[[str, Usage, Limits], Awaitable[None]] | None = None) -> None:
+        self.account_dir = account_dir
+        self.limits_of = limits_of
+        self.warn_percent = warn_percent
+        self.warn = warn
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def _lock(self, account: str) -> asyncio.Lock:
+        lock = self._locks.get(account)
+        if lock is None:
+            if len(self._locks) > 10000:
+                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+            lock = self._locks[account] = asyncio.Lock()
+        return lock
+
+    async def usage(self, account: str) -> tuple[Usage, Limits]:
+        limits = self.limits_of(account)
+        async with self._lock(account):
+            usage, _ = await asyncio.to_thread(load, self.account_dir(account), limits)
+        return usage, limits
+
+    async def check(self, account: str, storage: int, messages: int = 1) -> None:
+        """Raise QuotaExceeded when `messages` messages of `storage` bytes in all do not fit."""
+        if exempt.get():
+            return
+        limits = self.limits_of(account)
+        if limits.unlimited:
+            return
+        usage, _ = await self.usage(account)
+        refused = refusal(usage, limits, storage, messages)
+        if refused is not None:
+            log.info("quota: %s: %s (%d of %d bytes, %d of %d messages in use)", account, refused,
+                     usage.storage, limits.storage, usage.messages, limits.messages)
+            raise refused
+
+    async def charge(self, account: str, storage: int, messages: int) -> None:
+        """Record a change made (negative when messages went).  Never raises: the numbers are
+        counted again later if this fails."""
+        if not storage and not messages:
+            return
+        limits = self.limits_of(account)
+        path = self.account_dir(account)
+        try:
+            async with self._lock(account):
+                before, after = await asyncio.to_thread(change, path, limits, storage, messages)
+        except OSError as e:
+            log.warning("quota: %s: usage not recorded (%s); counted again later", account, e.strerror or e)
+            await asyncio.to_thread(forget, path)
+            return
+        level = self.warn_percent() if callable(self.warn_percent) else self.warn_percent
+        if (self.warn is not None and level and storage > 0
+                and percent(before, limits) < level <= percent(after, limits)):
+            task = asyncio.get_running_loop().create_task(self._warn(account, after, limits))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _warn(self, account: str, usage: Usage, limits: Limits) -> None:
+        exempt.set(True)  # this task's own context: the notice gets in even when full
+        try:
+            await self.warn(account, usage, limits)
+        except Exception:  # noqa: BLE001 - a notice must never break a delivery
+            log.exception("quota: warning to %s not delivered", account)
+
+    async def forget(self, account: str) -> None:
+        async with self._lock(account):
+            await asyncio.to_thread(forget, self.account_dir(account))
