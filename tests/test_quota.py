@@ -1,0 +1,269 @@
+"""Quota end to end (RFC 9208; Maildir++ maildirsize): the real server process, limits set
+with `mailstack user quota`, mail sent with smtplib, read and filed with imapclient and raw
+IMAP commands, the queue seen with `mailstack queue list --json`."""
+from __future__ import annotations
+
+import json
+import os
+import smtplib
+import time
+
+import pytest
+from imapclient import IMAPClient
+from imapclient.imapclient import Quota
+
+from harness import MailServer, wait_for
+from mailstack.directory import Directory
+
+PW = "quota-test-pw"
+USERS = ("full", "tight", "roomy", "imap", "warned", "behind", "sender", "cli")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MailServer(tmp_path_factory.mktemp("quota"), loop="uvloop",
+                     overrides={"quota": {"default_storage": "0", "warn_percent": 80}})
+    directory = Directory(srv.data_dir)  # in-process: one CLI start per account would cost ~2 s each
+    directory.add_domain("example.test")
+    for user in USERS:
+        directory.add_user(f"{user}@example.test", PW)
+    directory.add_alias("group@example.test", ["full@example.test", "roomy@example.test"])
+    directory.save()
+    srv.start()
+    yield srv
+    assert srv.stop() == 0
+
+
+def message(subject: str, size: int = 0) -> bytes:
+    head = f"From: <sender@example.test>\r\nTo: <x@example.test>\r\nSubject: {subject}\r\n\r\n".encode()
+    room = max(size - len(head), 2)
+    body = b"".join(b"%074d\r\n" % i for i in range(room // 76))
+    rest = room - len(body)
+    body += b"x" * (rest - 2) + b"\r\n" if rest >= 2 else b""
+    return head + body if size else head + b"x\r\n"
+
+
+def smtp(srv) -> smtplib.SMTP:
+    s = smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=20)
+    s.ehlo("client.example.test")
+    return s
+
+
+def without_size(s: smtplib.SMTP, rcpts: list[str], msg: bytes) -> tuple[int, bytes]:
+    """MAIL without SIZE= (smtplib's sendmail adds it), RCPTs that must pass, DATA's reply."""
+    assert s.mail("sender@example.test")[0] == 250
+    for rcpt in rcpts:
+        assert s.rcpt(rcpt)[0] == 250
+    return s.data(msg)
+
+
+def imap(srv, user: str) -> IMAPClient:
+    c = IMAPClient("127.0.0.1", port=srv.ports["imaps"], ssl=True, ssl_context=srv.client_tls(), timeout=20)
+    c.login(f"{user}@example.test", PW)
+    return c
+
+
+def maildirsize(srv, user: str) -> bytes:
+    return (srv.maildir(f"{user}@example.test") / "maildirsize").read_bytes()
+
+
+def usage_of(srv, user: str) -> tuple[int, int]:
+    """(bytes, messages) summed from maildirsize, as any Maildir++ reader does."""
+    lines = maildirsize(srv, user).decode().splitlines()[1:]
+    return sum(int(x.split()[0]) for x in lines), sum(int(x.split()[1]) for x in lines)
+
+
+def fill(srv, user: str, n: int, size: int) -> None:
+    with imap(srv, user) as c:
+        for i in range(n):
+            c.append("INBOX", message(f"fill {i}", size))
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def test_cli_sets_shows_and_removes_a_quota(server):
+    out = server.cli("user", "quota", "cli@example.test", "2M", "--messages", "100").stdout
+    assert "quota of cli@example.test set: 0B of 2M (0%), 0 of 100 messages (0%)" in out
+    assert "cli@example.test: storage=2M messages=100" in (server.data_dir / "quotas").read_text()
+    listed = server.cli("user", "list").stdout.splitlines()
+    row = next(line for line in listed if line.startswith("cli@example.test"))
+    assert "of 2M" in row and "of 100 messages" in row and "[default]" not in row
+    assert "[default]" in next(line for line in listed if line.startswith("roomy@example.test"))
+    shown = server.cli("user", "quota", "cli@example.test").stdout
+    assert shown.startswith("cli@example.test: 0B of 2M") and "own limits" in shown
+    out = server.cli("user", "quota", "cli@example.test", "none").stdout
+    assert "removed" in out and "(no limit)" in out
+    assert "cli@example.test" not in (server.data_dir / "quotas").read_text()
+    for args, error in ((("cli@example.test", "12X"), "is not a size"),
+                        (("nobody@example.test", "1M"), "no account nobody@example.test"),
+                        (("cli@example.test", "1M", "--messages", "many"), "--messages 'many'"),
+                        (("cli@example.test", "none", "--messages", "3"), "removes both limits")):
+        r = server.cli("user", "quota", *args, check=False)
+        assert r.returncode != 0 and r.stdout == ""
+        assert r.stderr.count("\n") == 1 and error in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------ SMTP
+
+def test_smtp_rcpt_over_quota_is_452_and_too_big_is_552(server):
+    server.cli("user", "quota", "full@example.test", "4K")
+    fill(server, "full", 1, 4096)
+    with smtp(server) as s:
+        s.mail("sender@example.test")
+        code, text = s.rcpt("full@example.test")
+        assert (code, text[:5]) == (452, b"4.2.2") and b"Mailbox full" in text
+        assert s.rcpt("roomy@example.test")[0] == 250
+        s.rset()
+        # SIZE= larger than the whole limit: it can never fit
+        s.mail("sender@example.test", ["SIZE=5000"])
+        code, text = s.rcpt("full@example.test")
+        assert (code, text[:5]) == (552, b"5.2.2")
+    server.cli("user", "quota", "tight@example.test", "8K")
+    with smtp(server) as s:
+        s.mail("sender@example.test", ["SIZE=9000"])
+        code, text = s.rcpt("tight@example.test")
+        assert (code, text[:5]) == (552, b"5.2.2")
+        s.rset()
+        s.mail("sender@example.test", ["SIZE=3000"])  # fits: accepted
+        assert s.rcpt("tight@example.test")[0] == 250
+        s.rset()
+        # No SIZE=: the size is known at the end of DATA
+        code, text = without_size(s, ["tight@example.test"], message("huge", 9000))
+        assert (code, text[:5]) == (552, b"5.2.2")
+        assert without_size(s, ["tight@example.test"], message("fits", 3000))[0] == 250
+    wait_for(lambda: usage_of(server, "tight")[1] == 1, 20, what="the message that fits")
+    # 3000 + 6000 > 8K: full for it now (not forever) at the end of DATA
+    with smtp(server) as s:
+        code, text = without_size(s, ["tight@example.test"], message("too much now", 6000))
+        assert (code, text[:5]) == (452, b"4.2.2")
+        # With a recipient that has room: 250, the other's copy bounces (it can never fit)
+        code, _ = without_size(s, ["tight@example.test", "roomy@example.test"], message("one fits", 9000))
+        assert code == 250
+    bounce = wait_for(lambda: [m for m in server.inbox_messages("sender@example.test") if b"5.2.2" in m], 30,
+                      what="the bounce for the recipient it can never fit")
+    assert b"tight@example.test" in bounce[0]
+
+
+def test_multi_recipient_data_is_250_and_the_queue_defers_the_full_one(server):
+    server.cli("user", "quota", "full@example.test", "4K")
+    if not (server.maildir("full@example.test") / "maildirsize").exists() or usage_of(server, "full")[0] < 4096:
+        fill(server, "full", 1, 4096)  # when this test runs alone
+    before_roomy = len(server.inbox_messages("roomy@example.test"))
+    with smtp(server) as s:  # the alias expands to full@ (over quota) and roomy@
+        refused = s.sendmail("sender@example.test", ["group@example.test"], message("to the group", 1000))
+    assert refused == {}
+    wait_for(lambda: len(server.inbox_messages("roomy@example.test")) == before_roomy + 1, 20,
+             what="delivery to the account with room")
+
+    def deferred():
+        listed = json.loads(server.cli("queue", "list", "--json").stdout)
+        return [m for m in listed if "4.2.2" in json.dumps(m["recipients"])]
+    queued = wait_for(deferred, 20, what="the message deferred for the full account")
+    assert "full@example.test" in json.dumps(queued)
+    # Room again (the limit goes): the next try delivers it
+    n = len(server.inbox_messages("full@example.test"))
+    server.cli("user", "quota", "full@example.test", "1M")
+    server.cli("queue", "flush")
+    wait_for(lambda: len(server.inbox_messages("full@example.test")) == n + 1, 30, what="the deferred delivery")
+    wait_for(lambda: not deferred(), 20, what="the queue to empty")
+
+
+# ------------------------------------------------------------------------------------ IMAP
+
+def test_imap_capabilities_getquotaroot_getquota_and_setquota(server):
+    server.cli("user", "quota", "imap@example.test", "100K", "--messages", "5")
+    with imap(server, "imap") as c:
+        caps = c.capabilities()
+        assert {b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE"} <= set(caps)
+        c.append("INBOX", message("one", 2000))
+        roots, quotas = c.get_quota_root("INBOX")
+        assert roots.mailbox == "INBOX" and roots.quota_roots == [""]
+        got = {q.resource: (q.usage, q.limit) for q in quotas}
+        size = usage_of(server, "imap")[0]
+        assert got == {"STORAGE": (-(-size // 1024), 100), "MESSAGE": (1, 5)}
+        assert [(q.resource, q.usage) for q in c.get_quota("Sent")] == [("STORAGE", -(-size // 1024)),
+                                                                          ("MESSAGE", 1)]
+        typ, data = c._imap._simple_command("GETQUOTA", '""'), c._imap.untagged_responses.pop("QUOTA", None)
+        assert typ[0] == "OK" and data == [b'"" (STORAGE 2 100 MESSAGE 1 5)']
+        typ, _ = c._imap._simple_command("GETQUOTA", '"other"')
+        assert typ == "NO"
+        with pytest.raises(IMAPClient.Error) as e:
+            c.set_quota([Quota("", "STORAGE", 0, 1000000)])
+        assert "NOPERM" in str(e.value)
+        typ, data = c._imap._simple_command("GETQUOTAROOT", "NoSuchBox")
+        assert typ == "NO"
+
+
+def test_imap_append_copy_over_quota_is_overquota_and_move_is_free(server):
+    server.cli("user", "quota", "imap@example.test", "100K", "--messages", "5")
+    with imap(server, "imap") as c:
+        c.select_folder("INBOX")
+        for uid in c.search("ALL"):
+            c.delete_messages([uid])
+        c.expunge()
+        for i in range(3):
+            c.append("INBOX", message(f"m{i}", 2000))
+        c.select_folder("INBOX")
+        uids = c.search("ALL")
+        assert len(uids) == 3
+        with pytest.raises(IMAPClient.Error) as e:  # 3 + 3 > 5 messages
+            c.copy(uids, "Archive")
+        assert "OVERQUOTA" in str(e.value)
+        c.move(uids[:2], "Archive")  # within the account: nothing changes, allowed when nearly full
+        assert usage_of(server, "imap")[1] == 3
+        c.append("INBOX", message("four", 2000))  # 4 of 5 = 80%: the warning mail makes it 5
+        wait_for(lambda: usage_of(server, "imap")[1] == 5, 10, what="the warning mail (exempt from the quota)")
+        with pytest.raises(IMAPClient.Error) as e:
+            c.append("INBOX", message("five", 2000))
+        assert "OVERQUOTA" in str(e.value)
+        # Usage goes down with an expunge, and the APPEND fits again
+        before = usage_of(server, "imap")
+        c.select_folder("Archive")
+        c.delete_messages(c.search("ALL")[:1])
+        c.expunge()
+        after = usage_of(server, "imap")
+        assert after[1] == before[1] - 1 and 1900 < before[0] - after[0] < 2200
+        assert c.get_quota()[1].usage == after[1]
+        c.append("INBOX", message("five again", 2000))
+
+
+def test_maildirsize_is_counted_again_after_changes_behind_the_servers_back(server):
+    server.cli("user", "quota", "behind@example.test", "1M", "--messages", "50")
+    fill(server, "behind", 2, 1500)
+    assert usage_of(server, "behind")[1] == 2
+    maildir = server.maildir("behind@example.test")
+    # Another program moves a message out of INBOX and drops one (without ,S=) into Archive
+    victim = next((maildir / "cur").iterdir())
+    os.rename(victim, server.dir / "moved-away")
+    (maildir / ".Archive" / "cur" / "1700000000.behind.host:2,S").write_bytes(b"Subject: x\r\n\r\n" + b"y" * 985)
+    with imap(server, "behind") as c:  # maildirsize is still fresh: the old numbers
+        assert [q.usage for q in c.get_quota() if q.resource == "MESSAGE"] == [2]
+        old = time.time() - 16 * 60
+        os.utime(maildir / "maildirsize", (old, old))  # 15 minutes old: counted again
+        got = {q.resource: q.usage for q in c.get_quota()}
+    size = sum(len(p.read_bytes()) for d in (maildir / "cur", maildir / "new", maildir / ".Archive" / "cur")
+               for p in d.iterdir())
+    assert got == {"MESSAGE": 2, "STORAGE": -(-size // 1024)}
+    assert maildirsize(server, "behind") == f"1048576S,50C\n{size} 2\n".encode()
+
+
+def test_warning_mail_once_per_crossing(server):
+    server.cli("user", "quota", "warned@example.test", "20K")
+
+    def warnings():
+        return [m for m in server.inbox_messages("warned@example.test") if b"Subject: Your mailbox is" in m]
+    with smtp(server) as s:
+        for i in range(3):  # 3 x ~5K = 75%: below 80%
+            s.sendmail("sender@example.test", ["warned@example.test"], message(f"w{i}", 5000))
+        wait_for(lambda: usage_of(server, "warned")[1] == 3, 20, what="three deliveries")
+        assert warnings() == []
+        s.sendmail("sender@example.test", ["warned@example.test"], message("w3", 1500))  # crosses 80%
+        found = wait_for(warnings, 20, what="the warning mail")
+        s.sendmail("sender@example.test", ["warned@example.test"], message("w4", 500))  # still above: no more
+        wait_for(lambda: usage_of(server, "warned")[1] == 6, 20, what="the fifth delivery and the warning")
+    time.sleep(0.3)  # a second warning would be written at once after the delivery
+    assert len(warnings()) == 1
+    w = found[0]
+    assert b"From: Postmaster <postmaster@example.test>" in w and b"Auto-Submitted: auto-generated" in w
+    assert b"of 20K" in w
+    assert "warned@example.test" in server.log() and "warning delivered" in server.log()
