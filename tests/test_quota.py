@@ -267,3 +267,41 @@ def test_warning_mail_once_per_crossing(server):
     assert b"From: Postmaster <postmaster@example.test>" in w and b"Auto-Submitted: auto-generated" in w
     assert b"of 20K" in w
     assert "warned@example.test" in server.log() and "warning delivered" in server.log()
+
+
+def test_dovecot_counts_the_same_maildir_the_same(server):
+    """Dovecot's own Maildir++ quota (quota = maildir) on a copy of an account: its count and
+    its GETQUOTAROOT agree with ours."""
+    import shutil
+    import socket
+    from dovecot_fixture import Dovecot
+    if shutil.which("dovecot") is None:
+        pytest.fail("dovecot is not installed (tests/run.sh DEBS has dovecot-imapd)")
+    server.cli("user", "quota", "behind@example.test", "1M", "--messages", "50")
+    fill(server, "behind", 3, 1234)
+    with imap(server, "behind") as c:
+        c.select_folder("INBOX")
+        c.copy(c.search("ALL")[:2], "Archive")
+        c.add_flags(c.search("ALL")[:1], [b"\\Deleted"])  # not expunged: still counted
+        ours = {q.resource: (q.usage, q.limit) for q in c.get_quota()}
+    dc = Dovecot(extra="mail_plugins = $mail_plugins quota\n"
+                       "protocol imap {\n  mail_plugins = $mail_plugins imap_quota\n}\n"
+                       "plugin {\n  quota = maildir:User quota\n  quota_rule = *:storage=1M:messages=50\n}\n")
+    try:
+        dc.add_user("behind@example.test", "pw")
+        target = dc.maildir("behind@example.test")
+        shutil.copytree(server.maildir("behind@example.test"), target)
+        (target / "maildirsize").unlink()  # Dovecot counts for itself
+        for root, dirs, files in os.walk(target.parent):
+            for name in dirs + files:
+                os.chown(os.path.join(root, name), dc.uid, dc.gid)
+        dc.start()
+        with IMAPClient("127.0.0.1", port=dc.imaps_port, ssl=True, ssl_context=dc.client_tls(), timeout=20) as d:
+            d.login("behind@example.test", "pw")
+            theirs = {q.resource: (q.usage, q.limit) for q in d.get_quota()}
+        assert theirs == ours
+        header, *counted = (target / "maildirsize").read_text().splitlines()
+        assert header == maildirsize(server, "behind").decode().splitlines()[0] == "1048576S,50C"
+        assert counted == ["%d %d" % usage_of(server, "behind")]
+    finally:
+        dc.cleanup()
