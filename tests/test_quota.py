@@ -9,6 +9,8 @@ import smtplib
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from imapclient import IMAPClient
 from imapclient.imapclient import Quota
 
@@ -305,3 +307,57 @@ def test_dovecot_counts_the_same_maildir_the_same(server):
         assert counted == ["%d %d" % usage_of(server, "behind")]
     finally:
         dc.cleanup()
+
+
+# ------------------------------------------------------------------------------------ pure parts
+
+def test_maildirsize_format_and_parse():
+    from mailstack.store.quota import Limits, Usage, parse_maildirsize
+    assert [Limits(0, 0).header(), Limits(1024, 0).header(), Limits(0, 7).header(), Limits(5, 7).header()] == \
+        ["0S", "1024S", "7C", "5S,7C"]  # as Dovecot writes them
+    assert parse_maildirsize(b"1000S,10C\n300 2\n-100 -1\n50 1\n") == (Limits(1000, 10), Usage(250, 2), 3)
+    for broken in (b"", b"1000S\n", b"1000S\n10 1", b"1000X\n1 1\n", b"1000S\n-5 0\n", b"1000S\n1 1 1\n",
+                   b"1000S\n1\x001\n", b"S\n1 1\n"):
+        assert parse_maildirsize(broken) is None, broken
+
+
+def test_sizes():
+    from mailstack.store.quota import format_size, parse_size
+    assert [parse_size(s) for s in ("0", "1024", "1k", "500M", "2G", "1T", "10 KiB", "3MB")] == \
+        [0, 1024, 1024, 500 << 20, 2 << 30, 1 << 40, 10 << 10, 3 << 20]
+    assert [format_size(n) for n in (0, 1000, 1024, 1536, 10 << 30)] == ["0B", "1000B", "1K", "1.5K", "10G"]
+    for bad in ("", "-1", "1.5G", "12X", "G", "1 G B"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_maildirsize_parser_takes_any_bytes(data):
+    from mailstack.store.quota import parse_maildirsize
+    got = parse_maildirsize(data)
+    assert got is None or (got[1].storage >= 0 and got[1].messages >= 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([b"GETQUOTA ", b"GETQUOTAROOT ", b"SETQUOTA "]), st.binary(max_size=60))
+def test_quota_commands_parse_or_refuse_cleanly(verb, rest):
+    from mailstack.imap.parser import ParseError, parse_command
+    try:
+        cmd = parse_command([b"t1 " + verb + rest])
+    except ParseError:
+        return
+    assert cmd.name == verb.strip().decode()
+
+
+def test_quota_command_grammar():
+    from mailstack.imap.parser import ParseError, parse_command
+    assert parse_command([b'a GETQUOTA ""']).args == {"root": ""}
+    assert parse_command([b"a GETQUOTAROOT inbox"]).args == {"mailbox": "INBOX"}
+    assert parse_command([b'a SETQUOTA "" (STORAGE 512 MESSAGE 10)']).args == \
+        {"root": "", "resources": [("STORAGE", 512), ("MESSAGE", 10)]}
+    assert parse_command([b'a SETQUOTA "" ()']).args["resources"] == []
+    for bad in (b"a GETQUOTA", b'a SETQUOTA "" (STORAGE)', b'a SETQUOTA "" (STORAGE -1)',
+                b'a SETQUOTA "" (STORAGE 99999999999999999999)', b"a GETQUOTAROOT"):
+        with pytest.raises(ParseError):
+            parse_command([bad])
