@@ -194,6 +194,12 @@ def test_imap_capabilities_getquotaroot_getquota_and_setquota(server):
         assert "NOPERM" in str(e.value)
         typ, data = c._imap._simple_command("GETQUOTAROOT", "NoSuchBox")
         assert typ == "NO"
+        # STATUS DELETED / DELETED-STORAGE (RFC 9208 3.2, 3.3): what an EXPUNGE would free
+        c.select_folder("INBOX")
+        c.append("INBOX", message("two", 1500))
+        c.add_flags(c.search("ALL"), [b"\\Deleted"])
+        assert c.folder_status("INBOX", ["DELETED", "DELETED-STORAGE", "MESSAGES"]) == \
+            {b"DELETED": 2, b"DELETED-STORAGE": 4, b"MESSAGES": 2}
 
 
 def test_imap_append_copy_over_quota_is_overquota_and_move_is_free(server):

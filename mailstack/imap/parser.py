@@ -573,6 +573,7 @@ def _list(c: _Cursor) -> dict:
 
 
 _STATUS_ITEMS = {"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"}
+_STATUS_ITEMS |= {"DELETED", "DELETED-STORAGE"}  # RFC 9208 3.2/3.3: with QUOTA=RES-MESSAGE/RES-STORAGE
 
 
 def _status(c: _Cursor) -> dict:

@@ -203,7 +203,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def status(self, account: str, name: str) -> dict:
-        """{"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"} without opening it for a session."""
+        """{"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"} without opening it for a session
+        (and "DELETED", "DELETED-STORAGE" in KiB, RFC 9208, where the backend knows them)."""
 
     @abc.abstractmethod
     async def list_mailboxes(self, account: str) -> list[MailboxInfo]:

@@ -1218,8 +1218,10 @@ class MaildirStore(Store):
             await self._load_recent(st)
             mark = self.recent_mark(st.account, st.name, st.ul.uidvalidity)
             recent = sum(1 for uid in st.entries if uid > mark)
+            deleted = [e.size for e in st.entries.values() if "T" in e.letters]  # RFC 9208 (quota)
             return {"MESSAGES": len(st.entries), "RECENT": recent, "UIDNEXT": st.ul.nextuid,
-                    "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen}
+                    "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen,
+                    "DELETED": len(deleted), "DELETED-STORAGE": -(-sum(deleted) // 1024)}
 
     # -- \Recent, kept on disk (recent.py) ------------------------------------------------
 
