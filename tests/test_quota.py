@@ -367,3 +367,32 @@ def test_quota_command_grammar():
                 b'a SETQUOTA "" (STORAGE 99999999999999999999)', b"a GETQUOTAROOT"):
         with pytest.raises(ParseError):
             parse_command([bad])
+
+
+def test_concurrent_deliveries_and_expunges_are_counted_once(tmp_path):
+    """Hundreds of deliveries at once (the file passes 5120 bytes, so it wants a recount while
+    changes are under way), then an expunge of half: the numbers match a walk exactly."""
+    import asyncio
+    from mailstack.events import EventBus
+    from mailstack.store.maildir import MaildirStore
+    from mailstack.store.quota import Limits, Quota, count, load
+
+    async def main():
+        store = MaildirStore(tmp_path / "mail", EventBus())
+        # exactly room for the 600 (+1 late): a change counted twice would refuse one of them
+        store.quota = Quota(store.account_dir, lambda a: Limits(1 << 30, 601))
+        account = "a@example.test"
+        await store.ensure_account(account)
+        await asyncio.gather(*(store.deliver(account, message(f"m{i}", 1000 + i), f"id{i}") for i in range(600)))
+        box = await store.open(account, "INBOX")
+        uids = [m.uid for m in box.messages]
+        await box.store_flags(uids[::2], ["\\Deleted"], "+")
+        await asyncio.gather(box.expunge(uids[:100]), box.expunge(uids[100:]),
+                             store.deliver(account, message("late", 1000), "late"))
+        await box.close()
+        path = store.account_dir(account)
+        walked, settled = count(path)
+        assert settled and walked.messages == 301
+        assert load(path, Limits(1 << 30, 601), write=False, quiet=False)[0] == walked
+        assert (await store.quota.usage(account))[0] == walked
+    asyncio.run(main())

@@ -919,6 +919,8 @@ class MaildirMailbox(Mailbox):
                        if uid in self._index and "T" in e.letters and (limit is None or uid in limit)]
             if not targets:
                 return []
+            if self._store.quota is not None:
+                self._store.quota.begin(self.account)  # charge() below ends it
             done = await asyncio.to_thread(_unlink_deleted, st.path, targets)
             if not done:
                 return []

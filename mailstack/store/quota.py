@@ -184,12 +184,23 @@ def _folder_dirs(account_dir: Path) -> list[Path]:
     return out
 
 
-def count(account_dir: Path) -> Usage:
-    """Walk the account: every file in every folder's new/ and cur/ (as Dovecot counts)."""
+def _mtime(path: Path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def count(account_dir: Path) -> tuple[Usage, bool]:
+    """Walk the account: every file in every folder's new/ and cur/ (as Dovecot counts).
+    Returns (usage, settled): settled is False when a folder changed during the walk (a
+    file moving between folders may have been missed or seen twice: count again later)."""
     storage = messages = 0
+    seen: dict[Path, int] = {}
     for folder in _folder_dirs(account_dir):
         for sub in ("new", "cur"):
             path = folder / sub
+            seen[path] = _mtime(path)
             try:
                 names = os.listdir(path)
             except (FileNotFoundError, NotADirectoryError):
@@ -208,59 +219,103 @@ def count(account_dir: Path) -> Usage:
                     messages += 1
                 except FileNotFoundError:  # moved or expunged meanwhile
                     pass
-    return Usage(storage, messages)
+    settled = all(_mtime(path) == mtime for path, mtime in seen.items())
+    return Usage(storage, messages), settled
 
 
-def _read(path: Path) -> tuple[bytes, float] | None:
-    """(up to RECALC_SIZE + 1 bytes of the file, its mtime) or None when there is none."""
+MAX_READ = 1 << 20  # a file this long (changes without a quiet moment to count) is counted anyway
+
+
+# What the last read or write of each maildirsize found: path -> (signature, limits, usage,
+# number of lines).  A file with the same signature (inode, size, mtime) is not read again:
+# a delivery costs one stat() to learn the usage, and one append to record its own.
+_seen: dict[str, tuple[tuple, Limits, Usage, int]] = {}
+MAX_SEEN = 100_000
+
+
+def _sig(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _remember(path: Path, sig: tuple, limits: Limits, usage: Usage, lines: int) -> None:
+    if len(_seen) >= MAX_SEEN:
+        _seen.clear()
+    _seen[os.fspath(path)] = (sig, limits, usage, lines)
+
+
+def _read(path: Path) -> tuple[tuple[Limits, Usage, int] | None, os.stat_result] | None:
+    """(the parsed file or None when broken or too long, its stat) or None when there is none."""
     try:
+        st = os.stat(path)
+        known = _seen.get(os.fspath(path))
+        if known is not None and known[0] == _sig(st):
+            return known[1:], st
         with open(path, "rb") as f:
-            mtime = os.fstat(f.fileno()).st_mtime
-            return f.read(RECALC_SIZE + 1), mtime
+            st = os.fstat(f.fileno())
+            data = f.read(MAX_READ)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    parsed = parse_maildirsize(data) if len(data) < MAX_READ else None
+    if parsed is not None:
+        _remember(path, _sig(st), *parsed)
+    return parsed, st
 
 
 def _recount(account_dir: Path, limits: Limits, write: bool) -> Usage:
-    usage = count(account_dir)
-    if write and account_dir.is_dir():
+    usage, settled = count(account_dir)
+    if write and settled and account_dir.is_dir():
         data = f"{limits.header()}\n{usage.storage} {usage.messages}\n".encode()
         try:
             atomic_write(account_dir / MAILDIRSIZE, data)
         except OSError as e:  # a full disk: the count is right all the same; written later
             log.warning("cannot write %s: %s", account_dir / MAILDIRSIZE, e.strerror or e)
+    elif write and not settled:  # Dovecot does the same: not written, counted at the next look
+        forget(account_dir)
     return usage
 
 
-def load(account_dir: Path, limits: Limits, write: bool = True, now: float | None = None) -> tuple[Usage, bool]:
+def load(account_dir: Path, limits: Limits, write: bool = True, now: float | None = None,
+         quiet: bool = True) -> tuple[Usage, bool]:
     """The account's usage, from maildirsize, counted again when the file says so (see the
-    module's doc).  Returns (usage, counted again?).  `write=False` (the CLI) never writes."""
+    module's doc).  Returns (usage, counted again?).  `write=False` (the CLI) never writes.
+    `quiet=False`: changes of this process are under way (files written, not yet recorded):
+    a count now would see some of them twice, so the file's numbers are used as long as it
+    can be read, and the count waits for a quiet moment."""
     path = Path(account_dir) / MAILDIRSIZE
     got = _read(path)
-    if got is not None:
-        data, mtime = got
-        parsed = parse_maildirsize(data) if len(data) < RECALC_SIZE else None
-        if parsed is not None and parsed[0] == limits and (now or time.time()) - mtime < STALE:
+    if got is not None and got[0] is not None:
+        parsed, st = got
+        fresh = (st.st_size < RECALC_SIZE and parsed[0] == limits
+                 and (time.time() if now is None else now) - st.st_mtime < STALE)
+        if fresh or not quiet:
             return parsed[1], False
     return _recount(Path(account_dir), limits, write), True
 
 
-def change(account_dir: Path, limits: Limits, storage: int, messages: int) -> tuple[Usage, Usage]:
+def change(account_dir: Path, limits: Limits, storage: int, messages: int, quiet: bool = True
+           ) -> tuple[Usage, Usage]:
     """Record a change that has happened already: one line appended (or the file counted
     again, which includes it).  Returns (usage before, usage after)."""
-    after, counted = load(account_dir, limits)
+    after, counted = load(account_dir, limits, quiet=quiet)
     if counted:
         return Usage(after.storage - storage, after.messages - messages), after
     before = after
+    after = Usage(before.storage + storage, before.messages + messages)
+    path = Path(account_dir) / MAILDIRSIZE
     try:
-        fd = os.open(Path(account_dir) / MAILDIRSIZE, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     except FileNotFoundError:  # removed since it was read: counted again at the next look
-        return before, Usage(before.storage + storage, before.messages + messages)
+        return before, after
     try:
-        os.write(fd, f"{storage} {messages}\n".encode())
+        line = f"{storage} {messages}\n".encode()
+        os.write(fd, line)
+        st = os.fstat(fd)
     finally:
         os.close(fd)
-    return before, Usage(before.storage + storage, before.messages + messages)
+    known = _seen.get(os.fspath(path))
+    if known is not None and known[0][0] == st.st_ino and known[0][1] + len(line) == st.st_size:
+        _remember(path, _sig(st), known[1], after, known[3] + 1)  # nobody else wrote meanwhile
+    return before, after
 
 
 def forget(account_dir: Path) -> None:
@@ -283,7 +338,14 @@ class Quota:
 
     limits_of(account) -> Limits   the account's limits (directory, else the config default)
     warn(account, usage, limits)   called once each time usage crosses warn_percent upwards
+
+    The store calls check() before it writes (which also marks a change as under way) and
+    charge() after; an expunge calls begin() before it unlinks.  While a change is under
+    way the account is not counted again (the count would see its file, and then its line).
+    A change that failed between the two is forgotten after BUSY_FOR seconds.
     """
+
+    BUSY_FOR = 60.0
 
     def __init__(self, account_dir: Callable[[str], Path], limits_of: Callable[[str], Limits],
                  warn_percent: "float | Callable[[], float]" = 0,
@@ -293,6 +355,7 @@ class Quota:
         self.warn_percent = warn_percent
         self.warn = warn
         self._locks: dict[str, asyncio.Lock] = {}
+        self._busy: dict[str, list] = {}  # account -> [changes under way, when the last began]
         self._tasks: set[asyncio.Task] = set()
 
     def _lock(self, account: str) -> asyncio.Lock:
@@ -303,40 +366,66 @@ class Quota:
             lock = self._locks[account] = asyncio.Lock()
         return lock
 
+    def begin(self, account: str) -> None:
+        """A change of the account's messages starts (charge() ends it)."""
+        busy = self._busy.setdefault(account, [0, 0.0])
+        busy[0] += 1
+        busy[1] = time.monotonic()
+
+    def _under_way(self, account: str) -> int:
+        busy = self._busy.get(account)
+        if busy is None:
+            return 0
+        if time.monotonic() - busy[1] > self.BUSY_FOR:  # failed without charge(): forgotten
+            del self._busy[account]
+            return 0
+        return busy[0]
+
+    def _end(self, account: str) -> None:
+        busy = self._busy.get(account)
+        if busy is not None:
+            busy[0] -= 1
+            if busy[0] <= 0:
+                del self._busy[account]
+
     async def usage(self, account: str) -> tuple[Usage, Limits]:
         limits = self.limits_of(account)
         async with self._lock(account):
-            usage, _ = await asyncio.to_thread(load, self.account_dir(account), limits)
+            usage, _ = await asyncio.to_thread(load, self.account_dir(account), limits,
+                                               quiet=not self._under_way(account))
         return usage, limits
 
     async def check(self, account: str, storage: int, messages: int = 1) -> None:
-        """Raise QuotaExceeded when `messages` messages of `storage` bytes in all do not fit."""
-        if exempt.get():
-            return
+        """Raise QuotaExceeded when `messages` messages of `storage` bytes in all do not fit;
+        else the change is under way until charge()."""
         limits = self.limits_of(account)
-        if limits.unlimited:
-            return
-        usage, _ = await self.usage(account)
-        refused = refusal(usage, limits, storage, messages)
-        if refused is not None:
-            log.info("quota: %s: %s (%d of %d bytes, %d of %d messages in use)", account, refused,
-                     usage.storage, limits.storage, usage.messages, limits.messages)
-            raise refused
+        if not exempt.get() and not limits.unlimited:
+            usage, _ = await self.usage(account)
+            refused = refusal(usage, limits, storage, messages)
+            if refused is not None:
+                log.info("quota: %s: %s (%d of %d bytes, %d of %d messages in use)", account, refused,
+                         usage.storage, limits.storage, usage.messages, limits.messages)
+                raise refused
+        self.begin(account)
 
     async def charge(self, account: str, storage: int, messages: int) -> None:
-        """Record a change made (negative when messages went).  Never raises: the numbers are
-        counted again later if this fails."""
+        """Record a change made (negative when messages went) and end it.  Never raises: the
+        numbers are counted again later if this fails."""
         if not storage and not messages:
+            self._end(account)
             return
         limits = self.limits_of(account)
         path = self.account_dir(account)
         try:
             async with self._lock(account):
-                before, after = await asyncio.to_thread(change, path, limits, storage, messages)
+                quiet = self._under_way(account) <= 1  # only this change: a count includes it
+                before, after = await asyncio.to_thread(change, path, limits, storage, messages, quiet)
         except OSError as e:
             log.warning("quota: %s: usage not recorded (%s); counted again later", account, e.strerror or e)
             await asyncio.to_thread(forget, path)
             return
+        finally:
+            self._end(account)
         level = self.warn_percent() if callable(self.warn_percent) else self.warn_percent
         if (self.warn is not None and level and storage > 0
                 and percent(before, limits) < level <= percent(after, limits)):
