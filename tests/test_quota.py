@@ -18,7 +18,7 @@ from harness import MailServer, wait_for
 from mailstack.directory import Directory
 
 PW = "quota-test-pw"
-USERS = ("full", "tight", "roomy", "imap", "warned", "behind", "sender", "cli")
+USERS = ("full", "tight", "roomy", "imap", "warned", "behind", "sender", "cli", "fwd")
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,23 @@ def test_multi_recipient_data_is_250_and_the_queue_defers_the_full_one(server):
     wait_for(lambda: not deferred(), 20, what="the queue to empty")
 
 
+def test_sieve_redirect_of_a_full_account_is_not_held_back(server):
+    """Nothing is stored for a Sieve redirect: a full account's forward still goes out."""
+    server.cli("user", "quota", "fwd@example.test", "2K")
+    fill(server, "fwd", 1, 2048)
+    server.cli("sieve", "put", "fwd@example.test", "away", input='redirect "roomy@example.test";\n')
+    server.cli("sieve", "activate", "fwd@example.test", "away")
+    wait_for(lambda: usage_of(server, "fwd")[1] == 2, 10, what="the warning mail (100% now)")
+    before = usage_of(server, "fwd")
+    n = len(server.inbox_messages("roomy@example.test"))
+    # Through the queue (sendmail), as SMTP would refuse the full account at RCPT
+    server.cli("sendmail", "-f", "sender@example.test", "fwd@example.test",
+               input=message("forward me").decode())
+    wait_for(lambda: len(server.inbox_messages("roomy@example.test")) == n + 1, 20, what="the redirect")
+    assert usage_of(server, "fwd") == before
+    assert json.loads(server.cli("queue", "list", "--json").stdout) == []
+
+
 # ------------------------------------------------------------------------------------ IMAP
 
 def test_imap_capabilities_getquotaroot_getquota_and_setquota(server):
@@ -194,6 +211,7 @@ def test_imap_capabilities_getquotaroot_getquota_and_setquota(server):
         assert "NOPERM" in str(e.value)
         typ, data = c._imap._simple_command("GETQUOTAROOT", "NoSuchBox")
         assert typ == "NO"
+        assert server.log().count("IMAP QUOTA used") >= 1  # for the real-client matrix
         # STATUS DELETED / DELETED-STORAGE (RFC 9208 3.2, 3.3): what an EXPUNGE would free
         c.select_folder("INBOX")
         c.append("INBOX", message("two", 1500))
@@ -396,3 +414,38 @@ def test_concurrent_deliveries_and_expunges_are_counted_once(tmp_path):
         assert load(path, Limits(1 << 30, 601), write=False, quiet=False)[0] == walked
         assert (await store.quota.usage(account))[0] == walked
     asyncio.run(main())
+
+
+def test_queue_bounces_for_a_full_account_after_the_queue_lifetime(tmp_path):
+    srv = MailServer(tmp_path, overrides={"queue": {"max_lifetime": 3.0, "retry_min": 0.5, "retry_max": 1.0},
+                                          "quota": {"default_storage": "1K", "warn_percent": 0}},
+                     listeners=("smtp",))
+    directory = Directory(srv.data_dir)
+    directory.add_domain("example.test")
+    for user in ("full", "sender"):
+        directory.add_user(f"{user}@example.test", PW)
+    directory.set_quota("sender@example.test", 0, None)
+    directory.save()
+    with srv:
+        srv.start()
+        srv.cli("sendmail", "-f", "sender@example.test", "full@example.test", input=message("small", 600).decode())
+        wait_for(lambda: len(srv.inbox_messages("full@example.test")) == 1, 20, what="the first message")
+        srv.cli("sendmail", "-f", "sender@example.test", "full@example.test", input=message("no room", 600).decode())
+        bounce = wait_for(lambda: srv.inbox_messages("sender@example.test"), 30, what="the bounce")
+        assert b"452 4.2.2" in bounce[0] and b"full@example.test" in bounce[0]
+        assert len(srv.inbox_messages("full@example.test")) == 1
+        assert srv.stop() == 0
+
+
+def test_bad_quota_settings_are_one_line_errors(tmp_path):
+    from mailstack import config
+    from mailstack.directory import DirectoryError
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[quota]\ndefault_storage = "lots"\n')
+    with pytest.raises(config.ConfigError, match=r"^quota.default_storage: 'lots' is not a size"):
+        config.load(cfg)
+    (tmp_path / "quotas").write_text("a@example.test: storage=1G\nb@example.test: storage=big\n")
+    with pytest.raises(DirectoryError, match=r"quotas: line 2: expected user@domain: storage=SIZE"):
+        Directory(tmp_path)
+    (tmp_path / "quotas").write_text("a@example.test: storage=1G messages=7\n")
+    assert Directory(tmp_path).quotas == {"a@example.test": {"storage": 1 << 30, "messages": 7}}
