@@ -16,6 +16,8 @@ from imapclient.imapclient import Quota
 
 from harness import MailServer, wait_for
 from mailstack.directory import Directory
+from mailstack.quotas import parse_quota_args
+from mailstack.sieve.scripts import ScriptStore
 
 PW = "quota-test-pw"
 USERS = ("full", "tight", "roomy", "imap", "warned", "behind", "sender", "cli", "fwd")
@@ -97,12 +99,14 @@ def test_cli_sets_shows_and_removes_a_quota(server):
     assert "removed" in out and "(no limit)" in out
     assert "cli@example.test" not in (server.data_dir / "quotas").read_text()
     for args, error in ((("cli@example.test", "12X"), "is not a size"),
-                        (("nobody@example.test", "1M"), "no account nobody@example.test"),
-                        (("cli@example.test", "1M", "--messages", "many"), "--messages 'many'"),
-                        (("cli@example.test", "none", "--messages", "3"), "removes both limits")):
+                        (("nobody@example.test", "1M"), "no account nobody@example.test")):
         r = server.cli("user", "quota", *args, check=False)
         assert r.returncode != 0 and r.stdout == ""
         assert r.stderr.count("\n") == 1 and error in r.stderr and "Traceback" not in r.stderr
+    for size, messages, error in (("1M", "many", "--messages 'many'"), ("none", "3", "removes both limits")):
+        with pytest.raises(ValueError, match=error):  # the same one-line errors, without a CLI start each
+            parse_quota_args(size, messages)
+    assert parse_quota_args("2G", "0") == (2 << 30, 0) and parse_quota_args("none", None) == (None, None)
 
 
 # ------------------------------------------------------------------------------------ SMTP
@@ -174,8 +178,9 @@ def test_sieve_redirect_of_a_full_account_is_not_held_back(server):
     """Nothing is stored for a Sieve redirect: a full account's forward still goes out."""
     server.cli("user", "quota", "fwd@example.test", "2K")
     fill(server, "fwd", 1, 2048)
-    server.cli("sieve", "put", "fwd@example.test", "away", input='redirect "roomy@example.test";\n')
-    server.cli("sieve", "activate", "fwd@example.test", "away")
+    scripts = ScriptStore(server.data_dir)  # as `mailstack sieve put/activate` does, without two CLI starts
+    scripts.put("fwd@example.test", "away", 'redirect "roomy@example.test";\n')
+    scripts.set_active("fwd@example.test", "away")
     wait_for(lambda: usage_of(server, "fwd")[1] == 2, 10, what="the warning mail (100% now)")
     before = usage_of(server, "fwd")
     n = len(server.inbox_messages("roomy@example.test"))
