@@ -13,8 +13,12 @@ writers do not tear it), so a delivery never walks the Maildir.  The file is cou
 (every folder's new/ and cur/, sizes from the ",S=" in the names, stat() only without one)
 and rewritten whole (tmp + rename) when it is missing, unreadable, at least 5120 bytes
 long (Maildir++'s limit: some hundreds of changes), when its limits are not the current
-ones, or when it was last written more than 15 minutes ago: messages added or removed
-behind the server's back (a `mv` into cur/, another program) are then counted.
+ones, when it was last written more than 15 minutes ago, or when this process last counted
+the account more than 15 minutes ago (or never: once after each start): messages added or
+removed behind the server's back (a `mv` into cur/, an import, another program) are counted
+within 15 minutes even in a mailbox that changes all the time.  No count starts while this
+process has changes of the account under way (see Quota), and a count during which a
+folder changed is not written (as Dovecot): it is done again at the next look.
 
 Every message file counts, \\Deleted ones too, in every folder (Trash and Junk included),
 as with Dovecot.  A MOVE inside the account changes nothing; COPY, APPEND and delivery
@@ -275,37 +279,38 @@ def _recount(account_dir: Path, limits: Limits, write: bool) -> Usage:
 
 
 def load(account_dir: Path, limits: Limits, write: bool = True, now: float | None = None,
-         quiet: bool = True) -> tuple[Usage, bool]:
+         quiet: bool = True, due: bool = False) -> tuple[Usage, bool]:
     """The account's usage, from maildirsize, counted again when the file says so (see the
     module's doc).  Returns (usage, counted again?).  `write=False` (the CLI) never writes.
     `quiet=False`: changes of this process are under way (files written, not yet recorded):
     a count now would see some of them twice, so the file's numbers are used as long as it
-    can be read, and the count waits for a quiet moment."""
+    can be read, and the count waits for a quiet moment.  `due`: count (when quiet) even
+    if the file looks fresh."""
     path = Path(account_dir) / MAILDIRSIZE
     got = _read(path)
     if got is not None and got[0] is not None:
         parsed, st = got
-        fresh = (st.st_size < RECALC_SIZE and parsed[0] == limits
+        fresh = (st.st_size < RECALC_SIZE and parsed[0] == limits and not due
                  and (time.time() if now is None else now) - st.st_mtime < STALE)
         if fresh or not quiet:
             return parsed[1], False
     return _recount(Path(account_dir), limits, write), True
 
 
-def change(account_dir: Path, limits: Limits, storage: int, messages: int, quiet: bool = True
-           ) -> tuple[Usage, Usage]:
+def change(account_dir: Path, limits: Limits, storage: int, messages: int, quiet: bool = True,
+           due: bool = False) -> tuple[Usage, Usage, bool]:
     """Record a change that has happened already: one line appended (or the file counted
-    again, which includes it).  Returns (usage before, usage after)."""
-    after, counted = load(account_dir, limits, quiet=quiet)
+    again, which includes it).  Returns (usage before, usage after, counted again?)."""
+    after, counted = load(account_dir, limits, quiet=quiet, due=due)
     if counted:
-        return Usage(after.storage - storage, after.messages - messages), after
+        return Usage(after.storage - storage, after.messages - messages), after, True
     before = after
     after = Usage(before.storage + storage, before.messages + messages)
     path = Path(account_dir) / MAILDIRSIZE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     except FileNotFoundError:  # removed since it was read: counted again at the next look
-        return before, after
+        return before, after, False
     try:
         line = f"{storage} {messages}\n".encode()
         os.write(fd, line)
@@ -315,7 +320,7 @@ def change(account_dir: Path, limits: Limits, storage: int, messages: int, quiet
     known = _seen.get(os.fspath(path))
     if known is not None and known[0][0] == st.st_ino and known[0][1] + len(line) == st.st_size:
         _remember(path, _sig(st), known[1], after, known[3] + 1)  # nobody else wrote meanwhile
-    return before, after
+    return before, after, False
 
 
 def forget(account_dir: Path) -> None:
@@ -356,6 +361,9 @@ class Quota:
         self.warn = warn
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy: dict[str, list] = {}  # account -> [changes under way, when the last began]
+        # account -> when this process last counted it: a busy account's file never gets 15
+        # minutes old, yet what others changed (a `mv`, an import) must be counted that often.
+        self._counted: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def _lock(self, account: str) -> asyncio.Lock:
@@ -388,11 +396,21 @@ class Quota:
             if busy[0] <= 0:
                 del self._busy[account]
 
+    def _due(self, account: str) -> bool:
+        return time.monotonic() - self._counted.get(account, -STALE) >= STALE
+
+    def _was_counted(self, account: str) -> None:
+        if len(self._counted) > 100_000:
+            self._counted.clear()
+        self._counted[account] = time.monotonic()
+
     async def usage(self, account: str) -> tuple[Usage, Limits]:
         limits = self.limits_of(account)
         async with self._lock(account):
-            usage, _ = await asyncio.to_thread(load, self.account_dir(account), limits,
-                                               quiet=not self._under_way(account))
+            usage, counted = await asyncio.to_thread(load, self.account_dir(account), limits,
+                                                     quiet=not self._under_way(account), due=self._due(account))
+            if counted:
+                self._was_counted(account)
         return usage, limits
 
     async def check(self, account: str, storage: int, messages: int = 1) -> None:
@@ -419,7 +437,10 @@ class Quota:
         try:
             async with self._lock(account):
                 quiet = self._under_way(account) <= 1  # only this change: a count includes it
-                before, after = await asyncio.to_thread(change, path, limits, storage, messages, quiet)
+                before, after, counted = await asyncio.to_thread(change, path, limits, storage, messages,
+                                                                 quiet, self._due(account))
+                if counted:
+                    self._was_counted(account)
         except OSError as e:
             log.warning("quota: %s: usage not recorded (%s); counted again later", account, e.strerror or e)
             await asyncio.to_thread(forget, path)
