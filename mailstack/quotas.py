@@ -107,21 +107,22 @@ class QuotaStage:
         self.services = services
 
     async def _refusal(self, rcpt: str, size: int):
-        """(account's refusal or None, is it a local account with a limit at all)."""
+        """Why the recipient's account cannot take `size` bytes now (None when it can, or when
+        the recipient is not one local account)."""
         quota = getattr(self.services.store, "quota", None)
         if quota is None:
-            return None, False
+            return None
         res = self.services.directory.resolve(rcpt)
         if res.kind != "local" or res.account is None:
-            return None, False
+            return None
         limits = quota.limits_of(res.account)
         if limits.unlimited:
-            return None, True
+            return None
         usage, limits = await quota.usage(res.account)
-        return refusal(usage, limits, max(size, 1), 1), True
+        return refusal(usage, limits, max(size, 1), 1)
 
     async def rcpt(self, conn, txn, rcpt: str) -> str | None:
-        refused, _ = await self._refusal(rcpt, getattr(txn, "size", None) or 0)
+        refused = await self._refusal(rcpt, getattr(txn, "size", None) or 0)
         if refused is None:
             return None
         return (REPLY_TOO_BIG if refused.permanent else REPLY_FULL).format(rcpt)
@@ -129,7 +130,7 @@ class QuotaStage:
     async def data(self, conn, txn, message: bytes) -> Verdict:
         refusals = []
         for rcpt in txn.rcpts:
-            refused, _ = await self._refusal(rcpt, len(message))
+            refused = await self._refusal(rcpt, len(message))
             if refused is None:
                 return Verdict()  # someone takes it: the queue handles the others
             refusals.append((rcpt, refused))

@@ -304,7 +304,6 @@ def test_dovecot_counts_the_same_maildir_the_same(server):
     """Dovecot's own Maildir++ quota (quota = maildir) on a copy of an account: its count and
     its GETQUOTAROOT agree with ours."""
     import shutil
-    import socket
     from dovecot_fixture import Dovecot
     if shutil.which("dovecot") is None:
         pytest.fail("dovecot is not installed (tests/run.sh DEBS has dovecot-imapd)")
