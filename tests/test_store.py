@@ -649,7 +649,8 @@ def test_status_counts_without_opening(tmp_path):
         await box.store_flags([1, 2], ["\\Seen"], "+")
         st = await make_store(tmp_path).status(ACCT, "INBOX")
         # no IMAP session has taken them as \Recent yet (RFC 3501 2.3.2)
-        assert st == {"MESSAGES": 4, "RECENT": 4, "UIDNEXT": 5, "UIDVALIDITY": box.uidvalidity, "UNSEEN": 2}
+        assert st == {"MESSAGES": 4, "RECENT": 4, "UIDNEXT": 5, "UIDVALIDITY": box.uidvalidity, "UNSEEN": 2,
+                      "DELETED": 0, "DELETED-STORAGE": 0}  # the last two: RFC 9208 (QUOTA)
         with pytest.raises(MailboxNotFound):
             await store.status(ACCT, "Nope")
 
