@@ -135,9 +135,12 @@ def cmd_domain(args, cfg) -> int:
 
 def cmd_user(args, cfg) -> int:
     if args.action == "list":
-        for a in sorted(_directory(cfg).accounts):
-            print(a)
+        from .quotas import list_lines  # each account with its quota usage and limits
+        for line in list_lines(cfg, _directory(cfg)):
+            print(line)
         return 0
+    if args.action == "quota":
+        return cmd_user_quota(args, cfg)
     if args.action == "del":
         return _edit(cfg, lambda d: d.del_user(args.address),
                      f"account {args.address} removed (its mail is kept on disk)")
@@ -151,6 +154,37 @@ def cmd_user(args, cfg) -> int:
         return _edit(cfg, lambda d: d.add_user(account, password), f"account {account} added")
     password = _read_password(args, cfg)
     return _edit(cfg, lambda d: d.set_password(args.address, password), f"password of {args.address} changed")
+
+
+def cmd_user_quota(args, cfg) -> int:
+    """`user quota USER [SIZE|none] [--messages N]`: set, remove or (without SIZE) show."""
+    from . import quotas
+    directory = _directory(cfg)
+    account = normalize_address(args.address)
+    if account not in directory.accounts:
+        raise DirectoryError(f"no account {account}")
+    if args.size is None:
+        if args.messages is not None:
+            raise DirectoryError("--messages needs SIZE (the storage limit) too")
+        usage, limits = quotas.account_usage(cfg, directory, account)
+        own = "own limits" if account in directory.quotas else "default limits (quota.default_*)"
+        print(f"{account}: {quotas.describe(usage, limits)} [{own}]")
+        return 0
+    try:
+        storage, messages = quotas.parse_quota_args(args.size, args.messages)
+    except ValueError as e:
+        raise DirectoryError(str(e)) from None
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.set_quota(account, storage, messages)
+    directory.save()
+    _notify_server(cfg)
+    now = quotas.describe(*quotas.account_usage(cfg, directory, account))
+    if storage is None:
+        print(f"quota of {account} removed, the defaults apply: {now}")
+    else:
+        print(f"quota of {account} set: {now}")
+    return 0
 
 
 def _create_mailboxes(cfg, account: str) -> None:
@@ -225,7 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "accounts.min_password_length or a common one (for tests)")
     usub.add_parser("del", help="remove an account (its mail stays on disk)").add_argument(
         "address", help="user@domain")
-    usub.add_parser("list", help="the accounts, one a line")
+    usub.add_parser("list", help="the accounts, one a line, with their quota usage and limits")
+    q = usub.add_parser("quota", help="set, remove or show an account's quota (RFC 9208 STORAGE, MESSAGE)")
+    q.add_argument("address", help="user@domain")
+    q.add_argument("size", nargs="?", help="storage limit like 500M or 2G (K/M/G/T, powers of 1024; 0 = no "
+                   "limit); \"none\" removes the account's own limits (quota.default_* apply); leave out to show")
+    q.add_argument("--messages", metavar="N", help="message-count limit (0 = no limit)")
     u.set_defaults(func=cmd_user)
 
     al = sub.add_parser("alias", help="aliases: add, del, list (one address to many; @domain is the catch-all)")

@@ -437,6 +437,21 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_line_length": Key("int", 8192, "Longest command line, in bytes, literals excluded.",
                                min=1024, max=1 * MiB),
     },
+    "quota": {
+        "default_storage": Key("str", "10G", "Storage limit of an account without its own (`mailstack user "
+                               "quota USER SIZE`): a size with K, M, G or T (powers of 1024); 0 = no limit. "
+                               "Generous on purpose: it keeps one flooded or looping mailbox from filling the "
+                               "disk for everyone, yet is far above what a person's mail needs (Gmail's whole "
+                               "account is 15G). Mail to a full mailbox is refused with 452 4.2.2 (senders "
+                               "retry) or deferred in the queue, never lost.",
+                               check=lambda v: _size_error(v)),
+        "default_messages": Key("int", 0, "Message-count limit of an account without its own; 0 = no limit.",
+                                min=0, max=2**31),
+        "warn_percent": Key("int", 90, "When an account's usage (storage or messages, whichever is fuller) "
+                            "crosses this percentage of its limit, a warning from the postmaster is put in its "
+                            "INBOX, once per crossing (again only after usage fell below and crossed anew). "
+                            "0 = no warning.", min=0, max=100),
+    },
     "metrics": {
         "listen": Key("str", "", "Serve Prometheus metrics (GET /metrics) on this \"host:port\", e.g. "
                       "\"127.0.0.1:9100\". Keep it on loopback or a private network: it is plain HTTP "
@@ -444,6 +459,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
                       check=lambda v: _hostport_error(v) if v else None),
     },
 }
+
+
+def _size_error(value: str) -> str | None:
+    from .store.quota import parse_size
+    try:
+        parse_size(value)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # --- checks of the [filters] block -------------------------------------------------------------
@@ -752,6 +776,7 @@ SECTION_DOCS = {
     "sieve": "Sieve filtering at local delivery (RFC 5228 and extensions).",
     "managesieve": "ManageSieve (RFC 5804, port 4190): where users upload their Sieve scripts.",
     "metrics": "Prometheus metrics over HTTP (off unless `listen` is set).",
+    "quota": "Mailbox quotas (Maildir++ maildirsize; IMAP QUOTA, RFC 9208): defaults and the warning mail.",
 }
 
 

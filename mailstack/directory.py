@@ -6,6 +6,8 @@ Three files under data_dir, each readable and editable by a person:
     accounts   user@domain:<argon2 hash>          (like Dovecot's passwd-file)
     aliases    source: target, target, ...        (like Postfix's virtual table)
                "@domain: target" is the catch-all of that domain
+    quotas     user@domain: storage=1G messages=10000   (the account's own limits; a
+               missing key = quota.default_*, 0 = no limit; sizes take K/M/G/T)
 
 Lines starting with '#' are comments. The CLI rewrites them atomically
 (tmp file, fsync, rename); the server re-reads them when their mtime changes,
@@ -174,6 +176,7 @@ class Directory:
         self.domains: set[str] = set()
         self.accounts: dict[str, str] = {}  # address -> hash, in the order they were made
         self.aliases: dict[str, tuple[str, ...]] = {}
+        self.quotas: dict[str, dict[str, int]] = {}  # account -> {"storage": bytes, "messages": n}
         self.system_users: frozenset[str] = frozenset()
         self._mtimes: tuple = ()
         self._refused: tuple | None = None  # the file versions last refused: not re-read until they change
@@ -199,9 +202,13 @@ class Directory:
     def paths(self) -> tuple[Path, Path, Path]:
         return self.data_dir / "domains", self.data_dir / "accounts", self.data_dir / "aliases"
 
+    @property
+    def quota_path(self) -> Path:
+        return self.data_dir / "quotas"
+
     def _stat(self) -> tuple:
         out = []
-        for p in self.paths:
+        for p in (*self.paths, self.quota_path):
             try:
                 st = p.stat()
                 out.append((st.st_mtime_ns, st.st_size, st.st_ino))
@@ -237,7 +244,9 @@ class Directory:
             if not sep or "@" not in src or not targets:
                 raise DirectoryError(f"{aliases_p}: line {n}: expected source@domain: target[, target...]")
             aliases[normalize_address(src)] = targets
+        quotas = _read_quotas(self.quota_path)
         self.domains, self.accounts, self.aliases, self._mtimes = domains, accounts, aliases, mtimes
+        self.quotas = quotas
         self.system_users = _system_users()
         self._verified.clear()
         self._refused = None
@@ -266,6 +275,8 @@ class Directory:
         atomic_write(aliases_p,
                      "".join(f"{s}: {', '.join(t)}\n" for s, t in sorted(self.aliases.items())).encode(),
                      mode=0o600)
+        if self.quotas or self.quota_path.exists():
+            atomic_write(self.quota_path, _format_quotas(self.quotas), mode=0o600)
         self._mtimes = self._stat()
 
     # --- lookups -------------------------------------------------------------------
@@ -481,6 +492,23 @@ class Directory:
         if address not in self.accounts:
             raise DirectoryError(f"no account {address}")
         del self.accounts[address]
+        self.quotas.pop(address, None)
+
+    def set_quota(self, address: str, storage: int | None, messages: int | None) -> None:
+        """The account's own limits (bytes, messages; 0 = no limit); None for both removes
+        them (quota.default_* apply again); messages None alone keeps the current one."""
+        address = normalize_address(address)
+        if address not in self.accounts:
+            raise DirectoryError(f"no account {address}")
+        if storage is None and messages is None:
+            self.quotas.pop(address, None)
+            return
+        own = dict(self.quotas.get(address, {}))
+        if storage is not None:
+            own["storage"] = storage
+        if messages is not None:
+            own["messages"] = messages
+        self.quotas[address] = own
 
     def add_alias(self, source: str, targets: list[str]) -> None:
         source = normalize_address(source)
@@ -502,6 +530,48 @@ class Directory:
                 self.aliases[source] = keep
                 return
         del self.aliases[source]
+
+
+_QUOTA_KEYS = ("storage", "messages")
+
+
+def _read_quotas(path: Path) -> dict[str, dict[str, int]]:
+    """The quotas file: "user@domain: storage=1G messages=1000" per line."""
+    from .store.quota import parse_size
+    out: dict[str, dict[str, int]] = {}
+    for n, line in enumerate(_read_lines(path), 1):
+        addr, sep, rest = line.partition(":")
+        own: dict[str, int] = {}
+        for word in rest.split():
+            key, eq, value = word.partition("=")
+            try:
+                if key not in _QUOTA_KEYS or not eq or key in own:
+                    raise ValueError
+                own[key] = parse_size(value) if key == "storage" else int(value, 10)
+            except ValueError:
+                own = {}
+                break
+        if not sep or "@" not in addr or not own or any(v < 0 for v in own.values()):
+            raise DirectoryError(f"{path}: line {n}: expected user@domain: storage=SIZE messages=N "
+                                 "(either or both; SIZE like 500M or 2G)")
+        out[normalize_address(addr)] = own
+    return out
+
+
+def _format_quotas(quotas: dict[str, dict[str, int]]) -> bytes:
+    from .store.quota import format_size
+    lines = ["# mailstack quotas: user@domain: storage=SIZE messages=N (a missing key = quota.default_*, "
+             "0 = no limit)\n"]
+    for addr, own in sorted(quotas.items()):
+        words = []
+        if "storage" in own:
+            size = own["storage"]
+            exact = format_size(size)
+            words.append(f"storage={exact if '.' not in exact and exact[-1] != 'B' else size}")
+        if "messages" in own:
+            words.append(f"messages={own['messages']}")
+        lines.append(f"{addr}: {' '.join(words)}\n")
+    return "".join(lines).encode()
 
 
 def hash_password(password: str) -> str:

@@ -16,6 +16,8 @@ def build_stages(services) -> tuple:
     # Order matters: defence first (cheap refusals), then who sent it, then what it says.
     from .defense.stage import DefenseStage
     stages.append(DefenseStage(services))
+    from .quotas import stages as quota_stages  # full mailboxes: 452/552 at RCPT and DATA (cheap)
+    stages += quota_stages(services)
     from .senderauth import forward, stage as senderauth
     forward.install_reverse(services.directory, services.config)  # bounces to SRS addresses
     stages += senderauth.build(services)

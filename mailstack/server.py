@@ -115,6 +115,8 @@ class Server:
 
         from .store.maildir import MaildirStore
         services.store = MaildirStore(cfg.mail_dir, services.events, group_sync)
+        from .quotas import install as install_quota
+        install_quota(services)  # usage in maildirsize, limits from the directory (quotas.py)
         self._tasks.append(asyncio.create_task(self._clean_maildir_tmp(time.time())))
         await self._start_queue(services, group_sync)
         from .pipeline import build_stages
@@ -281,6 +283,7 @@ class Server:
         services.directory.domains, services.directory.accounts, services.directory.aliases = (
             directory.domains, directory.accounts, directory.aliases)
         services.directory._mtimes = directory._mtimes
+        services.directory.quotas = directory.quotas
         services.directory._verified.clear()
         services.throttle.reconfigure(new)
         if services.queue is not None and hasattr(services.queue, "reconfigure"):

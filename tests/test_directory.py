@@ -103,7 +103,9 @@ def test_cli_domain_user_alias(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli(tmp_path, "user", "add", "dave@example.test", input="dave pw2 long pass\n")  # stdin not a tty
     assert r.returncode == 0, r.stderr
-    assert run_cli(tmp_path, "user", "list").stdout.split() == ["carol@example.test", "dave@example.test"]
+    listed = run_cli(tmp_path, "user", "list").stdout.splitlines()  # each with its quota usage and limits
+    assert [line.split()[0] for line in listed] == ["carol@example.test", "dave@example.test"]
+    assert "0B of 10G (0%), 0 messages [default]" in listed[0]
     # the password is never taken from argv
     r = run_cli(tmp_path, "user", "add", "eve@example.test", "secret-on-argv", input="")
     assert r.returncode != 0

@@ -625,6 +625,7 @@ def _list_extended(c: _Cursor) -> dict:  # LIST-EXTENDED, LIST-STATUS (parse_lis
 _STATUS_ITEMS = {"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"}
 _STATUS_ITEMS.add("APPENDLIMIT")  # RFC 7889
 _STATUS_ITEMS |= {"SIZE", "DELETED"}  # STATUS=SIZE (RFC 8438), DELETED (RFC 9051)
+_STATUS_ITEMS |= {"DELETED", "DELETED-STORAGE"}  # RFC 9208 3.2/3.3: with QUOTA=RES-MESSAGE/RES-STORAGE
 
 
 def _status(c: _Cursor) -> dict:
@@ -767,6 +768,8 @@ def _notify(c: _Cursor) -> dict:  # RFC 5465; the grammar lives in notify.py (it
 COMMANDS["NOTIFY"] = _notify
 UID_COMMANDS = {"FETCH": _fetch, "STORE": _store, "SEARCH": _search, "COPY": _copy, "MOVE": _copy,
                 "EXPUNGE": _uid_expunge}
+from .parse_quota import QUOTA_COMMANDS  # noqa: E402 - GETQUOTA, GETQUOTAROOT, SETQUOTA (RFC 9208)
+COMMANDS.update(QUOTA_COMMANDS)
 
 
 def parse_tag(parts: list[bytes]) -> str | None:

@@ -21,12 +21,14 @@ from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, 
 from .appending import AppendCommands, max_append_bytes
 from .compress import CompressCommands
 from .notify import NotifyCommands
+from ..store.quota import QuotaExceeded
 from .fetching import BIG_CHUNK, FetchCommands
 from .listing import ListCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
 from .parser import Command, MailboxNameError, ParseError, parse_command, parse_tag
 from .selected import SelectedCommands
+from .quota import QuotaCommands
 from .states import AUTH, LOGOUT, NOT_AUTH, READ_SIZE, SELECTED, Bye
 
 log = logging.getLogger("mailstack.imap")
@@ -54,6 +56,9 @@ AUTHENTICATED_CAPABILITIES = [
     "CREATE-SPECIAL-USE",
     "COMPRESS=DEFLATE",
     "NOTIFY",
+    "QUOTA",
+    "QUOTA=RES-STORAGE",
+    "QUOTA=RES-MESSAGE",
 ]
 # LITERAL-: not offered.  RFC 7888: LITERAL- is LITERAL+ with non-synchronising literals
 # limited to 4096 octets (a server offering only LITERAL- must refuse bigger ones with BAD
@@ -72,6 +77,7 @@ _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 _NOT_AUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 _AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
          "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"}
+_AUTH |= {"GETQUOTA", "GETQUOTAROOT", "SETQUOTA"}  # quota.py (RFC 9208)
 _SELECTED = {"CHECK", "CLOSE", "EXPUNGE", "UNSELECT", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
 # RFC 3501 7.4.1: no EXPUNGE while answering these (non-UID) commands.
 _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
@@ -80,7 +86,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommands, FetchCommands,
-                  CompressCommands, NotifyCommands):
+                  CompressCommands, NotifyCommands, QuotaCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -298,6 +304,8 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
             self.tagged(cmd, "NO", f"[NONEXISTENT] {e or 'Mailbox does not exist'}")
         except MailboxExists as e:
             self.tagged(cmd, "NO", f"[ALREADYEXISTS] {e or 'Mailbox exists'}")
+        except QuotaExceeded as e:  # the account's quota (store/quota.py); nothing was changed
+            self.tagged(cmd, "NO", f"[OVERQUOTA] {e}")
         except StoreFull as e:  # as Dovecot answers ENOSPC; the store changed nothing
             self.tagged(cmd, "NO", f"[OVERQUOTA] {e}")
         except StoreIOError as e:

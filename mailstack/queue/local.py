@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..directory import normalize_address
 from ..filters.prefs import spam_to_inbox
 from ..store.base import MailboxNotFound, StoreError
+from ..store.quota import QuotaExceeded
 from .types import QueuedMessage, RecipientResult
 
 log = logging.getLogger("mailstack.queue")
@@ -121,6 +122,10 @@ class LocalTransport:
                 return RecipientResult(account, status, reply, "local")
             source = message.data if message.data is not None else message.source
             mailbox, added = await self._store(account, source, did, mailbox)
+        except QuotaExceeded as e:  # full: kept and retried (until queue.max_lifetime); too big: bounced
+            if e.permanent:
+                return RecipientResult(account, "bounced", f"552 5.2.2 <{account}>: {e}", "local")
+            return RecipientResult(account, "deferred", f"452 4.2.2 <{account}>: {e}", "local")
         except StoreError as e:
             return RecipientResult(account, "deferred", f"452 4.2.0 <{account}>: {e}", "local")
         except OSError as e:

@@ -58,6 +58,7 @@ class Transaction:
     mail_from: str  # "" is the null sender
     rcpts: list[str] = field(default_factory=list)  # accepted so far
     qid: str | None = None  # the queue id the message will get (known from DATA on)
+    size: int | None = None  # MAIL FROM's SIZE= (RFC 1870), when the client gave it
     state: dict = field(default_factory=dict)
 
 

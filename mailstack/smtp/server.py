@@ -418,7 +418,7 @@ class SMTPSession(SMTP):
             self.services.metrics.smtp_reject(refusal)
             return self.reply(refusal)
         if self.stages:
-            txn = hooks.Transaction(mail_from=address)
+            txn = hooks.Transaction(mail_from=address, size=size)
             refusal = await hooks.ask(self.stages, "mail", self.conn, txn)
             if refusal:
                 log.info("reject: MAIL from=<%s>: %s", address, refusal, extra={"client": self.client})

@@ -227,7 +227,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def status(self, account: str, name: str) -> dict:
         """{"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "SIZE" (bytes of all
-        messages), "DELETED" (messages flagged \\Deleted)} without opening it for a session."""
+        messages), "DELETED" (messages flagged \\Deleted)} without opening it for a session
+        (and "DELETED-STORAGE" in KiB, RFC 9208, where the backend knows it)."""
 
     @abc.abstractmethod
     async def list_mailboxes(self, account: str) -> list[MailboxInfo]:

@@ -919,15 +919,20 @@ class MaildirMailbox(Mailbox):
                        if uid in self._index and "T" in e.letters and (limit is None or uid in limit)]
             if not targets:
                 return []
+            if self._store.quota is not None:
+                self._store.quota.begin(self.account)  # charge() below ends it
             done = await asyncio.to_thread(_unlink_deleted, st.path, targets)
             if not done:
                 return []
             bases = {st.entries[u].base for u in done}
+            freed = sum(st.entries[u].size for u in done)
             await st.drop(bases)
             for uid in done:
                 st.entries.pop(uid, None)
             st.version += 1
             self._drop_from_view(done)
+        if self._store.quota is not None:
+            await self._store.quota.charge(self.account, -freed, -len(done))
         done.sort()
         self._publish("expunge", done, origin)
         return done
@@ -978,6 +983,8 @@ class MaildirMailbox(Mailbox):
 # ---------------------------------------------------------------- the store
 
 class MaildirStore(Store):
+    quota = None  # store/quota.py's Quota when usage is tracked and limits enforced (server.py)
+
     def __init__(self, root: str | os.PathLike, events: EventBus, group_sync: GroupSync | None = None) -> None:
         self.root = Path(root)
         self.events = events
@@ -1124,6 +1131,8 @@ class MaildirStore(Store):
                     if keywords:
                         await st.ensure_keywords(keywords)
                     letters = "".join(sorted(fl.letters_for(system, keywords, st.keywords)))
+            if self.quota is not None:
+                await self.quota.check(st.account, size)
             base = fn.new_base(time.time(), size, did)
             sub, name = ("cur", fn.join(base, letters)) if letters else ("new", base)
             entry = await asyncio.to_thread(_write_and_index, st.path, base, sub, name, message,
@@ -1136,6 +1145,8 @@ class MaildirStore(Store):
             st.refs -= 1
         self._note_indexed(st, base, entry)
         st.dirty = True
+        if self.quota is not None:
+            await self.quota.charge(st.account, size, 1)
         self._publish(st.account, st.name, "new", (), None)
         return True
 
@@ -1167,6 +1178,8 @@ class MaildirStore(Store):
                 if keywords:
                     await st.ensure_keywords(keywords)
                 letters = "".join(sorted(fl.letters_for(system, keywords, st.keywords)))
+            if self.quota is not None:
+                await self.quota.check(st.account, len(message))
             base = fn.new_base(date, len(message))
             name = fn.join(base, letters)
             entry = await asyncio.to_thread(_write_and_index, st.path, base, "cur", name, message,
@@ -1182,6 +1195,8 @@ class MaildirStore(Store):
                 raise
         finally:
             st.refs -= 1
+        if self.quota is not None:
+            await self.quota.charge(st.account, len(message), 1)
         self._publish(st.account, st.name, "new", (uid,), origin)
         return uidvalidity, uid
 
@@ -1210,11 +1225,12 @@ class MaildirStore(Store):
             await self._load_recent(st)
             mark = self.recent_mark(st.account, st.name, st.ul.uidvalidity)
             recent = sum(1 for uid in st.entries if uid > mark)
+            deleted = [e.size for e in st.entries.values() if "T" in e.letters]  # RFC 9208 (quota)
             return {"MESSAGES": len(st.entries), "RECENT": recent, "UIDNEXT": st.ul.nextuid,
                     "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen,
                     # STATUS=SIZE (RFC 8438) and DELETED (RFC 9051), from the names on disk
                     "SIZE": sum(e.size for e in st.entries.values()),
-                    "DELETED": sum(1 for e in st.entries.values() if "T" in e.letters)}
+                    "DELETED": len(deleted), "DELETED-STORAGE": -(-sum(deleted) // 1024)}
 
     # -- \Recent, kept on disk (recent.py) ------------------------------------------------
 
@@ -1319,6 +1335,8 @@ class MaildirStore(Store):
         account_dir = self.account_dir(acct)
         async with self._account_lock(acct):
             await asyncio.to_thread(self._delete_blocking, account_dir, name)
+            if self.quota is not None:  # its messages are gone: counted again at the next look
+                await self.quota.forget(acct)
             # The children keep their states; only this one is gone.
             st = self._states.pop((acct, name), None)
             if st is not None:
@@ -1467,6 +1485,8 @@ class MaildirStore(Store):
         words = [src.keywords[ord(c) - 97] for c in used_kw if ord(c) - 97 < len(src.keywords)]
         if words:
             await dst.ensure_keywords(words)
+        if not move and self.quota is not None:  # a MOVE stays in the account: no change
+            await self.quota.check(dst.account, sum(e.size for e in entries), len(entries))
         remap = {c: fl.keyword_letters([src.keywords[ord(c) - 97]], dst.keywords)
                  for c in used_kw if ord(c) - 97 < len(src.keywords)}
         plan = []
@@ -1494,6 +1514,8 @@ class MaildirStore(Store):
             dst.dirty = True
             raise
         pairs = [(e.uid, assigned[fn.split(dname)[0]]) for e, dname in done]
+        if not move and self.quota is not None:
+            await self.quota.charge(dst.account, sum(e.size for e, _ in done), len(done))
         if move:
             await src.drop({e.base for e, _ in done})
             for e, _ in done:

@@ -80,6 +80,11 @@ async def append_many(store, account: str, mailbox: str,
             raise StoreError("bad internal date")
         parsed.append((bytes(message), *fl.parse_flags(flags), when))
     st = await store._state(account, mailbox)
+    quota = store.quota  # store/quota.py: the whole command fits or none of it is stored
+    total = sum(len(m) for m, _, _, _ in parsed)
+    if quota is not None:
+        await quota.check(st.account, total, len(parsed))
+    stored = False
     st.refs += 1
     try:
         keywords = list(dict.fromkeys(k for _, _, kws, _ in parsed for k in kws))
@@ -106,8 +111,11 @@ async def append_many(store, account: str, mailbox: str,
         except BaseException:
             await asyncio.to_thread(_unlink_all, [st.path / "tmp" / base for base, _, _, _ in plan])
             raise
+        stored = True
     finally:
         st.refs -= 1
+        if quota is not None:  # ends the change check() began, recording it if it was made
+            await quota.charge(st.account, total if stored else 0, len(parsed) if stored else 0)
     ordered = [uids[base] for base, _, _, _ in plan]
     store._publish(st.account, st.name, "new", ordered, origin)
     return uidvalidity, ordered
