@@ -72,6 +72,8 @@ def _catenate(c: _Cursor, msg: AppendMessage) -> None:
 
 def _message(c: _Cursor) -> AppendMessage:
     c.sp()
+    while c.peek() == 0x20:  # imapclient's multiappend() puts two spaces between messages;
+        c.pos += 1           # Dovecot's parser skips runs of spaces too
     flags: list[str] = []
     date = None
     if c.peek() == 0x28:
