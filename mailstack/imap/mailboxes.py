@@ -2,11 +2,14 @@
 (UN)SUBSCRIBE, LIST, LSUB, STATUS, APPEND, NAMESPACE, ENABLE."""
 from __future__ import annotations
 
+import logging
 import re
 
 from ..store.base import MailboxNotFound
 from . import response
 from .parser import Command
+
+log = logging.getLogger("mailstack.imap")
 
 def check_mailbox_name(name: str) -> str | None:
     """Why a mailbox name is refused, or None.  Names must stay inside the user's Maildir."""
@@ -142,6 +145,8 @@ class MailboxCommands:
         if self._bad_name(cmd, name):
             return
         st = await self.services.store.status(self.account, name)
+        if "HIGHESTMODSEQ" in cmd.args["items"]:
+            self.enable_condstore("STATUS")  # RFC 7162 3.1: a CONDSTORE-enabling command
         items = []
         for item in cmd.args["items"]:
             items.append(f"{item} {int(st.get(item, 0))}")
@@ -173,6 +178,12 @@ class MailboxCommands:
         # RFC 5161: unknown names are ignored; the answer lists only what this command
         # newly enabled.
         new = [c for c in dict.fromkeys(cmd.args["capabilities"]) if c in ENABLEABLE and c not in self.enabled]
+        had_condstore = self.condstore
         self.enabled.update(new)
         self.send(" ".join(["* ENABLED"] + new).encode())
+        if "QRESYNC" in new:
+            log.info("IMAP enable QRESYNC", extra={"client": self.peer_ip})
+        if not had_condstore and ("QRESYNC" in new or "CONDSTORE" in new):  # QRESYNC implies it (RFC 7162 3.2.3)
+            self.enabled.discard("CONDSTORE")
+            self.enable_condstore("ENABLE")
         await self.done(cmd, "ENABLE completed")

@@ -18,6 +18,7 @@ from .. import proxy, tlsclose
 from ..defense import connections as floods
 from ..smtp.budget import budget_for
 from ..store.base import MailboxExists, MailboxNotFound, StoreError, StoreFull, StoreIOError
+from .condstore import CondstoreCommands
 from .fetching import BIG_CHUNK, FetchCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
@@ -39,10 +40,14 @@ AUTHENTICATED_CAPABILITIES = [
     "UNSELECT",
     "SPECIAL-USE",
     "CHILDREN",
+    "CONDSTORE",
+    "QRESYNC",
 ]
 # What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
 # self.enabled, and each extension checks it there.  One per line, as above.
 ENABLEABLE = frozenset({
+    "CONDSTORE",
+    "QRESYNC",
 })
 
 _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
@@ -56,7 +61,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 
-class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
+class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands, CondstoreCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
