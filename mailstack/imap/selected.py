@@ -29,7 +29,7 @@ class SelectedCommands:
         if qresync is not None and not self.qresync:
             return self.tagged(cmd, "BAD", "QRESYNC is not enabled")
         if self.mbox is not None and self.qresync:  # RFC 7162 3.2.11
-            self.send(b"* OK [CLOSED] Previous mailbox closed")
+            self.send(b"* OK [CLOSED] Previous mailbox closed.")
         await self.unselect()
         self.state = AUTH
         name = cmd.args["mailbox"]
@@ -203,7 +203,8 @@ class SelectedCommands:
             self._send_flags()
 
     def _uid_item(self, uid: int) -> bytes:
-        return b"UID %d " % uid if self.uid_cmd else b""
+        # RFC 7162 3.2.4: under QRESYNC, FETCH responses the server volunteers carry the UID
+        return b"UID %d " % uid if self.uid_cmd or self.qresync else b""
 
     def seq_of(self, uid: int) -> int:
         msgs = self.mbox.messages
