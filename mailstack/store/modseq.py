@@ -46,12 +46,11 @@ import bisect
 import fcntl
 import logging
 import os
+import threading
 import time
 from array import array
 from pathlib import Path
 from typing import Iterable, Mapping
-
-from ..fsutil import atomic_write
 
 log = logging.getLogger("mailstack.store")
 
@@ -60,6 +59,28 @@ LOCK = "mailstack-lock"  # the mailbox's flock (maildir.py), shared with the UID
 VANISHED_KEEP = 20000  # expunged UIDs remembered per mailbox (16 bytes each in memory)
 COMPACT_SLACK = 2000  # dead lines tolerated beyond the live ones before a rewrite
 _MEANINGFUL = frozenset("DFRST" + "abcdefghijklmnopqrstuvwxyz")  # letters that are IMAP flags
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Blocking: replace the file at once (a reader sees the old or the new one).  Not
+    fsynced: kill -9 keeps what was written; a log lost to a power cut restarts from the
+    clock (never backwards), as a missing one does."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def meaningful(letters: str) -> str:
@@ -115,37 +136,36 @@ class ModseqLog:
         ms, letters = self.ms, self.letters
         gone: list[tuple[int, int]] = []
         count = 0
+        self.clean_end = data.endswith(b"\n")  # else: torn by a crash, never append to it
+        if not self.clean_end:
+            lines.pop()  # what a crash cut short: it could still parse, wrongly
         for line in lines[1:]:
             if not line:
                 continue
             count += 1
-            parts = line.split(b" ")
             try:
-                if line[:1] == b"-" and len(parts) == 2:
-                    uid, m = int(parts[0][1:]), int(parts[1])
+                first = line[0]
+                if first == 0x2D:  # "-<uid> <modseq>"
+                    a, b = line[1:].split(b" ")
+                    uid, m = int(a), int(b)
                     ms.pop(uid, None)
                     letters.pop(uid, None)
                     gone.append((m, uid))
-                elif line[:1] == b"F" and len(parts) == 1:
-                    m = int(line[1:])
-                    self.floor = max(self.floor, m)
-                    highest = max(highest, m)
-                    continue
-                elif len(parts) == 3:
-                    uid, m = int(parts[0]), int(parts[1])
-                    ms[uid] = m
-                    letters[uid] = parts[2].decode("ascii", "replace")
-                else:
-                    continue  # torn by a crash
-            except ValueError:
+                elif first == 0x46:  # "F<modseq>"
+                    self.floor = max(self.floor, int(line[1:]))
+                else:  # "<uid> <modseq> <letters>"
+                    a, b, c = line.split(b" ")
+                    uid = int(a)
+                    ms[uid] = int(b)
+                    letters[uid] = c.decode("ascii")
+            except ValueError:  # torn by a crash (UnicodeDecodeError is one too)
                 continue
-            highest = max(highest, m)
+        highest = max(highest, self.floor, max(ms.values(), default=0), max((m for m, _ in gone), default=0))
         gone.sort()
         self.gone_ms = array("Q", (m for m, _ in gone))
         self.gone_uid = array("Q", (u for _, u in gone))
         self.highest = highest
         self.lines = count
-        self.clean_end = data.endswith(b"\n")  # else: torn by a crash, never append to it
 
     def _catch_up(self) -> None:
         """Under the flock: if another process wrote since our last look, read it again."""
@@ -195,6 +215,7 @@ class ModseqLog:
             new = self.highest + 1
             out = self.pending
             bumped = False
+            whole = self.lines < 0  # written whole below: no lines one by one
             for uid in changed:
                 raw = entries[uid].letters  # type: ignore[attr-defined]
                 old = letters.get(uid)
@@ -202,7 +223,8 @@ class ModseqLog:
                 if old is not None and meaningful(old) == meaningful(raw):
                     continue  # a letter of no meaning to IMAP changed: same modseq
                 ms[uid] = new
-                out.append(b"%d %d %s\n" % (uid, new, meaningful(raw).encode()))
+                if not whole:
+                    out.append(b"%d %d %s\n" % (uid, new, meaningful(raw).encode()))
                 bumped = True
             if gone:
                 self._forget(gone, new)
@@ -314,7 +336,7 @@ class ModseqLog:
         body += [b"%d %d %s\n" % (u, m, meaningful(letters.get(u, "")).encode()) for u, m in self.ms.items()]
         data = b"".join(body)
         try:
-            atomic_write(self.path, data)
+            _replace(self.path, data)
         except OSError as e:  # a full disk: still pending (kept in memory), tried again later
             log.warning("modseq log %s not written: %s", self.path, e)
             self.lines = -1
