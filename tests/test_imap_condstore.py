@@ -442,6 +442,33 @@ def test_log_compacts_and_a_lost_log_does_not_go_backwards(tmp_path, monkeypatch
     asyncio.run(go())
 
 
+def test_two_processes_never_give_out_the_same_modseq(tmp_path):
+    """Two stores on one Maildir (the server and the importer or CLI): each re-reads the log
+    another wrote before it gives out a modseq."""
+    root = tmp_path / "mail"
+
+    async def go():
+        one = MaildirStore(root, EventBus(), GroupSync())
+        two = MaildirStore(root, EventBus(), GroupSync())
+        for i in range(4):
+            await one.deliver(ACCT, b"Subject: x\r\n\r\nx\r\n", f"P{i}")
+        a = await one.open(ACCT, "INBOX")
+        b = await two.open(ACCT, "INBOX")
+        seen = []
+        for i in range(6):
+            box = a if i % 2 else b
+            await box.store_flags([1 + i % 4], ["\\Flagged"], "+" if i < 4 else "-")
+            seen.append(box.messages[i % 4].modseq)
+        assert seen == sorted(seen) and len(set(seen)) == len(seen), seen
+        await a.refresh()
+        await b.refresh()
+        assert a.highestmodseq == b.highestmodseq == seen[-1]
+        assert {m.uid: m.modseq for m in a.messages} == {m.uid: m.modseq for m in b.messages}
+        await a.close()
+        await b.close()
+    asyncio.run(go())
+
+
 # ---------------------------------------------------------------- the grammar
 
 def test_parser_condstore_forms():
