@@ -258,6 +258,31 @@ def test_vanished_instead_of_expunge_for_both_sessions_and_move(srv):
         b.close()
 
 
+def test_idle_tells_vanished_and_implicit_seen_carries_uid_and_modseq(srv):
+    fill(srv, 3)
+    a, b = Raw(srv), Raw(srv)
+    try:
+        a.ok("ENABLE QRESYNC")
+        a.ok("SELECT INBOX")
+        lines = a.ok("FETCH 2 (BODY[HEADER.FIELDS (SUBJECT)])")  # sets \Seen: told with UID and MODSEQ
+        assert re.match(rb"\* 2 FETCH \(UID 2 BODY\[HEADER.FIELDS \(SUBJECT\)\] \{\d+\}", lines[0]), lines
+        assert re.search(rb"FLAGS \(\\Seen \\Recent\) MODSEQ \(\d+\)\)$", lines[0]), lines
+        b.ok("SELECT INBOX")
+        a.send(b"i1 IDLE\r\n")
+        assert a.line() == b"+ idling"
+        b.ok("STORE 3 +FLAGS.SILENT (\\Deleted)")
+        b.ok("EXPUNGE")
+        seen = [a.line()]
+        while seen[-1] != b"* VANISHED 3":  # the \\Deleted may be told first, as its own change
+            assert re.fullmatch(rb"\* 3 FETCH \(UID 3 FLAGS \(\\Deleted( \\Recent)?\) MODSEQ \(\d+\)\)", seen[-1]), seen
+            seen.append(a.line())
+        a.send(b"DONE\r\n")
+        assert a.until(b"i1")[1].startswith(b"i1 OK")
+    finally:
+        a.close()
+        b.close()
+
+
 def test_expunges_beyond_memory_are_answered_never_wrong(srv, monkeypatch):
     """Past the remembered expunges (VANISHED_KEEP) the answer is every UID of the range that
     no longer exists (RFC 7162 3.2.5.2); seq-match data narrows it."""

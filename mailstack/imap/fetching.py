@@ -224,6 +224,8 @@ class FetchCommands:
                           for s, m in picked]
         if self.condstore and any(a.name == "FLAGS" for a in atts) and not any(a.name == "MODSEQ" for a in atts):
             atts.append(FetchAtt("MODSEQ"))  # RFC 7162 3.1.2: FLAGS come with their MODSEQ
+        if sets_seen and self.qresync and not any(a.name == "UID" for a in atts):
+            atts.insert(0, FetchAtt("UID"))  # RFC 7162 3.2.4: an implicit \Seen is told with the UID
         if any(a.name == "FLAGS" for a in atts):
             # A keyword shows in a FETCH only after an untagged FLAGS announced it.
             self._note_keywords({f for _, m in picked for f in m.flags})

@@ -260,7 +260,7 @@ class SelectedCommands:
         if cmd.uid:
             uids = [m.uid for _, m in self.resolve(cmd)]
         await self._expunge(uids)
-        if self.condstore:  # the tagged OK tells the HIGHESTMODSEQ after it (RFC 7162 3.1.8)
+        if self.condstore:  # the tagged OK tells the HIGHESTMODSEQ after it (RFC 7162; Dovecot too)
             await self.sync(allow_expunge=True)
         await self.done(cmd, self.highestmodseq_code() + "EXPUNGE completed")
 
