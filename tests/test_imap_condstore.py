@@ -494,6 +494,37 @@ def test_two_processes_never_give_out_the_same_modseq(tmp_path):
     asyncio.run(go())
 
 
+def test_modseq_log_torn_tail_and_memory_of_expunges(tmp_path, monkeypatch):
+    """The log alone: a line cut by a crash is never read as a (wrong) modseq nor glued onto;
+    vanished_since is exact within memory and None beyond it."""
+    monkeypatch.setattr(msmod, "VANISHED_KEEP", 2)
+
+    class E:
+        def __init__(self, letters):
+            self.letters = letters
+    path = tmp_path / msmod.NAME
+    log = msmod.ModseqLog.load(path, 7)
+    log.observe({}, False)
+    assert log.highest == 1  # a new mailbox starts at 1
+    log.observe({1: E(""), 2: E("S"), 3: E("")}, True)
+    assert log.highest == 2 and log.ms == {1: 2, 2: 2, 3: 2}  # found at once: one modseq
+    log.flags_changed({2: "FS"})
+    log.expunged([1])
+    log.expunged([3])
+    log.expunged([2])  # three expunges (4, 5, 6), the last two remembered
+    assert log.vanished_since(4) == [2, 3] and log.vanished_since(5) == [2] and log.vanished_since(6) == []
+    assert log.vanished_since(3) is None
+    with open(path, "ab") as f:
+        f.write(b"9 12")  # torn: must not become UID 9 at modseq 12
+    again = msmod.ModseqLog.load(path, 7)
+    assert again.highest == 6 and 9 not in again.ms and not again.clean_end
+    again.observe({9: E("")}, True)  # a new message: appended after a rewrite, not glued
+    text = path.read_bytes()
+    assert b"9 12" not in text and text.endswith(b"9 7 \n")
+    assert msmod.ModseqLog.load(path, 7).ms == {9: 7}
+    assert msmod.ModseqLog.load(path, 8).highest == 0  # another UIDVALIDITY: not this log
+
+
 # ---------------------------------------------------------------- the grammar
 
 def test_parser_condstore_forms():

@@ -50,7 +50,8 @@ import threading
 import time
 from array import array
 from pathlib import Path
-from typing import Iterable, Mapping
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping
 
 log = logging.getLogger("mailstack.store")
 
@@ -281,25 +282,17 @@ class ModseqLog:
             del self.gone_ms[:extra]
             del self.gone_uid[:extra]
 
-    class _Flock:
-        def __init__(self, log: "ModseqLog") -> None:
-            self.log = log
-            self.fd = -1
-
-        def __enter__(self) -> None:
-            self.fd = os.open(self.log.path.parent / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-                self.log._catch_up()
-            except BaseException:
-                os.close(self.fd)
-                raise
-
-        def __exit__(self, *exc) -> None:
-            os.close(self.fd)  # releases the lock
-
-    def _locked(self) -> "ModseqLog._Flock":
-        return ModseqLog._Flock(self)
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The mailbox's flock (shared with the UID list, and with other processes), and the
+        log as other processes left it."""
+        fd = os.open(self.path.parent / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._catch_up()
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _save(self) -> None:
         """Under the flock: append what is pending, or write the whole log when it is new,
