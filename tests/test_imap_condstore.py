@@ -543,7 +543,8 @@ def test_parser_condstore_forms():
     for bad in (b"a SELECT INBOX (CONDSTORE CONDSTORE)", b"a SELECT INBOX (QRESYNC (0 1))",
                 b"a SELECT INBOX (QRESYNC (1 0))", b"a FETCH 1 FLAGS (VANISHED)",
                 b"a FETCH 1 FLAGS (CHANGEDSINCE 9223372036854775808)", b"a STORE 1 (UNCHANGEDSINCE) +FLAGS (\\Seen)",
-                b'a SEARCH MODSEQ "/other" all 5', b"a SEARCH MODSEQ", b"a FETCH 1 FLAGS (CHANGEDSINCE 1 CHANGEDSINCE 2)"):
+                b'a SEARCH MODSEQ "/other" all 5', b"a SEARCH MODSEQ",
+                b"a FETCH 1 FLAGS (CHANGEDSINCE 1 CHANGEDSINCE 2)"):
         with pytest.raises(ParseError):
             parse_command([bad])
 
