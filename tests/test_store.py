@@ -650,7 +650,8 @@ def test_status_counts_without_opening(tmp_path):
         st = await make_store(tmp_path).status(ACCT, "INBOX")
         # no IMAP session has taken them as \Recent yet (RFC 3501 2.3.2)
         assert st == {"MESSAGES": 4, "RECENT": 4, "UIDNEXT": 5, "UIDVALIDITY": box.uidvalidity, "UNSEEN": 2,
-                      "SIZE": 4 * len(MSG), "DELETED": 0, "DELETED-STORAGE": 0}  # STATUS=SIZE; RFC 9051/9208
+                      "SIZE": 4 * len(MSG), "DELETED": 0, "DELETED-STORAGE": 0,  # STATUS=SIZE; RFC 9051/9208
+                      "HIGHESTMODSEQ": 3}  # 1 empty, 2 the four found, 3 the STORE (modseq.py)
         await box.store_flags([3], ["\\Deleted"], "+")
         assert (await make_store(tmp_path).status(ACCT, "INBOX"))["DELETED"] == 1
         with pytest.raises(MailboxNotFound):

@@ -85,6 +85,8 @@ class FetchCommands:
             return b"INTERNALDATE " + response.internaldate(m.internaldate)
         if name == "RFC822.SIZE":
             return b"RFC822.SIZE %d" % m.size
+        if name == "MODSEQ":
+            return b"MODSEQ (%d)" % m.modseq
         if name == "RFC822":
             return _Stream(b"RFC822", m.uid, m.size)
         if name == "BODY[]":
@@ -203,6 +205,9 @@ class FetchCommands:
         atts: list[FetchAtt] = list(cmd.args["atts"])
         if cmd.uid and not any(a.name == "UID" for a in atts):
             atts.insert(0, FetchAtt("UID"))
+        picked = await self.condstore_fetch(cmd, picked, atts)  # RFC 7162 (condstore.py)
+        if picked is None:
+            return
         need_cache = any(a.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY") for a in atts)
         need_structure = any(a.name in ("BODYSTRUCTURE", "BODY") for a in atts)
         need_data = None  # None, "header", "full"
@@ -224,6 +229,10 @@ class FetchCommands:
                 msgs = self.mbox.messages
                 picked = [(s, msgs[s - 1] if s <= len(msgs) and msgs[s - 1].uid == m.uid else m)
                           for s, m in picked]
+        if self.condstore and any(a.name == "FLAGS" for a in atts) and not any(a.name == "MODSEQ" for a in atts):
+            atts.append(FetchAtt("MODSEQ"))  # RFC 7162 3.1.2: FLAGS come with their MODSEQ
+        if sets_seen and self.qresync and not any(a.name == "UID" for a in atts):
+            atts.insert(0, FetchAtt("UID"))  # RFC 7162 3.2.4: an implicit \Seen is told with the UID
         if any(a.name == "FLAGS" for a in atts):
             # A keyword shows in a FETCH only after an untagged FLAGS announced it.
             self._note_keywords({f for _, m in picked for f in m.flags})
@@ -341,6 +350,8 @@ class FetchCommands:
                     items.append(b"INTERNALDATE " + response.internaldate(m.internaldate))
                 elif name == "RFC822.SIZE":
                     items.append(b"RFC822.SIZE %d" % m.size)
+                elif name == "MODSEQ":
+                    items.append(b"MODSEQ (%d)" % m.modseq)
                 elif name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
                     key = {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}[name]
                     value = fetch.cached(entries.get(m.uid), key)

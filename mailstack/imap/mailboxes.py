@@ -94,6 +94,8 @@ class MailboxCommands:
         if self._bad_name(cmd, name):
             return
         st = await self.services.store.status(self.account, name)
+        if "HIGHESTMODSEQ" in cmd.args["items"]:
+            self.enable_condstore("STATUS")  # RFC 7162 3.1: a CONDSTORE-enabling command
         self.send(self.status_response(name, cmd.args["items"], st))  # listing.py
         await self.done(cmd, "STATUS completed")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import mutf7, parse_list
 from . import compress as compress_grammar
+from . import parse_condstore
 from .framer import LITERAL_RE
 from .framer import CommandFramer, Continuation, Frame, FrameError  # noqa: F401 - the framing half
 
@@ -373,6 +374,7 @@ _MACROS = {
 }
 _SIMPLE_ATTS = {"ENVELOPE", "FLAGS", "INTERNALDATE", "RFC822", "RFC822.HEADER", "RFC822.SIZE",
                 "RFC822.TEXT", "BODYSTRUCTURE", "UID", "BODY"}
+_SIMPLE_ATTS.add("MODSEQ")  # RFC 7162
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 
 
@@ -550,6 +552,8 @@ def _search_key(c: _Cursor, charset: str, depth: int = 0) -> tuple:
     if word == "UID":
         c.sp()
         return ("UID", c.sequence_set())
+    if word == "MODSEQ":  # RFC 7162
+        return parse_condstore.search_modseq(c)
     raise c.error(f"unknown search key {word}")
 
 
@@ -590,9 +594,7 @@ def _one_mailbox(c: _Cursor) -> dict:
 def _select(c: _Cursor) -> dict:
     c.sp()
     out = {"mailbox": c.mailbox()}
-    if c.maybe_sp():  # select-params (RFC 4466); we know none, but accept an empty list
-        c.expect(b"(")
-        c.expect(b")")
+    out.update(parse_condstore.select_params(c))  # select-params (RFC 4466, RFC 7162)
     return out
 
 
@@ -626,6 +628,7 @@ _STATUS_ITEMS = {"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"}
 _STATUS_ITEMS.add("APPENDLIMIT")  # RFC 7889
 _STATUS_ITEMS |= {"SIZE", "DELETED"}  # STATUS=SIZE (RFC 8438), DELETED (RFC 9051)
 _STATUS_ITEMS |= {"DELETED", "DELETED-STORAGE"}  # RFC 9208 3.2/3.3: with QUOTA=RES-MESSAGE/RES-STORAGE
+_STATUS_ITEMS.add("HIGHESTMODSEQ")  # RFC 7162
 
 
 def _status(c: _Cursor) -> dict:
@@ -675,15 +678,15 @@ def _fetch(c: _Cursor) -> dict:
     seq = c.sequence_set()
     c.sp()
     atts = _fetch_atts(c)
-    if c.maybe_sp():  # fetch-modifiers (RFC 4466): none known
-        raise c.error("FETCH modifiers are not supported")
-    return {"set": seq, "atts": atts}
+    mods = parse_condstore.fetch_modifiers(c)  # fetch-modifiers (RFC 4466, RFC 7162)
+    return {"set": seq, "atts": atts, **mods}
 
 
 def _store(c: _Cursor) -> dict:
     c.sp()
     seq = c.sequence_set()
     c.sp()
+    unchanged_since = parse_condstore.store_modifiers(c)  # RFC 7162
     mode = "="
     if c.peek() in (0x2B, 0x2D):
         mode = chr(c.peek())
@@ -700,7 +703,10 @@ def _store(c: _Cursor) -> dict:
             flags.append(c.flag())
     if "\\Recent" in flags:
         raise c.error("\\Recent cannot be stored")
-    return {"set": seq, "mode": mode, "silent": word.endswith(".SILENT"), "flags": flags}
+    out = {"set": seq, "mode": mode, "silent": word.endswith(".SILENT"), "flags": flags}
+    if unchanged_since is not None:
+        out["unchanged_since"] = unchanged_since
+    return out
 
 
 def _copy(c: _Cursor) -> dict:

@@ -29,6 +29,7 @@ class Candidate:
     sent: int | None = None  # yyyymmdd of the Date: header (from the metadata cache)
     data: bytes | None = None  # the header (for HEADER keys) or whole message (BODY/TEXT)
     hs: dict | None = None  # the index's searchable header texts (header_index)
+    modseq: int = 0  # RFC 7162
     _root: "fetch.Part | None" = None
 
     def root(self) -> "fetch.Part":
@@ -98,6 +99,15 @@ def uses_sequence_numbers(key: tuple) -> bool:
     if op == "NOT":
         return uses_sequence_numbers(key[1])
     return False
+
+
+def uses_modseq(key: tuple) -> bool:
+    """The key has a MODSEQ criterion (RFC 7162: the SEARCH result then ends with (MODSEQ n))."""
+    op = key[0]
+    if op == "MODSEQ":
+        return True
+    subs = key[1] if op == "AND" else [key[1], key[2]] if op == "OR" else [key[1]] if op == "NOT" else []
+    return any(uses_modseq(k) for k in subs)
 
 
 def _ymd_local(ts: float) -> int:
@@ -262,6 +272,8 @@ def matches(key: tuple, c: Candidate) -> bool:
         return not c.recent
     if op == "RECENT":
         return c.recent
+    if op == "MODSEQ":  # RFC 7162 3.1.5
+        return c.modseq >= key[1]
     if op == "LARGER":
         return c.size > key[1]
     if op == "SMALLER":

@@ -25,6 +25,9 @@ class SelectedCommands:
     """Mixed into IMAPSession (session.py), which owns the I/O and the state."""
 
     async def cmd_select(self, cmd: Command, read_only: bool = False) -> None:
+        qresync = cmd.args.get("qresync")  # RFC 7162 3.2.5: only once ENABLE QRESYNC was given
+        if qresync is not None and not self.qresync:
+            return self.tagged(cmd, "BAD", "QRESYNC is not enabled")
         if self.mbox is not None and self.enabled & rev2.CLOSED_FOR:
             self.send(b"* OK [CLOSED] Previous mailbox closed")  # RFC 9051 7.1, RFC 7162 3.2.11
         await self.unselect()
@@ -32,6 +35,8 @@ class SelectedCommands:
         name = cmd.args["mailbox"]
         if self._bad_name(cmd, name):
             return
+        if cmd.args.get("condstore"):
+            self.enable_condstore("SELECT")
         read_only = read_only or cmd.name == "EXAMINE"
         mbox = await self.services.store.open(self.account, name, read_only=read_only)
         self.mbox = mbox
@@ -53,6 +58,12 @@ class SelectedCommands:
                 break
         self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % mbox.uidvalidity)
         self.send(b"* OK [UIDNEXT %d] Predicted next UID" % mbox.uidnext)
+        if mbox.highestmodseq is not None:  # RFC 7162 3.1.1
+            self.send(b"* OK [HIGHESTMODSEQ %d] Highest" % mbox.highestmodseq)
+        else:
+            self.send(b"* OK [NOMODSEQ] No permanent modsequences")
+        if qresync is not None:
+            await self.qresync_select(qresync)
         mode = "READ-ONLY" if mbox.read_only else "READ-WRITE"
         self.tagged(cmd, "OK", f"[{mode}] {cmd.name} completed")
 
@@ -176,8 +187,7 @@ class SelectedCommands:
             seqs = []
             for i, uid in enumerate(gone):
                 seqs.append(bisect.bisect_left(msgs, uid, key=lambda m: m.uid) + i + 1)
-            for s in reversed(seqs):
-                self.send(b"* %d EXPUNGE" % s)
+            self.send_expunged(seqs, gone)  # EXPUNGE, or VANISHED under QRESYNC (condstore.py)
             self.recent.difference_update(gone)
         if changes.flags:
             new_uids = {m.uid for m in changes.new}
@@ -188,7 +198,7 @@ class SelectedCommands:
                 if seq:
                     self._note_keywords(info.flags)
                     self.send(b"* %d FETCH (" % seq + self._uid_item(info.uid) + b"FLAGS " +
-                              response.flag_list(self.flags_of(info)) + b")")
+                              response.flag_list(self.flags_of(info)) + self.modseq_item(info) + b")")
         if changes.new or len(msgs) != before - len(changes.expunged):
             self._claim_recent(m.uid for m in changes.new)
             for m in changes.new:
@@ -204,7 +214,8 @@ class SelectedCommands:
             self._send_flags()
 
     def _uid_item(self, uid: int) -> bytes:
-        return b"UID %d " % uid if self.uid_cmd else b""
+        # RFC 7162 3.2.4: under QRESYNC, FETCH responses the server volunteers carry the UID
+        return b"UID %d " % uid if self.uid_cmd or self.qresync else b""
 
     def seq_of(self, uid: int) -> int:
         msgs = self.mbox.messages
@@ -260,7 +271,9 @@ class SelectedCommands:
         if cmd.uid:
             uids = [m.uid for _, m in self.resolve(cmd)]
         await self._expunge(uids)
-        await self.done(cmd, "EXPUNGE completed")
+        if self.condstore:  # the tagged OK tells the HIGHESTMODSEQ after it (RFC 7162; Dovecot too)
+            await self.sync(allow_expunge=True)
+        await self.done(cmd, self.highestmodseq_code() + "EXPUNGE completed")
 
     async def _expunge(self, uids) -> list[int]:
         """Expunge (\\Deleted messages, limited to `uids`) and announce it."""
@@ -271,8 +284,7 @@ class SelectedCommands:
         seq_before = {m.uid: i + 1 for i, m in enumerate(mbox.messages)}
         gone = await mbox.expunge(uids, origin=self)
         seqs = sorted((seq_before[u] for u in gone if u in seq_before), reverse=True)
-        for s in seqs:
-            self.send(b"* %d EXPUNGE" % s)
+        self.send_expunged(seqs, [u for u in gone if u in seq_before])
         self.recent.difference_update(gone)
         return gone
 
@@ -283,18 +295,33 @@ class SelectedCommands:
         if picked is None:
             return self.tagged(cmd, "BAD", "Invalid message sequence number")
         flags = cmd.args["flags"]
+        unchanged_since = cmd.args.get("unchanged_since")  # RFC 7162 3.1.3
+        cond = {} if unchanged_since is None else {"unchanged_since": unchanged_since}
+        if cond:
+            self.enable_condstore("STORE UNCHANGEDSINCE")
+        modseq_before = {m.uid: m.modseq for _, m in picked}
+        failed: list[int] = []
         if picked:
-            await self.mbox.store_flags([m.uid for _, m in picked], flags, cmd.args["mode"], origin=self)
+            stored = await self.mbox.store_flags([m.uid for _, m in picked], flags, cmd.args["mode"], origin=self,
+                                                 **cond)
+            failed = getattr(stored, "failed", [])
         self._note_keywords(flags)
-        if not cmd.args["silent"]:
-            msgs = self.mbox.messages
-            for seq, info in picked:
-                cur = msgs[seq - 1] if seq <= len(msgs) and msgs[seq - 1].uid == info.uid else info
-                # the file may carry keywords another session set: FLAGS announces them first
-                self._note_keywords(cur.flags)
-                self.send(b"* %d FETCH (" % seq + self._uid_item(cur.uid) + b"FLAGS " +
-                          response.flag_list(self.flags_of(cur)) + b")")
-        await self.done(cmd, "STORE completed")
+        msgs = self.mbox.messages
+        skip = set(failed)
+        for seq, info in picked:
+            cur = msgs[seq - 1] if seq <= len(msgs) and msgs[seq - 1].uid == info.uid else info
+            if cur.uid in skip:
+                continue
+            if cmd.args["silent"]:  # with CONDSTORE a changed message's new MODSEQ is told all the same
+                if self.condstore and cur.modseq != modseq_before.get(cur.uid):
+                    self.send(b"* %d FETCH (" % seq + self._uid_item(cur.uid) + self.modseq_item(cur)[1:] + b")")
+                continue
+            # the file may carry keywords another session set: FLAGS announces them first
+            self._note_keywords(cur.flags)
+            self.send(b"* %d FETCH (" % seq + self._uid_item(cur.uid) + b"FLAGS " +
+                      response.flag_list(self.flags_of(cur)) + self.modseq_item(cur) + b")")
+        code = self.modified_code(cmd, failed, {m.uid: s for s, m in picked})
+        await self.done(cmd, code + ("Conditional STORE failed" if code else "STORE completed"))
 
     async def cmd_copy(self, cmd: Command, move: bool = False) -> None:
         dest = cmd.args["mailbox"]
@@ -321,8 +348,7 @@ class SelectedCommands:
             if code:
                 self.send(b"* OK " + code + b" Moved")
             gone = [s for s, _ in pairs]
-            for s in sorted((seq_before[u] for u in gone if u in seq_before), reverse=True):
-                self.send(b"* %d EXPUNGE" % s)
+            self.send_expunged([seq_before[u] for u in gone if u in seq_before], [u for u in gone if u in seq_before])
             self.recent.difference_update(gone)
             return await self.done(cmd, "MOVE completed")
         pairs = await self.mbox.copy(uids, dest, origin=self)
@@ -361,7 +387,7 @@ class SelectedCommands:
         for start in range(0, n, FETCH_BATCH):
             batch = msgs[start:start + FETCH_BATCH]
             cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
-                                      m.uid in self.recent, n, max_uid) for i, m in enumerate(batch)]
+                                      m.uid in self.recent, n, max_uid, modseq=m.modseq) for i, m in enumerate(batch)]
             if need in ("sent", "index"):  # answered from the metadata index
                 entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)],
                                                     search_fields=need == "index")
@@ -388,5 +414,10 @@ class SelectedCommands:
         line = bytearray(b"* SEARCH")
         for x in found:
             line += b" %d" % x
+        if search.uses_modseq(cmd.args["key"]):  # RFC 7162 3.1.5: the highest MODSEQ of those found
+            self.enable_condstore("SEARCH MODSEQ")
+            modseqs = {m.uid if cmd.uid else i + 1: m.modseq for i, m in enumerate(msgs)}
+            if found:
+                line += b" (MODSEQ %d)" % max(modseqs[x] for x in found)
         self.send(bytes(line))
         await self.done(cmd, "SEARCH completed")

@@ -22,6 +22,7 @@ from .appending import AppendCommands, max_append_bytes
 from .compress import CompressCommands
 from .notify import NotifyCommands
 from ..store.quota import QuotaExceeded
+from .condstore import CondstoreCommands
 from .fetching import BIG_CHUNK, FetchCommands
 from .listing import ListCommands
 from .mailboxes import MailboxCommands
@@ -59,6 +60,8 @@ AUTHENTICATED_CAPABILITIES = [
     "QUOTA",
     "QUOTA=RES-STORAGE",
     "QUOTA=RES-MESSAGE",
+    "CONDSTORE",
+    "QRESYNC",
 ]
 # LITERAL-: not offered.  RFC 7888: LITERAL- is LITERAL+ with non-synchronising literals
 # limited to 4096 octets (a server offering only LITERAL- must refuse bigger ones with BAD
@@ -71,6 +74,8 @@ AUTHENTICATED_CAPABILITIES = [
 ENABLEABLE = frozenset({
     "UTF8=ACCEPT",
     "IMAP4REV2",
+    "CONDSTORE",
+    "QRESYNC",
 })
 
 _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
@@ -86,7 +91,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 
 
 class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommands, FetchCommands,
-                  CompressCommands, NotifyCommands, QuotaCommands):
+                  CompressCommands, NotifyCommands, QuotaCommands, CondstoreCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config

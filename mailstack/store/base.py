@@ -54,6 +54,18 @@ class MessageInfo:
     size: int  # bytes of the message as stored (what RFC822.SIZE reports)
     internaldate: float  # seconds since the epoch (arrival time)
     key: str  # backend's stable identity of the message (e.g. Maildir base name)
+    modseq: int = 0  # RFC 7162 mod-sequence (0: the backend keeps none)
+
+
+class FlagsStored(list):
+    """What store_flags returns: the changed MessageInfos, and in `failed` the UIDs that a
+    conditional STORE (unchanged_since) left alone because they had changed since."""
+
+    failed: list[int]
+
+    def __init__(self, changed=(), failed=()) -> None:
+        super().__init__(changed)
+        self.failed = list(failed)
 
 
 @dataclass
@@ -89,6 +101,9 @@ class Mailbox(abc.ABC):
     uidnext: int
     messages: list[MessageInfo]
     read_only: bool
+    # RFC 7162: every change up to this mod-sequence is reflected in `messages` (set when
+    # the view is brought up to date); None when the backend keeps no modseqs (NOMODSEQ).
+    highestmodseq: int | None = None
 
     @abc.abstractmethod
     async def refresh(self) -> Changes:
@@ -111,7 +126,15 @@ class Mailbox(abc.ABC):
     async def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str,
                           origin: object = None) -> list[MessageInfo]:
         """mode: "+" add, "-" remove, "=" replace. Returns the messages whose flags changed.
-        Publishes a "flags" event (origin passed through)."""
+        Publishes a "flags" event (origin passed through).  Backends with modseqs also take
+        `unchanged_since=N` (RFC 7162 UNCHANGEDSINCE): messages whose modseq is above N are
+        left alone, and the returned list (a FlagsStored) names them in `.failed`."""
+
+    async def vanished_since(self, modseq: int) -> list[int] | None:
+        """UIDs expunged with a mod-sequence above `modseq` (QRESYNC), sorted; None when the
+        backend does not remember that far back (the caller then answers RFC 7162 3.2.5.2's
+        way: every UID of the asked range that no longer exists)."""
+        return None
 
     @abc.abstractmethod
     async def expunge(self, uids: Iterable[int] | None = None, origin: object = None) -> list[int]:
@@ -228,7 +251,8 @@ class Store(abc.ABC):
     async def status(self, account: str, name: str) -> dict:
         """{"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "SIZE" (bytes of all
         messages), "DELETED" (messages flagged \\Deleted)} without opening it for a session
-        (and "DELETED-STORAGE" in KiB, RFC 9208, where the backend knows it)."""
+        (and "DELETED-STORAGE" in KiB, RFC 9208, where the backend knows it; "HIGHESTMODSEQ"
+        from backends that keep modseqs, RFC 7162)."""
 
     @abc.abstractmethod
     async def list_mailboxes(self, account: str) -> list[MailboxInfo]:

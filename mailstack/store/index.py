@@ -10,8 +10,8 @@ One file per mailbox, `mailstack-cache`:
 An entry is a JSON object: the rendered ENVELOPE and BODYSTRUCTURE, the header size, the
 Date: day for SENT*, the decoded header fields that SEARCH uses ("hs"), the POP3 size...
 (imap/fetch.py and pop3/sizes.py own the keys).  The store does not interpret them.
-CONDSTORE's per-message modification sequences fit the same entries next (a "ms" key,
-written by the STORE that changes the flags).
+CONDSTORE's modification sequences are not here but in a log of their own (modseq.py says
+why: they are state, not derived data).
 
 Why it is never wrong:
 

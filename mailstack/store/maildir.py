@@ -12,6 +12,7 @@ On disk (see names.py for the directory of a mailbox):
         mailstack-uidlist               base name -> UID (uidlist.py)
         mailstack-keywords              keyword letters a..z (flags.py)
         mailstack-cache                 the metadata index: one JSON line per message (index.py)
+        mailstack-modseq                RFC 7162 modseqs and recent expunges (modseq.py)
         mailstack-lock                  flock()ed around uidlist/keyword rewrites, so the
                                         CLI or another process can share the mailbox
 
@@ -51,11 +52,12 @@ from . import flags as fl
 from . import names
 from . import fts
 from . import index as idxmod
+from . import modseq as msmod
 from . import recent as recentmod
 from . import uidlist as ulmod
 from .diskerrors import FULL, disk_errors
-from .base import (SPECIAL_MAILBOXES, Changes, Mailbox, MailboxExists, MailboxInfo, MailboxNotFound,
-                   MessageGone, MessageInfo, MessageSource, Store, StoreError)
+from .base import (SPECIAL_MAILBOXES, Changes, FlagsStored, Mailbox, MailboxExists, MailboxInfo,
+                   MailboxNotFound, MessageGone, MessageInfo, MessageSource, Store, StoreError)
 from .index import MetadataIndex
 from .uidlist import UidList
 
@@ -333,6 +335,7 @@ class _State:
         self.cache_lock = asyncio.Lock()
         self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
         self.recent_task: asyncio.Task | None = None  # writes the mark back
+        self.modseq: msmod.ModseqLog | None = None  # loaded with the entries (modseq.py)
 
     # -- scanning --------------------------------------------------------------------------
 
@@ -519,6 +522,14 @@ class _State:
         self.delivery_ids |= res.new_ids
         self.loaded = True
         self.dirty = False
+        if res.entries is not None or self.modseq is None or self.modseq.uidvalidity != self.ul.uidvalidity:
+            await asyncio.to_thread(self._observe_modseq)
+
+    def _observe_modseq(self) -> None:
+        """Blocking, lock held: give modseqs to what this scan found new, changed or gone."""
+        if self.modseq is None or self.modseq.uidvalidity != self.ul.uidvalidity:
+            self.modseq = msmod.ModseqLog.load(self.path / msmod.NAME, self.ul.uidvalidity)
+        self.modseq.observe(self.entries, self.ul.nextuid > 1)
 
     # -- UIDs for files we just put there -----------------------------------------------------
 
@@ -761,13 +772,16 @@ class MaildirMailbox(Mailbox):
             if fs is None:
                 fs = flag_sets[e.letters] = frozenset(fl.to_flags(e.letters, self._st.keywords))
             flags = set(fs)
-        return MessageInfo(e.uid, flags, e.size, e.date, e.base)
+        ms = self._st.modseq
+        return MessageInfo(e.uid, flags, e.size, e.date, e.base, ms.ms.get(e.uid, 0) if ms else 0)
 
     def _diff(self) -> Changes:
         """Bring `messages` up to the shared state; caller holds the state lock."""
         st = self._st
         changes = Changes()
         self.uidnext = st.ul.nextuid
+        if st.modseq is not None:  # the view is now up to date with every change logged
+            self.highestmodseq = st.modseq.highest
         if st.version == self._version:
             return changes
         self._version = st.version
@@ -780,13 +794,16 @@ class MaildirMailbox(Mailbox):
                 del self._index[uid]
                 del self._letters[uid]
             changes.expunged = sorted(gone)
+        modseqs = st.modseq.ms if st.modseq is not None else {}
         for uid, mi in self._index.items():
             letters = entries[uid].letters
-            if letters != self._letters[uid]:
+            ms = modseqs.get(uid, 0)
+            if letters != self._letters[uid] or ms != mi.modseq:
                 self._letters[uid] = letters
                 flags = fl.to_flags(letters, st.keywords)
-                if flags != mi.flags:
+                if flags != mi.flags or ms != mi.modseq:  # a modseq alone: changed and changed back
                     mi.flags = flags
+                    mi.modseq = ms
                     changes.flags.append(mi)
         # Only UIDs above what this session has seen are new: sequence numbers never shift.
         new = sorted(uid for uid in entries if uid > self._max_uid)
@@ -873,35 +890,48 @@ class MaildirMailbox(Mailbox):
 
     @disk_errors
     async def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str,
-                          origin: object = None) -> list[MessageInfo]:
+                          origin: object = None, unchanged_since: int | None = None) -> list[MessageInfo]:
         self._check_writable()
         if mode not in ("+", "-", "="):
             raise StoreError(f"bad flag mode {mode!r}")
         system, keywords = fl.parse_flags(flags)
         wanted = sorted(set(uids))
         st = self._st
-        out: list[MessageInfo] = []
+        out = FlagsStored()
         renamed: list[int] = []
         async with st.lock:
             if keywords and mode != "-":
                 await st.ensure_keywords(keywords)
             change = fl.letters_for(system, keywords, st.keywords)
+            if unchanged_since is not None:  # RFC 7162 UNCHANGEDSINCE: against the disk as it is now
+                await st.sync(force=True)
+                ms = st.modseq.ms if st.modseq is not None else {}
+                out.failed = [u for u in wanted if u in self._index and ms.get(u, 0) > unchanged_since]
+                wanted = [u for u in wanted if ms.get(u, 0) <= unchanged_since]
             targets = [st.entries[u] for u in wanted if u in self._index and u in st.entries]
             if not targets:
-                return []
+                return out
             result = await asyncio.to_thread(_rename_flags, st.path, targets, mode, change)
+            logged: dict[int, str] = {}
             for uid, e in result.items():
                 if e is None:
                     continue
                 if st.entries.get(uid) != e:
                     st.entries[uid] = e
                     renamed.append(uid)
+                    if st.modseq is not None and \
+                            msmod.meaningful(st.modseq.letters.get(uid, "")) != msmod.meaningful(e.letters):
+                        logged[uid] = e.letters
                 mi = self._index[uid]
                 self._letters[uid] = e.letters
                 new_flags = fl.to_flags(e.letters, st.keywords)
                 if new_flags != mi.flags:
                     mi.flags = new_flags
                     out.append(mi)
+            if logged:  # logged before anyone is told (modseq.py)
+                modseq = await asyncio.to_thread(st.modseq.flags_changed, logged)  # type: ignore[union-attr]
+                for uid in logged:
+                    self._index[uid].modseq = modseq
             if renamed:
                 st.version += 1
         if renamed:
@@ -923,6 +953,8 @@ class MaildirMailbox(Mailbox):
                 self._store.quota.begin(self.account)  # charge() below ends it
             done = await asyncio.to_thread(_unlink_deleted, st.path, targets)
             if not done:
+                if self._store.quota is not None:
+                    await self._store.quota.charge(self.account, 0, 0)  # ends what begin() started
                 return []
             bases = {st.entries[u].base for u in done}
             freed = sum(st.entries[u].size for u in done)
@@ -931,6 +963,8 @@ class MaildirMailbox(Mailbox):
                 st.entries.pop(uid, None)
             st.version += 1
             self._drop_from_view(done)
+            if st.modseq is not None:
+                await asyncio.to_thread(st.modseq.expunged, done)
         if self._store.quota is not None:
             await self._store.quota.charge(self.account, -freed, -len(done))
         done.sort()
@@ -946,6 +980,11 @@ class MaildirMailbox(Mailbox):
     async def move(self, uids: Iterable[int], dest: str, origin: object = None) -> list[tuple[int, int]]:
         self._check_writable()
         return await self._store._transfer(self, uids, dest, move=True, origin=origin)
+
+    async def vanished_since(self, modseq: int) -> list[int] | None:
+        st = self._st
+        async with st.lock:
+            return None if st.modseq is None else st.modseq.vanished_since(modseq)
 
     async def cache_get(self, uid: int) -> dict | None:
         st = self._st
@@ -1230,7 +1269,8 @@ class MaildirStore(Store):
                     "UIDVALIDITY": st.ul.uidvalidity, "UNSEEN": unseen,
                     # STATUS=SIZE (RFC 8438) and DELETED (RFC 9051), from the names on disk
                     "SIZE": sum(e.size for e in st.entries.values()),
-                    "DELETED": len(deleted), "DELETED-STORAGE": -(-sum(deleted) // 1024)}
+                    "DELETED": len(deleted), "DELETED-STORAGE": -(-sum(deleted) // 1024),
+                    "HIGHESTMODSEQ": st.modseq.highest if st.modseq is not None else 0}
 
     # -- \Recent, kept on disk (recent.py) ------------------------------------------------
 
@@ -1521,6 +1561,8 @@ class MaildirStore(Store):
             for e, _ in done:
                 src.entries.pop(e.uid, None)
             src.version += 1
+            if src.modseq is not None:
+                await asyncio.to_thread(src.modseq.expunged, [e.uid for e, _ in done])
         return pairs
 
 
