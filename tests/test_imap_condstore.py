@@ -207,7 +207,7 @@ def test_qresync_select_vanished_and_changed_flags(srv):
         high = code(lines, b"HIGHESTMODSEQ")
         # known UIDs limit both answers; an unknown UIDVALIDITY gives a plain SELECT
         lines = c.ok(f"SELECT INBOX (QRESYNC ({uidvalidity} {known} 5:10))")
-        assert lines[0] == b"* OK [CLOSED] Previous mailbox closed."
+        assert lines[0].startswith(b"* OK [CLOSED] ")
         assert b"* VANISHED (EARLIER) 8" in lines and len([x for x in lines if b"FETCH" in x]) == 1
         lines = c.ok(f"SELECT INBOX (QRESYNC ({uidvalidity + 1} {known}))")
         assert not any(b"VANISHED" in x or b"FETCH" in x for x in lines)

@@ -169,9 +169,9 @@ def test_closed_response_on_select_of_another_mailbox(srv):
     c.ok("ENABLE IMAP4rev2")
     assert not [x for x in c.ok("SELECT INBOX") if b"[CLOSED]" in x]  # nothing was selected
     lines = c.ok("EXAMINE Sent")
-    assert lines[0] == b"* OK [CLOSED] Previous mailbox closed"
+    assert lines[0] == b"* OK [CLOSED] Previous mailbox closed."
     lines, status, _ = c.cmd("SELECT Nonexistent")
-    assert status == "NO" and lines == [b"* OK [CLOSED] Previous mailbox closed"]  # closed all the same
+    assert status == "NO" and lines == [b"* OK [CLOSED] Previous mailbox closed."]  # closed all the same
     c.close()
 
 

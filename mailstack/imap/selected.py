@@ -29,7 +29,7 @@ class SelectedCommands:
         if qresync is not None and not self.qresync:
             return self.tagged(cmd, "BAD", "QRESYNC is not enabled")
         if self.mbox is not None and self.enabled & rev2.CLOSED_FOR:
-            self.send(b"* OK [CLOSED] Previous mailbox closed")  # RFC 9051 7.1, RFC 7162 3.2.11
+            self.send(b"* OK [CLOSED] Previous mailbox closed.")  # as Dovecot words it; RFC 9051 7.1, RFC 7162 3.2.11
         await self.unselect()
         self.state = AUTH
         name = cmd.args["mailbox"]
