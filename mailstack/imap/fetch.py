@@ -392,6 +392,7 @@ def cache_entry(data: bytes) -> dict:
         "sent": sent,
         "hsize": root.body_start,
         "hs": _header_index(root),
+        "sort": _sort_fields(root),
     }
 
 
@@ -405,12 +406,18 @@ def header_entry(header: bytes, search_fields: bool = True) -> dict:
              "sent": _sent_date(root), "hsize": bstart}
     if search_fields:
         entry["hs"] = _header_index(root)
+        entry["sort"] = _sort_fields(root)
     return entry
 
 
 def _header_index(root: "Part") -> dict:
     from .search import header_index  # search.py imports this module
     return header_index(root)
+
+
+def _sort_fields(root: "Part") -> dict:
+    from .sort import fields  # SORT / THREAD keys (sort.py owns the "sort" value)
+    return fields(root.headers)
 
 
 def _sent_date(root: "Part") -> int | None:

@@ -22,6 +22,7 @@ from .fetching import BIG_CHUNK, FetchCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
 from .parser import Command, MailboxNameError, ParseError, parse_command, parse_tag
+from .searching import SearchCommands
 from .selected import SelectedCommands
 from .states import AUTH, LOGOUT, NOT_AUTH, READ_SIZE, SELECTED, Bye
 
@@ -39,6 +40,14 @@ AUTHENTICATED_CAPABILITIES = [
     "UNSELECT",
     "SPECIAL-USE",
     "CHILDREN",
+    "SORT",
+    "SORT=DISPLAY",
+    "THREAD=ORDEREDSUBJECT",
+    "THREAD=REFERENCES",
+    "ESEARCH",
+    "ESORT",
+    "SEARCHRES",
+    "WITHIN",
 ]
 # What ENABLE (RFC 5161) can switch on; the session keeps what was enabled in
 # self.enabled, and each extension checks it there.  One per line, as above.
@@ -49,14 +58,15 @@ _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 _NOT_AUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 _AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
          "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"}
-_SELECTED = {"CHECK", "CLOSE", "EXPUNGE", "UNSELECT", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
+_SELECTED = {"CHECK", "CLOSE", "EXPUNGE", "UNSELECT", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
+             "SORT", "THREAD"}
 # RFC 3501 7.4.1: no EXPUNGE while answering these (non-UID) commands.
-_NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
+_NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 
 
 
 
-class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
+class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands, SearchCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -235,6 +245,8 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
         try:
             cmd = parse_command(ev.parts)
         except ParseError as e:
+            if getattr(e, "reset_search_result", False):  # RFC 5182: "$" is emptied
+                self.search_result = frozenset()
             code = f"[{e.code}] " if e.code else ""
             # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error;
             # nor is a mailbox name that is not valid modified UTF-7
