@@ -87,13 +87,12 @@ class SearchCommands:
                 line += b" MAX %d" % (numbers[-1] if in_order else max(numbers))
             if "ALL" in options:
                 line += b" ALL " + (response.ordered_set(numbers) if in_order else response.sequence_set(numbers))
-        if "COUNT" in options:
-            line += b" COUNT %d" % len(numbers)
         if partial:
-            lo, hi = partial
-            label = b"%d:%d" % (lo, hi)
+            label = b"%d:%d" % partial
             got = response.ordered_set(window) if in_order else response.sequence_set(window)
             line += b" PARTIAL (" + label + b" " + (got or b"NIL") + b")"
+        if "COUNT" in options:
+            line += b" COUNT %d" % len(numbers)
         self.send(bytes(line))
 
     def _substitute(self, key: tuple, msgs) -> tuple:
