@@ -406,7 +406,6 @@ def header_entry(header: bytes, search_fields: bool = True) -> dict:
              "sent": _sent_date(root), "hsize": bstart}
     if search_fields:
         entry["hs"] = _header_index(root)
-        entry["sort"] = _sort_fields(root)
     return entry
 
 

@@ -120,6 +120,8 @@ class SearchCommands:
     async def _matching(self, cmd: Command, key: tuple) -> list:
         """(seq, MessageInfo) of the messages of the view that match, in mailbox order."""
         msgs = list(self.mbox.messages)
+        if key == ("ALL",):  # what SORT and THREAD mostly ask: nothing to match
+            return list(enumerate(msgs, 1))
         key = self._substitute(key, msgs)
         n = len(msgs)
         max_uid = msgs[-1].uid if msgs else 0

@@ -93,12 +93,18 @@ def base_subject(subject: str) -> tuple[str, bool]:
 
 # --- the index fields -------------------------------------------------------------------------
 def _decode_words(value: bytes) -> str:
+    if b"=?" not in value:
+        return value.decode("utf-8", "replace")
     from .search import _decode_words as decode  # search.py decodes RFC 2047 the same way
     return decode(value)
 
 
+_CONTINUATION = re.compile(rb"\r?\n(?=[ \t])")
+_COMMENT = re.compile(rb"\([^()]*\)")
+
+
 def _unfold(value: bytes) -> bytes:
-    return re.sub(rb"\r?\n(?=[ \t])", b"", value)
+    return _CONTINUATION.sub(b"", value) if b"\n" in value else value
 
 
 def _first_address(value: bytes | None) -> addresses.Address | None:
@@ -138,7 +144,9 @@ def message_ids(value: bytes | None) -> list[str]:
     without their angle brackets (compared case-sensitively, RFC 5256 section 4)."""
     if not value:
         return []
-    value = re.sub(rb"\([^()]*\)", b" ", _unfold(value))  # comments
+    value = _unfold(value)
+    if b"(" in value:
+        value = _COMMENT.sub(b" ", value)  # comments
     return [m.group(1).decode("utf-8", "replace")[:MAX_ID] for m in _MSGID.finditer(value)
             if b"@" in m.group(1)]
 
