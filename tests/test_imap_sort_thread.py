@@ -145,6 +145,28 @@ def test_index_fields_from_the_header():
     assert sort.fields([(b"references", many)])["r"] == [f"{i}@x" for i in range(400, 500)]
 
 
+@pytest.mark.parametrize("message", CORPUS, ids=range(len(CORPUS)))
+def test_fields_from_the_indexed_envelope_equal_fields_from_the_header(message):
+    root = fetch.parse(message)
+    entry = fetch.header_entry(message)
+    from_env = sort.fields_from_envelope(entry["env"].encode("latin-1"), entry["refs"].encode("latin-1"))
+    assert from_env == sort.fields(root.headers)
+
+
+_HEADER_TEXT = st.text(alphabet='ab "\\()<>@,;:=?[]\té', max_size=30) | st.sampled_from(
+    ["=?utf-8?q?Caf=C3=A9?=", '"x \\"y\\"" <a@b>', "grp: a@b, c@d;", "<a@b> (c)"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["Subject", "From", "To", "Cc", "Date", "Message-ID", "References",
+                                           "In-Reply-To"]), _HEADER_TEXT), max_size=8))
+def test_fuzz_fields_from_envelope_agree(headers):
+    message = "".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\nbody\r\n"
+    entry = fetch.header_entry(message)
+    from_env = sort.fields_from_envelope(entry["env"].encode("latin-1"), entry["refs"].encode("latin-1"))
+    assert from_env == sort.fields(fetch.parse(message).headers)
+
+
 def _item(n, seq=None, size=0, idate=0.0, **f):
     return sort.Item(n, seq or n, size, idate, f)
 
@@ -350,7 +372,8 @@ def _put(srv, entries):
     srv.call(put())
 
 
-def test_sort_and_thread_come_from_the_index(srv):
+def test_sort_and_thread_come_from_the_index(srv, caplog):
+    caplog.set_level("INFO", logger="mailstack.imap")
     for subject, mid, refs in (("b", "<1@x>", None), ("Re: b", "<2@x>", "<1@x>"), ("a", "<3@x>", None)):
         srv.deliver(ALICE, m(subject, mid, refs=refs))
     r = Raw(srv.ports["imap"], ALICE, ALICE_PW)
@@ -377,6 +400,9 @@ def test_sort_and_thread_come_from_the_index(srv):
             assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
     finally:
         r.close()
+    # the real-client matrix's log line: once per session and extension
+    used = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("IMAP uses ")]
+    assert sorted(used) == ["IMAP uses SORT", "IMAP uses THREAD=REFERENCES"]
 
 
 async def _path(srv, uid):
@@ -385,6 +411,31 @@ async def _path(srv, uid):
         return mbox.path(uid)
     finally:
         await mbox.close()
+
+
+def test_first_sort_after_a_listing_reads_no_file(tmp_path):
+    """Files dropped into the Maildir by another program have no index entry; the first
+    listing indexes their envelopes, and SORT / THREAD work from that alone."""
+    srv = InProcessIMAP(tmp_path, imap_overrides={"allow_plaintext_auth": True})
+    r = None
+    try:
+        new = srv.services.store.account_dir(ALICE) / "new"
+        specs = [("b", "<1@x>", None), ("Re: b", "<2@x>", "<1@x>"), ("a", "<3@x>", None)]
+        for i, (subject, mid, refs) in enumerate(specs):
+            (new / f"{1700000000 + i}.M{i}P1.test").write_bytes(m(subject, mid, D(i + 1), refs=refs))
+        r = Raw(srv.ports["imap"], ALICE, ALICE_PW)
+        r.cmd("SELECT INBOX")
+        assert len(r.cmd("FETCH 1:* (UID ENVELOPE)")[0]) == 3
+        for uid in (1, 2, 3):  # changed behind the server's back: must not be read again
+            path = srv.call(_path(srv, uid))
+            open(path, "wb").write(m("zzz", "<other@x>"))
+        assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
+        assert r.cmd("THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3)"]
+        assert all(sort.valid(e) for e in _entries(srv, [1, 2, 3]).values())
+    finally:
+        if r:
+            r.close()
+        srv.close()
 
 
 def test_sort_thread_errors_and_state(srv):
@@ -403,3 +454,36 @@ def test_sort_thread_errors_and_state(srv):
             assert cap in caps
     finally:
         r.close()
+
+
+# --- the grammar: pure, fuzzed ----------------------------------------------------------------------
+def test_parse_sort_thread_and_search_return():
+    from mailstack.imap.parser import SearchResult, parse_command
+    cmd = parse_command([b"a UID SORT RETURN (MIN COUNT) (REVERSE DATE SUBJECT) utf-8 UNSEEN SUBJECT x"])
+    assert (cmd.name, cmd.uid, cmd.args["criteria"], cmd.args["return"], cmd.args["charset"]) == \
+        ("SORT", True, [("DATE", True), ("SUBJECT", False)], ["MIN", "COUNT"], "utf-8")
+    cmd = parse_command([b"a THREAD references US-ASCII ALL"])
+    assert cmd.args["algorithm"] == "REFERENCES" and cmd.args["key"] == ("ALL",)
+    cmd = parse_command([b"a SEARCH RETURN () $ OLDER 5"])
+    assert cmd.args["return"] == ["ALL"] and isinstance(cmd.args["key"][1][0][1], SearchResult)
+    assert cmd.args["key"][1][1] == ("OLDER", 5)
+    cmd = parse_command([b"a SEARCH RETURN (PARTIAL -1:-50 SAVE) CHARSET UTF-8 ALL"])
+    assert cmd.args["partial"] == (-1, -50) and cmd.args["return"] == ["SAVE", "PARTIAL"]
+    assert isinstance(parse_command([b"a UID EXPUNGE $"]).args["set"], SearchResult)
+    assert isinstance(parse_command([b"a MOVE $ Trash"]).args["set"], SearchResult)
+
+
+_WORDS = st.sampled_from(["SORT", "UID", "THREAD", "SEARCH", "RETURN", "(", ")", "()", "REVERSE", "SUBJECT",
+                          "DATE", "ARRIVAL", "DISPLAYFROM", "UTF-8", "ALL", "$", "1:*", "MIN", "MAX", "SAVE",
+                          "PARTIAL", "1:5", "-1:-3", "COUNT", "REFERENCES", "ORDEREDSUBJECT", "OLDER", "5",
+                          "YOUNGER", "CHARSET", "\"x\"", "NOT", "OR", " ", "*"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_WORDS, min_size=1, max_size=12), st.sampled_from(["SORT", "THREAD", "SEARCH", "UID SORT"]))
+def test_fuzz_grammar_raises_only_parse_errors(words, verb):
+    from mailstack.imap.parser import ParseError, parse_command
+    try:
+        parse_command([f"t {verb} {' '.join(words)}".encode()])
+    except ParseError:
+        pass

@@ -396,6 +396,11 @@ def cache_entry(data: bytes) -> dict:
     }
 
 
+def _references(root: "Part") -> str:
+    refs = root.header(b"references")
+    return unfold(refs)[-8192:].decode("latin-1") if refs else ""
+
+
 def header_entry(header: bytes, search_fields: bool = True) -> dict:
     """The part of a cache entry that the header alone gives (ENVELOPE, the Date: for SENT*
     searches): what a client's first listing asks for, at a fraction of a full parse.
@@ -406,6 +411,9 @@ def header_entry(header: bytes, search_fields: bool = True) -> dict:
              "sent": _sent_date(root), "hsize": bstart}
     if search_fields:
         entry["hs"] = _header_index(root)
+    # with the envelope, all SORT / THREAD need (sort.fields_from_envelope); the sort
+    # fields themselves are computed at the first SORT, not for every first listing
+    entry["refs"] = _references(root)
     return entry
 
 

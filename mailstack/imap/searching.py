@@ -160,32 +160,41 @@ class SearchCommands:
 
     # ------------------------------------------------------------------ SORT and THREAD
     async def _sort_items(self, cmd: Command, picked: list) -> list[sort.Item]:
-        """sort.Item of each picked message, its sort fields from the metadata index; an
-        entry without them (older, or made before they existed) gets them from the header
-        now, written back so the next SORT reads no file."""
+        """sort.Item of each picked message, its sort fields from the metadata index.  An
+        entry without them (a first listing indexed only the envelope, or an older index)
+        gets them now, from the envelope and References it holds or else from the header
+        read from the file, and keeps them: the next SORT reads no file."""
         items: list[sort.Item] = []
         mbox = self.mbox
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
             got: dict[int, dict] = {}
-            missing, old = [], {}
+            missing, listed, old = [], {}, {}
             for _, m in batch:
                 e = await mbox.cache_get(m.uid)
                 if sort.valid(e):
                     got[m.uid] = e["sort"]
+                    continue
+                if e:
+                    old[m.uid] = e
+                if e and e.get("v") == fetch.CACHE_VERSION and isinstance(e.get("env"), str) and \
+                        isinstance(e.get("refs"), str):
+                    listed[m.uid] = e  # a listing indexed the envelope: no file to read
                 else:
                     missing.append(m)
-                    if e:
-                        old[m.uid] = e
+            fresh: dict[int, dict] = {}
+            if listed:
+                fresh.update(await asyncio.to_thread(_fields_from_entries, listed))
+                missing += [m for _, m in batch if m.uid in listed and m.uid not in fresh]
             if missing:
                 datas = await self._read_many(missing, header_only=True)
-                fresh = await asyncio.to_thread(_fields_of, datas)
+                fresh.update(await asyncio.to_thread(_fields_of, datas))
+            if fresh:
                 got.update(fresh)
-                if fresh:
-                    try:
-                        await mbox.cache_put({uid: {**old.get(uid, {}), "sort": f} for uid, f in fresh.items()})
-                    except (StoreError, OSError):
-                        log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
+                try:
+                    await mbox.cache_put({uid: {**old.get(uid, {}), "sort": f} for uid, f in fresh.items()})
+                except (StoreError, OSError):
+                    log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
             for seq, m in batch:  # a message that vanished meanwhile sorts with empty fields
                 items.append(sort.Item(m.uid if cmd.uid else seq, seq, m.size, m.internaldate,
                                        got.get(m.uid, {})))
@@ -237,6 +246,19 @@ def _fields_of(datas: dict[int, bytes]) -> dict[int, dict]:
     for uid, data in datas.items():
         hend, _ = fetch.split_header(data)
         out[uid] = sort.fields(fetch.parse_headers(data[:hend]))
+    return out
+
+
+def _fields_from_entries(entries: dict[int, dict]) -> dict[int, dict]:
+    """Blocking (CPU): the sort fields from index entries' envelopes; unparseable ones left out."""
+    out = {}
+    for uid, e in entries.items():
+        try:
+            f = sort.fields_from_envelope(e["env"].encode("latin-1"), e["refs"].encode("latin-1"))
+        except UnicodeEncodeError:
+            f = None
+        if f is not None:
+            out[uid] = f
     return out
 
 

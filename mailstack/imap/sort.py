@@ -173,22 +173,99 @@ def fields(headers: list[tuple[bytes, bytes]]) -> dict:
     first: dict[bytes, bytes] = {}
     for k, v in headers:
         first.setdefault(k, v)
-    subject, reply = base_subject(_decode_words(_unfold(first.get(b"subject", b""))))
     frm, to, cc = (_first_address(first.get(h)) for h in (b"from", b"to", b"cc"))
-    out = {"v": SORT_VERSION, "s": casemap(subject), "f": casemap(_mailbox(frm)),
+    return _fields(first.get(b"subject"), frm, to, cc, first.get(b"date"), first.get(b"message-id"),
+                   first.get(b"references"), first.get(b"in-reply-to"))
+
+
+def fields_from_envelope(envelope: bytes, references: bytes | None) -> dict | None:
+    """The same value from what the index already holds: the rendered ENVELOPE (date,
+    subject, addresses, In-Reply-To, Message-ID as the header had them) and the raw
+    References; None when the envelope does not parse."""
+    try:
+        items = _parse_data(envelope)
+    except (ValueError, IndexError):
+        return None
+    if not isinstance(items, list) or len(items) != 10:
+        return None
+    date, subject, frm, _, _, to, cc, _, irt, mid = items
+    return _fields(subject, _first_listed(frm), _first_listed(to), _first_listed(cc), date, mid,
+                   references or None, irt)
+
+
+def _fields(subject, frm, to, cc, date, mid, references, irt) -> dict:
+    text, reply = base_subject(_decode_words(_unfold(subject or b"")))
+    out = {"v": SORT_VERSION, "s": casemap(text), "f": casemap(_mailbox(frm)),
            "t": casemap(_mailbox(to)), "c": casemap(_mailbox(cc)),
-           "df": casemap(_display(frm)), "dt": casemap(_display(to)),
-           "d": sent_date(first.get(b"date"))}
+           "df": casemap(_display(frm)), "dt": casemap(_display(to)), "d": sent_date(date)}
     if reply:
         out["rf"] = 1
-    ids = message_ids(first.get(b"message-id"))
+    ids = message_ids(mid)
     if ids:
         out["id"] = ids[0]
     # RFC 5256 4 (1): the References, or else the first In-Reply-To id, as the only parent
-    refs = message_ids(first.get(b"references")) or message_ids(first.get(b"in-reply-to"))[:1]
+    refs = message_ids(references) or message_ids(irt)[:1]
     if refs:
         out["r"] = refs[-MAX_REFERENCES:]
     return out
+
+
+def _first_listed(value) -> addresses.Address | None:
+    """The first address of an ENVELOPE address list, as _first_address picks it."""
+    if not isinstance(value, list):
+        return None
+    for a in value:
+        if isinstance(a, list) and len(a) == 4:
+            addr = addresses.Address(*a)
+            if addr.mailbox is not None or addr.name is not None:
+                return addr
+    return None
+
+
+_ATOM = re.compile(rb"[^\s()\"{]+")
+
+
+def _parse_data(data: bytes):
+    """IMAP response data (lists, NIL, quoted strings, literals) as nested lists of bytes/None."""
+    stack: list[list] = [[]]
+    i, n = 0, len(data)
+    while i < n:
+        c = data[i]
+        if c == 0x20:
+            i += 1
+        elif c == 0x28:
+            stack.append([])
+            i += 1
+        elif c == 0x29:
+            done = stack.pop()
+            stack[-1].append(done)
+            i += 1
+        elif c == 0x22:
+            out = bytearray()
+            i += 1
+            while data[i] != 0x22:
+                if data[i] == 0x5C:
+                    i += 1
+                out.append(data[i])
+                i += 1
+            stack[-1].append(bytes(out))
+            i += 1
+        elif c == 0x7B:
+            close = data.index(b"}", i)
+            size = int(data[i + 1:close])
+            start = close + 3  # "}\r\n"
+            stack[-1].append(data[start:start + size])
+            i = start + size
+        else:
+            m = _ATOM.match(data, i)
+            if m is None:
+                raise ValueError("bad data")
+            word = m.group()
+            stack[-1].append(None if word.upper() == b"NIL" else word)
+            i = m.end()
+    if len(stack) != 1 or len(stack[0]) != 1:
+        raise ValueError("unbalanced")
+    return stack[0][0]
 
 
 def valid(entry: dict | None) -> bool:
