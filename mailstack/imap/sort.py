@@ -222,7 +222,8 @@ def _first_listed(value) -> addresses.Address | None:
     return None
 
 
-_ATOM = re.compile(rb"[^\s()\"{]+")
+_TOKEN = re.compile(rb'[ ]*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|\{(\d+)\}\r\n|([^\s()"{]+))')
+_ESCAPED = re.compile(rb"\\(.)")
 
 
 def _parse_data(data: bytes):
@@ -230,39 +231,26 @@ def _parse_data(data: bytes):
     stack: list[list] = [[]]
     i, n = 0, len(data)
     while i < n:
-        c = data[i]
-        if c == 0x20:
-            i += 1
-        elif c == 0x28:
+        m = _TOKEN.match(data, i)
+        if m is None:
+            raise ValueError("bad data")
+        i = m.end()
+        kind = m.lastindex
+        if kind == 1:
             stack.append([])
-            i += 1
-        elif c == 0x29:
+        elif kind == 2:
             done = stack.pop()
             stack[-1].append(done)
-            i += 1
-        elif c == 0x22:
-            out = bytearray()
-            i += 1
-            while data[i] != 0x22:
-                if data[i] == 0x5C:
-                    i += 1
-                out.append(data[i])
-                i += 1
-            stack[-1].append(bytes(out))
-            i += 1
-        elif c == 0x7B:
-            close = data.index(b"}", i)
-            size = int(data[i + 1:close])
-            start = close + 3  # "}\r\n"
-            stack[-1].append(data[start:start + size])
-            i = start + size
+        elif kind == 3:
+            text = m.group(3)
+            stack[-1].append(_ESCAPED.sub(rb"\1", text) if b"\\" in text else text)
+        elif kind == 4:
+            size = int(m.group(4))
+            stack[-1].append(data[i:i + size])
+            i += size
         else:
-            m = _ATOM.match(data, i)
-            if m is None:
-                raise ValueError("bad data")
-            word = m.group()
+            word = m.group(5)
             stack[-1].append(None if word.upper() == b"NIL" else word)
-            i = m.end()
     if len(stack) != 1 or len(stack[0]) != 1:
         raise ValueError("unbalanced")
     return stack[0][0]
