@@ -103,6 +103,8 @@ def test_failed_search_with_save_empties_the_saved_result_also_on_bad(session):
     assert session.cmd("SEARCH RETURN (SAVE) ALL")[1].startswith(b"OK")
     assert session.cmd("SEARCH RETURN (MIN) NOSUCHKEY")[1].startswith(b"BAD")  # no SAVE: kept
     assert session.cmd("SEARCH $")[0] != [b"* SEARCH"]
+    assert session.cmd("SORT RETURN (SAVE) (NOSUCHKEY) UTF-8 ALL")[1].startswith(b"BAD")  # SORT too
+    assert session.cmd("SEARCH $")[0] == [b"* SEARCH"]
 
 
 def test_sort_return_save_and_esearch_tags(session):

@@ -60,18 +60,28 @@ def _partial_range(c) -> tuple[int, int]:
     return (-lo, -hi) if neg else (lo, hi)
 
 
-def search(c, program) -> dict:
-    options, partial = _return_options(c, SEARCH_RETURN)
+def _saving(options, parse):
+    """parse(); a parse error of a command that would have saved its result empties "$"
+    (RFC 5182), which the session learns from the error's reset_search_result."""
     try:
-        return {**program(c), "return": options, "partial": partial}
+        return parse()
     except Exception as e:
-        if options and "SAVE" in options:  # RFC 5182: a failed SEARCH ... SAVE empties "$"
+        if options and "SAVE" in options:
             e.reset_search_result = True  # type: ignore[attr-defined]
         raise
 
 
+def search(c, program) -> dict:
+    options, partial = _return_options(c, SEARCH_RETURN)
+    return _saving(options, lambda: {**program(c), "return": options, "partial": partial})
+
+
 def sort(c, program) -> dict:
     options, partial = _return_options(c, SORT_RETURN)
+    return _saving(options, lambda: {**_sort_rest(c, program), "return": options, "partial": partial})
+
+
+def _sort_rest(c, program) -> dict:
     c.sp()
     c.expect(b"(")
     criteria: list[tuple[str, bool]] = []
@@ -90,8 +100,7 @@ def sort(c, program) -> dict:
             c.pos += 1
             break
         c.sp()
-    return {"criteria": criteria, **program(c, charset_required=True), "return": options,
-            "partial": partial}
+    return {"criteria": criteria, **program(c, charset_required=True)}
 
 
 def thread(c, program) -> dict:
