@@ -69,6 +69,8 @@ def ordered_subject(items: list[Item]) -> list[Node]:
 # --- REFERENCES (RFC 5256 section 4, the algorithm's steps numbered as there) ----------------------
 def _is_ancestor(a: Node, b: Node) -> bool:
     """Is `a` the same as or an ancestor of `b`?"""
+    if not a.children:  # the common case, a message seen for the first time: no walk up
+        return a is b
     node: Node | None = b
     while node is not None:
         if node is a:
