@@ -278,7 +278,8 @@ def test_thread_deep_chain_needs_no_recursion():
     out = _thread("REFERENCES", specs)
     assert out == "(" + " ".join(str(i) for i in range(1, n + 1)) + ")"
     # each message with the whole chain in References (as mail clients write it; 100 kept)
-    full = [(f"m{i}", [f"m{j}" for j in range(i)][-100:], "s", i) for i in range(2000)]
+    ids = [f"m{i}" for i in range(2000)]
+    full = [(ids[i], ids[max(0, i - 100):i], "s", i) for i in range(2000)]
     assert _thread("REFERENCES", full) == "(" + " ".join(str(i) for i in range(1, 2001)) + ")"
     branchy = [(f"m{i}", [f"m{(i - 1) // 2}"] if i else [], "s", i) for i in range(n)]  # a binary tree
     assert sorted(_flatten(_parse_threads(_thread("REFERENCES", branchy)))) == list(range(1, n + 1))
