@@ -42,7 +42,7 @@ class SearchCommands:
     async def cmd_search(self, cmd: Command) -> None:
         options = cmd.args.get("return")
         try:
-            picked = await self._matching(cmd, cmd.args["key"])
+            picked = await self._matching(cmd.args["key"])
         except Exception:
             if options and "SAVE" in options:
                 self.search_result = frozenset()  # RFC 5182: a failed SEARCH (SAVE) empties "$"
@@ -72,8 +72,6 @@ class SearchCommands:
                 kept = _window(picked, partial)
             elif others and others <= {"MIN", "MAX"} and picked:  # RFC 5182 2.4
                 kept = ([picked[0]] if "MIN" in others else []) + ([picked[-1]] if "MAX" in others else [])
-                if not in_order:
-                    kept = sorted(kept, key=lambda p: p[0])
             self.search_result = frozenset(m.uid for _, m in kept)
             if options == ["SAVE"]:  # SAVE alone: no ESEARCH response (RFC 5182 2.1)
                 return
@@ -117,7 +115,7 @@ class SearchCommands:
             return ("NOT", self._substitute(key[1], msgs))
         return key
 
-    async def _matching(self, cmd: Command, key: tuple) -> list:
+    async def _matching(self, key: tuple) -> list:
         """(seq, MessageInfo) of the messages of the view that match, in mailbox order."""
         msgs = list(self.mbox.messages)
         if key == ("ALL",):  # what SORT and THREAD mostly ask: nothing to match
@@ -204,7 +202,7 @@ class SearchCommands:
         self._note_extension("SORT")
         options = cmd.args.get("return")
         try:
-            picked = await self._matching(cmd, cmd.args["key"])
+            picked = await self._matching(cmd.args["key"])
         except Exception:
             if options and "SAVE" in options:
                 self.search_result = frozenset()
@@ -229,7 +227,7 @@ class SearchCommands:
     async def cmd_thread(self, cmd: Command) -> None:
         algorithm = cmd.args["algorithm"]
         self._note_extension("THREAD=" + algorithm)
-        picked = await self._matching(cmd, cmd.args["key"])
+        picked = await self._matching(cmd.args["key"])
         items = await self._sort_items(cmd, picked)
 
         def work() -> bytes:
