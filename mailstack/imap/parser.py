@@ -532,6 +532,8 @@ def _search_program(c: _Cursor, charset_required: bool = False) -> dict:
         if not charset_required:
             c.sp()
         name = c.astring().decode("ascii", "replace").lower()
+        if c.at_end():  # "SORT (DATE) ALL": the charset is missing, not unknown
+            raise c.error("missing search criteria")
         if name not in ("us-ascii", "utf-8", "utf8"):
             raise ParseError(c.tag, "charset not supported", code="BADCHARSET (US-ASCII UTF-8)")
         charset = "utf-8" if name.startswith("utf") else "us-ascii"
