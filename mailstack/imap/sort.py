@@ -228,6 +228,8 @@ _ESCAPED = re.compile(rb"\\(.)")
 
 def _parse_data(data: bytes):
     """IMAP response data (lists, NIL, quoted strings, literals) as nested lists of bytes/None."""
+    if b"}\r\n" not in data:  # no literal: tokenised in one call (what most envelopes are)
+        return _parse_tokens(data)
     stack: list[list] = [[]]
     i, n = 0, len(data)
     while i < n:
@@ -252,6 +254,28 @@ def _parse_data(data: bytes):
             word = m.group(5)
             stack[-1].append(None if word.upper() == b"NIL" else word)
     if len(stack) != 1 or len(stack[0]) != 1:
+        raise ValueError("unbalanced")
+    return stack[0][0]
+
+
+def _parse_tokens(data: bytes):
+    stack: list[list] = [[]]
+    end = 0
+    for m in _TOKEN.finditer(data):
+        if m.start() != end:
+            raise ValueError("bad data")
+        end = m.end()
+        opening, closing, text, _, word = m.groups()
+        if opening:
+            stack.append([])
+        elif closing:
+            done = stack.pop()
+            stack[-1].append(done)
+        elif text is not None:
+            stack[-1].append(_ESCAPED.sub(rb"\1", text) if b"\\" in text else text)
+        else:
+            stack[-1].append(None if word is None or word.upper() == b"NIL" else word)
+    if end != len(data) or len(stack) != 1 or len(stack[0]) != 1:
         raise ValueError("unbalanced")
     return stack[0][0]
 
