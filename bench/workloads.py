@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import proctree
@@ -118,6 +119,7 @@ def imap_mailbox(imap_server, user: str, expected: int, bodies: int, header_word
         t, lines, _ = c.timed(f'UID SEARCH BODY "{body_word}"')
         out["search_body_s"] = t
         out["search_body_hits"] = sum(len(x.split()) - 2 for x in lines if x.startswith(b"* SEARCH"))
+        _sort_thread(c, expected, out, "")
         step = max(1, expected // bodies)
         seqs = ",".join(str(1 + i * step) for i in range(min(bodies, expected)))
         t, lines, lit = c.timed(f"FETCH {seqs} BODY.PEEK[]")
@@ -137,6 +139,7 @@ def imap_mailbox(imap_server, user: str, expected: int, bodies: int, header_word
         t, lines, _ = c.timed(f'UID SEARCH BODY "{body_word}"')
         out["search_body_again_s"] = t
         out["search_body_again_hits"] = sum(len(x.split()) - 2 for x in lines if x.startswith(b"* SEARCH"))
+        _sort_thread(c, expected, out, "_again")
         c.command("LOGOUT")
     finally:
         c.close()
@@ -144,6 +147,29 @@ def imap_mailbox(imap_server, user: str, expected: int, bodies: int, header_word
     out["cpu_s"] = end.cpu - cpu0
     out["rss_mib"] = end.rss_kib / 1024
     return out
+
+
+def _sort_thread(c, expected: int, out: dict, suffix: str) -> None:
+    """UID SORT (SUBJECT) and UID THREAD REFERENCES over the whole mailbox (RFC 5256).  The
+    CRC-32 of each answer goes into the figures: equal numbers mean the same answer."""
+    t, lines, _ = c.timed("UID SORT (SUBJECT) UTF-8 ALL")
+    answer = b"".join(x for x in lines if x.startswith(b"* SORT")).strip()
+    if len(answer.split()) - 2 != expected:
+        raise RuntimeError(f"SORT returned {len(answer.split()) - 2} messages, expected {expected}")
+    out["sort_subject" + suffix + "_s"] = t
+    out["sort_subject" + suffix + "_crc"] = zlib.crc32(answer)
+    t, lines, _ = c.timed("UID THREAD REFERENCES UTF-8 ALL")
+    answer = b"".join(x for x in lines if x.startswith(b"* THREAD")).strip()
+    out["thread_refs" + suffix + "_s"] = t
+    out["thread_refs" + suffix + "_crc"] = zlib.crc32(answer)
+    depth = threads = 0
+    for ch in answer[len(b"* THREAD"):]:
+        if ch == 0x28:
+            threads += depth == 0
+            depth += 1
+        elif ch == 0x29:
+            depth -= 1
+    out["thread_refs" + suffix + "_threads"] = threads
 
 
 # --- 4. IDLE push ------------------------------------------------------------------------------

@@ -250,5 +250,7 @@ def test_header_entry_agrees_with_the_full_entry(message):
     """A first listing parses headers only; what it caches must be what a full parse gives."""
     full = fetch.cache_entry(message)
     head = fetch.header_entry(message)
+    refs = head.pop("refs")  # the raw References, for SORT / THREAD from the envelope
+    assert isinstance(refs, str) and (refs != "") == (b"\nreferences:" in b"\n" + message.lower())
     assert head == {k: full[k] for k in ("v", "env", "sent", "hsize", "hs")}
     assert "bs" not in head

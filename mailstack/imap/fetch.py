@@ -392,7 +392,13 @@ def cache_entry(data: bytes) -> dict:
         "sent": sent,
         "hsize": root.body_start,
         "hs": _header_index(root),
+        "sort": _sort_fields(root),
     }
+
+
+def _references(root: "Part") -> str:
+    refs = root.header(b"references")
+    return unfold(refs)[-8192:].decode("latin-1") if refs else ""
 
 
 def header_entry(header: bytes, search_fields: bool = True) -> dict:
@@ -405,12 +411,20 @@ def header_entry(header: bytes, search_fields: bool = True) -> dict:
              "sent": _sent_date(root), "hsize": bstart}
     if search_fields:
         entry["hs"] = _header_index(root)
+    # with the envelope, all SORT / THREAD need (sort.fields_from_envelope); the sort
+    # fields themselves are computed at the first SORT, not for every first listing
+    entry["refs"] = _references(root)
     return entry
 
 
 def _header_index(root: "Part") -> dict:
     from .search import header_index  # search.py imports this module
     return header_index(root)
+
+
+def _sort_fields(root: "Part") -> dict:
+    from .sort import fields  # SORT / THREAD keys (sort.py owns the "sort" value)
+    return fields(root.headers)
 
 
 def _sent_date(root: "Part") -> int | None:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import mutf7, parse_list
+from . import mutf7, parse_list, parse_search
 from . import compress as compress_grammar
 from . import parse_condstore
 from .framer import LITERAL_RE
@@ -248,6 +248,9 @@ class _Cursor:
             self.sp()
 
     def sequence_set(self) -> "SequenceSet":
+        if self.peek() == 0x24:  # "$": the saved search result (RFC 5182 SEARCHRES)
+            self.pos += 1
+            return SearchResult()
         ranges: list[tuple[int | None, int | None]] = []
         while True:
             a = self._seq_number()
@@ -338,6 +341,14 @@ class SequenceSet:
 
     def __repr__(self) -> str:
         return f"SequenceSet({self.ranges!r})"
+
+
+class SearchResult(SequenceSet):
+    """"$" (RFC 5182): the UIDs the last SEARCH ... RETURN (SAVE) kept, which the session
+    knows; as a plain sequence set it is empty."""
+
+    def __init__(self) -> None:
+        super().__init__([])
 
 
 # ------------------------------------------------------------------ FETCH attributes
@@ -504,7 +515,7 @@ def _search_key(c: _Cursor, charset: str, depth: int = 0) -> tuple:
             keys.append(_search_key(c, charset, depth + 1))
         c.pos += 1
         return ("AND", keys)
-    if c.peek() == 0x2A or (c.peek() is not None and 0x30 <= c.peek() <= 0x39):
+    if c.peek() in (0x2A, 0x24) or (c.peek() is not None and 0x30 <= c.peek() <= 0x39):
         return ("SEQ", c.sequence_set())
     word = c.atom("search key").upper()
 
@@ -532,6 +543,9 @@ def _search_key(c: _Cursor, charset: str, depth: int = 0) -> tuple:
     if word in ("LARGER", "SMALLER"):
         c.sp()
         return (word, c.number())
+    if word in ("OLDER", "YOUNGER"):  # RFC 5032 WITHIN: seconds before now
+        c.sp()
+        return (word, c.number(nz=True))
     if word in _HEADER_KEYS:
         return ("HEADER", word, text())
     if word == "HEADER":
@@ -557,15 +571,20 @@ def _search_key(c: _Cursor, charset: str, depth: int = 0) -> tuple:
     raise c.error(f"unknown search key {word}")
 
 
-def _search(c: _Cursor) -> dict:
+def _search_program(c: _Cursor, charset_required: bool = False) -> dict:
+    """[CHARSET astring SP] search-key *(SP search-key); SORT and THREAD name the charset
+    without the word CHARSET (RFC 5256)."""
     charset = "us-ascii"
     c.sp()
     start = c.pos
-    if c.take(ATOM_CHARS).upper() == b"CHARSET":
+    if charset_required or c.take(ATOM_CHARS).upper() == b"CHARSET":
         if "UTF8=ACCEPT" in c.enabled:  # RFC 6855 section 3: conflicting charset labels
             raise c.error("SEARCH CHARSET is not allowed after ENABLE UTF8=ACCEPT")
-        c.sp()
+        if not charset_required:
+            c.sp()
         name = c.astring().decode("ascii", "replace").lower()
+        if c.at_end():  # "SORT (DATE) ALL": the charset is missing, not unknown
+            raise c.error("missing search criteria")
         if name not in ("us-ascii", "utf-8", "utf8"):
             raise ParseError(c.tag, "charset not supported", code="BADCHARSET (US-ASCII UTF-8)")
         charset = "utf-8" if name.startswith("utf") else "us-ascii"
@@ -578,6 +597,18 @@ def _search(c: _Cursor) -> dict:
         c.sp()
         keys.append(_search_key(c, "utf-8"))
     return {"key": keys[0] if len(keys) == 1 else ("AND", keys), "charset": charset}
+
+
+def _search(c: _Cursor) -> dict:
+    return parse_search.search(c, _search_program)
+
+
+def _sort(c: _Cursor) -> dict:
+    return parse_search.sort(c, _search_program)
+
+
+def _thread(c: _Cursor) -> dict:
+    return parse_search.thread(c, _search_program)
 
 
 # ------------------------------------------------------------------- commands
@@ -762,6 +793,7 @@ COMMANDS = {
     "CHECK": _no_args, "CLOSE": _no_args, "EXPUNGE": _no_args, "UNSELECT": _no_args,
     "SEARCH": _search, "FETCH": _fetch, "STORE": _store, "COPY": _copy, "MOVE": _copy,
     "IDLE": _no_args, "NAMESPACE": _no_args, "ID": _id, "ENABLE": _enable,
+    "SORT": _sort, "THREAD": _thread,
 }
 COMMANDS["COMPRESS"] = compress_grammar.parse_compress  # RFC 4978
 
@@ -773,7 +805,7 @@ def _notify(c: _Cursor) -> dict:  # RFC 5465; the grammar lives in notify.py (it
 
 COMMANDS["NOTIFY"] = _notify
 UID_COMMANDS = {"FETCH": _fetch, "STORE": _store, "SEARCH": _search, "COPY": _copy, "MOVE": _copy,
-                "EXPUNGE": _uid_expunge}
+                "EXPUNGE": _uid_expunge, "SORT": _sort, "THREAD": _thread}
 from .parse_quota import QUOTA_COMMANDS  # noqa: E402 - GETQUOTA, GETQUOTAROOT, SETQUOTA (RFC 9208)
 COMMANDS.update(QUOTA_COMMANDS)
 

@@ -11,19 +11,7 @@ state mixins call behind `self.rev2`:
 """
 from __future__ import annotations
 
-from . import response
-
 REV2 = "IMAP4REV2"
 # Extensions after whose ENABLE a SELECT of another mailbox says [CLOSED] first.
 CLOSED_FOR = frozenset({REV2, "CONDSTORE", "QRESYNC"})
 
-
-def esearch(tag: str, uid: bool, numbers: list[int]) -> bytes:
-    """`* ESEARCH (TAG "t") [UID] [ALL set]` for a SEARCH without RETURN options (RFC 9051
-    6.4.4: as RETURN (ALL)); no ALL when nothing matched (RFC 4731 section 3.1)."""
-    line = b'* ESEARCH (TAG "' + tag.encode("ascii") + b'")'
-    if uid:
-        line += b" UID"
-    if numbers:
-        line += b" ALL " + response.sequence_set(numbers)
-    return line

@@ -1,5 +1,5 @@
 """IMAP commands on the selected mailbox: SELECT/EXAMINE, IDLE, the sync that announces
-changes, STORE, COPY, MOVE, EXPUNGE, SEARCH.
+changes, STORE, COPY, MOVE, EXPUNGE (SEARCH, SORT, THREAD: searching.py).
 
 Sequence numbers: the selected Mailbox's `messages` list is this session's view; it is
 only refreshed at moments when RFC 3501 lets us announce EXPUNGE (never during a
@@ -13,11 +13,10 @@ import time
 
 from ..events import MailboxEvent
 from ..filters import learn as filters_learn
-from ..store import fts
 from ..store.base import SYSTEM_FLAGS, MailboxNotFound, StoreError
-from . import response, rev2, search
-from .parser import Command, Frame
-from .states import AUTH, FETCH_BATCH, READ_SIZE, SELECTED, Bye
+from . import response, rev2
+from .parser import Command, Frame, SearchResult
+from .states import AUTH, READ_SIZE, SELECTED, Bye
 
 log = logging.getLogger("mailstack.imap")
 
@@ -99,6 +98,7 @@ class SelectedCommands:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self.search_result = frozenset()  # "$" starts empty in every mailbox (RFC 5182)
         if self.mbox is not None:
             mbox, self.mbox = self.mbox, None
             self.recent = set()
@@ -232,6 +232,9 @@ class SelectedCommands:
         """(seq, MessageInfo) for the command's set, in ascending order; None if invalid."""
         msgs = self.mbox.messages
         seqset = cmd.args["set"]
+        if isinstance(seqset, SearchResult):  # "$": UIDs, also in a non-UID command (RFC 5182)
+            saved = self.search_result
+            return [(i + 1, m) for i, m in enumerate(msgs) if m.uid in saved]
         if cmd.uid:
             if not msgs:
                 return []
@@ -371,53 +374,3 @@ class SelectedCommands:
 
     async def cmd_move(self, cmd: Command) -> None:
         await self.cmd_copy(cmd, move=True)
-
-    async def cmd_search(self, cmd: Command) -> None:
-        key = cmd.args["key"]
-        msgs = list(self.mbox.messages)
-        n = len(msgs)
-        max_uid = msgs[-1].uid if msgs else 0
-        wanted = [k for k in dict.fromkeys(search.fulltext_keys(key)) if fts.usable(k[1])]
-        if wanted and msgs:  # BODY / TEXT from the full-text index when the store has one
-            sets = await self.mbox.fulltext_search([(needle, op == "BODY") for op, needle in wanted])
-            if sets is not None:
-                key = search.substitute(key, {k: frozenset(s) for k, s in zip(wanted, sets)})
-        need = search.needs(key)
-        found: list[int] = []
-        for start in range(0, n, FETCH_BATCH):
-            batch = msgs[start:start + FETCH_BATCH]
-            cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
-                                      m.uid in self.recent, n, max_uid, modseq=m.modseq) for i, m in enumerate(batch)]
-            if need in ("sent", "index"):  # answered from the metadata index
-                entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)],
-                                                    search_fields=need == "index")
-                for c, m in zip(cands, batch):
-                    e = entries.get(m.uid)
-                    c.sent = e.get("sent") if e else None
-                    c.hs = e.get("hs") if e else None
-                    if need == "index" and c.hs is None:
-                        c.hs = {}  # vanished meanwhile and never indexed: matches no header
-            elif need in ("header", "full"):
-                datas = await self._read_many(batch, header_only=need == "header")
-                for c, m in zip(cands, batch):
-                    c.data = datas.get(m.uid)
-                    if c.data is None:
-                        c.data = b""
-                # matching bodies costs CPU: off the loop
-                found += await asyncio.to_thread(
-                    lambda cs=cands: [c.uid if cmd.uid else c.seq for c in cs if search.matches(key, c)])
-                continue
-            found += [c.uid if cmd.uid else c.seq for c in cands if search.matches(key, c)]
-        if self.imap4rev2:  # IMAP4rev2: ESEARCH, never * SEARCH
-            self.send(rev2.esearch(cmd.tag, cmd.uid, found))
-            return await self.done(cmd, "SEARCH completed")
-        line = bytearray(b"* SEARCH")
-        for x in found:
-            line += b" %d" % x
-        if search.uses_modseq(cmd.args["key"]):  # RFC 7162 3.1.5: the highest MODSEQ of those found
-            self.enable_condstore("SEARCH MODSEQ")
-            modseqs = {m.uid if cmd.uid else i + 1: m.modseq for i, m in enumerate(msgs)}
-            if found:
-                line += b" (MODSEQ %d)" % max(modseqs[x] for x in found)
-        self.send(bytes(line))
-        await self.done(cmd, "SEARCH completed")

@@ -28,6 +28,7 @@ from .listing import ListCommands
 from .mailboxes import MailboxCommands
 from .framer import CommandFramer, Continuation, Frame, FrameError
 from .parser import Command, MailboxNameError, ParseError, parse_command, parse_tag
+from .searching import SearchCommands
 from .selected import SelectedCommands
 from .quota import QuotaCommands
 from .states import AUTH, LOGOUT, NOT_AUTH, READ_SIZE, SELECTED, Bye
@@ -62,6 +63,14 @@ AUTHENTICATED_CAPABILITIES = [
     "QUOTA=RES-MESSAGE",
     "CONDSTORE",
     "QRESYNC",
+    "SORT",
+    "SORT=DISPLAY",
+    "THREAD=ORDEREDSUBJECT",
+    "THREAD=REFERENCES",
+    "ESEARCH",
+    "ESORT",
+    "SEARCHRES",
+    "WITHIN",
 ]
 # LITERAL-: not offered.  RFC 7888: LITERAL- is LITERAL+ with non-synchronising literals
 # limited to 4096 octets (a server offering only LITERAL- must refuse bigger ones with BAD
@@ -83,15 +92,16 @@ _NOT_AUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 _AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
          "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"}
 _AUTH |= {"GETQUOTA", "GETQUOTAROOT", "SETQUOTA"}  # quota.py (RFC 9208)
-_SELECTED = {"CHECK", "CLOSE", "EXPUNGE", "UNSELECT", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
+_SELECTED = {"CHECK", "CLOSE", "EXPUNGE", "UNSELECT", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
+             "SORT", "THREAD"}
 # RFC 3501 7.4.1: no EXPUNGE while answering these (non-UID) commands.
-_NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
+_NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 
 
 
 
-class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommands, FetchCommands,
-                  CompressCommands, NotifyCommands, QuotaCommands, CondstoreCommands):
+class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommands, SearchCommands,
+                  FetchCommands, CompressCommands, NotifyCommands, QuotaCommands, CondstoreCommands):
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -276,6 +286,8 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
         try:
             cmd = parse_command(ev.parts, self.enabled)
         except ParseError as e:
+            if getattr(e, "reset_search_result", False):  # RFC 5182: "$" is emptied
+                self.search_result = frozenset()
             code = f"[{e.code}] " if e.code else ""
             # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error;
             # nor is a mailbox name that is not valid modified UTF-7

@@ -1,0 +1,280 @@
+"""IMAP SEARCH, SORT and THREAD on the selected mailbox, with their extensions: ESEARCH
+result options (RFC 4731), the saved result "$" (RFC 5182 SEARCHRES), ESORT and PARTIAL
+(RFC 5267 / RFC 9394), WITHIN's OLDER/YOUNGER (RFC 5032), SORT and THREAD (RFC 5256,
+DISPLAY sort of RFC 5957).
+
+Matching is search.py's; sorting and threading are sort.py's and thread.py's, fed from the
+metadata index (the "sort" value of an entry, computed from the header once and kept)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..store import fts
+from ..store.base import StoreError
+from . import fetch, response, search, sort, thread
+from .parser import Command, SearchResult
+from .states import FETCH_BATCH
+
+log = logging.getLogger("mailstack.imap")
+
+THREAD_AT = 500  # sorting / threading more messages than this runs in a worker thread
+
+
+class SearchCommands:
+    """Mixed into IMAPSession (session.py), which owns the I/O and the state."""
+
+    # "$" (RFC 5182): the UIDs the last SEARCH/SORT ... RETURN (SAVE) kept; emptied when a
+    # mailbox is selected or closed (selected.py's unselect) and by a failed SEARCH that
+    # would have saved.
+    search_result: frozenset = frozenset()
+
+    def _note_extension(self, name: str) -> None:
+        """Log once per session which of these extensions the client used (the real-client
+        matrix of docs/ is built from these lines)."""
+        used = self.__dict__.setdefault("_extensions_used", set())
+        if name not in used:
+            used.add(name)
+            log.info("IMAP uses %s", name, extra={"client": self.peer_ip})
+
+    # ------------------------------------------------------------------ SEARCH
+    async def cmd_search(self, cmd: Command) -> None:
+        options = cmd.args.get("return")
+        if search.uses_modseq(cmd.args["key"]):
+            self.enable_condstore("SEARCH MODSEQ")  # RFC 7162 3.1: a CONDSTORE-enabling command
+        try:
+            picked = await self._matching(cmd.args["key"])
+        except Exception:
+            if options and "SAVE" in options:
+                self.search_result = frozenset()  # RFC 5182: a failed SEARCH (SAVE) empties "$"
+            raise
+        if options is None and self.imap4rev2:  # IMAP4rev2 (RFC 9051 6.4.4): ESEARCH as RETURN (ALL)
+            options = ["ALL"]
+        if options is None:
+            line = bytearray(b"* SEARCH")
+            for seq, m in picked:
+                line += b" %d" % (m.uid if cmd.uid else seq)
+            if picked and search.uses_modseq(cmd.args["key"]):  # RFC 7162 3.1.5: the highest found
+                line += b" (MODSEQ %d)" % max(m.modseq for _, m in picked)
+            self.send(bytes(line))
+        else:
+            self._note_extension("ESEARCH")
+            self._answer_esearch(cmd, picked, options)
+        await self.done(cmd, "SEARCH completed")
+
+    def _answer_esearch(self, cmd: Command, picked: list, options: list[str], in_order: bool = False) -> None:
+        """The ESEARCH response (RFC 4731; RFC 5267 for SORT: MIN/MAX/ALL in the sort
+        order) and the saved result (RFC 5182).  `picked` is (seq, MessageInfo) in the
+        answer's order (mailbox order for SEARCH)."""
+        numbers = [m.uid if cmd.uid else seq for seq, m in picked]
+        partial = cmd.args.get("partial")
+        window = _window(numbers, partial) if partial else None
+        if "SAVE" in options:
+            self._note_extension("SEARCHRES")
+            kept = picked
+            others = set(options) - {"SAVE"}
+            if window is not None:  # RFC 9394: SAVE keeps what PARTIAL returns
+                kept = _window(picked, partial)
+            elif others and others <= {"MIN", "MAX"} and picked:  # RFC 5182 2.4
+                kept = ([picked[0]] if "MIN" in others else []) + ([picked[-1]] if "MAX" in others else [])
+            self.search_result = frozenset(m.uid for _, m in kept)
+            if options == ["SAVE"]:  # SAVE alone: no ESEARCH response (RFC 5182 2.1)
+                return
+        line = bytearray(b'* ESEARCH (TAG "%s")' % cmd.tag.encode("ascii"))
+        if cmd.uid:
+            line += b" UID"
+        if numbers:
+            if "MIN" in options:
+                line += b" MIN %d" % (numbers[0] if in_order else min(numbers))
+            if "MAX" in options:
+                line += b" MAX %d" % (numbers[-1] if in_order else max(numbers))
+            if "ALL" in options:
+                line += b" ALL " + (response.ordered_set(numbers) if in_order else response.sequence_set(numbers))
+        if partial:
+            label = b"%d:%d" % partial
+            got = response.ordered_set(window) if in_order else response.sequence_set(window)
+            line += b" PARTIAL (" + label + b" " + (got or b"NIL") + b")"
+        if "COUNT" in options:
+            line += b" COUNT %d" % len(numbers)
+        if picked and search.uses_modseq(cmd.args.get("key") or ("ALL",)):  # RFC 7162 3.1.5 with ESEARCH
+            line += b" MODSEQ %d" % max(m.modseq for _, m in picked)
+        self.send(bytes(line))
+
+    def _substitute(self, key: tuple, msgs) -> tuple:
+        """The search key with what the session answers put in as UID sets: "$" (RFC
+        5182: UIDs, also where a sequence set stands) and OLDER/YOUNGER (RFC 5032: now
+        minus that many seconds, against the internal date, both ends included)."""
+        op = key[0]
+        if op in ("SEQ", "UID") and isinstance(key[1], SearchResult):
+            self._note_extension("SEARCHRES")
+            return ("INSET", self.search_result)
+        if op in ("OLDER", "YOUNGER"):
+            self._note_extension("WITHIN")
+            edge = time.time() - key[1]
+            if op == "OLDER":
+                return ("INSET", frozenset(m.uid for m in msgs if m.internaldate <= edge))
+            return ("INSET", frozenset(m.uid for m in msgs if m.internaldate >= edge))
+        if op == "AND":
+            return ("AND", [self._substitute(k, msgs) for k in key[1]])
+        if op == "OR":
+            return ("OR", self._substitute(key[1], msgs), self._substitute(key[2], msgs))
+        if op == "NOT":
+            return ("NOT", self._substitute(key[1], msgs))
+        return key
+
+    async def _matching(self, key: tuple) -> list:
+        """(seq, MessageInfo) of the messages of the view that match, in mailbox order."""
+        msgs = list(self.mbox.messages)
+        if key == ("ALL",):  # what SORT and THREAD mostly ask: nothing to match
+            return list(enumerate(msgs, 1))
+        key = self._substitute(key, msgs)
+        n = len(msgs)
+        max_uid = msgs[-1].uid if msgs else 0
+        wanted = [k for k in dict.fromkeys(search.fulltext_keys(key)) if fts.usable(k[1])]
+        if wanted and msgs:  # BODY / TEXT from the full-text index when the store has one
+            sets = await self.mbox.fulltext_search([(needle, op == "BODY") for op, needle in wanted])
+            if sets is not None:
+                key = search.substitute(key, {k: frozenset(s) for k, s in zip(wanted, sets)})
+        need = search.needs(key)
+        found: list = []
+        for start in range(0, n, FETCH_BATCH):
+            batch = msgs[start:start + FETCH_BATCH]
+            cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
+                                      m.uid in self.recent, n, max_uid, modseq=m.modseq) for i, m in enumerate(batch)]
+            if need in ("sent", "index"):  # answered from the metadata index
+                entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)],
+                                                    search_fields=need == "index")
+                for c, m in zip(cands, batch):
+                    e = entries.get(m.uid)
+                    c.sent = e.get("sent") if e else None
+                    c.hs = e.get("hs") if e else None
+                    if need == "index" and c.hs is None:
+                        c.hs = {}  # vanished meanwhile and never indexed: matches no header
+            elif need in ("header", "full"):
+                datas = await self._read_many(batch, header_only=need == "header")
+                for c, m in zip(cands, batch):
+                    c.data = datas.get(m.uid)
+                    if c.data is None:
+                        c.data = b""
+                # matching bodies costs CPU: off the loop
+                found += await asyncio.to_thread(
+                    lambda cs=cands, ms=batch: [(c.seq, m) for c, m in zip(cs, ms) if search.matches(key, c)])
+                continue
+            found += [(c.seq, m) for c, m in zip(cands, batch) if search.matches(key, c)]
+        return found
+
+    # ------------------------------------------------------------------ SORT and THREAD
+    async def _sort_items(self, cmd: Command, picked: list) -> list[sort.Item]:
+        """sort.Item of each picked message, its sort fields from the metadata index.  An
+        entry without them (a first listing indexed only the envelope, or an older index)
+        gets them now, from the envelope and References it holds or else from the header
+        read from the file, and keeps them: the next SORT reads no file."""
+        items: list[sort.Item] = []
+        mbox = self.mbox
+        for start in range(0, len(picked), FETCH_BATCH):
+            batch = picked[start:start + FETCH_BATCH]
+            got: dict[int, dict] = {}
+            missing, listed, old = [], {}, {}
+            for _, m in batch:
+                e = await mbox.cache_get(m.uid)
+                if sort.valid(e):
+                    got[m.uid] = e["sort"]
+                    continue
+                if e:
+                    old[m.uid] = e
+                if e and e.get("v") == fetch.CACHE_VERSION and isinstance(e.get("env"), str) and \
+                        isinstance(e.get("refs"), str):
+                    listed[m.uid] = e  # a listing indexed the envelope: no file to read
+                else:
+                    missing.append(m)
+            fresh: dict[int, dict] = {}
+            if listed:
+                fresh.update(await asyncio.to_thread(_fields_from_entries, listed))
+                missing += [m for _, m in batch if m.uid in listed and m.uid not in fresh]
+            if missing:
+                datas = await self._read_many(missing, header_only=True)
+                fresh.update(await asyncio.to_thread(_fields_of, datas))
+            if fresh:
+                got.update(fresh)
+                try:
+                    await mbox.cache_put({uid: {**old.get(uid, {}), "sort": f} for uid, f in fresh.items()})
+                except (StoreError, OSError):
+                    log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
+            for seq, m in batch:  # a message that vanished meanwhile sorts with empty fields
+                items.append(sort.Item(m.uid if cmd.uid else seq, seq, m.size, m.internaldate,
+                                       got.get(m.uid, {})))
+        return items
+
+    async def cmd_sort(self, cmd: Command) -> None:
+        self._note_extension("SORT")
+        options = cmd.args.get("return")
+        if search.uses_modseq(cmd.args["key"]):
+            self.enable_condstore("SEARCH MODSEQ")  # RFC 7162 3.1: a CONDSTORE-enabling command
+        try:
+            picked = await self._matching(cmd.args["key"])
+        except Exception:
+            if options and "SAVE" in options:
+                self.search_result = frozenset()
+            raise
+        items = await self._sort_items(cmd, picked)
+        criteria = cmd.args["criteria"]
+        if len(items) > THREAD_AT:
+            items = await asyncio.to_thread(sort.order, items, criteria)
+        else:
+            items = sort.order(items, criteria)
+        if options is None:
+            line = bytearray(b"* SORT")
+            for it in items:
+                line += b" %d" % it.n
+            self.send(bytes(line))
+        else:
+            self._note_extension("ESORT")
+            by_seq = {seq: m for seq, m in picked}
+            self._answer_esearch(cmd, [(it.seq, by_seq[it.seq]) for it in items], options, in_order=True)
+        await self.done(cmd, "SORT completed")
+
+    async def cmd_thread(self, cmd: Command) -> None:
+        algorithm = cmd.args["algorithm"]
+        self._note_extension("THREAD=" + algorithm)
+        picked = await self._matching(cmd.args["key"])
+        items = await self._sort_items(cmd, picked)
+
+        def work() -> bytes:
+            return thread.render(thread.thread(algorithm, items))
+
+        text = await asyncio.to_thread(work) if len(items) > THREAD_AT else work()
+        self.send(b"* THREAD " + text if text else b"* THREAD")
+        await self.done(cmd, "THREAD completed")
+
+
+def _fields_of(datas: dict[int, bytes]) -> dict[int, dict]:
+    """Blocking (CPU): the sort fields from each message's header bytes."""
+    out = {}
+    for uid, data in datas.items():
+        hend, _ = fetch.split_header(data)
+        out[uid] = sort.fields(fetch.parse_headers(data[:hend]))
+    return out
+
+
+def _fields_from_entries(entries: dict[int, dict]) -> dict[int, dict]:
+    """Blocking (CPU): the sort fields from index entries' envelopes; unparseable ones left out."""
+    out = {}
+    for uid, e in entries.items():
+        try:
+            f = sort.fields_from_envelope(e["env"].encode("latin-1"), e["refs"].encode("latin-1"))
+        except UnicodeEncodeError:
+            f = None
+        if f is not None:
+            out[uid] = f
+    return out
+
+
+def _window(seq: list, partial: tuple[int, int]) -> list:
+    """The results PARTIAL lo:hi picks (RFC 9394): 1-based positions, negative from the end."""
+    lo, hi = partial
+    if lo > 0:
+        return seq[lo - 1:hi]
+    n = len(seq)
+    start, end = n + hi, n + lo + 1  # -1:-3 is the last three: positions n-3 .. n-1
+    return seq[max(start, 0):max(end, 0)]
