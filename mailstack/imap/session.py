@@ -170,7 +170,10 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
         return self.tls or self.cfg.allow_plaintext_auth
 
     def capabilities(self) -> str:
-        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        # IMAP4rev2 (RFC 9051) folds in NAMESPACE, UNSELECT, UIDPLUS, ESEARCH, SEARCHRES, ENABLE,
+        # IDLE, SASL-IR, LITERAL- (LITERAL+ is its superset), BINARY, SPECIAL-USE, LIST-EXTENDED,
+        # LIST-STATUS, MOVE and STATUS=SIZE: all offered; rev2.py holds what ENABLE changes.
+        caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
         if self.state == NOT_AUTH:
             if not self.tls:
                 caps.append("STARTTLS")
