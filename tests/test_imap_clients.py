@@ -28,7 +28,7 @@ CLIENTS = {  # account local part -> how the client is driven (the matrix's seco
     "mbsync": "mbsync (isync 1.4), `-a`, two-way sync run twice",
     "offlineimap": "offlineimap3, one-shot sync of INBOX",
     "imaptools": "imap_tools 1.x: sorted fetch, search, flag, move",
-    "imapclient": "imapclient 3.x: select, sort, thread, fetch, idle",
+    "imapclient": "imapclient 3.x: select, fetch, sort, thread, CONDSTORE, quota, idle",
     "curl": "curl: list, fetch by UID, custom SEARCH",
 }
 SUMMARY = re.compile(r"IMAP session summary: account=(\S+) client=(.*?) commands=(.*?) enabled=(\S+)$", re.M)
@@ -138,8 +138,10 @@ set sort=threads
                            capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stdout[-2000:]
         assert b"Msgs:3" in r.stdout, r.stdout[-2000:]  # mutt's status bar: it saw the mailbox
-    cmds, _ = used(server, "mutt", at_least=2)
+    cmds, enabled = used(server, "mutt", at_least=2)
     assert {"SELECT", "FETCH"} <= cmds or {"SELECT", "UID FETCH"} <= cmds
+    # mutt 2.2 takes QRESYNC (with its header cache), COMPRESS=DEFLATE and UTF8=ACCEPT when offered
+    assert {"QRESYNC", "CONDSTORE", "UTF8=ACCEPT"} <= enabled and "COMPRESS" in cmds
 
 
 def test_mbsync_two_way(server, tmp_path):
@@ -182,7 +184,7 @@ SyncState *
     assert any(b"Subject: up" in m for m in server.inbox_messages(user)) or \
         "Sent" in "".join(p.name for p in local.iterdir())
     cmds, _ = used(server, "mbsync", at_least=2)
-    assert "UID FETCH" in cmds and "APPEND" in cmds
+    assert "UID FETCH" in cmds and "APPEND" in cmds and "COMPRESS" in cmds  # isync 1.4 compresses
 
 
 def test_offlineimap_sync(server, tmp_path):
@@ -237,8 +239,8 @@ def test_imap_tools_session(server):
     seed(server, "imaptools", count=4)
     user, pw = account("imaptools")
     with MailBox("127.0.0.1", server.ports["imaps"], ssl_context=_tls()).login(user, pw) as mb:
-        subjects = [m.subject for m in mb.fetch(AND(all=True), mark_seen=False)]
-        assert len(subjects) == 4
+        subjects = [m.subject for m in mb.fetch(AND(all=True), mark_seen=False, sort="SUBJECT")]
+        assert subjects == sorted(subjects, key=lambda s: s.removeprefix("Re: ")) and len(subjects) == 4
         uids = mb.uids(AND(subject="message 1"))
         assert len(uids) == 2
         mb.flag(uids, "\\Flagged", True)
@@ -246,7 +248,7 @@ def test_imap_tools_session(server):
         mb.move(uids[:1], "Kept")
         assert len(mb.uids(AND(all=True))) == 3
     cmds, _ = used(server, "imaptools")
-    assert {"UID SEARCH", "UID FETCH", "UID STORE"} <= cmds
+    assert {"UID SORT", "UID SEARCH", "UID FETCH", "UID STORE"} <= cmds
 
 
 def test_imapclient_session(server):
@@ -256,14 +258,23 @@ def test_imapclient_session(server):
     with IMAPClient("127.0.0.1", port=server.ports["imaps"], ssl=True, ssl_context=_tls(), timeout=10) as c:
         c.login(user, pw)
         c.id_({"name": "imapclient-test", "version": "1"})
+        c.enable("CONDSTORE")  # imapclient allows ENABLE before SELECT only (RFC 5161)
         info = c.select_folder("INBOX")
         assert info[b"EXISTS"] == 4
         fetched = c.fetch(c.search(), ["ENVELOPE", "FLAGS", "RFC822.SIZE"])
         assert len(fetched) == 4
+        assert c.sort(["REVERSE", "DATE"]) == sorted(fetched, reverse=True)  # Date: hours 0..3
+        assert sorted(len(t) for t in c.thread()) == [2, 2]  # a message and its "Re:" each (RFC 5256 subject grouping)
+        modseq = c.folder_status("INBOX", ["HIGHESTMODSEQ"])[b"HIGHESTMODSEQ"]
+        c.add_flags(fetched_uids := sorted(fetched)[:1], [b"\\Flagged"])
+        changed = c.fetch(fetched_uids[0], ["FLAGS"], modifiers=[f"CHANGEDSINCE {modseq}"])
+        assert list(changed) == fetched_uids
+        assert c.get_quota_root("INBOX")[0].quota_roots == [""]
         c.idle()
         c.idle_done()
     cmds, _ = used(server, "imapclient")
-    assert {"SELECT", "UID SEARCH", "UID FETCH", "IDLE", "ID"} <= cmds
+    assert {"SELECT", "UID SEARCH", "UID FETCH", "IDLE", "ID", "UID SORT", "UID THREAD", "ENABLE",
+            "GETQUOTAROOT"} <= cmds
     assert summaries(server, "imapclient")[0][0] == "imapclient-test 1"
 
 
