@@ -1,5 +1,5 @@
 """A full disk: every write path answers NO [OVERQUOTA] / -ERR with a clear text, leaves
-nothing half-made, and the session goes on.  The disk is real: a 16 MiB tmpfs mounted for
+nothing half-made, and the session goes on.  The disk is real: a 64 MiB tmpfs mounted for
 the test (root, as the test command runs) and filled with a file."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def full(tmp_path):
         pytest.skip("mounting a tmpfs needs root (the test command runs as root)")
     fs = tmp_path / "fs"
     fs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(fs)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(fs)], check=True)
     srv = None
     try:
         srv = InProcessIMAP(fs, PLAIN, pop3=True, pop3_overrides=PLAIN)
