@@ -27,13 +27,43 @@ class _Lit:
 
 
 class _Stream:
-    """A whole-message literal sent in bounded pieces read from the store as the client takes
-    them (big messages: never whole in memory)."""
+    """A literal that is a byte range of a big message file, sent in bounded pieces read
+    from the store as the client takes them (never whole in memory)."""
 
-    __slots__ = ("label", "uid", "size")
+    __slots__ = ("label", "uid", "start", "size")
 
-    def __init__(self, label: bytes, uid: int, size: int) -> None:
-        self.label, self.uid, self.size = label, uid, size
+    def __init__(self, label: bytes, uid: int, size: int, start: int = 0) -> None:
+        self.label, self.uid, self.size, self.start = label, uid, size, start
+
+
+HEAD_KEEP = 1 << 20  # header bytes kept in memory for BODY[HEADER.FIELDS] of a streamed message
+
+
+def _head_of(path: str) -> tuple[bytes, int]:
+    """(the header bytes, at most HEAD_KEEP of them; the offset where the body starts) of a
+    message file, found by reading it in bounded pieces (blocking: run in a thread).  A
+    header without an end runs to the end of the file, as fetch.split_header says."""
+    with open(path, "rb") as f:
+        data = f.read(HEADER_PEEK)
+        _, bstart = fetch.split_header(data)
+        if bstart < len(data) or len(data) < HEADER_PEEK:
+            return data[:bstart], bstart
+        head = bytearray(data)
+        pos = len(data)  # file offset of the end of `data`
+        tail = data[-3:]  # a blank line may straddle two reads
+        while True:
+            piece = f.read(STREAM_CHUNK)
+            if not piece:
+                return bytes(head), pos
+            if len(head) < HEAD_KEEP:
+                head += piece[:HEAD_KEEP - len(head)]
+            window = tail + piece
+            m = fetch._BLANK.search(window)
+            if m is not None:
+                bstart = pos - len(tail) + m.end()
+                return bytes(head[:bstart]), bstart
+            pos += len(piece)
+            tail = window[-3:]
 
 
 def _join_fetch(seq: int, items: list) -> "bytes | list":
@@ -68,9 +98,35 @@ def _join_fetch(seq: int, items: list) -> "bytes | list":
 class FetchCommands:
     """Mixed into IMAPSession (session.py), which owns the I/O and the state."""
 
-    def _render_streamed(self, m, a, entries) -> "bytes | _Stream | None":
-        """One FETCH item of a message that is streamed (only whole-message literals)."""
+    def _render_streamed(self, m, a, entries, head=None) -> "bytes | _Lit | _Stream | None":
+        """One FETCH item of a big message that is streamed: its literals are byte ranges of
+        the file (the whole, the header, the text, a partial of those); `head` is
+        (header bytes, body start) when an item needs the header's end."""
         name = a.name
+        if name in ("RFC822.HEADER", "RFC822.TEXT") or (name == "BODY[]" and a.section.text):
+            header, bstart = head
+            text = "HEADER" if name == "RFC822.HEADER" else "TEXT" if name == "RFC822.TEXT" else a.section.text
+            label = name.encode() if name != "BODY[]" else b"BODY[" + a.section.spec() + b"]"
+            if text.startswith("HEADER.FIELDS"):  # a few lines out of the header: small
+                hend, _ = fetch.split_header(header)
+                value = fetch.header_fields(header[:hend], a.section.fields, text == "HEADER.FIELDS.NOT")
+                if a.partial is not None:
+                    value = value[a.partial[0]:a.partial[0] + a.partial[1]]
+                    label += b"<%d>" % a.partial[0]
+                return _Lit(label, value)
+            start, size = (0, bstart) if text == "HEADER" else (bstart, m.size - bstart)
+        elif name in ("RFC822", "BODY[]"):
+            label = b"RFC822" if name == "RFC822" else b"BODY[]"
+            start, size = 0, m.size
+        else:
+            label = None
+        if label is not None:
+            if a.partial is not None:
+                off, length = a.partial
+                off_in = min(off, size)
+                start, size = start + off_in, min(length, size - off_in)
+                label += b"<%d>" % off
+            return _Stream(label, m.uid, size, start)
         if name == "UID":
             return b"UID %d" % m.uid
         if name == "FLAGS":
@@ -79,10 +135,6 @@ class FetchCommands:
             return b"INTERNALDATE " + response.internaldate(m.internaldate)
         if name == "RFC822.SIZE":
             return b"RFC822.SIZE %d" % m.size
-        if name == "RFC822":
-            return _Stream(b"RFC822", m.uid, m.size)
-        if name == "BODY[]":
-            return _Stream(b"BODY[]", m.uid, m.size)
         if name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
             value = fetch.cached(entries.get(m.uid), {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}[name])
             return None if value is None else name.encode() + b" " + value
@@ -220,17 +272,22 @@ class FetchCommands:
         if any(a.name == "FLAGS" for a in atts):
             # A keyword shows in a FETCH only after an untagged FLAGS announced it.
             self._note_keywords({f for _, m in picked for f in m.flags})
-        # Whole messages only (BODY[] / RFC822, no part, no partial): big ones are streamed.
-        streamable = need_data == "full" and all(
-            a.name == "RFC822" or (a.name == "BODY[]" and not a.section.part and not a.section.text
-                                   and a.partial is None)
-            for a in atts if a.name.startswith(("RFC822", "BODY[")) and a.name != "RFC822.SIZE")
+        # Big messages are streamed when every literal asked for is a byte range of the file:
+        # the whole message, its header or its text (BODY[]/RFC822 family, no MIME part),
+        # partial or not.  A MIME part (BODY[1]) still needs the message parsed whole.
+        body_atts = [a for a in atts if a.name.startswith(("RFC822", "BODY[")) and a.name != "RFC822.SIZE"]
+        streamable = need_data == "full" and all(a.name.startswith("RFC822") or not a.section.part
+                                                 for a in body_atts)
+        need_head = any(a.name in ("RFC822.HEADER", "RFC822.TEXT") or (a.name == "BODY[]" and a.section.text)
+                        for a in body_atts)
         missing = False
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
             entries = await self._cache_entries(batch, need_structure) if need_cache else {}
             if need_data:
                 streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
+                if streams and need_head:
+                    streams = await self._read_heads([m for _, m in batch if m.uid in streams])
                 datas = await self._read_many([m for _, m in batch if m.uid not in streams],
                                               header_only=need_data == "header")
                 rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas,
@@ -262,15 +319,32 @@ class FetchCommands:
         else:
             await self.done(cmd, "FETCH completed")
 
+    async def _read_heads(self, infos) -> dict:
+        """{uid: (header bytes, body start)} of big messages, read in bounded pieces in one
+        worker thread; a message that vanished meanwhile is not streamed (its FETCH says NIL)."""
+        paths = {m.uid: self.mbox.path(m.uid) for m in infos}
+
+        def work() -> dict:
+            out = {}
+            for uid, path in paths.items():
+                try:
+                    if path is not None:
+                        out[uid] = _head_of(path)
+                except OSError:
+                    pass
+            return out
+
+        return await asyncio.to_thread(work)
+
     async def _stream(self, item: _Stream) -> None:
-        """Send a message literal piece by piece.  The size was announced: a file that
+        """Send a literal piece by piece.  The size was announced: a file that
         shrank or vanished meanwhile (Maildir files never change; a person could) cannot
         be answered any more, so the connection is closed rather than the literal faked."""
         offset = 0
         while offset < item.size:
             want = min(STREAM_CHUNK, item.size - offset)
             try:
-                chunk = await self.mbox.read_range(item.uid, offset, want)
+                chunk = await self.mbox.read_range(item.uid, item.start + offset, want)
             except (StoreError, OSError) as e:
                 chunk, why = b"", str(e)
             else:
@@ -293,7 +367,8 @@ class FetchCommands:
             data = None
             root = None
             if m.uid in streams:
-                items = [self._render_streamed(m, a, entries) for a in atts]
+                head = streams.get(m.uid) if isinstance(streams, dict) else None
+                items = [self._render_streamed(m, a, entries, head) for a in atts]
                 out.append(_join_fetch(seq, [x for x in items if x is not None]))
                 continue
             if datas is not None:
