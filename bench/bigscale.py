@@ -169,9 +169,7 @@ def big_fetch(server, imap_user: str, pop_user: str, clients: int, size: int, di
                 if line.endswith(b"}\r\n") and b"{" in line:
                     n = int(line[line.rindex(b"{") + 1:-3])
                     while n:
-                        if not c.buf:
-                            c._fill()
-                        piece, c.buf = c.buf[:n], c.buf[n:]
+                        piece = c.take(n)
                         h.update(piece)
                         n -= len(piece)
                 elif line.startswith(tag + b" "):

@@ -16,6 +16,7 @@ HEADER_PEEK = 16384  # bytes read first when only the header is needed
 BIG_CHUNK = 65536
 STREAM_MIN = 1 << 20  # whole messages at least this big are streamed, not read whole
 STREAM_CHUNK = 256 * 1024  # bytes read per piece when streaming
+_PLAIN = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE"})  # items rendered without a read
 
 class _Lit:
     """A FETCH item whose value is a literal: kept apart so big bodies are not copied."""
@@ -271,7 +272,7 @@ class FetchCommands:
                           for s, m in picked]
         if any(a.name == "FLAGS" for a in atts):
             # A keyword shows in a FETCH only after an untagged FLAGS announced it.
-            self._note_keywords({f for _, m in picked for f in m.flags})
+            self._note_keywords(set().union(*{frozenset(m.flags) for _, m in picked}))  # flag sets are shared
         # Big messages are streamed when every literal asked for is a byte range of the file:
         # the whole message, its header or its text (BODY[]/RFC822 family, no MIME part),
         # partial or not.  A MIME part (BODY[1]) still needs the message parsed whole.
@@ -281,10 +282,14 @@ class FetchCommands:
         need_head = any(a.name in ("RFC822.HEADER", "RFC822.TEXT") or (a.name == "BODY[]" and a.section.text)
                         for a in body_atts)
         missing = False
+        plain = not need_cache and not need_data and all(a.name in _PLAIN for a in atts)
+        flag_cache: dict = {}
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
             entries = await self._cache_entries(batch, need_structure) if need_cache else {}
-            if need_data:
+            if plain:
+                rendered, gone = self._render_plain(batch, atts, flag_cache), False
+            elif need_data:
                 streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
                 if streams and need_head:
                     streams = await self._read_heads([m for _, m in batch if m.uid in streams])
@@ -358,6 +363,33 @@ class FetchCommands:
             self.writer.write(chunk)
             offset += len(chunk)
             await self.drain()
+
+    def _render_plain(self, batch, atts, flag_cache: dict) -> list[bytes]:
+        """FETCH of UID/FLAGS/RFC822.SIZE/INTERNALDATE only (how clients resynchronise:
+        `FETCH 1:* (UID FLAGS)` over a whole mailbox): no literal, no cache entry; each flag
+        list is rendered once per distinct flag set (the store shares them)."""
+        names = [a.name for a in atts]
+        recent = self.recent
+        out = []
+        for seq, m in batch:
+            parts = []
+            for name in names:
+                if name == "UID":
+                    parts.append(b"UID %d" % m.uid)
+                elif name == "FLAGS":
+                    key = (m.flags, m.uid in recent) if isinstance(m.flags, frozenset) else None
+                    value = flag_cache.get(key) if key is not None else None
+                    if value is None:
+                        value = b"FLAGS " + response.flag_list(self.flags_of(m))
+                        if key is not None:
+                            flag_cache[key] = value
+                    parts.append(value)
+                elif name == "RFC822.SIZE":
+                    parts.append(b"RFC822.SIZE %d" % m.size)
+                else:
+                    parts.append(b"INTERNALDATE " + response.internaldate(m.internaldate))
+            out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
+        return out
 
     def _render_batch(self, batch, atts, entries, datas, streams=frozenset()) -> tuple[list, bool]:
         """The FETCH responses of a batch, and whether a message had vanished meanwhile."""

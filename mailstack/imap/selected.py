@@ -38,7 +38,7 @@ class SelectedCommands:
         self._claim_recent(m.uid for m in mbox.messages)
         self._unsubscribe = self.services.events.subscribe(self.account, mbox.name, self._on_event)
         msgs = mbox.messages
-        self.keywords = {f for m in msgs for f in m.flags if not f.startswith("\\")}
+        self.keywords = {f for fs in {frozenset(m.flags) for m in msgs} for f in fs if not f.startswith("\\")}
         self._send_flags()
         self.send(b"* %d EXISTS" % len(msgs))
         self.send(b"* %d RECENT" % len(self.recent))
@@ -224,7 +224,7 @@ class SelectedCommands:
         for lo, hi in seqset.resolve(n):  # sorted and disjoint
             if lo < 1 or hi > n:
                 return None
-            out.extend((i + 1, msgs[i]) for i in range(lo - 1, hi))
+            out.extend(zip(range(lo, hi + 1), msgs[lo - 1:hi]))  # C speed: 100,000 pairs for 1:*
         return out
 
     async def cmd_check(self, cmd: Command) -> None:
