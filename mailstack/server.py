@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import importlib
 import logging
 import os
@@ -344,12 +345,27 @@ async def _main(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()  # drops privileges once ports are bound, before accepting
+    tune_gc()
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
     await server.stop()
     return 0
+
+
+def tune_gc() -> None:
+    """What is loaded at start (modules, config, directory) is frozen out of the cyclic
+    collector's sight, and the young generation is made large: with the defaults (700, 10,
+    10) listing a 100,000-message mailbox (100,000 MessageInfo and as many tuples) ran
+    collections over every live object several times and spent more time there than in
+    the listing itself (measured: 0.074 s against 0.008 s for 100,000 pairs)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+
+
+GC_YOUNG_THRESHOLD = 50_000  # container allocations between young collections (CPython's default 700)
 
 
 def serve(cfg: Config) -> int:
