@@ -16,6 +16,7 @@ from ..filters import learn as filters_learn
 from ..store import fts
 from ..store.base import SYSTEM_FLAGS, MailboxNotFound, StoreError
 from . import response, search
+from .idlewait import Wake, wait_read_or_wake
 from .parser import Command, Frame
 from .states import AUTH, FETCH_BATCH, READ_SIZE, SELECTED, Bye
 
@@ -38,7 +39,8 @@ class SelectedCommands:
         self._claim_recent(m.uid for m in mbox.messages)
         self._unsubscribe = self.services.events.subscribe(self.account, mbox.name, self._on_event)
         msgs = mbox.messages
-        self.keywords = {f for fs in {frozenset(m.flags) for m in msgs} for f in fs if not f.startswith("\\")}
+        # a frozenset: the empty one is shared (most mailboxes have no keywords); `|=` rebinds
+        self.keywords = frozenset(f for fs in {frozenset(m.flags) for m in msgs} for f in fs if not f.startswith("\\"))
         self._send_flags()
         self.send(b"* %d EXISTS" % len(msgs))
         self.send(b"* %d RECENT" % len(self.recent))
@@ -81,7 +83,7 @@ class SelectedCommands:
         if self.mbox is not None:
             mbox, self.mbox = self.mbox, None
             self.recent = set()
-            self.keywords = set()
+            self.keywords = frozenset()
             try:
                 await mbox.close()
             except Exception:  # noqa: BLE001
@@ -92,7 +94,7 @@ class SelectedCommands:
     async def cmd_idle(self, cmd: Command) -> None:
         # The wake-up exists before "+ idling" goes out: a delivery the client triggers as
         # soon as it sees "+" must not fall between the two.
-        self.wake = asyncio.Event()
+        self.wake = Wake()
         self.send(b"+ idling")
         if self.state == SELECTED:
             await self.sync(allow_expunge=True)
@@ -110,16 +112,11 @@ class SelectedCommands:
                     continue
                 if read_task is None:
                     read_task = asyncio.ensure_future(self.reader.read(READ_SIZE))
-                wake_task = asyncio.ensure_future(self.wake.wait())
                 timeout = min(self.cfg.idle_refresh, deadline - time.monotonic())
                 if timeout <= 0:
-                    wake_task.cancel()
                     self.send(b"* BYE Autologout; idle for too long")
                     raise Bye()
-                finished, _ = await asyncio.wait({read_task, wake_task}, timeout=timeout,
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                wake_task.cancel()
-                if read_task in finished:
+                if await wait_read_or_wake(read_task, self.wake, timeout):  # idlewait.py: small per session
                     data = read_task.result()
                     read_task = None
                     if not data:

@@ -73,7 +73,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
                                     cfg.smtp.max_message_size)
         self.mbox = None  # selected Mailbox
         self.recent: set[int] = set()
-        self.keywords: set[str] = set()
+        self.keywords: frozenset[str] = frozenset()
         self._unsubscribe = None
         self.dirty = False  # another session/delivery changed the selected mailbox
         self.wake: asyncio.Event | None = None  # set while idling
