@@ -239,9 +239,12 @@ def scale(server, users_counts: list[tuple[str, int]]) -> dict:
         c = IMAP(server.ports["imap"])  # a second session: the mailbox is indexed now
         try:
             c.login(f"{user}@{DOMAIN}", PASSWORD)
+            cpu0 = proctree.sample(roots).cpu
             with MemoryWatch(roots, single) as mem:
                 t_sel, _, _ = c.timed("SELECT INBOX")
                 t_fetch, lines, _ = c.timed("FETCH 1:* (UID FLAGS)")
+            # the server's CPU for it: on a busy machine the wall time is mostly waiting for a core
+            out[f"{n}_cpu_s"] = proctree.sample(roots).cpu - cpu0
             out[f"{n}_select_s"] = t_sel
             out[f"{n}_fetch_s"] = t_fetch
             out[f"{n}_s"] = t_sel + t_fetch

@@ -76,7 +76,7 @@ class IMAPSession(MailboxCommands, SelectedCommands, FetchCommands):
         self.keywords: frozenset[str] = frozenset()
         self._unsubscribe = None
         self.dirty = False  # another session/delivery changed the selected mailbox
-        self.wake: asyncio.Event | None = None  # set while idling
+        self.wake = None  # an idlewait.Wake while idling
         self.closing = False
         self.uid_cmd = False
         self.reserved = 0  # bytes of the in-flight literal counted in the shared budget
