@@ -344,8 +344,8 @@ async def _main(cfg: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tune_gc()  # before start: its full collection must not hold up the first clients or log lines
     await server.start()  # drops privileges once ports are bound, before accepting
-    tune_gc()
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
