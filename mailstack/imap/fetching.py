@@ -346,14 +346,18 @@ class FetchCommands:
         shrank or vanished meanwhile (Maildir files never change; a person could) cannot
         be answered any more, so the connection is closed rather than the literal faked."""
         offset = 0
+        ahead = None  # the next piece, read in a thread while this one goes out
         while offset < item.size:
             want = min(STREAM_CHUNK, item.size - offset)
+            if ahead is None:
+                ahead = asyncio.ensure_future(self.mbox.read_range(item.uid, item.start + offset, want))
             try:
-                chunk = await self.mbox.read_range(item.uid, item.start + offset, want)
+                chunk = await ahead
             except (StoreError, OSError) as e:
                 chunk, why = b"", str(e)
             else:
                 why = "the file is shorter than its size"
+            ahead = None
             if not chunk:
                 log.error("FETCH of UID %d cut after %d of %d bytes: %s", item.uid, offset, item.size,
                           why, extra={"client": self.peer_ip})
@@ -362,7 +366,15 @@ class FetchCommands:
             chunk = chunk[:item.size - offset]
             self.writer.write(chunk)
             offset += len(chunk)
-            await self.drain()
+            if offset < item.size:
+                ahead = asyncio.ensure_future(self.mbox.read_range(
+                    item.uid, item.start + offset, min(STREAM_CHUNK, item.size - offset)))
+            try:
+                await self.drain()
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
 
     def _render_plain(self, batch, atts, flag_cache: dict) -> list[bytes]:
         """FETCH of UID/FLAGS/RFC822.SIZE/INTERNALDATE only (how clients resynchronise:

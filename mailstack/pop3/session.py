@@ -537,15 +537,22 @@ class POP3Session:
         sent = 0
         offset = 0
         while True:
+            offset += len(chunk)
+            # the next piece is read (in a thread) while this one goes out: one piece ahead
+            ahead = asyncio.ensure_future(self.mailbox.read_range(uid, offset, READ_CHUNK)) \
+                if len(chunk) == READ_CHUNK else None
             out = encoder.feed(chunk)
             sent += len(out)
             self.conn.write(out)
-            offset += len(chunk)
-            if len(chunk) < READ_CHUNK:
+            if ahead is None:
                 break
-            await self.conn.drain()
             try:
-                chunk = await self.mailbox.read_range(uid, offset, READ_CHUNK)
+                await self.conn.drain()
+            except BaseException:  # cancelled (shutdown): the read ahead goes too
+                ahead.cancel()
+                raise
+            try:
+                chunk = await ahead
             except (StoreError, OSError, KeyError) as e:
                 # Half a message is out: no way to say -ERR now, so hang up without the
                 # terminator; the client sees a failed download, never a short message.
