@@ -21,26 +21,29 @@ class _Clock:
 
     TICK = 1.0
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    # No reference to the loop here: the clock is the value of a WeakKeyDictionary keyed by
+    # the loop, and a value that held its key would keep every closed loop alive.
+    def __init__(self) -> None:
         self.due: dict[asyncio.Future, float] = {}
         self.handle: asyncio.TimerHandle | None = None
 
     def add(self, waiter: asyncio.Future, timeout: float) -> None:
-        self.due[waiter] = self.loop.time() + timeout
+        loop = asyncio.get_running_loop()
+        self.due[waiter] = loop.time() + timeout
         if self.handle is None:
-            self.handle = self.loop.call_later(self.TICK, self._tick)
+            self.handle = loop.call_later(self.TICK, self._tick)
 
     def discard(self, waiter: asyncio.Future) -> None:
         self.due.pop(waiter, None)
 
     def _tick(self) -> None:
-        now = self.loop.time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         for waiter in [w for w, deadline in self.due.items() if deadline <= now]:
             del self.due[waiter]
             if not waiter.done():
                 waiter.set_result(None)
-        self.handle = self.loop.call_later(self.TICK, self._tick) if self.due else None
+        self.handle = loop.call_later(self.TICK, self._tick) if self.due else None
 
 
 _clocks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Clock]" = weakref.WeakKeyDictionary()
@@ -49,7 +52,7 @@ _clocks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Clock]" = weakre
 def _clock(loop: asyncio.AbstractEventLoop) -> _Clock:
     clock = _clocks.get(loop)
     if clock is None:
-        clock = _clocks[loop] = _Clock(loop)
+        clock = _clocks[loop] = _Clock()
     return clock
 
 
