@@ -73,3 +73,47 @@ def test_timeouts_short_on_their_own_timer_long_on_the_shared_clock(run, timeout
         clock = idlewait._clocks.get(loop)
         assert clock is None if timeout < idlewait.SHARED_TIMER_MIN else not clock.due
     run(main())
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def test_read_soon_gives_what_read_would_without_a_task(run):
+    from mailstack.imap.idlewait import IdleStreamReader, read_soon
+
+    async def main():
+        reader = IdleStreamReader(limit=16)
+        reader.set_transport(_Transport())
+        pending = read_soon(reader, 4)
+        assert not isinstance(pending, asyncio.Task) and not pending.done()
+        reader.feed_data(b"DONE\r\nA1 NOOP\r\n")  # more than asked for, over the limit
+        assert pending.result() == b"DONE"
+        assert await reader.read(100) == b"\r\nA1 NOOP\r\n"  # the rest stays, in order
+        assert not reader._transport.paused  # resumed once the buffer was taken
+        ready = read_soon(reader, 100)  # nothing buffered: waits
+        ready.cancel()  # IDLE ended: the reader lets go, later bytes go to read()
+        await asyncio.sleep(0)
+        reader.feed_data(b"x")
+        assert reader._soon is None and await reader.read(1) == b"x"
+        eof = read_soon(reader, 100)
+        reader.feed_eof()
+        assert eof.result() == b""
+        broken = IdleStreamReader()
+        f = read_soon(broken, 10)
+        broken.set_exception(ConnectionResetError())
+        assert isinstance(f.exception(), ConnectionResetError)
+        other = asyncio.StreamReader()  # any other reader (a TLS or compression layer): a task
+        t = read_soon(other, 10)
+        assert isinstance(t, asyncio.Task)
+        other.feed_data(b"y")
+        assert await t == b"y"
+    run(main())

@@ -5,7 +5,9 @@ obvious asyncio.Event + a task for Event.wait() + asyncio.wait({read, wake}, tim
 cost about 4 KiB per session (the Event's deque, a second task with its coroutine and
 weak reference, asyncio.wait's coroutine, set, closure and timer); Wake and wait_read_or_wake
 hold one future and one callback instead, and long timeouts share one timer per event loop
-(a uvloop timer handle is ~480 bytes).
+(a uvloop timer handle is ~480 bytes). read_soon() hands the client's next bytes to a plain
+future instead of a task running StreamReader.read() (task, two coroutines and a weak
+reference: ~900 bytes).
 """
 from __future__ import annotations
 
@@ -107,3 +109,58 @@ async def wait_read_or_wake(read_task: asyncio.Future, wake: Wake, timeout: floa
         read_task.remove_done_callback(wake_up)
         wake._waiter = None
     return read_task.done()
+
+
+class IdleStreamReader(asyncio.StreamReader):
+    """asyncio's StreamReader (the IMAP listener makes these) that can give its next bytes
+    to a plain future, read_soon(): what arrives is handed over the moment the protocol
+    feeds it, as StreamReader.read(n) would have returned it."""
+
+    _soon: "tuple[asyncio.Future, int] | None" = None
+
+    def feed_data(self, data: bytes) -> None:
+        super().feed_data(data)
+        self._give()
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        self._give()
+
+    def set_exception(self, exc: BaseException) -> None:
+        super().set_exception(exc)
+        self._give()
+
+    def _give(self) -> None:
+        soon = self._soon
+        if soon is None or not (self._buffer or self._eof or self._exception is not None):
+            return
+        self._soon = None
+        future, n = soon
+        if future.done():
+            return
+        if self._exception is not None:  # as read() does: the error first
+            future.set_exception(self._exception)
+            return
+        data = bytes(memoryview(self._buffer)[:n])
+        del self._buffer[:n]
+        self._maybe_resume_transport()
+        future.set_result(data)
+
+    def _forget(self, future: asyncio.Future) -> None:
+        if self._soon is not None and self._soon[0] is future:
+            self._soon = None
+
+
+_READER_INTERNALS = all(hasattr(asyncio.StreamReader, name) for name in ("_maybe_resume_transport",))
+
+
+def read_soon(reader: asyncio.StreamReader, n: int) -> asyncio.Future:
+    """A future for `await reader.read(n)`: a plain future fed by an IdleStreamReader, or a
+    task for any other reader (a TLS or compression layer may put its own in front)."""
+    if not isinstance(reader, IdleStreamReader) or not _READER_INTERNALS or reader._soon is not None:
+        return asyncio.ensure_future(reader.read(n))
+    future = asyncio.get_running_loop().create_future()
+    reader._soon = (future, n)
+    future.add_done_callback(reader._forget)  # cancelled: the reader lets go of it
+    reader._give()  # bytes (or EOF) already waiting
+    return future

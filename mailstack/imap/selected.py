@@ -16,7 +16,7 @@ from ..filters import learn as filters_learn
 from ..store import fts
 from ..store.base import SYSTEM_FLAGS, MailboxNotFound, StoreError
 from . import response, search
-from .idlewait import Wake, wait_read_or_wake
+from .idlewait import Wake, read_soon, wait_read_or_wake
 from .parser import Command, Frame
 from .states import AUTH, FETCH_BATCH, READ_SIZE, SELECTED, Bye
 
@@ -111,7 +111,7 @@ class SelectedCommands:
                     await self.flush()
                     continue
                 if read_task is None:
-                    read_task = asyncio.ensure_future(self.reader.read(READ_SIZE))
+                    read_task = read_soon(self.reader, READ_SIZE)  # no task (idlewait.py)
                 timeout = min(self.cfg.idle_refresh, deadline - time.monotonic())
                 if timeout <= 0:
                     self.send(b"* BYE Autologout; idle for too long")
