@@ -215,6 +215,9 @@ def idle_sessions(imap_server, user: str, counts: list[int], push=None) -> dict:
             out[f"{n}_rss_mib"] = s.rss_kib / 1024
             out[f"{n}_pss_mib"] = s.pss_kib / 1024
             out[f"{n}_kib_per_session"] = (s.pss_kib - base.pss_kib) / max(1, int(held))
+            # RSS growth too: PSS splits shared library pages among every process mapping them,
+            # so a base sampled while other processes come and go moves it by megabytes
+            out[f"{n}_rss_kib_per_session"] = (s.rss_kib - base.rss_kib) / max(1, int(held))
             out[f"{n}_procs"] = s.nprocs
             if push is not None:
                 for k, v in push().items():
