@@ -72,26 +72,46 @@ def standard_ports_listening() -> list[int]:
 
 
 # --- installing the peers ------------------------------------------------------------
-PEER_PACKAGES = ("postfix", "dovecot-imapd", "dovecot-pop3d")
+# Every Debian package a row of bench/run.py needs, with the programs the bench runs from it.
+PEER_PACKAGES = {
+    "postfix": ("postfix", "smtp-source"),  # the SMTP peer; smtp-source drives SMTP accept for both
+    "dovecot-core": ("dovecot", "doveadm"),
+    "dovecot-imapd": (),                     # /usr/lib/dovecot/imap
+    "dovecot-pop3d": (),                     # /usr/lib/dovecot/pop3
+    "bsdutils": ("script",),                 # gives Postfix's start a tty to report errors on
+}
+PEER_FILES = {"dovecot-imapd": "/usr/lib/dovecot/imap", "dovecot-pop3d": "/usr/lib/dovecot/pop3"}
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 
-def peers_installed() -> bool:
-    """Every peer package installed (dpkg says so), not just some of their binaries."""
-    for pkg in PEER_PACKAGES:
+def missing_peers() -> list[str]:
+    """The peer packages not (completely) installed: dpkg must say "install ok installed" AND
+    the programs the bench runs from each must be there."""
+    missing = []
+    for pkg, programs in PEER_PACKAGES.items():
         status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
-        if "install ok installed" not in status.stdout:
-            return False
-    return all(shutil.which(x) for x in ("postfix", "smtp-source", "dovecot", "doveadm"))
+        ok = "install ok installed" in status.stdout and all(shutil.which(x) for x in programs)
+        if pkg in PEER_FILES and not os.path.exists(PEER_FILES[pkg]):
+            ok = False
+        if not ok:
+            missing.append(pkg)
+    return missing
+
+
+def peers_installed() -> bool:
+    return not missing_peers()
 
 
 def install_peers() -> None:
-    """apt-get install the peers. Installing postfix/dovecot runs invoke-rc.d, which would
-    start them on ports 25/143/110...; a policy-rc.d that exits 101 forbids that. One that
-    is already there (Docker images ship one) is left as it is."""
-    if peers_installed():
-        print("peers already installed")
+    """apt-get install the missing peers, then check every one. Installing postfix/dovecot
+    runs invoke-rc.d, which would start them on ports 25/143/110...; a policy-rc.d that
+    exits 101 forbids that. One that is already there (Docker images ship one) is left as
+    it is."""
+    missing = missing_peers()
+    if not missing:
+        print(f"peers already installed: {', '.join(PEER_PACKAGES)}")
         return
+    print(f"installing {', '.join(missing)}", flush=True)
     ours = not POLICY_RC_D.exists()
     if ours:
         POLICY_RC_D.write_text("#!/bin/sh\n# temporary, from mailstack bench: no daemons on install\nexit 101\n")
@@ -99,11 +119,14 @@ def install_peers() -> None:
     try:
         subprocess.run(["debconf-set-selections"], input="postfix postfix/main_mailer_type select No configuration\n",
                        text=True, check=True)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *PEER_PACKAGES], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "--no-install-recommends",
+                        *missing], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     finally:
         if ours:
             POLICY_RC_D.unlink(missing_ok=True)
+    still = missing_peers()
+    if still:
+        raise SystemExit(f"peer packages still missing after apt-get install: {', '.join(still)}")
     # Belt and braces: if anything did start from the packages, stop it.
     for cmd in (["postfix", "stop"], ["doveadm", "stop"]):
         subprocess.run(cmd, capture_output=True)

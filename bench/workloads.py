@@ -211,9 +211,11 @@ def idle_push(smtp_server, imap_server, user: str, messages: int, timeout: float
 
 
 # --- 5. idle connections -------------------------------------------------------------------------
-def idle_sessions(imap_server, user: str, counts: list[int]) -> dict:
+def idle_sessions(imap_server, user: str, counts: list[int], push=None) -> dict:
     """Resident memory of the server's process tree with N sessions logged in and in IDLE.
-    The holder is a separate process, so its memory is not counted."""
+    The holder is a separate process, so its memory is not counted. `push`, if given, is
+    called while the N sessions are held (IDLE push measured on another account's session
+    with N others attached) and its figures are kept as "<N>_push_<figure>"."""
     roots = imap_server.roots("imap")
     out: dict = {}
     base = proctree.sample(roots)
@@ -239,7 +241,13 @@ def idle_sessions(imap_server, user: str, counts: list[int]) -> dict:
             out[f"{n}_rss_mib"] = s.rss_kib / 1024
             out[f"{n}_pss_mib"] = s.pss_kib / 1024
             out[f"{n}_kib_per_session"] = (s.pss_kib - base.pss_kib) / max(1, int(held))
+            # RSS growth too: PSS splits shared library pages among every process mapping them,
+            # so a base sampled while other processes come and go moves it by megabytes
+            out[f"{n}_rss_kib_per_session"] = (s.rss_kib - base.rss_kib) / max(1, int(held))
             out[f"{n}_procs"] = s.nprocs
+            if push is not None:
+                for k, v in push().items():
+                    out[f"{n}_push_{k}"] = v
         finally:
             holder.stdin.close()
             holder.wait(120)

@@ -127,6 +127,12 @@ class DKIMSigner:
     def key_for(self, domain: str) -> tuple[str, bytes] | None:
         return self._load().get(domain)
 
+    def would_sign(self, header: bytes) -> bool:
+        """Would sign() sign a message with this (CRLF) header section?  Lets a big message
+        that will not be signed be sent without reading it whole."""
+        domain = from_domain(header)
+        return bool(domain) and self.is_local_domain(domain) and self.key_for(domain) is not None
+
     def sign(self, data: bytes) -> bytes:
         """DKIM-Signature header (bytes ending in CRLF) for a CRLF message, or b"" when
         it should not or cannot be signed. Blocking."""

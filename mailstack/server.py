@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import importlib
 import logging
 import os
@@ -346,6 +347,7 @@ async def _main(cfg: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tune_gc()  # before start: its full collection must not hold up the first clients or log lines
     await server.start()  # drops privileges once ports are bound, before accepting
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
@@ -353,6 +355,20 @@ async def _main(cfg: Config) -> int:
         loop.remove_signal_handler(sig)
     await server.stop()
     return 0
+
+
+def tune_gc() -> None:
+    """What is loaded at start (modules, config, directory) is frozen out of the cyclic
+    collector's sight, and the young generation is made large: with the defaults (700, 10,
+    10) listing a 100,000-message mailbox (100,000 MessageInfo and as many tuples) ran
+    collections over every live object several times and spent more time there than in
+    the listing itself (measured: 0.074 s against 0.008 s for 100,000 pairs)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+
+
+GC_YOUNG_THRESHOLD = 50_000  # container allocations between young collections (CPython's default 700)
 
 
 def serve(cfg: Config) -> int:

@@ -16,6 +16,7 @@ HEADER_PEEK = 16384  # bytes read first when only the header is needed
 BIG_CHUNK = 65536
 STREAM_MIN = 1 << 20  # whole messages at least this big are streamed, not read whole
 STREAM_CHUNK = 256 * 1024  # bytes read per piece when streaming
+_PLAIN = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE"})  # items rendered without a read
 
 class _Lit:
     """A FETCH item whose value is a literal: kept apart so big bodies are not copied."""
@@ -33,13 +34,43 @@ class _Lit8(_Lit):
 
 
 class _Stream:
-    """A whole-message literal sent in bounded pieces read from the store as the client takes
-    them (big messages: never whole in memory)."""
+    """A literal that is a byte range of a big message file, sent in bounded pieces read
+    from the store as the client takes them (never whole in memory)."""
 
-    __slots__ = ("label", "uid", "size")
+    __slots__ = ("label", "uid", "start", "size")
 
-    def __init__(self, label: bytes, uid: int, size: int) -> None:
-        self.label, self.uid, self.size = label, uid, size
+    def __init__(self, label: bytes, uid: int, size: int, start: int = 0) -> None:
+        self.label, self.uid, self.size, self.start = label, uid, size, start
+
+
+HEAD_KEEP = 1 << 20  # header bytes kept in memory for BODY[HEADER.FIELDS] of a streamed message
+
+
+def _head_of(path: str) -> tuple[bytes, int]:
+    """(the header bytes, at most HEAD_KEEP of them; the offset where the body starts) of a
+    message file, found by reading it in bounded pieces (blocking: run in a thread).  A
+    header without an end runs to the end of the file, as fetch.split_header says."""
+    with open(path, "rb") as f:
+        data = f.read(HEADER_PEEK)
+        _, bstart = fetch.split_header(data)
+        if bstart < len(data) or len(data) < HEADER_PEEK:
+            return data[:bstart], bstart
+        head = bytearray(data)
+        pos = len(data)  # file offset of the end of `data`
+        tail = data[-3:]  # a blank line may straddle two reads
+        while True:
+            piece = f.read(STREAM_CHUNK)
+            if not piece:
+                return bytes(head), pos
+            if len(head) < HEAD_KEEP:
+                head += piece[:HEAD_KEEP - len(head)]
+            window = tail + piece
+            m = fetch._BLANK.search(window)
+            if m is not None:
+                bstart = pos - len(tail) + m.end()
+                return bytes(head[:bstart]), bstart
+            pos += len(piece)
+            tail = window[-3:]
 
 
 def _join_fetch(seq: int, items: list) -> "bytes | list":
@@ -74,9 +105,35 @@ def _join_fetch(seq: int, items: list) -> "bytes | list":
 class FetchCommands:
     """Mixed into IMAPSession (session.py), which owns the I/O and the state."""
 
-    def _render_streamed(self, m, a, entries) -> "bytes | _Stream | None":
-        """One FETCH item of a message that is streamed (only whole-message literals)."""
+    def _render_streamed(self, m, a, entries, head=None) -> "bytes | _Lit | _Stream | None":
+        """One FETCH item of a big message that is streamed: its literals are byte ranges of
+        the file (the whole, the header, the text, a partial of those); `head` is
+        (header bytes, body start) when an item needs the header's end."""
         name = a.name
+        if name in ("RFC822.HEADER", "RFC822.TEXT") or (name == "BODY[]" and a.section.text):
+            header, bstart = head
+            text = "HEADER" if name == "RFC822.HEADER" else "TEXT" if name == "RFC822.TEXT" else a.section.text
+            label = name.encode() if name != "BODY[]" else b"BODY[" + a.section.spec() + b"]"
+            if text.startswith("HEADER.FIELDS"):  # a few lines out of the header: small
+                hend, _ = fetch.split_header(header)
+                value = fetch.header_fields(header[:hend], a.section.fields, text == "HEADER.FIELDS.NOT")
+                if a.partial is not None:
+                    value = value[a.partial[0]:a.partial[0] + a.partial[1]]
+                    label += b"<%d>" % a.partial[0]
+                return _Lit(label, value)
+            start, size = (0, bstart) if text == "HEADER" else (bstart, m.size - bstart)
+        elif name in ("RFC822", "BODY[]"):
+            label = b"RFC822" if name == "RFC822" else b"BODY[]"
+            start, size = 0, m.size
+        else:
+            label = None
+        if label is not None:
+            if a.partial is not None:
+                off, length = a.partial
+                off_in = min(off, size)
+                start, size = start + off_in, min(length, size - off_in)
+                label += b"<%d>" % off
+            return _Stream(label, m.uid, size, start)
         if name == "UID":
             return b"UID %d" % m.uid
         if name == "FLAGS":
@@ -87,10 +144,6 @@ class FetchCommands:
             return b"RFC822.SIZE %d" % m.size
         if name == "MODSEQ":
             return b"MODSEQ (%d)" % m.modseq
-        if name == "RFC822":
-            return _Stream(b"RFC822", m.uid, m.size)
-        if name == "BODY[]":
-            return _Stream(b"BODY[]", m.uid, m.size)
         if name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
             value = fetch.cached(entries.get(m.uid), {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}[name])
             return None if value is None else name.encode() + b" " + value
@@ -235,20 +288,29 @@ class FetchCommands:
             atts.insert(0, FetchAtt("UID"))  # RFC 7162 3.2.4: an implicit \Seen is told with the UID
         if any(a.name == "FLAGS" for a in atts):
             # A keyword shows in a FETCH only after an untagged FLAGS announced it.
-            self._note_keywords({f for _, m in picked for f in m.flags})
-        # Whole messages only (BODY[] / RFC822, no part, no partial): big ones are streamed.
+            self._note_keywords(set().union(*{frozenset(m.flags) for _, m in picked}))  # flag sets are shared
         if any(a.name.startswith("BINARY") for a in atts):
             self.note_extension("BINARY")
+        # Big messages are streamed when every literal asked for is a byte range of the file:
+        # the whole message, its header or its text (BODY[]/RFC822 family, no MIME part),
+        # partial or not.  A MIME part (BODY[1]) or BINARY still needs the message parsed whole.
+        body_atts = [a for a in atts if a.name.startswith(("RFC822", "BODY[")) and a.name != "RFC822.SIZE"]
         streamable = need_data == "full" and not any(a.name.startswith("BINARY") for a in atts) and all(
-            a.name == "RFC822" or (a.name == "BODY[]" and not a.section.part and not a.section.text
-                                   and a.partial is None)
-            for a in atts if a.name.startswith(("RFC822", "BODY[")) and a.name != "RFC822.SIZE")
+            a.name.startswith("RFC822") or not a.section.part for a in body_atts)
+        need_head = any(a.name in ("RFC822.HEADER", "RFC822.TEXT") or (a.name == "BODY[]" and a.section.text)
+                        for a in body_atts)
         missing = False
+        plain = not need_cache and not need_data and all(a.name in _PLAIN for a in atts)
+        flag_cache: dict = {}
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
             entries = await self._cache_entries(batch, need_structure) if need_cache else {}
-            if need_data:
+            if plain:
+                rendered, gone = self._render_plain(batch, atts, flag_cache), False
+            elif need_data:
                 streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
+                if streams and need_head:
+                    streams = await self._read_heads([m for _, m in batch if m.uid in streams])
                 datas = await self._read_many([m for _, m in batch if m.uid not in streams],
                                               header_only=need_data == "header")
                 try:  # decoding BINARY sections happens here too, off the loop
@@ -286,19 +348,40 @@ class FetchCommands:
         else:
             await self.done(cmd, "FETCH completed")
 
+    async def _read_heads(self, infos) -> dict:
+        """{uid: (header bytes, body start)} of big messages, read in bounded pieces in one
+        worker thread; a message that vanished meanwhile is not streamed (its FETCH says NIL)."""
+        paths = {m.uid: self.mbox.path(m.uid) for m in infos}
+
+        def work() -> dict:
+            out = {}
+            for uid, path in paths.items():
+                try:
+                    if path is not None:
+                        out[uid] = _head_of(path)
+                except OSError:
+                    pass
+            return out
+
+        return await asyncio.to_thread(work)
+
     async def _stream(self, item: _Stream) -> None:
-        """Send a message literal piece by piece.  The size was announced: a file that
+        """Send a literal piece by piece.  The size was announced: a file that
         shrank or vanished meanwhile (Maildir files never change; a person could) cannot
         be answered any more, so the connection is closed rather than the literal faked."""
         offset = 0
+        ahead = None  # the next piece, read in a thread while this one goes out
         while offset < item.size:
             want = min(STREAM_CHUNK, item.size - offset)
+            if ahead is None:
+                ahead = asyncio.ensure_future(self.mbox.read_range(item.uid, item.start + offset, want))
             try:
-                chunk = await self.mbox.read_range(item.uid, offset, want)
+                chunk = await ahead
             except (StoreError, OSError) as e:
                 chunk, why = b"", str(e)
             else:
                 why = "the file is shorter than its size"
+            ahead = None
             if not chunk:
                 log.error("FETCH of UID %d cut after %d of %d bytes: %s", item.uid, offset, item.size,
                           why, extra={"client": self.peer_ip})
@@ -307,7 +390,42 @@ class FetchCommands:
             chunk = chunk[:item.size - offset]
             self.writer.write(chunk)
             offset += len(chunk)
-            await self.drain()
+            if offset < item.size:
+                ahead = asyncio.ensure_future(self.mbox.read_range(
+                    item.uid, item.start + offset, min(STREAM_CHUNK, item.size - offset)))
+            try:
+                await self.drain()
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
+
+    def _render_plain(self, batch, atts, flag_cache: dict) -> list[bytes]:
+        """FETCH of UID/FLAGS/RFC822.SIZE/INTERNALDATE only (how clients resynchronise:
+        `FETCH 1:* (UID FLAGS)` over a whole mailbox): no literal, no cache entry; each flag
+        list is rendered once per distinct flag set (the store shares them)."""
+        names = [a.name for a in atts]
+        recent = self.recent
+        out = []
+        for seq, m in batch:
+            parts = []
+            for name in names:
+                if name == "UID":
+                    parts.append(b"UID %d" % m.uid)
+                elif name == "FLAGS":
+                    key = (m.flags, m.uid in recent) if isinstance(m.flags, frozenset) else None
+                    value = flag_cache.get(key) if key is not None else None
+                    if value is None:
+                        value = b"FLAGS " + response.flag_list(self.flags_of(m))
+                        if key is not None:
+                            flag_cache[key] = value
+                    parts.append(value)
+                elif name == "RFC822.SIZE":
+                    parts.append(b"RFC822.SIZE %d" % m.size)
+                else:
+                    parts.append(b"INTERNALDATE " + response.internaldate(m.internaldate))
+            out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
+        return out
 
     @staticmethod
     def _render_binary(a, data: bytes, root) -> list:
@@ -332,7 +450,8 @@ class FetchCommands:
             data = None
             root = None
             if m.uid in streams:
-                items = [self._render_streamed(m, a, entries) for a in atts]
+                head = streams.get(m.uid) if isinstance(streams, dict) else None
+                items = [self._render_streamed(m, a, entries, head) for a in atts]
                 out.append(_join_fetch(seq, [x for x in items if x is not None]))
                 continue
             if datas is not None:

@@ -15,6 +15,7 @@ from ..events import MailboxEvent
 from ..filters import learn as filters_learn
 from ..store.base import SYSTEM_FLAGS, MailboxNotFound, StoreError
 from . import response, rev2
+from .idlewait import Wake, read_soon, wait_read_or_wake
 from .parser import Command, Frame, SearchResult
 from .states import AUTH, READ_SIZE, SELECTED, Bye
 
@@ -44,7 +45,8 @@ class SelectedCommands:
         self._claim_recent(m.uid for m in mbox.messages)
         self._unsubscribe = self.services.events.subscribe(self.account, mbox.name, self._on_event)
         msgs = mbox.messages
-        self.keywords = {f for m in msgs for f in m.flags if not f.startswith("\\")}
+        # a frozenset: the empty one is shared (most mailboxes have no keywords); `|=` rebinds
+        self.keywords = frozenset(f for fs in {frozenset(m.flags) for m in msgs} for f in fs if not f.startswith("\\"))
         self._send_flags()
         self.send(b"* %d EXISTS" % len(msgs))
         if self.imap4rev2:  # RFC 9051: a LIST of the mailbox; no RECENT, no UNSEEN code
@@ -102,7 +104,7 @@ class SelectedCommands:
         if self.mbox is not None:
             mbox, self.mbox = self.mbox, None
             self.recent = set()
-            self.keywords = set()
+            self.keywords = frozenset()
             try:
                 await mbox.close()
             except Exception:  # noqa: BLE001
@@ -113,7 +115,7 @@ class SelectedCommands:
     async def cmd_idle(self, cmd: Command) -> None:
         # The wake-up exists before "+ idling" goes out: a delivery the client triggers as
         # soon as it sees "+" must not fall between the two.
-        self.wake = asyncio.Event()
+        self.wake = Wake()
         self.send(b"+ idling")
         if self.state == SELECTED:
             await self.sync(allow_expunge=True)
@@ -131,17 +133,12 @@ class SelectedCommands:
                     await self.flush()
                     continue
                 if read_task is None:
-                    read_task = asyncio.ensure_future(self.reader.read(READ_SIZE))
-                wake_task = asyncio.ensure_future(self.wake.wait())
+                    read_task = read_soon(self.reader, READ_SIZE)  # no task (idlewait.py)
                 timeout = min(self.cfg.idle_refresh, deadline - time.monotonic())
                 if timeout <= 0:
-                    wake_task.cancel()
                     self.send(b"* BYE Autologout; idle for too long")
                     raise Bye()
-                finished, _ = await asyncio.wait({read_task, wake_task}, timeout=timeout,
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                wake_task.cancel()
-                if read_task in finished:
+                if await wait_read_or_wake(read_task, self.wake, timeout):  # idlewait.py: small per session
                     data = read_task.result()
                     read_task = None
                     if not data:
@@ -251,7 +248,7 @@ class SelectedCommands:
         for lo, hi in seqset.resolve(n):  # sorted and disjoint
             if lo < 1 or hi > n:
                 return None
-            out.extend((i + 1, msgs[i]) for i in range(lo - 1, hi))
+            out.extend(zip(range(lo, hi + 1), msgs[lo - 1:hi]))  # C speed: 100,000 pairs for 1:*
         return out
 
     async def cmd_check(self, cmd: Command) -> None:

@@ -119,10 +119,10 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
                                     reserve=lambda n: budget_for(services).reserve(n))  # LITERAL+ ones
         self.mbox = None  # selected Mailbox
         self.recent: set[int] = set()
-        self.keywords: set[str] = set()
+        self.keywords: frozenset[str] = frozenset()
         self._unsubscribe = None
         self.dirty = False  # another session/delivery changed the selected mailbox
-        self.wake: asyncio.Event | None = None  # set while idling
+        self.wake = None  # an idlewait.Wake while idling
         self.closing = False
         self.uid_cmd = False
         self.reserved = 0  # bytes of the in-flight literal counted in the shared budget

@@ -270,6 +270,51 @@ def top_extent(data: bytes, lines: int, eof: bool) -> int | None:
     return pos
 
 
+class TopCutter:
+    """What TOP sends of a message fed in chunks of any size: the header, the blank line
+    after it and `lines` lines of the body (the same bytes as top_extent on the whole
+    message), so that TOP of a big message never holds it whole.  feed() gives back the part
+    of each chunk to send; `done` says nothing more is wanted."""
+
+    __slots__ = ("lines", "in_header", "done", "_line_len", "_line_head")
+
+    def __init__(self, lines: int) -> None:
+        self.lines = lines  # body lines still to send
+        self.in_header = True
+        self.done = False
+        self._line_len = 0  # bytes of the current header line seen in earlier chunks
+        self._line_head = b""  # its first two bytes (is it empty, or a lone CR?)
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.done:
+            return b""
+        pos = 0
+        while self.in_header:
+            nl = chunk.find(b"\n", pos)
+            if nl < 0:
+                self._line_head = (self._line_head + chunk[pos:pos + 2])[:2]
+                self._line_len += len(chunk) - pos
+                return chunk
+            length = self._line_len + nl - pos
+            head = (self._line_head + chunk[pos:min(pos + 2, nl)])[:2]
+            self._line_len, self._line_head = 0, b""
+            pos = nl + 1
+            if length == 0 or (length == 1 and head == b"\r"):
+                self.in_header = False
+        if self.lines <= 0:
+            self.done = True
+            return chunk[:pos]
+        count = chunk.count(b"\n", pos)
+        if count < self.lines:
+            self.lines -= count
+            return chunk
+        for _ in range(self.lines):
+            pos = chunk.find(b"\n", pos) + 1
+        self.lines = 0
+        self.done = True
+        return chunk[:pos]
+
+
 def uidl_for_key(key: str) -> str:
     """A UIDL value (RFC 1939: 1-70 characters 0x21-0x7E) from the store's stable message key.
 

@@ -21,7 +21,7 @@ from ..defense import connections as floods
 from ..store.base import MailboxNotFound, MessageInfo, StoreError
 from .connection import Connection
 from .parser import (LINE_TOO_LONG, Command, CommandError, MessageEncoder, decode_sasl_plain, err,
-                     format_uidl, multiline, ok, parse_command, parse_number, top_extent, uidl_for_key)
+                     format_uidl, multiline, ok, parse_command, parse_number, TopCutter, uidl_for_key)
 from .sizes import message_sizes
 
 log = logging.getLogger("mailstack.pop3")
@@ -537,15 +537,22 @@ class POP3Session:
         sent = 0
         offset = 0
         while True:
+            offset += len(chunk)
+            # the next piece is read (in a thread) while this one goes out: one piece ahead
+            ahead = asyncio.ensure_future(self.mailbox.read_range(uid, offset, READ_CHUNK)) \
+                if len(chunk) == READ_CHUNK else None
             out = encoder.feed(chunk)
             sent += len(out)
             self.conn.write(out)
-            offset += len(chunk)
-            if len(chunk) < READ_CHUNK:
+            if ahead is None:
                 break
-            await self.conn.drain()
             try:
-                chunk = await self.mailbox.read_range(uid, offset, READ_CHUNK)
+                await self.conn.drain()
+            except BaseException:  # cancelled (shutdown): the read ahead goes too
+                ahead.cancel()
+                raise
+            try:
+                chunk = await ahead
             except (StoreError, OSError, KeyError) as e:
                 # Half a message is out: no way to say -ERR now, so hang up without the
                 # terminator; the client sees a failed download, never a short message.
@@ -572,23 +579,36 @@ class POP3Session:
         if i is None:
             return True
         uid = self.messages[i].uid
-        want = TOP_FIRST_READ
+        # Read piece by piece, like RETR: TOP 1 1000000 of a 50 MB message must not hold it whole.
         try:
-            while True:
-                data = await self.mailbox.read_range(uid, 0, want)
-                eof = len(data) < want
-                extent = top_extent(data, lines, eof)
-                if extent is not None:
-                    break
-                want *= 4
+            chunk = await self.mailbox.read_range(uid, 0, TOP_FIRST_READ)
         except (StoreError, OSError, KeyError) as e:
             log.warning("TOP %d (uid %d) failed: %s", i + 1, uid, e, extra=self._log_extra)
             self.conn.write(err("Message is no longer available", "SYS/TEMP"))
             return True
-        encoder = MessageEncoder()
-        body = encoder.feed(data[:extent] if extent < len(data) else data) + encoder.end()
-        self.bytes_sent += len(body)
-        self.conn.write(ok() + body + b".\r\n")
+        self._in_multiline = True
+        self.conn.write(ok())
+        cutter, encoder = TopCutter(lines), MessageEncoder()
+        offset, want = 0, TOP_FIRST_READ
+        while True:
+            out = encoder.feed(cutter.feed(chunk))
+            self.bytes_sent += len(out)
+            self.conn.write(out)
+            offset += len(chunk)
+            if cutter.done or len(chunk) < want:
+                break
+            await self.conn.drain()
+            want = READ_CHUNK
+            try:
+                chunk = await self.mailbox.read_range(uid, offset, want)
+            except (StoreError, OSError, KeyError) as e:
+                log.error("TOP %d (uid %d) failed after %d bytes: %s", i + 1, uid, offset, e, extra=self._log_extra)
+                self.conn.abort()
+                return False
+        out = encoder.end()
+        self.bytes_sent += len(out)
+        self.conn.write(out + b".\r\n")
+        self._in_multiline = False
         return True
 
     async def _update(self) -> bool:

@@ -26,7 +26,9 @@ from ..dns import shared as dns_shared
 from ..defense.ratelimit import Pacer
 from ..nexthop import NextHop, parse_nexthop, to_alabel
 from ..smtp.client import ClientSettings, DataLost, HostError, SMTPConnection, connect
-from ..smtp.clientproto import WireMessage, check_envelope_address, normalize_crlf, prepare
+from ..smtp.clientproto import (STREAM_MIN, WireMessage, check_envelope_address, normalize_crlf, prepare,
+                                prepare_file)
+from .spool import Spool
 from .types import QueuedMessage, RecipientResult
 
 log = logging.getLogger("mailstack.delivery")
@@ -489,6 +491,13 @@ def _dns_reply(e: DnsError) -> str:
 def _read_and_prepare(message: QueuedMessage, signer: DKIMSigner | None, forwarder=None) -> WireMessage:
     """Read the message text from its spool file, sign and dot-stuff it. Runs in a worker thread."""
     src = message.source
+    if src.size >= STREAM_MIN:
+        # A big message is sent from its queue file piece by piece, unless a DKIM signature
+        # or an ARC seal is due: dkimpy hashes the text whole (no incremental interface).
+        header = normalize_crlf(Spool.read_headers(src))
+        if not (signer is not None and signer.would_sign(header)) and \
+                not (forwarder is not None and forwarder.would_seal(message.meta)):
+            return prepare_file(src.path, src.offset, src.size)
     with open(src.path, "rb") as f:
         f.seek(src.offset)
         data = f.read(src.size)

@@ -98,6 +98,11 @@ class Forwarder:
                 return domain, found[0], found[1]
         return None
 
+    def would_seal(self, meta: dict) -> bool:
+        """Would seal() add an ARC set (which needs the message whole)?"""
+        return bool(self.cfg.senderauth.arc_seal and meta.get("listener") == "smtp" and not meta.get("auth_user")
+                    and self._seal_key() is not None)
+
     def seal(self, data: bytes, meta: dict) -> bytes:
         """ARC set (three header lines) for mail received from the internet; b"" otherwise."""
         if not self.cfg.senderauth.arc_seal or meta.get("listener") != "smtp" or meta.get("auth_user"):

@@ -25,7 +25,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .clientproto import (ProtocolError, Reply, ReplyParser, WireMessage, auth_mechanisms, auth_plain,
+import aiofiles
+
+from .clientproto import (DataEncoder, ProtocolError, Reply, ReplyParser, WireMessage, auth_mechanisms, auth_plain,
                           mail_command, needs_smtputf8, parse_ehlo, rcpt_command, size_limit)
 
 log = logging.getLogger("mailstack.smtp.client")
@@ -347,9 +349,12 @@ class SMTPConnection:
         try:
             if message.prefix:
                 await self._write(message.prefix)
-            view = memoryview(message.body)
-            for start in range(0, len(view), CHUNK):
-                await self._write(view[start:start + CHUNK])
+            if message.source is not None:
+                await self._send_file(message.source)
+            else:
+                view = memoryview(message.body)
+                for start in range(0, len(view), CHUNK):
+                    await self._write(view[start:start + CHUNK])
             await self._write(b".\r\n")
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
             raise self._fail("sending message body", e) from None
@@ -359,6 +364,22 @@ class SMTPConnection:
             self.reusable = False
             raise DataLost(f"451 4.4.2 lost connection with {self.relay} after end of data "
                            f"(the message may be delivered twice): {_describe(e)}") from None
+
+    async def _send_file(self, source: tuple[str, int, int]) -> None:
+        """A big message's text from its queue file, read off the loop a piece at a time
+        (aiofiles) and dot-stuffed piece by piece: memory stays one piece per transaction."""
+        path, offset, size = source
+        encoder = DataEncoder()
+        async with aiofiles.open(path, "rb") as f:
+            await f.seek(offset)
+            left = size
+            while left > 0:
+                chunk = await f.read(min(CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{path} is shorter than the {size} bytes queued")
+                left -= len(chunk)
+                await self._write(encoder.feed(chunk))
+        await self._write(encoder.end())
 
     async def _reset_after_failure(self) -> None:
         if not self.reusable:

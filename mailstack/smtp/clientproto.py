@@ -174,6 +174,10 @@ class WireMessage:
     size: int  # octets of the message before dot-stuffing (for SIZE=)
     eightbit: bool  # any byte > 127 (BODY=8BITMIME wanted)
     header_utf8: bool  # any byte > 127 in the header section
+    # A big message is not held in memory: `body` is empty and the text is read from this
+    # (path, offset, size) range of the queue file piece by piece while DATA is sent,
+    # CRLF-normalized and dot-stuffed by a DataEncoder.
+    source: tuple[str, int, int] | None = None
 
 
 def normalize_crlf(data: bytes) -> bytes:
@@ -206,6 +210,83 @@ def prepare(data: bytes, prefix: bytes = b"") -> WireMessage:
     header_utf8 = eightbit and not header_section(data).isascii()
     return WireMessage(prefix=prefix, body=dot_stuff(data), size=len(prefix) + len(data),
                        eightbit=eightbit, header_utf8=header_utf8)
+
+
+STREAM_MIN = 1 << 20  # messages at least this big are streamed from their file
+STREAM_CHUNK = 256 * 1024
+
+
+class DataEncoder:
+    """dot_stuff(normalize_crlf(text)) for a text fed in chunks of any size: the output is
+    the same however the text is cut (a CRLF or a "CRLF." split over two chunks included)."""
+
+    __slots__ = ("_line_start", "_pending_cr", "_empty")
+
+    def __init__(self) -> None:
+        self._line_start = True  # the next byte begins a line
+        self._pending_cr = False  # a CR ended the previous chunk; it may be half of a CRLF
+        self._empty = True  # nothing fed yet (an empty text still gets its CRLF, as dot_stuff)
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            self._pending_cr = True
+            chunk = chunk[:-1]
+        if not chunk:
+            return b""
+        self._empty = False
+        text = normalize_crlf(chunk)
+        if self._line_start and text.startswith(b"."):
+            text = b"." + text
+        if b"\r\n." in text:
+            text = text.replace(b"\r\n.", b"\r\n..")
+        self._line_start = text.endswith(b"\n")
+        return text
+
+    def end(self) -> bytes:
+        out = b""
+        if self._pending_cr:
+            self._pending_cr = False
+            out = b"\r"
+            self._line_start = False
+        return out if self._line_start and not self._empty else out + b"\r\n"
+
+
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+
+
+def prepare_file(path: str, offset: int, size: int, prefix: bytes = b"") -> WireMessage:
+    """A WireMessage for `size` bytes at `offset` of a file, without holding them: one pass
+    in bounded pieces finds the SIZE= figure (octets after CRLF normalization) and whether
+    the text or its header has 8-bit bytes.  Blocking: call in a thread."""
+    normalized = 0
+    eightbit = not prefix.isascii()
+    header_utf8 = False
+    in_header, tail, prev_cr = True, b"", False
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = size
+        while left > 0:
+            chunk = f.read(min(STREAM_CHUNK, left))
+            if not chunk:
+                raise OSError(f"{path}: expected {size} bytes at offset {offset}, read {size - left}")
+            left -= len(chunk)
+            # bare LFs get a CR: count LFs not preceded by CR (across the chunk boundary too)
+            bare = chunk.count(b"\n") - chunk.count(b"\r\n") - (1 if prev_cr and chunk.startswith(b"\n") else 0)
+            normalized += len(chunk) + bare
+            prev_cr = chunk.endswith(b"\r")
+            ascii_chunk = chunk.isascii()
+            if in_header:
+                window = tail + chunk
+                m = _BLANK_LINE.search(window)
+                header_part = window if m is None else window[:m.start()]
+                header_utf8 = header_utf8 or not header_part.isascii()
+                in_header, tail = m is None, window[-3:]
+            eightbit = eightbit or not ascii_chunk
+    return WireMessage(prefix=prefix, body=b"", size=len(prefix) + normalized, eightbit=eightbit,
+                       header_utf8=header_utf8, source=(path, offset, size))
 
 
 def auth_plain(username: str, password: str) -> bytes:

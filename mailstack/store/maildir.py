@@ -771,7 +771,7 @@ class MaildirMailbox(Mailbox):
             fs = flag_sets.get(e.letters)
             if fs is None:
                 fs = flag_sets[e.letters] = frozenset(fl.to_flags(e.letters, self._st.keywords))
-            flags = set(fs)
+            flags = fs  # shared, never changed in place (a change assigns a new set)
         ms = self._st.modseq
         return MessageInfo(e.uid, flags, e.size, e.date, e.base, ms.ms.get(e.uid, 0) if ms else 0)
 
