@@ -259,12 +259,12 @@ def test_imap_append_copy_over_quota_is_overquota_and_move_is_free(server):
 
 
 def test_multiappend_fits_whole_or_not_at_all(server):
-    """MULTIAPPEND (RFC 3502) is all or nothing, also for the quota: 5 messages into room
-    for 4 store none, 3 store all three, and usage counts them (4 of 5: below the warning)."""
-    server.cli("user", "quota", "multi@example.test", "1M", "--messages", "5")
+    """MULTIAPPEND (RFC 3502) is all or nothing, also for the quota: 10 messages into room
+    for 9 store none, 3 store all three, and usage counts them (4 of 10: below the warning)."""
+    server.cli("user", "quota", "multi@example.test", "1M", "--messages", "10")
     with imap(server, "multi") as c:
         c.append("INBOX", message("one", 1000))
-        typ, data = c.multiappend("INBOX", [message(f"m{i}", 1000) for i in range(5)])  # NO is returned
+        typ, data = c.multiappend("INBOX", [message(f"m{i}", 1000) for i in range(10)])  # NO is returned
         assert typ == "NO" and b"[OVERQUOTA]" in data[0]
         assert c.select_folder("INBOX")[b"EXISTS"] == 1
         c.multiappend("INBOX", [message(f"n{i}", 1000) for i in range(3)])
