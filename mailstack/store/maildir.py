@@ -51,6 +51,7 @@ from . import flags as fl
 from . import names
 from . import fts
 from . import index as idxmod
+from .groupwrite import GroupWriter
 from . import recent as recentmod
 from . import uidlist as ulmod
 from .diskerrors import FULL, disk_errors
@@ -984,6 +985,7 @@ class MaildirStore(Store):
         self.group_sync = group_sync
         self._states: dict[tuple[str, str], _State] = {}
         self._account_locks: dict[str, asyncio.Lock] = {}
+        self.group_writer = GroupWriter()  # deliveries: group commit (groupwrite.py)
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -1126,15 +1128,15 @@ class MaildirStore(Store):
                     letters = "".join(sorted(fl.letters_for(system, keywords, st.keywords)))
             base = fn.new_base(time.time(), size, did)
             sub, name = ("cur", fn.join(base, letters)) if letters else ("new", base)
-            entry = await asyncio.to_thread(_write_and_index, st.path, base, sub, name, message,
-                                            None, st.ul.uidvalidity)
-            await self._dsync(st.path / sub)
+            # Group commit with the deliveries arriving meanwhile (groupwrite.py); the index
+            # entry is noted when made, after the message is durable.
+            await self.group_writer.write(st.path, base, sub, name, message, st.ul.uidvalidity,
+                                          lambda entry: self._note_indexed(st, base, entry))
         except BaseException:
             st.delivery_ids.discard(did)
             raise
         finally:
             st.refs -= 1
-        self._note_indexed(st, base, entry)
         st.dirty = True
         self._publish(st.account, st.name, "new", (), None)
         return True

@@ -1,0 +1,252 @@
+"""Group commit of Maildir deliveries: every delivery that arrives while the previous
+batch is being made durable joins the next batch.
+
+One delivery on its own costs two journal commits in a row (the file's fsync before its
+rename into new/, then the directory's fsync after it) and, done one by one, two hand-offs
+to worker threads.  A batch does the same two steps once for all its messages, in ONE
+worker-thread call:
+
+    1. write every message to tmp/<base>                 (page cache only)
+    2. fsync all those files at the same time             (fsutil.fsync_together: the
+                                                           concurrent fsyncs share a commit)
+    3. rename each into new/ (or cur/)                    (a reader never sees a partial file)
+    4. fsync every directory renamed into, at the same time
+       -> the waiting deliveries are told "durable" here (their "250" may go out)
+    5. the metadata-index entries and full-text texts, computed from the bytes in hand and
+       appended with one write per mailbox (derived data, not fsynced: index.py)
+
+The guarantee is the one of a single delivery: nothing is reported written before its file
+and the directory entry naming it are on disk.  A file whose write, fsync or rename failed
+is removed and reported as that delivery's error; the others of the batch are not held back.
+
+Step 5 runs after the deliveries were released, in the same thread, so indexing costs no
+latency; `on_indexed(entry)` is called on the loop when the entry is known (None when it
+could not be made: the message is indexed when first looked at).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from ..fsutil import fsync_together
+from . import fts
+from . import index as idxmod
+from .base import MessageSource
+
+log = logging.getLogger("mailstack.store")
+
+MAX_BATCH = 128  # deliveries in one worker call
+MAX_BATCH_BYTES = 16 << 20  # ... and bytes (a big message waits for no more than this)
+INDEX_MAX = 16 << 20  # bigger messages are indexed when first looked at (maildir.INDEX_AT_DELIVERY_MAX)
+
+
+class _Item:
+    __slots__ = ("mailbox_dir", "base", "sub", "name", "message", "uidvalidity", "on_indexed", "future",
+                 "error", "entry", "size")
+
+    def __init__(self, mailbox_dir: Path, base: str, sub: str, name: str, message, uidvalidity: int,
+                 on_indexed, future) -> None:
+        self.mailbox_dir, self.base, self.sub, self.name = mailbox_dir, base, sub, name
+        self.message, self.uidvalidity, self.on_indexed, self.future = message, uidvalidity, on_indexed, future
+        self.error: BaseException | None = None
+        self.entry: dict | None = None
+        self.size = message.size if isinstance(message, MessageSource) else len(message)
+
+
+class GroupWriter:
+    """Used on the event loop by MaildirStore.deliver (one per store)."""
+
+    def __init__(self) -> None:
+        self._pending: list[_Item] = []
+        self._running = False
+        self.batches = 0  # counters, for tests and the benchmark notes
+        self.written = 0
+
+    async def write(self, mailbox_dir: Path, base: str, sub: str, name: str, message: "bytes | MessageSource",
+                    uidvalidity: int, on_indexed: Callable[[dict | None], None] | None = None) -> None:
+        """Returns once <mailbox_dir>/<sub>/<name> holds the message durably (file and
+        directory fsynced); raises what writing it raised (the file is then gone)."""
+        loop = asyncio.get_running_loop()
+        item = _Item(mailbox_dir, base, sub, name, message, uidvalidity, on_indexed, loop.create_future())
+        self._pending.append(item)
+        if not self._running:
+            self._running = True
+            loop.create_task(self._drain())
+        await item.future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch = self._take()
+                durable = loop.create_future()
+
+                def released(batch=batch, durable=durable) -> None:  # on the loop, from the worker
+                    self._release(batch)
+                    if not durable.done():
+                        durable.set_result(None)
+
+                def indexed(batch=batch) -> None:  # on the loop, from the worker
+                    for item in batch:
+                        if item.on_indexed is not None and item.error is None:
+                            try:
+                                item.on_indexed(item.entry)
+                            except Exception:  # noqa: BLE001 - derived data only
+                                log.exception("noting an index entry failed")
+
+                work = loop.run_in_executor(None, _write_batch, batch,
+                                            lambda: loop.call_soon_threadsafe(released),
+                                            lambda: loop.call_soon_threadsafe(indexed))
+                work.add_done_callback(lambda f, batch=batch, durable=durable: _after(f, batch, durable, self))
+                # The next batch starts when this one is durable (its indexing goes on meanwhile).
+                await durable
+                self.batches += 1
+                self.written += len(batch)
+        finally:
+            self._running = False
+
+    def _take(self) -> list[_Item]:
+        n, size = 0, 0
+        for item in self._pending:
+            if n and (n >= MAX_BATCH or size + item.size > MAX_BATCH_BYTES):
+                break
+            n += 1
+            size += item.size
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        return batch
+
+    @staticmethod
+    def _release(batch: list[_Item]) -> None:
+        for item in batch:
+            if item.future.done():
+                continue
+            if item.error is None:
+                item.future.set_result(None)
+            else:
+                item.future.set_exception(item.error)
+
+
+def _after(work: "asyncio.Future", batch: list[_Item], durable: "asyncio.Future", writer: GroupWriter) -> None:
+    """The worker call ended: if it died before releasing its deliveries (a bug), fail them."""
+    exc = None if work.cancelled() else work.exception()
+    if exc is not None:
+        log.error("group write failed: %r", exc)
+    if exc is not None or work.cancelled():
+        for item in batch:
+            if item.error is None and not item.future.done():
+                item.error = exc or OSError("delivery write cancelled")
+        writer._release(batch)
+    if not durable.done():
+        durable.set_result(None)
+
+
+# ---------------------------------------------------------------- blocking (worker thread)
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_file(item: _Item) -> int:
+    """tmp/<base> with the message; the open descriptor (not yet fsynced)."""
+    from .maildir import _copy_from_source, _write_all  # the Maildir's own copy routines
+    tmp = item.mailbox_dir / "tmp" / item.base
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if isinstance(item.message, MessageSource):
+            _copy_from_source(item.message, fd)
+        else:
+            _write_all(fd, item.message)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    return fd
+
+
+def _write_batch(batch: list[_Item], released: Callable[[], None], indexed: Callable[[], None]) -> None:
+    try:
+        _make_durable(batch)
+    except BaseException as e:  # a bug: report every delivery not yet known good as failed
+        for item in batch:
+            if item.error is None:
+                item.error = e if isinstance(e, Exception) else OSError(str(e))
+        released()
+        raise
+    released()
+    try:
+        _index(batch)
+    finally:
+        indexed()
+
+
+def _make_durable(batch: list[_Item]) -> None:
+    opened: list[tuple[_Item, int]] = []
+    for item in batch:
+        try:
+            opened.append((item, _write_file(item)))
+        except Exception as e:  # noqa: BLE001 - that delivery's error (a full disk, ...)
+            item.error = e
+    try:
+        errors, _ = fsync_together([fd for _, fd in opened], [])
+    finally:
+        for _, fd in opened:
+            os.close(fd)
+    renamed: dict[Path, list[_Item]] = {}
+    for (item, _), err in zip(opened, errors):
+        tmp = item.mailbox_dir / "tmp" / item.base
+        if err is None:
+            try:
+                os.rename(tmp, item.mailbox_dir / item.sub / item.name)
+                renamed.setdefault(item.mailbox_dir / item.sub, []).append(item)
+                continue
+            except OSError as e:
+                err = e
+        item.error = err
+        _unlink_quietly(tmp)
+    if not renamed:
+        return
+    _, dir_errors = fsync_together([], [os.fspath(d) for d in renamed])
+    for d, items in renamed.items():
+        err = dir_errors.get(os.fspath(d))
+        if err is not None:  # the name may not survive a crash: report it (the sender retries)
+            for item in items:
+                item.error = err
+
+
+def _index(batch: list[_Item]) -> None:
+    """The index entries of the written messages, one append per mailbox (index.py)."""
+    lines: dict[tuple[Path, int], list[bytes]] = {}
+    for item in batch:
+        if item.error is not None or item.size > INDEX_MAX:
+            continue
+        try:
+            message = item.message
+            if isinstance(message, MessageSource):
+                with open(message.path, "rb") as f:
+                    f.seek(message.offset)
+                    message = f.read(message.size)
+            entry = idxmod.message_entry(message)
+            lines.setdefault((item.mailbox_dir, item.uidvalidity), []).append(
+                idxmod.delivered_line(item.base, entry))
+        except Exception:  # noqa: BLE001 - a parser bug must not matter: indexed when first looked at
+            log.warning("could not index %s at delivery", item.base, exc_info=True)
+            continue
+        try:
+            entry["fts"] = fts.texts_of(message)  # not stored in the metadata index
+        except Exception:  # noqa: BLE001 - derived data: added when first searched
+            log.warning("could not extract the text of %s at delivery", item.base, exc_info=True)
+        item.entry = entry
+    for (mailbox_dir, uidvalidity), group in lines.items():
+        try:
+            idxmod.append_lines(mailbox_dir / idxmod.NAME, uidvalidity, group)
+        except Exception:  # noqa: BLE001 - a full disk: the entries are made when first looked at
+            log.warning("could not append to the index of %s", mailbox_dir, exc_info=True)
+            for item in batch:
+                if item.mailbox_dir == mailbox_dir:
+                    item.entry = None
