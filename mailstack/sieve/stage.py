@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from ..smtp.hooks import Verdict
-from .deliver import evaluate_for, load_scripts, script_store
+from .deliver import evaluate_for, handoff, load_scripts, script_store
 
 log = logging.getLogger("mailstack.sieve")
 
@@ -37,6 +37,7 @@ class SieveRejectStage:
         cfg = self.services.config
         try:
             loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
+            handoff.put(txn.qid, account, loaded)  # the delivery right after uses these
             if not any({"reject", "ereject", "include"} & s.uses for s in loaded[0]):
                 return Verdict()  # nothing in these scripts can refuse the message
             meta = {"client_ip": conn.ip, "client_helo": conn.helo, "auth_user": conn.auth_user}

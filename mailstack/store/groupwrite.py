@@ -9,6 +9,7 @@ worker-thread call:
     1. write every message to tmp/<base>                 (page cache only)
     2. fsync all those files at the same time             (fsutil.fsync_together: the
                                                            concurrent fsyncs share a commit)
+       -> the next batch may start (its step 2 shares a journal commit with this step 4)
     3. rename each into new/ (or cur/)                    (a reader never sees a partial file)
     4. fsync every directory renamed into, at the same time
        -> the waiting deliveries are told "durable" here (their "250" may go out)
@@ -26,6 +27,7 @@ could not be made: the message is indexed when first looked at).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from pathlib import Path
@@ -84,10 +86,8 @@ class GroupWriter:
                 batch = self._take()
                 durable = loop.create_future()
 
-                def released(batch=batch, durable=durable) -> None:  # on the loop, from the worker
+                def released(batch=batch) -> None:  # on the loop, from the worker
                     self._release(batch)
-                    if not durable.done():
-                        durable.set_result(None)
 
                 def indexed(batch=batch) -> None:  # on the loop, from the worker
                     for item in batch:
@@ -97,11 +97,17 @@ class GroupWriter:
                             except Exception:  # noqa: BLE001 - derived data only
                                 log.exception("noting an index entry failed")
 
+                def synced(durable=durable) -> None:  # on the loop: the batch's files are fsynced
+                    if not durable.done():
+                        durable.set_result(None)
+
                 work = loop.run_in_executor(None, _write_batch, batch,
-                                            lambda: loop.call_soon_threadsafe(released),
-                                            lambda: loop.call_soon_threadsafe(indexed))
+                                            functools.partial(loop.call_soon_threadsafe, synced),
+                                            functools.partial(loop.call_soon_threadsafe, released),
+                                            functools.partial(loop.call_soon_threadsafe, indexed))
                 work.add_done_callback(lambda f, batch=batch, durable=durable: _after(f, batch, durable, self))
-                # The next batch starts when this one is durable (its indexing goes on meanwhile).
+                # The next batch starts once this one's files are fsynced: its file fsyncs then
+                # share a journal commit with this one's directory fsync (two batches in flight).
                 await durable
                 self.batches += 1
                 self.written += len(batch)
@@ -169,9 +175,10 @@ def _write_file(item: _Item) -> int:
     return fd
 
 
-def _write_batch(batch: list[_Item], released: Callable[[], None], indexed: Callable[[], None]) -> None:
+def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Callable[[], None],
+                 indexed: Callable[[], None]) -> None:
     try:
-        _make_durable(batch)
+        _make_durable(batch, synced)
     except BaseException as e:  # a bug: report every delivery not yet known good as failed
         for item in batch:
             if item.error is None:
@@ -185,7 +192,7 @@ def _write_batch(batch: list[_Item], released: Callable[[], None], indexed: Call
         indexed()
 
 
-def _make_durable(batch: list[_Item]) -> None:
+def _make_durable(batch: list[_Item], synced: Callable[[], None] = lambda: None) -> None:
     opened: list[tuple[_Item, int]] = []
     for item in batch:
         try:
@@ -197,6 +204,7 @@ def _make_durable(batch: list[_Item]) -> None:
     finally:
         for _, fd in opened:
             os.close(fd)
+        synced()
     renamed: dict[Path, list[_Item]] = {}
     for (item, _), err in zip(opened, errors):
         tmp = item.mailbox_dir / "tmp" / item.base
