@@ -189,7 +189,6 @@ class SieveDelivery:
         """Returns (status, reply): status "sent" | "bounced"; raises what the store raises."""
         cfg = self.services.config
         store = script_store(cfg)
-        user_dir = store.user_dir(account)
         loaded = handoff.take(message.qid, account)
         if loaded is None:
             loaded = await asyncio.to_thread(load_scripts, cfg, store, account)
@@ -199,6 +198,7 @@ class SieveDelivery:
                             default_mailbox)
             used, added = await self.store_one(account, message.source, did, default_mailbox, ())
             return "sent", _delivered(used, added)
+        user_dir = store.user_dir(account)
         mailboxes = None
         if any({"mailboxexists", "include"} & s.uses for s in loaded[0]):  # the interpreter asks without I/O
             try:

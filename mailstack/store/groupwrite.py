@@ -189,7 +189,10 @@ def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Calla
     try:
         _index(batch)
     finally:
-        indexed()
+        try:
+            indexed()
+        except RuntimeError:  # the loop was closed meanwhile (shutdown): the entries are made later
+            pass
 
 
 def _make_durable(batch: list[_Item], synced: Callable[[], None] = lambda: None) -> None:
