@@ -22,21 +22,45 @@ class SieveRejectStage:
     def __init__(self, services) -> None:
         self.services = services
 
-    async def data(self, conn, txn, message: bytes) -> Verdict:
-        if len(txn.rcpts) != 1:
-            return Verdict()
+    def _account(self, rcpt: str) -> str | None:
+        """The one local account `rcpt` leads to, else None (no DATA-time evaluation)."""
         directory = self.services.directory
-        rcpt = txn.rcpts[0]
         try:
             local, remote = directory.expand(rcpt)
         except Exception:
-            return Verdict()
+            return None
         if len(local) != 1 or remote or not directory.account_exists(local[0]):
+            return None
+        return local[0]
+
+    async def rcpt(self, conn, txn, rcpt: str) -> None:
+        """The first recipient's scripts are read now, in a worker thread, while the client
+        sends the message: at DATA they are at hand without another thread hop."""
+        txn.state.pop(self.name, None)
+        if txn.rcpts:  # a second recipient: nothing is evaluated at DATA
+            return None
+        account = self._account(rcpt)
+        if account is not None:
+            cfg = self.services.config
+            task = asyncio.ensure_future(asyncio.to_thread(load_scripts, cfg, script_store(cfg), account))
+            task.add_done_callback(_retrieve)
+            txn.state[self.name] = (rcpt, account, task)
+        return None
+
+    async def data(self, conn, txn, message: bytes) -> Verdict:
+        if len(txn.rcpts) != 1:
             return Verdict()
-        account = local[0]
+        rcpt = txn.rcpts[0]
+        account = self._account(rcpt)
+        if account is None:
+            return Verdict()
         cfg = self.services.config
         try:
-            loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
+            early = txn.state.pop(self.name, None)
+            if early is not None and early[:2] == (rcpt, account):
+                loaded = await early[2]
+            else:
+                loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
             handoff.put(txn.qid, account, loaded)  # the delivery right after uses these
             if not any({"reject", "ereject", "include"} & s.uses for s in loaded[0]):
                 return Verdict()  # nothing in these scripts can refuse the message
@@ -54,6 +78,12 @@ class SieveRejectStage:
                 log.info("sieve: account=<%s>: %s at DATA: %s", account, action.kind, reason)
                 return Verdict(reply=f"550 5.7.1 {reason}", log={"sieve": action.kind})
         return Verdict()
+
+
+def _retrieve(task: "asyncio.Future") -> None:
+    """A read started at RCPT whose transaction went no further: its error is not news."""
+    if not task.cancelled():
+        task.exception()
 
 
 def stages(services) -> list:

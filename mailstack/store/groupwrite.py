@@ -64,6 +64,7 @@ class GroupWriter:
     def __init__(self) -> None:
         self._pending: list[_Item] = []
         self._running = False
+        self._work: set = set()  # worker calls not finished (their indexing included)
         self.batches = 0  # counters, for tests and the benchmark notes
         self.written = 0
 
@@ -86,10 +87,14 @@ class GroupWriter:
                 batch = self._take()
                 durable = loop.create_future()
 
-                def released(batch=batch) -> None:  # on the loop, from the worker
+                def released(batch=batch, durable=durable) -> None:  # on the loop, from the worker
                     self._release(batch)
+                    if not durable.done():
+                        durable.set_result(None)
 
                 def indexed(batch=batch) -> None:  # on the loop, from the worker
+                    if getattr(loop, "_executor_shutdown_called", False):
+                        return  # the loop is shutting down: the entries are made when first looked at
                     for item in batch:
                         if item.on_indexed is not None and item.error is None:
                             try:
@@ -101,10 +106,14 @@ class GroupWriter:
                     if not durable.done():
                         durable.set_result(None)
 
-                work = loop.run_in_executor(None, _write_batch, batch,
-                                            functools.partial(loop.call_soon_threadsafe, synced),
+                def synced_if_waited(synced=synced) -> None:  # in the worker: wake the loop only
+                    if self._pending:                             # when a next batch is waiting
+                        loop.call_soon_threadsafe(synced)
+
+                work = loop.run_in_executor(None, _write_batch, batch, synced_if_waited,
                                             functools.partial(loop.call_soon_threadsafe, released),
                                             functools.partial(loop.call_soon_threadsafe, indexed))
+                self._work.add(work)
                 work.add_done_callback(lambda f, batch=batch, durable=durable: _after(f, batch, durable, self))
                 # The next batch starts once this one's files are fsynced: its file fsyncs then
                 # share a journal commit with this one's directory fsync (two batches in flight).
@@ -113,6 +122,14 @@ class GroupWriter:
                 self.written += len(batch)
         finally:
             self._running = False
+
+    async def settled(self) -> None:
+        """Returns when every delivery so far is written AND indexed (tests, shutdown)."""
+        while self._pending or self._work:
+            if self._work:
+                await asyncio.wait(set(self._work))
+            else:
+                await asyncio.sleep(0.001)
 
     def _take(self) -> list[_Item]:
         n, size = 0, 0
@@ -137,6 +154,7 @@ class GroupWriter:
 
 def _after(work: "asyncio.Future", batch: list[_Item], durable: "asyncio.Future", writer: GroupWriter) -> None:
     """The worker call ended: if it died before releasing its deliveries (a bug), fail them."""
+    writer._work.discard(work)
     exc = None if work.cancelled() else work.exception()
     if exc is not None:
         log.error("group write failed: %r", exc)
