@@ -78,15 +78,16 @@ def test_concurrent_deliveries_are_grouped_and_each_lands_once_with_its_bytes(tm
     assert sorted(seen) == list(range(300))
 
 
-def test_acknowledged_only_after_file_fsync_rename_and_directory_fsync(tmp_path, monkeypatch):
+def test_acknowledged_after_one_sync_of_file_and_tmp_directory_and_the_rename(tmp_path, monkeypatch):
     """What the writer syncs, in which order, and when the delivery is told: a spy on the
     real fsync helper (the syncs still happen)."""
     events: list[tuple] = []
     real = groupwrite.fsync_together
+    box = mailbox(tmp_path, ACCOUNTS[0])
 
     def spy(fds, dirs):
-        box = mailbox(tmp_path, ACCOUNTS[0])
-        events.append(("sync-files" if fds else "sync-dirs", len(os.listdir(box / "new"))))
+        events.append(("sync", len(fds), tuple(os.path.basename(d) for d in dirs),
+                       len(os.listdir(box / "new")), len(os.listdir(box / "tmp"))))
         return real(fds, dirs)
 
     monkeypatch.setattr(groupwrite, "fsync_together", spy)
@@ -95,12 +96,51 @@ def test_acknowledged_only_after_file_fsync_rename_and_directory_fsync(tmp_path,
         store = make_store(tmp_path)
         await store.ensure_account(ACCOUNTS[0])
         await store.deliver(ACCOUNTS[0], message(1), "one")
-        events.append(("delivered", None))
+        events.append(("delivered", len(os.listdir(box / "new"))))
+        await store.group_writer.settled()
 
     asyncio.run(main())
-    # file fsync while new/ is still empty (the file is in tmp/), then the rename, then the
-    # directory fsync with the file in new/, and only then the delivery returns
-    assert events == [("sync-files", 0), ("sync-dirs", 1), ("delivered", None)]
+    # One sync call for the file and tmp/ together (one journal commit) while the file is in
+    # tmp/ under its checksummed name; the rename into new/ before the delivery is told; the
+    # fsync of new/ after (until it returns, a crash leaves the file to recover_tmp).
+    assert events == [("sync", 1, ("tmp",), 0, 1), ("delivered", 1), ("sync", 0, ("new",), 1, 0)]
+
+
+def test_recovery_at_start_moves_complete_deliveries_and_drops_cut_ones(tmp_path):
+    """What a crash can leave in tmp/, and what the server start (clean_stale_tmp) makes of it."""
+    import time
+    import zlib
+
+    from mailstack.store.maildir import clean_stale_tmp
+
+    async def setup():
+        store = make_store(tmp_path)
+        await store.ensure_account(ACCOUNTS[0])
+    asyncio.run(setup())
+    box = mailbox(tmp_path, ACCOUNTS[0])
+    whole, flagged = message(7), message(8)
+    # acknowledged, rename lost: complete, under the checksummed name
+    (box / "tmp" / f"1700000000.A,S={len(whole)}.crc{zlib.crc32(whole):08x}").write_bytes(whole)
+    # with flags: goes to cur/
+    (box / "tmp" / f"1700000001.B,S={len(flagged)}:2,S.crc{zlib.crc32(flagged):08x}").write_bytes(flagged)
+    # cut short by the crash before its fsync returned (never acknowledged)
+    (box / "tmp" / f"1700000002.C,S={len(whole)}.crc{zlib.crc32(whole):08x}").write_bytes(whole[:10])
+    # some other program's leftover
+    (box / "tmp" / "1700000003.D").write_bytes(b"partial")
+    removed = clean_stale_tmp(tmp_path / "mail", time.time() + 1)
+    assert removed == 1
+    assert os.listdir(box / "tmp") == []
+    assert os.listdir(box / "new") == [f"1700000000.A,S={len(whole)}"]
+    assert (box / "new" / f"1700000000.A,S={len(whole)}").read_bytes() == whole
+    assert os.listdir(box / "cur") == [f"1700000001.B,S={len(flagged)}:2,S"]
+
+    async def read_back():  # the store sees both, with their bytes
+        store = make_store(tmp_path)
+        mb = await store.open(ACCOUNTS[0], "INBOX")
+        got = sorted([await mb.read(m.uid) for m in mb.messages])
+        await mb.close()
+        return got
+    assert asyncio.run(read_back()) == sorted([whole, flagged])
 
 
 def test_a_failing_delivery_fails_alone_and_leaves_no_file(tmp_path):

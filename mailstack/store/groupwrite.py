@@ -1,28 +1,36 @@
 """Group commit of Maildir deliveries: every delivery that arrives while the previous
-batch is being made durable joins the next batch.
+batch is being made durable joins the next batch, and a batch costs ONE journal commit
+before its deliveries are acknowledged.
 
-One delivery on its own costs two journal commits in a row (the file's fsync before its
-rename into new/, then the directory's fsync after it) and, done one by one, two hand-offs
-to worker threads.  A batch does the same two steps once for all its messages, in ONE
-worker-thread call:
+One delivery done the classic way costs two journal commits in a row (the file's fsync
+before its rename into new/, then the directory's fsync after it) and, done one by one,
+two hand-offs to worker threads.  A batch here is one worker-thread call:
 
-    1. write every message to tmp/<base>                 (page cache only)
-    2. fsync all those files at the same time             (fsutil.fsync_together: the
-                                                           concurrent fsyncs share a commit)
-       -> the next batch may start (its step 2 shares a journal commit with this step 4)
-    3. rename each into new/ (or cur/)                    (a reader never sees a partial file)
-    4. fsync every directory renamed into, at the same time
-       -> the waiting deliveries are told "durable" here (their "250" may go out)
-    5. the metadata-index entries and full-text texts, computed from the bytes in hand and
-       appended with one write per mailbox (derived data, not fsynced: index.py)
+    1. write every message to tmp/<name>.crc<crc32>        (page cache only)
+    2. fsync all those files AND the tmp/ directories, all at the same time
+       (fsutil.fsync_together: every name already exists, so the syncs share ONE commit)
+       -> the next batch may start (its step 2 shares a commit with this batch's step 5)
+    3. rename each into new/<name> (or cur/)               (a reader never sees a partial file)
+    4. -> the deliveries are told "durable": their "250" may go out
+    5. fsync the new/ directories                          (one more commit, after the 250)
+    6. the metadata-index entries and full-text texts, from the bytes in hand, one append
+       per mailbox (derived data, not fsynced: index.py); `on_indexed(entry)` is called on
+       the loop when made (None when it could not be: indexed when first looked at)
 
-The guarantee is the one of a single delivery: nothing is reported written before its file
-and the directory entry naming it are on disk.  A file whose write, fsync or rename failed
-is removed and reported as that delivery's error; the others of the batch are not held back.
+Why acknowledging after step 3 (before 5) loses nothing: after step 2 the whole file and
+the directory entry naming it are on disk (file and directory fsynced), in tmp/.  The
+rename is atomic in the journal: after a crash the file is either in new/ or still in
+tmp/ under its checksummed name, and `recover_tmp` (run by clean_stale_tmp at server
+start, before anything is accepted) moves every tmp/ file whose bytes match the crc32 in
+its name into new/ (or cur/) under the name it was going to have; a file whose bytes do
+not match was cut short by the crash before it was acknowledged, and is removed as
+before.  A message made durable but not yet acknowledged when the server died is
+delivered too: a duplicate at worst, which RFC 5321 section 6.1 allows; a loss never.
 
-Step 5 runs after the deliveries were released, in the same thread, so indexing costs no
-latency; `on_indexed(entry)` is called on the loop when the entry is known (None when it
-could not be made: the message is indexed when first looked at).
+Messages streamed from a queue file (MessageSource, no bytes in memory) keep the classic
+order: their directory is fsynced in step 3 before they are told.  A file whose write,
+fsync or rename failed is removed and reported as that delivery's error; the others of
+the batch are not held back.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ import asyncio
 import functools
 import logging
 import os
+import re
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +55,9 @@ MAX_BATCH_BYTES = 16 << 20  # ... and bytes (a big message waits for no more tha
 INDEX_MAX = 16 << 20  # bigger messages are indexed when first looked at (maildir.INDEX_AT_DELIVERY_MAX)
 
 
+CRC_SUFFIX = re.compile(r"\.crc([0-9a-f]{8})$")  # tmp/<name>.crc<crc32 of the bytes>
+
+
 class _Item:
     __slots__ = ("mailbox_dir", "base", "sub", "name", "message", "uidvalidity", "on_indexed", "future",
                  "error", "entry", "size")
@@ -56,6 +69,13 @@ class _Item:
         self.error: BaseException | None = None
         self.entry: dict | None = None
         self.size = message.size if isinstance(message, MessageSource) else len(message)
+
+    @property
+    def tmp(self) -> Path:
+        """Bytes in hand get a checksummed name that recover_tmp trusts after a crash."""
+        if isinstance(self.message, MessageSource):
+            return self.mailbox_dir / "tmp" / self.base
+        return self.mailbox_dir / "tmp" / f"{self.name}.crc{zlib.crc32(self.message):08x}"
 
 
 class GroupWriter:
@@ -176,10 +196,9 @@ def _unlink_quietly(path) -> None:
         pass
 
 
-def _write_file(item: _Item) -> int:
-    """tmp/<base> with the message; the open descriptor (not yet fsynced)."""
+def _write_file(item: _Item, tmp: Path) -> int:
+    """tmp/... with the message; the open descriptor (not yet fsynced)."""
     from .maildir import _copy_from_source, _write_all  # the Maildir's own copy routines
-    tmp = item.mailbox_dir / "tmp" / item.base
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         if isinstance(item.message, MessageSource):
@@ -196,7 +215,7 @@ def _write_file(item: _Item) -> int:
 def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Callable[[], None],
                  indexed: Callable[[], None]) -> None:
     try:
-        _make_durable(batch, synced)
+        dirs = _make_durable(batch, synced)
     except BaseException as e:  # a bug: report every delivery not yet known good as failed
         for item in batch:
             if item.error is None:
@@ -204,6 +223,7 @@ def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Calla
         released()
         raise
     released()
+    _sync_renamed(dirs)
     try:
         _index(batch)
     finally:
@@ -213,39 +233,87 @@ def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Calla
             pass
 
 
-def _make_durable(batch: list[_Item], synced: Callable[[], None] = lambda: None) -> None:
-    opened: list[tuple[_Item, int]] = []
+def _make_durable(batch: list[_Item], synced: Callable[[], None] = lambda: None) -> list[str]:
+    """Steps 1-3 of the module doc.  Returns the directories still to fsync (step 5)."""
+    opened: list[tuple[_Item, Path, int]] = []
+    tmp_dirs: set[str] = set()
     for item in batch:
         try:
-            opened.append((item, _write_file(item)))
+            tmp = item.tmp
+            opened.append((item, tmp, _write_file(item, tmp)))
+            if not isinstance(item.message, MessageSource):
+                tmp_dirs.add(os.fspath(tmp.parent))
         except Exception as e:  # noqa: BLE001 - that delivery's error (a full disk, ...)
             item.error = e
     try:
-        errors, _ = fsync_together([fd for _, fd in opened], [])
+        errors, dir_errors = fsync_together([fd for _, _, fd in opened], sorted(tmp_dirs))
     finally:
-        for _, fd in opened:
+        for _, _, fd in opened:
             os.close(fd)
         synced()
-    renamed: dict[Path, list[_Item]] = {}
-    for (item, _), err in zip(opened, errors):
-        tmp = item.mailbox_dir / "tmp" / item.base
+    renamed: dict[str, list[_Item]] = {}
+    streamed: set[str] = set()  # directories that must be fsynced before their deliveries are told
+    for (item, tmp, _), err in zip(opened, errors):
+        if err is None and not isinstance(item.message, MessageSource):
+            err = dir_errors.get(os.fspath(tmp.parent))
         if err is None:
             try:
                 os.rename(tmp, item.mailbox_dir / item.sub / item.name)
-                renamed.setdefault(item.mailbox_dir / item.sub, []).append(item)
+                d = os.fspath(item.mailbox_dir / item.sub)
+                renamed.setdefault(d, []).append(item)
+                if isinstance(item.message, MessageSource):
+                    streamed.add(d)
                 continue
             except OSError as e:
                 err = e
         item.error = err
         _unlink_quietly(tmp)
-    if not renamed:
+    if streamed:
+        _, dir_errors = fsync_together([], sorted(streamed))
+        for d in streamed:
+            if dir_errors.get(d) is not None:  # the name may not survive a crash: the sender retries
+                for item in renamed[d]:
+                    if isinstance(item.message, MessageSource):
+                        item.error = dir_errors[d]
+    return sorted(set(renamed) - streamed)
+
+
+def _sync_renamed(dirs: list[str]) -> None:
+    """Step 5: the renames of acknowledged deliveries made durable (until then a crash
+    leaves them in tmp/, where recover_tmp finds them)."""
+    if not dirs:
         return
-    _, dir_errors = fsync_together([], [os.fspath(d) for d in renamed])
-    for d, items in renamed.items():
-        err = dir_errors.get(os.fspath(d))
-        if err is not None:  # the name may not survive a crash: report it (the sender retries)
-            for item in items:
-                item.error = err
+    _, errors = fsync_together([], dirs)
+    for d, err in errors.items():
+        if err is not None:
+            log.error("fsync of %s failed after delivery (%s): its messages are recovered from tmp/ "
+                      "at the next start if the rename is lost", d, err)
+
+
+def recover_tmp(tmp: str, entry: str) -> bool | None:
+    """Blocking, at server start only (clean_stale_tmp): a tmp/ file a crash left.  True: it
+    was a complete delivery (bytes match the crc32 in its name) and is now in new/ or cur/;
+    False: a checksummed name whose bytes do not match (cut short): removed;  None: not one
+    of ours (the caller decides)."""
+    m = CRC_SUFFIX.search(entry)
+    if m is None:
+        return None
+    path = os.path.join(tmp, entry)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    if zlib.crc32(data) != int(m.group(1), 16):
+        _unlink_quietly(path)
+        return False
+    name = entry[:m.start()]
+    mailbox_dir = os.path.dirname(tmp)
+    sub = "cur" if ":2," in name else "new"
+    os.rename(path, os.path.join(mailbox_dir, sub, name))
+    fsync_together([], [os.path.join(mailbox_dir, sub)])
+    log.warning("recovered %s into %s/ (its rename was lost in a crash)", name, os.path.join(mailbox_dir, sub))
+    return True
 
 
 def _index(batch: list[_Item]) -> None:

@@ -51,7 +51,7 @@ from . import flags as fl
 from . import names
 from . import fts
 from . import index as idxmod
-from .groupwrite import GroupWriter
+from .groupwrite import GroupWriter, recover_tmp
 from . import recent as recentmod
 from . import uidlist as ulmod
 from .diskerrors import FULL, disk_errors
@@ -1515,8 +1515,10 @@ def clean_stale_tmp(root: str | os.PathLike, before: float) -> int:
                 for e in entries:
                     try:
                         if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < before:
-                            os.unlink(e.path)
-                            removed += 1
+                            # a group-written delivery whose rename a crash undid: into new/
+                            if recover_tmp(tmp, e.name) is None:
+                                os.unlink(e.path)
+                                removed += 1
                     except OSError:
                         pass
     return removed
