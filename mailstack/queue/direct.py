@@ -10,14 +10,14 @@ loses nothing the client was told about (it sends again; a duplicate is what RFC
 section 6.1 allows).
 
 Only the plain case takes this path: every recipient a local account, the message small
-enough to be held in memory, the queue manager running, and fewer than MAX_IN_FLIGHT
-deliveries at accept time under way (a burst beyond it is queued as before).  It does
-not take one of the queue's local slots (queue.local_concurrency): the store writes
+enough to be held in memory, the queue manager running, and fewer than
+queue.local_concurrency deliveries at accept time under way (a burst beyond it is queued
+as before).  The bound is its own, not the queue's local slots: the store writes
 concurrent deliveries as one group commit (store/groupwrite.py), so twenty sessions
-delivering at once cost one worker call and two journal commits per batch, not twenty
-of each; taking the slots made a 20-session burst spill into the queue, and once
-anything was queued every later message followed it (the old "nothing queued waiting"
-rule), paying the queue file, its rename and unlink on top.  Everything else (remote or
+delivering at once cost one worker call per batch, not twenty; sharing the queue's slots
+made a 20-session burst spill into the queue, and once anything was queued every later
+message followed it (the old "nothing queued waiting" rule), paying the queue file, its
+rename and unlink on top.  Everything else (remote or
 unknown recipients, held mail, big messages), and every account whose delivery did not
 end "sent" (a full disk, a Sieve reject that needs a bounce), goes through the queue as
 before, with the same queue id: the store's delivery ids make a second delivery to an
@@ -34,10 +34,7 @@ log = logging.getLogger("mailstack.queue")
 
 # Bigger messages are written to the queue first (and streamed from there).
 MAX_BYTES = 1024 * 1024
-# Deliveries at accept time under way at once; beyond it messages are queued.  Memory is
-# bounded by smtp.max_data_in_flight already; this bounds the work waiting on the store.
-MAX_IN_FLIGHT = 256
-_in_flight = 0
+_in_flight = 0  # deliveries at accept time under way (bounded by queue.local_concurrency)
 
 
 async def deliver_at_accept(services, qid: str, sender: str, recipients: list[str], chunks: list,
@@ -49,7 +46,7 @@ async def deliver_at_accept(services, qid: str, sender: str, recipients: list[st
     manager = services.queue
     if manager is None or not getattr(manager, "running", False) or not hasattr(manager, "record_direct"):
         return None
-    if _in_flight >= MAX_IN_FLIGHT:
+    if _in_flight >= services.config.queue.local_concurrency:
         return None
     size = sum(len(c) for c in chunks)
     if size > MAX_BYTES:

@@ -39,6 +39,7 @@ import functools
 import logging
 import os
 import re
+import threading
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -55,6 +56,7 @@ MAX_BATCH_BYTES = 16 << 20  # ... and bytes (a big message waits for no more tha
 INDEX_MAX = 16 << 20  # bigger messages are indexed when first looked at (maildir.INDEX_AT_DELIVERY_MAX)
 
 
+_append_lock = threading.Lock()
 CRC_SUFFIX = re.compile(r"\.crc([0-9a-f]{8})$")  # tmp/<name>.crc<crc32 of the bytes>
 
 
@@ -341,7 +343,8 @@ def _index(batch: list[_Item]) -> None:
         item.entry = entry
     for (mailbox_dir, uidvalidity), group in lines.items():
         try:
-            idxmod.append_lines(mailbox_dir / idxmod.NAME, uidvalidity, group)
+            with _append_lock:  # two batches in flight must not both create the file (a header race)
+                idxmod.append_lines(mailbox_dir / idxmod.NAME, uidvalidity, group)
         except Exception:  # noqa: BLE001 - a full disk: the entries are made when first looked at
             log.warning("could not append to the index of %s", mailbox_dir, exc_info=True)
             for item in batch:
