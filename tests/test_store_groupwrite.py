@@ -224,3 +224,19 @@ def test_twenty_concurrent_sessions_deliver_at_accept_and_queue_nothing(tmp_path
     finally:
         assert srv.stop() == 0
 
+
+
+def test_a_delivery_after_the_executor_shut_down_fails_instead_of_hanging(tmp_path):
+    async def main():
+        store = make_store(tmp_path)
+        await store.ensure_account(ACCOUNTS[0])
+        await store.deliver(ACCOUNTS[0], message(1), "before")  # the mailbox is loaded
+        await asyncio.get_running_loop().shutdown_default_executor()
+        try:
+            await asyncio.wait_for(store.deliver(ACCOUNTS[0], message(2), "after"), 10)
+        except (StoreError, OSError) as e:
+            return e
+        return None
+
+    assert asyncio.run(main()) is not None
+    assert len(os.listdir(mailbox(tmp_path, ACCOUNTS[0]) / "new")) == 1

@@ -87,19 +87,21 @@ class GroupWriter:
         self._pending: list[_Item] = []
         self._running = False
         self._work: set = set()  # worker calls not finished (their indexing included)
+        self._drainer: asyncio.Task | None = None
         self.batches = 0  # counters, for tests and the benchmark notes
         self.written = 0
 
     async def write(self, mailbox_dir: Path, base: str, sub: str, name: str, message: "bytes | MessageSource",
                     uidvalidity: int, on_indexed: Callable[[dict | None], None] | None = None) -> None:
-        """Returns once <mailbox_dir>/<sub>/<name> holds the message durably (file and
-        directory fsynced); raises what writing it raised (the file is then gone)."""
+        """Returns once the message is durable (its file and the tmp/ directory fsynced) and
+        renamed to <mailbox_dir>/<sub>/<name>; raises what writing it raised (the file is
+        then gone).  See the module doc for why the rename need not be durable yet."""
         loop = asyncio.get_running_loop()
         item = _Item(mailbox_dir, base, sub, name, message, uidvalidity, on_indexed, loop.create_future())
         self._pending.append(item)
         if not self._running:
             self._running = True
-            loop.create_task(self._drain())
+            self._drainer = loop.create_task(self._drain())  # a strong reference while it runs
         await item.future
 
     async def _drain(self) -> None:
@@ -132,9 +134,15 @@ class GroupWriter:
                     if self._pending:                             # when a next batch is waiting
                         loop.call_soon_threadsafe(synced)
 
-                work = loop.run_in_executor(None, _write_batch, batch, synced_if_waited,
-                                            functools.partial(loop.call_soon_threadsafe, released),
-                                            functools.partial(loop.call_soon_threadsafe, indexed))
+                try:
+                    work = loop.run_in_executor(None, _write_batch, batch, synced_if_waited,
+                                                functools.partial(loop.call_soon_threadsafe, released),
+                                                functools.partial(loop.call_soon_threadsafe, indexed))
+                except RuntimeError as e:  # the executor is shut down: nothing was written
+                    for item in batch:
+                        item.error = OSError(f"delivery not written: {e}")
+                    self._release(batch)
+                    continue
                 self._work.add(work)
                 work.add_done_callback(lambda f, batch=batch, durable=durable: _after(f, batch, durable, self))
                 # The next batch starts once this one's files are fsynced: its file fsyncs then
