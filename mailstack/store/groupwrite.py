@@ -16,7 +16,8 @@ two hand-offs to worker threads.  A batch here is one worker-thread call:
     5. fsync the new/ directories                          (one more commit, after the 250)
     6. the metadata-index entries and full-text texts, from the bytes in hand, one append
        per mailbox (derived data, not fsynced: index.py); `on_indexed(entry)` is called on
-       the loop when made (None when it could not be: indexed when first looked at)
+       the loop when the worker call ends (None when it could not be made: indexed when
+       first looked at)
 
 Why acknowledging after step 3 (before 5) loses nothing: after step 2 the whole file and
 the directory entry naming it are on disk (file and directory fsynced), in tmp/.  The
@@ -117,16 +118,6 @@ class GroupWriter:
                     if not durable.done():
                         durable.set_result(None)
 
-                def indexed(batch=batch) -> None:  # on the loop, from the worker
-                    if getattr(loop, "_executor_shutdown_called", False):
-                        return  # the loop is shutting down: the entries are made when first looked at
-                    for item in batch:
-                        if item.on_indexed is not None and item.error is None:
-                            try:
-                                item.on_indexed(item.entry)
-                            except Exception:  # noqa: BLE001 - derived data only
-                                log.exception("noting an index entry failed")
-
                 def synced(durable=durable) -> None:  # on the loop: the batch's files are fsynced
                     if not durable.done():
                         durable.set_result(None)
@@ -137,8 +128,7 @@ class GroupWriter:
 
                 try:
                     work = loop.run_in_executor(None, _write_batch, batch, synced_if_waited,
-                                                functools.partial(loop.call_soon_threadsafe, released),
-                                                functools.partial(loop.call_soon_threadsafe, indexed))
+                                                functools.partial(loop.call_soon_threadsafe, released))
                 except RuntimeError as e:  # the executor is shut down: nothing was written
                     for item in batch:
                         item.error = OSError(f"delivery not written: {e}")
@@ -186,6 +176,14 @@ class GroupWriter:
 def _after(work: "asyncio.Future", batch: list[_Item], durable: "asyncio.Future", writer: GroupWriter) -> None:
     """The worker call ended: if it died before releasing its deliveries (a bug), fail them."""
     writer._work.discard(work)
+    loop = asyncio.get_running_loop()
+    if not getattr(loop, "_executor_shutdown_called", False):  # else: made when first looked at
+        for item in batch:  # the index entries (step 6): noted here, no wake-up of their own
+            if item.on_indexed is not None and item.error is None:
+                try:
+                    item.on_indexed(item.entry)
+                except Exception:  # noqa: BLE001 - derived data only
+                    log.exception("noting an index entry failed")
     exc = None if work.cancelled() else work.exception()
     if exc is not None:
         log.error("group write failed: %r", exc)
@@ -223,8 +221,7 @@ def _write_file(item: _Item, tmp: Path) -> int:
     return fd
 
 
-def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Callable[[], None],
-                 indexed: Callable[[], None]) -> None:
+def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Callable[[], None]) -> None:
     try:
         dirs = _make_durable(batch, synced)
     except BaseException as e:  # a bug: report every delivery not yet known good as failed
@@ -235,13 +232,7 @@ def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Calla
         raise
     released()
     _sync_renamed(dirs)
-    try:
-        _index(batch)
-    finally:
-        try:
-            indexed()
-        except RuntimeError:  # the loop was closed meanwhile (shutdown): the entries are made later
-            pass
+    _index(batch)
 
 
 def _make_durable(batch: list[_Item], synced: Callable[[], None] = lambda: None) -> list[str]:
