@@ -106,10 +106,11 @@ def load_scripts(cfg, store: ScriptStore, account: str) -> tuple[list[Script], s
 
 
 class LoadedHandoff:
-    """The scripts the DATA-time stage (stage.py) loaded for (qid, account), handed to this
-    message's delivery a moment later: one worker-thread load per message instead of two.
-    The delivery then runs the very scripts the message was judged with at DATA.  Bounded;
-    an entry not taken within MAX_AGE seconds (the message was queued) is ignored."""
+    """The scripts the SMTP stage (stage.py) read for (qid, account) — at RCPT, for the
+    DATA-time reject — handed to this message's delivery a moment later: one worker-thread
+    load per message instead of two, and the delivery runs the very scripts the message was
+    judged with.  Bounded; an entry not taken within MAX_AGE seconds (the message was
+    queued) is ignored."""
 
     MAX_ENTRIES = 4096
     MAX_AGE = 30.0

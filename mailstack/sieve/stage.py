@@ -4,6 +4,11 @@ When a message has a single recipient and it leads to exactly one local account,
 account's scripts are evaluated at DATA (without side effects: no redirect, vacation or
 duplicate memory) and a reject/ereject becomes the 550 reply, so no bounce is ever sent
 (RFC 5429 2.1).  Otherwise delivery runs them and a reject becomes a DSN.
+
+The scripts are read when the recipient is accepted (RCPT), in a worker thread, while the
+client sends the message; DATA and the delivery at accept time use that same read (no
+thread hop of their own).  A script changed between a message's RCPT and its delivery
+applies from the next message on.
 """
 from __future__ import annotations
 
