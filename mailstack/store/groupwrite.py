@@ -23,7 +23,7 @@ Why acknowledging after step 3 (before 5) loses nothing: after step 2 the whole 
 the directory entry naming it are on disk (file and directory fsynced), in tmp/.  The
 rename is atomic in the journal: after a crash the file is either in new/ or still in
 tmp/ under its checksummed name, and `recover_tmp` (run by clean_stale_tmp at server
-start, before anything is accepted) moves every tmp/ file whose bytes match the crc32 in
+start, for every file older than the process) moves every tmp/ file whose bytes match the crc32 in
 its name into new/ (or cur/) under the name it was going to have; a file whose bytes do
 not match was cut short by the crash before it was acknowledged, and is removed as
 before.  A message made durable but not yet acknowledged when the server died is
