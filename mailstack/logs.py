@@ -69,14 +69,9 @@ class BackgroundWriter(logging.Handler):
         except Exception:
             self.handleError(record)
 
-    LINGER = 0.005  # seconds: lines of the next few ms join one write (one thread wake-up,
-                    # not one per line: under load each wake-up competes with the event loop)
-
     def _run(self) -> None:
         while True:
             line = self.lines.get()
-            if line is not None:
-                time.sleep(self.LINGER)
             batch = []
             while line is not None:
                 batch.append(line)
