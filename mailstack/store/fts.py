@@ -41,7 +41,6 @@ _MAX_OPEN = 64  # connections kept open (per mailbox file)
 SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
 BATCH = 500  # messages per transaction when adding from files
 QUEUE_MAX = 2000  # delivered messages per transaction (their texts wait in memory)
-FLUSH_LINGER = 0.05  # seconds a first delivered text waits for others to share its transaction
 # Two tables: detail=none allows no column filter, and BODY must not match the header.
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
            "CREATE VIRTUAL TABLE IF NOT EXISTS body USING fts5(t, content='', detail=none, "
@@ -265,9 +264,6 @@ class MailboxFulltext:
             self.flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
-        # Texts delivered in the next FLUSH_LINGER seconds join this transaction: a lone SMTP
-        # session's messages otherwise cost one commit each (~0.9 ms, against ~0.14 in a group).
-        await asyncio.sleep(FLUSH_LINGER)
         while self.pending:
             async with self.lock:
                 batch, self.pending = self.pending[:QUEUE_MAX], self.pending[QUEUE_MAX:]
