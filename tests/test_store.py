@@ -665,6 +665,7 @@ def test_cache_persists_per_uid_and_dies_with_uidvalidity(tmp_path):
         store = make_store(tmp_path)
         for i in range(3):
             await store.deliver(ACCT, MSG, f"Q{i}-1")
+        await store.group_writer.settled()  # the entries are written just after the delivery returns
         box = await store.open(ACCT, "INBOX")
         delivered = await box.cache_get(1)  # indexed at delivery, from the bytes in hand
         assert delivered["hsize"] == MSG.index(b"\r\n\r\n") + 4 and "bs" in delivered

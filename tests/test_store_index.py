@@ -73,6 +73,7 @@ def test_index_written_at_delivery_and_survives_restart(tmp_path):
         store = make_store(tmp_path)
         for i in range(20):
             await store.deliver(ACCT, message(i), f"D{i}")
+        await store.group_writer.settled()  # entries are written just after the delivery returns
         # a restart: a new store on the same files reads the index, not the messages
         store2 = make_store(tmp_path)
         n, found = await check_never_wrong(store2)
@@ -122,6 +123,7 @@ def test_index_after_kill_9_is_repaired_never_wrong(tmp_path):
 
     async def go():
         await store.deliver(ACCT, message(999), "after-crash")
+        await store.group_writer.settled()
         n, found = await check_never_wrong(store)
         assert n > 40 and found >= n - 2  # at most what the kill cut short is recomputed
         text = path.read_bytes()

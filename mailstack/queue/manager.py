@@ -310,18 +310,6 @@ class QueueManager:
         log.log(level, "to=<%s>%s, relay=%s, delay=%s, status=%s (%s)", target.addr, orig, result.relay,
                 _fmt_delay(now - entry.msg.arrival), result.status, result.reply, extra={"qid": entry.qid})
 
-    async def take_local_slot(self) -> bool:
-        """For delivery at accept time: take a local delivery slot if one is free now and no
-        queued message is waiting for one (queue.local_concurrency still bounds local delivery,
-        and mail already queued is not overtaken).  Never waits."""
-        if not self.running or self._local_slots.locked() or not self._ready.empty():
-            return False
-        await self._local_slots.acquire()  # free: returns at once
-        return True
-
-    def release_local_slot(self) -> None:
-        self._local_slots.release()
-
     def record_direct(self, msg: QueuedMessage, targets: list[Target], results: list[RecipientResult]) -> None:
         """Log and count a delivery made at accept time (queue/direct.py) as a queue pass would;
         accounts not "sent" are queued by the caller and recorded by their own pass."""

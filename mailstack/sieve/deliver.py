@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 
 from ..store.base import MailboxExists, MailboxNotFound, StoreError
@@ -104,6 +105,36 @@ def load_scripts(cfg, store: ScriptStore, account: str) -> tuple[list[Script], s
     return scripts, error
 
 
+class LoadedHandoff:
+    """The scripts the SMTP stage (stage.py) read for (qid, account) — at RCPT, for the
+    DATA-time reject — handed to this message's delivery a moment later: one worker-thread
+    load per message instead of two, and the delivery runs the very scripts the message was
+    judged with.  Bounded; an entry not taken within MAX_AGE seconds (the message was
+    queued) is ignored."""
+
+    MAX_ENTRIES = 4096
+    MAX_AGE = 30.0
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], tuple[float, tuple]] = {}
+
+    def put(self, qid: str | None, account: str, loaded: tuple) -> None:
+        if qid is None:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()  # rare (messages all queued): they load their scripts again
+        self._entries[(qid, account)] = (time.monotonic(), loaded)
+
+    def take(self, qid: str, account: str) -> tuple | None:
+        got = self._entries.pop((qid, account), None)
+        if got is None or time.monotonic() - got[0] > self.MAX_AGE:
+            return None
+        return got[1]
+
+
+handoff = LoadedHandoff()
+
+
 @dataclass
 class Plan:
     result: Result | None
@@ -159,14 +190,16 @@ class SieveDelivery:
         """Returns (status, reply): status "sent" | "bounced"; raises what the store raises."""
         cfg = self.services.config
         store = script_store(cfg)
-        user_dir = store.user_dir(account)
-        loaded = await asyncio.to_thread(load_scripts, cfg, store, account)
+        loaded = handoff.take(message.qid, account)
+        if loaded is None:
+            loaded = await asyncio.to_thread(load_scripts, cfg, store, account)
         if not loaded[0]:  # no script at all: the plain delivery
             if loaded[1]:
                 log.warning("sieve: account=<%s> qid=%s: %s; delivering to %s", account, message.qid, loaded[1],
                             default_mailbox)
             used, added = await self.store_one(account, message.source, did, default_mailbox, ())
             return "sent", _delivered(used, added)
+        user_dir = store.user_dir(account)
         mailboxes = None
         if any({"mailboxexists", "include"} & s.uses for s in loaded[0]):  # the interpreter asks without I/O
             try:

@@ -4,6 +4,11 @@ When a message has a single recipient and it leads to exactly one local account,
 account's scripts are evaluated at DATA (without side effects: no redirect, vacation or
 duplicate memory) and a reject/ereject becomes the 550 reply, so no bounce is ever sent
 (RFC 5429 2.1).  Otherwise delivery runs them and a reject becomes a DSN.
+
+The scripts are read when the recipient is accepted (RCPT), in a worker thread, while the
+client sends the message; DATA and the delivery at accept time use that same read (no
+thread hop of their own).  A script changed between a message's RCPT and its delivery
+applies from the next message on.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import asyncio
 import logging
 
 from ..smtp.hooks import Verdict
-from .deliver import evaluate_for, load_scripts, script_store
+from .deliver import evaluate_for, handoff, load_scripts, script_store
 
 log = logging.getLogger("mailstack.sieve")
 
@@ -22,21 +27,46 @@ class SieveRejectStage:
     def __init__(self, services) -> None:
         self.services = services
 
-    async def data(self, conn, txn, message: bytes) -> Verdict:
-        if len(txn.rcpts) != 1:
-            return Verdict()
+    def _account(self, rcpt: str) -> str | None:
+        """The one local account `rcpt` leads to, else None (no DATA-time evaluation)."""
         directory = self.services.directory
-        rcpt = txn.rcpts[0]
         try:
             local, remote = directory.expand(rcpt)
         except Exception:
-            return Verdict()
+            return None
         if len(local) != 1 or remote or not directory.account_exists(local[0]):
+            return None
+        return local[0]
+
+    async def rcpt(self, conn, txn, rcpt: str) -> None:
+        """The first recipient's scripts are read now, in a worker thread, while the client
+        sends the message: at DATA they are at hand without another thread hop."""
+        txn.state.pop(self.name, None)
+        if txn.rcpts:  # a second recipient: nothing is evaluated at DATA
+            return None
+        account = self._account(rcpt)
+        if account is not None:
+            cfg = self.services.config
+            task = asyncio.ensure_future(asyncio.to_thread(load_scripts, cfg, script_store(cfg), account))
+            task.add_done_callback(_retrieve)
+            txn.state[self.name] = (rcpt, account, task)
+        return None
+
+    async def data(self, conn, txn, message: bytes) -> Verdict:
+        if len(txn.rcpts) != 1:
             return Verdict()
-        account = local[0]
+        rcpt = txn.rcpts[0]
+        account = self._account(rcpt)
+        if account is None:
+            return Verdict()
         cfg = self.services.config
         try:
-            loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
+            early = txn.state.pop(self.name, None)
+            if early is not None and early[:2] == (rcpt, account):
+                loaded = await early[2]
+            else:
+                loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
+            handoff.put(txn.qid, account, loaded)  # the delivery right after uses these
             if not any({"reject", "ereject", "include"} & s.uses for s in loaded[0]):
                 return Verdict()  # nothing in these scripts can refuse the message
             meta = {"client_ip": conn.ip, "client_helo": conn.helo, "auth_user": conn.auth_user}
@@ -53,6 +83,12 @@ class SieveRejectStage:
                 log.info("sieve: account=<%s>: %s at DATA: %s", account, action.kind, reason)
                 return Verdict(reply=f"550 5.7.1 {reason}", log={"sieve": action.kind})
         return Verdict()
+
+
+def _retrieve(task: "asyncio.Future") -> None:
+    """A read started at RCPT whose transaction went no further: its error is not news."""
+    if not task.cancelled():
+        task.exception()
 
 
 def stages(services) -> list:

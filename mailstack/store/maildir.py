@@ -53,6 +53,7 @@ from . import names
 from . import fts
 from . import index as idxmod
 from . import modseq as msmod
+from .groupwrite import GroupWriter, recover_tmp
 from . import recent as recentmod
 from . import uidlist as ulmod
 from .diskerrors import FULL, disk_errors
@@ -1030,6 +1031,7 @@ class MaildirStore(Store):
         self.group_sync = group_sync
         self._states: dict[tuple[str, str], _State] = {}
         self._account_locks: dict[str, asyncio.Lock] = {}
+        self.group_writer = GroupWriter()  # deliveries: group commit (groupwrite.py)
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -1174,15 +1176,15 @@ class MaildirStore(Store):
                 await self.quota.check(st.account, size)
             base = fn.new_base(time.time(), size, did)
             sub, name = ("cur", fn.join(base, letters)) if letters else ("new", base)
-            entry = await asyncio.to_thread(_write_and_index, st.path, base, sub, name, message,
-                                            None, st.ul.uidvalidity)
-            await self._dsync(st.path / sub)
+            # Group commit with the deliveries arriving meanwhile (groupwrite.py); the index
+            # entry is noted when made, after the message is durable.
+            await self.group_writer.write(st.path, base, sub, name, message, st.ul.uidvalidity,
+                                          lambda entry: self._note_indexed(st, base, entry))
         except BaseException:
             st.delivery_ids.discard(did)
             raise
         finally:
             st.refs -= 1
-        self._note_indexed(st, base, entry)
         st.dirty = True
         if self.quota is not None:
             await self.quota.charge(st.account, size, 1)
@@ -1592,8 +1594,10 @@ def clean_stale_tmp(root: str | os.PathLike, before: float) -> int:
                 for e in entries:
                     try:
                         if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < before:
-                            os.unlink(e.path)
-                            removed += 1
+                            # a group-written delivery whose rename a crash undid: into new/
+                            if recover_tmp(tmp, e.name) is None:
+                                os.unlink(e.path)
+                                removed += 1
                     except OSError:
                         pass
     return removed

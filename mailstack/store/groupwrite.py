@@ -1,0 +1,362 @@
+"""Group commit of Maildir deliveries: every delivery that arrives while the previous
+batch is being made durable joins the next batch, and a batch costs ONE journal commit
+before its deliveries are acknowledged.
+
+One delivery done the classic way costs two journal commits in a row (the file's fsync
+before its rename into new/, then the directory's fsync after it) and, done one by one,
+two hand-offs to worker threads.  A batch here is one worker-thread call:
+
+    1. write every message to tmp/<name>.crc<crc32>        (page cache only)
+    2. fsync all those files at the same time (fsutil.fsync_together: they share ONE
+       commit, which also holds their new tmp/ entries), then the tmp/ directories (on
+       ext4 nothing is left to commit by then)
+       -> the next batch may start (its step 2 shares a commit with this batch's step 5)
+    3. rename each into new/<name> (or cur/)               (a reader never sees a partial file)
+    4. -> the deliveries are told "durable": their "250" may go out
+    5. fsync the new/ directories                          (one more commit, after the 250)
+    6. the metadata-index entries and full-text texts, from the bytes in hand, one append
+       per mailbox (derived data, not fsynced: index.py); `on_indexed(entry)` is called on
+       the loop when the worker call ends (None when it could not be made: indexed when
+       first looked at)
+
+Why acknowledging after step 3 (before 5) loses nothing: after step 2 the whole file and
+the directory entry naming it are on disk (file and directory fsynced), in tmp/.  The
+rename is atomic in the journal: after a crash the file is either in new/ or still in
+tmp/ under its checksummed name, and `recover_tmp` (run by clean_stale_tmp at server
+start, for every file older than the process) moves every tmp/ file whose bytes match the crc32 in
+its name into new/ (or cur/) under the name it was going to have; a file whose bytes do
+not match was cut short by the crash before it was acknowledged, and is removed as
+before.  A message made durable but not yet acknowledged when the server died is
+delivered too: a duplicate at worst, which RFC 5321 section 6.1 allows; a loss never.
+
+Messages streamed from a queue file (MessageSource, no bytes in memory) keep the classic
+order: their directory is fsynced in step 3 before they are told.  A file whose write,
+fsync or rename failed is removed and reported as that delivery's error; the others of
+the batch are not held back.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import re
+import threading
+import zlib
+from pathlib import Path
+from typing import Callable
+
+from ..fsutil import fsync_dir, fsync_together
+from . import fts
+from . import index as idxmod
+from .base import MessageSource
+
+log = logging.getLogger("mailstack.store")
+
+MAX_BATCH = 128  # deliveries in one worker call
+MAX_BATCH_BYTES = 16 << 20  # ... and bytes (a big message waits for no more than this)
+INDEX_MAX = 16 << 20  # bigger messages are indexed when first looked at (maildir.INDEX_AT_DELIVERY_MAX)
+
+
+_append_lock = threading.Lock()
+CRC_SUFFIX = re.compile(r"\.crc([0-9a-f]{8})$")  # tmp/<name>.crc<crc32 of the bytes>
+
+
+class _Item:
+    __slots__ = ("mailbox_dir", "base", "sub", "name", "message", "uidvalidity", "on_indexed", "future",
+                 "error", "entry", "size")
+
+    def __init__(self, mailbox_dir: Path, base: str, sub: str, name: str, message, uidvalidity: int,
+                 on_indexed, future) -> None:
+        self.mailbox_dir, self.base, self.sub, self.name = mailbox_dir, base, sub, name
+        self.message, self.uidvalidity, self.on_indexed, self.future = message, uidvalidity, on_indexed, future
+        self.error: BaseException | None = None
+        self.entry: dict | None = None
+        self.size = message.size if isinstance(message, MessageSource) else len(message)
+
+    @property
+    def tmp(self) -> Path:
+        """Bytes in hand get a checksummed name that recover_tmp trusts after a crash."""
+        if isinstance(self.message, MessageSource):
+            return self.mailbox_dir / "tmp" / self.base
+        return self.mailbox_dir / "tmp" / f"{self.name}.crc{zlib.crc32(self.message):08x}"
+
+
+class GroupWriter:
+    """Used on the event loop by MaildirStore.deliver (one per store)."""
+
+    def __init__(self) -> None:
+        self._pending: list[_Item] = []
+        self._running = False
+        self._work: set = set()  # worker calls not finished (their indexing included)
+        self._drainer: asyncio.Task | None = None
+        self.batches = 0  # counters, for tests and the benchmark notes
+        self.written = 0
+
+    async def write(self, mailbox_dir: Path, base: str, sub: str, name: str, message: "bytes | MessageSource",
+                    uidvalidity: int, on_indexed: Callable[[dict | None], None] | None = None) -> None:
+        """Returns once the message is durable (its file and the tmp/ directory fsynced) and
+        renamed to <mailbox_dir>/<sub>/<name>; raises what writing it raised (the file is
+        then gone).  See the module doc for why the rename need not be durable yet."""
+        loop = asyncio.get_running_loop()
+        item = _Item(mailbox_dir, base, sub, name, message, uidvalidity, on_indexed, loop.create_future())
+        self._pending.append(item)
+        if not self._running:
+            self._running = True
+            self._drainer = loop.create_task(self._drain())  # a strong reference while it runs
+        await item.future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch = self._take()
+                durable = loop.create_future()
+
+                def released(batch=batch, durable=durable) -> None:  # on the loop, from the worker
+                    self._release(batch)
+                    if not durable.done():
+                        durable.set_result(None)
+
+                def synced(durable=durable) -> None:  # on the loop: the batch's files are fsynced
+                    if not durable.done():
+                        durable.set_result(None)
+
+                def synced_if_waited(synced=synced) -> None:  # in the worker: wake the loop only
+                    if self._pending:                             # when a next batch is waiting
+                        loop.call_soon_threadsafe(synced)
+
+                try:
+                    work = loop.run_in_executor(None, _write_batch, batch, synced_if_waited,
+                                                functools.partial(loop.call_soon_threadsafe, released))
+                except RuntimeError as e:  # the executor is shut down: nothing was written
+                    for item in batch:
+                        item.error = OSError(f"delivery not written: {e}")
+                    self._release(batch)
+                    continue
+                self._work.add(work)
+                work.add_done_callback(lambda f, batch=batch, durable=durable: _after(f, batch, durable, self))
+                # The next batch starts once this one's files are fsynced: its file fsyncs then
+                # share a journal commit with this one's directory fsync (two batches in flight).
+                await durable
+                self.batches += 1
+                self.written += len(batch)
+        finally:
+            self._running = False
+
+    async def settled(self) -> None:
+        """Returns when every delivery so far is written AND indexed (tests, shutdown)."""
+        while self._pending or self._work:
+            if self._work:
+                await asyncio.wait(set(self._work))
+            else:
+                await asyncio.sleep(0.001)
+
+    def _take(self) -> list[_Item]:
+        n, size = 0, 0
+        for item in self._pending:
+            if n and (n >= MAX_BATCH or size + item.size > MAX_BATCH_BYTES):
+                break
+            n += 1
+            size += item.size
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        return batch
+
+    @staticmethod
+    def _release(batch: list[_Item]) -> None:
+        for item in batch:
+            if item.future.done():
+                continue
+            if item.error is None:
+                item.future.set_result(None)
+            else:
+                item.future.set_exception(item.error)
+
+
+def _after(work: "asyncio.Future", batch: list[_Item], durable: "asyncio.Future", writer: GroupWriter) -> None:
+    """The worker call ended: if it died before releasing its deliveries (a bug), fail them."""
+    writer._work.discard(work)
+    loop = asyncio.get_running_loop()
+    if not getattr(loop, "_executor_shutdown_called", False):  # else: made when first looked at
+        for item in batch:  # the index entries (step 6): noted here, no wake-up of their own
+            if item.on_indexed is not None and item.error is None:
+                try:
+                    item.on_indexed(item.entry)
+                except Exception:  # noqa: BLE001 - derived data only
+                    log.exception("noting an index entry failed")
+    exc = None if work.cancelled() else work.exception()
+    if exc is not None:
+        log.error("group write failed: %r", exc)
+    if exc is not None or work.cancelled():
+        for item in batch:
+            if item.error is None and not item.future.done():
+                item.error = exc or OSError("delivery write cancelled")
+        writer._release(batch)
+    if not durable.done():
+        durable.set_result(None)
+
+
+# ---------------------------------------------------------------- blocking (worker thread)
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_file(item: _Item, tmp: Path) -> int:
+    """tmp/... with the message; the open descriptor (not yet fsynced)."""
+    from .maildir import _copy_from_source, _write_all  # the Maildir's own copy routines
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if isinstance(item.message, MessageSource):
+            _copy_from_source(item.message, fd)
+        else:
+            _write_all(fd, item.message)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    return fd
+
+
+def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Callable[[], None]) -> None:
+    try:
+        dirs = _make_durable(batch, synced)
+    except BaseException as e:  # a bug: report every delivery not yet known good as failed
+        for item in batch:
+            if item.error is None:
+                item.error = e if isinstance(e, Exception) else OSError(str(e))
+        released()
+        raise
+    released()
+    _sync_renamed(dirs)
+    _index(batch)
+
+
+def _make_durable(batch: list[_Item], synced: Callable[[], None] = lambda: None) -> list[str]:
+    """Steps 1-3 of the module doc.  Returns the directories still to fsync (step 5)."""
+    opened: list[tuple[_Item, Path, int]] = []
+    tmp_dirs: set[str] = set()
+    for item in batch:
+        try:
+            tmp = item.tmp
+            opened.append((item, tmp, _write_file(item, tmp)))
+            if not isinstance(item.message, MessageSource):
+                tmp_dirs.add(os.fspath(tmp.parent))
+        except Exception as e:  # noqa: BLE001 - that delivery's error (a full disk, ...)
+            item.error = e
+    try:
+        errors, _ = fsync_together([fd for _, _, fd in opened], [])
+        # Then tmp/ itself, in this thread: on ext4 the file fsyncs above already committed
+        # the new entries, so this returns without a commit of its own (and without a hand-off
+        # to the fsync pool, which the single message of a lone session would otherwise pay).
+        dir_errors = {}
+        for d in sorted(tmp_dirs):
+            try:
+                fsync_dir(d)
+                dir_errors[d] = None
+            except OSError as e:
+                dir_errors[d] = e
+    finally:
+        for _, _, fd in opened:
+            os.close(fd)
+        synced()
+    renamed: dict[str, list[_Item]] = {}
+    streamed: set[str] = set()  # directories that must be fsynced before their deliveries are told
+    for (item, tmp, _), err in zip(opened, errors):
+        if err is None and not isinstance(item.message, MessageSource):
+            err = dir_errors.get(os.fspath(tmp.parent))
+        if err is None:
+            try:
+                os.rename(tmp, item.mailbox_dir / item.sub / item.name)
+                d = os.fspath(item.mailbox_dir / item.sub)
+                renamed.setdefault(d, []).append(item)
+                if isinstance(item.message, MessageSource):
+                    streamed.add(d)
+                continue
+            except OSError as e:
+                err = e
+        item.error = err
+        _unlink_quietly(tmp)
+    if streamed:
+        _, dir_errors = fsync_together([], sorted(streamed))
+        for d in streamed:
+            if dir_errors.get(d) is not None:  # the name may not survive a crash: the sender retries
+                for item in renamed[d]:
+                    if isinstance(item.message, MessageSource):
+                        item.error = dir_errors[d]
+    return sorted(set(renamed) - streamed)
+
+
+def _sync_renamed(dirs: list[str]) -> None:
+    """Step 5: the renames of acknowledged deliveries made durable (until then a crash
+    leaves them in tmp/, where recover_tmp finds them)."""
+    if not dirs:
+        return
+    _, errors = fsync_together([], dirs)
+    for d, err in errors.items():
+        if err is not None:
+            log.error("fsync of %s failed after delivery (%s): its messages are recovered from tmp/ "
+                      "at the next start if the rename is lost", d, err)
+
+
+def recover_tmp(tmp: str, entry: str) -> bool | None:
+    """Blocking, at server start only (clean_stale_tmp): a tmp/ file a crash left.  True: it
+    was a complete delivery (bytes match the crc32 in its name) and is now in new/ or cur/;
+    False: a checksummed name whose bytes do not match (cut short): removed;  None: not one
+    of ours (the caller decides)."""
+    m = CRC_SUFFIX.search(entry)
+    if m is None:
+        return None
+    path = os.path.join(tmp, entry)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    if zlib.crc32(data) != int(m.group(1), 16):
+        _unlink_quietly(path)
+        return False
+    name = entry[:m.start()]
+    mailbox_dir = os.path.dirname(tmp)
+    sub = "cur" if ":2," in name else "new"
+    os.rename(path, os.path.join(mailbox_dir, sub, name))
+    fsync_together([], [os.path.join(mailbox_dir, sub)])
+    log.warning("recovered %s into %s/ (its rename was lost in a crash)", name, os.path.join(mailbox_dir, sub))
+    return True
+
+
+def _index(batch: list[_Item]) -> None:
+    """The index entries of the written messages, one append per mailbox (index.py)."""
+    lines: dict[tuple[Path, int], list[bytes]] = {}
+    for item in batch:
+        if item.error is not None or item.size > INDEX_MAX:
+            continue
+        try:
+            message = item.message
+            if isinstance(message, MessageSource):
+                with open(message.path, "rb") as f:
+                    f.seek(message.offset)
+                    message = f.read(message.size)
+            entry = idxmod.message_entry(message)
+            lines.setdefault((item.mailbox_dir, item.uidvalidity), []).append(
+                idxmod.delivered_line(item.base, entry))
+        except Exception:  # noqa: BLE001 - a parser bug must not matter: indexed when first looked at
+            log.warning("could not index %s at delivery", item.base, exc_info=True)
+            continue
+        try:
+            entry["fts"] = fts.texts_of(message)  # not stored in the metadata index
+        except Exception:  # noqa: BLE001 - derived data: added when first searched
+            log.warning("could not extract the text of %s at delivery", item.base, exc_info=True)
+        item.entry = entry
+    for (mailbox_dir, uidvalidity), group in lines.items():
+        try:
+            with _append_lock:  # two batches in flight must not both create the file (a header race)
+                idxmod.append_lines(mailbox_dir / idxmod.NAME, uidvalidity, group)
+        except Exception:  # noqa: BLE001 - a full disk: the entries are made when first looked at
+            log.warning("could not append to the index of %s", mailbox_dir, exc_info=True)
+            for item in batch:
+                if item.mailbox_dir == mailbox_dir:
+                    item.entry = None
