@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from ..nexthop import to_alabel
+from ..pop3.parser import MessageEncoder  # the same CRLF + dot-stuffing, chunk by chunk
 
 MAX_REPLY_LINE = 4096  # RFC 5321 says 512; be generous, real servers exceed it
 MAX_REPLY_LINES = 200
@@ -216,42 +217,24 @@ STREAM_MIN = 1 << 20  # messages at least this big are streamed from their file
 STREAM_CHUNK = 256 * 1024
 
 
-class DataEncoder:
-    """dot_stuff(normalize_crlf(text)) for a text fed in chunks of any size: the output is
-    the same however the text is cut (a CRLF or a "CRLF." split over two chunks included)."""
+class DataEncoder(MessageEncoder):
+    """dot_stuff(normalize_crlf(text)) for a text fed in chunks of any size: POP3's encoder
+    (the same line ends and dot-stuffing, whatever the cut), except that an empty text still
+    gets its CRLF, as dot_stuff gives it."""
 
-    __slots__ = ("_line_start", "_pending_cr", "_empty")
+    __slots__ = ("_empty",)
 
     def __init__(self) -> None:
-        self._line_start = True  # the next byte begins a line
-        self._pending_cr = False  # a CR ended the previous chunk; it may be half of a CRLF
-        self._empty = True  # nothing fed yet (an empty text still gets its CRLF, as dot_stuff)
+        super().__init__()
+        self._empty = True  # nothing fed yet
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._pending_cr:
-            chunk = b"\r" + chunk
-            self._pending_cr = False
-        if chunk.endswith(b"\r"):
-            self._pending_cr = True
-            chunk = chunk[:-1]
-        if not chunk:
-            return b""
-        self._empty = False
-        text = normalize_crlf(chunk)
-        if self._line_start and text.startswith(b"."):
-            text = b"." + text
-        if b"\r\n." in text:
-            text = text.replace(b"\r\n.", b"\r\n..")
-        self._line_start = text.endswith(b"\n")
-        return text
+        if chunk:
+            self._empty = False
+        return super().feed(chunk)
 
     def end(self) -> bytes:
-        out = b""
-        if self._pending_cr:
-            self._pending_cr = False
-            out = b"\r"
-            self._line_start = False
-        return out if self._line_start and not self._empty else out + b"\r\n"
+        return super().end() or (b"\r\n" if self._empty else b"")
 
 
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
