@@ -42,7 +42,7 @@ class QuotaCommands:
         quota = getattr(self.services.store, "quota", None)
         if quota is None:
             return Usage(), Limits()
-        return await quota.usage(self.account)
+        return await quota.usage(self.account, fresh=True)
 
     def _send_quota(self, usage: Usage, limits: Limits) -> None:
         self.send(b"* QUOTA " + response.string(ROOT) + f" ({quota_list(usage, limits)})".encode())

@@ -351,6 +351,11 @@ class Quota:
     """
 
     BUSY_FOR = 60.0
+    # How long a usage this process read or recorded is answered from memory.  The checks
+    # (SMTP RCPT, delivery, APPEND) are advisory bounds that deliveries already in flight can
+    # overrun anyway; reading maildirsize in a thread for each of them cost SMTP a third of its
+    # rate.  Changes of this process update the memo at once; others' within MEMO_FOR.
+    MEMO_FOR = 2.0
 
     def __init__(self, account_dir: Callable[[str], Path], limits_of: Callable[[str], Limits],
                  warn_percent: "float | Callable[[], float]" = 0,
@@ -365,6 +370,8 @@ class Quota:
         # minutes old, yet what others changed (a `mv`, an import) must be counted that often.
         self._counted: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._memo: dict[str, tuple[Usage, Limits, float]] = {}  # account -> (usage, limits, when)
+        self._pending: dict[str, list[int]] = {}  # account -> [bytes, messages, changes] not yet written
 
     def _lock(self, account: str) -> asyncio.Lock:
         lock = self._locks.get(account)
@@ -404,13 +411,25 @@ class Quota:
             self._counted.clear()
         self._counted[account] = time.monotonic()
 
-    async def usage(self, account: str) -> tuple[Usage, Limits]:
+    def _remember(self, account: str, usage: Usage, limits: Limits) -> None:
+        if len(self._memo) > 100_000:
+            self._memo.clear()
+        self._memo[account] = (usage, limits, time.monotonic())
+
+    async def usage(self, account: str, fresh: bool = False) -> tuple[Usage, Limits]:
+        """The account's usage and limits; from memory when this process knew it less than
+        MEMO_FOR seconds ago (unless `fresh`: what GETQUOTA and the CLI show)."""
         limits = self.limits_of(account)
+        memo = self._memo.get(account)
+        if (not fresh and memo is not None and memo[1] == limits and time.monotonic() - memo[2] < self.MEMO_FOR
+                and not self._due(account)):
+            return memo[0], limits
         async with self._lock(account):
             usage, counted = await asyncio.to_thread(load, self.account_dir(account), limits,
                                                      quiet=not self._under_way(account), due=self._due(account))
             if counted:
                 self._was_counted(account)
+            self._remember(account, usage, limits)
         return usage, limits
 
     async def check(self, account: str, storage: int, messages: int = 1) -> None:
@@ -428,25 +447,36 @@ class Quota:
 
     async def charge(self, account: str, storage: int, messages: int) -> None:
         """Record a change made (negative when messages went) and end it.  Never raises: the
-        numbers are counted again later if this fails."""
+        numbers are counted again later if this fails.  Changes recorded while another is
+        being written are written together, as one line, by the next to take the lock."""
         if not storage and not messages:
             self._end(account)
             return
+        pending = self._pending.setdefault(account, [0, 0, 0])
+        pending[0] += storage
+        pending[1] += messages
+        pending[2] += 1
         limits = self.limits_of(account)
         path = self.account_dir(account)
-        try:
-            async with self._lock(account):
-                quiet = self._under_way(account) <= 1  # only this change: a count includes it
+        async with self._lock(account):
+            pending = self._pending.pop(account, None)
+            if pending is None:  # written, with the others, by a charge that held the lock
+                return
+            storage, messages, changes = pending
+            try:
+                quiet = self._under_way(account) <= changes  # only these: a count includes them
                 before, after, counted = await asyncio.to_thread(change, path, limits, storage, messages,
                                                                  quiet, self._due(account))
                 if counted:
                     self._was_counted(account)
-        except OSError as e:
-            log.warning("quota: %s: usage not recorded (%s); counted again later", account, e.strerror or e)
-            await asyncio.to_thread(forget, path)
-            return
-        finally:
-            self._end(account)
+                self._remember(account, after, limits)
+            except OSError as e:
+                log.warning("quota: %s: usage not recorded (%s); counted again later", account, e.strerror or e)
+                await asyncio.to_thread(forget, path)
+                return
+            finally:
+                for _ in range(changes):
+                    self._end(account)
         level = self.warn_percent() if callable(self.warn_percent) else self.warn_percent
         if (self.warn is not None and level and storage > 0
                 and percent(before, limits) < level <= percent(after, limits)):
@@ -462,5 +492,6 @@ class Quota:
             log.exception("quota: warning to %s not delivered", account)
 
     async def forget(self, account: str) -> None:
+        self._memo.pop(account, None)
         async with self._lock(account):
             await asyncio.to_thread(forget, self.account_dir(account))
