@@ -173,9 +173,10 @@ class MemMailbox(Mailbox):
             self.store.events.publish(MailboxEvent(self.account, self.name, "flags", tuple(changed), origin))
         return [m for m in self.messages if m.uid in changed]
 
-    async def expunge(self, uids=None, origin=None):
+    async def expunge(self, uids=None, origin=None, flagged_only=True):
         want = None if uids is None else set(uids)
-        gone = [u for u, (d, f, t) in self.box.msgs.items() if "\\Deleted" in f and (want is None or u in want)]
+        gone = [u for u, (d, f, t) in self.box.msgs.items()
+                if ("\\Deleted" in f or not flagged_only and want is not None) and (want is None or u in want)]
         for u in gone:
             del self.box.msgs[u]
         self.messages = [m for m in self.messages if m.uid not in gone]

@@ -891,3 +891,23 @@ def test_delivery_into_a_special_folder_waits_for_the_account_being_set_up(tmp_p
         with pytest.raises(MailboxNotFound):  # a folder that does not exist still does not
             await store.deliver(ACCT, b"Subject: x\r\n\r\nx\r\n", "d2", mailbox="Nowhere")
     run(go())
+
+
+def test_pop3_update_expunges_by_uid_even_if_deleted_was_cleared_meanwhile(tmp_path):
+    """POP3's QUIT sets \\Deleted and expunges; an IMAP client clearing \\Deleted in between
+    must not undo the DELE (seen as "messages deleted over POP3 are still there" by
+    tests/viewcheck.py under load).  IMAP's own EXPUNGE still keeps what is not \\Deleted."""
+    async def go():
+        store = make_store(tmp_path)
+        for i in range(3):
+            await store.deliver(ACCT, MSG, f"P{i}-1")
+        pop = await store.open(ACCT, "INBOX")
+        imap = await store.open(ACCT, "INBOX")
+        await pop.store_flags([1, 2], ["\\Deleted"], "+")
+        await imap.store_flags([1, 2], ["\\Deleted"], "-")  # the IMAP client, in between
+        assert await imap.expunge([1]) == []  # IMAP: only what is flagged
+        assert await pop.expunge([1, 2], flagged_only=False) == [1, 2]
+        assert await imap.expunge(None, flagged_only=False) == []  # "everything": still only \Deleted
+        fresh = await make_store(tmp_path).open(ACCT, "INBOX")
+        assert [m.uid for m in fresh.messages] == [3]
+    run(go())

@@ -624,7 +624,9 @@ class POP3Session:
                 await mailbox.store_flags(seen, {"\\Seen"}, "+", origin=self)
             if deleted:
                 await mailbox.store_flags(deleted, {"\\Deleted"}, "+", origin=self)
-                expunged = await mailbox.expunge(deleted, origin=self)
+                # by UID, whatever the flags now: an IMAP client that cleared \Deleted since
+                # must not undo the DELE this QUIT commits (Dovecot expunges by UID too)
+                expunged = await mailbox.expunge(deleted, origin=self, flagged_only=False)
                 missing = set(deleted) - set(expunged)
                 if missing:
                     # Gone already (an IMAP client expunged them meanwhile) is as good as deleted.

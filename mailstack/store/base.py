@@ -137,8 +137,11 @@ class Mailbox(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def expunge(self, uids: Iterable[int] | None = None, origin: object = None) -> list[int]:
+    async def expunge(self, uids: Iterable[int] | None = None, origin: object = None,
+                      flagged_only: bool = True) -> list[int]:
         """Remove messages flagged \\Deleted (limited to `uids` when given: UID EXPUNGE).
+        `flagged_only=False` removes `uids` whatever their flags (POP3's UPDATE: the QUIT
+        commits DELE even if an IMAP client cleared \\Deleted meanwhile, as Dovecot does).
         Returns the expunged UIDs; publishes an "expunge" event."""
 
     @abc.abstractmethod

@@ -651,7 +651,7 @@ def _rename_flags(path: Path, targets: list[Entry], mode: str, change: str) -> d
     return out
 
 
-def _unlink_deleted(path: Path, targets: list[Entry]) -> list[int]:
+def _unlink_deleted(path: Path, targets: list[Entry], flagged_only: bool = True) -> list[int]:
     done = []
     listing = None
     for e in targets:
@@ -664,7 +664,7 @@ def _unlink_deleted(path: Path, targets: list[Entry]) -> list[int]:
         listing, loc = _relocate(path, listing, e.base)
         if loc is None:
             done.append(e.uid)  # gone already: expunged all the same
-        elif "T" in loc[2]:
+        elif "T" in loc[2] or not flagged_only:
             try:
                 os.unlink(path / loc[0] / loc[1])
             except FileNotFoundError:
@@ -940,19 +940,22 @@ class MaildirMailbox(Mailbox):
         return out
 
     @disk_errors
-    async def expunge(self, uids: Iterable[int] | None = None, origin: object = None) -> list[int]:
+    async def expunge(self, uids: Iterable[int] | None = None, origin: object = None,
+                      flagged_only: bool = True) -> list[int]:
         self._check_writable()
         limit = None if uids is None else set(uids)
+        flagged_only = flagged_only or limit is None  # "everything" is only ever the \Deleted ones
         st = self._st
         async with st.lock:
             await st.sync()
             targets = [e for uid, e in st.entries.items()
-                       if uid in self._index and "T" in e.letters and (limit is None or uid in limit)]
+                       if uid in self._index and ("T" in e.letters or not flagged_only)
+                       and (limit is None or uid in limit)]
             if not targets:
                 return []
             if self._store.quota is not None:
                 self._store.quota.begin(self.account)  # charge() below ends it
-            done = await asyncio.to_thread(_unlink_deleted, st.path, targets)
+            done = await asyncio.to_thread(_unlink_deleted, st.path, targets, flagged_only)
             if not done:
                 if self._store.quota is not None:
                     await self._store.quota.charge(self.account, 0, 0)  # ends what begin() started
