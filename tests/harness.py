@@ -25,10 +25,21 @@ LISTENERS = ("smtp", "submissions", "submission", "imap", "imaps", "pop3", "pop3
 HOSTNAME = "mail.example.test"
 
 
+PORTS_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this test run has handed out before: the kernel may
+    give a port it just gave (and saw closed) again at once, and two listeners of one
+    server configured on the same port stop its start."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in PORTS_HANDED_OUT:
+            PORTS_HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no loopback port left that this run has not handed out")
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):

@@ -19,6 +19,8 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from harness import PORTS_HANDED_OUT
+
 
 def free_port_on(*hosts: str) -> int:
     """A TCP port free on every one of `hosts` (so MX hosts on 127.0.0.2/.3 can share a port)."""
@@ -34,7 +36,8 @@ def free_port_on(*hosts: str) -> int:
                     except OSError:
                         ok = False
                         break
-            if ok:
+            if ok and port not in PORTS_HANDED_OUT:
+                PORTS_HANDED_OUT.add(port)
                 return port
     raise RuntimeError("no common free port")
 

@@ -39,13 +39,18 @@ def full(tmp_path):
             f.write(b"#" * ((-size - 1) % 4096) + b"\n")
         assert uidlist.stat().st_size % 4096 == 0
         filler = fs / "filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        # Unbuffered, down to single bytes: a buffered file would keep the tail of the
+        # last refused write and raise ENOSPC again when closed.
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for chunk in (65536, 4096, 1):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * chunk)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
         yield srv, filler
     finally:
         if srv is not None:
