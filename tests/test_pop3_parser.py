@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailstack.pop3.parser import (LINE_TOO_LONG, CommandError, LineBuffer, MessageEncoder,
-                                   decode_sasl_plain, encode_message, encoded_size, err, multiline, ok,
+                                   decode_sasl_plain, encode_message, encoded_size, err,
+                                   multiline, ok,
                                    parse_command, parse_number, top_extent, uidl_for_key)
 
 
@@ -171,6 +172,34 @@ def test_chunked_encoding_equals_whole_and_size_matches(data, cuts):
         for line in whole.split(b"\r\n")[:-1]:
             assert not (line.startswith(b".") and not line.startswith(b".."))
             assert b"\n" not in line
+
+
+_crlf_message_bytes = st.lists(st.sampled_from([b"a", b".", b"\r", b"\r\n", b"xy", b"\r\n.", b"..", b"\n"]),
+                               max_size=60).map(b"".join)
+
+
+def _reference_encoding(data: bytes) -> bytes:
+    """The plain definition: LF line ends, stuff, CRLF, a last line end if missing."""
+    text = data.replace(b"\r\n", b"\n")
+    text = (b"." if text.startswith(b".") else b"") + text.replace(b"\n.", b"\n..")
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    return text.replace(b"\n", b"\r\n")
+
+
+@settings(max_examples=500, deadline=None)
+@given(_crlf_message_bytes, st.lists(st.integers(min_value=0, max_value=70), max_size=8))
+def test_encoder_fast_path_for_crlf_chunks_equals_the_definition(data, cuts):
+    """Chunks without a bare LF take the one-replace path; mixed with chunks that have one
+    (and CRs split from their LF at a cut) the output is still the plain definition's."""
+    enc = MessageEncoder()
+    out = b""
+    prev = 0
+    for cut in sorted(min(c, len(data)) for c in cuts):
+        out += enc.feed(data[prev:cut])
+        prev = cut
+    out += enc.feed(data[prev:]) + enc.end()
+    assert out == _reference_encoding(data) == encode_message(data)
 
 
 @settings(max_examples=200, deadline=None)

@@ -207,6 +207,14 @@ class MessageEncoder:
             chunk = chunk[:-1]
         if not chunk:
             return b""
+        if chunk.count(b"\n") == chunk.count(b"\r\n"):
+            # No bare LF (nearly all stored mail): only the dot-stuffing is left to do.  Two
+            # counts and one replace cost half of the three replaces below.
+            text = chunk.replace(b"\n.", b"\n..")  # the same object back when there is none
+            if self._line_start and chunk[:1] == b".":
+                text = b"." + text
+            self._line_start = chunk[-1:] == b"\n"
+            return text
         text = chunk.replace(b"\r\n", b"\n").replace(b"\n.", b"\n..")
         if self._line_start and text.startswith(b"."):
             text = b"." + text

@@ -22,6 +22,7 @@ from ..store.base import MailboxNotFound, MessageInfo, StoreError
 from .connection import Connection
 from .parser import (LINE_TOO_LONG, Command, CommandError, MessageEncoder, decode_sasl_plain, err,
                      format_uidl, multiline, ok, parse_command, parse_number, TopCutter, uidl_for_key)
+from .retrieve import READ_AHEAD_BYTES, READ_AHEAD_COUNT, SMALL_MESSAGE, FileStream, read_ahead
 from .sizes import message_sizes
 
 log = logging.getLogger("mailstack.pop3")
@@ -105,6 +106,9 @@ class POP3Session:
         self.total_octets = 0  # kept as running sums so STAT is O(1) in a big maildrop
         self.deleted_octets = 0
         self.retrieved: set[int] = set()
+        self._ahead: dict[int, bytes] = {}  # message index -> RETR's bytes, read ahead (retrieve.py)
+        self._ahead_pending: set[int] = set()  # being read ahead now
+        self._ahead_task: asyncio.Future | None = None
         self.errors = 0
         self.commands = 0
         self.auth_failures = 0
@@ -156,6 +160,9 @@ class POP3Session:
             tlsclose.close_soon(self.conn.transport)
 
     async def _release(self) -> None:
+        if self._ahead_task is not None:
+            self._ahead_task.cancel()  # a read running in its thread finishes; its result is dropped
+        self._ahead.clear()
         mailbox, self.mailbox = self.mailbox, None
         if mailbox is not None:
             try:
@@ -523,6 +530,123 @@ class POP3Session:
         if i is None:
             return True
         uid = self.messages[i].uid
+        path = self.mailbox.path(uid)  # None: gone meanwhile, or a backend without files
+        if path is not None:
+            data = await self._read_ahead_result(i)
+            if data is not None:  # read (and encoded) while the client handled the last one
+                self._sent_message(i, len(data))
+                self.conn.write(ok(f"{self.sizes[i]} octets") + data + b".\r\n")
+                self._read_ahead_from(i)
+                return True
+            try:
+                stream = await asyncio.to_thread(FileStream, path)
+            except FileNotFoundError:  # renamed (a flag change) or removed: ask the store
+                stream = None
+            except OSError as e:
+                log.warning("RETR %d (uid %d) failed: %s", i + 1, uid, e, extra=self._log_extra)
+                self.conn.write(err("Message is no longer available", "SYS/TEMP"))
+                return True
+            if stream is not None:
+                try:
+                    return await self._retr_stream(i, stream)
+                finally:
+                    stream.close()
+        return await self._retr_by_range(i, uid)
+
+    def _sent_message(self, i: int, sent: int) -> None:
+        self.bytes_sent += sent
+        if sent < self.sizes[i]:  # would mean the file changed under us: Maildir files never do
+            log.warning("RETR %d (uid %d) sent %d octets, LIST said %d", i + 1, self.messages[i].uid, sent,
+                        self.sizes[i], extra=self._log_extra)
+        self.retrieved.add(i)
+
+    async def _read_ahead_result(self, i: int) -> bytes | None:
+        """Message i as read ahead, or None when it was not (or could not be)."""
+        task = self._ahead_task
+        if i not in self._ahead and task is not None and i in self._ahead_pending:
+            try:
+                await asyncio.shield(task)  # being read now: waiting beats a second read
+            except (OSError, StoreError):
+                return None
+        return self._ahead.pop(i, None)
+
+    def _read_ahead_from(self, i: int) -> None:
+        """After RETR i: read the next small messages in one thread hop, unless enough are
+        read already or a read is running.  Bounded by READ_AHEAD_BYTES / _COUNT."""
+        if self._ahead_task is not None and not self._ahead_task.done():
+            return
+        for k in [k for k in self._ahead if k <= i]:  # skipped by the client: not kept
+            del self._ahead[k]
+        held = sum(map(len, self._ahead.values()))
+        if len(self._ahead) >= READ_AHEAD_COUNT // 2 or held >= READ_AHEAD_BYTES // 2:
+            return
+        wanted: list[tuple[int, str]] = []
+        budget = READ_AHEAD_BYTES - held
+        j = i + 1
+        while j < len(self.messages) and len(wanted) + len(self._ahead) < READ_AHEAD_COUNT:
+            if j not in self.deleted and j not in self._ahead:
+                size = self.sizes[j]
+                if size > SMALL_MESSAGE or size > budget:
+                    break
+                path = self.mailbox.path(self.messages[j].uid)
+                if path is None:
+                    break
+                wanted.append((j, path))
+                budget -= size
+            j += 1
+        if not wanted:
+            return
+        self._ahead_pending = {j for j, _ in wanted}
+        task = asyncio.ensure_future(asyncio.to_thread(read_ahead, wanted))
+
+        def done(t: asyncio.Future) -> None:
+            if self._ahead_task is t:
+                self._ahead_pending = set()
+            if not t.cancelled() and t.exception() is None and self.state == TRANSACTION:
+                self._ahead.update(t.result())
+        task.add_done_callback(done)
+        self._ahead_task = task
+
+    async def _retr_stream(self, i: int, stream: FileStream) -> bool:
+        """RETR from an open file: pieces read and encoded in a thread, one piece ahead."""
+        uid = self.messages[i].uid
+        try:
+            out = await asyncio.to_thread(stream.next)
+        except OSError as e:
+            log.warning("RETR %d (uid %d) failed: %s", i + 1, uid, e, extra=self._log_extra)
+            self.conn.write(err("Message is no longer available", "SYS/TEMP"))
+            return True
+        self._in_multiline = True
+        head = ok(f"{self.sizes[i]} octets")
+        sent = 0
+        while True:
+            ahead = None if stream.done else asyncio.ensure_future(asyncio.to_thread(stream.next))
+            sent += len(out)
+            if head:  # one write (one segment) for a message that fits in a piece
+                out, head = head + out, b""
+            self.conn.write(out + b".\r\n" if ahead is None else out)
+            if ahead is None:
+                break
+            try:
+                await self.conn.drain()
+                out = await ahead
+            except OSError as e:
+                # Half a message is out: no way to say -ERR now, so hang up without the
+                # terminator; the client sees a failed download, never a short message.
+                log.error("RETR %d (uid %d) failed after %d bytes: %s", i + 1, uid, sent, e,
+                          extra=self._log_extra)
+                self.conn.abort()
+                return False
+            except BaseException:  # cancelled (shutdown): the read ahead goes too
+                ahead.cancel()
+                raise
+        self._in_multiline = False
+        self._sent_message(i, sent)
+        self._read_ahead_from(i)
+        return True
+
+    async def _retr_by_range(self, i: int, uid: int) -> bool:
+        """RETR through the store's read_range: a backend without files, or a file that moved."""
         # Read the first piece before saying +OK: a message that has gone (expunged over
         # IMAP meanwhile) or an I/O error still gets a proper -ERR.
         try:
@@ -564,11 +688,7 @@ class POP3Session:
         sent += len(out)
         self.conn.write(out + b".\r\n")
         self._in_multiline = False
-        self.bytes_sent += sent
-        if sent < self.sizes[i]:  # would mean the file changed under us: Maildir files never do
-            log.warning("RETR %d (uid %d) sent %d octets, LIST said %d", i + 1, uid, sent, self.sizes[i],
-                        extra=self._log_extra)
-        self.retrieved.add(i)
+        self._sent_message(i, sent)
         return True
 
     async def cmd_top(self, cmd: Command) -> bool:
