@@ -17,6 +17,8 @@ CACHE_KEY = "pop3"
 CACHE_VERSION = 2  # 1 counted dot-stuffing
 # Marks a message that vanished while we looked (expunged over IMAP meanwhile): left out.
 _GONE = -1
+# Files without a known size are counted in pieces of this size.
+COUNT_CHUNK = 1024 * 1024
 
 
 def size_entry(data: bytes) -> dict:
@@ -40,14 +42,27 @@ def size_from_name(key: str) -> int | None:
     return int(key[j:k])
 
 
+def file_message_size(path: str, chunk: int = COUNT_CHUNK) -> int:
+    """Blocking: message_size() of a file, read `chunk` octets at a time (a 50 MB message
+    is never held whole).  A CRLF cut in two by a chunk boundary is counted once."""
+    size = 0
+    prev_cr = False
+    with open(path, "rb", buffering=0) as f:
+        while data := f.read(chunk):
+            size += len(data) + data.count(b"\n") - data.count(b"\r\n")
+            if prev_cr and data[:1] == b"\n":
+                size -= 1  # counted as bare above, but its CR ended the previous chunk
+            prev_cr = data[-1:] == b"\r"
+    return size
+
+
 def _sizes_from_files(paths: list[tuple[int, str]]) -> dict[int, int]:
     """Blocking: read each file and count.  uid -> size; a file not found is left out (its
     name may have changed with its flags: the caller asks the store again)."""
     out: dict[int, int] = {}
     for uid, path in paths:
         try:
-            with open(path, "rb") as f:
-                out[uid] = message_size(f.read())
+            out[uid] = file_message_size(path)
         except FileNotFoundError:
             pass
     return out

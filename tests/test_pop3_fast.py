@@ -1,0 +1,192 @@
+"""POP3's fast paths (issue 16) against the plain definitions: sizes from Maildir names and
+the index without reading files, sizes counted in bounded pieces, RETR's read-ahead of
+small messages and its streaming of big ones from one descriptor.  Every RETR is compared
+byte for byte with encode_message() of the stored file."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness import wait_for
+from mailstack.pop3 import retrieve, sizes
+from mailstack.pop3.parser import encode_message, message_size
+from pop3_fixture import PASSWORD, USER, POP3Server
+
+CRLF_DOTS = b"Subject: crlf\r\n\r\n" + b"".join(b".%05d line\r\n" % i for i in range(50))
+LF_DOTS = b"Subject: bare lf\n\n" + b"".join(b".%05d line\n" % i for i in range(50))
+MIXED = b"Subject: mixed\r\nX: lf\n\r\nbody\n.\r\n..\nend without newline\r"
+# over two stream pieces once STREAM_CHUNK is made small below; dots at the piece borders
+BIG_LF = b"Subject: big lf\n\n" + b"".join(b".%07d stored with LF only\n" % i for i in range(3000))
+BIG_CRLF = b"Subject: big crlf\r\n\r\n" + b"".join(b".%07d stored with CRLF\r\n" % i for i in range(3000))
+MESSAGES = [CRLF_DOTS, LF_DOTS, MIXED, BIG_LF, b".", b"x\r\n", BIG_CRLF, b"\r\n.\r\n"] + \
+    [b"Subject: %d\n\n.%d\n" % (i, i) for i in range(40)]
+
+
+@pytest.fixture
+def srv(tmp_path, monkeypatch):
+    monkeypatch.setattr(retrieve, "STREAM_CHUNK", 4096 + 3)  # many pieces, cut anywhere
+    server = POP3Server(tmp_path, pop3={"allow_plaintext_auth": True})
+    yield server
+    server.stop()
+
+
+def place(srv, messages, named: str = "none") -> list[str]:
+    """Write files into INBOX/cur behind the server's back, as another deliverer would:
+    named "none" (no S=/W=), "sw" (Dovecot's ,S=<file size>,W=<CRLF size>)."""
+    cur = srv.cfg.mail_dir / "example.test" / "alice" / "cur"
+    cur.mkdir(parents=True, exist_ok=True)
+    for sub in ("new", "tmp"):
+        (cur.parent / sub).mkdir(exist_ok=True)
+    names = []
+    for i, msg in enumerate(messages):
+        name = f"{1700000000 + i}.M{i}P9Q{i}.test"
+        if named == "sw":
+            name += f",S={len(msg)},W={message_size(msg)}"
+        name += ":2,"
+        (cur / name).write_bytes(msg)
+        names.append(name)
+    return names
+
+
+class Raw:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.buf = b""
+        assert self.line().startswith(b"+OK")
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("closed")
+        self.buf += data
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def body(self) -> bytes:
+        """The exact bytes of a multi-line answer up to its terminator (still stuffed)."""
+        while True:
+            if self.buf.startswith(b".\r\n"):
+                self.buf = self.buf[3:]
+                return b""
+            i = self.buf.find(b"\r\n.\r\n")
+            if i >= 0:
+                body, self.buf = self.buf[:i + 2], self.buf[i + 5:]
+                return body
+            self._fill()
+
+    def send(self, *commands: str) -> None:
+        self.sock.sendall(b"".join(c.encode() + b"\r\n" for c in commands))
+
+    def login(self) -> None:
+        self.send(f"USER {USER}", f"PASS {PASSWORD}")
+        assert self.line().startswith(b"+OK") and self.line().startswith(b"+OK")
+
+
+def plain(srv) -> Raw:
+    return Raw(srv.ports["pop3"])
+
+
+@pytest.mark.parametrize("named", ["none", "sw"])
+def test_retr_in_order_pipelined_and_out_of_order_is_exact(srv, named):
+    """Read-ahead (small ones, several at a time) and streaming (big ones, in pieces) send
+    exactly encode_message() of each file; STAT/LIST sizes are the CRLF sizes, from the
+    files' names or counted from files without them (bare LF, no final newline)."""
+    place(srv, MESSAGES, named)
+    c = plain(srv)
+    c.login()
+    c.send("STAT", "LIST")
+    assert c.line() == b"+OK %d %d" % (len(MESSAGES), sum(map(message_size, MESSAGES)))
+    assert c.line().startswith(b"+OK")
+    assert c.body() == b"".join(b"%d %d\r\n" % (i + 1, message_size(m)) for i, m in enumerate(MESSAGES))
+    # one by one, as most clients do
+    for n in range(1, 20):
+        c.send(f"RETR {n}")
+        assert c.line() == b"+OK %d octets" % message_size(MESSAGES[n - 1])
+        assert c.body() == encode_message(MESSAGES[n - 1]), n
+    # pipelined (RFC 2449), skipping some: what was read ahead for a skipped one is not sent
+    order = [25, 21, 20, 30, 31, 48, 47, 1, 4, 7, 22]
+    c.send(*[f"RETR {n}" for n in order])
+    for n in order:
+        assert c.line() == b"+OK %d octets" % message_size(MESSAGES[n - 1])
+        assert c.body() == encode_message(MESSAGES[n - 1]), n
+    c.send("QUIT")
+    assert c.line().startswith(b"+OK")
+
+
+def test_message_expunged_after_it_was_read_ahead_gets_err(srv):
+    """A message read ahead and then expunged over IMAP is not sent from memory: -ERR, as
+    without the read-ahead; the others still come."""
+    place(srv, MESSAGES[8:20])
+    c = plain(srv)
+    c.login()
+    c.send("RETR 1")
+    assert c.line().startswith(b"+OK") and c.body() == encode_message(MESSAGES[8])
+    session = next(s for s in srv.services.sessions.sessions if getattr(s, "account", None) == USER)
+    wait_for(lambda: 2 in session._ahead and 5 in session._ahead, 10, what="read-ahead of messages 2..")
+    box = srv.call(srv.services.store.open(USER, "INBOX"))
+    uid = box.messages[4].uid
+    srv.call(box.store_flags([uid], {"\\Deleted"}, "+"))
+    assert srv.call(box.expunge([uid])) == [uid]
+    c.send("RETR 5", "RETR 2")
+    assert c.line().startswith(b"-ERR")
+    assert c.line().startswith(b"+OK") and c.body() == encode_message(MESSAGES[9])
+    c.send("QUIT")
+    c.line()
+    srv.call(box.close())
+
+
+def test_first_stat_takes_sizes_from_names_and_index_not_the_files(srv):
+    """W= in a name is the size (Dovecot's convention, trusted as Dovecot does); a file
+    without one is counted once and its size kept in the index: the second login reads no
+    file (here: a file changed behind the server's back still has its indexed size)."""
+    names = place(srv, [CRLF_DOTS, LF_DOTS], "none")
+    cur = srv.cfg.mail_dir / "example.test" / "alice" / "cur"
+    named = "1800000000.M1P1Q1.test,S=99,W=12345:2,"
+    (cur / named).write_bytes(b"Subject: w\r\n\r\nshort\r\n")
+    c = plain(srv)
+    c.login()
+    c.send("LIST", "QUIT")
+    assert c.line().startswith(b"+OK")
+    assert c.body() == b"1 %d\r\n2 %d\r\n3 12345\r\n" % (message_size(CRLF_DOTS), message_size(LF_DOTS))
+    c.line()
+    (cur / names[1]).write_bytes(b"x")  # never done to a Maildir file: shows nothing reads it
+    wait_for(lambda: not srv.services.sessions.sessions, 10, what="first session gone")
+    c = plain(srv)
+    c.login()
+    c.send("LIST 2", "QUIT")
+    assert c.line() == b"+OK 2 %d" % message_size(LF_DOTS)
+    c.line()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"."]), max_size=80).map(b"".join),
+       st.integers(min_value=1, max_value=9))
+def test_file_size_counted_in_pieces_equals_message_size(tmp_path_factory, data, chunk):
+    path = tmp_path_factory.mktemp("sz") / "m"
+    path.write_bytes(data)
+    assert sizes.file_message_size(str(path), chunk) == message_size(data)
+
+
+def test_stream_closes_its_descriptor_after_a_read_in_flight(tmp_path):
+    """close() while next() runs (shutdown) leaves the descriptor to that read to close."""
+    path = tmp_path / "m"
+    path.write_bytes(BIG_CRLF)
+    s = retrieve.FileStream(str(path))
+    fd = s._fd
+    s._busy = True  # as if a read were running in a worker thread
+    s.close()
+    os.fstat(fd)  # still open: the read would use it
+    s._busy = False
+    with pytest.raises(OSError):
+        s.next()
+    s.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
