@@ -98,6 +98,7 @@ ROWS = [
     ("imap", "cpu_s", "IMAP workload, server CPU", "s", False, None, ""),
     ("push", "p50_ms", "IDLE push, SMTP 250 -> EXISTS p50", "ms", False, None, ""),
     ("push", "p99_ms", "IDLE push, SMTP 250 -> EXISTS p99", "ms", False, None, "< 50 ms"),
+    ("pop3", "first_login_s", "POP3 user's first login (IMAP; password check)", "s", False, None, ""),
     ("pop3", "login_stat_s", "POP3 login + STAT, first time", "s", False, None, ""),
     ("pop3", "login_stat_again_s", "POP3 login + STAT, again", "s", False, None, ""),
     ("pop3", "retr_s", "POP3 RETR {pop3_messages:,} messages", "s", False, None, ""),

@@ -133,9 +133,11 @@ class DKIMSigner:
         domain = from_domain(header)
         return bool(domain) and self.is_local_domain(domain) and self.key_for(domain) is not None
 
-    def sign(self, data: bytes) -> bytes:
+    def sign(self, data: bytes, body_digest: bytes | None = None) -> bytes:
         """DKIM-Signature header (bytes ending in CRLF) for a CRLF message, or b"" when
-        it should not or cannot be signed. Blocking."""
+        it should not or cannot be signed. Blocking.  With `body_digest` (dkimbody.py: the
+        body's relaxed hash, computed from a file in pieces) `data` is the header section
+        alone, ending with the blank line: a big message is signed without holding it."""
         end = data.find(b"\r\n\r\n")
         domain = from_domain(data[:end + 2] if end >= 0 else data)
         if not domain or not self.is_local_domain(domain):
@@ -144,9 +146,13 @@ class DKIMSigner:
         if found is None:
             return b""
         selector, pem = found
+        canonicalize = (b"relaxed", b"relaxed")  # dkimpy's default headers; From oversigned
         try:
-            return dkimpy.sign(data, selector.encode(), domain.encode(), pem,
-                               canonicalize=(b"relaxed", b"relaxed"))  # dkimpy's default headers; From oversigned
+            if body_digest is not None:
+                from . import dkimbody
+                return dkimbody.dkim_sign(data, body_digest, selector.encode(), domain.encode(), pem,
+                                          canonicalize)
+            return dkimpy.sign(data, selector.encode(), domain.encode(), pem, canonicalize=canonicalize)
         except Exception as e:  # a broken key or message must not stop delivery
             log.warning("DKIM signing for %s failed: %s", domain, e)
             return b""

@@ -492,12 +492,23 @@ def _read_and_prepare(message: QueuedMessage, signer: DKIMSigner | None, forward
     """Read the message text from its spool file, sign and dot-stuff it. Runs in a worker thread."""
     src = message.source
     if src.size >= STREAM_MIN:
-        # A big message is sent from its queue file piece by piece, unless a DKIM signature
-        # or an ARC seal is due: dkimpy hashes the text whole (no incremental interface).
-        header = normalize_crlf(Spool.read_headers(src))
-        if not (signer is not None and signer.would_sign(header)) and \
-                not (forwarder is not None and forwarder.would_seal(message.meta)):
+        # A big message is sent from its queue file piece by piece.  A DKIM signature or an
+        # ARC seal is made from its header section and a body hash computed from the file
+        # in bounded pieces (dkimbody.py), so it is never held whole either; only a header
+        # section too long to be read in one bounded piece falls back to the whole text.
+        raw_header = Spool.read_headers(src)
+        header = normalize_crlf(raw_header)
+        sign = signer is not None and signer.would_sign(header)
+        seal = forwarder is not None and forwarder.would_seal(message.meta)
+        if not sign and not seal:
             return prepare_file(src.path, src.offset, src.size)
+        if header.endswith(b"\r\n\r\n"):
+            from ..dkimbody import body_hash_of_file
+            digest = body_hash_of_file(src.path, src.offset + len(raw_header), src.offset + src.size)
+            prefix = signer.sign(header, digest) if sign else b""
+            if seal:
+                prefix = forwarder.seal(header, message.meta, digest) + prefix
+            return prepare_file(src.path, src.offset, src.size, prefix)
     with open(src.path, "rb") as f:
         f.seek(src.offset)
         data = f.read(src.size)

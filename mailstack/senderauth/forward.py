@@ -103,8 +103,9 @@ class Forwarder:
         return bool(self.cfg.senderauth.arc_seal and meta.get("listener") == "smtp" and not meta.get("auth_user")
                     and self._seal_key() is not None)
 
-    def seal(self, data: bytes, meta: dict) -> bytes:
-        """ARC set (three header lines) for mail received from the internet; b"" otherwise."""
+    def seal(self, data: bytes, meta: dict, body_digest: bytes | None = None) -> bytes:
+        """ARC set (three header lines) for mail received from the internet; b"" otherwise.
+        With `body_digest` (mailstack/dkimbody.py) `data` is the header section alone."""
         if not self.cfg.senderauth.arc_seal or meta.get("listener") != "smtp" or meta.get("auth_user"):
             return b""
         key = self._seal_key()
@@ -112,8 +113,13 @@ class Forwarder:
             return b""
         domain, selector, pem = key
         try:
-            headers = dkimpy.arc_sign(data, selector.encode(), domain.encode(), pem,
-                                      self.cfg.server.hostname.encode())
+            if body_digest is not None:  # a big message, not held whole
+                from .. import dkimbody
+                headers = dkimbody.arc_sign(data, body_digest, selector.encode(), domain.encode(), pem,
+                                            self.cfg.server.hostname.encode())
+            else:
+                headers = dkimpy.arc_sign(data, selector.encode(), domain.encode(), pem,
+                                          self.cfg.server.hostname.encode())
         except Exception as e:  # a message dkimpy cannot seal is still delivered
             log.warning("ARC sealing failed: %s", e)
             return b""
