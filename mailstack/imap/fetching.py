@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from ..store.base import StoreError
-from . import binary, fetch, response
+from . import bigmessage, binary, fetch, response
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
 
@@ -44,6 +45,16 @@ class _Stream:
 
 
 HEAD_KEEP = 1 << 20  # header bytes kept in memory for BODY[HEADER.FIELDS] of a streamed message
+
+
+class _BigHead(tuple):
+    """(header bytes, body start) of a streamed message, plus `parts`: the byte range (or the
+    made bytes) of each MIME part section asked for, by section spec (bigmessage.py)."""
+
+    def __new__(cls, head: tuple, parts: dict):
+        self = super().__new__(cls, head)
+        self.parts = parts
+        return self
 
 
 def _head_of(path: str) -> tuple[bytes, int]:
@@ -110,7 +121,16 @@ class FetchCommands:
         the file (the whole, the header, the text, a partial of those); `head` is
         (header bytes, body start) when an item needs the header's end."""
         name = a.name
-        if name in ("RFC822.HEADER", "RFC822.TEXT") or (name == "BODY[]" and a.section.text):
+        if name == "BODY[]" and a.section.part:  # a MIME part: its range was found by _read_heads
+            label = b"BODY[" + a.section.spec() + b"]"
+            found = head.parts.get(a.section.spec(), b"")
+            if isinstance(found, bytes):
+                if a.partial is not None:
+                    found = found[a.partial[0]:a.partial[0] + a.partial[1]]
+                    label += b"<%d>" % a.partial[0]
+                return _Lit(label, found)
+            start, size = found[0], found[1] - found[0]
+        elif name in ("RFC822.HEADER", "RFC822.TEXT") or (name == "BODY[]" and a.section.text):
             header, bstart = head
             text = "HEADER" if name == "RFC822.HEADER" else "TEXT" if name == "RFC822.TEXT" else a.section.text
             label = name.encode() if name != "BODY[]" else b"BODY[" + a.section.spec() + b"]"
@@ -201,6 +221,10 @@ class FetchCommands:
                 try:
                     if path is None:
                         raise FileNotFoundError
+                    if structure and os.stat(path).st_size >= STREAM_MIN:
+                        # a big message is parsed through a read-only map, never read whole
+                        out[uid] = bigmessage.cache_entry_of_file(path)
+                        continue
                     with open(path, "rb") as f:
                         if structure:
                             data = f.read()
@@ -295,8 +319,9 @@ class FetchCommands:
         # the whole message, its header or its text (BODY[]/RFC822 family, no MIME part),
         # partial or not.  A MIME part (BODY[1]) or BINARY still needs the message parsed whole.
         body_atts = [a for a in atts if a.name.startswith(("RFC822", "BODY[")) and a.name != "RFC822.SIZE"]
-        streamable = need_data == "full" and not any(a.name.startswith("BINARY") for a in atts) and all(
-            a.name.startswith("RFC822") or not a.section.part for a in body_atts)
+        streamable = need_data == "full" and not any(a.name.startswith("BINARY") for a in atts)
+        # BODY[1.2], BODY[2.MIME]...: byte ranges found by parsing the file through a map
+        part_sections = [a.section for a in body_atts if a.name == "BODY[]" and a.section.part]
         need_head = any(a.name in ("RFC822.HEADER", "RFC822.TEXT") or (a.name == "BODY[]" and a.section.text)
                         for a in body_atts)
         missing = False
@@ -309,8 +334,8 @@ class FetchCommands:
                 rendered, gone = self._render_plain(batch, atts, flag_cache), False
             elif need_data:
                 streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
-                if streams and need_head:
-                    streams = await self._read_heads([m for _, m in batch if m.uid in streams])
+                if streams and (need_head or part_sections):
+                    streams = await self._read_heads([m for _, m in batch if m.uid in streams], part_sections)
                 datas = await self._read_many([m for _, m in batch if m.uid not in streams],
                                               header_only=need_data == "header")
                 try:  # decoding BINARY sections happens here too, off the loop
@@ -348,9 +373,10 @@ class FetchCommands:
         else:
             await self.done(cmd, "FETCH completed")
 
-    async def _read_heads(self, infos) -> dict:
+    async def _read_heads(self, infos, sections=()) -> dict:
         """{uid: (header bytes, body start)} of big messages, read in bounded pieces in one
-        worker thread; a message that vanished meanwhile is not streamed (its FETCH says NIL)."""
+        worker thread; a message that vanished meanwhile is not streamed (its FETCH says NIL).
+        With MIME part `sections` the value is a _BigHead that also has their byte ranges."""
         paths = {m.uid: self.mbox.path(m.uid) for m in infos}
 
         def work() -> dict:
@@ -359,8 +385,10 @@ class FetchCommands:
                 try:
                     if path is not None:
                         out[uid] = _head_of(path)
-                except OSError:
-                    pass
+                        if sections:
+                            out[uid] = _BigHead(out[uid], bigmessage.sections_of_file(path, sections))
+                except (OSError, ValueError):  # ValueError: mmap of a file that shrank meanwhile
+                    out.pop(uid, None)
             return out
 
         return await asyncio.to_thread(work)
