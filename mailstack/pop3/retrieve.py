@@ -20,7 +20,7 @@ import threading
 from .parser import MessageEncoder
 
 # A big message is read and encoded in pieces of this size (memory per session stays bounded).
-STREAM_CHUNK = 1024 * 1024
+STREAM_CHUNK = 512 * 1024
 # Messages up to this POP3 size are read whole, and may be read ahead.
 SMALL_MESSAGE = 256 * 1024
 # What one session may hold read ahead: bytes and messages.
