@@ -8,7 +8,9 @@ store's metadata cache, so ENVELOPE/BODYSTRUCTURE never need the message again.
 from __future__ import annotations
 
 import email.utils
+import json
 import re
+from json.decoder import scanstring as _scanstring
 from dataclasses import dataclass, field
 
 from . import addresses
@@ -443,7 +445,42 @@ def _sent_date(root: "Part") -> int | None:
     return dt.year * 10000 + dt.month * 100 + dt.day
 
 
-def cached(entry: dict | None, key: str) -> bytes | None:
+_ENVELOPE_LINE = b'{"v":%d,"env":"' % CACHE_VERSION  # how an index line starts (store/index.py)
+
+
+def cached_envelope(entry: "dict | bytes | None") -> bytes | None:
+    """b"ENVELOPE (...)" from an entry, or from the JSON bytes of its index line: those
+    start with the version and the envelope (store/index.py writes them so), which is
+    read off the front without parsing the rest.  None when not there or not ours."""
+    if isinstance(entry, bytes):
+        if not entry.startswith(_ENVELOPE_LINE):
+            entry = parse_entry(entry)
+        else:
+            try:
+                value, _ = _scanstring(entry.decode("utf-8"), len(_ENVELOPE_LINE))
+                return b"ENVELOPE " + value.encode("latin-1")
+            except (ValueError, UnicodeError):  # damaged: recomputed
+                return None
+    value = cached(entry, "env")
+    return None if value is None else b"ENVELOPE " + value
+
+
+def parse_entry(entry: "dict | bytes | None") -> dict | None:
+    """An entry as a dict (the JSON of an index line parsed); None if it does not parse."""
+    if not isinstance(entry, bytes):
+        return entry
+    try:
+        value = json.loads(entry)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def cached(entry: "dict | bytes | None", key: str) -> bytes | None:
+    if isinstance(entry, bytes):  # an index line (cache_get_many(raw=True)) or a rendered ENVELOPE
+        if entry.startswith(b"ENVELOPE "):
+            return entry[9:] if key == "env" else None
+        entry = parse_entry(entry)
     if not entry or entry.get("v") != CACHE_VERSION:
         return None
     v = entry.get(key)

@@ -610,9 +610,9 @@ class _State:
 
     async def cache_put(self, entries: dict[int, dict]) -> None:
         idx = await self.index_load()
+        raws = await asyncio.to_thread(idxmod.serialize, entries)  # JSON off the loop
         async with self.cache_lock:
-            live = {uid: e.base for uid, e in self.entries.items()} if self.entries else None
-            rewrite, data = idx.plan_put(entries, live)
+            rewrite, data = idx.plan_put_raw(raws, self.entries or None)  # entries: uid -> Entry(.base)
             await asyncio.to_thread(idx.write, rewrite, data)
 
 
@@ -997,6 +997,23 @@ class MaildirMailbox(Mailbox):
             idx = await st.index_load()
         e = st.entries.get(uid)
         return idx.get(uid, e.base if e is not None else None)
+
+    async def cache_get_many(self, uids: Iterable[int], raw: bool = False) -> dict[int, "dict | bytes"]:
+        """cache_get of many messages in one step.  With `raw`, an entry may come as the
+        JSON bytes of its index line, unparsed (imap/fetch.py's cached_raw reads those)."""
+        st = self._st
+        idx = st.index
+        if idx is None or idx.uidvalidity != st.ul.uidvalidity:
+            idx = await st.index_load()
+        entries = st.entries
+        get = idx.get_raw if raw else idx.get
+        out = {}
+        for uid in uids:
+            e = entries.get(uid)
+            v = get(uid, e.base if e is not None else None)
+            if v is not None:
+                out[uid] = v
+        return out
 
     async def cache_put(self, entries: dict[int, dict]) -> None:
         if entries:
