@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from ..store.base import StoreError
 from . import binary, fetch, response
@@ -71,6 +72,38 @@ def _head_of(path: str) -> tuple[bytes, int]:
                 return bytes(head[:bstart]), bstart
             pos += len(piece)
             tail = window[-3:]
+
+
+HEADER_FIRST = 4096  # most headers end within the first page
+
+
+def read_header(path: str) -> bytes:
+    """Blocking: the start of a message file that holds its whole header (or the whole
+    file when it has no blank line): a page first, HEADER_PEEK next, then the rest.  Plain
+    os calls: a cold listing opens thousands of files in a row."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, HEADER_FIRST)
+        if len(data) < HEADER_FIRST or fetch._blank(data, 0, len(data)) is not None:
+            return data
+        chunks = [data]
+        size = len(data)
+        while size < HEADER_PEEK:  # to HEADER_PEEK, as the previous full read
+            piece = os.read(fd, HEADER_PEEK - size)
+            if not piece:
+                return b"".join(chunks)
+            chunks.append(piece)
+            size += len(piece)
+        data = b"".join(chunks)
+        if fetch._blank(data, 0, len(data)) is not None:
+            return data
+        while True:  # no header end in HEADER_PEEK bytes: the whole file, as before
+            piece = os.read(fd, 1 << 20)
+            if not piece:
+                return b"".join(chunks)
+            chunks.append(piece)
+    finally:
+        os.close(fd)
 
 
 def _join_fetch(seq: int, items: list) -> "bytes | list":
@@ -162,12 +195,10 @@ class FetchCommands:
                     out[uid] = None
                     continue
                 try:
-                    with open(path, "rb") as f:
-                        if header_only:
-                            data = f.read(HEADER_PEEK)
-                            if len(data) == HEADER_PEEK and fetch._BLANK.search(data) is None:
-                                data += f.read()
-                        else:
+                    if header_only:
+                        data = read_header(path)
+                    else:
+                        with open(path, "rb") as f:
                             data = f.read()
                     out[uid] = data
                 except OSError:
@@ -201,13 +232,11 @@ class FetchCommands:
                 try:
                     if path is None:
                         raise FileNotFoundError
-                    with open(path, "rb") as f:
-                        if structure:
+                    if structure:
+                        with open(path, "rb") as f:
                             data = f.read()
-                        else:
-                            data = f.read(HEADER_PEEK)
-                            if len(data) == HEADER_PEEK and fetch._BLANK.search(data) is None:
-                                data += f.read()
+                    else:
+                        data = read_header(path)
                 except OSError:
                     retry.append(uid)
                     continue
@@ -447,6 +476,17 @@ class FetchCommands:
         internaldate = response.internaldate
         out = []
         gone = False
+        if names == ["UID", "FLAGS"]:  # a client's resynchronisation: the one loop, tight
+            for seq, m in batch:
+                flags = m.flags
+                key = (flags, m.uid in recent) if isinstance(flags, frozenset) else None
+                value = flag_cache.get(key) if key is not None else None
+                if value is None:
+                    value = b"FLAGS " + response.flag_list(self.flags_of(m))
+                    if key is not None:
+                        flag_cache[key] = value
+                out.append(b"* %d FETCH (UID %d %s)\r\n" % (seq, m.uid, value))
+            return out, False
         for seq, m in batch:
             parts = []
             for name in names:
