@@ -54,8 +54,10 @@ _BLANK = re.compile(rb"\r?\n\r?\n")
 def _blank(data: bytes, start: int, end: int) -> tuple[int, int] | None:
     """(start, end) of what _BLANK.search(data, start, end) matches, by two finds (a
     regex scan of every header byte costs more than the rest of a header parse)."""
-    k1 = data.find(b"\n\n", start, end)
     k2 = data.find(b"\n\r\n", start, end)
+    # a bare-LF blank line counts only before the first CRLF one: look no further (in CRLF
+    # mail "\n\n" never occurs, and an unbounded search would scan the whole body)
+    k1 = data.find(b"\n\n", start, end if k2 < 0 else min(end, k2 + 2))
     if k1 < 0 and k2 < 0:
         return None
     if k2 < 0 or 0 <= k1 < k2:
