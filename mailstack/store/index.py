@@ -182,10 +182,15 @@ class MetadataIndex:
         file is compacted (then O(entries in the index))."""
         return self.plan_put_raw(serialize(entries), live)
 
-    def plan_put_raw(self, raws: dict[int, bytes], live=None) -> tuple[bool, bytes]:
-        """plan_put with the entries already serialized (serialize(), in a worker thread)."""
+    def plan_put_raw(self, raws: dict[int, bytes], live=None, values: dict[int, dict] | None = None
+                     ) -> tuple[bool, bytes]:
+        """plan_put with the entries already serialized (serialize(), in a worker thread).
+        `values`: the entries whose dicts are what a reload gives (as_loaded()): kept as
+        they are, so a SEARCH right after a first listing parses nothing."""
+        values = values or {}
         for uid, js in raws.items():
-            self.by_uid[uid] = js  # parsed again when asked: what a reload gives (tuples -> lists)
+            # otherwise parsed again when asked: what a reload gives (tuples -> lists)
+            self.by_uid[uid] = values.get(uid, js)
         added = len(raws)
         # Compact when dead lines (replaced entries, expunged messages) outnumber the live
         # ones by far.  len(live) bounds the live entries: no walk over the index per put.
@@ -222,6 +227,25 @@ class MetadataIndex:
 def serialize(entries: dict[int, dict]) -> dict[int, bytes]:
     """UID -> the JSON of its line (pure; costly for big batches: run it off the loop)."""
     return {int(uid): _dumps(value) for uid, value in entries.items()}
+
+
+def as_loaded(entries: dict[int, dict]) -> dict[int, dict]:
+    """The entries that a reload of their lines gives back equal (only dicts with str
+    keys, lists, str, int, float, bool, None in them): safe to keep as the loaded value."""
+    return {uid: v for uid, v in entries.items() if _json_plain(v)}
+
+
+def _json_plain(value, depth: int = 0) -> bool:
+    t = type(value)
+    if t is str or t is int or value is None or t is bool or t is float:
+        return True
+    if depth > 20:
+        return False
+    if t is dict:
+        return all(type(k) is str and _json_plain(v, depth + 1) for k, v in value.items())
+    if t is list:
+        return all(_json_plain(v, depth + 1) for v in value)
+    return False  # tuples, bytes, other types: parse the line when asked
 
 
 def _parse(js: "bytes | dict") -> dict | None:

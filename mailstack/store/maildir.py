@@ -610,9 +610,10 @@ class _State:
 
     async def cache_put(self, entries: dict[int, dict]) -> None:
         idx = await self.index_load()
-        raws = await asyncio.to_thread(idxmod.serialize, entries)  # JSON off the loop
+        raws, values = await asyncio.to_thread(  # JSON off the loop
+            lambda: (idxmod.serialize(entries), idxmod.as_loaded(entries)))
         async with self.cache_lock:
-            rewrite, data = idx.plan_put_raw(raws, self.entries or None)  # entries: uid -> Entry(.base)
+            rewrite, data = idx.plan_put_raw(raws, self.entries or None, values)  # entries: uid -> Entry(.base)
             await asyncio.to_thread(idx.write, rewrite, data)
 
 
