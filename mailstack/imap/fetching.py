@@ -7,6 +7,7 @@ import logging
 import os
 
 from ..store.base import StoreError
+from ..store.index import Plain
 from . import binary, fetch, response
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
@@ -297,7 +298,9 @@ class FetchCommands:
                     old[m.uid] = e  # keep what other modules (POP3 sizes) put there
         if missing:
             fresh = await self._compute_entries(missing, structure)
-            fresh = {uid: {**old.get(uid, {}), **e} for uid, e in fresh.items()}
+            # header_entry's values are plain JSON values (index.Plain: kept without a check)
+            fresh = {uid: {**o, **e} if (o := old.get(uid)) else e if structure else Plain(e)
+                     for uid, e in fresh.items()}
             if envelope_only:
                 for uid, e in fresh.items():
                     env = fetch.cached_envelope(e)

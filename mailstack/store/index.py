@@ -229,10 +229,17 @@ def serialize(entries: dict[int, dict]) -> dict[int, bytes]:
     return {int(uid): _dumps(value) for uid, value in entries.items()}
 
 
+class Plain(dict):
+    """An entry its maker knows to be what a reload gives (str keys; dicts, lists, str,
+    int, bool, None inside): as_loaded takes it without walking it."""
+
+    __slots__ = ()
+
+
 def as_loaded(entries: dict[int, dict]) -> dict[int, dict]:
     """The entries that a reload of their lines gives back equal (only dicts with str
     keys, lists, str, int, float, bool, None in them): safe to keep as the loaded value."""
-    return {uid: v for uid, v in entries.items() if _json_plain(v)}
+    return {uid: v for uid, v in entries.items() if type(v) is Plain or _json_plain(v)}
 
 
 def _json_plain(value, depth: int = 0) -> bool:
