@@ -45,7 +45,7 @@ COMPACT_SLACK = 1000  # dead lines tolerated beyond twice the live ones before a
 def _dumps(value: dict) -> bytes:
     keys = iter(value)
     if "env" in value and "v" in value and (next(keys, None) != "v" or next(keys, None) != "env"):
-        # "v" and "env" lead the line: imap/fetch.py's cached_raw reads the ENVELOPE from
+        # "v" and "env" lead the line: imap/fetch.py's cached_envelope reads the ENVELOPE from
         # there without parsing the rest
         value = {"v": value["v"], "env": value["env"], **value}
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -101,7 +101,7 @@ class MetadataIndex:
     Entries are kept as the JSON bytes of their line until first asked for (`get` parses
     and keeps the dict; `get_raw` hands the bytes out unparsed): loading a 10,000-entry
     file is a split, not 10,000 JSON parses, and a FETCH that needs one field of each
-    entry (imap/fetch.py's `cached_raw`) takes it without building the dicts at all."""
+    entry (imap/fetch.py's `cached_envelope`) takes it without building the dicts at all."""
 
     def __init__(self, path: Path, uidvalidity: int) -> None:
         self.path = path
