@@ -294,3 +294,50 @@ def test_envelope_from_a_line_equals_the_parsed_entry():
                 fetch.envelope(fetch.parse(d))
     assert fetch.cached_envelope(b'{"v":1,"env":"(old)"}') is None  # another version: recomputed
     assert fetch.cached_envelope(b'{"v":5,"env":"(cut') is None
+
+
+def test_sessions_share_a_view_and_each_still_sees_its_own_changes(tmp_path):
+    """A second session at the same state shares the first one's MessageInfos (no 100,000
+    new objects per SELECT); a flag change replaces an object, never changes a shared one,
+    so each session is told of it exactly once and only at its own sync."""
+    srv = InProcessIMAP(tmp_path)
+    try:
+        for i in range(5):
+            srv.deliver(ALICE, b"From: a@b.test\r\nSubject: s%d\r\n\r\nx\r\n" % i)
+        a, b = Raw(srv), Raw(srv)
+        a.cmd("SELECT INBOX")
+        b.cmd("SELECT INBOX")  # shares a's view of the state
+        store = srv.services.store
+        assert [m.flags for m in srv.call(_messages(store))] == [frozenset()] * 5
+        lines, _ = a.cmd("STORE 2 +FLAGS (\\Flagged)")
+        assert [_no_recent(x) for x in lines] == [b"* 2 FETCH (FLAGS (\\Flagged))"]
+        lines, _ = b.cmd("NOOP")
+        assert b"* 2 FETCH (FLAGS (\\Flagged))" in [_no_recent(x) for x in lines]
+        lines, _ = b.cmd("NOOP")
+        assert not any(b"FETCH" in x for x in lines)  # told once
+        lines, _ = a.cmd("NOOP")
+        assert not any(b"FETCH" in x for x in lines)  # a did it itself: not told again
+        c = Raw(srv)
+        c.cmd("SELECT INBOX")
+        lines, _ = c.cmd("FETCH 1:* (FLAGS)")
+        assert [_no_recent(x).split(b"FLAGS ")[1] for x in lines] == [b"())", b"(\\Flagged))", b"())", b"())",
+                                                                     b"())"]
+        for r in (a, b, c):
+            lines, _ = r.cmd("FETCH 2 (FLAGS)")
+            assert [_no_recent(x) for x in lines] == [b"* 2 FETCH (FLAGS (\\Flagged))"]
+        lines, _ = c.cmd("STORE 1:5 +FLAGS (\\Seen)")
+        assert len(lines) == 5
+        lines, _ = a.cmd("NOOP")
+        assert sum(1 for x in lines if b"\\Seen" in x) == 5
+        for r in (a, b, c):
+            r.sock.close()
+    finally:
+        srv.close()
+
+
+async def _messages(store):
+    box = await store.open("alice@example.test", "INBOX")
+    try:
+        return list(box.messages)
+    finally:
+        await box.close()
