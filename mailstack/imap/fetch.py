@@ -8,7 +8,10 @@ store's metadata cache, so ENVELOPE/BODYSTRUCTURE never need the message again.
 from __future__ import annotations
 
 import email.utils
+import functools
+import json
 import re
+from json.decoder import scanstring as _scanstring
 from dataclasses import dataclass, field
 
 from . import addresses
@@ -30,15 +33,38 @@ class Part:
     params: list[tuple[str, str]] = field(default_factory=list)
     children: list["Part"] = field(default_factory=list)  # multipart parts
     message: "Part | None" = None  # the enclosed message of message/rfc822
+    _first: "dict[bytes, bytes] | None" = field(default=None, repr=False, compare=False)
 
     def header(self, name: bytes) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
+        """The first field of that name (a map made at the first look: an ENVELOPE looks
+        up a dozen names)."""
+        first = self._first
+        if first is None:
+            first = {}
+            for k, v in self.headers:
+                if k not in first:
+                    first[k] = v
+            self._first = first
+        return first.get(name)
 
 
 _BLANK = re.compile(rb"\r?\n\r?\n")
+
+
+def _blank(data: bytes, start: int, end: int) -> tuple[int, int] | None:
+    """(start, end) of what _BLANK.search(data, start, end) matches, by two finds (a
+    regex scan of every header byte costs more than the rest of a header parse)."""
+    k2 = data.find(b"\n\r\n", start, end)
+    # a bare-LF blank line counts only before the first CRLF one: look no further (in CRLF
+    # mail "\n\n" never occurs, and an unbounded search would scan the whole body)
+    k1 = data.find(b"\n\n", start, end if k2 < 0 else min(end, k2 + 2))
+    if k1 < 0 and k2 < 0:
+        return None
+    if k2 < 0 or 0 <= k1 < k2:
+        k, stop = k1, k1 + 2
+    else:
+        k, stop = k2, k2 + 3
+    return (k - 1 if k > start and data[k - 1] == 13 else k), stop
 
 
 def split_header(data: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
@@ -47,17 +73,20 @@ def split_header(data: bytes, start: int = 0, end: int | None = None) -> tuple[i
     if data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
         n = 2 if data.startswith(b"\r\n", start) else 1
         return start, start + n  # empty header
-    m = _BLANK.search(data, start, end)
+    m = _blank(data, start, end)
     if m is None:
         return end, end
     # the header keeps its last line break; the blank line belongs to neither
-    line_end = m.start() + (2 if data.startswith(b"\r\n", m.start()) else 1)
-    return line_end, m.end()
+    line_end = m[0] + (2 if data.startswith(b"\r\n", m[0]) else 1)
+    return line_end, m[1]
+
+
+_FIELD_SPLIT = re.compile(rb"\r?\n(?![ \t])").split
 
 
 def parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
     out: list[tuple[bytes, bytes]] = []
-    for line in re.split(rb"\r?\n(?![ \t])", block):
+    for line in _FIELD_SPLIT(block):
         if not line:
             continue
         name, sep, value = line.partition(b":")
@@ -236,6 +265,13 @@ def address_list(value: bytes | None) -> bytes:
     """An ENVELOPE address list (RFC 3501 7.4.2) from a raw header value (addresses.py parses)."""
     if value is None:
         return b"NIL"
+    return _address_list(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_list(value: bytes) -> bytes:
+    """address_list, remembered: mail repeats its senders and recipients (a mailbox's own
+    address is in most To: fields), and indexing renders thousands in a row."""
     out = [b"(" + nstring(a.name) + b" " + nstring(a.route) + b" " + nstring(a.mailbox) + b" " +
            nstring(a.host) + b")" for a in addresses.parse_list_cached(unfold(value))]
     return b"(" + b"".join(out) + b")" if out else b"NIL"
@@ -431,10 +467,26 @@ def _sort_fields(root: "Part") -> dict:
     return fields(root.headers)
 
 
+_MONTH_NUMBERS = {m: i + 1 for i, m in enumerate((b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul",
+                                                    b"aug", b"sep", b"oct", b"nov", b"dec"))}
+# The usual RFC 5322 form, "Tue, 1 Apr 2025 10:00:00 +0200": read without the email
+# package (a third of a header parse); anything else goes the long way.
+_PLAIN_DATE = re.compile(rb"[ \t]*(?:[A-Za-z]{3},[ \t]*)?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) "
+                         rb"(\d\d):(\d\d):(\d\d) [+-](\d\d)(\d\d)[ \t]*")
+
+
 def _sent_date(root: "Part") -> int | None:
     date = root.header(b"date")
     if not date:
         return None
+    m = _PLAIN_DATE.fullmatch(date)
+    if m is not None:
+        month = _MONTH_NUMBERS.get(m[2].lower())
+        day, year = int(m[1]), int(m[3])
+        # in range as email.utils checks (day: the calendar's, tested by datetime below)
+        if month and 1 <= day <= 28 and int(m[4]) < 24 and int(m[5]) < 60 and int(m[6]) < 60 \
+                and int(m[7]) < 24 and int(m[8]) < 60 and year >= 1000:
+            return year * 10000 + month * 100 + day
     try:
         dt = email.utils.parsedate_to_datetime(unfold(date).decode("ascii", "replace"))
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -443,7 +495,42 @@ def _sent_date(root: "Part") -> int | None:
     return dt.year * 10000 + dt.month * 100 + dt.day
 
 
-def cached(entry: dict | None, key: str) -> bytes | None:
+_ENVELOPE_LINE = b'{"v":%d,"env":"' % CACHE_VERSION  # how an index line starts (store/index.py)
+
+
+def cached_envelope(entry: "dict | bytes | None") -> bytes | None:
+    """b"ENVELOPE (...)" from an entry, or from the JSON bytes of its index line: those
+    start with the version and the envelope (store/index.py writes them so), which is
+    read off the front without parsing the rest.  None when not there or not ours."""
+    if isinstance(entry, bytes):
+        if not entry.startswith(_ENVELOPE_LINE):
+            entry = parse_entry(entry)
+        else:
+            try:
+                value, _ = _scanstring(entry.decode("utf-8"), len(_ENVELOPE_LINE))
+                return b"ENVELOPE " + value.encode("latin-1")
+            except (ValueError, UnicodeError):  # damaged: recomputed
+                return None
+    value = cached(entry, "env")
+    return None if value is None else b"ENVELOPE " + value
+
+
+def parse_entry(entry: "dict | bytes | None") -> dict | None:
+    """An entry as a dict (the JSON of an index line parsed); None if it does not parse."""
+    if not isinstance(entry, bytes):
+        return entry
+    try:
+        value = json.loads(entry)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def cached(entry: "dict | bytes | None", key: str) -> bytes | None:
+    if isinstance(entry, bytes):  # an index line (cache_get_many(raw=True)) or a rendered ENVELOPE
+        if entry.startswith(b"ENVELOPE "):
+            return entry[9:] if key == "env" else None
+        entry = parse_entry(entry)
     if not entry or entry.get("v") != CACHE_VERSION:
         return None
     v = entry.get(key)

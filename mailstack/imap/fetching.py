@@ -7,6 +7,7 @@ import logging
 import os
 
 from ..store.base import StoreError
+from ..store.index import Plain
 from . import bigmessage, binary, fetch, response
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
@@ -17,7 +18,7 @@ HEADER_PEEK = 16384  # bytes read first when only the header is needed
 BIG_CHUNK = 65536
 STREAM_MIN = 1 << 20  # whole messages at least this big are streamed, not read whole
 STREAM_CHUNK = 256 * 1024  # bytes read per piece when streaming
-_PLAIN = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE"})  # items rendered without a read
+_PLAIN = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", "MODSEQ", "ENVELOPE"})  # rendered without a read
 
 class _Lit:
     """A FETCH item whose value is a literal: kept apart so big bodies are not copied."""
@@ -82,6 +83,38 @@ def _head_of(path: str) -> tuple[bytes, int]:
                 return bytes(head[:bstart]), bstart
             pos += len(piece)
             tail = window[-3:]
+
+
+HEADER_FIRST = 4096  # most headers end within the first page
+
+
+def read_header(path: str) -> bytes:
+    """Blocking: the start of a message file that holds its whole header (or the whole
+    file when it has no blank line): a page first, HEADER_PEEK next, then the rest.  Plain
+    os calls: a cold listing opens thousands of files in a row."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, HEADER_FIRST)
+        if len(data) < HEADER_FIRST or fetch._blank(data, 0, len(data)) is not None:
+            return data
+        chunks = [data]
+        size = len(data)
+        while size < HEADER_PEEK:  # to HEADER_PEEK, as the previous full read
+            piece = os.read(fd, HEADER_PEEK - size)
+            if not piece:
+                return b"".join(chunks)
+            chunks.append(piece)
+            size += len(piece)
+        data = b"".join(chunks)
+        if fetch._blank(data, 0, len(data)) is not None:
+            return data
+        while True:  # no header end in HEADER_PEEK bytes: the whole file, as before
+            piece = os.read(fd, 1 << 20)
+            if not piece:
+                return b"".join(chunks)
+            chunks.append(piece)
+    finally:
+        os.close(fd)
 
 
 def _join_fetch(seq: int, items: list) -> "bytes | list":
@@ -182,12 +215,10 @@ class FetchCommands:
                     out[uid] = None
                     continue
                 try:
-                    with open(path, "rb") as f:
-                        if header_only:
-                            data = f.read(HEADER_PEEK)
-                            if len(data) == HEADER_PEEK and fetch._BLANK.search(data) is None:
-                                data += f.read()
-                        else:
+                    if header_only:
+                        data = read_header(path)
+                    else:
+                        with open(path, "rb") as f:
                             data = f.read()
                     out[uid] = data
                 except OSError:
@@ -225,13 +256,11 @@ class FetchCommands:
                         # a big message is parsed through a read-only map, never read whole
                         out[uid] = bigmessage.cache_entry_of_file(path)
                         continue
-                    with open(path, "rb") as f:
-                        if structure:
+                    if structure:
+                        with open(path, "rb") as f:
                             data = f.read()
-                        else:
-                            data = f.read(HEADER_PEEK)
-                            if len(data) == HEADER_PEEK and fetch._BLANK.search(data) is None:
-                                data += f.read()
+                    else:
+                        data = read_header(path)
                 except OSError:
                     retry.append(uid)
                     continue
@@ -247,17 +276,43 @@ class FetchCommands:
             out[uid] = await asyncio.to_thread(entry, data)
         return out
 
-    async def _cache_entries(self, picked, structure: bool = False, search_fields: bool = False) -> dict[int, dict]:
+    async def _cache_entries(self, picked, structure: bool = False, search_fields: bool = False,
+                             envelope_only: bool = False) -> dict:
         """Metadata cache entries for these messages; missing ones are computed (one thread
         call for the batch) and written back with one cache_put. An entry made from the header
-        alone lacks the body structure: it is completed when `structure` is asked for."""
+        alone lacks the body structure: it is completed when `structure` is asked for.
+        With `envelope_only` the values are the rendered b"ENVELOPE (...)" items instead,
+        taken from the index lines without parsing them (fetch.cached_envelope)."""
         mbox = self.mbox
-        entries: dict[int, dict] = {}
+        many = getattr(mbox, "cache_get_many", None)
+        if many is not None:
+            got = await many([m.uid for _, m in picked], raw=envelope_only)
+        else:
+            got = {}
+            for _, m in picked:
+                e = await mbox.cache_get(m.uid)
+                if e:
+                    got[m.uid] = e
+        entries: dict = {}
         missing = []
         old: dict[int, dict] = {}
+        version = fetch.CACHE_VERSION
         for _, m in picked:
-            e = await mbox.cache_get(m.uid)
-            if e and e.get("v") == fetch.CACHE_VERSION and (not structure or "bs" in e) and \
+            e = got.get(m.uid)
+            if e is None:
+                missing.append(m)
+                continue
+            if envelope_only:
+                env = fetch.cached_envelope(e)
+                if env is not None:
+                    entries[m.uid] = env
+                    continue
+                e = fetch.parse_entry(e)
+                missing.append(m)
+                if e:
+                    old[m.uid] = e
+                continue
+            if e and e.get("v") == version and (not structure or "bs" in e) and \
                     (not search_fields or "hs" in e):
                 entries[m.uid] = e
             else:
@@ -266,8 +321,16 @@ class FetchCommands:
                     old[m.uid] = e  # keep what other modules (POP3 sizes) put there
         if missing:
             fresh = await self._compute_entries(missing, structure)
-            fresh = {uid: {**old.get(uid, {}), **e} for uid, e in fresh.items()}
-            entries.update(fresh)
+            # header_entry's values are plain JSON values (index.Plain: kept without a check)
+            fresh = {uid: {**o, **e} if (o := old.get(uid)) else e if structure else Plain(e)
+                     for uid, e in fresh.items()}
+            if envelope_only:
+                for uid, e in fresh.items():
+                    env = fetch.cached_envelope(e)
+                    if env is not None:
+                        entries[uid] = env
+            else:
+                entries.update(fresh)
             if fresh:
                 try:
                     await mbox.cache_put(fresh)
@@ -325,13 +388,17 @@ class FetchCommands:
         need_head = any(a.name in ("RFC822.HEADER", "RFC822.TEXT") or (a.name == "BODY[]" and a.section.text)
                         for a in body_atts)
         missing = False
-        plain = not need_cache and not need_data and all(a.name in _PLAIN for a in atts)
+        # Metadata only (what clients list a mailbox with): rendered item by item from the
+        # view and the index, flag lists once per distinct set, no parse of index lines.
+        plain = not need_data and all(a.name in _PLAIN for a in atts)
+        envelope_only = need_cache and not need_structure
         flag_cache: dict = {}
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
-            entries = await self._cache_entries(batch, need_structure) if need_cache else {}
+            entries = await self._cache_entries(batch, need_structure, envelope_only=envelope_only) \
+                if need_cache else {}
             if plain:
-                rendered, gone = self._render_plain(batch, atts, flag_cache), False
+                rendered, gone = self._render_plain(batch, atts, flag_cache, entries)
             elif need_data:
                 streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
                 if streams and (need_head or part_sections):
@@ -428,13 +495,28 @@ class FetchCommands:
                     ahead.cancel()
                 raise
 
-    def _render_plain(self, batch, atts, flag_cache: dict) -> list[bytes]:
-        """FETCH of UID/FLAGS/RFC822.SIZE/INTERNALDATE only (how clients resynchronise:
-        `FETCH 1:* (UID FLAGS)` over a whole mailbox): no literal, no cache entry; each flag
-        list is rendered once per distinct flag set (the store shares them)."""
+    def _render_plain(self, batch, atts, flag_cache: dict, entries: dict) -> tuple[list[bytes], bool]:
+        """FETCH of UID/FLAGS/RFC822.SIZE/INTERNALDATE/MODSEQ/ENVELOPE only (how clients
+        list and resynchronise a mailbox: `FETCH 1:* (UID FLAGS)`, `(... ENVELOPE)`): no
+        read; each flag list is rendered once per distinct flag set (the store shares
+        them); ENVELOPE comes rendered from _cache_entries(envelope_only=True).  Returns
+        the responses and whether a message had vanished unindexed."""
         names = [a.name for a in atts]
         recent = self.recent
+        internaldate = response.internaldate
         out = []
+        gone = False
+        if names == ["UID", "FLAGS"]:  # a client's resynchronisation: the one loop, tight
+            for seq, m in batch:
+                flags = m.flags
+                key = (flags, m.uid in recent) if isinstance(flags, frozenset) else None
+                value = flag_cache.get(key) if key is not None else None
+                if value is None:
+                    value = b"FLAGS " + response.flag_list(self.flags_of(m))
+                    if key is not None:
+                        flag_cache[key] = value
+                out.append(b"* %d FETCH (UID %d %s)\r\n" % (seq, m.uid, value))
+            return out, False
         for seq, m in batch:
             parts = []
             for name in names:
@@ -450,10 +532,19 @@ class FetchCommands:
                     parts.append(value)
                 elif name == "RFC822.SIZE":
                     parts.append(b"RFC822.SIZE %d" % m.size)
+                elif name == "ENVELOPE":
+                    value = entries.get(m.uid)
+                    if value is None:  # expunged meanwhile, and never parsed
+                        gone = True
+                    else:
+                        parts.append(value)
+                elif name == "MODSEQ":
+                    parts.append(b"MODSEQ (%d)" % m.modseq)
                 else:
-                    parts.append(b"INTERNALDATE " + response.internaldate(m.internaldate))
-            out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
-        return out
+                    parts.append(b"INTERNALDATE " + internaldate(m.internaldate))
+            if parts:  # "* n FETCH ()" is not valid: nothing left to say of a vanished message
+                out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
+        return out, gone
 
     @staticmethod
     def _render_binary(a, data: bytes, root) -> list:

@@ -43,6 +43,11 @@ COMPACT_SLACK = 1000  # dead lines tolerated beyond twice the live ones before a
 
 
 def _dumps(value: dict) -> bytes:
+    keys = iter(value)
+    if "env" in value and "v" in value and (next(keys, None) != "v" or next(keys, None) != "env"):
+        # "v" and "env" lead the line: imap/fetch.py's cached_envelope reads the ENVELOPE from
+        # there without parsing the rest
+        value = {"v": value["v"], "env": value["env"], **value}
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -91,13 +96,18 @@ def delivered_line(base: str, entry: dict) -> bytes:
 
 class MetadataIndex:
     """The loaded index of one mailbox.  Mutated on the event loop only (the state's
-    cache_lock serialises writers); load() runs in a thread and returns a fresh object."""
+    cache_lock serialises writers); load() runs in a thread and returns a fresh object.
+
+    Entries are kept as the JSON bytes of their line until first asked for (`get` parses
+    and keeps the dict; `get_raw` hands the bytes out unparsed): loading a 10,000-entry
+    file is a split, not 10,000 JSON parses, and a FETCH that needs one field of each
+    entry (imap/fetch.py's `cached_envelope`) takes it without building the dicts at all."""
 
     def __init__(self, path: Path, uidvalidity: int) -> None:
         self.path = path
         self.uidvalidity = uidvalidity
-        self.by_uid: dict[int, dict] = {}
-        self.by_base: dict[str, dict] = {}  # delivered, UID not known when loaded
+        self.by_uid: dict[int, dict | bytes] = {}
+        self.by_base: dict[str, dict | bytes] = {}  # delivered, UID not known when loaded
         self.lines = -1  # lines in the file; -1: missing or of another UIDVALIDITY
 
     @classmethod
@@ -112,34 +122,50 @@ class MetadataIndex:
         if lines[0] != b"V%d" % uidvalidity:
             return idx
         count = 0
+        by_uid = idx.by_uid
         for line in lines[1:]:
             key, _, js = line.partition(b" ")
             if not js:
                 continue
             count += 1
-            try:
-                value = json.loads(js)
-            except ValueError:  # torn by a crash
+            # A line cut short by a crash does not end its object: skipped here, so an
+            # earlier whole line of the same message stays.  Anything else that does not
+            # parse is found by get() and recomputed.
+            if not (js.startswith(b"{") and js.endswith(b"}")):
                 continue
-            if not isinstance(value, dict):
-                continue
-            if key.startswith(b"="):
+            if key.isdigit():
+                by_uid[int(key)] = js
+            elif key.startswith(b"="):
                 base = key[1:].decode("utf-8", "surrogateescape")
                 uid = uids.get(base)
                 if uid is None:
-                    idx.by_base[base] = value
+                    idx.by_base[base] = js
+                elif uid in by_uid:  # rare: merge with what is there
+                    old, new = _parse(by_uid[uid]), _parse(js)
+                    if new is not None:
+                        by_uid[uid] = {**(old or {}), **new}
                 else:
-                    idx.by_uid[uid] = {**idx.by_uid.get(uid, {}), **value}
-            elif key.isdigit():
-                idx.by_uid[int(key)] = value
+                    by_uid[uid] = js
         idx.lines = count
         return idx
 
-    def get(self, uid: int, base: str | None) -> dict | None:
+    def get_raw(self, uid: int, base: str | None) -> dict | bytes | None:
+        """The entry as held: a dict, or the JSON bytes of its line (not parsed: may be
+        invalid, in which case the reader treats it as missing)."""
         value = self.by_uid.get(uid)
         if value is None and base is not None:
             value = self.by_base.pop(base, None)
             if value is not None:
+                self.by_uid[uid] = value
+        return value
+
+    def get(self, uid: int, base: str | None) -> dict | None:
+        value = self.get_raw(uid, base)
+        if isinstance(value, bytes):
+            value = _parse(value)
+            if value is None:  # damaged: recomputed by the caller and put back
+                del self.by_uid[uid]
+            else:
                 self.by_uid[uid] = value
         return value
 
@@ -149,32 +175,46 @@ class MetadataIndex:
         if self.lines >= 0:
             self.lines += 1
 
-    def plan_put(self, entries: dict[int, dict], live: dict[int, str] | None
-                 ) -> tuple[bool, bytes]:
+    def plan_put(self, entries: dict[int, dict], live=None) -> tuple[bool, bytes]:
         """Apply `entries` in memory; return (rewrite?, bytes to append or the whole file).
-        `live` is UID -> base of the messages that exist now (None: unknown, keep all)."""
-        lines = []
-        for uid, value in entries.items():
-            js = _dumps(value)
-            self.by_uid[int(uid)] = json.loads(js)  # what a reload gives (tuples -> lists)
-            lines.append(b"%d %s\n" % (int(uid), js))
+        `live` maps the UIDs of the messages that exist now to their base name (a str, or an
+        object with `.base`); None: unknown, keep all.  Costs O(len(entries)) unless the
+        file is compacted (then O(entries in the index))."""
+        return self.plan_put_raw(serialize(entries), live)
+
+    def plan_put_raw(self, raws: dict[int, bytes], live=None, values: dict[int, dict] | None = None
+                     ) -> tuple[bool, bytes]:
+        """plan_put with the entries already serialized (serialize(), in a worker thread).
+        `values`: the entries whose dicts are what a reload gives (as_loaded()): kept as
+        they are, so a SEARCH right after a first listing parses nothing."""
+        values = values or {}
+        for uid, js in raws.items():
+            # otherwise parsed again when asked: what a reload gives (tuples -> lists)
+            self.by_uid[uid] = values.get(uid, js)
+        added = len(raws)
+        # Compact when dead lines (replaced entries, expunged messages) outnumber the live
+        # ones by far.  len(live) bounds the live entries: no walk over the index per put.
+        limit = 2 * len(live if live is not None else self.by_uid) + COMPACT_SLACK
+        if self.lines >= 0 and self.lines + added <= limit:
+            self.lines += added
+            return False, b"".join(b"%d %s\n" % (uid, js) for uid, js in raws.items())
+        return True, self._compacted(live)
+
+    def _compacted(self, live) -> bytes:
         if live is not None:
-            for uid, base in live.items():  # delivered entries that now have their UID
+            bases = {uid: (b if isinstance(b, str) else b.base) for uid, b in live.items()}
+            for uid, base in bases.items():  # delivered entries that now have their UID
                 if uid not in self.by_uid and base in self.by_base:
                     self.by_uid[uid] = self.by_base.pop(base)
-        kept = self.by_uid if live is None else {u: v for u, v in self.by_uid.items() if u in live}
-        if self.lines >= 0 and self.lines + len(lines) <= 2 * len(kept) + COMPACT_SLACK:
-            self.lines += len(lines)
-            return False, b"".join(lines)
-        self.by_uid = kept
-        if live is not None:  # keep delivered lines whose UID is not given yet
-            assigned = set(live.values())
+            self.by_uid = {u: v for u, v in self.by_uid.items() if u in bases}
+            assigned = set(bases.values())  # keep delivered lines whose UID is not given yet
             self.by_base = {b: v for b, v in self.by_base.items() if b not in assigned}
         body = [b"V%d\n" % self.uidvalidity]
-        body += [b"%d %s\n" % (uid, _dumps(v)) for uid, v in self.by_uid.items()]
-        body += [delivered_line(b, v) for b, v in self.by_base.items()]
+        body += [b"%d %s\n" % (uid, v if isinstance(v, bytes) else _dumps(v)) for uid, v in self.by_uid.items()]
+        body += [b"=%s %s\n" % (b.encode("utf-8", "surrogateescape"), v if isinstance(v, bytes) else _dumps(v))
+                 for b, v in self.by_base.items()]
         self.lines = len(body) - 1
-        return True, b"".join(body)
+        return b"".join(body)
 
     def write(self, rewrite: bool, data: bytes) -> None:
         """Blocking: carry out what plan_put decided."""
@@ -182,6 +222,47 @@ class MetadataIndex:
             atomic_write(self.path, data)
         elif data:
             append_lines(self.path, self.uidvalidity, [data])
+
+
+def serialize(entries: dict[int, dict]) -> dict[int, bytes]:
+    """UID -> the JSON of its line (pure; costly for big batches: run it off the loop)."""
+    return {int(uid): _dumps(value) for uid, value in entries.items()}
+
+
+class Plain(dict):
+    """An entry its maker knows to be what a reload gives (str keys; dicts, lists, str,
+    int, bool, None inside): as_loaded takes it without walking it."""
+
+    __slots__ = ()
+
+
+def as_loaded(entries: dict[int, dict]) -> dict[int, dict]:
+    """The entries that a reload of their lines gives back equal (only dicts with str
+    keys, lists, str, int, float, bool, None in them): safe to keep as the loaded value."""
+    return {uid: v for uid, v in entries.items() if type(v) is Plain or _json_plain(v)}
+
+
+def _json_plain(value, depth: int = 0) -> bool:
+    t = type(value)
+    if t is str or t is int or value is None or t is bool or t is float:
+        return True
+    if depth > 20:
+        return False
+    if t is dict:
+        return all(type(k) is str and _json_plain(v, depth + 1) for k, v in value.items())
+    if t is list:
+        return all(_json_plain(v, depth + 1) for v in value)
+    return False  # tuples, bytes, other types: parse the line when asked
+
+
+def _parse(js: "bytes | dict") -> dict | None:
+    if isinstance(js, dict):
+        return js
+    try:
+        value = json.loads(js)
+    except ValueError:  # torn by a crash, or damaged
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def message_entry(data: bytes) -> dict:
