@@ -167,6 +167,49 @@ def test_fuzz_fields_from_envelope_agree(headers):
     assert from_env == sort.fields(fetch.parse(message).headers)
 
 
+def _light_agrees(message: bytes) -> None:
+    entry = fetch.header_entry(message)
+    full = sort.fields(fetch.parse(message).headers)
+    assert sort.light_from_envelope(entry["env"].encode("latin-1")) == (full["s"], full["d"])
+
+
+@pytest.mark.parametrize("message", CORPUS, ids=range(len(CORPUS)))
+def test_light_keys_from_the_envelope_equal_the_full_fields(message):
+    _light_agrees(message)
+    # a literal (8-bit text), an escaped quote
+    _light_agrees(b'Subject: Re: \xc3\xa9t\xc3\xa9\r\nDate: Tue, 2 Jan 2024 01:00:00 +0100\r\n\r\nx')
+    _light_agrees(b'Subject: a "quoted\\" \\ subject\r\n\r\nx')
+    assert sort.light_from_envelope(b"NIL") is None and sort.light_from_envelope(b"(garbage") is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["Subject", "Date", "From"]), _HEADER_TEXT), max_size=5))
+def test_fuzz_light_keys_agree(headers):
+    _light_agrees("".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\nbody\r\n")
+
+
+_CRITERIA = st.lists(st.tuples(st.sampled_from(sort.SORT_KEYS), st.booleans()), min_size=1, max_size=4,
+                     unique_by=lambda c: c[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["", "A", "B", "é"]), st.sampled_from([None, 1, 2]),
+                          st.integers(0, 3), st.sampled_from([1.0, 2.0]), st.sampled_from(["", "X", "Y"])),
+                max_size=12), _CRITERIA)
+def test_fuzz_order_uids_equals_order(specs, criteria):
+    """The key-column sort (what SORT runs) gives exactly what the item sort gives."""
+    items, keys = [], sort.Keys()
+    for i, (subj, d, size, idate, addr) in enumerate(specs, 1):
+        f = {"s": subj, "d": d, "f": addr, "t": addr[::-1], "c": addr, "df": subj, "dt": addr}
+        uid = 10 * i  # UIDs are not sequence numbers
+        items.append(sort.Item(uid, i, size, idate, f))
+        keys.add_full(uid, f)
+    uids = [it.n for it in items]
+    sizes = {it.n: it.size for it in items}
+    dates = {it.n: it.internaldate for it in items}
+    assert sort.order_uids(uids, criteria, keys, sizes, dates) == [it.n for it in sort.order(items, criteria)]
+
+
 def _item(n, seq=None, size=0, idate=0.0, **f):
     return sort.Item(n, seq or n, size, idate, f)
 
@@ -366,6 +409,16 @@ def _entries(srv, uids):
     return srv.call(get())
 
 
+def _forget_keys(srv):
+    async def forget():
+        mbox = await srv.services.store.open(ALICE, "INBOX", read_only=True)
+        try:
+            mbox.derived().clear()
+        finally:
+            await mbox.close()
+    srv.call(forget())
+
+
 def _put(srv, entries):
     async def put():
         mbox = await srv.services.store.open(ALICE, "INBOX")
@@ -389,11 +442,16 @@ def test_sort_and_thread_come_from_the_index(srv, caplog):
         assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
         assert r.cmd("THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3)"]
         # an entry without the sort fields (written before they existed) is completed when
-        # first needed, and kept
+        # first needed, and kept (the keys in memory forgotten, as after a restart)
         old = _entries(srv, [1])[1]
         _put(srv, {1: {k: v for k, v in old.items() if k != "sort"}})
         assert not sort.valid(_entries(srv, [1])[1])
+        _forget_keys(srv)
+        # SUBJECT alone comes from the envelope's first items: nothing to write back
         assert r.cmd("UID SORT (REVERSE SUBJECT) UTF-8 ALL")[0] == [b"* SORT 1 2 3"]
+        if "env" in old:
+            assert not sort.valid(_entries(srv, [1])[1])
+        assert r.cmd("UID SORT (REVERSE SUBJECT FROM) UTF-8 ALL")[0] == [b"* SORT 1 2 3"]
         assert sort.valid(_entries(srv, [1])[1])
         if srv.store_kind == "maildir":
             # the answer is the index's: a file changed behind the server's back (Maildir files
@@ -491,3 +549,35 @@ def test_fuzz_grammar_raises_only_parse_errors(words, verb):
         parse_command([f"t {verb} {' '.join(words)}".encode()])
     except ParseError:
         pass
+
+
+def test_keys_and_threads_kept_in_memory_follow_new_and_expunged_messages(srv):
+    """The keys and THREAD answers kept per mailbox for every session: a second session gets
+    the same answers, and a delivery or an expunge is seen at once (not a stale answer)."""
+    for subject, mid, refs in (("b", "<1@x>", None), ("Re: b", "<2@x>", "<1@x>"), ("a", "<3@x>", None)):
+        srv.deliver(ALICE, m(subject, mid, refs=refs))
+    one, two = Raw(srv.ports["imap"], ALICE, ALICE_PW), Raw(srv.ports["imap"], ALICE, ALICE_PW)
+    try:
+        one.cmd("SELECT INBOX")
+        two.cmd("SELECT INBOX")
+        for r in (one, two, one):
+            assert r.cmd("UID THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3)"]
+            assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
+        srv.deliver(ALICE, m("Re: a", "<4@x>", refs="<3@x>"))
+        one.cmd("NOOP")
+        assert one.cmd("UID THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3 4)"]
+        assert one.cmd("THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3 4)"]
+        assert one.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 4 1 2"]
+        one.cmd("STORE 1 +FLAGS.SILENT (\\Deleted)")
+        one.cmd("EXPUNGE")
+        # sequence numbers moved down by one; the thread of "b" keeps its reply
+        assert one.cmd("THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1)(2 3)"]
+        assert one.cmd("UID THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (2)(3 4)"]
+        assert one.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 2 3 1"]
+        assert one.cmd("UID SORT (SUBJECT) UTF-8 UNDELETED")[0] == [b"* SORT 3 4 2"]
+        two.cmd("NOOP")
+        assert two.cmd("UID THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (2)(3 4)"]
+        assert two.cmd("UID SORT (REVERSE SUBJECT) UTF-8 ALL")[0] == [b"* SORT 2 3 4"]
+    finally:
+        one.close()
+        two.close()

@@ -19,7 +19,8 @@ from .states import FETCH_BATCH
 
 log = logging.getLogger("mailstack.imap")
 
-THREAD_AT = 500  # sorting / threading more messages than this runs in a worker thread
+THREAD_AT = 500  # threading more messages than this runs in a worker thread
+SORT_AT = 50_000  # sorting by key columns: ~0.5 µs a message, on the loop up to this many
 
 
 class SearchCommands:
@@ -165,46 +166,66 @@ class SearchCommands:
         return found
 
     # ------------------------------------------------------------------ SORT and THREAD
-    async def _sort_items(self, cmd: Command, picked: list) -> list[sort.Item]:
-        """sort.Item of each picked message, its sort fields from the metadata index.  An
-        entry without them (a first listing indexed only the envelope, or an older index)
-        gets them now, from the envelope and References it holds or else from the header
-        read from the file, and keeps them: the next SORT reads no file."""
-        items: list[sort.Item] = []
+    async def _sort_keys(self, msgs: list, full: bool) -> sort.Keys:
+        """The mailbox's sort keys (sort.Keys, shared by its sessions in memory) holding
+        every one of `msgs`: the light keys (SUBJECT, sent date) at least, the full "sort"
+        values when `full`.  What is missing comes from the metadata index: its "sort"
+        value; else the envelope it holds (its first two items are enough for the light
+        keys); else the header read from the file.  Full values computed here are written
+        back to the index, so after a restart no message is parsed for them again.  A
+        message that vanished meanwhile is left out (the caller sorts it with empty fields)."""
         mbox = self.mbox
-        for start in range(0, len(picked), FETCH_BATCH):
-            batch = picked[start:start + FETCH_BATCH]
-            got: dict[int, dict] = {}
-            missing, listed, old = [], {}, {}
-            for _, m in batch:
+        derived = mbox.derived()
+        keys = derived.get("sort")
+        if not isinstance(keys, sort.Keys):
+            keys = derived["sort"] = sort.Keys()
+        have = keys.full if full else keys.subject
+        todo = [m for m in msgs if m.uid not in have]
+        for start in range(0, len(todo), FETCH_BATCH):
+            batch = todo[start:start + FETCH_BATCH]
+            missing, listed, light, old = [], {}, {}, {}
+            for m in batch:
                 e = await mbox.cache_get(m.uid)
                 if sort.valid(e):
-                    got[m.uid] = e["sort"]
+                    keys.add_full(m.uid, e["sort"])
                     continue
                 if e:
                     old[m.uid] = e
-                if e and e.get("v") == fetch.CACHE_VERSION and isinstance(e.get("env"), str) and \
-                        isinstance(e.get("refs"), str):
-                    listed[m.uid] = e  # a listing indexed the envelope: no file to read
-                else:
-                    missing.append(m)
+                if e and e.get("v") == fetch.CACHE_VERSION and isinstance(e.get("env"), str):
+                    if not full:
+                        light[m.uid] = e["env"]  # SUBJECT / DATE only: no address parsing
+                        continue
+                    if isinstance(e.get("refs"), str):
+                        listed[m.uid] = e  # a listing indexed the envelope: no file to read
+                        continue
+                missing.append(m)
+            if light:
+                got = await asyncio.to_thread(_light_from_envelopes, light)
+                for uid, (subject, date) in got.items():
+                    keys.add_light(uid, subject, date)
+                missing += [m for m in batch if m.uid in light and m.uid not in got]
             fresh: dict[int, dict] = {}
             if listed:
                 fresh.update(await asyncio.to_thread(_fields_from_entries, listed))
-                missing += [m for _, m in batch if m.uid in listed and m.uid not in fresh]
+                missing += [m for m in batch if m.uid in listed and m.uid not in fresh]
             if missing:
                 datas = await self._read_many(missing, header_only=True)
                 fresh.update(await asyncio.to_thread(_fields_of, datas))
+            for uid, f in fresh.items():
+                keys.add_full(uid, f)
             if fresh:
-                got.update(fresh)
                 try:
                     await mbox.cache_put({uid: {**old.get(uid, {}), "sort": f} for uid, f in fresh.items()})
                 except (StoreError, OSError):
                     log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
-            for seq, m in batch:  # a message that vanished meanwhile sorts with empty fields
-                items.append(sort.Item(m.uid if cmd.uid else seq, seq, m.size, m.internaldate,
-                                       got.get(m.uid, {})))
-        return items
+        return keys
+
+    async def _sort_items(self, cmd: Command, picked: list) -> list[sort.Item]:
+        """sort.Item of each picked message, with its full sort fields (THREAD)."""
+        keys = await self._sort_keys([m for _, m in picked], full=True)
+        full = keys.full
+        return [sort.Item(m.uid if cmd.uid else seq, seq, m.size, m.internaldate, full.get(m.uid, {}))
+                for seq, m in picked]
 
     async def cmd_sort(self, cmd: Command) -> None:
         self._note_extension("SORT")
@@ -217,21 +238,31 @@ class SearchCommands:
             if options and "SAVE" in options:
                 self.search_result = frozenset()
             raise
-        items = await self._sort_items(cmd, picked)
         criteria = cmd.args["criteria"]
-        if len(items) > THREAD_AT:
-            items = await asyncio.to_thread(sort.order, items, criteria)
+        full = any(k not in sort.LIGHT for k, _ in criteria)
+        keys = await self._sort_keys([m for _, m in picked], full)
+        uids = [m.uid for _, m in picked]
+        gone = [u for u in uids if u not in (keys.full if full else keys.subject)]
+        if gone:  # vanished meanwhile, never indexed: sorted with empty fields (not kept)
+            keys = _with_empty(keys, gone)
+        keyset = {k for k, _ in criteria}
+        sizes = {m.uid: m.size for _, m in picked} if "SIZE" in keyset else {}
+        dates = {m.uid: m.internaldate for _, m in picked} if keyset & {"ARRIVAL", "DATE"} else {}
+        if len(uids) > SORT_AT:
+            ordered = await asyncio.to_thread(sort.order_uids, uids, criteria, keys, sizes, dates)
         else:
-            items = sort.order(items, criteria)
+            ordered = sort.order_uids(uids, criteria, keys, sizes, dates)
         if options is None:
-            line = bytearray(b"* SORT")
-            for it in items:
-                line += b" %d" % it.n
-            self.send(bytes(line))
+            if cmd.uid:
+                numbers = ordered
+            else:
+                seq_of = {m.uid: seq for seq, m in picked}
+                numbers = [seq_of[u] for u in ordered]
+            self.send(b" ".join([b"* SORT", *[b"%d" % n for n in numbers]]))
         else:
             self._note_extension("ESORT")
-            by_seq = {seq: m for seq, m in picked}
-            self._answer_esearch(cmd, [(it.seq, by_seq[it.seq]) for it in items], options, in_order=True)
+            by_uid = {m.uid: (seq, m) for seq, m in picked}
+            self._answer_esearch(cmd, [by_uid[u] for u in ordered], options, in_order=True)
         await self.done(cmd, "SORT completed")
 
     async def cmd_thread(self, cmd: Command) -> None:
@@ -239,13 +270,45 @@ class SearchCommands:
         self._note_extension("THREAD=" + algorithm)
         picked = await self._matching(cmd.args["key"])
         items = await self._sort_items(cmd, picked)
+        # The answer depends only on the messages (immutable under their UIDs) and the
+        # numbers given: the last ones are kept per mailbox, as Dovecot keeps its thread index.
+        keys: sort.Keys = self.mbox.derived()["sort"]
+        memo = (algorithm, cmd.uid, tuple(m.uid for _, m in picked),
+                None if cmd.uid else tuple(seq for seq, _ in picked))
+        text = keys.threads.get(memo)
+        if text is None:
+            def work() -> bytes:
+                return thread.render(thread.thread(algorithm, items))
 
-        def work() -> bytes:
-            return thread.render(thread.thread(algorithm, items))
-
-        text = await asyncio.to_thread(work) if len(items) > THREAD_AT else work()
+            text = await asyncio.to_thread(work) if len(items) > THREAD_AT else work()
+            if all(it.f for it in items):  # not one sorted with empty fields
+                if len(keys.threads) >= 4:
+                    keys.threads.clear()
+                keys.threads[memo] = text
         self.send(b"* THREAD " + text if text else b"* THREAD")
         await self.done(cmd, "THREAD completed")
+
+
+def _with_empty(keys: sort.Keys, uids: list[int]) -> sort.Keys:
+    """A copy of `keys` where these UIDs have empty fields (the shared one is not changed)."""
+    out = sort.Keys()
+    out.full, out.subject, out.date = dict(keys.full), dict(keys.subject), dict(keys.date)
+    for uid in uids:
+        out.add_full(uid, {})
+    return out
+
+
+def _light_from_envelopes(envelopes: dict[int, str]) -> dict[int, tuple[str, int | None]]:
+    """Blocking (CPU): the light sort keys from index entries' envelopes; unparseable ones left out."""
+    out = {}
+    for uid, env in envelopes.items():
+        try:
+            got = sort.light_from_envelope(env.encode("latin-1"))
+        except (UnicodeEncodeError, ValueError):
+            got = None
+        if got is not None:
+            out[uid] = got
+    return out
 
 
 def _fields_of(datas: dict[int, bytes]) -> dict[int, dict]:

@@ -171,6 +171,13 @@ class Mailbox(abc.ABC):
     async def cache_put(self, entries: dict[int, dict]) -> None:
         """Persist cache entries for several messages at once (one write)."""
 
+    def derived(self) -> dict:
+        """A dict shared by every session of this mailbox in this process, for the protocol
+        layer's in-memory caches of values derived from message contents (SORT keys, THREAD
+        trees): a message never changes under its UID, so they hold until the UIDVALIDITY
+        changes, when the dict is emptied.  This default is one view's own dict."""
+        return self.__dict__.setdefault("_derived", {})
+
     async def fulltext_search(self, queries: list[tuple[str, bool]]) -> list[set[int]] | None:
         """For each (case-folded string, body only?) the UIDs of this view whose text (or
         body only) contains it, as a plain scan would find (imap/search.py), from a
