@@ -166,24 +166,29 @@ class SearchCommands:
         return found
 
     # ------------------------------------------------------------------ SORT and THREAD
-    async def _sort_keys(self, msgs: list, full: bool) -> sort.Keys:
+    async def _sort_keys(self, msgs: list, want: str) -> sort.Keys:
         """The mailbox's sort keys (sort.Keys, shared by its sessions in memory) holding
-        every one of `msgs`: the light keys (SUBJECT, sent date) at least, the full "sort"
-        values when `full`.  What is missing comes from the metadata index: its "sort"
-        value; else the envelope it holds (its first two items are enough for the light
-        keys); else the header read from the file.  Full values computed here are written
-        back to the index, so after a restart no message is parsed for them again.  A
-        message that vanished meanwhile is left out (the caller sorts it with empty fields)."""
+        every one of `msgs`: want "full" the whole "sort" values (THREAD, address criteria),
+        "s" / "d" / "sd" the SUBJECT keys, the sent dates, both.  What is missing comes from
+        the metadata index: its "sort" value; else the envelope it holds (its first two
+        items are enough for SUBJECT and DATE); else the header read from the file.  Full
+        values computed here are written back to the index, so after a restart no message
+        is parsed for them again.  A message that vanished meanwhile is left out (the
+        caller sorts it with empty fields)."""
         mbox = self.mbox
         derived = mbox.derived()
         keys = derived.get("sort")
         if not isinstance(keys, sort.Keys):
             keys = derived["sort"] = sort.Keys()
-        have = keys.full if full else keys.subject
-        todo = [m for m in msgs if m.uid not in have]
+        full = want == "full"
+        if full:
+            todo = [m for m in msgs if m.uid not in keys.full]
+        else:
+            columns = [keys.subject] * ("s" in want) + [keys.date] * ("d" in want)
+            todo = [m for m in msgs if not all(m.uid in c for c in columns)]
         for start in range(0, len(todo), FETCH_BATCH):
             batch = todo[start:start + FETCH_BATCH]
-            missing, listed, light, old = [], {}, {}, {}
+            missing, listed, heads, old = [], {}, {}, {}
             for m in batch:
                 e = await mbox.cache_get(m.uid)
                 if sort.valid(e):
@@ -193,17 +198,20 @@ class SearchCommands:
                     old[m.uid] = e
                 if e and e.get("v") == fetch.CACHE_VERSION and isinstance(e.get("env"), str):
                     if not full:
-                        light[m.uid] = e["env"]  # SUBJECT / DATE only: no address parsing
+                        heads[m.uid] = e["env"]  # SUBJECT / DATE only: no address parsing
                         continue
                     if isinstance(e.get("refs"), str):
                         listed[m.uid] = e  # a listing indexed the envelope: no file to read
                         continue
                 missing.append(m)
-            if light:
-                got = await asyncio.to_thread(_light_from_envelopes, light)
+            if heads:
+                got = await asyncio.to_thread(_keys_from_envelopes, heads, "s" in want, "d" in want)
                 for uid, (subject, date) in got.items():
-                    keys.add_light(uid, subject, date)
-                missing += [m for m in batch if m.uid in light and m.uid not in got]
+                    if "s" in want:
+                        keys.subject[uid] = subject
+                    if "d" in want:
+                        keys.date[uid] = date
+                missing += [m for m in batch if m.uid in heads and m.uid not in got]
             fresh: dict[int, dict] = {}
             if listed:
                 fresh.update(await asyncio.to_thread(_fields_from_entries, listed))
@@ -222,7 +230,7 @@ class SearchCommands:
 
     async def _sort_items(self, cmd: Command, picked: list) -> list[sort.Item]:
         """sort.Item of each picked message, with its full sort fields (THREAD)."""
-        keys = await self._sort_keys([m for _, m in picked], full=True)
+        keys = await self._sort_keys([m for _, m in picked], "full")
         full = keys.full
         return [sort.Item(m.uid if cmd.uid else seq, seq, m.size, m.internaldate, full.get(m.uid, {}))
                 for seq, m in picked]
@@ -239,13 +247,20 @@ class SearchCommands:
                 self.search_result = frozenset()
             raise
         criteria = cmd.args["criteria"]
-        full = any(k not in sort.LIGHT for k, _ in criteria)
-        keys = await self._sort_keys([m for _, m in picked], full)
+        keyset = {k for k, _ in criteria}
+        if keyset <= sort.LIGHT:
+            want = "s" * ("SUBJECT" in keyset) + "d" * ("DATE" in keyset)
+        else:
+            want = "full"
+        keys = await self._sort_keys([m for _, m in picked], want) if want else sort.Keys()
         uids = [m.uid for _, m in picked]
-        gone = [u for u in uids if u not in (keys.full if full else keys.subject)]
+        if want == "full":
+            gone = [u for u in uids if u not in keys.full]
+        else:
+            gone = [u for u in uids if ("s" in want and u not in keys.subject)
+                    or ("d" in want and u not in keys.date)]
         if gone:  # vanished meanwhile, never indexed: sorted with empty fields (not kept)
             keys = _with_empty(keys, gone)
-        keyset = {k for k, _ in criteria}
         sizes = {m.uid: m.size for _, m in picked} if "SIZE" in keyset else {}
         dates = {m.uid: m.internaldate for _, m in picked} if keyset & {"ARRIVAL", "DATE"} else {}
         if len(uids) > SORT_AT:
@@ -269,14 +284,15 @@ class SearchCommands:
         algorithm = cmd.args["algorithm"]
         self._note_extension("THREAD=" + algorithm)
         picked = await self._matching(cmd.args["key"])
-        items = await self._sort_items(cmd, picked)
         # The answer depends only on the messages (immutable under their UIDs) and the
         # numbers given: the last ones are kept per mailbox, as Dovecot keeps its thread index.
-        keys: sort.Keys = self.mbox.derived()["sort"]
+        keys = self.mbox.derived().get("sort")
         memo = (algorithm, cmd.uid, tuple(m.uid for _, m in picked),
                 None if cmd.uid else tuple(seq for seq, _ in picked))
-        text = keys.threads.get(memo)
+        text = keys.threads.get(memo) if isinstance(keys, sort.Keys) else None
         if text is None:
+            items = await self._sort_items(cmd, picked)
+            keys = self.mbox.derived()["sort"]
             def work() -> bytes:
                 return thread.render(thread.thread(algorithm, items))
 
@@ -298,16 +314,19 @@ def _with_empty(keys: sort.Keys, uids: list[int]) -> sort.Keys:
     return out
 
 
-def _light_from_envelopes(envelopes: dict[int, str]) -> dict[int, tuple[str, int | None]]:
-    """Blocking (CPU): the light sort keys from index entries' envelopes; unparseable ones left out."""
+def _keys_from_envelopes(envelopes: dict[int, str], subject: bool, date: bool
+                         ) -> dict[int, tuple[str | None, int | None]]:
+    """Blocking (CPU): (SUBJECT key, sent date) from index entries' envelopes, each only if
+    asked; unparseable ones left out."""
     out = {}
     for uid, env in envelopes.items():
         try:
-            got = sort.light_from_envelope(env.encode("latin-1"))
+            head = sort.envelope_head(env.encode("latin-1"))
         except (UnicodeEncodeError, ValueError):
-            got = None
-        if got is not None:
-            out[uid] = got
+            head = None
+        if head is not None:
+            out[uid] = (sort.subject_key(head[1]) if subject else None,
+                        sort.sent_date(head[0]) if date else None)
     return out
 
 

@@ -11,6 +11,7 @@ title-cased, then decomposed), which for ASCII is the i;ascii-casemap of RFC 525
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -199,10 +200,17 @@ def _subject(subject: bytes | None) -> tuple[str, bool]:
     return casemap(text), reply
 
 
-def light_from_envelope(envelope: bytes) -> tuple[str, int | None] | None:
-    """(SUBJECT key, sent date) from the rendered ENVELOPE's first two items alone: what
-    SORT by SUBJECT, DATE, ARRIVAL and SIZE need, without parsing the address lists.  Equal
-    to fields_from_envelope's "s" and "d"; None when those two items do not parse."""
+@functools.lru_cache(maxsize=4096)
+def subject_key(subject: bytes | None) -> str:
+    """The SUBJECT sort key of a raw Subject: value, remembered (a thread's messages share
+    their subjects)."""
+    return _subject(subject)[0]
+
+
+def envelope_head(envelope: bytes) -> tuple[bytes | None, bytes | None] | None:
+    """(Date, Subject) as the rendered ENVELOPE's first two items hold them: what SORT by
+    SUBJECT and DATE need (subject_key, sent_date), without parsing the address lists.
+    None when those two items do not parse."""
     if not envelope.startswith(b"("):
         return None
     got: list = []
@@ -220,15 +228,11 @@ def light_from_envelope(envelope: bytes) -> tuple[str, int | None] | None:
             size = int(m.group(4))
             got.append(envelope[i:i + size])
             i += size
-        elif kind == 5:
-            word = m.group(5)
-            if word.upper() != b"NIL":
-                return None
+        elif kind == 5 and m.group(5).upper() == b"NIL":
             got.append(None)
         else:
             return None
-    date, subject = got
-    return _subject(subject)[0], sent_date(date)
+    return got[0], got[1]
 
 
 def _fields(subject, frm, to, cc, date, mid, references, irt) -> dict:
@@ -354,15 +358,15 @@ _KEYS = {
 }
 
 
-# Criteria answered from the light keys (light_from_envelope) and the message list alone.
+# Criteria answered from the envelope's first items (envelope_head) and the message list.
 LIGHT = frozenset({"ARRIVAL", "DATE", "SIZE", "SUBJECT"})
 
 
 class Keys:
     """The sort keys of one mailbox's messages by UID, kept in memory for every session
     (Mailbox.derived()): a message never changes under its UID, so they are computed once.
-    `full` holds the index's "sort" values; `subject` and `date` hold the SUBJECT key and
-    sent date of every message in either (from the full value or from light_from_envelope).
+    `full` holds the index's "sort" values; `subject` and `date` the SUBJECT key and sent
+    date of every message in `full` and of others (from envelope_head).
     Mutated on the event loop only."""
 
     def __init__(self) -> None:
@@ -376,9 +380,6 @@ class Keys:
         self.subject[uid] = f.get("s", "")
         self.date[uid] = f.get("d")
 
-    def add_light(self, uid: int, subject: str, date: int | None) -> None:
-        self.subject[uid] = subject
-        self.date[uid] = date
 
     def forget(self, uid: int) -> None:
         """A vanished message sorts with empty fields (never cached that way)."""
