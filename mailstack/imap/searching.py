@@ -189,8 +189,9 @@ class SearchCommands:
         for start in range(0, len(todo), FETCH_BATCH):
             batch = todo[start:start + FETCH_BATCH]
             missing, listed, heads, old = [], {}, {}, {}
+            got_entries = await mbox.cache_get_many([m.uid for m in batch])
             for m in batch:
-                e = await mbox.cache_get(m.uid)
+                e = got_entries.get(m.uid)
                 if sort.valid(e):
                     keys.add_full(m.uid, e["sort"])
                     continue

@@ -167,6 +167,10 @@ class Mailbox(abc.ABC):
         """The parsed-metadata cache entry of a message (envelope, body structure ...), or None.
         The store persists it; the IMAP layer decides what is in it (JSON-able values)."""
 
+    async def cache_get_many(self, uids: Iterable[int]) -> dict[int, dict | None]:
+        """cache_get of several messages in one call (a SORT of 10,000 asks for all)."""
+        return {uid: await self.cache_get(uid) for uid in uids}
+
     @abc.abstractmethod
     async def cache_put(self, entries: dict[int, dict]) -> None:
         """Persist cache entries for several messages at once (one write)."""

@@ -41,6 +41,7 @@ _MAX_OPEN = 64  # connections kept open (per mailbox file)
 SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
 BATCH = 500  # messages per transaction when adding from files
 QUEUE_MAX = 2000  # delivered messages per transaction (their texts wait in memory)
+KEEP_MAX = 32 << 20  # characters of texts a first search writes after answering (memory)
 # Two tables: detail=none allows no column filter, and BODY must not match the header.
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
            "CREATE VIRTUAL TABLE IF NOT EXISTS body USING fts5(t, content='', detail=none, "
@@ -168,16 +169,20 @@ def texts_of(data: bytes) -> tuple[str, str]:
 
 def index_files(path: Path, files: list[tuple[str, Path]],
                 relocate: Callable[[], dict[str, Path]] | None = None,
-                seen: Callable[[str, str, str], None] | None = None) -> set[str]:
+                seen: Callable[[str, str, str], None] | None = None,
+                keep: list[tuple[str, str, str]] | None = None, keep_max: int = 0) -> set[str]:
     """Add messages to the index from their files, in batches of BATCH (the messages that
     were not delivered here, or were before the index existed).  A file renamed meanwhile
     (new/ to cur/, a flag change) is looked up once more with `relocate` (base -> file
     now).  `seen(base, head, body)` is told each message's texts on the way (a search
-    answers from them).  Returns the bases added."""
+    answers from them).  With `keep`, the texts of up to `keep_max` characters are put
+    there instead of being written (the caller writes them later, after answering).
+    Returns the bases added or kept."""
     from ..imap.search import message_texts
     added: set[str] = set()
     batch: list[tuple[str, str, str]] = []
     moved: list[str] = []
+    kept = 0
     for attempt in range(2):
         for base, file in files:
             try:
@@ -189,6 +194,11 @@ def index_files(path: Path, files: list[tuple[str, Path]],
             head, body = message_texts(data)
             if seen is not None:
                 seen(base, head, body)
+            if keep is not None and kept < keep_max:
+                kept += len(head) + len(body)
+                keep.append((base, head, body))
+                added.add(base)
+                continue
             batch.append((base, head, body))
             if len(batch) >= BATCH:
                 add(path, batch)
@@ -210,12 +220,15 @@ def _holds(head: str, body: str, needle: str, body_only: bool) -> bool:
 
 def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
            missing: list[tuple[str, Path]] = (),
-           relocate: Callable[[], dict[str, Path]] | None = None) -> tuple[list[set[str]], set[str]] | None:
+           relocate: Callable[[], dict[str, Path]] | None = None,
+           keep: list[tuple[str, str, str]] | None = None, keep_max: int = 0
+           ) -> tuple[list[set[str]], set[str]] | None:
     """For each (folded string, body only?) the bases of `files` whose texts hold it, and
-    the bases added to the index.  The `missing` messages are read, answered from their
-    texts and added (one pass: a first search costs a scan plus the insertions); the
-    others come from the index's candidates, checked against the message itself.  None
-    when a file is gone (renamed meanwhile, not found again): the caller scans."""
+    the bases added to the index (or put in `keep`, see index_files).  The `missing`
+    messages are read, answered from their texts and added (one pass: a first search
+    costs a scan plus the insertions); the others come from the index's candidates,
+    checked against the message itself.  None when a file is gone (renamed meanwhile,
+    not found again): the caller scans."""
     from ..imap.search import message_texts
     out: list[set[str]] = [set() for _ in queries]
 
@@ -223,7 +236,7 @@ def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
         for i, (needle, body_only) in enumerate(queries):
             if _holds(head, body, needle, body_only):
                 out[i].add(base)
-    added = index_files(path, list(missing), relocate, seen) if missing else set()
+    added = index_files(path, list(missing), relocate, seen, keep, keep_max) if missing else set()
     if len(added) < len(missing):
         return None
     texts: dict[str, tuple[str, str]] = {}
@@ -293,11 +306,18 @@ class MailboxFulltext:
                     self.bases, self.ident = await asyncio.to_thread(indexed, path)
                 known = self.bases
                 missing = [(b, f) for b, f in view.items() if b not in known]
-                result = await asyncio.to_thread(answer, path, view, queries, missing, relocate)
+                # The texts read for the answer are written after it, in the background
+                # (SQLite's trigram insertion, half the cost, runs without the GIL beside
+                # the next commands); past KEEP_MAX characters they are written on the way.
+                kept: list[tuple[str, str, str]] = []
+                result = await asyncio.to_thread(answer, path, view, queries, missing, relocate,
+                                                 kept, KEEP_MAX)
                 if result is None:
                     return None
                 found, added = result
-                known.update(added)
+                known.update(added - {b for b, _, _ in kept})
+                for doc in kept:
+                    self.queue(*doc)
                 if len(known) > 2 * len(view) + SLACK:  # mostly expunged rows: rebuild
                     await asyncio.to_thread(drop, path)
                     self.bases = None

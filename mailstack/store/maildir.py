@@ -1000,6 +1000,14 @@ class MaildirMailbox(Mailbox):
         e = st.entries.get(uid)
         return idx.get(uid, e.base if e is not None else None)
 
+    async def cache_get_many(self, uids: Iterable[int]) -> dict[int, dict | None]:
+        st = self._st
+        idx = st.index
+        if idx is None or idx.uidvalidity != st.ul.uidvalidity:
+            idx = await st.index_load()
+        get, entries = idx.get, st.entries
+        return {uid: get(uid, e.base if (e := entries.get(uid)) is not None else None) for uid in uids}
+
     async def cache_put(self, entries: dict[int, dict]) -> None:
         if entries:
             await self._st.cache_put(entries)
