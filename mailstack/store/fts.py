@@ -25,10 +25,12 @@ used under its own lock.  MailboxFulltext is the event-loop side.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -41,7 +43,6 @@ _MAX_OPEN = 64  # connections kept open (per mailbox file)
 SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
 BATCH = 500  # messages per transaction when adding from files
 QUEUE_MAX = 2000  # delivered messages per transaction (their texts wait in memory)
-KEEP_MAX = 32 << 20  # characters of texts a first search writes after answering (memory)
 # Two tables: detail=none allows no column filter, and BODY must not match the header.
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
            "CREATE VIRTUAL TABLE IF NOT EXISTS body USING fts5(t, content='', detail=none, "
@@ -49,6 +50,7 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UN
            "CREATE VIRTUAL TABLE IF NOT EXISTS head USING fts5(t, content='', detail=none, "
            "tokenize='trigram case_sensitive 1');")
 
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fts-write")  # index_files' writes
 _open: dict[str, "_Conn"] = {}
 _open_lock = threading.Lock()
 
@@ -123,7 +125,10 @@ def indexed(path: Path) -> tuple[set[str], tuple[int, int] | None]:
 
 
 def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
-    """docs: (base, head text, body text) as message_texts gives them."""
+    """docs: (base, head text, body text) as message_texts gives them.  One statement per
+    table for the whole batch (the rows passed as a JSON array): sqlite3 lets go of the GIL
+    for each statement it steps, and a thread that must take it back for every row waits
+    behind a busy event loop each time (up to the 5 ms switch interval)."""
     if not docs:
         return
     c = _conn(path)
@@ -131,11 +136,21 @@ def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
         db = c.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            have = {row[0] for row in db.execute(
+                "SELECT base FROM docs WHERE base IN (SELECT value FROM json_each(?))",
+                (json.dumps([base for base, _, _ in docs]),))}
+            fresh: dict[str, tuple[str, str]] = {}
             for base, head, body in docs:
-                cur = db.execute("INSERT OR IGNORE INTO docs(base) VALUES (?)", (base,))
-                if cur.rowcount:
-                    db.execute("INSERT INTO body(rowid, t) VALUES (?, ?)", (cur.lastrowid, body))
-                    db.execute("INSERT INTO head(rowid, t) VALUES (?, ?)", (cur.lastrowid, head))
+                if base not in have and base not in fresh:
+                    fresh[base] = (head, body)
+            if fresh:
+                first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM docs").fetchone()[0]
+                db.execute("INSERT INTO docs(id, base) SELECT ? + key, value FROM json_each(?)",
+                           (first, json.dumps(list(fresh))))
+                db.execute("INSERT INTO body(rowid, t) SELECT ? + key, value FROM json_each(?)",
+                           (first, json.dumps([body for _, body in fresh.values()])))
+                db.execute("INSERT INTO head(rowid, t) SELECT ? + key, value FROM json_each(?)",
+                           (first, json.dumps([head for head, _ in fresh.values()])))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -144,7 +159,7 @@ def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
 
 def usable(needle: str) -> bool:
     """Can the index answer a search for this (case-folded) string?"""
-    return len(needle) >= MIN_NEEDLE and SEP not in needle
+    return len(needle) >= MIN_NEEDLE and SEP not in needle and "\x00" not in needle  # SQL text ends at NUL
 
 
 def candidates(path: Path, needle: str, body_only: bool) -> set[str]:
@@ -169,20 +184,45 @@ def texts_of(data: bytes) -> tuple[str, str]:
 
 def index_files(path: Path, files: list[tuple[str, Path]],
                 relocate: Callable[[], dict[str, Path]] | None = None,
-                seen: Callable[[str, str, str], None] | None = None,
-                keep: list[tuple[str, str, str]] | None = None, keep_max: int = 0) -> set[str]:
+                seen: Callable[[str, str, str], None] | None = None) -> set[str]:
     """Add messages to the index from their files, in batches of BATCH (the messages that
     were not delivered here, or were before the index existed).  A file renamed meanwhile
     (new/ to cur/, a flag change) is looked up once more with `relocate` (base -> file
     now).  `seen(base, head, body)` is told each message's texts on the way (a search
-    answers from them).  With `keep`, the texts of up to `keep_max` characters are put
-    there instead of being written (the caller writes them later, after answering).
-    Returns the bases added or kept."""
-    from ..imap.search import message_texts
+    answers from them).  Each batch is written by one writer thread while the next is read
+    and parsed here: SQLite's trigram insertion (a third of the work) runs without the GIL,
+    so a first search costs about the reading alone when a second core is free.  Returns
+    the bases added."""
     added: set[str] = set()
     batch: list[tuple[str, str, str]] = []
+    writing: Future | None = None  # the batch being written while the next one is read
+
+    def write(docs: list[tuple[str, str, str]]) -> None:
+        nonlocal writing
+        if writing is not None:
+            writing.result()  # one batch in flight at most (memory); its error raised here
+        writing = _writer.submit(add, path, docs)
+        added.update(b for b, _, _ in docs)
+    try:
+        for base, head, body in _texts(files, relocate):
+            if seen is not None:
+                seen(base, head, body)
+            batch.append((base, head, body))
+            if len(batch) >= BATCH:
+                write(batch)
+                batch = []
+        if batch:
+            write(batch)
+    finally:
+        if writing is not None:
+            writing.result()
+    return added
+
+
+def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]] | None):
+    """(base, head text, body text) of each file that can be read (after one relocate)."""
+    from ..imap.search import message_texts
     moved: list[str] = []
-    kept = 0
     for attempt in range(2):
         for base, file in files:
             try:
@@ -191,27 +231,12 @@ def index_files(path: Path, files: list[tuple[str, Path]],
             except FileNotFoundError:
                 moved.append(base)
                 continue
-            head, body = message_texts(data)
-            if seen is not None:
-                seen(base, head, body)
-            if keep is not None and kept < keep_max:
-                kept += len(head) + len(body)
-                keep.append((base, head, body))
-                added.add(base)
-                continue
-            batch.append((base, head, body))
-            if len(batch) >= BATCH:
-                add(path, batch)
-                added.update(b for b, _, _ in batch)
-                batch = []
+            yield (base, *message_texts(data))
         if not moved or relocate is None or attempt:
-            break
+            return
         now = relocate()
         files = [(b, now[b]) for b in moved if b in now]
         moved = []
-    add(path, batch)
-    added.update(b for b, _, _ in batch)
-    return added
 
 
 def _holds(head: str, body: str, needle: str, body_only: bool) -> bool:
@@ -220,15 +245,12 @@ def _holds(head: str, body: str, needle: str, body_only: bool) -> bool:
 
 def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
            missing: list[tuple[str, Path]] = (),
-           relocate: Callable[[], dict[str, Path]] | None = None,
-           keep: list[tuple[str, str, str]] | None = None, keep_max: int = 0
-           ) -> tuple[list[set[str]], set[str]] | None:
+           relocate: Callable[[], dict[str, Path]] | None = None) -> tuple[list[set[str]], set[str]] | None:
     """For each (folded string, body only?) the bases of `files` whose texts hold it, and
-    the bases added to the index (or put in `keep`, see index_files).  The `missing`
-    messages are read, answered from their texts and added (one pass: a first search
-    costs a scan plus the insertions); the others come from the index's candidates,
-    checked against the message itself.  None when a file is gone (renamed meanwhile,
-    not found again): the caller scans."""
+    the bases added to the index.  The `missing` messages are read, answered from their
+    texts and added (one pass: a first search costs a scan plus the insertions); the
+    others come from the index's candidates, checked against the message itself.  None
+    when a file is gone (renamed meanwhile, not found again): the caller scans."""
     from ..imap.search import message_texts
     out: list[set[str]] = [set() for _ in queries]
 
@@ -236,7 +258,7 @@ def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
         for i, (needle, body_only) in enumerate(queries):
             if _holds(head, body, needle, body_only):
                 out[i].add(base)
-    added = index_files(path, list(missing), relocate, seen, keep, keep_max) if missing else set()
+    added = index_files(path, list(missing), relocate, seen) if missing else set()
     if len(added) < len(missing):
         return None
     texts: dict[str, tuple[str, str]] = {}
@@ -306,18 +328,11 @@ class MailboxFulltext:
                     self.bases, self.ident = await asyncio.to_thread(indexed, path)
                 known = self.bases
                 missing = [(b, f) for b, f in view.items() if b not in known]
-                # The texts read for the answer are written after it, in the background
-                # (SQLite's trigram insertion, half the cost, runs without the GIL beside
-                # the next commands); past KEEP_MAX characters they are written on the way.
-                kept: list[tuple[str, str, str]] = []
-                result = await asyncio.to_thread(answer, path, view, queries, missing, relocate,
-                                                 kept, KEEP_MAX)
+                result = await asyncio.to_thread(answer, path, view, queries, missing, relocate)
                 if result is None:
                     return None
                 found, added = result
-                known.update(added - {b for b, _, _ in kept})
-                for doc in kept:
-                    self.queue(*doc)
+                known.update(added)
                 if len(known) > 2 * len(view) + SLACK:  # mostly expunged rows: rebuild
                     await asyncio.to_thread(drop, path)
                     self.bases = None
