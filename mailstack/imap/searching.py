@@ -144,8 +144,11 @@ class SearchCommands:
             cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
                                       m.uid in self.recent, n, max_uid, modseq=m.modseq) for i, m in enumerate(batch)]
             if need in ("sent", "index"):  # answered from the metadata index
-                entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)],
-                                                    search_fields=need == "index")
+                entries = await self.mbox.cache_get_many([m.uid for m in batch])
+                lacking = [(c.seq, m) for c, m in zip(cands, batch)
+                           if not _indexed(entries.get(m.uid), need == "index")]
+                if lacking:  # computed from the files (and kept) by FETCH's code
+                    entries.update(await self._cache_entries(lacking, search_fields=need == "index"))
                 for c, m in zip(cands, batch):
                     e = entries.get(m.uid)
                     c.sent = e.get("sent") if e else None
@@ -304,6 +307,11 @@ class SearchCommands:
                 keys.threads[memo] = text
         self.send(b"* THREAD " + text if text else b"* THREAD")
         await self.done(cmd, "THREAD completed")
+
+
+def _indexed(e: dict | None, search_fields: bool) -> bool:
+    """Does the index entry answer a search (what _cache_entries accepts)?"""
+    return bool(e) and e.get("v") == fetch.CACHE_VERSION and (not search_fields or "hs" in e)
 
 
 def _with_empty(keys: sort.Keys, uids: list[int]) -> sort.Keys:
