@@ -221,9 +221,10 @@ def message_texts(data: bytes) -> tuple[str, str]:
     """What a TEXT / BODY scan compares, case-folded, as the full-text index stores it:
     (header names and decoded values, decoded body texts), segments joined by U+FFFF."""
     root = fetch.parse(data)
-    head = TEXT_SEP.join(seg for k, v in root.headers
-                         for seg in (k.decode("ascii", "replace").lower(), _fold(_decode_words(v))))
-    body = TEXT_SEP.join(_fold(t) for t in _body_texts(data, root))
+    # folded once, joined: casefold maps each character alone, so this is each segment folded
+    head = _fold(TEXT_SEP.join(seg for k, v in root.headers
+                               for seg in (k.decode("ascii", "replace"), _decode_words(v))))
+    body = _fold(TEXT_SEP.join(_body_texts(data, root)))
     return head, body
 
 
