@@ -200,11 +200,12 @@ def _subject(subject: bytes | None) -> tuple[str, bool]:
     return casemap(text), reply
 
 
-@functools.lru_cache(maxsize=4096)
+_subject_cached = functools.lru_cache(maxsize=4096)(_subject)  # a thread's messages share subjects
+
+
 def subject_key(subject: bytes | None) -> str:
-    """The SUBJECT sort key of a raw Subject: value, remembered (a thread's messages share
-    their subjects)."""
-    return _subject(subject)[0]
+    """The SUBJECT sort key of a raw Subject: value."""
+    return _subject_cached(subject)[0]
 
 
 def envelope_head(envelope: bytes) -> tuple[bytes | None, bytes | None] | None:
@@ -235,11 +236,17 @@ def envelope_head(envelope: bytes) -> tuple[bytes | None, bytes | None] | None:
     return got[0], got[1]
 
 
+@functools.lru_cache(maxsize=4096)
+def _address_keys(a: addresses.Address | None) -> tuple[str, str]:
+    """(FROM/TO/CC key, DISPLAYFROM/DISPLAYTO key) of a first address, remembered (mail
+    repeats its correspondents)."""
+    return casemap(_mailbox(a)), casemap(_display(a))
+
+
 def _fields(subject, frm, to, cc, date, mid, references, irt) -> dict:
-    key, reply = _subject(subject)
-    out = {"v": SORT_VERSION, "s": key, "f": casemap(_mailbox(frm)),
-           "t": casemap(_mailbox(to)), "c": casemap(_mailbox(cc)),
-           "df": casemap(_display(frm)), "dt": casemap(_display(to)), "d": sent_date(date)}
+    key, reply = _subject_cached(subject)
+    (f, df), (t, dt), (c, _) = _address_keys(frm), _address_keys(to), _address_keys(cc)
+    out = {"v": SORT_VERSION, "s": key, "f": f, "t": t, "c": c, "df": df, "dt": dt, "d": sent_date(date)}
     if reply:
         out["rf"] = 1
     ids = message_ids(mid)
