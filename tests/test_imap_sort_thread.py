@@ -172,6 +172,7 @@ def _light_agrees(message: bytes) -> None:
     full = sort.fields(fetch.parse(message).headers)
     date, subject = sort.envelope_head(entry["env"].encode("latin-1"))
     assert (sort.subject_key(subject), sort.sent_date(date)) == (full["s"], full["d"])
+    assert entry["sl"] == [sort.SORT_VERSION, full["s"], full["d"]]  # what a listing keeps
 
 
 @pytest.mark.parametrize("message", CORPUS, ids=range(len(CORPUS)))
@@ -187,6 +188,32 @@ def test_light_keys_from_the_envelope_equal_the_full_fields(message):
 @given(st.lists(st.tuples(st.sampled_from(["Subject", "Date", "From"]), _HEADER_TEXT), max_size=5))
 def test_fuzz_light_keys_agree(headers):
     _light_agrees("".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\nbody\r\n")
+
+
+def _thread_agrees(message: bytes) -> None:
+    entry = fetch.header_entry(message)
+    env, refs = entry["env"].encode("latin-1"), entry["refs"].encode("latin-1")
+    full = sort.fields_from_envelope(env, refs)
+    got = sort.thread_fields_from_envelope(env, refs)
+    if got is None:  # only an envelope with a literal is left to the whole parse
+        assert b"}\r\n" in env
+        return
+    assert got == {k: full[k] for k in sort.THREAD_KEYS if k in full}
+
+
+@pytest.mark.parametrize("message", CORPUS, ids=range(len(CORPUS)))
+def test_thread_fields_from_the_envelope_ends_equal_the_full_fields(message):
+    _thread_agrees(message)
+    _thread_agrees(b'Message-ID: <a\\"b\\\\@x>\r\nIn-Reply-To: "q\\"" <p@x>\r\nSubject: Re: s\r\n\r\nx')
+    _thread_agrees(b"Message-ID: <\xc3\xa9@x>\r\n\r\nx")  # 8-bit: a literal
+    assert sort.envelope_tail(b'(NIL "a" "b)') is None and sort.envelope_tail(b"(x y)") is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["Subject", "Date", "Message-ID", "In-Reply-To", "References"]),
+                          _HEADER_TEXT), max_size=6))
+def test_fuzz_thread_fields_agree(headers):
+    _thread_agrees("".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\nbody\r\n")
 
 
 _CRITERIA = st.lists(st.tuples(st.sampled_from(sort.SORT_KEYS), st.booleans()), min_size=1, max_size=4,
@@ -494,6 +521,10 @@ def test_first_sort_after_a_listing_reads_no_file(tmp_path):
             open(path, "wb").write(m("zzz", "<other@x>"))
         assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
         assert r.cmd("THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3)"]
+        # SUBJECT and THREAD read the envelope's first and last items and keep what they
+        # found in memory; a sort on addresses parses it whole and writes the fields back
+        assert not any(sort.valid(e) for e in _entries(srv, [1, 2, 3]).values())
+        assert r.cmd("SORT (FROM SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
         assert all(sort.valid(e) for e in _entries(srv, [1, 2, 3]).values())
     finally:
         if r:

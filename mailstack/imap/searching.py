@@ -171,10 +171,11 @@ class SearchCommands:
     # ------------------------------------------------------------------ SORT and THREAD
     async def _sort_keys(self, msgs: list, want: str) -> sort.Keys:
         """The mailbox's sort keys (sort.Keys, shared by its sessions in memory) holding
-        every one of `msgs`: want "full" the whole "sort" values (THREAD, address criteria),
-        "s" / "d" / "sd" the SUBJECT keys, the sent dates, both.  What is missing comes from
+        every one of `msgs`: want "full" the whole "sort" values (address criteria), "thread"
+        what THREAD uses of them, "s" / "d" / "sd" the SUBJECT keys, the sent dates, both.  What is missing comes from
         the metadata index: its "sort" value; else the envelope it holds (its first two
-        items are enough for SUBJECT and DATE); else the header read from the file.  Full
+        items are enough for SUBJECT and DATE, with its last two and References for
+        THREAD); else the header read from the file.  Full
         values computed here are written back to the index, so after a restart no message
         is parsed for them again.  A message that vanished meanwhile is left out (the
         caller sorts it with empty fields)."""
@@ -186,12 +187,14 @@ class SearchCommands:
         full = want == "full"
         if full:
             todo = [m for m in msgs if m.uid not in keys.full]
+        elif want == "thread":
+            todo = [m for m in msgs if m.uid not in keys.full and m.uid not in keys.thread]
         else:
             columns = [keys.subject] * ("s" in want) + [keys.date] * ("d" in want)
             todo = [m for m in msgs if not all(m.uid in c for c in columns)]
         for start in range(0, len(todo), FETCH_BATCH):
             batch = todo[start:start + FETCH_BATCH]
-            missing, listed, heads, old = [], {}, {}, {}
+            missing, listed, heads, tails, old = [], {}, {}, {}, {}
             got_entries = await mbox.cache_get_many([m.uid for m in batch])
             for m in batch:
                 e = got_entries.get(m.uid)
@@ -201,8 +204,15 @@ class SearchCommands:
                 if e:
                     old[m.uid] = e
                 if e and e.get("v") == fetch.CACHE_VERSION and isinstance(e.get("env"), str):
-                    if not full:
-                        heads[m.uid] = e["env"]  # SUBJECT / DATE only: no address parsing
+                    if want == "thread" and isinstance(e.get("refs"), str):
+                        tails[m.uid] = e  # the envelope's first and last items, no addresses
+                        continue
+                    if not full and want != "thread":
+                        light = e.get("sl")  # the listing computed them (fetch.header_entry)
+                        if isinstance(light, list) and len(light) == 3 and light[0] == sort.SORT_VERSION:
+                            keys.subject[m.uid], keys.date[m.uid] = light[1], light[2]
+                        else:
+                            heads[m.uid] = e["env"]  # SUBJECT / DATE only: no address parsing
                         continue
                     if isinstance(e.get("refs"), str):
                         listed[m.uid] = e  # a listing indexed the envelope: no file to read
@@ -216,6 +226,10 @@ class SearchCommands:
                     if "d" in want:
                         keys.date[uid] = date
                 missing += [m for m in batch if m.uid in heads and m.uid not in got]
+            if tails:
+                got_thread = await asyncio.to_thread(_thread_fields_from_entries, tails)
+                keys.thread.update(got_thread)
+                listed.update({uid: e for uid, e in tails.items() if uid not in got_thread})
             fresh: dict[int, dict] = {}
             if listed:
                 fresh.update(await asyncio.to_thread(_fields_from_entries, listed))
@@ -234,10 +248,10 @@ class SearchCommands:
 
     async def _sort_items(self, cmd: Command, picked: list) -> list[sort.Item]:
         """sort.Item of each picked message, with its full sort fields (THREAD)."""
-        keys = await self._sort_keys([m for _, m in picked], "full")
-        full = keys.full
-        return [sort.Item(m.uid if cmd.uid else seq, seq, m.size, m.internaldate, full.get(m.uid, {}))
-                for seq, m in picked]
+        keys = await self._sort_keys([m for _, m in picked], "thread")
+        full, part = keys.full, keys.thread
+        return [sort.Item(m.uid if cmd.uid else seq, seq, m.size, m.internaldate,
+                          full.get(m.uid) or part.get(m.uid) or {}) for seq, m in picked]
 
     async def cmd_sort(self, cmd: Command) -> None:
         self._note_extension("SORT")
@@ -251,26 +265,16 @@ class SearchCommands:
                 self.search_result = frozenset()
             raise
         criteria = cmd.args["criteria"]
-        keyset = {k for k, _ in criteria}
-        if keyset <= sort.LIGHT:
-            want = "s" * ("SUBJECT" in keyset) + "d" * ("DATE" in keyset)
-        else:
-            want = "full"
-        keys = await self._sort_keys([m for _, m in picked], want) if want else sort.Keys()
         uids = [m.uid for _, m in picked]
-        if want == "full":
-            gone = [u for u in uids if u not in keys.full]
+        derived = self.mbox.derived()
+        kept = derived.get("sorted")  # the last answer: messages never change under a UID
+        memo = (tuple(map(tuple, criteria)), tuple(uids))
+        if kept is not None and kept[0] == memo:
+            ordered = kept[1]
         else:
-            gone = [u for u in uids if ("s" in want and u not in keys.subject)
-                    or ("d" in want and u not in keys.date)]
-        if gone:  # vanished meanwhile, never indexed: sorted with empty fields (not kept)
-            keys = _with_empty(keys, gone)
-        sizes = {m.uid: m.size for _, m in picked} if "SIZE" in keyset else {}
-        dates = {m.uid: m.internaldate for _, m in picked} if keyset & {"ARRIVAL", "DATE"} else {}
-        if len(uids) > SORT_AT:
-            ordered = await asyncio.to_thread(sort.order_uids, uids, criteria, keys, sizes, dates)
-        else:
-            ordered = sort.order_uids(uids, criteria, keys, sizes, dates)
+            ordered, complete = await self._sort_order(picked, uids, criteria)
+            if complete:
+                derived["sorted"] = (memo, ordered)
         if options is None:
             if cmd.uid:
                 numbers = ordered
@@ -283,6 +287,28 @@ class SearchCommands:
             by_uid = {m.uid: (seq, m) for seq, m in picked}
             self._answer_esearch(cmd, [by_uid[u] for u in ordered], options, in_order=True)
         await self.done(cmd, "SORT completed")
+
+    async def _sort_order(self, picked: list, uids: list[int], criteria: list) -> tuple[list[int], bool]:
+        """The picked messages' UIDs in the order of the criteria, and whether every one had
+        its keys (not one vanished meanwhile)."""
+        keyset = {k for k, _ in criteria}
+        if keyset <= sort.LIGHT:
+            want = "s" * ("SUBJECT" in keyset) + "d" * ("DATE" in keyset)
+        else:
+            want = "full"
+        keys = await self._sort_keys([m for _, m in picked], want) if want else sort.Keys()
+        if want == "full":
+            gone = [u for u in uids if u not in keys.full]
+        else:
+            gone = [u for u in uids if ("s" in want and u not in keys.subject)
+                    or ("d" in want and u not in keys.date)]
+        if gone:  # vanished meanwhile, never indexed: sorted with empty fields (not kept)
+            keys = _with_empty(keys, gone)
+        sizes = {m.uid: m.size for _, m in picked} if "SIZE" in keyset else {}
+        dates = {m.uid: m.internaldate for _, m in picked} if keyset & {"ARRIVAL", "DATE"} else {}
+        if len(uids) > SORT_AT:
+            return await asyncio.to_thread(sort.order_uids, uids, criteria, keys, sizes, dates), not gone
+        return sort.order_uids(uids, criteria, keys, sizes, dates), not gone
 
     async def cmd_thread(self, cmd: Command) -> None:
         algorithm = cmd.args["algorithm"]
@@ -345,6 +371,19 @@ def _fields_of(datas: dict[int, bytes]) -> dict[int, dict]:
     for uid, data in datas.items():
         hend, _ = fetch.split_header(data)
         out[uid] = sort.fields(fetch.parse_headers(data[:hend]))
+    return out
+
+
+def _thread_fields_from_entries(entries: dict[int, dict]) -> dict[int, dict]:
+    """Blocking (CPU): THREAD's fields from index entries' envelopes; unparseable ones left out."""
+    out = {}
+    for uid, e in entries.items():
+        try:
+            f = sort.thread_fields_from_envelope(e["env"].encode("latin-1"), e["refs"].encode("latin-1"))
+        except UnicodeEncodeError:
+            f = None
+        if f is not None:
+            out[uid] = f
     return out
 
 

@@ -161,6 +161,13 @@ def sent_date(value: bytes | None) -> int | None:
         dt = email.utils.parsedate_to_datetime(_unfold(value).decode("ascii", "replace"))
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    return seconds(dt)
+
+
+def seconds(dt) -> int | None:
+    """A parsed Date: as UTC seconds (sent_date's value); None for None."""
+    if dt is None:
+        return None
     try:
         if dt.tzinfo is None:  # "-0000" or an unknown zone: treated as UTC
             return int(dt.replace(tzinfo=email.utils.datetime.timezone.utc).timestamp())
@@ -241,6 +248,60 @@ def _address_keys(a: addresses.Address | None) -> tuple[str, str]:
     """(FROM/TO/CC key, DISPLAYFROM/DISPLAYTO key) of a first address, remembered (mail
     repeats its correspondents)."""
     return casemap(_mailbox(a)), casemap(_display(a))
+
+
+def envelope_tail(envelope: bytes) -> tuple[bytes | None, bytes | None] | None:
+    """(In-Reply-To, Message-ID) as the rendered ENVELOPE's last two items hold them, read
+    backwards from its end without parsing the address lists; None when the envelope has
+    a literal or the items are not NIL or quoted strings (the caller parses it whole)."""
+    if not envelope.endswith(b")") or b"}\r\n" in envelope:
+        return None
+    got: list = []
+    end = len(envelope) - 1  # one past the item's last byte
+    for _ in range(2):
+        if envelope[end - 3:end] == b"NIL":
+            start = end - 3
+            got.append(None)
+        elif envelope[end - 1:end] == b'"':
+            start = end - 1
+            while True:  # the opening quote: every quote inside is escaped (odd backslashes)
+                start = envelope.rfind(b'"', 0, start)
+                if start < 0:
+                    return None
+                slashes = start - len(envelope[:start].rstrip(b"\\"))
+                if slashes % 2 == 0:
+                    break
+            text = envelope[start + 1:end - 1]
+            got.append(_ESCAPED.sub(rb"\1", text) if b"\\" in text else text)
+        else:
+            return None
+        if envelope[start - 1:start] != b" ":
+            return None
+        end = start - 1
+    return got[1], got[0]
+
+
+def thread_fields_from_envelope(envelope: bytes, references: bytes | None) -> dict | None:
+    """What THREAD needs of fields_from_envelope's value ("s", "rf", "d", "id", "r"), from
+    the envelope's first and last two items alone; None when they do not parse."""
+    head, tail = envelope_head(envelope), envelope_tail(envelope)
+    if head is None or tail is None:
+        return None
+    key, reply = _subject_cached(head[1])
+    out = {"s": key, "d": sent_date(head[0])}
+    if reply:
+        out["rf"] = 1
+    irt, mid = tail
+    ids = message_ids(mid)
+    if ids:
+        out["id"] = ids[0]
+    refs = message_ids(references or None) or message_ids(irt)[:1]
+    if refs:
+        out["r"] = refs[-MAX_REFERENCES:]
+    return out
+
+
+THREAD_KEYS = ("s", "rf", "d", "id", "r")
 
 
 def _fields(subject, frm, to, cc, date, mid, references, irt) -> dict:
@@ -380,6 +441,7 @@ class Keys:
         self.full: dict[int, dict] = {}
         self.subject: dict[int, str] = {}
         self.date: dict[int, int | None] = {}
+        self.thread: dict[int, dict] = {}  # THREAD's fields only (thread_fields_from_envelope)
         self.threads: dict = {}  # (algorithm, answer key) -> rendered THREAD data (thread.py)
 
     def add_full(self, uid: int, f: dict) -> None:
@@ -387,12 +449,6 @@ class Keys:
         self.subject[uid] = f.get("s", "")
         self.date[uid] = f.get("d")
 
-
-    def forget(self, uid: int) -> None:
-        """A vanished message sorts with empty fields (never cached that way)."""
-        self.full.pop(uid, None)
-        self.subject.pop(uid, None)
-        self.date.pop(uid, None)
 
 
 _FULL_FIELD = {"CC": "c", "FROM": "f", "TO": "t", "DISPLAYFROM": "df", "DISPLAYTO": "dt"}
