@@ -138,17 +138,27 @@ class SearchCommands:
             if sets is not None:
                 key = search.substitute(key, {k: frozenset(s) for k, s in zip(wanted, sets)})
         need = search.needs(key)
+        # header fields and flags only: one compiled test per message, no Candidate
+        quick = search.compile_indexed(key) if need == "index" else None
         found: list = []
         for start in range(0, n, FETCH_BATCH):
             batch = msgs[start:start + FETCH_BATCH]
-            cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
-                                      m.uid in self.recent, n, max_uid, modseq=m.modseq) for i, m in enumerate(batch)]
             if need in ("sent", "index"):  # answered from the metadata index
                 entries = await self.mbox.cache_get_many([m.uid for m in batch])
-                lacking = [(c.seq, m) for c, m in zip(cands, batch)
+                lacking = [(start + i + 1, m) for i, m in enumerate(batch)
                            if not _indexed(entries.get(m.uid), need == "index")]
                 if lacking:  # computed from the files (and kept) by FETCH's code
                     entries.update(await self._cache_entries(lacking, search_fields=need == "index"))
+                if quick is not None:
+                    no_fields: dict = {}  # vanished meanwhile and never indexed: no header matches
+                    for i, m in enumerate(batch):
+                        e = entries.get(m.uid)
+                        if quick(m, (e.get("hs") if e else None) or no_fields):
+                            found.append((start + i + 1, m))
+                    continue
+            cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
+                                      m.uid in self.recent, n, max_uid, modseq=m.modseq) for i, m in enumerate(batch)]
+            if need in ("sent", "index"):
                 for c, m in zip(cands, batch):
                     e = entries.get(m.uid)
                     c.sent = e.get("sent") if e else None
