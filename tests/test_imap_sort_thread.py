@@ -613,3 +613,28 @@ def test_keys_and_threads_kept_in_memory_follow_new_and_expunged_messages(srv):
     finally:
         one.close()
         two.close()
+
+
+def test_kept_keys_survive_the_last_session(srv):
+    """The keys and answers kept for the mailbox outlive its last session: the next session
+    gets the same answers (and a delivery meanwhile is sorted in)."""
+    for subject in ("b", "a", "c"):
+        srv.deliver(ALICE, m(subject, None, None))  # no Date: sorted by the internal date
+    r = Raw(srv.ports["imap"], ALICE, ALICE_PW)
+    try:
+        r.cmd("SELECT INBOX")
+        assert r.cmd("SORT (ARRIVAL) UTF-8 ALL")[0] == [b"* SORT 1 2 3"]
+        assert r.cmd("SORT (DATE) UTF-8 ALL")[0] == [b"* SORT 1 2 3"]
+        assert r.cmd("THREAD ORDEREDSUBJECT UTF-8 ALL")[0] == [b"* THREAD (1)(2)(3)"]
+        assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 2 1 3"]
+        r.cmd("LOGOUT")
+    finally:
+        r.close()
+    srv.deliver(ALICE, m("0", None, None))
+    r = Raw(srv.ports["imap"], ALICE, ALICE_PW)
+    try:
+        r.cmd("SELECT INBOX")
+        assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 4 2 1 3"]
+        assert r.cmd("THREAD ORDEREDSUBJECT UTF-8 ALL")[0] == [b"* THREAD (1)(2)(3)(4)"]
+    finally:
+        r.close()

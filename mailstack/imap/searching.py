@@ -3,8 +3,12 @@ result options (RFC 4731), the saved result "$" (RFC 5182 SEARCHRES), ESORT and 
 (RFC 5267 / RFC 9394), WITHIN's OLDER/YOUNGER (RFC 5032), SORT and THREAD (RFC 5256,
 DISPLAY sort of RFC 5957).
 
-Matching is search.py's; sorting and threading are sort.py's and thread.py's, fed from the
-metadata index (the "sort" value of an entry, computed from the header once and kept)."""
+Matching is search.py's; sorting and threading are sort.py's and thread.py's.  Their keys
+come from the metadata index (the "sort" value of an entry; the SUBJECT key and sent date a
+listing keeps, "sl"; else the first and last items of the envelope it holds) and are kept
+in memory for the mailbox's sessions (sort.Keys in Mailbox.derived()), with the last SORT
+and THREAD answers: a message never changes under its UID, so an unchanged view gets the
+same answer, and a changed one (new, expunged) is sorted again from the kept keys."""
 from __future__ import annotations
 
 import asyncio
@@ -278,7 +282,8 @@ class SearchCommands:
         uids = [m.uid for _, m in picked]
         derived = self.mbox.derived()
         kept = derived.get("sorted")  # the last answer: messages never change under a UID
-        memo = (tuple(map(tuple, criteria)), tuple(uids))
+        memo = (tuple(map(tuple, criteria)), tuple(uids),  # the internal date is a file's mtime
+                tuple(m.internaldate for _, m in picked) if {"ARRIVAL", "DATE"} & {k for k, _ in criteria} else None)
         if kept is not None and kept[0] == memo:
             ordered = kept[1]
         else:
@@ -328,7 +333,8 @@ class SearchCommands:
         # numbers given: the last ones are kept per mailbox, as Dovecot keeps its thread index.
         keys = self.mbox.derived().get("sort")
         memo = (algorithm, cmd.uid, tuple(m.uid for _, m in picked),
-                None if cmd.uid else tuple(seq for seq, _ in picked))
+                None if cmd.uid else tuple(seq for seq, _ in picked),
+                tuple(m.internaldate for _, m in picked))  # a message without Date: sorts by it
         text = keys.threads.get(memo) if isinstance(keys, sort.Keys) else None
         if text is None:
             items = await self._sort_items(cmd, picked)

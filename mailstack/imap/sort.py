@@ -3,7 +3,11 @@
 `base_subject()` is the base subject extraction of RFC 5256 section 2.1; `fields()` turns a
 message header into the sort-ready values the metadata index keeps under the key "sort"
 (casemapped strings, the sent date as a UTC timestamp, and what THREAD needs: Message-ID
-and the parent references); `order()` sorts messages by a list of sort criteria.
+and the parent references); `order()` sorts messages by a list of sort criteria, and
+`order_uids()` does the same from key columns (sort.Keys: a dict lookup per message in C
+instead of a Python key function).  `envelope_head()` / `envelope_tail()` read the first /
+last two items of a rendered ENVELOPE, enough for SUBJECT, DATE and THREAD without
+parsing the address lists.
 
 Strings compare as Dovecot compares them (i;unicode-casemap, RFC 5051: each character
 title-cased, then decomposed), which for ASCII is the i;ascii-casemap of RFC 5256.

@@ -19,6 +19,14 @@ those) and are ignored: only bases in the caller's view count.  When they outnum
 live ones the file is dropped and rebuilt.  A damaged, unreadable or replaced file is
 noticed and dropped too: the index is derived data.
 
+Writes: add() takes a batch (a delivery's group, or BATCH messages read from files) and
+sends each table's rows as one JSON array in one INSERT ... SELECT FROM json_each, so a
+batch is a few statements, not three a message.  Messages the index lacks are read by the
+search that needs them; their batches are written by one writer thread (`_writer`) while
+the next batch is read and parsed, so the trigram insertion (SQLite, without the GIL)
+overlaps the Python parsing.  Nothing is left to do after the answer: a background write
+was tried and slowed every following command on a loaded 2-core machine.
+
 The module-level functions are blocking (worker threads); one connection per mailbox file,
 used under its own lock.  MailboxFulltext is the event-loop side.
 """
