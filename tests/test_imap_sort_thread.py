@@ -638,3 +638,12 @@ def test_kept_keys_survive_the_last_session(srv):
         assert r.cmd("THREAD ORDEREDSUBJECT UTF-8 ALL")[0] == [b"* THREAD (1)(2)(3)(4)"]
     finally:
         r.close()
+
+
+def test_keys_forget_expunged_messages():
+    keys = sort.Keys()
+    for uid in range(1, 6):
+        keys.add_full(uid, {"s": str(uid), "d": uid})
+        keys.thread[uid] = {"s": str(uid)}
+    keys.keep({2, 4})
+    assert set(keys.full) == set(keys.subject) == set(keys.date) == set(keys.thread) == {2, 4}

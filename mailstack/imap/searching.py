@@ -198,6 +198,9 @@ class SearchCommands:
         keys = derived.get("sort")
         if not isinstance(keys, sort.Keys):
             keys = derived["sort"] = sort.Keys()
+        view = mbox.messages
+        if len(keys.subject) + len(keys.thread) > 4 * len(view) + 2000:  # mostly expunged ones
+            keys.keep({m.uid for m in view})
         full = want == "full"
         if full:
             todo = [m for m in msgs if m.uid not in keys.full]

@@ -448,6 +448,12 @@ class Keys:
         self.thread: dict[int, dict] = {}  # THREAD's fields only (thread_fields_from_envelope)
         self.threads: dict = {}  # (algorithm, answer key) -> rendered THREAD data (thread.py)
 
+    def keep(self, uids: set[int]) -> None:
+        """Forget the messages not in `uids` (expunged: their UIDs never come back)."""
+        for column in (self.full, self.subject, self.date, self.thread):
+            for uid in [u for u in column if u not in uids]:
+                del column[uid]
+
     def add_full(self, uid: int, f: dict) -> None:
         self.full[uid] = f
         self.subject[uid] = f.get("s", "")
