@@ -185,14 +185,15 @@ class SearchCommands:
     # ------------------------------------------------------------------ SORT and THREAD
     async def _sort_keys(self, msgs: list, want: str) -> sort.Keys:
         """The mailbox's sort keys (sort.Keys, shared by its sessions in memory) holding
-        every one of `msgs`: want "full" the whole "sort" values (address criteria), "thread"
-        what THREAD uses of them, "s" / "d" / "sd" the SUBJECT keys, the sent dates, both.  What is missing comes from
-        the metadata index: its "sort" value; else the envelope it holds (its first two
-        items are enough for SUBJECT and DATE, with its last two and References for
-        THREAD); else the header read from the file.  Full
-        values computed here are written back to the index, so after a restart no message
-        is parsed for them again.  A message that vanished meanwhile is left out (the
-        caller sorts it with empty fields)."""
+        every one of `msgs`: want "full" the whole "sort" values (address criteria),
+        "thread" what THREAD uses of them, "s" / "d" / "sd" the SUBJECT keys, the sent
+        dates, both.  What is missing comes from the metadata index: its "sort" value;
+        else the SUBJECT key and date a listing kept ("sl"); else the envelope it holds
+        (its first two items give SUBJECT and DATE, with its last two and References
+        THREAD's fields); else the header read from the file.  Full values computed here
+        are written back to the index, so after a restart no message is parsed for them
+        again.  A message that vanished meanwhile is left out (the caller sorts it with
+        empty fields)."""
         mbox = self.mbox
         derived = mbox.derived()
         keys = derived.get("sort")
