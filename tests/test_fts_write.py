@@ -57,30 +57,3 @@ def test_index_files_overlaps_reading_and_writing_and_reports_errors(tmp_path, m
     with pytest.raises(sqlite3.OperationalError):  # the writer's error reaches the caller
         fts.index_files(tmp_path / "other.sqlite", files, None, None)
 
-
-def test_writes_left_running_are_handed_back(tmp_path, monkeypatch):
-    """With `leave`, index_files returns while its last batches are still being written (a
-    search answers before them) and hands their futures back, in order."""
-    import threading
-    monkeypatch.setattr(fts, "BATCH", 2)
-    gate = threading.Event()
-    real_add = fts.add
-
-    def slow_add(path, docs):
-        gate.wait(10)
-        real_add(path, docs)
-    monkeypatch.setattr(fts, "add", slow_add)
-    files = []
-    for i in range(5):
-        f = tmp_path / f"m{i}"
-        f.write_bytes(b"Subject: s\r\n\r\nbody %d\r\n" % i)
-        files.append((f"m{i}", f))
-    left = []
-    path = tmp_path / fts.NAME
-    added = fts.index_files(path, files, None, None, left)
-    assert added == {f"m{i}" for i in range(5)}
-    assert [bases for _, bases in left] == [["m0", "m1"], ["m2", "m3"], ["m4"]]
-    gate.set()
-    for future, _ in left:
-        future.result(10)
-    assert fts.indexed(path)[0] == added

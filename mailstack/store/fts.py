@@ -51,7 +51,7 @@ MIN_NEEDLE = 3  # characters: the trigram tokenizer's unit
 _MAX_OPEN = 64  # connections kept open (per mailbox file)
 SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
 BATCH = 500  # messages per transaction when adding from files
-LAG = 6  # batches read ahead of the writer (their texts wait in memory: ~2 M characters each)
+LAG = 4  # batches read ahead of the writer (their texts wait in memory: ~2 M characters each)
 QUEUE_MAX = 2000  # delivered messages per transaction (their texts wait in memory)
 # Two tables: detail=none allows no column filter, and BODY must not match the header.
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
@@ -194,17 +194,15 @@ def texts_of(data: bytes) -> tuple[str, str]:
 
 def index_files(path: Path, files: list[tuple[str, Path]],
                 relocate: Callable[[], dict[str, Path]] | None = None,
-                seen: Callable[[str, str, str], None] | None = None,
-                leave: list[tuple[Future, list[str]]] | None = None) -> set[str]:
+                seen: Callable[[str, str, str], None] | None = None) -> set[str]:
     """Add messages to the index from their files, in batches of BATCH (the messages that
     were not delivered here, or were before the index existed).  A file renamed meanwhile
     (new/ to cur/, a flag change) is looked up once more with `relocate` (base -> file
     now).  `seen(base, head, body)` is told each message's texts on the way (a search
     answers from them).  The batches are written by one writer thread while the next ones
     are read and parsed here (up to LAG batches behind): SQLite's trigram insertion runs
-    without the GIL, so this costs about the reading alone when a second core is free.
-    With `leave`, the writes still running at the end are put there ((future, bases) in
-    order) instead of waited for.  Returns the bases read (added, or being added)."""
+    without the GIL, so this costs about the longer of the two when a second core is free.
+    Returns the bases added."""
     added: set[str] = set()
     batch: list[tuple[str, str, str]] = []
     writing: deque[tuple[Future, list[str]]] = deque()
@@ -227,10 +225,8 @@ def index_files(path: Path, files: list[tuple[str, Path]],
     except BaseException:
         wait([f for f, _ in writing])  # nothing left writing behind the caller's back
         raise
-    while writing and (leave is None or writing[0][0].done()):
+    while writing:
         writing.popleft()[0].result()
-    if leave is not None:
-        leave.extend(writing)
     return added
 
 
@@ -260,14 +256,12 @@ def _holds(head: str, body: str, needle: str, body_only: bool) -> bool:
 
 def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
            missing: list[tuple[str, Path]] = (),
-           relocate: Callable[[], dict[str, Path]] | None = None,
-           leave: list[tuple[Future, list[str]]] | None = None) -> tuple[list[set[str]], set[str]] | None:
+           relocate: Callable[[], dict[str, Path]] | None = None) -> tuple[list[set[str]], set[str]] | None:
     """For each (folded string, body only?) the bases of `files` whose texts hold it, and
-    the bases added to the index (with `leave`: or still being added, see index_files).
-    The `missing` messages are read, answered from their texts and added (one pass: a
-    first search costs a scan, the insertions overlapping it); the others come from the
-    index's candidates, checked against the message itself.  None when a file is gone
-    (renamed meanwhile, not found again): the caller scans."""
+    the bases added to the index.  The `missing` messages are read, answered from their
+    texts and added (one pass: a first search costs a scan, the insertions overlapping
+    it); the others come from the index's candidates, checked against the message itself.
+    None when a file is gone (renamed meanwhile, not found again): the caller scans."""
     from ..imap.search import message_texts
     out: list[set[str]] = [set() for _ in queries]
 
@@ -275,7 +269,7 @@ def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
         for i, (needle, body_only) in enumerate(queries):
             if _holds(head, body, needle, body_only):
                 out[i].add(base)
-    added = index_files(path, list(missing), relocate, seen, leave) if missing else set()
+    added = index_files(path, list(missing), relocate, seen) if missing else set()
     if len(added) < len(missing):
         return None
     texts: dict[str, tuple[str, str]] = {}
@@ -339,44 +333,23 @@ class MailboxFulltext:
         the index lacks (put there behind our back, or from before it existed) are added
         on the way, in the same pass that answers for them."""
         path = self.path
-        await self.lock.acquire()
-        left: list[tuple[Future, list[str]]] = []  # writes still running after the answer
-        try:
-            if self.bases is None or self.ident != await asyncio.to_thread(identity, path):
-                self.bases, self.ident = await asyncio.to_thread(indexed, path)
-            known = self.bases
-            missing = [(b, f) for b, f in view.items() if b not in known]
-            result = await asyncio.to_thread(answer, path, view, queries, missing, relocate, left)
-            if result is None:
-                return None
-            found, added = result
-            known.update(added - {b for _, bases in left for b in bases})
-            if len(known) > 2 * len(view) + SLACK and not left:  # mostly expunged rows: rebuild
-                await asyncio.to_thread(drop, path)
+        async with self.lock:
+            try:
+                if self.bases is None or self.ident != await asyncio.to_thread(identity, path):
+                    self.bases, self.ident = await asyncio.to_thread(indexed, path)
+                known = self.bases
+                missing = [(b, f) for b, f in view.items() if b not in known]
+                result = await asyncio.to_thread(answer, path, view, queries, missing, relocate)
+                if result is None:
+                    return None
+                found, added = result
+                known.update(added)
+                if len(known) > 2 * len(view) + SLACK:  # mostly expunged rows: rebuild
+                    await asyncio.to_thread(drop, path)
+                    self.bases = None
+                return found
+            except sqlite3.Error as e:  # damaged or no room: drop it, answer by scanning
+                log.warning("full-text index of %s unusable (%s): rebuilt", self.label, e)
                 self.bases = None
-            return found
-        except sqlite3.Error as e:  # damaged or no room: drop it, answer by scanning
-            log.warning("full-text index of %s unusable (%s): rebuilt", self.label, e)
-            self.bases = None
-            await asyncio.to_thread(wait, [f for f, _ in left])
-            left = []
-            await asyncio.to_thread(drop, path)
-            return None
-        finally:
-            if left:  # the last batches are written after the answer; the index stays
-                asyncio.get_running_loop().create_task(self._finish(left))  # locked till then
-            else:
-                self.lock.release()
-
-    async def _finish(self, left: list[tuple[Future, list[str]]]) -> None:
-        """Wait for a search's last writes (holding the lock it handed over), then count them."""
-        try:
-            for future, bases in left:
-                await asyncio.wrap_future(future)
-                if self.bases is not None:
-                    self.bases.update(bases)
-        except sqlite3.Error as e:
-            log.warning("full-text index of %s not updated (%s): filled at the next search", self.label, e)
-            self.bases = None  # read again from the file
-        finally:
-            self.lock.release()
+                await asyncio.to_thread(drop, path)
+                return None
