@@ -210,9 +210,11 @@ class SearchCommands:
         else:
             columns = [keys.subject] * ("s" in want) + [keys.date] * ("d" in want)
             todo = [m for m in msgs if not all(m.uid in c for c in columns)]
+        # Sorted out batch by batch, computed in one worker-thread call per kind: under
+        # load every hop to a thread waits its turn, and 20 of them cost more than the work.
+        missing, listed, heads, tails, old = [], {}, {}, {}, {}
         for start in range(0, len(todo), FETCH_BATCH):
             batch = todo[start:start + FETCH_BATCH]
-            missing, listed, heads, tails, old = [], {}, {}, {}, {}
             got_entries = await mbox.cache_get_many([m.uid for m in batch])
             for m in batch:
                 e = got_entries.get(m.uid)
@@ -236,32 +238,32 @@ class SearchCommands:
                         listed[m.uid] = e  # a listing indexed the envelope: no file to read
                         continue
                 missing.append(m)
-            if heads:
-                got = await asyncio.to_thread(_keys_from_envelopes, heads, "s" in want, "d" in want)
-                for uid, (subject, date) in got.items():
-                    if "s" in want:
-                        keys.subject[uid] = subject
-                    if "d" in want:
-                        keys.date[uid] = date
-                missing += [m for m in batch if m.uid in heads and m.uid not in got]
-            if tails:
-                got_thread = await asyncio.to_thread(_thread_fields_from_entries, tails)
-                keys.thread.update(got_thread)
-                listed.update({uid: e for uid, e in tails.items() if uid not in got_thread})
-            fresh: dict[int, dict] = {}
-            if listed:
-                fresh.update(await asyncio.to_thread(_fields_from_entries, listed))
-                missing += [m for m in batch if m.uid in listed and m.uid not in fresh]
-            if missing:
-                datas = await self._read_many(missing, header_only=True)
-                fresh.update(await asyncio.to_thread(_fields_of, datas))
-            for uid, f in fresh.items():
-                keys.add_full(uid, f)
-            if fresh:
-                try:
-                    await mbox.cache_put({uid: {**old.get(uid, {}), "sort": f} for uid, f in fresh.items()})
-                except (StoreError, OSError):
-                    log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
+        if heads:
+            got = await asyncio.to_thread(_keys_from_envelopes, heads, "s" in want, "d" in want)
+            for uid, (subject, date) in got.items():
+                if "s" in want:
+                    keys.subject[uid] = subject
+                if "d" in want:
+                    keys.date[uid] = date
+            missing += [m for m in todo if m.uid in heads and m.uid not in got]
+        if tails:
+            got_thread = await asyncio.to_thread(_thread_fields_from_entries, tails)
+            keys.thread.update(got_thread)
+            listed.update({uid: e for uid, e in tails.items() if uid not in got_thread})
+        fresh: dict[int, dict] = {}
+        if listed:
+            fresh.update(await asyncio.to_thread(_fields_from_entries, listed))
+            missing += [m for m in todo if m.uid in listed and m.uid not in fresh]
+        for start in range(0, len(missing), FETCH_BATCH):  # files read: bounded memory
+            datas = await self._read_many(missing[start:start + FETCH_BATCH], header_only=True)
+            fresh.update(await asyncio.to_thread(_fields_of, datas))
+        for uid, f in fresh.items():
+            keys.add_full(uid, f)
+        if fresh:
+            try:
+                await mbox.cache_put({uid: {**old.get(uid, {}), "sort": f} for uid, f in fresh.items()})
+            except (StoreError, OSError):
+                log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
         return keys
 
     async def _sort_items(self, cmd: Command, picked: list) -> list[sort.Item]:
