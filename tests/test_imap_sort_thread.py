@@ -172,7 +172,7 @@ def _light_agrees(message: bytes) -> None:
     full = sort.fields(fetch.parse(message).headers)
     date, subject = sort.envelope_head(entry["env"].encode("latin-1"))
     assert (sort.subject_key(subject), sort.sent_date(date)) == (full["s"], full["d"])
-    assert entry["sl"] == [sort.SORT_VERSION, full["s"], full["d"]]  # what a listing keeps
+    assert entry["sl"] == [sort.SORT_VERSION, full["s"], full["d"], full.get("rf", 0)]  # kept by a listing
 
 
 @pytest.mark.parametrize("message", CORPUS, ids=range(len(CORPUS)))
@@ -195,6 +195,8 @@ def _thread_agrees(message: bytes) -> None:
     env, refs = entry["env"].encode("latin-1"), entry["refs"].encode("latin-1")
     full = sort.fields_from_envelope(env, refs)
     got = sort.thread_fields_from_envelope(env, refs)
+    with_light = sort.thread_fields_from_envelope(env, refs, entry["sl"])  # the listing's keys
+    assert with_light == got
     if got is None:  # only an envelope with a literal is left to the whole parse
         assert b"}\r\n" in env
         return

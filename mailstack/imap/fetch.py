@@ -425,8 +425,9 @@ def header_entry(header: bytes, search_fields: bool = True) -> dict:
 
 
 def _sort_light(root: "Part", dt) -> list:
-    from .sort import SORT_VERSION, seconds, subject_key  # sort.py owns these keys
-    return [SORT_VERSION, subject_key(root.header(b"subject")), seconds(dt)]
+    from .sort import SORT_VERSION, seconds, subject_and_reply  # sort.py owns these keys
+    subject, reply = subject_and_reply(root.header(b"subject"))
+    return [SORT_VERSION, subject, seconds(dt), int(reply)]
 
 
 def _header_index(root: "Part") -> dict:

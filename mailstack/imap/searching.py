@@ -229,7 +229,7 @@ class SearchCommands:
                         continue
                     if not full and want != "thread":
                         light = e.get("sl")  # the listing computed them (fetch.header_entry)
-                        if isinstance(light, list) and len(light) == 3 and light[0] == sort.SORT_VERSION:
+                        if sort.light_valid(light):
                             keys.subject[m.uid], keys.date[m.uid] = light[1], light[2]
                         else:
                             heads[m.uid] = e["env"]  # SUBJECT / DATE only: no address parsing
@@ -400,8 +400,10 @@ def _thread_fields_from_entries(entries: dict[int, dict]) -> dict[int, dict]:
     """Blocking (CPU): THREAD's fields from index entries' envelopes; unparseable ones left out."""
     out = {}
     for uid, e in entries.items():
+        light = e.get("sl")
         try:
-            f = sort.thread_fields_from_envelope(e["env"].encode("latin-1"), e["refs"].encode("latin-1"))
+            f = sort.thread_fields_from_envelope(e["env"].encode("latin-1"), e["refs"].encode("latin-1"),
+                                                 light if sort.light_valid(light) else None)
         except UnicodeEncodeError:
             f = None
         if f is not None:

@@ -214,6 +214,11 @@ def _subject(subject: bytes | None) -> tuple[str, bool]:
 _subject_cached = functools.lru_cache(maxsize=4096)(_subject)  # a thread's messages share subjects
 
 
+def subject_and_reply(subject: bytes | None) -> tuple[str, bool]:
+    """(SUBJECT sort key, a reply or forward?) of a raw Subject: value."""
+    return _subject_cached(subject)
+
+
 def subject_key(subject: bytes | None) -> str:
     """The SUBJECT sort key of a raw Subject: value."""
     return _subject_cached(subject)[0]
@@ -285,14 +290,23 @@ def envelope_tail(envelope: bytes) -> tuple[bytes | None, bytes | None] | None:
     return got[1], got[0]
 
 
-def thread_fields_from_envelope(envelope: bytes, references: bytes | None) -> dict | None:
+def thread_fields_from_envelope(envelope: bytes, references: bytes | None, light: list | None = None
+                                ) -> dict | None:
     """What THREAD needs of fields_from_envelope's value ("s", "rf", "d", "id", "r"), from
-    the envelope's first and last two items alone; None when they do not parse."""
-    head, tail = envelope_head(envelope), envelope_tail(envelope)
-    if head is None or tail is None:
+    the envelope's first and last two items alone (the first two not even parsed when the
+    listing's `light` value [SORT_VERSION, subject key, date, reply?] is given); None when
+    they do not parse."""
+    tail = envelope_tail(envelope)
+    if tail is None:
         return None
-    key, reply = _subject_cached(head[1])
-    out = {"s": key, "d": sent_date(head[0])}
+    if light is not None:
+        _, key, date, reply = light
+    else:
+        head = envelope_head(envelope)
+        if head is None:
+            return None
+        (key, reply), date = _subject_cached(head[1]), sent_date(head[0])
+    out = {"s": key, "d": date}
     if reply:
         out["rf"] = 1
     irt, mid = tail
@@ -392,6 +406,12 @@ def _parse_tokens(data: bytes):
     if end != len(data) or len(stack) != 1 or len(stack[0]) != 1:
         raise ValueError("unbalanced")
     return stack[0][0]
+
+
+def light_valid(light) -> bool:
+    """Is an entry's "sl" value ([SORT_VERSION, SUBJECT key, sent seconds, reply?], what a
+    listing keeps: fetch.header_entry) current?"""
+    return isinstance(light, list) and len(light) == 4 and light[0] == SORT_VERSION
 
 
 def valid(entry: dict | None) -> bool:
