@@ -199,5 +199,8 @@ class MemMailbox(Mailbox):
     async def cache_put(self, entries):
         self.box.cache.update(entries)
 
+    def derived(self):  # shared by the mailbox's views, as the Maildir store's
+        return self.box.__dict__.setdefault("derived", {})
+
     async def close(self):
         pass

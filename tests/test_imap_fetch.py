@@ -252,5 +252,7 @@ def test_header_entry_agrees_with_the_full_entry(message):
     head = fetch.header_entry(message)
     refs = head.pop("refs")  # the raw References, for SORT / THREAD from the envelope
     assert isinstance(refs, str) and (refs != "") == (b"\nreferences:" in b"\n" + message.lower())
+    from mailstack.imap import sort  # SORT's SUBJECT and DATE keys, also kept by a listing
+    assert head.pop("sl") == [sort.SORT_VERSION, full["sort"]["s"], full["sort"]["d"], full["sort"].get("rf", 0)]
     assert head == {k: full[k] for k in ("v", "env", "sent", "hsize", "hs")}
     assert "bs" not in head

@@ -167,6 +167,79 @@ def test_fuzz_fields_from_envelope_agree(headers):
     assert from_env == sort.fields(fetch.parse(message).headers)
 
 
+def _light_agrees(message: bytes) -> None:
+    entry = fetch.header_entry(message)
+    full = sort.fields(fetch.parse(message).headers)
+    date, subject = sort.envelope_head(entry["env"].encode("latin-1"))
+    assert (sort.subject_key(subject), sort.sent_date(date)) == (full["s"], full["d"])
+    assert entry["sl"] == [sort.SORT_VERSION, full["s"], full["d"], full.get("rf", 0)]  # kept by a listing
+
+
+@pytest.mark.parametrize("message", CORPUS, ids=range(len(CORPUS)))
+def test_light_keys_from_the_envelope_equal_the_full_fields(message):
+    _light_agrees(message)
+    # a literal (8-bit text), an escaped quote
+    _light_agrees(b'Subject: Re: \xc3\xa9t\xc3\xa9\r\nDate: Tue, 2 Jan 2024 01:00:00 +0100\r\n\r\nx')
+    _light_agrees(b'Subject: a "quoted\\" \\ subject\r\n\r\nx')
+    assert sort.envelope_head(b"NIL") is None and sort.envelope_head(b"(garbage") is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["Subject", "Date", "From"]), _HEADER_TEXT), max_size=5))
+def test_fuzz_light_keys_agree(headers):
+    _light_agrees("".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\nbody\r\n")
+
+
+def _thread_agrees(message: bytes) -> None:
+    entry = fetch.header_entry(message)
+    env, refs = entry["env"].encode("latin-1"), entry["refs"].encode("latin-1")
+    full = sort.fields_from_envelope(env, refs)
+    got = sort.thread_fields_from_envelope(env, refs)
+    with_light = sort.thread_fields_from_envelope(env, refs, entry["sl"])  # the listing's keys
+    assert with_light == got
+    if got is None:  # only an envelope with a literal is left to the whole parse
+        assert b"}\r\n" in env
+        return
+    assert got == {k: full[k] for k in sort.THREAD_KEYS if k in full}
+
+
+@pytest.mark.parametrize("message", CORPUS, ids=range(len(CORPUS)))
+def test_thread_fields_from_the_envelope_ends_equal_the_full_fields(message):
+    _thread_agrees(message)
+    _thread_agrees(b'Message-ID: <a\\"b\\\\@x>\r\nIn-Reply-To: "q\\"" <p@x>\r\nSubject: Re: s\r\n\r\nx')
+    _thread_agrees(b"Message-ID: <\xc3\xa9@x>\r\n\r\nx")  # 8-bit: a literal
+    assert sort.envelope_tail(b'(NIL "a" "b)') is None and sort.envelope_tail(b"(x y)") is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["Subject", "Date", "Message-ID", "In-Reply-To", "References"]),
+                          _HEADER_TEXT), max_size=6))
+def test_fuzz_thread_fields_agree(headers):
+    _thread_agrees("".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\nbody\r\n")
+
+
+_CRITERIA = st.lists(st.tuples(st.sampled_from(sort.SORT_KEYS), st.booleans()), min_size=1, max_size=4,
+                     unique_by=lambda c: c[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["", "A", "B", "é"]), st.sampled_from([None, 1, 2]),
+                          st.integers(0, 3), st.sampled_from([1.0, 2.0]), st.sampled_from(["", "X", "Y"])),
+                max_size=12), _CRITERIA)
+def test_fuzz_order_uids_equals_order(specs, criteria):
+    """The key-column sort (what SORT runs) gives exactly what the item sort gives."""
+    items, keys = [], sort.Keys()
+    for i, (subj, d, size, idate, addr) in enumerate(specs, 1):
+        f = {"s": subj, "d": d, "f": addr, "t": addr[::-1], "c": addr, "df": subj, "dt": addr}
+        uid = 10 * i  # UIDs are not sequence numbers
+        items.append(sort.Item(uid, i, size, idate, f))
+        keys.add_full(uid, f)
+    uids = [it.n for it in items]
+    sizes = {it.n: it.size for it in items}
+    dates = {it.n: it.internaldate for it in items}
+    assert sort.order_uids(uids, criteria, keys, sizes, dates) == [it.n for it in sort.order(items, criteria)]
+
+
 def _item(n, seq=None, size=0, idate=0.0, **f):
     return sort.Item(n, seq or n, size, idate, f)
 
@@ -366,6 +439,16 @@ def _entries(srv, uids):
     return srv.call(get())
 
 
+def _forget_keys(srv):
+    async def forget():
+        mbox = await srv.services.store.open(ALICE, "INBOX", read_only=True)
+        try:
+            mbox.derived().clear()
+        finally:
+            await mbox.close()
+    srv.call(forget())
+
+
 def _put(srv, entries):
     async def put():
         mbox = await srv.services.store.open(ALICE, "INBOX")
@@ -389,11 +472,16 @@ def test_sort_and_thread_come_from_the_index(srv, caplog):
         assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
         assert r.cmd("THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3)"]
         # an entry without the sort fields (written before they existed) is completed when
-        # first needed, and kept
+        # first needed, and kept (the keys in memory forgotten, as after a restart)
         old = _entries(srv, [1])[1]
         _put(srv, {1: {k: v for k, v in old.items() if k != "sort"}})
         assert not sort.valid(_entries(srv, [1])[1])
+        _forget_keys(srv)
+        # SUBJECT alone comes from the envelope's first items: nothing to write back
         assert r.cmd("UID SORT (REVERSE SUBJECT) UTF-8 ALL")[0] == [b"* SORT 1 2 3"]
+        if "env" in old:
+            assert not sort.valid(_entries(srv, [1])[1])
+        assert r.cmd("UID SORT (REVERSE SUBJECT FROM) UTF-8 ALL")[0] == [b"* SORT 1 2 3"]
         assert sort.valid(_entries(srv, [1])[1])
         if srv.store_kind == "maildir":
             # the answer is the index's: a file changed behind the server's back (Maildir files
@@ -435,6 +523,10 @@ def test_first_sort_after_a_listing_reads_no_file(tmp_path):
             open(path, "wb").write(m("zzz", "<other@x>"))
         assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
         assert r.cmd("THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3)"]
+        # SUBJECT and THREAD read the envelope's first and last items and keep what they
+        # found in memory; a sort on addresses parses it whole and writes the fields back
+        assert not any(sort.valid(e) for e in _entries(srv, [1, 2, 3]).values())
+        assert r.cmd("SORT (FROM SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
         assert all(sort.valid(e) for e in _entries(srv, [1, 2, 3]).values())
     finally:
         if r:
@@ -491,3 +583,69 @@ def test_fuzz_grammar_raises_only_parse_errors(words, verb):
         parse_command([f"t {verb} {' '.join(words)}".encode()])
     except ParseError:
         pass
+
+
+def test_keys_and_threads_kept_in_memory_follow_new_and_expunged_messages(srv):
+    """The keys and THREAD answers kept per mailbox for every session: a second session gets
+    the same answers, and a delivery or an expunge is seen at once (not a stale answer)."""
+    for subject, mid, refs in (("b", "<1@x>", None), ("Re: b", "<2@x>", "<1@x>"), ("a", "<3@x>", None)):
+        srv.deliver(ALICE, m(subject, mid, refs=refs))
+    one, two = Raw(srv.ports["imap"], ALICE, ALICE_PW), Raw(srv.ports["imap"], ALICE, ALICE_PW)
+    try:
+        one.cmd("SELECT INBOX")
+        two.cmd("SELECT INBOX")
+        for r in (one, two, one):
+            assert r.cmd("UID THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3)"]
+            assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 1 2"]
+        srv.deliver(ALICE, m("Re: a", "<4@x>", refs="<3@x>"))
+        one.cmd("NOOP")
+        assert one.cmd("UID THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3 4)"]
+        assert one.cmd("THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1 2)(3 4)"]
+        assert one.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 3 4 1 2"]
+        one.cmd("STORE 1 +FLAGS.SILENT (\\Deleted)")
+        one.cmd("EXPUNGE")
+        # sequence numbers moved down by one; the thread of "b" keeps its reply
+        assert one.cmd("THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (1)(2 3)"]
+        assert one.cmd("UID THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (2)(3 4)"]
+        assert one.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 2 3 1"]
+        assert one.cmd("UID SORT (SUBJECT) UTF-8 UNDELETED")[0] == [b"* SORT 3 4 2"]
+        two.cmd("NOOP")
+        assert two.cmd("UID THREAD REFERENCES UTF-8 ALL")[0] == [b"* THREAD (2)(3 4)"]
+        assert two.cmd("UID SORT (REVERSE SUBJECT) UTF-8 ALL")[0] == [b"* SORT 2 3 4"]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_kept_keys_survive_the_last_session(srv):
+    """The keys and answers kept for the mailbox outlive its last session: the next session
+    gets the same answers (and a delivery meanwhile is sorted in)."""
+    for subject in ("b", "a", "c"):
+        srv.deliver(ALICE, m(subject, None, None))  # no Date: sorted by the internal date
+    r = Raw(srv.ports["imap"], ALICE, ALICE_PW)
+    try:
+        r.cmd("SELECT INBOX")
+        assert r.cmd("SORT (ARRIVAL) UTF-8 ALL")[0] == [b"* SORT 1 2 3"]
+        assert r.cmd("SORT (DATE) UTF-8 ALL")[0] == [b"* SORT 1 2 3"]
+        assert r.cmd("THREAD ORDEREDSUBJECT UTF-8 ALL")[0] == [b"* THREAD (1)(2)(3)"]
+        assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 2 1 3"]
+        r.cmd("LOGOUT")
+    finally:
+        r.close()
+    srv.deliver(ALICE, m("0", None, None))
+    r = Raw(srv.ports["imap"], ALICE, ALICE_PW)
+    try:
+        r.cmd("SELECT INBOX")
+        assert r.cmd("SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 4 2 1 3"]
+        assert r.cmd("THREAD ORDEREDSUBJECT UTF-8 ALL")[0] == [b"* THREAD (1)(2)(3)(4)"]
+    finally:
+        r.close()
+
+
+def test_keys_forget_expunged_messages():
+    keys = sort.Keys()
+    for uid in range(1, 6):
+        keys.add_full(uid, {"s": str(uid), "d": uid})
+        keys.thread[uid] = {"s": str(uid)}
+    keys.keep({2, 4})
+    assert set(keys.full) == set(keys.subject) == set(keys.date) == set(keys.thread) == {2, 4}

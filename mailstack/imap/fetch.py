@@ -447,14 +447,23 @@ def header_entry(header: bytes, search_fields: bool = True) -> dict:
     `header` must hold the whole header block; BODYSTRUCTURE is added when first asked for."""
     hend, bstart = split_header(header)
     root = Part(0, bstart, bstart, parse_headers(header[:hend]))
+    dt = _date(root)
     entry = {"v": CACHE_VERSION, "env": envelope(root).decode("latin-1"),
-             "sent": _sent_date(root), "hsize": bstart}
+             "sent": _ymd(dt), "hsize": bstart}
     if search_fields:
         entry["hs"] = _header_index(root)
-    # with the envelope, all SORT / THREAD need (sort.fields_from_envelope); the sort
-    # fields themselves are computed at the first SORT, not for every first listing
+    # with the envelope, all SORT / THREAD need (sort.fields_from_envelope); the whole sort
+    # fields are computed at the first SORT that needs them, not for every first listing,
+    # but the SUBJECT and DATE keys cost little here (the Date: is parsed already)
     entry["refs"] = _references(root)
+    entry["sl"] = _sort_light(root, dt)
     return entry
+
+
+def _sort_light(root: "Part", dt) -> list:
+    from .sort import SORT_VERSION, seconds, subject_and_reply  # sort.py owns these keys
+    subject, reply = subject_and_reply(root.header(b"subject"))
+    return [SORT_VERSION, subject, seconds(dt), int(reply)]
 
 
 def _header_index(root: "Part") -> dict:
@@ -476,6 +485,10 @@ _PLAIN_DATE = re.compile(rb"[ \t]*(?:[A-Za-z]{3},[ \t]*)?(\d{1,2}) ([A-Za-z]{3})
 
 
 def _sent_date(root: "Part") -> int | None:
+    return _ymd(_date(root))
+
+
+def _date(root: "Part"):
     date = root.header(b"date")
     if not date:
         return None
@@ -488,11 +501,14 @@ def _sent_date(root: "Part") -> int | None:
                 and int(m[7]) < 24 and int(m[8]) < 60 and year >= 1000:
             return year * 10000 + month * 100 + day
     try:
-        dt = email.utils.parsedate_to_datetime(unfold(date).decode("ascii", "replace"))
+        return email.utils.parsedate_to_datetime(unfold(date).decode("ascii", "replace"))
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+
+
+def _ymd(dt) -> int | None:
     # SENT* keys compare dates in the sender's zone (RFC 3501: "disregarding time and timezone")
-    return dt.year * 10000 + dt.month * 100 + dt.day
+    return None if dt is None else dt.year * 10000 + dt.month * 100 + dt.day
 
 
 _ENVELOPE_LINE = b'{"v":%d,"env":"' % CACHE_VERSION  # how an index line starts (store/index.py)

@@ -221,9 +221,10 @@ def message_texts(data: bytes) -> tuple[str, str]:
     """What a TEXT / BODY scan compares, case-folded, as the full-text index stores it:
     (header names and decoded values, decoded body texts), segments joined by U+FFFF."""
     root = fetch.parse(data)
-    head = TEXT_SEP.join(seg for k, v in root.headers
-                         for seg in (k.decode("ascii", "replace").lower(), _fold(_decode_words(v))))
-    body = TEXT_SEP.join(_fold(t) for t in _body_texts(data, root))
+    # folded once, joined: casefold maps each character alone, so this is each segment folded
+    head = _fold(TEXT_SEP.join(seg for k, v in root.headers
+                               for seg in (k.decode("ascii", "replace"), _decode_words(v))))
+    body = _fold(TEXT_SEP.join(_body_texts(data, root)))
     return head, body
 
 
@@ -254,6 +255,47 @@ def substitute(key: tuple, answers: dict[tuple[str, str], frozenset]) -> tuple:
     if op == "NOT":
         return ("NOT", substitute(key[1], answers))
     return key
+
+
+def compile_indexed(key: tuple):
+    """For a key made only of indexed HEADER fields, flags, UID sets of "$" and ALL, joined by
+    AND / OR / NOT (what a mail client's quick search sends): a function (MessageInfo,
+    header texts of the index) -> bool giving what matches() gives, without a Candidate
+    per message.  None for any other key."""
+    op = key[0]
+    if op == "ALL":
+        return lambda m, hs: True
+    if op == "INSET":
+        uids = key[1]
+        return lambda m, hs: m.uid in uids
+    if op == "HEADER":
+        name = key[1].lower()
+        if name not in INDEXED_HEADERS:
+            return None
+        needle = _fold(key[2])
+        if not needle:
+            return lambda m, hs: name in hs
+        return lambda m, hs: any(needle in t for t in hs.get(name, ()))
+    if op == "FLAG":
+        flag, want = key[1], key[2]
+        if flag.startswith("\\"):
+            return lambda m, hs: (flag in m.flags) == want
+        lower = flag.lower()
+        return lambda m, hs: any(f.lower() == lower for f in m.flags) == want
+    if op == "NOT":
+        inner = compile_indexed(key[1])
+        return None if inner is None else (lambda m, hs: not inner(m, hs))
+    if op in ("AND", "OR"):
+        subs = [compile_indexed(k) for k in (key[1] if op == "AND" else key[1:3])]
+        if any(f is None for f in subs):
+            return None
+        if op == "OR":
+            a, b = subs
+            return lambda m, hs: a(m, hs) or b(m, hs)
+        if len(subs) == 1:
+            return subs[0]
+        return lambda m, hs: all(f(m, hs) for f in subs)
+    return None
 
 
 def matches(key: tuple, c: Candidate) -> bool:

@@ -3,8 +3,12 @@ result options (RFC 4731), the saved result "$" (RFC 5182 SEARCHRES), ESORT and 
 (RFC 5267 / RFC 9394), WITHIN's OLDER/YOUNGER (RFC 5032), SORT and THREAD (RFC 5256,
 DISPLAY sort of RFC 5957).
 
-Matching is search.py's; sorting and threading are sort.py's and thread.py's, fed from the
-metadata index (the "sort" value of an entry, computed from the header once and kept)."""
+Matching is search.py's; sorting and threading are sort.py's and thread.py's.  Their keys
+come from the metadata index (the "sort" value of an entry; the SUBJECT key and sent date a
+listing keeps, "sl"; else the first and last items of the envelope it holds) and are kept
+in memory for the mailbox's sessions (sort.Keys in Mailbox.derived()), with the last SORT
+and THREAD answers: a message never changes under its UID, so an unchanged view gets the
+same answer, and a changed one (new, expunged) is sorted again from the kept keys."""
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +23,8 @@ from .states import FETCH_BATCH
 
 log = logging.getLogger("mailstack.imap")
 
-THREAD_AT = 500  # sorting / threading more messages than this runs in a worker thread
+THREAD_AT = 500  # threading more messages than this runs in a worker thread
+SORT_AT = 50_000  # sorting by key columns: ~0.5 µs a message, on the loop up to this many
 
 
 class SearchCommands:
@@ -137,14 +142,27 @@ class SearchCommands:
             if sets is not None:
                 key = search.substitute(key, {k: frozenset(s) for k, s in zip(wanted, sets)})
         need = search.needs(key)
+        # header fields and flags only: one compiled test per message, no Candidate
+        quick = search.compile_indexed(key) if need == "index" else None
         found: list = []
         for start in range(0, n, FETCH_BATCH):
             batch = msgs[start:start + FETCH_BATCH]
+            if need in ("sent", "index"):  # answered from the metadata index
+                entries = await self.mbox.cache_get_many([m.uid for m in batch])
+                lacking = [(start + i + 1, m) for i, m in enumerate(batch)
+                           if not _indexed(entries.get(m.uid), need == "index")]
+                if lacking:  # computed from the files (and kept) by FETCH's code
+                    entries.update(await self._cache_entries(lacking, search_fields=need == "index"))
+                if quick is not None:
+                    no_fields: dict = {}  # vanished meanwhile and never indexed: no header matches
+                    for i, m in enumerate(batch):
+                        e = entries.get(m.uid)
+                        if quick(m, (e.get("hs") if e else None) or no_fields):
+                            found.append((start + i + 1, m))
+                    continue
             cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
                                       m.uid in self.recent, n, max_uid, modseq=m.modseq) for i, m in enumerate(batch)]
-            if need in ("sent", "index"):  # answered from the metadata index
-                entries = await self._cache_entries([(c.seq, m) for c, m in zip(cands, batch)],
-                                                    search_fields=need == "index")
+            if need in ("sent", "index"):
                 for c, m in zip(cands, batch):
                     e = entries.get(m.uid)
                     c.sent = e.get("sent") if e else None
@@ -165,46 +183,95 @@ class SearchCommands:
         return found
 
     # ------------------------------------------------------------------ SORT and THREAD
-    async def _sort_items(self, cmd: Command, picked: list) -> list[sort.Item]:
-        """sort.Item of each picked message, its sort fields from the metadata index.  An
-        entry without them (a first listing indexed only the envelope, or an older index)
-        gets them now, from the envelope and References it holds or else from the header
-        read from the file, and keeps them: the next SORT reads no file."""
-        items: list[sort.Item] = []
+    async def _sort_keys(self, msgs: list, want: str) -> sort.Keys:
+        """The mailbox's sort keys (sort.Keys, shared by its sessions in memory) holding
+        every one of `msgs`: want "full" the whole "sort" values (address criteria),
+        "thread" what THREAD uses of them, "s" / "d" / "sd" the SUBJECT keys, the sent
+        dates, both.  What is missing comes from the metadata index: its "sort" value;
+        else the SUBJECT key and date a listing kept ("sl"); else the envelope it holds
+        (its first two items give SUBJECT and DATE, with its last two and References
+        THREAD's fields); else the header read from the file.  Full values computed here
+        are written back to the index, so after a restart no message is parsed for them
+        again.  A message that vanished meanwhile is left out (the caller sorts it with
+        empty fields)."""
         mbox = self.mbox
-        for start in range(0, len(picked), FETCH_BATCH):
-            batch = picked[start:start + FETCH_BATCH]
-            got: dict[int, dict] = {}
-            missing, listed, old = [], {}, {}
-            for _, m in batch:
-                e = await mbox.cache_get(m.uid)
+        derived = mbox.derived()
+        keys = derived.get("sort")
+        if not isinstance(keys, sort.Keys):
+            keys = derived["sort"] = sort.Keys()
+        view = mbox.messages
+        if len(keys.subject) + len(keys.thread) > 4 * len(view) + 2000:  # mostly expunged ones
+            keys.keep({m.uid for m in view})
+        full = want == "full"
+        if full:
+            todo = [m for m in msgs if m.uid not in keys.full]
+        elif want == "thread":
+            todo = [m for m in msgs if m.uid not in keys.full and m.uid not in keys.thread]
+        else:
+            columns = [keys.subject] * ("s" in want) + [keys.date] * ("d" in want)
+            todo = [m for m in msgs if not all(m.uid in c for c in columns)]
+        # Sorted out batch by batch, computed in one worker-thread call per kind: under
+        # load every hop to a thread waits its turn, and 20 of them cost more than the work.
+        missing, listed, heads, tails, old = [], {}, {}, {}, {}
+        for start in range(0, len(todo), FETCH_BATCH):
+            batch = todo[start:start + FETCH_BATCH]
+            got_entries = await mbox.cache_get_many([m.uid for m in batch])
+            for m in batch:
+                e = got_entries.get(m.uid)
                 if sort.valid(e):
-                    got[m.uid] = e["sort"]
+                    keys.add_full(m.uid, e["sort"])
                     continue
                 if e:
                     old[m.uid] = e
-                if e and e.get("v") == fetch.CACHE_VERSION and isinstance(e.get("env"), str) and \
-                        isinstance(e.get("refs"), str):
-                    listed[m.uid] = e  # a listing indexed the envelope: no file to read
-                else:
-                    missing.append(m)
-            fresh: dict[int, dict] = {}
-            if listed:
-                fresh.update(await asyncio.to_thread(_fields_from_entries, listed))
-                missing += [m for _, m in batch if m.uid in listed and m.uid not in fresh]
-            if missing:
-                datas = await self._read_many(missing, header_only=True)
-                fresh.update(await asyncio.to_thread(_fields_of, datas))
-            if fresh:
-                got.update(fresh)
-                try:
-                    await mbox.cache_put({uid: {**old.get(uid, {}), "sort": f} for uid, f in fresh.items()})
-                except (StoreError, OSError):
-                    log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
-            for seq, m in batch:  # a message that vanished meanwhile sorts with empty fields
-                items.append(sort.Item(m.uid if cmd.uid else seq, seq, m.size, m.internaldate,
-                                       got.get(m.uid, {})))
-        return items
+                if e and e.get("v") == fetch.CACHE_VERSION and isinstance(e.get("env"), str):
+                    if want == "thread" and isinstance(e.get("refs"), str):
+                        tails[m.uid] = e  # the envelope's first and last items, no addresses
+                        continue
+                    if not full and want != "thread":
+                        light = e.get("sl")  # the listing computed them (fetch.header_entry)
+                        if sort.light_valid(light):
+                            keys.subject[m.uid], keys.date[m.uid] = light[1], light[2]
+                        else:
+                            heads[m.uid] = e["env"]  # SUBJECT / DATE only: no address parsing
+                        continue
+                    if isinstance(e.get("refs"), str):
+                        listed[m.uid] = e  # a listing indexed the envelope: no file to read
+                        continue
+                missing.append(m)
+        if heads:
+            got = await asyncio.to_thread(_keys_from_envelopes, heads, "s" in want, "d" in want)
+            for uid, (subject, date) in got.items():
+                if "s" in want:
+                    keys.subject[uid] = subject
+                if "d" in want:
+                    keys.date[uid] = date
+            missing += [m for m in todo if m.uid in heads and m.uid not in got]
+        if tails:
+            got_thread = await asyncio.to_thread(_thread_fields_from_entries, tails)
+            keys.thread.update(got_thread)
+            listed.update({uid: e for uid, e in tails.items() if uid not in got_thread})
+        fresh: dict[int, dict] = {}
+        if listed:
+            fresh.update(await asyncio.to_thread(_fields_from_entries, listed))
+            missing += [m for m in todo if m.uid in listed and m.uid not in fresh]
+        for start in range(0, len(missing), FETCH_BATCH):  # files read: bounded memory
+            datas = await self._read_many(missing[start:start + FETCH_BATCH], header_only=True)
+            fresh.update(await asyncio.to_thread(_fields_of, datas))
+        for uid, f in fresh.items():
+            keys.add_full(uid, f)
+        if fresh:
+            try:
+                await mbox.cache_put({uid: {**old.get(uid, {}), "sort": f} for uid, f in fresh.items()})
+            except (StoreError, OSError):
+                log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
+        return keys
+
+    async def _sort_items(self, cmd: Command, picked: list) -> list[sort.Item]:
+        """sort.Item of each picked message, with its full sort fields (THREAD)."""
+        keys = await self._sort_keys([m for _, m in picked], "thread")
+        full, part = keys.full, keys.thread
+        return [sort.Item(m.uid if cmd.uid else seq, seq, m.size, m.internaldate,
+                          full.get(m.uid) or part.get(m.uid) or {}) for seq, m in picked]
 
     async def cmd_sort(self, cmd: Command) -> None:
         self._note_extension("SORT")
@@ -217,35 +284,107 @@ class SearchCommands:
             if options and "SAVE" in options:
                 self.search_result = frozenset()
             raise
-        items = await self._sort_items(cmd, picked)
         criteria = cmd.args["criteria"]
-        if len(items) > THREAD_AT:
-            items = await asyncio.to_thread(sort.order, items, criteria)
+        uids = [m.uid for _, m in picked]
+        derived = self.mbox.derived()
+        kept = derived.get("sorted")  # the last answer: messages never change under a UID
+        memo = (tuple(map(tuple, criteria)), tuple(uids),  # the internal date is a file's mtime
+                tuple(m.internaldate for _, m in picked) if {"ARRIVAL", "DATE"} & {k for k, _ in criteria} else None)
+        if kept is not None and kept[0] == memo:
+            ordered = kept[1]
         else:
-            items = sort.order(items, criteria)
+            ordered, complete = await self._sort_order(picked, uids, criteria)
+            if complete:
+                derived["sorted"] = (memo, ordered)
         if options is None:
-            line = bytearray(b"* SORT")
-            for it in items:
-                line += b" %d" % it.n
-            self.send(bytes(line))
+            if cmd.uid:
+                numbers = ordered
+            else:
+                seq_of = {m.uid: seq for seq, m in picked}
+                numbers = [seq_of[u] for u in ordered]
+            self.send(b" ".join([b"* SORT", *[b"%d" % n for n in numbers]]))
         else:
             self._note_extension("ESORT")
-            by_seq = {seq: m for seq, m in picked}
-            self._answer_esearch(cmd, [(it.seq, by_seq[it.seq]) for it in items], options, in_order=True)
+            by_uid = {m.uid: (seq, m) for seq, m in picked}
+            self._answer_esearch(cmd, [by_uid[u] for u in ordered], options, in_order=True)
         await self.done(cmd, "SORT completed")
+
+    async def _sort_order(self, picked: list, uids: list[int], criteria: list) -> tuple[list[int], bool]:
+        """The picked messages' UIDs in the order of the criteria, and whether every one had
+        its keys (not one vanished meanwhile)."""
+        keyset = {k for k, _ in criteria}
+        if keyset <= sort.LIGHT:
+            want = "s" * ("SUBJECT" in keyset) + "d" * ("DATE" in keyset)
+        else:
+            want = "full"
+        keys = await self._sort_keys([m for _, m in picked], want) if want else sort.Keys()
+        if want == "full":
+            gone = [u for u in uids if u not in keys.full]
+        else:
+            gone = [u for u in uids if ("s" in want and u not in keys.subject)
+                    or ("d" in want and u not in keys.date)]
+        if gone:  # vanished meanwhile, never indexed: sorted with empty fields (not kept)
+            keys = _with_empty(keys, gone)
+        sizes = {m.uid: m.size for _, m in picked} if "SIZE" in keyset else {}
+        dates = {m.uid: m.internaldate for _, m in picked} if keyset & {"ARRIVAL", "DATE"} else {}
+        if len(uids) > SORT_AT:
+            return await asyncio.to_thread(sort.order_uids, uids, criteria, keys, sizes, dates), not gone
+        return sort.order_uids(uids, criteria, keys, sizes, dates), not gone
 
     async def cmd_thread(self, cmd: Command) -> None:
         algorithm = cmd.args["algorithm"]
         self._note_extension("THREAD=" + algorithm)
         picked = await self._matching(cmd.args["key"])
-        items = await self._sort_items(cmd, picked)
+        # The answer depends only on the messages (immutable under their UIDs) and the
+        # numbers given: the last ones are kept per mailbox, as Dovecot keeps its thread index.
+        keys = self.mbox.derived().get("sort")
+        memo = (algorithm, cmd.uid, tuple(m.uid for _, m in picked),
+                None if cmd.uid else tuple(seq for seq, _ in picked),
+                tuple(m.internaldate for _, m in picked))  # a message without Date: sorts by it
+        text = keys.threads.get(memo) if isinstance(keys, sort.Keys) else None
+        if text is None:
+            items = await self._sort_items(cmd, picked)
+            keys = self.mbox.derived()["sort"]
+            def work() -> bytes:
+                return thread.render(thread.thread(algorithm, items))
 
-        def work() -> bytes:
-            return thread.render(thread.thread(algorithm, items))
-
-        text = await asyncio.to_thread(work) if len(items) > THREAD_AT else work()
+            text = await asyncio.to_thread(work) if len(items) > THREAD_AT else work()
+            if all(it.f for it in items):  # not one sorted with empty fields
+                if len(keys.threads) >= 4:
+                    keys.threads.clear()
+                keys.threads[memo] = text
         self.send(b"* THREAD " + text if text else b"* THREAD")
         await self.done(cmd, "THREAD completed")
+
+
+def _indexed(e: dict | None, search_fields: bool) -> bool:
+    """Does the index entry answer a search (what _cache_entries accepts)?"""
+    return bool(e) and e.get("v") == fetch.CACHE_VERSION and (not search_fields or "hs" in e)
+
+
+def _with_empty(keys: sort.Keys, uids: list[int]) -> sort.Keys:
+    """A copy of `keys` where these UIDs have empty fields (the shared one is not changed)."""
+    out = sort.Keys()
+    out.full, out.subject, out.date = dict(keys.full), dict(keys.subject), dict(keys.date)
+    for uid in uids:
+        out.add_full(uid, {})
+    return out
+
+
+def _keys_from_envelopes(envelopes: dict[int, str], subject: bool, date: bool
+                         ) -> dict[int, tuple[str | None, int | None]]:
+    """Blocking (CPU): (SUBJECT key, sent date) from index entries' envelopes, each only if
+    asked; unparseable ones left out."""
+    out = {}
+    for uid, env in envelopes.items():
+        try:
+            head = sort.envelope_head(env.encode("latin-1"))
+        except (UnicodeEncodeError, ValueError):
+            head = None
+        if head is not None:
+            out[uid] = (sort.subject_key(head[1]) if subject else None,
+                        sort.sent_date(head[0]) if date else None)
+    return out
 
 
 def _fields_of(datas: dict[int, bytes]) -> dict[int, dict]:
@@ -254,6 +393,21 @@ def _fields_of(datas: dict[int, bytes]) -> dict[int, dict]:
     for uid, data in datas.items():
         hend, _ = fetch.split_header(data)
         out[uid] = sort.fields(fetch.parse_headers(data[:hend]))
+    return out
+
+
+def _thread_fields_from_entries(entries: dict[int, dict]) -> dict[int, dict]:
+    """Blocking (CPU): THREAD's fields from index entries' envelopes; unparseable ones left out."""
+    out = {}
+    for uid, e in entries.items():
+        light = e.get("sl")
+        try:
+            f = sort.thread_fields_from_envelope(e["env"].encode("latin-1"), e["refs"].encode("latin-1"),
+                                                 light if sort.light_valid(light) else None)
+        except UnicodeEncodeError:
+            f = None
+        if f is not None:
+            out[uid] = f
     return out
 
 

@@ -3,7 +3,11 @@
 `base_subject()` is the base subject extraction of RFC 5256 section 2.1; `fields()` turns a
 message header into the sort-ready values the metadata index keeps under the key "sort"
 (casemapped strings, the sent date as a UTC timestamp, and what THREAD needs: Message-ID
-and the parent references); `order()` sorts messages by a list of sort criteria.
+and the parent references); `order()` sorts messages by a list of sort criteria, and
+`order_uids()` does the same from key columns (sort.Keys: a dict lookup per message in C
+instead of a Python key function).  `envelope_head()` / `envelope_tail()` read the first /
+last two items of a rendered ENVELOPE, enough for SUBJECT, DATE and THREAD without
+parsing the address lists.
 
 Strings compare as Dovecot compares them (i;unicode-casemap, RFC 5051: each character
 title-cased, then decomposed), which for ASCII is the i;ascii-casemap of RFC 5256.
@@ -11,6 +15,7 @@ title-cased, then decomposed), which for ASCII is the i;ascii-casemap of RFC 525
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -160,6 +165,13 @@ def sent_date(value: bytes | None) -> int | None:
         dt = email.utils.parsedate_to_datetime(_unfold(value).decode("ascii", "replace"))
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    return seconds(dt)
+
+
+def seconds(dt) -> int | None:
+    """A parsed Date: as UTC seconds (sent_date's value); None for None."""
+    if dt is None:
+        return None
     try:
         if dt.tzinfo is None:  # "-0000" or an unknown zone: treated as UTC
             return int(dt.replace(tzinfo=email.utils.datetime.timezone.utc).timestamp())
@@ -193,11 +205,127 @@ def fields_from_envelope(envelope: bytes, references: bytes | None) -> dict | No
                    references or None, irt)
 
 
-def _fields(subject, frm, to, cc, date, mid, references, irt) -> dict:
+def _subject(subject: bytes | None) -> tuple[str, bool]:
+    """(SUBJECT sort key, a reply or forward?) of a raw Subject: value."""
     text, reply = base_subject(_decode_words(_unfold(subject or b"")))
-    out = {"v": SORT_VERSION, "s": casemap(text), "f": casemap(_mailbox(frm)),
-           "t": casemap(_mailbox(to)), "c": casemap(_mailbox(cc)),
-           "df": casemap(_display(frm)), "dt": casemap(_display(to)), "d": sent_date(date)}
+    return casemap(text), reply
+
+
+_subject_cached = functools.lru_cache(maxsize=4096)(_subject)  # a thread's messages share subjects
+
+
+def subject_and_reply(subject: bytes | None) -> tuple[str, bool]:
+    """(SUBJECT sort key, a reply or forward?) of a raw Subject: value."""
+    return _subject_cached(subject)
+
+
+def subject_key(subject: bytes | None) -> str:
+    """The SUBJECT sort key of a raw Subject: value."""
+    return _subject_cached(subject)[0]
+
+
+def envelope_head(envelope: bytes) -> tuple[bytes | None, bytes | None] | None:
+    """(Date, Subject) as the rendered ENVELOPE's first two items hold them: what SORT by
+    SUBJECT and DATE need (subject_key, sent_date), without parsing the address lists.
+    None when those two items do not parse."""
+    if not envelope.startswith(b"("):
+        return None
+    got: list = []
+    i = 1
+    for _ in range(2):
+        m = _TOKEN.match(envelope, i)
+        if m is None:
+            return None
+        i = m.end()
+        kind = m.lastindex
+        if kind == 3:
+            text = m.group(3)
+            got.append(_ESCAPED.sub(rb"\1", text) if b"\\" in text else text)
+        elif kind == 4:
+            size = int(m.group(4))
+            got.append(envelope[i:i + size])
+            i += size
+        elif kind == 5 and m.group(5).upper() == b"NIL":
+            got.append(None)
+        else:
+            return None
+    return got[0], got[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_keys(a: addresses.Address | None) -> tuple[str, str]:
+    """(FROM/TO/CC key, DISPLAYFROM/DISPLAYTO key) of a first address, remembered (mail
+    repeats its correspondents)."""
+    return casemap(_mailbox(a)), casemap(_display(a))
+
+
+def envelope_tail(envelope: bytes) -> tuple[bytes | None, bytes | None] | None:
+    """(In-Reply-To, Message-ID) as the rendered ENVELOPE's last two items hold them, read
+    backwards from its end without parsing the address lists; None when the envelope has
+    a literal or the items are not NIL or quoted strings (the caller parses it whole)."""
+    if not envelope.endswith(b")") or b"}\r\n" in envelope:
+        return None
+    got: list = []
+    end = len(envelope) - 1  # one past the item's last byte
+    for _ in range(2):
+        if envelope[end - 3:end] == b"NIL":
+            start = end - 3
+            got.append(None)
+        elif envelope[end - 1:end] == b'"':
+            start = end - 1
+            while True:  # the opening quote: every quote inside is escaped (odd backslashes)
+                start = envelope.rfind(b'"', 0, start)
+                if start < 0:
+                    return None
+                slashes = start - len(envelope[:start].rstrip(b"\\"))
+                if slashes % 2 == 0:
+                    break
+            text = envelope[start + 1:end - 1]
+            got.append(_ESCAPED.sub(rb"\1", text) if b"\\" in text else text)
+        else:
+            return None
+        if envelope[start - 1:start] != b" ":
+            return None
+        end = start - 1
+    return got[1], got[0]
+
+
+def thread_fields_from_envelope(envelope: bytes, references: bytes | None, light: list | None = None
+                                ) -> dict | None:
+    """What THREAD needs of fields_from_envelope's value ("s", "rf", "d", "id", "r"), from
+    the envelope's first and last two items alone (the first two not even parsed when the
+    listing's `light` value [SORT_VERSION, subject key, date, reply?] is given); None when
+    they do not parse."""
+    tail = envelope_tail(envelope)
+    if tail is None:
+        return None
+    if light is not None:
+        _, key, date, reply = light
+    else:
+        head = envelope_head(envelope)
+        if head is None:
+            return None
+        (key, reply), date = _subject_cached(head[1]), sent_date(head[0])
+    out = {"s": key, "d": date}
+    if reply:
+        out["rf"] = 1
+    irt, mid = tail
+    ids = message_ids(mid)
+    if ids:
+        out["id"] = ids[0]
+    refs = message_ids(references or None) or message_ids(irt)[:1]
+    if refs:
+        out["r"] = refs[-MAX_REFERENCES:]
+    return out
+
+
+THREAD_KEYS = ("s", "rf", "d", "id", "r")
+
+
+def _fields(subject, frm, to, cc, date, mid, references, irt) -> dict:
+    key, reply = _subject_cached(subject)
+    (f, df), (t, dt), (c, _) = _address_keys(frm), _address_keys(to), _address_keys(cc)
+    out = {"v": SORT_VERSION, "s": key, "f": f, "t": t, "c": c, "df": df, "dt": dt, "d": sent_date(date)}
     if reply:
         out["rf"] = 1
     ids = message_ids(mid)
@@ -280,6 +408,12 @@ def _parse_tokens(data: bytes):
     return stack[0][0]
 
 
+def light_valid(light) -> bool:
+    """Is an entry's "sl" value ([SORT_VERSION, SUBJECT key, sent seconds, reply?], what a
+    listing keeps: fetch.header_entry) current?"""
+    return isinstance(light, list) and len(light) == 4 and light[0] == SORT_VERSION
+
+
 def valid(entry: dict | None) -> bool:
     """Does an index entry hold current sort fields?"""
     value = entry.get("sort") if entry else None
@@ -314,6 +448,63 @@ _KEYS = {
     "DISPLAYFROM": lambda it: it.f.get("df", ""),
     "DISPLAYTO": lambda it: it.f.get("dt", ""),
 }
+
+
+# Criteria answered from the envelope's first items (envelope_head) and the message list.
+LIGHT = frozenset({"ARRIVAL", "DATE", "SIZE", "SUBJECT"})
+
+
+class Keys:
+    """The sort keys of one mailbox's messages by UID, kept in memory for every session
+    (Mailbox.derived()): a message never changes under its UID, so they are computed once.
+    `full` holds the index's "sort" values; `subject` and `date` the SUBJECT key and sent
+    date of every message in `full` and of others (from envelope_head).
+    Mutated on the event loop only."""
+
+    def __init__(self) -> None:
+        self.full: dict[int, dict] = {}
+        self.subject: dict[int, str] = {}
+        self.date: dict[int, int | None] = {}
+        self.thread: dict[int, dict] = {}  # THREAD's fields only (thread_fields_from_envelope)
+        self.threads: dict = {}  # (algorithm, answer key) -> rendered THREAD data (thread.py)
+
+    def keep(self, uids: set[int]) -> None:
+        """Forget the messages not in `uids` (expunged: their UIDs never come back)."""
+        for column in (self.full, self.subject, self.date, self.thread):
+            for uid in [u for u in column if u not in uids]:
+                del column[uid]
+
+    def add_full(self, uid: int, f: dict) -> None:
+        self.full[uid] = f
+        self.subject[uid] = f.get("s", "")
+        self.date[uid] = f.get("d")
+
+
+
+_FULL_FIELD = {"CC": "c", "FROM": "f", "TO": "t", "DISPLAYFROM": "df", "DISPLAYTO": "dt"}
+
+
+def order_uids(uids: list[int], criteria: list[tuple[str, bool]], keys: Keys,
+               sizes: dict[int, int], dates: dict[int, float]) -> list[int]:
+    """What order() gives, for UIDs in mailbox order, from precomputed key columns: each
+    stable sort's key is a dict lookup in C, no Python call per comparison or message.
+    Every UID must be in `keys` (full for criteria outside LIGHT)."""
+    out = list(uids)
+    for key, reverse in reversed(criteria):
+        if key == "SUBJECT":
+            column = keys.subject
+        elif key == "SIZE":
+            column = sizes
+        elif key == "ARRIVAL":
+            column = dates
+        elif key == "DATE":
+            sent = keys.date
+            column = {u: dates[u] if sent[u] is None else sent[u] for u in out}
+        else:
+            field, full = _FULL_FIELD[key], keys.full
+            column = {u: full[u].get(field, "") for u in out}
+        out.sort(key=column.__getitem__, reverse=reverse)
+    return out
 
 
 def order(items: list[Item], criteria: list[tuple[str, bool]]) -> list[Item]:

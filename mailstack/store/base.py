@@ -167,9 +167,20 @@ class Mailbox(abc.ABC):
         """The parsed-metadata cache entry of a message (envelope, body structure ...), or None.
         The store persists it; the IMAP layer decides what is in it (JSON-able values)."""
 
+    async def cache_get_many(self, uids: Iterable[int]) -> dict[int, dict | None]:
+        """cache_get of several messages in one call (a SORT of 10,000 asks for all)."""
+        return {uid: await self.cache_get(uid) for uid in uids}
+
     @abc.abstractmethod
     async def cache_put(self, entries: dict[int, dict]) -> None:
         """Persist cache entries for several messages at once (one write)."""
+
+    def derived(self) -> dict:
+        """A dict shared by every session of this mailbox in this process, for the protocol
+        layer's in-memory caches of values derived from message contents (SORT keys, THREAD
+        trees): a message never changes under its UID, so they hold until the UIDVALIDITY
+        changes, when the dict is emptied.  This default is one view's own dict."""
+        return self.__dict__.setdefault("_derived", {})
 
     async def fulltext_search(self, queries: list[tuple[str, bool]]) -> list[set[int]] | None:
         """For each (case-folded string, body only?) the UIDs of this view whose text (or

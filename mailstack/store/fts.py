@@ -19,16 +19,27 @@ those) and are ignored: only bases in the caller's view count.  When they outnum
 live ones the file is dropped and rebuilt.  A damaged, unreadable or replaced file is
 noticed and dropped too: the index is derived data.
 
+Writes: add() takes a batch (a delivery's group, or BATCH messages read from files) and
+sends each table's rows as one JSON array in one INSERT ... SELECT FROM json_each, so a
+batch is a few statements, not three a message.  Messages the index lacks are read by the
+search that needs them; their batches are written by one writer thread (`_writer`) while
+the next batch is read and parsed, so the trigram insertion (SQLite, without the GIL)
+overlaps the Python parsing.  Nothing is left to do after the answer: a background write
+was tried and slowed every following command on a loaded 2-core machine.
+
 The module-level functions are blocking (worker threads); one connection per mailbox file,
 used under its own lock.  MailboxFulltext is the event-loop side.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +51,7 @@ MIN_NEEDLE = 3  # characters: the trigram tokenizer's unit
 _MAX_OPEN = 64  # connections kept open (per mailbox file)
 SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
 BATCH = 500  # messages per transaction when adding from files
+LAG = 4  # batches read ahead of the writer (their texts wait in memory: ~2 M characters each)
 QUEUE_MAX = 2000  # delivered messages per transaction (their texts wait in memory)
 # Two tables: detail=none allows no column filter, and BODY must not match the header.
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
@@ -48,6 +60,7 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UN
            "CREATE VIRTUAL TABLE IF NOT EXISTS head USING fts5(t, content='', detail=none, "
            "tokenize='trigram case_sensitive 1');")
 
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fts-write")  # index_files' writes
 _open: dict[str, "_Conn"] = {}
 _open_lock = threading.Lock()
 
@@ -122,7 +135,10 @@ def indexed(path: Path) -> tuple[set[str], tuple[int, int] | None]:
 
 
 def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
-    """docs: (base, head text, body text) as message_texts gives them."""
+    """docs: (base, head text, body text) as message_texts gives them.  One statement per
+    table for the whole batch (the rows passed as a JSON array): sqlite3 lets go of the GIL
+    for each statement it steps, and a thread that must take it back for every row waits
+    behind a busy event loop each time (up to the 5 ms switch interval)."""
     if not docs:
         return
     c = _conn(path)
@@ -130,11 +146,21 @@ def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
         db = c.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            have = {row[0] for row in db.execute(
+                "SELECT base FROM docs WHERE base IN (SELECT value FROM json_each(?))",
+                (json.dumps([base for base, _, _ in docs]),))}
+            fresh: dict[str, tuple[str, str]] = {}
             for base, head, body in docs:
-                cur = db.execute("INSERT OR IGNORE INTO docs(base) VALUES (?)", (base,))
-                if cur.rowcount:
-                    db.execute("INSERT INTO body(rowid, t) VALUES (?, ?)", (cur.lastrowid, body))
-                    db.execute("INSERT INTO head(rowid, t) VALUES (?, ?)", (cur.lastrowid, head))
+                if base not in have and base not in fresh:
+                    fresh[base] = (head, body)
+            if fresh:
+                first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM docs").fetchone()[0]
+                db.execute("INSERT INTO docs(id, base) SELECT ? + key, value FROM json_each(?)",
+                           (first, json.dumps(list(fresh))))
+                db.execute("INSERT INTO body(rowid, t) SELECT ? + key, value FROM json_each(?)",
+                           (first, json.dumps([body for _, body in fresh.values()])))
+                db.execute("INSERT INTO head(rowid, t) SELECT ? + key, value FROM json_each(?)",
+                           (first, json.dumps([head for head, _ in fresh.values()])))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -143,7 +169,7 @@ def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
 
 def usable(needle: str) -> bool:
     """Can the index answer a search for this (case-folded) string?"""
-    return len(needle) >= MIN_NEEDLE and SEP not in needle
+    return len(needle) >= MIN_NEEDLE and SEP not in needle and "\x00" not in needle  # SQL text ends at NUL
 
 
 def candidates(path: Path, needle: str, body_only: bool) -> set[str]:
@@ -173,10 +199,40 @@ def index_files(path: Path, files: list[tuple[str, Path]],
     were not delivered here, or were before the index existed).  A file renamed meanwhile
     (new/ to cur/, a flag change) is looked up once more with `relocate` (base -> file
     now).  `seen(base, head, body)` is told each message's texts on the way (a search
-    answers from them).  Returns the bases added."""
-    from ..imap.search import message_texts
+    answers from them).  The batches are written by one writer thread while the next ones
+    are read and parsed here (up to LAG batches behind): SQLite's trigram insertion runs
+    without the GIL, so this costs about the longer of the two when a second core is free.
+    Returns the bases added."""
     added: set[str] = set()
     batch: list[tuple[str, str, str]] = []
+    writing: deque[tuple[Future, list[str]]] = deque()
+
+    def write(docs: list[tuple[str, str, str]]) -> None:
+        while len(writing) >= LAG:  # bounded memory; a write's error is raised here
+            writing.popleft()[0].result()
+        writing.append((_writer.submit(add, path, docs), [b for b, _, _ in docs]))
+        added.update(b for b, _, _ in docs)
+    try:
+        for base, head, body in _texts(files, relocate):
+            if seen is not None:
+                seen(base, head, body)
+            batch.append((base, head, body))
+            if len(batch) >= BATCH:
+                write(batch)
+                batch = []
+        if batch:
+            write(batch)
+    except BaseException:
+        wait([f for f, _ in writing])  # nothing left writing behind the caller's back
+        raise
+    while writing:
+        writing.popleft()[0].result()
+    return added
+
+
+def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]] | None):
+    """(base, head text, body text) of each file that can be read (after one relocate)."""
+    from ..imap.search import message_texts
     moved: list[str] = []
     for attempt in range(2):
         for base, file in files:
@@ -186,22 +242,12 @@ def index_files(path: Path, files: list[tuple[str, Path]],
             except FileNotFoundError:
                 moved.append(base)
                 continue
-            head, body = message_texts(data)
-            if seen is not None:
-                seen(base, head, body)
-            batch.append((base, head, body))
-            if len(batch) >= BATCH:
-                add(path, batch)
-                added.update(b for b, _, _ in batch)
-                batch = []
+            yield (base, *message_texts(data))
         if not moved or relocate is None or attempt:
-            break
+            return
         now = relocate()
         files = [(b, now[b]) for b in moved if b in now]
         moved = []
-    add(path, batch)
-    added.update(b for b, _, _ in batch)
-    return added
 
 
 def _holds(head: str, body: str, needle: str, body_only: bool) -> bool:
@@ -213,9 +259,9 @@ def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
            relocate: Callable[[], dict[str, Path]] | None = None) -> tuple[list[set[str]], set[str]] | None:
     """For each (folded string, body only?) the bases of `files` whose texts hold it, and
     the bases added to the index.  The `missing` messages are read, answered from their
-    texts and added (one pass: a first search costs a scan plus the insertions); the
-    others come from the index's candidates, checked against the message itself.  None
-    when a file is gone (renamed meanwhile, not found again): the caller scans."""
+    texts and added (one pass: a first search costs a scan, the insertions overlapping
+    it); the others come from the index's candidates, checked against the message itself.
+    None when a file is gone (renamed meanwhile, not found again): the caller scans."""
     from ..imap.search import message_texts
     out: list[set[str]] = [set() for _ in queries]
 

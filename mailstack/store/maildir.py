@@ -68,6 +68,7 @@ log = logging.getLogger("mailstack.store")
 
 TRASH_PREFIX = "mailstack-deleted."
 MAX_IDLE_STATES = 256  # loaded mailboxes kept without any session, for delivery and STATUS
+DERIVED_KEPT = 16  # mailboxes without a session that keep their SORT keys and answers (derived())
 SPECIAL_USE_ATTRS = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
 
 
@@ -81,6 +82,7 @@ class MaildirStore(Store):
         self.events = events
         self.group_sync = group_sync
         self._states: dict[tuple[str, str], _State] = {}
+        self._derived_kept: dict[int, _State] = {}  # released states holding derived(), oldest first
         self._account_locks: dict[str, asyncio.Lock] = {}
         self.group_writer = GroupWriter()  # deliveries: group commit (groupwrite.py)
 
@@ -152,6 +154,13 @@ class MaildirStore(Store):
         if st.refs <= 0:
             st.index = None  # the biggest part; reloaded on demand
             st.fulltext.release()
+            if st.derived:  # the next session's SORT / THREAD reuse it: kept for the last few
+                self._derived_kept.pop(id(st), None)
+                self._derived_kept[id(st)] = st
+                while len(self._derived_kept) > DERIVED_KEPT:
+                    old = self._derived_kept.pop(next(iter(self._derived_kept)))
+                    if old.refs <= 0:
+                        old.derived = {}
 
     def _forget(self, account: str, name: str) -> set[str]:
         """Drop states of a renamed mailbox and its children; publish "deleted" for them."""

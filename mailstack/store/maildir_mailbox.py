@@ -81,6 +81,8 @@ class _State:
         # of making 100,000 new ones.  A view never changes a MessageInfo in place (a
         # change is a new object: MaildirMailbox._replace), so sharing is safe.
         self.view_cache: tuple | None = None
+        self.derived: dict = {}  # Mailbox.derived(): the protocol layer's caches (SORT keys)
+        self.derived_uidvalidity = 0
 
     # -- scanning --------------------------------------------------------------------------
 
@@ -676,14 +678,21 @@ class MaildirMailbox(Mailbox):
         if entries:
             await self._st.cache_put(entries)
 
+    def derived(self) -> dict:
+        st = self._st
+        if st.derived_uidvalidity != st.ul.uidvalidity:
+            st.derived, st.derived_uidvalidity = {}, st.ul.uidvalidity
+        return st.derived
+
     async def fulltext_search(self, queries: list[tuple[str, bool]]) -> list[set[int]] | None:
         self._check_open()
         st = self._st
         view = {uid: e for uid in self._index if (e := st.entries.get(uid)) is not None}
 
-        def relocate() -> dict[str, Path]:  # blocking: where each file is now
-            return {base: st.path / sub / name for base, (sub, name, _) in _list(st.path).items()}
-        found = await st.fulltext.search({e.base: st.path / e.sub / e.name for e in view.values()},
+        def relocate() -> dict[str, str]:  # blocking: where each file is now
+            return {base: f"{root}/{sub}/{name}" for base, (sub, name, _) in _list(st.path).items()}
+        root = os.fspath(st.path)  # str paths: 10,000 Path joins cost more than the search
+        found = await st.fulltext.search({e.base: f"{root}/{e.sub}/{e.name}" for e in view.values()},
                                          queries, relocate)
         if found is None:
             return None
