@@ -1200,7 +1200,10 @@ class MaildirStore(Store):
         if entry is None:
             return
         texts = entry.pop("fts", None)
-        if texts is not None:
+        if texts is True:  # its rows are in (derived.py): the next search need not add them
+            if st.fulltext.bases is not None:
+                st.fulltext.bases.add(base)
+        elif texts is not None:
             st.fulltext.queue(base, *texts)
         if st.index is not None and st.index.uidvalidity == st.ul.uidvalidity:
             st.index.note_delivered(base, entry)
