@@ -1189,8 +1189,8 @@ class MaildirStore(Store):
         finally:
             st.refs -= 1
         st.dirty = True
-        if self.quota is not None:
-            await self.quota.charge(st.account, size, 1)
+        if self.quota is not None:  # written after the reply, counted by checks from now (quota.py)
+            self.quota.charge_soon(st.account, size, 1)
         self._publish(st.account, st.name, "new", (), None)
         return True
 

@@ -372,6 +372,7 @@ class Quota:
         self._tasks: set[asyncio.Task] = set()
         self._memo: dict[str, tuple[Usage, Limits, float]] = {}  # account -> (usage, limits, when)
         self._pending: dict[str, list[int]] = {}  # account -> [bytes, messages, changes] not yet written
+        self._writing: dict[str, tuple[int, int]] = {}  # account -> (bytes, messages) being written
 
     def _lock(self, account: str) -> asyncio.Lock:
         lock = self._locks.get(account)
@@ -438,6 +439,7 @@ class Quota:
         limits = self.limits_of(account)
         if not exempt.get() and not limits.unlimited:
             usage, _ = await self.usage(account)
+            usage = self._with_unwritten(account, usage)
             refused = refusal(usage, limits, storage, messages)
             if refused is not None:
                 log.info("quota: %s: %s (%d of %d bytes, %d of %d messages in use)", account, refused,
@@ -445,17 +447,49 @@ class Quota:
                 raise refused
         self.begin(account)
 
-    async def charge(self, account: str, storage: int, messages: int) -> None:
-        """Record a change made (negative when messages went) and end it.  Never raises: the
-        numbers are counted again later if this fails.  Changes recorded while another is
-        being written are written together, as one line, by the next to take the lock."""
+    def _with_unwritten(self, account: str, usage: Usage) -> Usage:
+        """`usage` plus the changes recorded by charge() and not yet in the file and the memo
+        (a delivery's charge is written after its reply: charge_soon)."""
+        pending, writing = self._pending.get(account), self._writing.get(account)
+        if pending is None and writing is None:
+            return usage
+        storage, messages = usage.storage, usage.messages
+        for change in (pending, writing):
+            if change is not None:
+                storage, messages = storage + change[0], messages + change[1]
+        return Usage(storage, messages)
+
+    def charge_soon(self, account: str, storage: int, messages: int) -> None:
+        """charge() without waiting for its line to be written: a delivery's reply does not
+        wait for a thread hand-off.  Exact all the same: check() counts the change from
+        now on (_with_unwritten); GETQUOTA's fresh look waits for the account's lock, which
+        the charge takes at once.  A crash before the line is written loses only the line:
+        every account is counted again at its first look after a start (_due)."""
+        if not self._note(account, storage, messages):
+            return
+        task = asyncio.get_running_loop().create_task(self._write(account))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _note(self, account: str, storage: int, messages: int) -> bool:
+        """The change joins the account's pending one; False: nothing to write."""
         if not storage and not messages:
             self._end(account)
-            return
+            return False
         pending = self._pending.setdefault(account, [0, 0, 0])
         pending[0] += storage
         pending[1] += messages
         pending[2] += 1
+        return True
+
+    async def charge(self, account: str, storage: int, messages: int) -> None:
+        """Record a change made (negative when messages went) and end it.  Never raises: the
+        numbers are counted again later if this fails.  Changes recorded while another is
+        being written are written together, as one line, by the next to take the lock."""
+        if self._note(account, storage, messages):
+            await self._write(account)
+
+    async def _write(self, account: str) -> None:
         limits = self.limits_of(account)
         path = self.account_dir(account)
         async with self._lock(account):
@@ -463,6 +497,7 @@ class Quota:
             if pending is None:  # written, with the others, by a charge that held the lock
                 return
             storage, messages, changes = pending
+            self._writing[account] = (storage, messages)
             try:
                 quiet = self._under_way(account) <= changes  # only these: a count includes them
                 before, after, counted = await asyncio.to_thread(change, path, limits, storage, messages,
@@ -475,6 +510,7 @@ class Quota:
                 await asyncio.to_thread(forget, path)
                 return
             finally:
+                self._writing.pop(account, None)
                 for _ in range(changes):
                     self._end(account)
         level = self.warn_percent() if callable(self.warn_percent) else self.warn_percent
