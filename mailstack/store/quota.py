@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import re
@@ -88,6 +89,7 @@ class Usage:
 
 # --------------------------------------------------------------------------- pure helpers
 
+@functools.lru_cache(maxsize=256)  # the [quota] default is parsed at every delivery's check
 def parse_size(text: str) -> int:
     """"500M", "1G", "1024", "10 KiB" -> bytes (K/M/G/T are powers of 1024).  ValueError
     with a one-line reason otherwise."""
