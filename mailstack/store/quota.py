@@ -473,6 +473,11 @@ class Quota:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def settled(self) -> None:
+        """Returns when every charge so far is written (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def _note(self, account: str, storage: int, messages: int) -> bool:
         """The change joins the account's pending one; False: nothing to write."""
         if not storage and not messages:
