@@ -9,10 +9,8 @@ MAILSTACK_CLIENT_MATRIX=docs/imap-clients.md to write it again.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import shutil
 import smtplib
 import ssl
 import subprocess
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import sync_clients
 from harness import MailServer, wait_for
 
 DOMAIN = "example.test"
@@ -147,37 +146,10 @@ set sort=threads
 def test_mbsync_two_way(server, tmp_path):
     seed(server, "mbsync")
     user, pw = account("mbsync")
-    local = tmp_path / "mail"
-    local.mkdir()
-    rc = tmp_path / "mbsyncrc"
-    rc.write_text(f"""
-IMAPAccount remote
-Host 127.0.0.1
-Port {server.ports['imaps']}
-User {user}
-Pass {pw}
-SSLType IMAPS
-CertificateFile {server.cert_path}
-
-IMAPStore remote
-Account remote
-
-MaildirStore local
-Path {local}/
-Inbox {local}/INBOX
-SubFolders Verbatim
-
-Channel sync
-Far :remote:
-Near :local:
-Patterns *
-Create Both
-Expunge Both
-SyncState *
-""")
+    local, mbsync = sync_clients.mbsync(tmp_path, port=server.ports["imaps"], user=user, password=pw,
+                                        cert=server.cert_path)
     for _ in range(2):
-        r = subprocess.run(["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stdout + r.stderr
+        mbsync()
         if not list((local / "INBOX" / "cur").iterdir()) and not list((local / "INBOX" / "new").iterdir()):
             continue
         (local / "INBOX" / "new").joinpath("1.local").write_bytes(b"From: me@x.test\nSubject: up\n\nup\n")
@@ -188,39 +160,10 @@ SyncState *
 
 
 def test_offlineimap_sync(server, tmp_path):
-    exe = shutil.which("offlineimap3") or shutil.which("offlineimap")
-    assert exe, "offlineimap3 is not installed (apt-get install offlineimap3)"
     seed(server, "offlineimap")
     user, pw = account("offlineimap")
-    der = ssl.PEM_cert_to_DER_cert(server.cert_path.read_text())
-    local = tmp_path / "oi"
-    rc = tmp_path / "offlineimaprc"
-    rc.write_text(f"""
-[general]
-accounts = test
-metadata = {tmp_path}/meta
-ui = quiet
-
-[Account test]
-localrepository = local
-remoterepository = remote
-
-[Repository local]
-type = Maildir
-localfolders = {local}
-
-[Repository remote]
-type = IMAP
-remotehost = 127.0.0.1
-remoteport = {server.ports['imaps']}
-remoteuser = {user}
-remotepass = {pw}
-ssl = yes
-cert_fingerprint = {hashlib.sha512(der).hexdigest()}
-folderfilter = lambda f: f == "INBOX"
-""")
-    r = subprocess.run([exe, "-c", str(rc), "-o", "-u", "quiet"], capture_output=True, text=True, timeout=90)
-    assert r.returncode == 0, r.stdout + r.stderr
+    local = sync_clients.offlineimap(tmp_path, port=server.ports["imaps"], user=user, password=pw,
+                                     cert=server.cert_path)
     got = [p for sub in ("new", "cur") for p in (local / "INBOX" / sub).iterdir()]
     assert len(got) == 3
     cmds, _ = used(server, "offlineimap")

@@ -10,7 +10,6 @@ import os
 import re
 
 import socket
-import subprocess
 import threading
 import tracemalloc
 import zlib
@@ -18,6 +17,7 @@ import zlib
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import sync_clients
 from harness import wait_for
 from imap_fixtures import HOST, InProcessIMAP
 
@@ -296,37 +296,11 @@ def test_mbsync_uses_compress(srv, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mailstack.imap")
     for i in range(30):
         srv.deliver(ALICE, msg(i, b"line of body text\r\n" * 200))
-    local = tmp_path / "mail"
-    local.mkdir()
-    rc = tmp_path / "mbsyncrc"
-    rc.write_text(f"""
-IMAPAccount remote
-Host 127.0.0.1
-Port {srv.ports['imaps']}
-User {ALICE}
-Pass {PW}
-SSLType IMAPS
-CertificateFile {srv.cert}
-
-IMAPStore remote
-Account remote
-
-MaildirStore local
-Path {local}/
-Inbox {local}/INBOX
-
-Channel sync
-Far :remote:
-Near :local:
-Patterns INBOX
-Create Near
-SyncState *
-""")
-    r = subprocess.run(["mbsync", "-D", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "COMPRESS DEFLATE" in r.stdout + r.stderr
-    files = list((local / "INBOX" / "new").iterdir()) + list((local / "INBOX" / "cur").iterdir())
-    assert len(files) == 30
+    local, mbsync = sync_clients.mbsync(tmp_path, port=srv.ports["imaps"], user=ALICE, password=PW, cert=srv.cert,
+                                        two_way=False, debug=True)
+    output = mbsync()
+    assert "COMPRESS DEFLATE" in output
+    assert len(sync_clients.maildir_files(local / "INBOX")) == 30
     assert any(r.getMessage() == "IMAP COMPRESS=DEFLATE on" for r in caplog.records)
 
 

@@ -2,17 +2,15 @@
 SMTP, read by real clients (Python's imaplib, Debian's mbsync, curl, offlineimap)."""
 from __future__ import annotations
 
-import hashlib
 import imaplib
-import shutil
 import smtplib
 import socket
-import ssl
 import subprocess
 import time
 
 import pytest
 
+import sync_clients
 from harness import HOSTNAME, MailServer, wait_for
 
 USERS = {"carol@example.test": "c-pass", "dave@example.test": "d-pass", "erin@example.test": "e-pass",
@@ -104,41 +102,11 @@ def test_mbsync_syncs_down_and_changes_back_up(server, tmp_path):
     c = imap(server, user)
     wait_for(lambda: c.select("INBOX")[1] == [b"3"], what="delivery")
     c.logout()
-    local = tmp_path / "mail"
-    local.mkdir()
-    rc = tmp_path / "mbsyncrc"
-    rc.write_text(f"""
-IMAPAccount remote
-Host 127.0.0.1
-Port {server.ports['imaps']}
-User {user}
-Pass {USERS[user]}
-SSLType IMAPS
-CertificateFile {server.cert_path}
-
-IMAPStore remote
-Account remote
-
-MaildirStore local
-Path {local}/
-Inbox {local}/INBOX
-SubFolders Verbatim
-
-Channel sync
-Far :remote:
-Near :local:
-Patterns *
-Create Both
-Expunge Both
-SyncState *
-""")
-
-    def mbsync():
-        r = subprocess.run(["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stdout + r.stderr
+    local, mbsync = sync_clients.mbsync(tmp_path, port=server.ports["imaps"], user=user,
+                                        password=USERS[user], cert=server.cert_path)
 
     mbsync()
-    files = sorted((local / "INBOX" / "new").iterdir()) + sorted((local / "INBOX" / "cur").iterdir())
+    files = sync_clients.maildir_files(local / "INBOX")
     assert len(files) == 3
     assert (local / "Sent").is_dir() and (local / "Trash").is_dir()
     # locally: read one, delete another, file a new message into Archive
@@ -182,43 +150,12 @@ def test_curl_lists_and_fetches(server):
 
 
 def test_offlineimap_reads_a_message(server, tmp_path):
-    exe = shutil.which("offlineimap3") or shutil.which("offlineimap")
-    if exe is None:
-        pytest.fail("offlineimap3 is not installed (apt-get install offlineimap3)")
     user = "frank@example.test"
     send(server, user, "offlineimap test", body="read by offlineimap")
     c = imap(server, user)
     wait_for(lambda: c.select("INBOX")[1] == [b"1"], what="delivery")
     c.logout()
-    der = ssl.PEM_cert_to_DER_cert(server.cert_path.read_text())
-    fingerprint = hashlib.sha512(der).hexdigest()
-    local = tmp_path / "oi"
-    rc = tmp_path / "offlineimaprc"
-    rc.write_text(f"""
-[general]
-accounts = test
-metadata = {tmp_path}/meta
-ui = quiet
-
-[Account test]
-localrepository = local
-remoterepository = remote
-
-[Repository local]
-type = Maildir
-localfolders = {local}
-
-[Repository remote]
-type = IMAP
-remotehost = 127.0.0.1
-remoteport = {server.ports['imaps']}
-remoteuser = {user}
-remotepass = {USERS[user]}
-ssl = yes
-cert_fingerprint = {fingerprint}
-folderfilter = lambda f: f == "INBOX"
-""")
-    r = subprocess.run([exe, "-c", str(rc), "-o", "-u", "quiet"], capture_output=True, text=True, timeout=90)
-    assert r.returncode == 0, r.stdout + r.stderr
+    local = sync_clients.offlineimap(tmp_path, port=server.ports["imaps"], user=user,
+                                     password=USERS[user], cert=server.cert_path)
     got = [p.read_bytes() for sub in ("new", "cur") for p in (local / "INBOX" / sub).iterdir()]
     assert len(got) == 1 and b"read by offlineimap" in got[0]

@@ -240,7 +240,7 @@ def test_retry_with_backoff_then_sent(tmp_path):
         async with env.running(remote=remote):
             qid = await env.spool.enqueue("carol@example.test", ["dave@remote.test"], [message("retry")],
                                           {"client_ip": "192.0.2.9"})
-            await until(lambda: env.queue_files() == [], timeout=10)
+            await until(lambda: env.queue_files() == [], timeout=30)
             return qid
 
     qid = run(main())
@@ -248,7 +248,7 @@ def test_retry_with_backoff_then_sent(tmp_path):
     assert len(times) == 4
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert gaps[0] >= 0.19 and gaps[1] >= 0.29 and gaps[2] >= 0.29, gaps  # 0.2, then doubled, capped at 0.3
-    assert all(g < 2 for g in gaps)
+    assert all(g < 5 for g in gaps), gaps  # retried soon (a wide margin: CI machines are busy)
     assert remote.calls[0]["data"].startswith(b"From: Carol")
     assert remote.calls[0]["meta"]["client_ip"] == "192.0.2.9"
     assert all(c["qid"] == qid for c in remote.calls)
