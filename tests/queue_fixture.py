@@ -146,14 +146,25 @@ class QueueEnv:
         return inbox_messages(self.data_dir, address)
 
     def queue_files(self, state: str | None = None) -> list[str]:
+        """The queue's files as `state/name`.  The directories are listed one after the other
+        while the queue moves files between them from its threads, so one pass can miss a
+        file in flight (deferred -> active after "active" was listed): passes are repeated
+        until two agree."""
         qdir = self.data_dir / "queue"
         states = [state] if state else ["incoming", "active", "deferred", "hold", "maildrop"]
-        out = []
-        for s in states:
-            d = qdir / s
-            if d.is_dir():
-                out += [f"{s}/{n}" for n in sorted(os.listdir(d)) if not n.startswith(".")]
-        return out
+
+        def one_pass() -> list[str]:
+            out = []
+            for s in states:
+                d = qdir / s
+                if d.is_dir():
+                    out += [f"{s}/{n}" for n in sorted(os.listdir(d)) if not n.startswith(".")]
+            return out
+
+        previous = one_pass()
+        while (current := one_pass()) != previous:
+            previous = current
+        return current
 
     async def cli(self, *args: str, input: bytes | None = None) -> tuple[int, str, str]:
         """Run `python -m mailstack ARGS --config ...` without blocking the loop (the server

@@ -240,7 +240,7 @@ def test_retry_with_backoff_then_sent(tmp_path):
         async with env.running(remote=remote):
             qid = await env.spool.enqueue("carol@example.test", ["dave@remote.test"], [message("retry")],
                                           {"client_ip": "192.0.2.9"})
-            await until(lambda: env.queue_files() == [], timeout=30)
+            await until(lambda: len(remote.calls) >= 4 and env.queue_files() == [], timeout=30)
             return qid
 
     qid = run(main())
