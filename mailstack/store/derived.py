@@ -97,6 +97,8 @@ class DerivedWriter:
                 except TimeoutError:
                     pass
             self._wake.clear()
+            if not self._pending:  # taken by flush()
+                break
             batch, self._pending = self._pending[:MAX_ITEMS], self._pending[MAX_ITEMS:]
             self._bytes -= sum(len(i.message) for i in batch)
             self._first = time.monotonic()
@@ -131,6 +133,8 @@ class DerivedWriter:
         while self._pending or self._work:
             if self._pending:
                 batch, self._pending, self._bytes = self._pending, [], 0
+                if self._wake is not None:
+                    self._wake.set()  # the lingering task finds nothing and ends
                 await self.write_now(batch)
             else:
                 await asyncio.wait(set(self._work))
