@@ -311,6 +311,7 @@ class Server:
         await self.services.sessions.drain(self.cfg.server.shutdown_grace)
         if self.services.queue is not None:
             await self.services.queue.stop()
+        await _settle_store(self.services.store)
         defense = self.services.extra.get("defense")
         if defense is not None:
             await defense.state.close()
@@ -321,6 +322,19 @@ class Server:
         except OSError:
             pass
         log.info("stopped")
+
+
+async def _settle_store(store, timeout: float = 5.0) -> None:
+    """What deliveries left to write after their reply (store/derived.py: index entries and
+    full-text rows; quota lines): written now rather than redone after the start."""
+    try:
+        async with asyncio.timeout(timeout):
+            for waiter in (getattr(store, "group_writer", None), getattr(store, "quota", None)):
+                if waiter is not None:
+                    await waiter.settled()
+    except TimeoutError:
+        log.warning("stopping: index entries or quota lines of recent deliveries not written "
+                    "(made again when next needed)")
 
 
 def _addr(server: asyncio.AbstractServer) -> str:

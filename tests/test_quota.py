@@ -72,7 +72,10 @@ def maildirsize(srv, user: str) -> bytes:
 
 
 def usage_of(srv, user: str) -> tuple[int, int]:
-    """(bytes, messages) summed from maildirsize, as any Maildir++ reader does."""
+    """(bytes, messages) summed from maildirsize, as any Maildir++ reader does ((0, 0)
+    before its first line: a delivery's line is written just after its reply)."""
+    if not (srv.maildir(f"{user}@example.test") / "maildirsize").exists():
+        return 0, 0
     lines = maildirsize(srv, user).decode().splitlines()[1:]
     return sum(int(x.split()[0]) for x in lines), sum(int(x.split()[1]) for x in lines)
 

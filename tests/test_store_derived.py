@@ -1,40 +1,136 @@
-"""Mailbox.derived(): the dict the protocol layer keeps its SORT keys and answers in, shared
-by a mailbox's sessions, emptied with a new UIDVALIDITY, and kept after the last session for
-only the DERIVED_KEPT mailboxes released last (bounded memory)."""
+"""The derived data of delivered messages (metadata index, full-text rows) written in
+batches after the "250" (store/derived.py), and the quota charge written after the reply
+(quota.charge_soon): batched, exact, and repaired after a kill -9 that hit between the
+Maildir file and the batch."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import imaplib
+import os
+import smtplib
+import subprocess
+import sys
 
+import pytest
+
+from harness import MailServer, wait_for
 from mailstack.events import EventBus
-from mailstack.fsutil import GroupSync
-from mailstack.store import maildir
+from mailstack.store import fts
+from mailstack.store import index as idxmod
 from mailstack.store.maildir import MaildirStore
+from mailstack.store.quota import Limits, Quota, QuotaExceeded
 
-ACCT = "alice@example.com"
+ALICE = "alice@example.test"
+ACCT = ALICE
 
 
-def test_derived_is_shared_and_kept_for_the_last_released(tmp_path, monkeypatch):
-    monkeypatch.setattr(maildir, "DERIVED_KEPT", 2)
+def message(n: int, body: bytes = b"", extra_headers: bytes = b"") -> bytes:
+    return (b"From: bob@example.org\r\nTo: alice@example.test\r\nSubject: derived %d\r\n"
+            b"Message-ID: <d%d@example.org>\r\n%s\r\n%s\r\n" % (n, n, extra_headers, body or b"plain word%d" % n))
 
-    async def run():
-        store = MaildirStore(tmp_path / "mail", EventBus(), GroupSync())
+
+def test_concurrent_deliveries_share_batches_and_every_message_gets_its_rows(tmp_path):
+    async def main():
+        store = MaildirStore(tmp_path / "mail", EventBus())
         await store.ensure_account(ACCT)
-        names = ["INBOX", "A", "B", "C"]
-        for name in names[1:]:
-            await store.create_mailbox(ACCT, name)
-        one, two = await store.open(ACCT, "INBOX"), await store.open(ACCT, "INBOX", read_only=True)
-        one.derived()["k"] = 1
-        assert two.derived() == {"k": 1}  # one dict for the mailbox's sessions
-        await one.close()
-        await two.close()
-        for name in names[1:]:  # released one after another: only the last two keep theirs
-            mbox = await store.open(ACCT, name)
-            mbox.derived()["k"] = name
-            await mbox.close()
-        kept = {}
-        for name in names:
-            mbox = await store.open(ACCT, name, read_only=True)
-            kept[name] = mbox.derived().get("k")
-            await mbox.close()
-        return kept
-    assert asyncio.run(run()) == {"INBOX": None, "A": None, "B": "B", "C": "C"}
+        ok = await asyncio.gather(*(store.deliver(ACCT, message(n), f"id{n}") for n in range(60)))
+        assert all(ok)
+        derived = store.group_writer.derived
+        assert derived.written == 0  # nothing parsed on the delivery path: it waits for its batch
+        await store.group_writer.settled()
+        assert derived.written == 60 and derived.batches < 10, (derived.written, derived.batches)
+        box = tmp_path / "mail" / "example.test" / "alice"
+        bases = {name for name in os.listdir(box / "new")}
+        in_fts, _ = fts.indexed(box / fts.NAME)
+        assert in_fts == bases
+        lines = (box / idxmod.NAME).read_bytes().splitlines()
+        assert {line[1:].split(b" ")[0].decode() for line in lines[1:]} == bases
+        # and an IMAP search answers from them, like a scan
+        mbox = await store.open(ACCT, "INBOX")
+        found = await mbox.fulltext_search([("word17", True)])
+        assert found is not None and len(found[0]) == 1
+        await mbox.close()
+    asyncio.run(main())
+
+
+def test_quota_charged_after_the_reply_is_counted_at_once(tmp_path):
+    async def main():
+        store = MaildirStore(tmp_path / "mail", EventBus())
+        store.quota = Quota(lambda a: tmp_path / "mail" / "example.test" / "alice", lambda a: Limits(0, 3))
+        await store.ensure_account(ACCT)
+        for n in range(3):
+            await store.deliver(ACCT, message(n), f"id{n}")
+        # the three lines may not be written yet: the check counts them all the same
+        with pytest.raises(QuotaExceeded):
+            await store.quota.check(ACCT, 100)
+        await asyncio.gather(*store.quota._tasks)
+        usage, _ = await store.quota.usage(ACCT, fresh=True)
+        assert usage.messages == 3
+        with pytest.raises(QuotaExceeded):
+            await store.quota.check(ACCT, 100)
+    asyncio.run(main())
+
+
+_SERVE_LINGERING = """
+import sys
+import mailstack.store.derived as derived
+derived.LINGER = 3600.0  # the batch never comes: the kill hits between the files and it
+from mailstack.cli import main
+sys.exit(main(["serve", "--config", sys.argv[1]]))
+"""
+
+
+def test_kill_9_between_the_maildir_files_and_their_batch_is_repaired(tmp_path):
+    srv = MailServer(tmp_path, listeners=("smtp", "imap"), overrides={"imap": {"allow_plaintext_auth": True}})
+    srv.add_domain("example.test")
+    srv.add_user(ALICE, "pw-a")
+    log = open(srv.log_path, "ab")
+    srv.proc = subprocess.Popen([sys.executable, "-c", _SERVE_LINGERING, str(srv.config_path)],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    srv._log = log
+    wait_for(lambda: _accepting(srv.ports["smtp"]) and _accepting(srv.ports["imap"]), 30, what="the server")
+    qp = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n"
+    b64 = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n"
+    bodies = [message(0), message(1, b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln", qp),
+              message(2, base64.b64encode("Прощай, старый мир".encode()), b64), message(3), message(4)]
+    with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=20) as s:
+        for body in bodies:
+            s.sendmail("bob@example.org", [ALICE], body)
+    box = srv.maildir(ALICE)
+    assert len(os.listdir(box / "new")) == 5  # acknowledged: on disk
+    assert not (box / fts.NAME).exists()  # ... and their derived data not yet written
+    index_lines = (box / idxmod.NAME).read_bytes().count(b"\n=") if (box / idxmod.NAME).exists() else 0
+    assert index_lines == 0
+    srv.kill()
+    srv.start()
+    try:
+        c = imaplib.IMAP4("127.0.0.1", srv.ports["imap"])
+        c.login(ALICE, "pw-a")
+        c.select("INBOX")
+        typ, data = c.fetch("1:*", "(UID ENVELOPE)")
+        assert typ == "OK"
+        subjects = [x for x in data if isinstance(x, bytes)]
+        assert len(subjects) == 5 and all(b'"derived %d"' % n in subjects[n] for n in range(5)), subjects
+        assert c.uid("SEARCH", "SUBJECT", "derived")[1] == [b"1 2 3 4 5"]
+        assert c.uid("SEARCH", "BODY", "word3")[1] == [b"4"]
+        c.literal = "grüße".encode()
+        assert c.uid("SEARCH", "CHARSET", "UTF-8", "BODY")[1] == [b"2"]  # quoted-printable, decoded
+        c.literal = "старый".encode()
+        assert c.uid("SEARCH", "CHARSET", "UTF-8", "TEXT")[1] == [b"3"]  # base64, decoded
+        assert c.uid("SEARCH", "BODY", "nowhere-to-be-found")[1] == [b""]
+        c.logout()
+        # the search added what the lost batch never wrote
+        in_fts, _ = fts.indexed(box / fts.NAME)
+        assert in_fts == set(os.listdir(box / "cur")) | set(os.listdir(box / "new"))
+    finally:
+        srv.stop()
+
+
+def _accepting(port: int) -> bool:
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -96,6 +96,8 @@ class LocalTransport:
     async def deliver(self, message: QueuedMessage, accounts: list[str]) -> list[RecipientResult]:
         """Deliver to local accounts; one result per account, in order. Never raises for delivery
         problems. Several accounts of one message are written in parallel (bounded)."""
+        if len(accounts) == 1:  # the usual case: no task of its own (one loop cycle less per message)
+            return [await self._deliver_one(message, accounts[0])]
         results: list[RecipientResult | None] = [None] * len(accounts)
         for start in range(0, len(accounts), self.PARALLEL):
             batch = range(start, min(start + self.PARALLEL, len(accounts)))

@@ -41,8 +41,21 @@ def received_header(*, helo: str, rdns: str | None, ip: str, hostname: str, prot
     if qid:
         by += f" id {qid}"
     lines.append(by + ";")
-    lines.append("\t" + email.utils.formatdate(when, localtime=True))
+    lines.append("\t" + _date(when))
     return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date(when: float | None) -> str:
+    """RFC 5322 date-time in local time, formatted once per second (formatdate costs ~25 us,
+    once per message)."""
+    global _last_date
+    second = int(time.time() if when is None else when)
+    if _last_date[0] != second:
+        _last_date = (second, email.utils.formatdate(second, localtime=True))
+    return _last_date[1]
 
 
 def header_block(chunks: list) -> bytes:
@@ -77,5 +90,5 @@ def submission_fields(headers: bytes, hostname: str, when: float | None = None) 
         token = f"{time.time_ns():x}.{secrets.token_hex(8)}"
         out += f"Message-ID: <{token}@{hostname}>\r\n".encode("ascii", "replace")
     if need_date:
-        out += f"Date: {email.utils.formatdate(when, localtime=True)}\r\n".encode()
+        out += f"Date: {_date(when)}\r\n".encode()
     return out

@@ -26,7 +26,6 @@ _counter = itertools.count(1)
 _OWN = re.compile(r"^(\d+)\.M\d+P\d+Q\d+(?:D([A-Za-z0-9_-]+))?\.")
 # The whole of a base made here: date, delivery id, size in one match (the hot path of a scan).
 _OWN_FULL = re.compile(r"^(\d+)\.M\d+P\d+Q\d+(?:D([A-Za-z0-9_-]+))?\..*,S=(\d+)(?:,|$)")
-_ID_SAFE = re.compile(r"[A-Za-z0-9-]")
 
 
 def _hostname() -> str:
@@ -42,8 +41,15 @@ HOST = _hostname()
 def escape_delivery_id(delivery_id: str) -> str:
     if not isinstance(delivery_id, str) or not delivery_id or len(delivery_id) > MAX_DELIVERY_ID:
         raise StoreError("bad delivery id")
-    return "".join(c if _ID_SAFE.match(c) else "".join(f"_{b:02X}" for b in c.encode("utf-8"))
-                   for c in delivery_id)
+    # only the few unsafe characters (the "." of qid.hash) go through Python code
+    return _ID_UNSAFE.sub(_escape_char, delivery_id)
+
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
+
+
+def _escape_char(m: "re.Match[str]") -> str:
+    return "".join(f"_{b:02X}" for b in m.group().encode("utf-8"))
 
 
 def new_base(internaldate: float, size: int, delivery_id: str | None = None) -> str:

@@ -14,10 +14,10 @@ two hand-offs to worker threads.  A batch here is one worker-thread call:
     3. rename each into new/<name> (or cur/)               (a reader never sees a partial file)
     4. -> the deliveries are told "durable": their "250" may go out
     5. fsync the new/ directories                          (one more commit, after the 250)
-    6. the metadata-index entries and full-text texts, from the bytes in hand, one append
-       per mailbox (derived data, not fsynced: index.py); `on_indexed(entry)` is called on
-       the loop when the worker call ends (None when it could not be made: indexed when
-       first looked at)
+    6. the bytes in hand go to the store's DerivedWriter (derived.py), which writes the
+       metadata-index entries and full-text rows of many deliveries at once, later, and
+       calls `on_indexed(entry)` on the loop (derived data: a message it never reached is
+       indexed when first looked at)
 
 Why acknowledging after step 3 (before 5) loses nothing: after step 2 the whole file and
 the directory entry naming it are on disk (file and directory fsynced), in tmp/.  The
@@ -41,15 +41,13 @@ import functools
 import logging
 import os
 import re
-import threading
 import zlib
 from pathlib import Path
 from typing import Callable
 
 from ..fsutil import fsync_dir, fsync_together
-from . import fts
-from . import index as idxmod
 from .base import MessageSource
+from .derived import DerivedWriter
 
 log = logging.getLogger("mailstack.store")
 
@@ -57,21 +55,18 @@ MAX_BATCH = 128  # deliveries in one worker call
 MAX_BATCH_BYTES = 16 << 20  # ... and bytes (a big message waits for no more than this)
 INDEX_MAX = 16 << 20  # bigger messages are indexed when first looked at (maildir.INDEX_AT_DELIVERY_MAX)
 
-
-_append_lock = threading.Lock()
 CRC_SUFFIX = re.compile(r"\.crc([0-9a-f]{8})$")  # tmp/<name>.crc<crc32 of the bytes>
 
 
 class _Item:
     __slots__ = ("mailbox_dir", "base", "sub", "name", "message", "uidvalidity", "on_indexed", "future",
-                 "error", "entry", "size")
+                 "error", "size")
 
     def __init__(self, mailbox_dir: Path, base: str, sub: str, name: str, message, uidvalidity: int,
                  on_indexed, future) -> None:
         self.mailbox_dir, self.base, self.sub, self.name = mailbox_dir, base, sub, name
         self.message, self.uidvalidity, self.on_indexed, self.future = message, uidvalidity, on_indexed, future
         self.error: BaseException | None = None
-        self.entry: dict | None = None
         self.size = message.size if isinstance(message, MessageSource) else len(message)
 
     @property
@@ -86,6 +81,7 @@ class GroupWriter:
     """Used on the event loop by MaildirStore.deliver (one per store)."""
 
     def __init__(self) -> None:
+        self.derived = DerivedWriter()  # step 6
         self._pending: list[_Item] = []
         self._running = False
         self._work: set = set()  # worker calls not finished (their indexing included)
@@ -151,6 +147,7 @@ class GroupWriter:
                 await asyncio.wait(set(self._work))
             else:
                 await asyncio.sleep(0.001)
+        await self.derived.flush()
 
     def _take(self) -> list[_Item]:
         n, size = 0, 0
@@ -178,12 +175,9 @@ def _after(work: "asyncio.Future", batch: list[_Item], durable: "asyncio.Future"
     writer._work.discard(work)
     loop = asyncio.get_running_loop()
     if not getattr(loop, "_executor_shutdown_called", False):  # else: made when first looked at
-        for item in batch:  # the index entries (step 6): noted here, no wake-up of their own
-            if item.on_indexed is not None and item.error is None:
-                try:
-                    item.on_indexed(item.entry)
-                except Exception:  # noqa: BLE001 - derived data only
-                    log.exception("noting an index entry failed")
+        for item in batch:  # step 6: derived data, in batches of their own
+            if item.error is None and isinstance(item.message, bytes) and item.size <= INDEX_MAX:
+                writer.derived.add(item.mailbox_dir, item.base, item.uidvalidity, item.message, item.on_indexed)
     exc = None if work.cancelled() else work.exception()
     if exc is not None:
         log.error("group write failed: %r", exc)
@@ -232,7 +226,7 @@ def _write_batch(batch: list[_Item], synced: Callable[[], None], released: Calla
         raise
     released()
     _sync_renamed(dirs)
-    _index(batch)
+    _read_streamed(batch)
 
 
 def _make_durable(batch: list[_Item], synced: Callable[[], None] = lambda: None) -> list[str]:
@@ -328,35 +322,14 @@ def recover_tmp(tmp: str, entry: str) -> bool | None:
     return True
 
 
-def _index(batch: list[_Item]) -> None:
-    """The index entries of the written messages, one append per mailbox (index.py)."""
-    lines: dict[tuple[Path, int], list[bytes]] = {}
+def _read_streamed(batch: list[_Item]) -> None:
+    """Messages streamed from a queue file: their bytes, read back for step 6 (the queue
+    file may be gone by the time the derived data is written)."""
     for item in batch:
-        if item.error is not None or item.size > INDEX_MAX:
-            continue
-        try:
-            message = item.message
-            if isinstance(message, MessageSource):
-                with open(message.path, "rb") as f:
-                    f.seek(message.offset)
-                    message = f.read(message.size)
-            entry = idxmod.message_entry(message)
-            lines.setdefault((item.mailbox_dir, item.uidvalidity), []).append(
-                idxmod.delivered_line(item.base, entry))
-        except Exception:  # noqa: BLE001 - a parser bug must not matter: indexed when first looked at
-            log.warning("could not index %s at delivery", item.base, exc_info=True)
-            continue
-        try:
-            entry["fts"] = fts.texts_of(message)  # not stored in the metadata index
-        except Exception:  # noqa: BLE001 - derived data: added when first searched
-            log.warning("could not extract the text of %s at delivery", item.base, exc_info=True)
-        item.entry = entry
-    for (mailbox_dir, uidvalidity), group in lines.items():
-        try:
-            with _append_lock:  # two batches in flight must not both create the file (a header race)
-                idxmod.append_lines(mailbox_dir / idxmod.NAME, uidvalidity, group)
-        except Exception:  # noqa: BLE001 - a full disk: the entries are made when first looked at
-            log.warning("could not append to the index of %s", mailbox_dir, exc_info=True)
-            for item in batch:
-                if item.mailbox_dir == mailbox_dir:
-                    item.entry = None
+        if item.error is None and isinstance(item.message, MessageSource) and item.size <= INDEX_MAX:
+            try:
+                with open(item.message.path, "rb") as f:
+                    f.seek(item.message.offset)
+                    item.message = f.read(item.message.size)
+            except OSError:  # indexed when first looked at
+                pass

@@ -246,8 +246,8 @@ class MaildirStore(Store):
         finally:
             st.refs -= 1
         st.dirty = True
-        if self.quota is not None:
-            await self.quota.charge(st.account, size, 1)
+        if self.quota is not None:  # written after the reply, counted by checks from now (quota.py)
+            self.quota.charge_soon(st.account, size, 1)
         self._publish(st.account, st.name, "new", (), None)
         return True
 
@@ -257,7 +257,10 @@ class MaildirStore(Store):
         if entry is None:
             return
         texts = entry.pop("fts", None)
-        if texts is not None:
+        if texts is True:  # its rows are in (derived.py): the next search need not add them
+            if st.fulltext.bases is not None:
+                st.fulltext.bases.add(base)
+        elif texts is not None:
             st.fulltext.queue(base, *texts)
         if st.index is not None and st.index.uidvalidity == st.ul.uidvalidity:
             st.index.note_delivered(base, entry)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import re
@@ -88,6 +89,7 @@ class Usage:
 
 # --------------------------------------------------------------------------- pure helpers
 
+@functools.lru_cache(maxsize=256)  # the [quota] default is parsed at every delivery's check
 def parse_size(text: str) -> int:
     """"500M", "1G", "1024", "10 KiB" -> bytes (K/M/G/T are powers of 1024).  ValueError
     with a one-line reason otherwise."""
@@ -372,6 +374,9 @@ class Quota:
         self._tasks: set[asyncio.Task] = set()
         self._memo: dict[str, tuple[Usage, Limits, float]] = {}  # account -> (usage, limits, when)
         self._pending: dict[str, list[int]] = {}  # account -> [bytes, messages, changes] not yet written
+        self._writing: dict[str, tuple[int, int]] = {}  # account -> (bytes, messages) being written
+        self._soon: dict[str, asyncio.TimerHandle] = {}  # account -> its charge_soon write, scheduled
+        self._last_write: dict[str, float] = {}  # account -> when charge_soon last wrote
 
     def _lock(self, account: str) -> asyncio.Lock:
         lock = self._locks.get(account)
@@ -423,14 +428,14 @@ class Quota:
         memo = self._memo.get(account)
         if (not fresh and memo is not None and memo[1] == limits and time.monotonic() - memo[2] < self.MEMO_FOR
                 and not self._due(account)):
-            return memo[0], limits
+            return self._with_unwritten(account, memo[0]), limits
         async with self._lock(account):
             usage, counted = await asyncio.to_thread(load, self.account_dir(account), limits,
                                                      quiet=not self._under_way(account), due=self._due(account))
             if counted:
                 self._was_counted(account)
             self._remember(account, usage, limits)
-        return usage, limits
+            return self._with_unwritten(account, usage), limits
 
     async def check(self, account: str, storage: int, messages: int = 1) -> None:
         """Raise QuotaExceeded when `messages` messages of `storage` bytes in all do not fit;
@@ -445,17 +450,72 @@ class Quota:
                 raise refused
         self.begin(account)
 
-    async def charge(self, account: str, storage: int, messages: int) -> None:
-        """Record a change made (negative when messages went) and end it.  Never raises: the
-        numbers are counted again later if this fails.  Changes recorded while another is
-        being written are written together, as one line, by the next to take the lock."""
+    def _with_unwritten(self, account: str, usage: Usage) -> Usage:
+        """`usage` plus the changes recorded by charge() and not yet in the file and the memo
+        (a delivery's charge is written after its reply: charge_soon)."""
+        pending, writing = self._pending.get(account), self._writing.get(account)
+        if pending is None and writing is None:
+            return usage
+        storage, messages = usage.storage, usage.messages
+        for change in (pending, writing):
+            if change is not None:
+                storage, messages = storage + change[0], messages + change[1]
+        return Usage(storage, messages)
+
+    WRITE_AFTER = 0.25  # seconds a delivery's charge waits for others (one line, one thread hop)
+
+    def charge_soon(self, account: str, storage: int, messages: int) -> None:
+        """charge() without waiting for its line: written at once, or when the account's
+        line was written less than WRITE_AFTER seconds ago, at the end of that time with
+        the charges of the deliveries made meanwhile, as one line in one thread hand-off
+        (a hand-off per message cost a single SMTP session an eighth of its event loop).
+        Exact all the same: usage() adds the changes not yet written (_with_unwritten).  A
+        crash before the line is written loses only the line: every account is counted
+        again at its first look after a start (_due), and a stop writes it (settled())."""
+        if not self._note(account, storage, messages) or account in self._soon:
+            return  # joins the write already scheduled
+        wait = self._last_write.get(account, -self.WRITE_AFTER) + self.WRITE_AFTER - time.monotonic()
+        if wait <= 0:  # none lately: written at once (the first of a burst, a quiet account)
+            self._write_soon(account)
+        else:
+            self._soon[account] = asyncio.get_running_loop().call_later(wait, self._write_soon, account)
+
+    def _write_soon(self, account: str) -> None:
+        self._soon.pop(account, None)
+        if len(self._last_write) > 100_000:
+            self._last_write.clear()
+        self._last_write[account] = time.monotonic()
+        task = asyncio.get_running_loop().create_task(self._write(account))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settled(self) -> None:
+        """Returns when every charge so far is written (shutdown, tests)."""
+        for account, timer in list(self._soon.items()):
+            timer.cancel()
+            self._write_soon(account)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _note(self, account: str, storage: int, messages: int) -> bool:
+        """The change joins the account's pending one; False: nothing to write."""
         if not storage and not messages:
             self._end(account)
-            return
+            return False
         pending = self._pending.setdefault(account, [0, 0, 0])
         pending[0] += storage
         pending[1] += messages
         pending[2] += 1
+        return True
+
+    async def charge(self, account: str, storage: int, messages: int) -> None:
+        """Record a change made (negative when messages went) and end it.  Never raises: the
+        numbers are counted again later if this fails.  Changes recorded while another is
+        being written are written together, as one line, by the next to take the lock."""
+        if self._note(account, storage, messages):
+            await self._write(account)
+
+    async def _write(self, account: str) -> None:
         limits = self.limits_of(account)
         path = self.account_dir(account)
         async with self._lock(account):
@@ -463,6 +523,7 @@ class Quota:
             if pending is None:  # written, with the others, by a charge that held the lock
                 return
             storage, messages, changes = pending
+            self._writing[account] = (storage, messages)
             try:
                 quiet = self._under_way(account) <= changes  # only these: a count includes them
                 before, after, counted = await asyncio.to_thread(change, path, limits, storage, messages,
@@ -475,6 +536,7 @@ class Quota:
                 await asyncio.to_thread(forget, path)
                 return
             finally:
+                self._writing.pop(account, None)
                 for _ in range(changes):
                     self._end(account)
         level = self.warn_percent() if callable(self.warn_percent) else self.warn_percent
