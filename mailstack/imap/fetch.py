@@ -7,6 +7,7 @@ store's metadata cache, so ENVELOPE/BODYSTRUCTURE never need the message again.
 """
 from __future__ import annotations
 
+import datetime
 import email.utils
 import functools
 import json
@@ -481,7 +482,8 @@ _MONTH_NUMBERS = {m: i + 1 for i, m in enumerate((b"jan", b"feb", b"mar", b"apr"
 # The usual RFC 5322 form, "Tue, 1 Apr 2025 10:00:00 +0200": read without the email
 # package (a third of a header parse); anything else goes the long way.
 _PLAIN_DATE = re.compile(rb"[ \t]*(?:[A-Za-z]{3},[ \t]*)?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) "
-                         rb"(\d\d):(\d\d):(\d\d) [+-](\d\d)(\d\d)[ \t]*")
+                         rb"(\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)[ \t]*")
+_ZONES: dict[int, datetime.timezone] = {}  # UTC offset in minutes -> its tzinfo, made once
 
 
 def _sent_date(root: "Part") -> int | None:
@@ -496,10 +498,15 @@ def _date(root: "Part"):
     if m is not None:
         month = _MONTH_NUMBERS.get(m[2].lower())
         day, year = int(m[1]), int(m[3])
-        # in range as email.utils checks (day: the calendar's, tested by datetime below)
+        # in range as email.utils checks (day: the calendar's, left to the long way)
         if month and 1 <= day <= 28 and int(m[4]) < 24 and int(m[5]) < 60 and int(m[6]) < 60 \
-                and int(m[7]) < 24 and int(m[8]) < 60 and year >= 1000:
-            return year * 10000 + month * 100 + day
+                and int(m[8]) < 24 and int(m[9]) < 60 and year >= 1000:
+            offset = (int(m[8]) * 60 + int(m[9])) * (-1 if m[7] == b"-" else 1)
+            zone = _ZONES.get(offset)
+            if zone is None:
+                zone = _ZONES[offset] = datetime.timezone(datetime.timedelta(minutes=offset))
+            # "-0000" (zone unknown): email.utils gives a naive time, which SORT reads as UTC
+            return datetime.datetime(year, month, day, int(m[4]), int(m[5]), int(m[6]), tzinfo=zone)
     try:
         return email.utils.parsedate_to_datetime(unfold(date).decode("ascii", "replace"))
     except (TypeError, ValueError, IndexError, OverflowError):
