@@ -167,9 +167,17 @@ class Mailbox(abc.ABC):
         """The parsed-metadata cache entry of a message (envelope, body structure ...), or None.
         The store persists it; the IMAP layer decides what is in it (JSON-able values)."""
 
-    async def cache_get_many(self, uids: Iterable[int]) -> dict[int, dict | None]:
-        """cache_get of several messages in one call (a SORT of 10,000 asks for all)."""
-        return {uid: await self.cache_get(uid) for uid in uids}
+    async def cache_get_many(self, uids: Iterable[int], raw: bool = False) -> dict[int, "dict | bytes"]:
+        """cache_get of several messages in one call (a SORT of 10,000 asks for all); the
+        messages without an entry are left out.  With `raw`, a store may give an entry as
+        the JSON bytes of its index line (imap/fetch.py's cached_envelope reads those);
+        this default always gives dicts."""
+        out = {}
+        for uid in uids:
+            entry = await self.cache_get(uid)
+            if entry is not None:
+                out[uid] = entry
+        return out
 
     @abc.abstractmethod
     async def cache_put(self, entries: dict[int, dict]) -> None:
