@@ -502,19 +502,10 @@ def test_same_results_as_dovecot(srv):
     BADURL for the same URLs (a part that does not exist excepted: Dovecot appends nothing
     for it, we refuse it as RFC 4469 4.1 lists "invalid body part")."""
     from dovecot_fixture import Dovecot
-    from harness import wait_for
-    from test_imap_binary import _dovecot_raw
+    from test_imap_binary import _dovecot_raw, _dovecot_user
     dc = Dovecot().start()
     try:
-        dc.add_user("u@example.test", "pw")
-
-        def login_ok():
-            try:
-                _dovecot_raw(dc).close()
-                return True
-            except (AssertionError, OSError, EOFError):
-                return False
-        wait_for(login_ok, 15, 0.2, "dovecot to accept the new user")
+        _dovecot_user(dc)
         answers = []
         for client in (_dovecot_raw(dc), Raw(srv)):
             box = f"Same{len(answers)}"

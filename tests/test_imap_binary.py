@@ -301,24 +301,30 @@ def _dovecot_raw(dc):
     return DRaw()
 
 
+def _dovecot_user(dc) -> None:
+    """Give Dovecot the test user (u@example.test / pw) and wait until it can log in."""
+    from harness import wait_for
+
+    dc.add_user("u@example.test", "pw")
+
+    def login_ok():
+        try:
+            _dovecot_raw(dc).close()
+            return True
+        except (AssertionError, OSError, EOFError):
+            return False
+    wait_for(login_ok, 15, 0.2, "dovecot to accept the new user")
+
+
 def test_same_answers_as_dovecot(srv):
     """The decoded bytes and sizes Dovecot gives for the leaf parts are ours too; both refuse
     an unknown encoding with NO [UNKNOWN-CTE] and both answer BINARY[] of a message whose
     leaves all decode.  (Dovecot also answers BINARY of a message/rfc822 part, which RFC
     9051 6.4.5 does not allow: there we differ on purpose.)"""
     from dovecot_fixture import Dovecot
-    from harness import wait_for
     dc = Dovecot().start()
     try:
-        dc.add_user("u@example.test", "pw")
-
-        def login_ok():
-            try:
-                _dovecot_raw(dc).close()
-                return True
-            except (AssertionError, OSError, EOFError):
-                return False
-        wait_for(login_ok, 15, 0.2, "dovecot to accept the new user")
+        _dovecot_user(dc)
         plain = single(b"base64", b64(b"x\0y" * 50))
         answers = []
         for client in (_dovecot_raw(dc), Raw(srv)):

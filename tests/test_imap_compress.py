@@ -7,7 +7,6 @@ import asyncio
 import gc
 import logging
 import os
-import re
 
 import socket
 import threading
@@ -19,7 +18,8 @@ from hypothesis import given, settings, strategies as st
 
 import sync_clients
 from harness import wait_for
-from imap_fixtures import HOST, InProcessIMAP
+from imap_fixtures import InProcessIMAP
+from test_imap_session import Raw
 
 ALICE, PW = "alice@example.test", "secret"
 
@@ -37,21 +37,14 @@ def srv(tmp_path):
     s.close()
 
 
-class ZRaw:
-    """A line-level IMAP client that can switch on COMPRESS=DEFLATE (zlib, wbits=-15)."""
+class ZRaw(Raw):
+    """The line-level IMAP client of test_imap_session, able to switch on COMPRESS=DEFLATE
+    (zlib, wbits=-15)."""
 
     def __init__(self, srv, tls: bool = True, login: bool = True) -> None:
-        sock = socket.create_connection(("127.0.0.1", srv.ports["imaps" if tls else "imap"]), timeout=15)
-        if tls:
-            sock = srv.client_tls().wrap_socket(sock, server_hostname=HOST)
-        self.sock = sock
-        self.buf = b""
-        self.n = 0
         self.deflate = self.inflate = None
         self.wire_in = 0  # bytes received from the socket since compression began (or ever)
-        self.greeting = self.line()
-        if login:
-            self.ok(f"LOGIN {ALICE} {PW}")
+        super().__init__(srv, tls=tls, login=login, timeout=15)
 
     def compress(self) -> None:
         lines, tagged = self.cmd("COMPRESS DEFLATE")
@@ -72,38 +65,6 @@ class ZRaw:
             data = self.deflate.compress(data) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
         self.sock.sendall(data)
 
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self.buf += self.recv()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        m = re.search(rb"\{(\d+)\}$", line)
-        if m:
-            need = int(m.group(1))
-            while len(self.buf) < need:
-                self.buf += self.recv()
-            lit, self.buf = self.buf[:need], self.buf[need:]
-            return line + b"\r\n" + lit + self.line()
-        return line
-
-    def cmd(self, text: str | bytes) -> tuple[list[bytes], bytes]:
-        self.n += 1
-        tag = b"t%d" % self.n
-        self.send(tag + b" " + (text.encode() if isinstance(text, str) else text) + b"\r\n")
-        return self.until(tag)
-
-    def until(self, tag: bytes) -> tuple[list[bytes], bytes]:
-        lines = []
-        while True:
-            line = self.line()
-            if line.startswith(tag + b" "):
-                return lines, line
-            lines.append(line)
-
-    def ok(self, text) -> list[bytes]:
-        lines, tagged = self.cmd(text)
-        assert b" OK " in tagged, (text, lines, tagged)
-        return lines
-
     def rest(self) -> bytes:
         """Everything until the server closes the connection."""
         out = self.buf
@@ -112,9 +73,6 @@ class ZRaw:
                 out += self.recv()
         except (EOFError, ConnectionError):
             return out
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_offered_after_login_only_and_refused_twice(srv):

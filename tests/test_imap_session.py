@@ -40,8 +40,8 @@ def srv(request, tmp_path):
 class Raw:
     """A line-level IMAP client, so tests see exactly what the server sends."""
 
-    def __init__(self, srv: InProcessIMAP, tls: bool = True, login: bool = True) -> None:
-        sock = socket.create_connection(("127.0.0.1", srv.ports["imaps" if tls else "imap"]), timeout=10)
+    def __init__(self, srv: InProcessIMAP, tls: bool = True, login: bool = True, timeout: float = 10) -> None:
+        sock = socket.create_connection(("127.0.0.1", srv.ports["imaps" if tls else "imap"]), timeout=timeout)
         if tls:
             sock = srv.client_tls().wrap_socket(sock, server_hostname=HOST)
         self.sock = sock
@@ -51,18 +51,21 @@ class Raw:
         if login:
             self.ok(f"LOGIN {ALICE} {PW}")
 
+    def recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError(self.buf)
+        return data
+
     def line(self) -> bytes:
         while b"\r\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(self.buf)
-            self.buf += data
+            self.buf += self.recv()
         line, self.buf = self.buf.split(b"\r\n", 1)
         m = re.search(rb"\{(\d+)\}$", line)
         if m:  # read the literal and the rest of the line
             need = int(m.group(1))
             while len(self.buf) < need:
-                self.buf += self.sock.recv(65536)
+                self.buf += self.recv()
             lit, self.buf = self.buf[:need], self.buf[need:]
             return line + b"\r\n" + lit + self.line()
         return line
