@@ -44,16 +44,20 @@ class SearchCommands:
             log.info("IMAP uses %s", name, extra={"client": self.peer_ip})
 
     # ------------------------------------------------------------------ SEARCH
-    async def cmd_search(self, cmd: Command) -> None:
-        options = cmd.args.get("return")
+    async def _matching_command(self, cmd: Command, options) -> list:
+        """The messages a SEARCH or SORT command's key picks (what _matching gives)."""
         if search.uses_modseq(cmd.args["key"]):
             self.enable_condstore("SEARCH MODSEQ")  # RFC 7162 3.1: a CONDSTORE-enabling command
         try:
-            picked = await self._matching(cmd.args["key"])
+            return await self._matching(cmd.args["key"])
         except Exception:
             if options and "SAVE" in options:
                 self.search_result = frozenset()  # RFC 5182: a failed SEARCH (SAVE) empties "$"
             raise
+
+    async def cmd_search(self, cmd: Command) -> None:
+        options = cmd.args.get("return")
+        picked = await self._matching_command(cmd, options)
         if options is None and self.imap4rev2:  # IMAP4rev2 (RFC 9051 6.4.4): ESEARCH as RETURN (ALL)
             options = ["ALL"]
         if options is None:
@@ -276,14 +280,7 @@ class SearchCommands:
     async def cmd_sort(self, cmd: Command) -> None:
         self._note_extension("SORT")
         options = cmd.args.get("return")
-        if search.uses_modseq(cmd.args["key"]):
-            self.enable_condstore("SEARCH MODSEQ")  # RFC 7162 3.1: a CONDSTORE-enabling command
-        try:
-            picked = await self._matching(cmd.args["key"])
-        except Exception:
-            if options and "SAVE" in options:
-                self.search_result = frozenset()
-            raise
+        picked = await self._matching_command(cmd, options)
         criteria = cmd.args["criteria"]
         uids = [m.uid for _, m in picked]
         derived = self.mbox.derived()

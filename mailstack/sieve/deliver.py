@@ -16,6 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from ..keyedlocks import KeyedLocks
 from ..store.base import MailboxExists, MailboxNotFound, StoreError
 from . import vacation as vac
 from .checker import Script
@@ -176,15 +177,7 @@ class SieveDelivery:
         self.services = services
         # store_one(account, message, did, mailbox, flags) -> (mailbox used, added); raises StoreError
         self.store_one = store_one
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def _lock(self, account: str) -> asyncio.Lock:
-        lock = self._locks.get(account)
-        if lock is None:
-            if len(self._locks) > 10000:
-                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
-            lock = self._locks[account] = asyncio.Lock()
-        return lock
+        self._lock = KeyedLocks()  # per account
 
     async def deliver(self, message, account: str, did: str, default_mailbox: str):
         """Returns (status, reply): status "sent" | "bounced"; raises what the store raises."""

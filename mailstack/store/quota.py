@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from ..fsutil import atomic_write
+from ..keyedlocks import KeyedLocks
 from .base import StoreError
 
 log = logging.getLogger("mailstack.store")
@@ -366,7 +367,7 @@ class Quota:
         self.limits_of = limits_of
         self.warn_percent = warn_percent
         self.warn = warn
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock = KeyedLocks()  # per account
         self._busy: dict[str, list] = {}  # account -> [changes under way, when the last began]
         # account -> when this process last counted it: a busy account's file never gets 15
         # minutes old, yet what others changed (a `mv`, an import) must be counted that often.
@@ -377,14 +378,6 @@ class Quota:
         self._writing: dict[str, tuple[int, int]] = {}  # account -> (bytes, messages) being written
         self._soon: dict[str, asyncio.TimerHandle] = {}  # account -> its charge_soon write, scheduled
         self._last_write: dict[str, float] = {}  # account -> when charge_soon last wrote
-
-    def _lock(self, account: str) -> asyncio.Lock:
-        lock = self._locks.get(account)
-        if lock is None:
-            if len(self._locks) > 10000:
-                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
-            lock = self._locks[account] = asyncio.Lock()
-        return lock
 
     def begin(self, account: str) -> None:
         """A change of the account's messages starts (charge() ends it)."""
