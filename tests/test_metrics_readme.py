@@ -43,7 +43,11 @@ def test_queue_ages_certificate_build_info_and_readme_table(tmp_path):
                  what="two deferred messages")
         qid = srv.cli("queue", "list", "--json").stdout.split('"qid": "')[1].split('"')[0]
         srv.cli("queue", "hold", qid)
-        text = scrape()
+        # the queue moves the file when the control request is handled: wait for the gauge
+        def held() -> str | None:
+            text = scrape()
+            return text if value(parse_exposition(text), "mailstack_queue_messages", state="hold") == 1 else None
+        text = wait_for(held, what="the held message in the gauge")
         samples = parse_exposition(text)
         assert value(samples, "mailstack_queue_messages", state="hold") == 1
         assert value(samples, "mailstack_queue_messages", state="deferred") == 1
