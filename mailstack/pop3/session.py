@@ -9,86 +9,32 @@ expunge, which publishes the events that IMAP sessions on the same mailbox act o
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
-import os
 import time
-import urllib.parse
 from typing import Awaitable, Callable
 
 from .. import tlsclose
 from ..defense import connections as floods
 from ..store.base import MailboxNotFound, MessageInfo, StoreError
 from .connection import Connection
-from .parser import (LINE_TOO_LONG, Command, CommandError, MessageEncoder, decode_sasl_plain, err,
-                     format_uidl, multiline, ok, parse_command, parse_number, TopCutter, uidl_for_key)
-from .retrieve import READ_AHEAD_BYTES, READ_AHEAD_COUNT, SMALL_MESSAGE, FileStream, read_ahead
+from .locks import MailboxLocks
+from .parser import (LINE_TOO_LONG, Command, CommandError, decode_sasl_plain, err, format_uidl, multiline, ok,
+                     parse_command, parse_number, uidl_for_key)
 from .sizes import message_sizes
+from .transfer import Retrieval
 
 log = logging.getLogger("mailstack.pop3")
 
 PROTOCOL = "pop3"  # SessionRegistry protocol name shared by the pop3 and pop3s listeners
 IMPLEMENTATION = "mailstack"
 AUTH_FAILURES_BEFORE_DISCONNECT = 3
-# RETR streams the message in pieces of this size: memory per session stays bounded.
-READ_CHUNK = 256 * 1024
-# TOP reads this much first and more only when the header is longer.
-TOP_FIRST_READ = 16 * 1024
 # LIST/UIDL output is written in batches of about this many bytes, waiting for the client between.
 OUTPUT_BATCH = 64 * 1024
 
 AUTHORIZATION, TRANSACTION, CLOSED = "AUTHORIZATION", "TRANSACTION", "CLOSED"
 
 
-class MailboxLocks:
-    """One POP3 session per mailbox: an in-process table plus an flock()ed file, so that
-    another process on the same data directory is kept out as well."""
-
-    def __init__(self, lock_dir: os.PathLike | str) -> None:
-        self.lock_dir = os.fspath(lock_dir)
-        self._held: dict[str, int] = {}  # account -> fd (-1 while the file lock is being taken)
-
-    def _path(self, account: str) -> str:
-        return os.path.join(self.lock_dir, urllib.parse.quote(account, safe="@.-_+") + ".lock")
-
-    def _take_file_lock(self, account: str) -> int | None:
-        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
-        fd = os.open(self._path(account), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    async def acquire(self, account: str) -> bool:
-        if account in self._held:
-            return False
-        self._held[account] = -1  # reserve before the await: two logins cannot both pass
-        try:
-            fd = await asyncio.to_thread(self._take_file_lock, account)
-        except BaseException:
-            del self._held[account]
-            raise
-        if fd is None:
-            del self._held[account]
-            return False
-        self._held[account] = fd
-        return True
-
-    def release(self, account: str) -> None:
-        fd = self._held.pop(account, None)
-        if fd is not None and fd >= 0:
-            os.close(fd)  # closing the descriptor drops the flock; the file stays (no unlink race)
-
-    def held(self, account: str) -> bool:
-        return account in self._held
-
-
-class POP3Session:
+class POP3Session(Retrieval):
     def __init__(self, services, listener: str, conn: Connection) -> None:
         self.services = services
         self.cfg = services.config.pop3  # a reload applies to new sessions only
@@ -521,214 +467,6 @@ class POP3Session:
         self.deleted_octets = 0
         count, octets = self._totals()
         self.conn.write(ok(f"{count} messages ({octets} octets)"))
-        return True
-
-    async def cmd_retr(self, cmd: Command) -> bool:
-        if len(cmd.args) != 1:
-            raise CommandError("RETR takes one argument: RETR msg")
-        i = self._message(cmd)
-        if i is None:
-            return True
-        uid = self.messages[i].uid
-        path = self.mailbox.path(uid)  # None: gone meanwhile, or a backend without files
-        if path is not None:
-            data = await self._read_ahead_result(i)
-            if data is not None:  # read (and encoded) while the client handled the last one
-                self._sent_message(i, len(data))
-                self.conn.write(ok(f"{self.sizes[i]} octets") + data + b".\r\n")
-                self._read_ahead_from(i)
-                return True
-            try:
-                stream = await asyncio.to_thread(FileStream, path)
-            except FileNotFoundError:  # renamed (a flag change) or removed: ask the store
-                stream = None
-            except OSError as e:
-                log.warning("RETR %d (uid %d) failed: %s", i + 1, uid, e, extra=self._log_extra)
-                self.conn.write(err("Message is no longer available", "SYS/TEMP"))
-                return True
-            if stream is not None:
-                try:
-                    return await self._retr_stream(i, stream)
-                finally:
-                    stream.close()
-        return await self._retr_by_range(i, uid)
-
-    def _sent_message(self, i: int, sent: int) -> None:
-        self.bytes_sent += sent
-        if sent < self.sizes[i]:  # would mean the file changed under us: Maildir files never do
-            log.warning("RETR %d (uid %d) sent %d octets, LIST said %d", i + 1, self.messages[i].uid, sent,
-                        self.sizes[i], extra=self._log_extra)
-        self.retrieved.add(i)
-
-    async def _read_ahead_result(self, i: int) -> bytes | None:
-        """Message i as read ahead, or None when it was not (or could not be)."""
-        task = self._ahead_task
-        if i not in self._ahead and task is not None and i in self._ahead_pending:
-            try:
-                await asyncio.shield(task)  # being read now: waiting beats a second read
-            except (OSError, StoreError):
-                return None
-        return self._ahead.pop(i, None)
-
-    def _read_ahead_from(self, i: int) -> None:
-        """After RETR i: read the next small messages in one thread hop, unless enough are
-        read already or a read is running.  Bounded by READ_AHEAD_BYTES / _COUNT."""
-        if self._ahead_task is not None and not self._ahead_task.done():
-            return
-        for k in [k for k in self._ahead if k <= i]:  # skipped by the client: not kept
-            del self._ahead[k]
-        held = sum(map(len, self._ahead.values()))
-        if len(self._ahead) >= READ_AHEAD_COUNT // 2 or held >= READ_AHEAD_BYTES // 2:
-            return
-        wanted: list[tuple[int, str]] = []
-        budget = READ_AHEAD_BYTES - held
-        j = i + 1
-        while j < len(self.messages) and len(wanted) + len(self._ahead) < READ_AHEAD_COUNT:
-            if j not in self.deleted and j not in self._ahead:
-                size = self.sizes[j]
-                if size > SMALL_MESSAGE or size > budget:
-                    break
-                path = self.mailbox.path(self.messages[j].uid)
-                if path is None:
-                    break
-                wanted.append((j, path))
-                budget -= size
-            j += 1
-        if not wanted:
-            return
-        self._ahead_pending = {j for j, _ in wanted}
-        task = asyncio.ensure_future(asyncio.to_thread(read_ahead, wanted))
-
-        def done(t: asyncio.Future) -> None:
-            if self._ahead_task is t:
-                self._ahead_pending = set()
-            if not t.cancelled() and t.exception() is None and self.state == TRANSACTION:
-                self._ahead.update(t.result())
-        task.add_done_callback(done)
-        self._ahead_task = task
-
-    async def _retr_stream(self, i: int, stream: FileStream) -> bool:
-        """RETR from an open file: pieces read and encoded in a thread, one piece ahead."""
-        uid = self.messages[i].uid
-        try:
-            out = await asyncio.to_thread(stream.next)
-        except OSError as e:
-            log.warning("RETR %d (uid %d) failed: %s", i + 1, uid, e, extra=self._log_extra)
-            self.conn.write(err("Message is no longer available", "SYS/TEMP"))
-            return True
-        self._in_multiline = True
-        head = ok(f"{self.sizes[i]} octets")
-        sent = 0
-        while True:
-            ahead = None if stream.done else asyncio.ensure_future(asyncio.to_thread(stream.next))
-            sent += len(out)
-            if head:  # one write (one segment) for a message that fits in a piece
-                out, head = head + out, b""
-            self.conn.write(out + b".\r\n" if ahead is None else out)
-            if ahead is None:
-                break
-            try:
-                await self.conn.drain()
-                out = await ahead
-            except OSError as e:
-                # Half a message is out: no way to say -ERR now, so hang up without the
-                # terminator; the client sees a failed download, never a short message.
-                log.error("RETR %d (uid %d) failed after %d bytes: %s", i + 1, uid, sent, e,
-                          extra=self._log_extra)
-                self.conn.abort()
-                return False
-            except BaseException:  # cancelled (shutdown): the read ahead goes too
-                ahead.cancel()
-                raise
-        self._in_multiline = False
-        self._sent_message(i, sent)
-        self._read_ahead_from(i)
-        return True
-
-    async def _retr_by_range(self, i: int, uid: int) -> bool:
-        """RETR through the store's read_range: a backend without files, or a file that moved."""
-        # Read the first piece before saying +OK: a message that has gone (expunged over
-        # IMAP meanwhile) or an I/O error still gets a proper -ERR.
-        try:
-            chunk = await self.mailbox.read_range(uid, 0, READ_CHUNK)
-        except (StoreError, OSError, KeyError) as e:
-            log.warning("RETR %d (uid %d) failed: %s", i + 1, uid, e, extra=self._log_extra)
-            self.conn.write(err("Message is no longer available", "SYS/TEMP"))
-            return True
-        self._in_multiline = True
-        self.conn.write(ok(f"{self.sizes[i]} octets"))
-        encoder = MessageEncoder()
-        sent = 0
-        offset = 0
-        while True:
-            offset += len(chunk)
-            # the next piece is read (in a thread) while this one goes out: one piece ahead
-            ahead = asyncio.ensure_future(self.mailbox.read_range(uid, offset, READ_CHUNK)) \
-                if len(chunk) == READ_CHUNK else None
-            out = encoder.feed(chunk)
-            sent += len(out)
-            self.conn.write(out)
-            if ahead is None:
-                break
-            try:
-                await self.conn.drain()
-            except BaseException:  # cancelled (shutdown): the read ahead goes too
-                ahead.cancel()
-                raise
-            try:
-                chunk = await ahead
-            except (StoreError, OSError, KeyError) as e:
-                # Half a message is out: no way to say -ERR now, so hang up without the
-                # terminator; the client sees a failed download, never a short message.
-                log.error("RETR %d (uid %d) failed after %d bytes: %s", i + 1, uid, offset, e,
-                          extra=self._log_extra)
-                self.conn.abort()
-                return False
-        out = encoder.end()
-        sent += len(out)
-        self.conn.write(out + b".\r\n")
-        self._in_multiline = False
-        self._sent_message(i, sent)
-        return True
-
-    async def cmd_top(self, cmd: Command) -> bool:
-        if len(cmd.args) != 2:
-            raise CommandError("TOP takes two arguments: TOP msg n")
-        lines = parse_number(cmd.args[1], "line count")
-        i = self._message(cmd)
-        if i is None:
-            return True
-        uid = self.messages[i].uid
-        # Read piece by piece, like RETR: TOP 1 1000000 of a 50 MB message must not hold it whole.
-        try:
-            chunk = await self.mailbox.read_range(uid, 0, TOP_FIRST_READ)
-        except (StoreError, OSError, KeyError) as e:
-            log.warning("TOP %d (uid %d) failed: %s", i + 1, uid, e, extra=self._log_extra)
-            self.conn.write(err("Message is no longer available", "SYS/TEMP"))
-            return True
-        self._in_multiline = True
-        self.conn.write(ok())
-        cutter, encoder = TopCutter(lines), MessageEncoder()
-        offset, want = 0, TOP_FIRST_READ
-        while True:
-            out = encoder.feed(cutter.feed(chunk))
-            self.bytes_sent += len(out)
-            self.conn.write(out)
-            offset += len(chunk)
-            if cutter.done or len(chunk) < want:
-                break
-            await self.conn.drain()
-            want = READ_CHUNK
-            try:
-                chunk = await self.mailbox.read_range(uid, offset, want)
-            except (StoreError, OSError, KeyError) as e:
-                log.error("TOP %d (uid %d) failed after %d bytes: %s", i + 1, uid, offset, e, extra=self._log_extra)
-                self.conn.abort()
-                return False
-        out = encoder.end()
-        self.bytes_sent += len(out)
-        self.conn.write(out + b".\r\n")
-        self._in_multiline = False
         return True
 
     async def _update(self) -> bool:
