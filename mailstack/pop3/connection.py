@@ -34,6 +34,10 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future | None = None
+        # The read timeout: one timer per connection, re-armed lazily (see readline).
+        self._deadline: float | None = None  # loop time a waiting readline gives up at
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # --- asyncio.Protocol ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -55,6 +59,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()
         self._eof = True
         self._wake()
         waiter, self._drain_waiter = self._drain_waiter, None
@@ -83,18 +88,56 @@ class Connection(asyncio.Protocol):
     async def readline(self, timeout: float) -> bytes | LineTooLong | None:
         """The next command line (without CRLF), LINE_TOO_LONG, or None at end of input.
         Raises TimeoutError after `timeout` seconds of silence."""
-        async with asyncio.timeout(timeout):
+        line = self._buffered_line()
+        if line is not None or self._eof:
+            return line
+        # Not asyncio.timeout(): that is a timer made and cancelled per command, a third of
+        # the loop's own work for a RETR.  The one timer of the connection is moved only
+        # when it would fire too late; when it fires early it re-arms itself for the deadline.
+        loop = asyncio.get_running_loop()
+        self._deadline = deadline = loop.time() + timeout
+        if self._timer is None or self._timer_at > deadline:
+            self._arm(loop, deadline)
+        try:
             while True:
-                line = self.lines.next_line()
-                if self._reading_paused and len(self.lines) <= self._high_water // 2 and not self.closed:
-                    self._reading_paused = False
-                    self.transport.resume_reading()
-                if line is not None:
+                self._waiter = waiter = loop.create_future()
+                await waiter
+                line = self._buffered_line()
+                if line is not None or self._eof:
                     return line
-                if self._eof:
-                    return None
-                self._waiter = asyncio.get_running_loop().create_future()
-                await self._waiter
+        finally:
+            self._deadline = None
+
+    def _buffered_line(self) -> bytes | LineTooLong | None:
+        line = self.lines.next_line()
+        if self._reading_paused and len(self.lines) <= self._high_water // 2 and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return line
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:  # no read waiting: armed again by the next one
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:
+            self._arm(loop, deadline)
+            return
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def write(self, data: bytes) -> None:
         if not self.closed and not self._ended:
@@ -133,6 +176,7 @@ class Connection(asyncio.Protocol):
 
     def _end_locally(self) -> None:
         self._ended = True
+        self._stop_timer()
         self._eof = True
         self._write_paused = False
         self._wake()

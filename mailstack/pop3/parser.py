@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+import re
+from typing import NamedTuple
 
 CRLF = b"\r\n"
 
@@ -107,11 +108,13 @@ class LineBuffer:
         return line
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):  # a NamedTuple: half the cost of a frozen dataclass, per command
     name: str  # upper-case keyword, e.g. "RETR"
     args: tuple[str, ...]  # arguments split on spaces
     rest: str  # everything after the keyword and one space, verbatim (PASS may hold spaces)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def parse_command(line: bytes) -> Command:
@@ -122,15 +125,19 @@ def parse_command(line: bytes) -> Command:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise CommandError("Command is not valid UTF-8") from None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    # isprintable() is one C pass that is true for nearly every line; what it rejects besides
+    # control characters (some non-ASCII spaces in a password) is looked at again exactly.
+    if not text.isprintable() and _CONTROL.search(text):
         raise CommandError("Control characters in command")
     keyword, sep, rest = text.partition(" ")
     if not keyword.isascii() or not keyword.isalpha() or not 3 <= len(keyword) <= MAX_KEYWORD:
         raise CommandError("Unknown command")
     # RFC 1939 separates arguments by one space; extra spaces (a trailing one is common) are
     # tolerated rather than read as empty arguments.
-    args = tuple(a for a in rest.split(" ") if a)
-    return Command(keyword.upper(), args, rest)
+    args = rest.split(" ") if rest else []
+    if "" in args:
+        args = [a for a in args if a]
+    return Command(keyword.upper(), tuple(args), rest)
 
 
 def parse_number(arg: str, what: str = "message number") -> int:
@@ -336,7 +343,7 @@ def uidl_for_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
-_UIDL_VAR = __import__("re").compile(r"%(0?)(\d*)([Xx]?)([uv%])")
+_UIDL_VAR = re.compile(r"%(0?)(\d*)([Xx]?)([uv%])")
 
 
 def format_uidl(fmt: str, uid: int, uidvalidity: int) -> str:

@@ -17,7 +17,7 @@ import errno
 import os
 import threading
 
-from .parser import MessageEncoder
+from .parser import MessageEncoder, ok
 
 # A big message is read and encoded in pieces of this size (memory per session stays bounded).
 STREAM_CHUNK = 512 * 1024
@@ -53,15 +53,17 @@ def encode_file(path: str, max_size: int | None = None) -> bytes:
     return enc.feed(data) + enc.end()
 
 
-def read_ahead(wanted: list[tuple[int, str]]) -> dict[int, bytes]:
-    """Blocking: (key, path) -> {key: encoded message}.  A file that cannot be read
-    now is left out: RETR reads it again the ordinary way and reports what went wrong."""
-    out: dict[int, bytes] = {}
-    for key, path in wanted:
+def read_ahead(wanted: list[tuple[int, str, int]]) -> dict[int, tuple[bytes, int]]:
+    """Blocking: (key, path, POP3 size) -> {key: (RETR's whole answer, octets of the encoded
+    message in it)}: built here, so RETR is one write of ready bytes.  A file that cannot be
+    read now is left out: RETR reads it again the ordinary way and reports what went wrong."""
+    out: dict[int, tuple[bytes, int]] = {}
+    for key, path, size in wanted:
         try:
-            out[key] = encode_file(path, SMALL_MESSAGE)
+            body = encode_file(path, SMALL_MESSAGE)
         except OSError:
             continue
+        out[key] = (ok(f"{size} octets") + body + b".\r\n", len(body))
     return out
 
 

@@ -52,8 +52,11 @@ class POP3Session(Retrieval):
         self.total_octets = 0  # kept as running sums so STAT is O(1) in a big maildrop
         self.deleted_octets = 0
         self.retrieved: set[int] = set()
-        self._ahead: dict[int, bytes] = {}  # message index -> RETR's bytes, read ahead (retrieve.py)
-        self._ahead_pending: set[int] = set()  # being read ahead now
+        # Read ahead (transfer.py, retrieve.py): message index -> (RETR's whole answer, octets
+        # of the message in it); the bytes held; the indexes being read now and that read.
+        self._ahead: dict[int, tuple[bytes, int]] = {}
+        self._ahead_bytes = 0
+        self._ahead_pending: set[int] = set()
         self._ahead_task: asyncio.Future | None = None
         self.errors = 0
         self.commands = 0
@@ -108,7 +111,9 @@ class POP3Session(Retrieval):
     async def _release(self) -> None:
         if self._ahead_task is not None:
             self._ahead_task.cancel()  # a read running in its thread finishes; its result is dropped
+            self._ahead_task = None
         self._ahead.clear()
+        self._ahead_bytes = 0
         mailbox, self.mailbox = self.mailbox, None
         if mailbox is not None:
             try:

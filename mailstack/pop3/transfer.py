@@ -28,10 +28,14 @@ class Retrieval:
         uid = self.messages[i].uid
         path = self.mailbox.path(uid)  # None: gone meanwhile, or a backend without files
         if path is not None:
-            data = await self._read_ahead_result(i)
-            if data is not None:  # read (and encoded) while the client handled the last one
-                self._sent_message(i, len(data))
-                self.conn.write(ok(f"{self.sizes[i]} octets") + data + b".\r\n")
+            ready = self._ahead.pop(i, None)
+            if ready is None and i in self._ahead_pending:
+                ready = await self._read_ahead_wait(i)
+            if ready is not None:  # read and encoded while the client handled the last one
+                answer, octets = ready
+                self._ahead_bytes -= len(answer)
+                self._sent_message(i, octets)
+                self.conn.write(answer)  # status line, message and terminator: one write
                 self._read_ahead_from(i)
                 return True
             try:
@@ -56,50 +60,52 @@ class Retrieval:
                         self.sizes[i], extra=self._log_extra)
         self.retrieved.add(i)
 
-    async def _read_ahead_result(self, i: int) -> bytes | None:
-        """Message i as read ahead, or None when it was not (or could not be)."""
-        task = self._ahead_task
-        if i not in self._ahead and task is not None and i in self._ahead_pending:
-            try:
-                await asyncio.shield(task)  # being read now: waiting beats a second read
-            except (OSError, StoreError):
-                return None
+    async def _read_ahead_wait(self, i: int) -> tuple[bytes, int] | None:
+        """Message i from the read running now (waiting beats a second read), or None."""
+        try:
+            await asyncio.shield(self._ahead_task)
+        except (OSError, StoreError):
+            return None
         return self._ahead.pop(i, None)
 
     def _read_ahead_from(self, i: int) -> None:
         """After RETR i: read the next small messages in one thread hop, unless enough are
         read already or a read is running.  Bounded by READ_AHEAD_BYTES / _COUNT."""
-        if self._ahead_task is not None and not self._ahead_task.done():
+        if self._ahead_pending:  # a read is running, or its result is not taken in yet
             return
-        for k in [k for k in self._ahead if k <= i]:  # skipped by the client: not kept
-            del self._ahead[k]
-        held = sum(map(len, self._ahead.values()))
-        if len(self._ahead) >= READ_AHEAD_COUNT // 2 or held >= READ_AHEAD_BYTES // 2:
+        ahead = self._ahead
+        for k in [k for k in ahead if k <= i]:  # skipped by the client: not kept
+            self._ahead_bytes -= len(ahead.pop(k)[0])
+        held = self._ahead_bytes
+        if len(ahead) >= READ_AHEAD_COUNT // 2 or held >= READ_AHEAD_BYTES // 2:
             return
-        wanted: list[tuple[int, str]] = []
+        wanted: list[tuple[int, str, int]] = []
         budget = READ_AHEAD_BYTES - held
         j = i + 1
-        while j < len(self.messages) and len(wanted) + len(self._ahead) < READ_AHEAD_COUNT:
-            if j not in self.deleted and j not in self._ahead:
+        while j < len(self.messages) and len(wanted) + len(ahead) < READ_AHEAD_COUNT:
+            if j not in self.deleted and j not in ahead:
                 size = self.sizes[j]
                 if size > SMALL_MESSAGE or size > budget:
                     break
                 path = self.mailbox.path(self.messages[j].uid)
                 if path is None:
                     break
-                wanted.append((j, path))
+                wanted.append((j, path, size))
                 budget -= size
             j += 1
         if not wanted:
             return
-        self._ahead_pending = {j for j, _ in wanted}
+        self._ahead_pending = {j for j, _, _ in wanted}
         task = asyncio.ensure_future(asyncio.to_thread(read_ahead, wanted))
 
         def done(t: asyncio.Future) -> None:
-            if self._ahead_task is t:
-                self._ahead_pending = set()
-            if not t.cancelled() and t.exception() is None and self.mailbox is not None:
-                self._ahead.update(t.result())
+            if self._ahead_task is not t:  # the session ended (_release)
+                return
+            self._ahead_pending = set()
+            if not t.cancelled() and t.exception() is None:
+                for k, answer in t.result().items():
+                    self._ahead[k] = answer
+                    self._ahead_bytes += len(answer[0])
         task.add_done_callback(done)
         self._ahead_task = task
 
