@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -190,3 +191,98 @@ def test_stream_closes_its_descriptor_after_a_read_in_flight(tmp_path):
     s.close()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def _session(srv):
+    return next(s for s in srv.services.sessions.sessions if getattr(s, "account", None) == USER)
+
+
+def _count_at_once(srv, session) -> list[bool]:
+    """Records what session.retr_at_once answers (wrapped on the server's loop)."""
+    seen: list[bool] = []
+    inner = session.retr_at_once
+
+    def wrapped(line: bytes) -> bool:
+        seen.append(inner(line))
+        return seen[-1]
+
+    async def install() -> None:
+        session.conn.on_line = wrapped
+    srv.call(install())
+    return seen
+
+
+def test_retr_of_a_message_read_ahead_is_answered_at_once_in_order(srv):
+    """RETR of a message already read ahead is answered from data_received, without waking
+    the session's task; anything else takes the ordinary way, and pipelined answers stay in
+    order, with the same bytes and the same errors."""
+    place(srv, MESSAGES[8:40], "sw")
+    c = plain(srv)
+    c.login()
+    c.send("RETR 1")
+    assert c.line().startswith(b"+OK") and c.body() == encode_message(MESSAGES[8])
+    session = _session(srv)
+    seen = _count_at_once(srv, session)
+    for n in range(2, 12):
+        wait_for(lambda: n in session._ahead or n - 1 in session._ahead, 10, what=f"read-ahead of {n}")
+        c.send(f"RETR {n}")
+        assert c.line() == b"+OK %d octets" % message_size(MESSAGES[7 + n])
+        assert c.body() == encode_message(MESSAGES[7 + n]), n
+    wait_for(lambda: len(seen) == 10, 5, what="the last answer's record")  # (written before recorded)
+    assert seen.count(True) >= 9  # (one may have raced its read-ahead)
+    wait_for(lambda: 13 in session._ahead and 15 in session._ahead, 10, what="read-ahead of 14, 16")
+    # declined ones (a DELEted message, a bad number, other commands, lower case) keep their place
+    c.send("RETR 14", "DELE 14", "RETR 14", "RETR 0", "RETR 99", "RETR 16 ", "retr 16", "NOOP", "RETR 16",
+           "STAT")
+    assert c.line() == b"+OK %d octets" % message_size(MESSAGES[21])
+    assert c.body() == encode_message(MESSAGES[21])
+    assert c.line().startswith(b"+OK Message 14 marked")
+    assert c.line().startswith(b"-ERR Message 14 already deleted")
+    assert c.line().startswith(b"-ERR No such message")
+    assert c.line().startswith(b"-ERR No such message")
+    for noop in (False, False, True):  # "RETR 16 " (trailing space, tolerated), "retr 16", NOOP, "RETR 16"
+        if noop:
+            assert c.line() == b"+OK"
+        assert c.line() == b"+OK %d octets" % message_size(MESSAGES[23])
+        assert c.body() == encode_message(MESSAGES[23])
+    total = sum(message_size(m) for m in MESSAGES[8:40]) - message_size(MESSAGES[21])
+    assert c.line() == b"+OK %d %d" % (31, total)
+    c.send("QUIT")
+    assert c.line().startswith(b"+OK")
+
+
+def test_retr_at_once_counts_as_activity_and_as_a_command(tmp_path):
+    """The read timeout counts from the last RETR answered at once (not from the last command
+    read the ordinary way), and RETRs answered at once count against max_commands."""
+    server = POP3Server(tmp_path, pop3={"allow_plaintext_auth": True, "idle_timeout": 1, "max_commands": 10})
+    try:
+        place(server, MESSAGES[8:30], "sw")
+        c = plain(server)
+        c.login()  # commands 1, 2
+        c.send("RETR 1")  # 3
+        assert c.line().startswith(b"+OK") and c.body() == encode_message(MESSAGES[8])
+        session = _session(server)
+        seen = _count_at_once(server, session)
+        for n in range(2, 6):  # 4 .. 7, over about 2 s: longer than the timeout
+            wait_for(lambda: n - 1 in session._ahead, 10, what=f"read-ahead of {n}")
+            time.sleep(0.5)
+            c.send(f"RETR {n}")
+            assert c.line().startswith(b"+OK") and c.body() == encode_message(MESSAGES[7 + n])
+        wait_for(lambda: len(seen) == 4, 5, what="the last answer's record")  # (written before recorded)
+        assert seen == [True] * 4
+        c.send("RETR 6", "RETR 7", "RETR 8", "RETR 9")  # 8, 9, 10, then the 11th is refused
+        for n in (6, 7, 8):
+            assert c.line().startswith(b"+OK") and c.body() == encode_message(MESSAGES[7 + n])
+        assert c.line() == b"-ERR Too many commands in one session"
+        with pytest.raises(ConnectionError):
+            c.line()
+        # and silence is still cut off after the timeout
+        d = plain(server)
+        t0 = time.monotonic()
+        d.login()
+        d.send("RETR 1")
+        assert d.line().startswith(b"+OK") and d.body() == encode_message(MESSAGES[8])
+        assert d.line() == b"-ERR Disconnected for inactivity"
+        assert 0.9 <= time.monotonic() - t0 < 5
+    finally:
+        server.stop()

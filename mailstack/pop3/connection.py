@@ -12,7 +12,7 @@ import ssl
 from typing import Callable
 
 from .. import proxy
-from .parser import LineBuffer, LineTooLong
+from .parser import LINE_TOO_LONG, LineBuffer, LineTooLong
 
 # Unread pipelined input held before reading from the socket pauses.  Larger than any
 # allowed line, so a paused connection always has a complete line to hand out.
@@ -38,6 +38,11 @@ class Connection(asyncio.Protocol):
         self._deadline: float | None = None  # loop time a waiting readline gives up at
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._timeout = 0.0  # of the waiting readline
+        # Set by the session: a line that arrives while the session waits in readline() is
+        # first offered to it here, answered at once when it can be (True), else read as usual.
+        self.on_line: Callable[[bytes], bool] | None = None
+        self._pushed_back: bytes | None = None  # a line offered and declined: read next
 
     # --- asyncio.Protocol ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -47,6 +52,10 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.lines.feed(data)
+        if self._deadline is not None and self.on_line is not None:
+            self._offer_lines()
+            if self._pushed_back is None and not len(self.lines) and not self._eof:
+                return  # all answered: the waiting readline goes on waiting
         if len(self.lines) > self._high_water and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -95,6 +104,7 @@ class Connection(asyncio.Protocol):
         # the loop's own work for a RETR.  The one timer of the connection is moved only
         # when it would fire too late; when it fires early it re-arms itself for the deadline.
         loop = asyncio.get_running_loop()
+        self._timeout = timeout
         self._deadline = deadline = loop.time() + timeout
         if self._timer is None or self._timer_at > deadline:
             self._arm(loop, deadline)
@@ -108,7 +118,24 @@ class Connection(asyncio.Protocol):
         finally:
             self._deadline = None
 
+    def _offer_lines(self) -> None:
+        """While the session waits for a command: give it complete lines, in order, to answer
+        without waking its task (a task wake-up per RETR is about half the loop's own work),
+        until one is declined (pushed back: readline returns it next) or output backs up."""
+        while not self._write_paused and not self._ended and self._pushed_back is None:
+            line = self.lines.next_line()
+            if line is None:
+                return
+            if line is LINE_TOO_LONG or not self.on_line(line):
+                self._pushed_back = line
+                return
+            # answered: the read timeout counts from now, as for a command read by readline
+            self._deadline = asyncio.get_running_loop().time() + self._timeout
+
     def _buffered_line(self) -> bytes | LineTooLong | None:
+        line, self._pushed_back = self._pushed_back, None
+        if line is not None:
+            return line
         line = self.lines.next_line()
         if self._reading_paused and len(self.lines) <= self._high_water // 2 and not self.closed:
             self._reading_paused = False
@@ -130,6 +157,7 @@ class Connection(asyncio.Protocol):
         if loop.time() < deadline:
             self._arm(loop, deadline)
             return
+        self._deadline = None  # timed out: no more lines are offered (see _offer_lines)
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
@@ -153,6 +181,7 @@ class Connection(asyncio.Protocol):
         """Switch to TLS after the "+OK" has been written.  Returns the number of plaintext
         bytes the client sent after STLS, which are dropped, never executed."""
         dropped = self.lines.clear()
+        self._pushed_back = None  # (empty here: STLS was read by readline, after any line pushed back)
         self._reading_paused = False  # start_tls resumes reading on its own
         loop = asyncio.get_running_loop()
         # From here on bytes go to the TLS layer: start_tls swaps the protocol before

@@ -28,6 +28,10 @@ MAX_ARG = 40  # an argument echoed back in an error reply is cut to this
 MAX_NUMBER_DIGITS = 10
 
 
+# RFC 1939's session states (UPDATE is reached only through QUIT; after it, CLOSED).
+AUTHORIZATION, TRANSACTION, CLOSED = "AUTHORIZATION", "TRANSACTION", "CLOSED"
+
+
 class CommandError(Exception):
     """A line that is not a well-formed command; str() is the reason for the -ERR reply."""
 

@@ -18,8 +18,8 @@ from ..defense import connections as floods
 from ..store.base import MailboxNotFound, MessageInfo, StoreError
 from .connection import Connection
 from .locks import MailboxLocks
-from .parser import (LINE_TOO_LONG, Command, CommandError, decode_sasl_plain, err, format_uidl, multiline, ok,
-                     parse_command, parse_number, uidl_for_key)
+from .parser import (AUTHORIZATION, CLOSED, LINE_TOO_LONG, TRANSACTION, Command, CommandError, decode_sasl_plain,
+                     err, format_uidl, multiline, ok, parse_command, parse_number, uidl_for_key)
 from .sizes import message_sizes
 from .transfer import Retrieval
 
@@ -31,7 +31,6 @@ AUTH_FAILURES_BEFORE_DISCONNECT = 3
 # LIST/UIDL output is written in batches of about this many bytes, waiting for the client between.
 OUTPUT_BATCH = 64 * 1024
 
-AUTHORIZATION, TRANSACTION, CLOSED = "AUTHORIZATION", "TRANSACTION", "CLOSED"
 
 
 class POP3Session(Retrieval):
@@ -40,6 +39,7 @@ class POP3Session(Retrieval):
         self.cfg = services.config.pop3  # a reload applies to new sessions only
         self.listener = listener
         self.conn = conn
+        conn.on_line = self.retr_at_once  # transfer.py: RETR of a message read ahead, without a wake-up
         self.peer_ip = conn.peer_ip
         self.state = AUTHORIZATION
         self.user: str | None = None  # from USER, waiting for PASS
@@ -109,6 +109,7 @@ class POP3Session(Retrieval):
             tlsclose.close_soon(self.conn.transport)
 
     async def _release(self) -> None:
+        self.conn.on_line = None
         if self._ahead_task is not None:
             self._ahead_task.cancel()  # a read running in its thread finishes; its result is dropped
             self._ahead_task = None

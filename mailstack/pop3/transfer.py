@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from ..store.base import StoreError
-from .parser import Command, CommandError, MessageEncoder, TopCutter, err, ok, parse_number
+from .parser import MAX_NUMBER_DIGITS, TRANSACTION, Command, CommandError, MessageEncoder, TopCutter, err, ok, parse_number
 from .retrieve import READ_AHEAD_BYTES, READ_AHEAD_COUNT, SMALL_MESSAGE, FileStream, read_ahead
 
 log = logging.getLogger("mailstack.pop3")
@@ -32,11 +32,7 @@ class Retrieval:
             if ready is None and i in self._ahead_pending:
                 ready = await self._read_ahead_wait(i)
             if ready is not None:  # read and encoded while the client handled the last one
-                answer, octets = ready
-                self._ahead_bytes -= len(answer)
-                self._sent_message(i, octets)
-                self.conn.write(answer)  # status line, message and terminator: one write
-                self._read_ahead_from(i)
+                self._send_ready(i, ready)
                 return True
             try:
                 stream = await asyncio.to_thread(FileStream, path)
@@ -52,6 +48,35 @@ class Retrieval:
                 finally:
                     stream.close()
         return await self._retr_by_range(i, uid)
+
+    def _send_ready(self, i: int, ready: tuple[bytes, int]) -> None:
+        answer, octets = ready
+        self._ahead_bytes -= len(answer)
+        self._sent_message(i, octets)
+        self.conn.write(answer)  # status line, message and terminator: one write
+        self._read_ahead_from(i)
+
+    def retr_at_once(self, line: bytes) -> bool:
+        """Connection.on_line: "RETR n" of a message already read ahead, answered straight from
+        data_received while the session waits for its next command (no task wake-up): what
+        the command loop and cmd_retr would do for it.  False for anything else, which then
+        takes the ordinary way (so every error, and every other command, is answered there)."""
+        if line[:5] not in (b"RETR ", b"retr ", b"Retr ") or self.idle_since is None \
+                or self.state != TRANSACTION:
+            return False
+        number = line[5:]
+        if not number.isdigit() or len(number) > MAX_NUMBER_DIGITS or self.commands >= self.cfg.max_commands:
+            return False
+        i = int(number) - 1
+        ready = self._ahead.get(i)
+        # as cmd_retr: only a message that still exists in the store (not expunged over IMAP)
+        if ready is None or i < 0 or i in self.deleted or self.mailbox.path(self.messages[i].uid) is None:
+            return False
+        del self._ahead[i]
+        self.commands += 1
+        self._send_ready(i, ready)
+        self.idle_since = asyncio.get_running_loop().time()  # waiting for the next command again
+        return True
 
     def _sent_message(self, i: int, sent: int) -> None:
         self.bytes_sent += sent
