@@ -286,3 +286,27 @@ def test_retr_at_once_counts_as_activity_and_as_a_command(tmp_path):
         assert 0.9 <= time.monotonic() - t0 < 5
     finally:
         server.stop()
+
+
+def _w_field(key: str) -> int | None:
+    """The plain definition of size_from_name: the digits after the first ",W=", ending at
+    the end of the name, "," or ":"; None when there are none or something else follows."""
+    i = key.find(",W=")
+    if i < 0:
+        return None
+    digits = ""
+    for ch in key[i + 3:]:
+        if ch in "0123456789":
+            digits += ch
+            continue
+        if ch not in ",:":
+            return None
+        break
+    return int(digits) if digits else None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["1", "0", "42", ",W=", ",S=", ",", ":", ":2,", "x", ".", "\n", "٣", "M1P2"]),
+                max_size=10).map("".join))
+def test_size_from_name_is_the_plain_definition(key):
+    assert sizes.size_from_name(key) == _w_field(key)

@@ -16,6 +16,9 @@ from typing import Awaitable, Callable
 from .. import tlsclose
 from ..defense import connections as floods
 from ..store.base import MailboxNotFound, MessageInfo, StoreError
+# imported with the module, not at the first login: compiling it there (no .pyc written, as
+# under PYTHONDONTWRITEBYTECODE) cost the first POP3 login of a server about 4 ms
+from ..store.preserve import read_pop3_uidl
 from .connection import Connection
 from .locks import MailboxLocks
 from .parser import (AUTHORIZATION, CLOSED, LINE_TOO_LONG, TRANSACTION, Command, CommandError, decode_sasl_plain,
@@ -379,7 +382,6 @@ class POP3Session(Retrieval):
         # An INBOX imported from Dovecot keeps Dovecot's UIDLs (`mailstack import maildir`).
         mailbox_dir = getattr(store, "mailbox_dir", None)
         if mailbox_dir is not None:
-            from ..store.preserve import read_pop3_uidl
             self.uidl_style = await asyncio.to_thread(read_pop3_uidl, mailbox_dir(account, "INBOX"))
         return True
 

@@ -9,6 +9,7 @@ of the same entry).  Messages without a cached size are read in one worker threa
 from __future__ import annotations
 
 import asyncio
+import re
 
 from ..store.base import Mailbox, MessageInfo, StoreError
 from .parser import message_size
@@ -17,6 +18,7 @@ CACHE_KEY = "pop3"
 CACHE_VERSION = 2  # 1 counted dot-stuffing
 # Marks a message that vanished while we looked (expunged over IMAP meanwhile): left out.
 _GONE = -1
+_W_VALUE = re.compile(r"([0-9]+)(?:[,:]|\Z)")
 # Files without a known size are counted in pieces of this size.
 COUNT_CHUNK = 1024 * 1024
 
@@ -33,13 +35,8 @@ def size_from_name(key: str) -> int | None:
     i = key.find(",W=")
     if i < 0:
         return None
-    j = i + 3
-    k = j
-    while k < len(key) and key[k].isdigit():
-        k += 1
-    if k == j or (k < len(key) and key[k] not in ",:"):
-        return None
-    return int(key[j:k])
+    m = _W_VALUE.match(key, i + 3)  # one C call, not a Python loop per digit: 1,000 names at login
+    return int(m.group(1)) if m else None
 
 
 def file_message_size(path: str, chunk: int = COUNT_CHUNK) -> int:
