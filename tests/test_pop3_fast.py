@@ -310,3 +310,20 @@ def _w_field(key: str) -> int | None:
                 max_size=10).map("".join))
 def test_size_from_name_is_the_plain_definition(key):
     assert sizes.size_from_name(key) == _w_field(key)
+
+
+_PIECES = ["1795475826", ".", "M", "99999", "P", "10", "Q", "3", "D", "abc_2E", ".host", ",S=", ",W=", "12", "x",
+           ":2,", ","]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=14).map("".join))
+def test_scan_base_is_parse_base_and_arrival_key(base):
+    """The first STAT's scan of new files parses each name once (store/filename.scan_base):
+    the same size, date and delivery id as parse_base, and the same order as arrival_key."""
+    from mailstack.store import filename as fn
+    size, date, did, order = fn.scan_base(base)
+    assert (size, date, did) == fn.parse_base(base)
+    assert order is None or order == fn.arrival_key(base)
+    made = fn.new_base(1795475826, 42, "d1")
+    assert fn.scan_base(made) == (42, 1795475826, "d1", fn.arrival_key(made))

@@ -24,8 +24,9 @@ from .base import StoreError
 MAX_DELIVERY_ID = 200
 _counter = itertools.count(1)
 _OWN = re.compile(r"^(\d+)\.M\d+P\d+Q\d+(?:D([A-Za-z0-9_-]+))?\.")
-# The whole of a base made here: date, delivery id, size in one match (the hot path of a scan).
-_OWN_FULL = re.compile(r"^(\d+)\.M\d+P\d+Q\d+(?:D([A-Za-z0-9_-]+))?\..*,S=(\d+)(?:,|$)")
+# The whole of a base made here: date, usec, counter, delivery id, size in one match (the hot
+# path of a scan).
+_OWN_FULL = re.compile(r"^(\d+)\.M(\d+)P\d+Q(\d+)(?:D([A-Za-z0-9_-]+))?\..*,S=(\d+)(?:,|$)")
 
 
 def _hostname() -> str:
@@ -111,8 +112,18 @@ def parse_base(base: str) -> tuple[int | None, int | None, str | None]:
     """(size, internal date, escaped delivery id) carried by a base; None where it carries none."""
     m = _OWN_FULL.match(base)
     if m:
-        return int(m.group(3)), int(m.group(1)), m.group(2)
+        return int(m.group(5)), int(m.group(1)), m.group(4)
     return size_of(base), own_time(base), delivery_id_of(base)
+
+
+def scan_base(base: str) -> tuple[int | None, int | None, str | None, tuple | None]:
+    """parse_base() and, for a base made here, the start of its arrival_key(), from one match:
+    a scan of 1,000 files dropped into new/ parsed each name three times."""
+    m = _OWN_FULL.match(base)
+    if m:
+        date = int(m.group(1))
+        return int(m.group(5)), date, m.group(4), (date, int(m.group(2)), int(m.group(3)), base)
+    return size_of(base), own_time(base), delivery_id_of(base), None
 
 
 def usable(name: str) -> bool:

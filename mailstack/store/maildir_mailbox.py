@@ -181,11 +181,12 @@ class _State:
 
         ul, ul_sig = (self.ul, sig[2]) if (self.loaded and sig[2] == self.sig[2]) else self._load_uidlist()
         unknown = [b for b in found if ul is None or b not in ul.uids]
+        scanned: dict[str, tuple] = {}  # fn.scan_base of the new ones: each name parsed once
         if ul is None or unknown:
             items = []
             for base in unknown:
                 sub, name, _ = found[base]
-                size, date = fn.size_of(base), fn.own_time(base)
+                size, date, _, _ = scanned[base] = fn.scan_base(base)
                 if size is None or date is None:
                     try:
                         st = os.stat(self.path / sub / name)
@@ -196,7 +197,7 @@ class _State:
                     items.append((base, size_x, date_x))
                 else:
                     items.append((base, None, None))
-            items.sort(key=lambda it: fn.arrival_key(it[0], it[2]))
+            items.sort(key=lambda it: scanned[it[0]][3] or fn.arrival_key(it[0], it[2]))
             try:
                 with _flock(self.path):
                     ul, ul_sig = self._assign_locked(ul, items)
@@ -224,7 +225,7 @@ class _State:
                 entries[uid] = old
                 continue
             changed = True
-            size, date, did = fn.parse_base(base)
+            size, date, did = scanned[base][:3] if base in scanned else fn.parse_base(base)
             if did:
                 new_ids.add(did)
             if size is None or date is None:
