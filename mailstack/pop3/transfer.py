@@ -1,6 +1,8 @@
 """RETR and TOP: sending messages, for POP3Session (a mixin over its state: messages, sizes,
-mailbox, conn).  Small messages come from the read-ahead (retrieve.py) in one write; big ones
-are streamed a piece at a time; a message without a file goes through the store's read_range."""
+mailbox, conn).  Small messages come from the read-ahead (retrieve.py) in one write, answered
+straight from the connection's data_received when the session is waiting for a command
+(retr_at_once); big ones are streamed a piece at a time; a message without a file goes
+through the store's read_range."""
 from __future__ import annotations
 
 import asyncio
@@ -172,18 +174,25 @@ class Retrieval:
         self._read_ahead_from(i)
         return True
 
+    async def _first_piece(self, what: str, i: int, uid: int, want: int, status: bytes) -> bytes | None:
+        """The first piece of message i through read_range, read before the status line is
+        written (and the answer begins): a message that has gone (expunged over IMAP meanwhile)
+        or an I/O error still gets a proper -ERR, and None."""
+        try:
+            chunk = await self.mailbox.read_range(uid, 0, want)
+        except (StoreError, OSError, KeyError) as e:
+            log.warning("%s %d (uid %d) failed: %s", what, i + 1, uid, e, extra=self._log_extra)
+            self.conn.write(err("Message is no longer available", "SYS/TEMP"))
+            return None
+        self._in_multiline = True
+        self.conn.write(status)
+        return chunk
+
     async def _retr_by_range(self, i: int, uid: int) -> bool:
         """RETR through the store's read_range: a backend without files, or a file that moved."""
-        # Read the first piece before saying +OK: a message that has gone (expunged over
-        # IMAP meanwhile) or an I/O error still gets a proper -ERR.
-        try:
-            chunk = await self.mailbox.read_range(uid, 0, READ_CHUNK)
-        except (StoreError, OSError, KeyError) as e:
-            log.warning("RETR %d (uid %d) failed: %s", i + 1, uid, e, extra=self._log_extra)
-            self.conn.write(err("Message is no longer available", "SYS/TEMP"))
+        chunk = await self._first_piece("RETR", i, uid, READ_CHUNK, ok(f"{self.sizes[i]} octets"))
+        if chunk is None:
             return True
-        self._in_multiline = True
-        self.conn.write(ok(f"{self.sizes[i]} octets"))
         encoder = MessageEncoder()
         sent = 0
         offset = 0
@@ -227,14 +236,9 @@ class Retrieval:
             return True
         uid = self.messages[i].uid
         # Read piece by piece, like RETR: TOP 1 1000000 of a 50 MB message must not hold it whole.
-        try:
-            chunk = await self.mailbox.read_range(uid, 0, TOP_FIRST_READ)
-        except (StoreError, OSError, KeyError) as e:
-            log.warning("TOP %d (uid %d) failed: %s", i + 1, uid, e, extra=self._log_extra)
-            self.conn.write(err("Message is no longer available", "SYS/TEMP"))
+        chunk = await self._first_piece("TOP", i, uid, TOP_FIRST_READ, ok())
+        if chunk is None:
             return True
-        self._in_multiline = True
-        self.conn.write(ok())
         cutter, encoder = TopCutter(lines), MessageEncoder()
         offset, want = 0, TOP_FIRST_READ
         while True:
