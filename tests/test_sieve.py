@@ -594,6 +594,47 @@ def test_script_store_limits_and_names(tmp_path):
         store.put("a@x.test", "one", "keep")
 
 
+def test_no_script_is_remembered_and_forgotten_by_every_change(tmp_path):
+    """scripts.NoScripts: a delivery to an account without scripts is answered without reading
+    its folder; every write through the ScriptStore forgets that, and a read that began before
+    a change does not record its old answer."""
+    from mailstack import config
+    from mailstack.sieve.deliver import known_no_scripts, load_scripts
+    from mailstack.sieve.scripts import ScriptStore
+    cfg = config.from_dict({"server": {"data_dir": str(tmp_path)}}, tmp_path)
+    store, user = ScriptStore(tmp_path), "A@x.test"
+    assert known_no_scripts(cfg, store, user) is None  # never looked
+    assert load_scripts(cfg, store, user) == ([], None)
+    assert known_no_scripts(cfg, store, "a@x.test") == ([], None)  # accounts are case-blind
+    assert ScriptStore(tmp_path).no_scripts is store.no_scripts  # one memo per folder
+    store.put(user, "one", "discard;")
+    assert known_no_scripts(cfg, store, user) is None
+    assert load_scripts(cfg, store, user) == ([], None)  # a script, but none active
+    store.set_active(user, "one")
+    assert known_no_scripts(cfg, store, user) is None
+    assert len(load_scripts(cfg, store, user)[0]) == 1
+    store.set_active(user, None)
+    load_scripts(cfg, store, user)
+    store.rename(user, "one", "two")  # ACTIVE may have named "two"
+    assert known_no_scripts(cfg, store, user) is None
+    load_scripts(cfg, store, user)
+    store.delete(user, "two")
+    assert known_no_scripts(cfg, store, user) is None
+    # A read that began before a change (here: by another ScriptStore of the folder) records nothing.
+    generation = store.no_scripts.generation
+    ScriptStore(tmp_path).put(user, "three", "keep;")
+    store.no_scripts.note(user, generation, 0.0)
+    assert known_no_scripts(cfg, store, user) is None
+    # Global scripts are files edited by hand: with one configured, every delivery reads.
+    before = tmp_path / "before.sieve"
+    before.write_text("keep;\n")
+    with_before = config.from_dict({"server": {"data_dir": str(tmp_path)}, "sieve": {"before": str(before)}},
+                                   tmp_path)
+    assert known_no_scripts(with_before, store, "b@x.test") is None
+    load_scripts(cfg, store, "b@x.test")
+    assert known_no_scripts(with_before, store, "b@x.test") is None
+
+
 def test_header_index_and_last():
     raw = b"Received: from a\r\nReceived: from b\r\nReceived: from c\r\nFrom: x@y.z\r\n\r\nbody\r\n"
     s = ('require ["index", "fileinto", "variables"];\n'

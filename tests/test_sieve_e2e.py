@@ -203,6 +203,36 @@ def test_reject_at_data_for_a_single_recipient(server):
     assert e.value.smtp_code == 550 and b"Go away" in e.value.smtp_error
 
 
+def test_an_account_without_scripts_is_filtered_from_the_next_message_on(server):
+    """The server remembers that an account has no script (scripts.NoScripts) instead of reading
+    its folder for every message; an upload over ManageSieve and a change with the CLI apply
+    to the very next message all the same."""
+    user = "dave@example.test"
+    server.add_user(user, PASSWORD)
+
+    def spam(n: int) -> None:
+        send(server, "z@remote.test", [user], msg("z@remote.test", user, f"spam {n}"))
+    spam(1)  # no script: accepted, and remembered
+    c = _sievelib(server, user)
+    try:
+        assert c.putscript("rej", 'require "reject";\r\nif header :contains "Subject" "spam" { reject "Go away"; }\r\n')
+        assert c.setactive("rej")
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            spam(2)
+        assert e.value.smtp_code == 550 and b"Go away" in e.value.smtp_error
+        assert c.setactive("")
+    finally:
+        c.logout()
+    spam(3)  # none active again: accepted, remembered
+    server.cli("sieve", "activate", user, "rej")
+    with pytest.raises(smtplib.SMTPDataError):
+        spam(4)
+    server.cli("sieve", "deactivate", user)
+    spam(5)
+    got = {m.split(b"Subject: ")[1].split(b"\r\n")[0] for m in server.inbox_messages(user)}
+    assert got == {b"spam 1", b"spam 3", b"spam 5"}
+
+
 def test_vacation_once_per_sender_not_to_lists(server):
     server.cli("sieve", "put", "bob@example.test", "away",
                input='require "vacation";\nvacation :days 1 :subject "Away" "I am away.";\n')

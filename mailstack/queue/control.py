@@ -8,7 +8,7 @@ Protocol: one JSON object per line each way.
 
 Actions: status, list, show, delete, hold, release, requeue, flush (optionally for one
 "domain"), pickup, reload, reload-directory, mailbox-changed (files added by another
-process, e.g. `mailstack import`).
+process, e.g. `mailstack import`), sieve-changed (`mailstack sieve` changed an account's scripts).
 """
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ async def handle_request(services, req: dict) -> dict:
     if action == "reload-directory":
         changed = await asyncio.to_thread(services.directory.reload_if_changed)
         return {"ok": True, "changed": changed}
+    if action == "sieve-changed":  # `mailstack sieve put/activate/...`: forget "no script" (scripts.NoScripts)
+        from ..sieve.deliver import script_store
+
+        script_store(services.config).no_scripts.changed(str(req.get("account") or "") or None)
+        return {"ok": True}
     if action == "mailbox-changed":  # `mailstack import` added files: wake IDLE sessions now
         from ..events import MailboxEvent
 

@@ -73,7 +73,19 @@ def run(args, cfg) -> int:
         return _err(f"script error: {e}")
     except (ScriptError, OSError) as e:
         return _err(str(e))
+    if args.action not in ("list", "get"):
+        _notify_server(cfg, account)
     return 0
+
+
+def _notify_server(cfg, account: str) -> None:
+    """A running server that knew this account had no script forgets it now, so the next
+    message is filtered (without this, within scripts.MEMO_SECONDS)."""
+    try:
+        from ..queue import control
+        control.request(cfg, {"action": "sieve-changed", "account": account}, timeout=2)
+    except Exception:  # no server, or not ours to reach: it notices within MEMO_SECONDS
+        pass
 
 
 class _FileHost(Host):

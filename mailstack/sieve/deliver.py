@@ -90,6 +90,7 @@ def load_scripts(cfg, store: ScriptStore, account: str) -> tuple[list[Script], s
     not compile is skipped; the others still run)."""
     scripts: list[Script] = []
     error = None
+    generation, began = store.no_scripts.generation, time.monotonic()  # before the reads: see NoScripts
     for label, path in (("sieve.before", cfg.sieve.before), ("active script", None), ("sieve.after", cfg.sieve.after)):
         try:
             if path is None:
@@ -103,7 +104,19 @@ def load_scripts(cfg, store: ScriptStore, account: str) -> tuple[list[Script], s
             continue
         if s is not None:
             scripts.append(s)
+    if not scripts and error is None and not cfg.sieve.before and not cfg.sieve.after:
+        store.no_scripts.note(account, generation, began)
     return scripts, error
+
+
+def known_no_scripts(cfg, store: ScriptStore, account: str) -> tuple | None:
+    """On the loop: what load_scripts would return, when it is known without reading
+    (the account had no script a moment ago and nothing changed since: scripts.NoScripts);
+    else None.  Global before/after scripts are files edited by hand: with any configured,
+    the account's scripts are always read."""
+    if cfg.sieve.before or cfg.sieve.after or not store.no_scripts.known(account):
+        return None
+    return [], None
 
 
 class LoadedHandoff:
@@ -183,7 +196,7 @@ class SieveDelivery:
         """Returns (status, reply): status "sent" | "bounced"; raises what the store raises."""
         cfg = self.services.config
         store = script_store(cfg)
-        loaded = handoff.take(message.qid, account)
+        loaded = handoff.take(message.qid, account) or known_no_scripts(cfg, store, account)
         if loaded is None:
             loaded = await asyncio.to_thread(load_scripts, cfg, store, account)
         if not loaded[0]:  # no script at all: the plain delivery

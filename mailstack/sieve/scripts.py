@@ -47,6 +47,63 @@ _cache_lock = threading.Lock()
 CACHE_SIZE = 512
 
 
+# --- "this account has no script": asked for every message, known without a read ------------
+MEMO_SECONDS = 1.0  # a hand edit of the files (not through ManageSieve or the CLI) is seen within this,
+                    # as the directory's files are (server.DIRECTORY_POLL_SECONDS)
+MEMO_MAX = 100_000
+
+
+class NoScripts:
+    """The accounts whose delivery found no script at all (and when): most accounts have none,
+    and a delivery would otherwise read the script folder in a worker thread for every message.
+
+    Exact for every change made through ScriptStore's writes (ManageSieve, in this process)
+    and `mailstack sieve ...` (the CLI tells the server over the control socket): each calls
+    changed(), which forgets the account before the write's caller hears "done".  A read that
+    began before a change does not record its (old) answer: note() takes the generation seen
+    before the read, and any change since then makes it refuse.  One per script folder, not
+    per ScriptStore (a reload may make a second store for the same folder)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: dict[str, float] = {}  # account -> monotonic time its (empty) read began
+        self.generation = 0
+
+    def known(self, account: str) -> bool:
+        """On the loop: no script as of less than MEMO_SECONDS ago."""
+        since = self._since.get(account.lower())
+        return since is not None and time.monotonic() - since < MEMO_SECONDS
+
+    def note(self, account: str, generation: int, began: float) -> None:
+        with self._lock:
+            if generation != self.generation:
+                return  # changed while it was read: the answer may be old
+            if len(self._since) >= MEMO_MAX:
+                self._since.clear()
+            self._since[account.lower()] = began
+
+    def changed(self, account: str | None = None) -> None:
+        """Scripts of `account` (None: of anyone) changed: forget what is known."""
+        with self._lock:
+            self.generation += 1
+            if account is None:
+                self._since.clear()
+            else:
+                self._since.pop(account.lower(), None)
+
+
+_no_scripts: dict[str, NoScripts] = {}
+_no_scripts_lock = threading.Lock()
+
+
+def no_scripts_for(root: str) -> NoScripts:
+    with _no_scripts_lock:
+        memo = _no_scripts.get(root)
+        if memo is None:
+            memo = _no_scripts[root] = NoScripts()
+        return memo
+
+
 def load_compiled(path: "Path | str", max_size: int) -> Script | None:
     """The compiled script at path (cached), None if there is no such file.
     Raises SieveSyntaxError if it does not compile, OSError if unreadable."""
@@ -92,6 +149,7 @@ class ScriptStore:
         self.root = Path(data_dir) / "sieve"
         self.root_str = str(self.root)
         self.max_scripts, self.max_size = max_scripts, max_size
+        self.no_scripts = no_scripts_for(self.root_str)
 
     def user_dir(self, account: str) -> Path:
         account = account.lower()
@@ -173,9 +231,18 @@ class ScriptStore:
         self.have_space(account, name, len(data))
         compile_script(text, self.max_size)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(path, data)
+        try:
+            atomic_write(path, data)
+        finally:  # ACTIVE may name this script: it may exist now
+            self.no_scripts.changed(account)
 
     def set_active(self, account: str, name: str | None) -> None:
+        try:
+            self._set_active(account, name)
+        finally:
+            self.no_scripts.changed(account)
+
+    def _set_active(self, account: str, name: str | None) -> None:
         d = self.user_dir(account)
         if not name:
             try:
@@ -194,6 +261,7 @@ class ScriptStore:
         if self.active_name(account) == name:
             raise ScriptError("the active script cannot be deleted", "ACTIVE")
         path.unlink()
+        self.no_scripts.changed(account)
 
     def rename(self, account: str, old: str, new: str) -> None:
         src, dst = self._path(account, old), self._path(account, new)
@@ -202,9 +270,12 @@ class ScriptStore:
         if dst.exists():
             raise ScriptError(f"a script named {new!r} exists", "ALREADYEXISTS")
         was_active = self.active_name(account) == old
-        os.rename(src, dst)
-        if was_active:
-            atomic_write(self.user_dir(account) / "ACTIVE", new.encode("utf-8"))
+        try:
+            os.rename(src, dst)  # ACTIVE may name `new`: it may exist now
+            if was_active:
+                atomic_write(self.user_dir(account) / "ACTIVE", new.encode("utf-8"))
+        finally:
+            self.no_scripts.changed(account)
 
 
 class Memory:

@@ -8,7 +8,9 @@ duplicate memory) and a reject/ereject becomes the 550 reply, so no bounce is ev
 The scripts are read when the recipient is accepted (RCPT), in a worker thread, while the
 client sends the message; DATA and the delivery at accept time use that same read (no
 thread hop of their own).  A script changed between a message's RCPT and its delivery
-applies from the next message on.
+applies from the next message on.  An account known to have no script (scripts.NoScripts:
+most accounts, forgotten at once when ManageSieve or the CLI changes its scripts) needs no
+read at all.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import asyncio
 import logging
 
 from ..smtp.hooks import Verdict
-from .deliver import evaluate_for, handoff, load_scripts, script_store
+from .deliver import evaluate_for, handoff, known_no_scripts, load_scripts, script_store
 
 log = logging.getLogger("mailstack.sieve")
 
@@ -47,9 +49,12 @@ class SieveRejectStage:
         account = self._account(rcpt)
         if account is not None:
             cfg = self.services.config
-            task = asyncio.ensure_future(asyncio.to_thread(load_scripts, cfg, script_store(cfg), account))
-            task.add_done_callback(_retrieve)
-            txn.state[self.name] = (rcpt, account, task)
+            store = script_store(cfg)
+            loaded = known_no_scripts(cfg, store, account)  # most accounts: no read at all
+            if loaded is None:
+                loaded = asyncio.ensure_future(asyncio.to_thread(load_scripts, cfg, store, account))
+                loaded.add_done_callback(_retrieve)
+            txn.state[self.name] = (rcpt, account, loaded)
         return None
 
     async def data(self, conn, txn, message: bytes) -> Verdict:
@@ -63,9 +68,11 @@ class SieveRejectStage:
         try:
             early = txn.state.pop(self.name, None)
             if early is not None and early[:2] == (rcpt, account):
-                loaded = await early[2]
+                loaded = early[2] if isinstance(early[2], tuple) else await early[2]
             else:
-                loaded = await asyncio.to_thread(load_scripts, cfg, script_store(cfg), account)
+                store = script_store(cfg)
+                loaded = (known_no_scripts(cfg, store, account)
+                          or await asyncio.to_thread(load_scripts, cfg, store, account))
             handoff.put(txn.qid, account, loaded)  # the delivery right after uses these
             if not any({"reject", "ereject", "include"} & s.uses for s in loaded[0]):
                 return Verdict()  # nothing in these scripts can refuse the message
