@@ -86,6 +86,22 @@ _FIELD_SPLIT = re.compile(rb"\r?\n(?![ \t])").split
 
 
 def parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
+    if b"\n " in block or b"\n\t" in block or len(block) > 30000:
+        return _parse_headers(block)
+    # No folded line (most headers a client lists): one split at every LF.  The same
+    # fields as the regex split: a CR left before the LF goes with value.strip(), and
+    # 30,000 bytes cannot hold more than the 10,001 fields the regex split keeps
+    out: list[tuple[bytes, bytes]] = []
+    for line in block.split(b"\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            out.append((name.strip().lower(), value.strip()))
+    return out
+
+
+def _parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
+    """parse_headers for any block: fields split where a line break is not followed by
+    white space (folding), at most 10,000 of them."""
     out: list[tuple[bytes, bytes]] = []
     for line in _FIELD_SPLIT(block):
         if not line:

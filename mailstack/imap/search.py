@@ -45,20 +45,41 @@ INDEXED_HEADERS = ("subject", "from", "to", "cc", "bcc", "sender", "reply-to", "
                    "in-reply-to", "references", "list-id")
 
 
+_INDEXED_NAMES = {n.encode("ascii"): n for n in INDEXED_HEADERS}
+
+
 def header_index(root: "fetch.Part") -> dict:
     """name -> the case-folded texts a HEADER search of that field matches against (for
     the fields in INDEXED_HEADERS that the message has): what _header_matches computes."""
     out: dict[str, list[str]] = {}
     for k, v in root.headers:
-        name = k.decode("ascii", "replace")
-        if name not in INDEXED_HEADERS:
+        name = _INDEXED_NAMES.get(k)
+        if name is None:
             continue
-        value = fetch.unfold(v)
-        texts = out.setdefault(name, [])
-        texts.append(_fold(_decode_words(value)))
-        if k in _ADDRESS_HEADERS:
-            texts.extend(_fold(form) for form in _address_forms(value))
+        # address fields repeat from message to message (a mailbox's own address is in
+        # most To: fields, senders write often): their texts are remembered per raw value
+        texts = _address_texts(v) if k in _ADDRESS_HEADERS else (_fold(_decode_words(fetch.unfold(v))),)
+        have = out.get(name)
+        if have is None:
+            out[name] = list(texts)
+        else:
+            have.extend(texts)
     return out
+
+
+def field_texts(value: bytes, address: bool) -> tuple[str, ...]:
+    """The searchable texts of one raw header value: its decoded text and, for an address
+    field, each address in its plain forms (_address_forms), all case-folded."""
+    value = fetch.unfold(value)
+    texts = (_fold(_decode_words(value)),)
+    if address:
+        texts += tuple(_fold(form) for form in _address_forms(value))
+    return texts
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_texts(value: bytes) -> tuple[str, ...]:
+    return field_texts(value, True)
 
 
 ORDER = ["none", "sent", "index", "header", "full"]
@@ -151,12 +172,7 @@ def _header_matches(c: Candidate, name: str, needle: str) -> bool:
     lname = name.lower().encode("ascii", "replace")
     for k, v in root.headers:
         if k == lname:
-            if not needle:
-                return True
-            value = fetch.unfold(v)
-            if needle in _fold(_decode_words(value)):
-                return True
-            if lname in _ADDRESS_HEADERS and any(needle in _fold(form) for form in _address_forms(value)):
+            if not needle or any(needle in t for t in field_texts(v, lname in _ADDRESS_HEADERS)):
                 return True
     return False
 
