@@ -71,10 +71,12 @@ def field_texts(value: bytes, address: bool) -> tuple[str, ...]:
     """The searchable texts of one raw header value: its decoded text and, for an address
     field, each address in its plain forms (_address_forms), all case-folded."""
     value = fetch.unfold(value)
-    texts = (_fold(_decode_words(value)),)
-    if address:
-        texts += tuple(_fold(form) for form in _address_forms(value))
-    return texts
+    text = _fold(_decode_words(value))
+    if not address:
+        return (text,)
+    # each text once: a search matches any of them, so a repeat adds nothing but index bytes
+    # ("Bob <bob@x.test>" is its own only address form)
+    return tuple(dict.fromkeys([text, *(_fold(form) for form in _address_forms(value))]))
 
 
 @functools.lru_cache(maxsize=4096)
