@@ -293,7 +293,13 @@ def compile_indexed(key: tuple):
         needle = _fold(key[2])
         if not needle:
             return lambda m, hs: name in hs
-        return lambda m, hs: any(needle in t for t in hs.get(name, ()))
+
+        def header_has(m, hs) -> bool:  # a loop, not any() over a generator made per message
+            for t in hs.get(name, ()):
+                if needle in t:
+                    return True
+            return False
+        return header_has
     if op == "FLAG":
         flag, want = key[1], key[2]
         if flag.startswith("\\"):

@@ -153,8 +153,10 @@ class SearchCommands:
             batch = msgs[start:start + FETCH_BATCH]
             if need in ("sent", "index"):  # answered from the metadata index
                 entries = await self.mbox.cache_get_many([m.uid for m in batch])
+                # _indexed, inline: a call per message costs as much as the test itself
+                version, fields = fetch.CACHE_VERSION, need == "index"
                 lacking = [(start + i + 1, m) for i, m in enumerate(batch)
-                           if not _indexed(entries.get(m.uid), need == "index")]
+                           if not (e := entries.get(m.uid)) or e.get("v") != version or (fields and "hs" not in e)]
                 if lacking:  # computed from the files (and kept) by FETCH's code
                     entries.update(await self._cache_entries(lacking, search_fields=need == "index"))
                 if quick is not None:
