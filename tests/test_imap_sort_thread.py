@@ -535,6 +535,47 @@ def test_first_sort_after_a_listing_reads_no_file(tmp_path):
         srv.close()
 
 
+def _keys(srv):
+    async def get():
+        mbox = await srv.services.store.open(ALICE, "INBOX", read_only=True)
+        try:
+            keys = mbox.derived().get("sort")
+            return None if keys is None else (dict(keys.subject), dict(keys.date))
+        finally:
+            await mbox.close()
+    return srv.call(get())
+
+
+def test_a_first_listing_keeps_the_subject_and_date_keys_for_the_first_sort(tmp_path):
+    """The envelopes a cold listing indexes give their SUBJECT keys and sent dates to the
+    mailbox's in-memory keys at once (the same values the entries' "sl" hold): the first
+    SORT looks at no entry, and answers as SORT from the entries does."""
+    srv = InProcessIMAP(tmp_path, imap_overrides={"allow_plaintext_auth": True})
+    r = None
+    try:
+        new = srv.services.store.account_dir(ALICE) / "new"
+        for i, message in enumerate(CORPUS):
+            (new / f"{1700000000 + i}.M{i}P1.test").write_bytes(message)
+        r = Raw(srv.ports["imap"], ALICE, ALICE_PW)
+        r.cmd("SELECT INBOX")
+        assert _keys(srv) is None
+        assert sum(b" FETCH " in x for x in r.cmd("FETCH 1:* (UID FLAGS ENVELOPE)")[0]) == len(CORPUS)
+        subject, date = _keys(srv)
+        uids = list(range(1, len(CORPUS) + 1))
+        lights = {u: e["sl"] for u, e in _entries(srv, uids).items()}
+        assert subject == {u: light[1] for u, light in lights.items()}
+        assert date == {u: light[2] for u, light in lights.items()}
+        commands = ["UID SORT (SUBJECT) UTF-8 ALL", "SORT (REVERSE DATE SUBJECT) UTF-8 ALL",
+                    "SORT (SUBJECT REVERSE ARRIVAL) UTF-8 ALL"]
+        kept = [r.cmd(c)[0] for c in commands]
+        _forget_keys(srv)  # from the entries instead
+        assert [r.cmd(c)[0] for c in commands] == kept
+    finally:
+        if r:
+            r.close()
+        srv.close()
+
+
 def test_sort_thread_errors_and_state(srv):
     r = Raw(srv.ports["imap"], ALICE, ALICE_PW)
     try:

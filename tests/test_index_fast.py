@@ -253,6 +253,18 @@ def test_blank_line_finder_is_the_regex(data, start, end):
     assert fetch._blank(data, start, end) == (None if m is None else (m.start(), m.end()))
 
 
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"B", b" ", b"\t", b":", b"\x0b", b"\xc3\xa9",
+                                 b"Subject", b"\r\n\t"]), max_size=60).map(b"".join))
+def test_header_split_without_folding_is_the_regex_split(block):
+    assert fetch.parse_headers(block) == fetch._parse_headers(block)
+
+
+def test_header_split_keeps_at_most_the_fields_the_regex_split_keeps():
+    for block in (b"a:\n" * 9999 + b"a:", b"a:\n" * 10000 + b"a:", b"a:\n" * 12000):
+        assert fetch.parse_headers(block) == fetch._parse_headers(block)
+
+
 def _slow_sent(value: bytes) -> int | None:
     try:
         dt = email.utils.parsedate_to_datetime(fetch.unfold(value).decode("ascii", "replace"))

@@ -15,7 +15,7 @@ import re
 from json.decoder import scanstring as _scanstring
 from dataclasses import dataclass, field
 
-from . import addresses
+from . import addresses, sort
 from .response import nstring, string
 
 CACHE_VERSION = 5  # 4: envelopes parse comments/CFWS (addresses.py); 5: "hs" for SEARCH
@@ -40,12 +40,8 @@ class Part:
         """The first field of that name (a map made at the first look: an ENVELOPE looks
         up a dozen names)."""
         first = self._first
-        if first is None:
-            first = {}
-            for k, v in self.headers:
-                if k not in first:
-                    first[k] = v
-            self._first = first
+        if first is None:  # the first field of each name: the last one a reversed walk sets
+            first = self._first = dict(reversed(self.headers))
         return first.get(name)
 
 
@@ -86,6 +82,22 @@ _FIELD_SPLIT = re.compile(rb"\r?\n(?![ \t])").split
 
 
 def parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
+    if b"\n " in block or b"\n\t" in block or len(block) > 30000:
+        return _parse_headers(block)
+    # No folded line (most headers a client lists): one split at every LF.  The same
+    # fields as the regex split: a CR left before the LF goes with value.strip(), and
+    # 30,000 bytes cannot hold more than the 10,001 fields the regex split keeps
+    out: list[tuple[bytes, bytes]] = []
+    for line in block.split(b"\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            out.append((name.strip().lower(), value.strip()))
+    return out
+
+
+def _parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
+    """parse_headers for any block: fields split where a line break is not followed by
+    white space (folding), at most 10,000 of them."""
     out: list[tuple[bytes, bytes]] = []
     for line in _FIELD_SPLIT(block):
         if not line:
@@ -462,19 +474,24 @@ def header_entry(header: bytes, search_fields: bool = True) -> dict:
 
 
 def _sort_light(root: "Part", dt) -> list:
-    from .sort import SORT_VERSION, seconds, subject_and_reply  # sort.py owns these keys
-    subject, reply = subject_and_reply(root.header(b"subject"))
-    return [SORT_VERSION, subject, seconds(dt), int(reply)]
+    # sort.py owns these keys
+    subject, reply = sort.subject_and_reply(root.header(b"subject"))
+    return [sort.SORT_VERSION, subject, sort.seconds(dt), int(reply)]
+
+
+_search_header_index = None  # search.header_index, bound at the first call (search.py imports this module)
 
 
 def _header_index(root: "Part") -> dict:
-    from .search import header_index  # search.py imports this module
-    return header_index(root)
+    global _search_header_index
+    if _search_header_index is None:
+        from .search import header_index
+        _search_header_index = header_index
+    return _search_header_index(root)
 
 
 def _sort_fields(root: "Part") -> dict:
-    from .sort import fields  # SORT / THREAD keys (sort.py owns the "sort" value)
-    return fields(root.headers)
+    return sort.fields(root.headers)  # SORT / THREAD keys (sort.py owns the "sort" value)
 
 
 _MONTH_NUMBERS = {m: i + 1 for i, m in enumerate((b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul",

@@ -8,7 +8,7 @@ import os
 
 from ..store.base import StoreError
 from ..store.index import Plain
-from . import bigmessage, binary, fetch, response
+from . import bigmessage, binary, fetch, response, sort
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
 
@@ -320,7 +320,10 @@ class FetchCommands:
                 if e:
                     old[m.uid] = e  # keep what other modules (POP3 sizes) put there
         if missing:
+            derived = mbox.derived()
             fresh = await self._compute_entries(missing, structure)
+            if mbox.derived() is derived:  # same UIDVALIDITY: the UIDs computed for are these
+                sort.note_listed(derived, fresh)  # a first SORT (SUBJECT) then reads no entry
             # header_entry's values are plain JSON values (index.Plain: kept without a check)
             fresh = {uid: {**o, **e} if (o := old.get(uid)) else e if structure else Plain(e)
                      for uid, e in fresh.items()}

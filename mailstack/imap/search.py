@@ -45,20 +45,43 @@ INDEXED_HEADERS = ("subject", "from", "to", "cc", "bcc", "sender", "reply-to", "
                    "in-reply-to", "references", "list-id")
 
 
+_INDEXED_NAMES = {n.encode("ascii"): n for n in INDEXED_HEADERS}
+
+
 def header_index(root: "fetch.Part") -> dict:
     """name -> the case-folded texts a HEADER search of that field matches against (for
     the fields in INDEXED_HEADERS that the message has): what _header_matches computes."""
     out: dict[str, list[str]] = {}
     for k, v in root.headers:
-        name = k.decode("ascii", "replace")
-        if name not in INDEXED_HEADERS:
+        name = _INDEXED_NAMES.get(k)
+        if name is None:
             continue
-        value = fetch.unfold(v)
-        texts = out.setdefault(name, [])
-        texts.append(_fold(_decode_words(value)))
-        if k in _ADDRESS_HEADERS:
-            texts.extend(_fold(form) for form in _address_forms(value))
+        # address fields repeat from message to message (a mailbox's own address is in
+        # most To: fields, senders write often): their texts are remembered per raw value
+        texts = _address_texts(v) if k in _ADDRESS_HEADERS else (_fold(_decode_words(fetch.unfold(v))),)
+        have = out.get(name)
+        if have is None:
+            out[name] = list(texts)
+        else:
+            have.extend(texts)
     return out
+
+
+def field_texts(value: bytes, address: bool) -> tuple[str, ...]:
+    """The searchable texts of one raw header value: its decoded text and, for an address
+    field, each address in its plain forms (_address_forms), all case-folded."""
+    value = fetch.unfold(value)
+    text = _fold(_decode_words(value))
+    if not address:
+        return (text,)
+    # each text once: a search matches any of them, so a repeat adds nothing but index bytes
+    # ("Bob <bob@x.test>" is its own only address form)
+    return tuple(dict.fromkeys([text, *(_fold(form) for form in _address_forms(value))]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_texts(value: bytes) -> tuple[str, ...]:
+    return field_texts(value, True)
 
 
 ORDER = ["none", "sent", "index", "header", "full"]
@@ -151,12 +174,7 @@ def _header_matches(c: Candidate, name: str, needle: str) -> bool:
     lname = name.lower().encode("ascii", "replace")
     for k, v in root.headers:
         if k == lname:
-            if not needle:
-                return True
-            value = fetch.unfold(v)
-            if needle in _fold(_decode_words(value)):
-                return True
-            if lname in _ADDRESS_HEADERS and any(needle in _fold(form) for form in _address_forms(value)):
+            if not needle or any(needle in t for t in field_texts(v, lname in _ADDRESS_HEADERS)):
                 return True
     return False
 
@@ -275,7 +293,13 @@ def compile_indexed(key: tuple):
         needle = _fold(key[2])
         if not needle:
             return lambda m, hs: name in hs
-        return lambda m, hs: any(needle in t for t in hs.get(name, ()))
+
+        def header_has(m, hs) -> bool:  # a loop, not any() over a generator made per message
+            for t in hs.get(name, ()):
+                if needle in t:
+                    return True
+            return False
+        return header_has
     if op == "FLAG":
         flag, want = key[1], key[2]
         if flag.startswith("\\"):

@@ -153,8 +153,10 @@ class SearchCommands:
             batch = msgs[start:start + FETCH_BATCH]
             if need in ("sent", "index"):  # answered from the metadata index
                 entries = await self.mbox.cache_get_many([m.uid for m in batch])
+                # _indexed, inline: a call per message costs as much as the test itself
+                version, fields = fetch.CACHE_VERSION, need == "index"
                 lacking = [(start + i + 1, m) for i, m in enumerate(batch)
-                           if not _indexed(entries.get(m.uid), need == "index")]
+                           if not (e := entries.get(m.uid)) or e.get("v") != version or (fields and "hs" not in e)]
                 if lacking:  # computed from the files (and kept) by FETCH's code
                     entries.update(await self._cache_entries(lacking, search_fields=need == "index"))
                 if quick is not None:
@@ -200,9 +202,7 @@ class SearchCommands:
         empty fields)."""
         mbox = self.mbox
         derived = mbox.derived()
-        keys = derived.get("sort")
-        if not isinstance(keys, sort.Keys):
-            keys = derived["sort"] = sort.Keys()
+        keys = sort.keys_of(derived)
         view = mbox.messages
         if len(keys.subject) + len(keys.thread) > 4 * len(view) + 2000:  # mostly expunged ones
             keys.keep({m.uid for m in view})
@@ -212,8 +212,13 @@ class SearchCommands:
         elif want == "thread":
             todo = [m for m in msgs if m.uid not in keys.full and m.uid not in keys.thread]
         else:
-            columns = [keys.subject] * ("s" in want) + [keys.date] * ("d" in want)
-            todo = [m for m in msgs if not all(m.uid in c for c in columns)]
+            # one membership test per column in the comprehension: no generator per message
+            if want == "sd":
+                subject, date = keys.subject, keys.date
+                todo = [m for m in msgs if m.uid not in subject or m.uid not in date]
+            else:
+                column = keys.subject if want == "s" else keys.date
+                todo = [m for m in msgs if m.uid not in column]
         # Sorted out batch by batch, computed in one worker-thread call per kind: under
         # load every hop to a thread waits its turn, and 20 of them cost more than the work.
         missing, listed, heads, tails, old = [], {}, {}, {}, {}

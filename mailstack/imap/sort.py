@@ -480,6 +480,27 @@ class Keys:
         self.date[uid] = f.get("d")
 
 
+def keys_of(derived: dict) -> Keys:
+    """The mailbox's Keys in its Mailbox.derived() dict (made there when missing)."""
+    keys = derived.get("sort")
+    if not isinstance(keys, Keys):
+        keys = derived["sort"] = Keys()
+    return keys
+
+
+def note_listed(derived: dict, entries: dict[int, dict]) -> None:
+    """Keep the SUBJECT keys and sent dates of index entries a listing has just made (their
+    "sl", fetch.header_entry) in the mailbox's Keys: a first SORT (SUBJECT / DATE) after a
+    first listing then looks at no entry.  The same values _sort_keys would take from
+    those entries; a message never changes under its UID."""
+    keys = keys_of(derived)
+    subject, date = keys.subject, keys.date
+    for uid, e in entries.items():
+        light = e.get("sl")
+        if light_valid(light) and uid not in subject:
+            subject[uid], date[uid] = light[1], light[2]
+
+
 
 _FULL_FIELD = {"CC": "c", "FROM": "f", "TO": "t", "DISPLAYFROM": "df", "DISPLAYTO": "dt"}
 

@@ -667,10 +667,14 @@ class MaildirMailbox(Mailbox):
             idx = await st.index_load()
         entries = st.entries
         get = idx.get_raw if raw else idx.get
+        by_uid = idx.by_uid
         out = {}
         for uid in uids:
-            e = entries.get(uid)
-            v = get(uid, e.base if e is not None else None)
+            v = by_uid.get(uid)
+            # held and parsed already (or raw bytes wanted): what get() / get_raw() would give
+            if v is None or not (raw or isinstance(v, dict)):
+                e = entries.get(uid)
+                v = get(uid, e.base if e is not None else None)
             if v is not None:
                 out[uid] = v
         return out
