@@ -13,6 +13,7 @@ Certificates are self-signed, made by the server in its data_dir on first start;
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -171,6 +172,16 @@ class MailServer:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def wait_log(self, *needles, timeout: float = 10.0) -> str:
+        """The log once every needle (a str, or a compiled regex searched in it) is in it.
+        The server's log lines are made and written by its log thread, a moment after the
+        event they tell of (the reply may reach the client first): wait, never read once."""
+        def found() -> str | None:
+            log = self.log()
+            ok = all((n.search(log) if isinstance(n, re.Pattern) else n in log) for n in needles)
+            return log if ok else None
+        return wait_for(found, timeout, what=f"log lines {needles!r}")
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code."""

@@ -148,9 +148,8 @@ def test_parallel_guesses_from_one_address_are_capped(srv):
     checked = [r for r in results if "AUTHENTICATIONFAILED" in r]
     refused = [r for r in results if r == "[UNAVAILABLE] Too many failed logins from your address, try again later"]
     assert len(results) == 10 and len(checked) in (2, 3) and len(refused) == 10 - len(checked), results
-    log = srv.log()
-    assert re.search(r"warning defense: \[127\.0\.0\.50\] login refused: protocol=imap user=<alice@example\.test> "
-                     r"reason=blocked$", log, re.M)
+    srv.wait_log(re.compile(r"warning defense: \[127\.0\.0\.50\] login refused: protocol=imap "
+                            r"user=<alice@example\.test> reason=blocked$", re.M))
 
 
 def test_guessing_from_several_addresses_blocks_them_everywhere_not_the_owner(srv):
@@ -207,9 +206,8 @@ def test_guessing_from_several_addresses_blocks_them_everywhere_not_the_owner(sr
         reply, seconds = timed(pop3_login, srv, ip, PASSWORD)
         assert reply == "-ERR [SYS/TEMP] Too many failed logins from your address, try again later"
         assert seconds < 1.0
-    log = srv.log()
-    for ip in attackers:
-        assert re.search(rf"warning defense: \[{re.escape(ip)}\] address blocked for 600s after 3 failed logins", log)
+    srv.wait_log(*(re.compile(rf"warning defense: \[{re.escape(ip)}\] address blocked for 600s after 3 failed logins")
+                   for ip in attackers))
     # A stranger's correct login for the attacked account is slowed (not refused).
     reply, seconds = timed(imap_login, srv, "127.0.0.61", PASSWORD)
     assert reply.startswith("OK") and seconds >= 2.0

@@ -84,7 +84,7 @@ def test_root_start_drops_to_server_user_and_keeps_files_private(user, base_dir)
         assert _ids(pid, "Uid") == [user.pw_uid] * 4  # real, effective, saved, filesystem
         assert _ids(pid, "Gid") == [user.pw_gid] * 4
         assert 0 not in _ids(pid, "Groups")
-        log = srv.log()  # switched before the listeners started accepting
+        log = srv.wait_log("mailstack ready")  # switched before the listeners started accepting
         assert log.index(f"running as user {user.pw_name}") < log.index("mailstack ready")
 
         with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as smtp:
@@ -176,7 +176,7 @@ def test_default_start_as_root_never_keeps_root(base_dir, tmp_path):
             pw = pwd.getpwnam("mailstack")
             assert _ids(srv.proc.pid, "Uid") == [pw.pw_uid] * 4 and pw.pw_uid != 0
             if not existed:
-                assert "created system user mailstack" in srv.log()
+                srv.wait_log("created system user mailstack")
         finally:
             assert srv.stop() == 0
         # tmp_path (root's, mode 0700) is out of the user's reach: refused, one line, not root

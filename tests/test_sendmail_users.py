@@ -65,12 +65,12 @@ def test_plain_user_submits_and_is_known_by_peer_credentials(world):
                    what="delivery")
     assert f"(mailstack, from userid {pw.pw_uid})".encode() in msg
     assert f"From: {pw.pw_name}@{HOSTNAME}".encode() in msg or f"<{pw.pw_name}@{HOSTNAME}>".encode() in msg
-    assert f"uid={pw.pw_uid} from=<{pw.pw_name}@{HOSTNAME}> (local submission)" in srv.log()
+    srv.wait_log(f"uid={pw.pw_uid} from=<{pw.pw_name}@{HOSTNAME}> (local submission)")
     # cron's habit: mail to `root` (root@<hostname>) reaches the postmaster account, not the internet
     r = as_user(world, "sendmail", "root", input=b"Subject: cron says hi\n\nx\n")
     assert r.returncode == 0, r.stderr
     wait_for(lambda: any(b"cron says hi" in m for m in srv.inbox_messages(ALICE)), what="root's mail at postmaster")
-    assert f"to=<{ALICE}>, orig_to=<root@{HOSTNAME}>, relay=local" in srv.log()
+    srv.wait_log(f"to=<{ALICE}>, orig_to=<root@{HOSTNAME}>, relay=local")
 
 
 def test_f_refused_for_plain_users(world):

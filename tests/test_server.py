@@ -16,7 +16,7 @@ def test_first_start_makes_self_signed_cert_and_says_so(tmp_path):
     with MailServer(tmp_path) as srv:
         srv.start()
         assert srv.cert_path.exists()
-        assert "self-signed" in srv.log()
+        srv.wait_log("self-signed")
         key = srv.data_dir / "tls" / "key.pem"
         assert key.stat().st_mode & 0o077 == 0
         # every implicit-TLS listener presents it, with TLS >= 1.2 only
