@@ -81,15 +81,25 @@ sys.exit(main(["serve", "--config", sys.argv[1]]))
 """
 
 
-def test_kill_9_between_the_maildir_files_and_their_batch_is_repaired(tmp_path):
+def _serve(tmp_path, script: str) -> MailServer:
+    """A server (SMTP, IMAP; alice) run by `script`, which sets derived.py's timing first."""
     srv = MailServer(tmp_path, listeners=("smtp", "imap"), overrides={"imap": {"allow_plaintext_auth": True}})
     srv.add_domain("example.test")
     srv.add_user(ALICE, "pw-a")
     log = open(srv.log_path, "ab")
-    srv.proc = subprocess.Popen([sys.executable, "-c", _SERVE_LINGERING, str(srv.config_path)],
+    srv.proc = subprocess.Popen([sys.executable, "-c", script, str(srv.config_path)],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     srv._log = log
-    wait_for(lambda: _accepting(srv.ports["smtp"]) and _accepting(srv.ports["imap"]), 30, what="the server")
+    try:
+        wait_for(lambda: _accepting(srv.ports["smtp"]) and _accepting(srv.ports["imap"]), 30, what="the server")
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def test_kill_9_between_the_maildir_files_and_their_batch_is_repaired(tmp_path):
+    srv = _serve(tmp_path, _SERVE_LINGERING)
     qp = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n"
     b64 = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n"
     bodies = [message(0), message(1, b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln", qp),
@@ -150,16 +160,9 @@ def test_a_burst_waits_for_its_pause_and_what_it_leaves_is_made_when_looked_at(t
     """While deliveries keep coming, no derived data is made (the parse would share the GIL
     with the loop accepting them): at most MAX_ITEMS wait for the pause, the rest of the
     burst is parsed by the first IMAP look; a reader during the burst sees exact data."""
-    srv = MailServer(tmp_path, listeners=("smtp", "imap"), overrides={"imap": {"allow_plaintext_auth": True}})
-    srv.add_domain("example.test")
-    srv.add_user(ALICE, "pw-a")
-    log = open(srv.log_path, "ab")
-    srv.proc = subprocess.Popen([sys.executable, "-c", _SERVE_BURSTY, str(srv.config_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    srv._log = log
+    srv = _serve(tmp_path, _SERVE_BURSTY)
     box = srv.maildir(ALICE)
     try:
-        wait_for(lambda: _accepting(srv.ports["smtp"]) and _accepting(srv.ports["imap"]), 30, what="the server")
         c = imaplib.IMAP4("127.0.0.1", srv.ports["imap"])
         c.login(ALICE, "pw-a")
         with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=20) as s:
