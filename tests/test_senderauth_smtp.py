@@ -166,3 +166,15 @@ def test_dmarc_verdicts_are_kept_for_reports_also_when_refused(tmp_path, zone):
         assert (got["strict.test"]["dmarc"], got["strict.test"]["disposition"]) == ("fail", "reject")
         assert (got["good.test"]["dmarc"], got["good.test"]["spf_aligned"]) == ("pass", True)
         assert got["strict.test"]["ip"] == "127.0.0.1"
+
+
+def test_an_unsigned_message_is_dkim_none_even_with_a_malformed_header_line(tmp_path, zone):
+    """No DKIM-Signature: nothing to verify (RFC 8601 "none"), and no parse of the whole
+    message by dkimpy on the loop, which answered "permerror" for a header line it could
+    not read although the message carries no signature."""
+    data = message("x@good.test", subject="unsigned-1").replace(b"\r\n\r\n", b"\r\nno colon on this line\r\n\r\n", 1)
+    with _server(tmp_path, zone) as srv:
+        assert _transaction(srv, "x@good.test", data)[-1].startswith("250")
+        (msg, stored), = srv.queued()
+        assert msg.meta["authres"]["dkim"] == [], msg.meta["authres"]
+        assert b"dkim=none" in stored and b"dkim=permerror" not in stored

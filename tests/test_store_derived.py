@@ -81,15 +81,25 @@ sys.exit(main(["serve", "--config", sys.argv[1]]))
 """
 
 
-def test_kill_9_between_the_maildir_files_and_their_batch_is_repaired(tmp_path):
+def _serve(tmp_path, script: str) -> MailServer:
+    """A server (SMTP, IMAP; alice) run by `script`, which sets derived.py's timing first."""
     srv = MailServer(tmp_path, listeners=("smtp", "imap"), overrides={"imap": {"allow_plaintext_auth": True}})
     srv.add_domain("example.test")
     srv.add_user(ALICE, "pw-a")
     log = open(srv.log_path, "ab")
-    srv.proc = subprocess.Popen([sys.executable, "-c", _SERVE_LINGERING, str(srv.config_path)],
+    srv.proc = subprocess.Popen([sys.executable, "-c", script, str(srv.config_path)],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     srv._log = log
-    wait_for(lambda: _accepting(srv.ports["smtp"]) and _accepting(srv.ports["imap"]), 30, what="the server")
+    try:
+        wait_for(lambda: _accepting(srv.ports["smtp"]) and _accepting(srv.ports["imap"]), 30, what="the server")
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def test_kill_9_between_the_maildir_files_and_their_batch_is_repaired(tmp_path):
+    srv = _serve(tmp_path, _SERVE_LINGERING)
     qp = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n"
     b64 = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n"
     bodies = [message(0), message(1, b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln", qp),
@@ -134,3 +144,49 @@ def _accepting(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+_SERVE_BURSTY = """
+import sys
+import mailstack.store.derived as derived
+derived.LINGER = 3.0  # a pause of 3 s ends the burst
+derived.MAX_ITEMS = 4  # at most 4 messages wait for it
+from mailstack.cli import main
+sys.exit(main(["serve", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_burst_waits_for_its_pause_and_what_it_leaves_is_made_when_looked_at(tmp_path):
+    """While deliveries keep coming, no derived data is made (the parse would share the GIL
+    with the loop accepting them): at most MAX_ITEMS wait for the pause, the rest of the
+    burst is parsed by the first IMAP look; a reader during the burst sees exact data."""
+    srv = _serve(tmp_path, _SERVE_BURSTY)
+    box = srv.maildir(ALICE)
+    try:
+        c = imaplib.IMAP4("127.0.0.1", srv.ports["imap"])
+        c.login(ALICE, "pw-a")
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=20) as s:
+            for n in range(6):
+                s.sendmail("bob@example.org", [ALICE], message(n))
+            c.select("INBOX")  # a reader in the middle of the burst: parsed from the files
+            typ, data = c.fetch("1:*", "(UID ENVELOPE)")
+            got = [x for x in data if isinstance(x, bytes)]
+            assert typ == "OK" and len(got) == 6 and all(b'"derived %d"' % n in got[n] for n in range(6)), got
+            for n in range(6, 10):
+                s.sendmail("bob@example.org", [ALICE], message(n))
+        assert not (box / fts.NAME).exists()  # deliveries kept coming: nothing derived yet
+        # the pause: the 4 that waited get their rows, in one batch
+        wait_for(lambda: (box / fts.NAME).exists() and len(fts.indexed(box / fts.NAME)[0]) == 4, 30,
+                 what="the batch after the burst")
+        c.noop()
+        typ, data = c.fetch("1:*", "(UID ENVELOPE)")
+        got = [x for x in data if isinstance(x, bytes)]
+        assert typ == "OK" and len(got) == 10 and all(b'"derived %d"' % n in got[n] for n in range(10)), got
+        assert c.uid("SEARCH", "SUBJECT", "derived")[1] == [b"1 2 3 4 5 6 7 8 9 10"]
+        assert c.uid("SEARCH", "BODY", "word9")[1] == [b"10"]  # left to the first search
+        assert c.uid("SEARCH", "BODY", "word2")[1] == [b"3"]  # made in the batch
+        c.logout()
+        in_fts, _ = fts.indexed(box / fts.NAME)
+        assert in_fts == set(os.listdir(box / "cur")) | set(os.listdir(box / "new"))
+    finally:
+        srv.stop()

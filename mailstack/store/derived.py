@@ -7,12 +7,22 @@ SQLite share falls to ~0.25 ms each.  And why off the delivery path: work done i
 thread while the event loop answers the next command holds the GIL against it; done per
 message, it ran exactly when the loop wanted to send the "250" and read the next command.
 
-So a delivered message (its bytes still in hand) waits here until LINGER seconds after the
-first message of the batch arrived, or until MAX_ITEMS / MAX_BYTES are pending, then one
-worker call parses every message once (index.message_entry, fts.texts_of), appends one
-run of lines per mailbox to its index file and adds the texts of each mailbox in one FTS5
-transaction.  `note(entry)` is then called on the loop for each message (the store puts
-the entry into the loaded index of the mailbox); None when it could not be made.
+So a delivered message (its bytes still in hand) waits here until deliveries pause: no
+new one for LINGER seconds (or MAX_WAIT after the oldest pending one, under a steady
+stream), then one worker call parses every pending message once (index.message_entry,
+fts.texts_of), appends one run of lines per mailbox to its index file and adds the texts of
+each mailbox in one FTS5 transaction.  `note(entry)` is then called on the loop for each
+message (the store puts the entry into the loaded index of the mailbox); None when it
+could not be made.
+
+Why wait for a pause rather than a fixed time after the first message: the parse is
+~0.4 ms of Python a message, sharing the GIL and the two cores with the loop accepting the
+next ones; during a burst it took a fifth of what the server did a message (issue 16,
+docs/benchmarks.md).  So during a burst at most MAX_ITEMS messages (MAX_BYTES) wait, and
+the burst's messages past that are left, like big ones, to the first look (the index
+parses a message without an entry from its file; a search adds missing rows): what
+Dovecot does for every message.  The price is paid by the first IMAP listing or body
+search of those messages, once, not by the sender waiting for its "250".
 
 Why a lost batch is harmless: the index and the full-text index are derived data, "rebuilt
 or repaired, never wrong".  A message without an index entry (a crash, kill -9, a shutdown
@@ -38,9 +48,10 @@ from . import index as idxmod
 
 log = logging.getLogger("mailstack.store")
 
-LINGER = 0.25  # seconds the first message of a batch waits for others
-MAX_ITEMS = 512  # messages in one worker call
-MAX_BYTES = 32 << 20  # bytes held in memory waiting; beyond: indexed when first looked at
+LINGER = 0.25  # seconds without a new delivery before the pending batch is made
+MAX_WAIT = 10.0  # ... or seconds after its oldest message arrived, deliveries going on
+MAX_ITEMS = 512  # messages waiting (one worker call); beyond: indexed when first looked at
+MAX_BYTES = 32 << 20  # bytes held in memory waiting; beyond: likewise
 
 _append_lock = threading.Lock()  # two calls in flight must not both create an index file
 
@@ -63,7 +74,7 @@ class DerivedWriter:
         self._pending: list[_Item] = []
         self._bytes = 0
         self._first = 0.0  # monotonic time the oldest pending message arrived
-        self._wake: asyncio.Event | None = None
+        self._last = 0.0  # ... and the newest
         self._task: asyncio.Task | None = None
         self._work: set = set()
         self.batches = 0  # counters, for tests and the benchmark notes
@@ -72,36 +83,27 @@ class DerivedWriter:
 
     def add(self, mailbox_dir: Path, base: str, uidvalidity: int, message: bytes,
             note: Callable[[dict | None], None] | None = None) -> None:
-        if self._bytes + len(message) > MAX_BYTES:  # a burst of big mail: made when first looked at
-            self.skipped += 1
+        if len(self._pending) >= MAX_ITEMS or self._bytes + len(message) > MAX_BYTES:
+            self.skipped += 1  # a long burst, or one of big mail: made when first looked at
             return
-        loop = asyncio.get_running_loop()
+        now = time.monotonic()
         if not self._pending:
-            self._first = time.monotonic()
+            self._first = now
+        self._last = now
         self._pending.append(_Item(mailbox_dir, base, uidvalidity, message, note))
         self._bytes += len(message)
         if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = loop.create_task(self._run())
-        elif len(self._pending) >= MAX_ITEMS and self._wake is not None:
-            self._wake.set()
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            wait = LINGER - (time.monotonic() - self._first)
-            if wait > 0 and len(self._pending) < MAX_ITEMS:
-                try:
-                    async with asyncio.timeout(wait):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-            self._wake.clear()
-            if not self._pending:  # taken by flush()
-                break
-            batch, self._pending = self._pending[:MAX_ITEMS], self._pending[MAX_ITEMS:]
-            self._bytes -= sum(len(i.message) for i in batch)
-            self._first = time.monotonic()
+            # One timer a LINGER at most, however many deliveries: each does not re-arm it.
+            wait = min(self._last + LINGER, self._first + MAX_WAIT) - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue  # (flush() may have taken them meanwhile)
+            batch, self._pending, self._bytes = self._pending, [], 0
             await self.write_now(batch, loop)
 
     async def write_now(self, batch: list[_Item], loop=None) -> None:
@@ -133,9 +135,7 @@ class DerivedWriter:
         while self._pending or self._work:
             if self._pending:
                 batch, self._pending, self._bytes = self._pending, [], 0
-                if self._wake is not None:
-                    self._wake.set()  # the lingering task finds nothing and ends
-                await self.write_now(batch)
+                await self.write_now(batch)  # the lingering task finds nothing and ends
             else:
                 await asyncio.wait(set(self._work))
 
