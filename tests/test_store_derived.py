@@ -54,6 +54,24 @@ def test_concurrent_deliveries_share_batches_and_every_message_gets_its_rows(tmp
     asyncio.run(main())
 
 
+def test_settled_leaves_no_task_pending_and_later_deliveries_still_get_their_rows(tmp_path):
+    # At shutdown the loop closes right after settled(): a lingering task still asleep there
+    # was "Task was destroyed but it is pending!" on stderr.
+    async def main():
+        store = MaildirStore(tmp_path / "mail", EventBus())
+        await store.ensure_account(ACCT)
+        derived = store.group_writer.derived
+        assert await store.deliver(ACCT, message(1), "id1")
+        await store.group_writer.settled()
+        assert derived.written == 1
+        assert derived._task is None or derived._task.done()
+        assert await store.deliver(ACCT, message(2), "id2")  # a new burst: its own task
+        await store.group_writer.settled()
+        assert derived.written == 2
+        assert derived._task is None or derived._task.done()
+    asyncio.run(main())
+
+
 def test_quota_charged_after_the_reply_is_counted_at_once(tmp_path):
     async def main():
         store = MaildirStore(tmp_path / "mail", EventBus())

@@ -138,6 +138,11 @@ class DerivedWriter:
                 await self.write_now(batch)  # the lingering task finds nothing and ends
             else:
                 await asyncio.wait(set(self._work))
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            # the lingering task sleeps on with nothing to write: at shutdown the loop would
+            # close under it ("Task was destroyed but it is pending"); a later add() starts anew
+            task.cancel()
 
 
 # ---------------------------------------------------------------- blocking (worker thread)
