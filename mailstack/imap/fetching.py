@@ -7,7 +7,7 @@ import logging
 import os
 
 from ..store.base import StoreError
-from ..store.index import Plain
+from ..store.index import Plain, serialize
 from . import bigmessage, binary, fetch, response, sort
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
@@ -234,18 +234,29 @@ class FetchCommands:
                     del got[uid]
         return got  # type: ignore[return-value]
 
-    async def _compute_entries(self, infos, structure: bool) -> dict[int, dict]:
+    async def _compute_entries(self, infos, structure: bool, old: dict | None = None,
+                               lines: bool = False) -> tuple[dict[int, dict], dict[int, bytes] | None]:
         """Read and parse messages in one worker-thread call (the cold-cache path). Without
-        `structure` only the header is read and parsed (enough for ENVELOPE and SENT*)."""
+        `structure` only the header is read and parsed (enough for ENVELOPE and SENT*).
+        Gives the entries to keep (merged over what `old` holds of them; header entries
+        marked index.Plain) and, with `lines`, their index lines made in the same call (one
+        hop per batch instead of two: hops wait their turn when the machine is busy)."""
         mbox = self.mbox
         paths = {m.uid: mbox.path(m.uid) for m in infos}
+        old = old or {}
 
         def entry(data: bytes) -> dict:
             # the searchable header texts come along (cheap once the envelope parsed the
             # addresses): a header SEARCH after a first listing reads no file again
             return fetch.cache_entry(data) if structure else fetch.header_entry(data)
 
-        def work() -> tuple[dict[int, dict], list[int]]:
+        def kept(uid: int, e: dict) -> dict:
+            # keep what other modules (POP3 sizes) put there; header_entry's values are plain
+            # JSON values (index.Plain: kept without a check)
+            o = old.get(uid)
+            return {**o, **e} if o else e if structure else Plain(e)
+
+        def work() -> tuple[dict[int, dict], list[int], dict[int, bytes] | None]:
             out: dict[int, dict] = {}
             retry: list[int] = []
             for uid, path in paths.items():
@@ -254,7 +265,7 @@ class FetchCommands:
                         raise FileNotFoundError
                     if structure and os.stat(path).st_size >= STREAM_MIN:
                         # a big message is parsed through a read-only map, never read whole
-                        out[uid] = bigmessage.cache_entry_of_file(path)
+                        out[uid] = kept(uid, bigmessage.cache_entry_of_file(path))
                         continue
                     if structure:
                         with open(path, "rb") as f:
@@ -264,17 +275,17 @@ class FetchCommands:
                 except OSError:
                     retry.append(uid)
                     continue
-                out[uid] = entry(data)
-            return out, retry
+                out[uid] = kept(uid, entry(data))
+            return out, retry, (serialize(out) if lines else None)
 
-        out, retry = await asyncio.to_thread(work)
+        out, retry, raws = await asyncio.to_thread(work)
         for uid in retry:  # renamed meanwhile, or a backend without files
             try:
                 data = await mbox.read(uid)
             except (StoreError, OSError, KeyError):
                 continue
-            out[uid] = await asyncio.to_thread(entry, data)
-        return out
+            out[uid] = kept(uid, await asyncio.to_thread(entry, data))
+        return out, raws
 
     async def _cache_entries(self, picked, structure: bool = False, search_fields: bool = False,
                              envelope_only: bool = False) -> dict:
@@ -321,12 +332,10 @@ class FetchCommands:
                     old[m.uid] = e  # keep what other modules (POP3 sizes) put there
         if missing:
             derived = mbox.derived()
-            fresh = await self._compute_entries(missing, structure)
+            put_lines = getattr(mbox, "cache_put_lines", None)
+            fresh, raws = await self._compute_entries(missing, structure, old, lines=put_lines is not None)
             if mbox.derived() is derived:  # same UIDVALIDITY: the UIDs computed for are these
                 sort.note_listed(derived, fresh)  # a first SORT (SUBJECT) then reads no entry
-            # header_entry's values are plain JSON values (index.Plain: kept without a check)
-            fresh = {uid: {**o, **e} if (o := old.get(uid)) else e if structure else Plain(e)
-                     for uid, e in fresh.items()}
             if envelope_only:
                 for uid, e in fresh.items():
                     env = fetch.cached_envelope(e)
@@ -336,7 +345,10 @@ class FetchCommands:
                 entries.update(fresh)
             if fresh:
                 try:
-                    await mbox.cache_put(fresh)
+                    if put_lines is not None:
+                        await put_lines(fresh, raws)
+                    else:
+                        await mbox.cache_put(fresh)
                 except (StoreError, OSError):
                     log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
         return entries
