@@ -353,6 +353,16 @@ class FetchCommands:
                     log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
         return entries
 
+    async def _entries_ahead(self, batch, envelope_only: bool) -> asyncio.Future:
+        """_cache_entries of a listing's next batch, started now: a cold one's files are read
+        and parsed in a worker thread while the loop renders, writes and sends the batch
+        before (the thread hops and the socket waits overlap).  At most one batch ahead."""
+        fut = asyncio.ensure_future(self._cache_entries(batch, False, envelope_only=envelope_only))
+        # a FETCH cut short (the client gone) leaves it to finish alone, awaited by nobody
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.sleep(0)  # let it look up the index and hand the files to a worker now
+        return fut
+
     async def cmd_fetch(self, cmd: Command) -> None:
         picked = self.resolve(cmd)
         if picked is None:
@@ -408,10 +418,15 @@ class FetchCommands:
         plain = not need_data and all(a.name in _PLAIN for a in atts)
         envelope_only = need_cache and not need_structure
         flag_cache: dict = {}
+        pending = None  # a listing's next batch of entries, made while this one is rendered and sent
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
-            entries = await self._cache_entries(batch, need_structure, envelope_only=envelope_only) \
+            entries = await (pending or self._cache_entries(batch, need_structure, envelope_only=envelope_only)) \
                 if need_cache else {}
+            pending = None
+            if need_cache and plain and start + FETCH_BATCH < len(picked):
+                pending = await self._entries_ahead(picked[start + FETCH_BATCH:start + 2 * FETCH_BATCH],
+                                                    envelope_only)
             if plain:
                 rendered, gone = self._render_plain(batch, atts, flag_cache, entries)
             elif need_data:
