@@ -7,7 +7,7 @@ import logging
 import os
 
 from ..store.base import StoreError
-from ..store.index import Plain
+from ..store.index import Plain, serialize
 from . import bigmessage, binary, fetch, response, sort
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
@@ -234,18 +234,29 @@ class FetchCommands:
                     del got[uid]
         return got  # type: ignore[return-value]
 
-    async def _compute_entries(self, infos, structure: bool) -> dict[int, dict]:
+    async def _compute_entries(self, infos, structure: bool, old: dict | None = None,
+                               lines: bool = False) -> tuple[dict[int, dict], dict[int, bytes] | None]:
         """Read and parse messages in one worker-thread call (the cold-cache path). Without
-        `structure` only the header is read and parsed (enough for ENVELOPE and SENT*)."""
+        `structure` only the header is read and parsed (enough for ENVELOPE and SENT*).
+        Gives the entries to keep (merged over what `old` holds of them; header entries
+        marked index.Plain) and, with `lines`, their index lines made in the same call (one
+        hop per batch instead of two: hops wait their turn when the machine is busy)."""
         mbox = self.mbox
         paths = {m.uid: mbox.path(m.uid) for m in infos}
+        old = old or {}
 
         def entry(data: bytes) -> dict:
             # the searchable header texts come along (cheap once the envelope parsed the
             # addresses): a header SEARCH after a first listing reads no file again
             return fetch.cache_entry(data) if structure else fetch.header_entry(data)
 
-        def work() -> tuple[dict[int, dict], list[int]]:
+        def kept(uid: int, e: dict) -> dict:
+            # keep what other modules (POP3 sizes) put there; header_entry's values are plain
+            # JSON values (index.Plain: kept without a check)
+            o = old.get(uid)
+            return {**o, **e} if o else e if structure else Plain(e)
+
+        def work() -> tuple[dict[int, dict], list[int], dict[int, bytes] | None]:
             out: dict[int, dict] = {}
             retry: list[int] = []
             for uid, path in paths.items():
@@ -254,7 +265,7 @@ class FetchCommands:
                         raise FileNotFoundError
                     if structure and os.stat(path).st_size >= STREAM_MIN:
                         # a big message is parsed through a read-only map, never read whole
-                        out[uid] = bigmessage.cache_entry_of_file(path)
+                        out[uid] = kept(uid, bigmessage.cache_entry_of_file(path))
                         continue
                     if structure:
                         with open(path, "rb") as f:
@@ -264,17 +275,17 @@ class FetchCommands:
                 except OSError:
                     retry.append(uid)
                     continue
-                out[uid] = entry(data)
-            return out, retry
+                out[uid] = kept(uid, entry(data))
+            return out, retry, (serialize(out) if lines else None)
 
-        out, retry = await asyncio.to_thread(work)
+        out, retry, raws = await asyncio.to_thread(work)
         for uid in retry:  # renamed meanwhile, or a backend without files
             try:
                 data = await mbox.read(uid)
             except (StoreError, OSError, KeyError):
                 continue
-            out[uid] = await asyncio.to_thread(entry, data)
-        return out
+            out[uid] = kept(uid, await asyncio.to_thread(entry, data))
+        return out, raws
 
     async def _cache_entries(self, picked, structure: bool = False, search_fields: bool = False,
                              envelope_only: bool = False) -> dict:
@@ -321,12 +332,10 @@ class FetchCommands:
                     old[m.uid] = e  # keep what other modules (POP3 sizes) put there
         if missing:
             derived = mbox.derived()
-            fresh = await self._compute_entries(missing, structure)
+            put_lines = getattr(mbox, "cache_put_lines", None)
+            fresh, raws = await self._compute_entries(missing, structure, old, lines=put_lines is not None)
             if mbox.derived() is derived:  # same UIDVALIDITY: the UIDs computed for are these
                 sort.note_listed(derived, fresh)  # a first SORT (SUBJECT) then reads no entry
-            # header_entry's values are plain JSON values (index.Plain: kept without a check)
-            fresh = {uid: {**o, **e} if (o := old.get(uid)) else e if structure else Plain(e)
-                     for uid, e in fresh.items()}
             if envelope_only:
                 for uid, e in fresh.items():
                     env = fetch.cached_envelope(e)
@@ -336,10 +345,23 @@ class FetchCommands:
                 entries.update(fresh)
             if fresh:
                 try:
-                    await mbox.cache_put(fresh)
+                    if put_lines is not None:
+                        await put_lines(fresh, raws)
+                    else:
+                        await mbox.cache_put(fresh)
                 except (StoreError, OSError):
                     log.warning("cache_put failed", exc_info=True, extra={"client": self.peer_ip})
         return entries
+
+    async def _entries_ahead(self, batch, envelope_only: bool) -> asyncio.Future:
+        """_cache_entries of a listing's next batch, started now: a cold one's files are read
+        and parsed in a worker thread while the loop renders, writes and sends the batch
+        before (the thread hops and the socket waits overlap).  At most one batch ahead."""
+        fut = asyncio.ensure_future(self._cache_entries(batch, False, envelope_only=envelope_only))
+        # a FETCH cut short (the client gone) leaves it to finish alone, awaited by nobody
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.sleep(0)  # let it look up the index and hand the files to a worker now
+        return fut
 
     async def cmd_fetch(self, cmd: Command) -> None:
         picked = self.resolve(cmd)
@@ -396,10 +418,15 @@ class FetchCommands:
         plain = not need_data and all(a.name in _PLAIN for a in atts)
         envelope_only = need_cache and not need_structure
         flag_cache: dict = {}
+        pending = None  # a listing's next batch of entries, made while this one is rendered and sent
         for start in range(0, len(picked), FETCH_BATCH):
             batch = picked[start:start + FETCH_BATCH]
-            entries = await self._cache_entries(batch, need_structure, envelope_only=envelope_only) \
+            entries = await (pending or self._cache_entries(batch, need_structure, envelope_only=envelope_only)) \
                 if need_cache else {}
+            pending = None
+            if need_cache and plain and start + FETCH_BATCH < len(picked):
+                pending = await self._entries_ahead(picked[start + FETCH_BATCH:start + 2 * FETCH_BATCH],
+                                                    envelope_only)
             if plain:
                 rendered, gone = self._render_plain(batch, atts, flag_cache, entries)
             elif need_data:

@@ -355,10 +355,18 @@ class _State:
                         MetadataIndex.load, self.path / idxmod.NAME, self.ul.uidvalidity, uids)
         return self.index
 
-    async def cache_put(self, entries: dict[int, dict]) -> None:
+    async def cache_put(self, entries: dict[int, dict], raws: dict[int, bytes] | None = None) -> None:
+        """`raws`: the index lines of some of `entries` (index.serialize), made by the caller
+        off the loop already."""
         idx = await self.index_load()
-        raws, values = await asyncio.to_thread(  # JSON off the loop
-            lambda: (idxmod.serialize(entries), idxmod.as_loaded(entries)))
+        if raws is not None and len(raws) == len(entries) and \
+                all(type(v) is idxmod.Plain for v in entries.values()):
+            values = entries  # as_loaded() of Plain entries: all of them, nothing to walk
+        else:
+            given = raws or {}
+            raws, values = await asyncio.to_thread(  # JSON off the loop
+                lambda: ({u: given.get(u) or idxmod._dumps(e) for u, e in entries.items()},
+                         idxmod.as_loaded(entries)))
         async with self.cache_lock:
             rewrite, data = idx.plan_put_raw(raws, self.entries or None, values)  # entries: uid -> Entry(.base)
             await asyncio.to_thread(idx.write, rewrite, data)
@@ -682,6 +690,12 @@ class MaildirMailbox(Mailbox):
     async def cache_put(self, entries: dict[int, dict]) -> None:
         if entries:
             await self._st.cache_put(entries)
+
+    async def cache_put_lines(self, entries: dict[int, dict], raws: dict[int, bytes] | None) -> None:
+        """cache_put of entries whose index lines (index.serialize of them, or of some) the
+        caller made already in a worker thread: imap/fetching.py's cold listing."""
+        if entries:
+            await self._st.cache_put(entries, raws)
 
     def derived(self) -> dict:
         st = self._st
