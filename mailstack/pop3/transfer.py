@@ -123,7 +123,8 @@ class Retrieval:
         if not wanted:
             return
         self._ahead_pending = {j for j, _, _ in wanted}
-        task = asyncio.ensure_future(asyncio.to_thread(read_ahead, wanted))
+        # the executor's future itself, not a task around to_thread: one step less on the loop
+        task = asyncio.get_running_loop().run_in_executor(None, read_ahead, wanted)
 
         def done(t: asyncio.Future) -> None:
             if self._ahead_task is not t:  # the session ended (_release)
