@@ -43,9 +43,9 @@ def bodies(lines: list[bytes]) -> dict[int, bytes]:
     return out
 
 
-@pytest.fixture
-def srv(tmp_path):
-    server = InProcessIMAP(tmp_path, loop="uvloop")
+@pytest.fixture(params=["uvloop", "asyncio"])  # what `mailstack serve` runs on, and the fallback
+def srv(tmp_path, request):
+    server = InProcessIMAP(tmp_path, loop=request.param)
     yield server
     server.close()
 
