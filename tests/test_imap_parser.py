@@ -1,6 +1,8 @@
 """The IMAP parser on its own: framing, grammar, bounds, modified UTF-7, serialising; fuzzed."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -221,3 +223,38 @@ def test_fuzz_framer_and_parser_raise_only_protocol_errors(lines):
             else:
                 assert cmd.name.isupper()
     assert f.buffered < 2000
+
+
+_SET_PIECES = st.sampled_from([b"0", b"1", b"7", b"42", b"00012", b"4294967295", b"4294967296", b"99999999999",
+                               b"*", b":", b",", b" ", b"$", b"x"])
+
+
+@given(st.lists(_SET_PIECES, min_size=1, max_size=12),
+       st.sampled_from([b" FLAGS", b" (UID BODY.PEEK[])", b"", b"FLAGS"]))
+@settings(max_examples=600, deadline=None)
+def test_sequence_set_fast_path_parses_as_the_general_loop(pieces, tail):
+    """The one-regex path for sets of plain numbers (issue 16: FETCH of a picked list) gives
+    the ranges, or the error, that the character loop gives for every input."""
+    from mailstack.imap import parse_cursor
+    line = b"a1 FETCH " + b"".join(pieces) + tail
+
+    def parse():
+        try:
+            cmd = parse_command([line])
+        except ParseError as e:
+            return "error", e.message
+        return cmd.args["set"].ranges if hasattr(cmd.args["set"], "ranges") else "$", cmd.args["atts"]
+
+    fast = parse()
+    saved = parse_cursor._PLAIN_SET
+    parse_cursor._PLAIN_SET = re.compile(rb"(?!)")  # never matches: the general loop only
+    try:
+        assert fast == parse(), line
+    finally:
+        parse_cursor._PLAIN_SET = saved
+
+
+def test_sequence_set_of_a_hundred_picked_numbers():
+    line = b"a1 FETCH " + b",".join(b"%d" % (1 + 100 * i) for i in range(100)) + b" BODY.PEEK[]"
+    assert parse_command([line]).args["set"].ranges == [(1 + 100 * i, 1 + 100 * i) for i in range(100)]
+    assert parse_command([b"a1 FETCH 5:3,9 FLAGS"]).args["set"].ranges == [(5, 3), (9, 9)]

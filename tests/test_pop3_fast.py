@@ -122,6 +122,28 @@ def test_retr_in_order_pipelined_and_out_of_order_is_exact(srv, named):
     assert c.line().startswith(b"+OK")
 
 
+def test_retr_of_many_in_order_crosses_every_read_ahead_refill_exactly(srv):
+    """More messages than several read-aheads hold (count and bytes both bind at times): each
+    RETR, one by one and then pipelined, is exactly encode_message() of its file."""
+    many = [b"Subject: %d\r\n\r\n" % i + (b".dotline\r\n" if i % 3 else b"x line\n") * (i * 37 % 4000)
+            for i in range(2 * retrieve.READ_AHEAD_COUNT + 40)]
+    assert sum(map(len, many)) > 2 * retrieve.READ_AHEAD_BYTES
+    place(srv, many, "sw")
+    c = plain(srv)
+    c.login()
+    half = len(many) // 2
+    for n in range(1, half + 1):
+        c.send(f"RETR {n}")
+        assert c.line() == b"+OK %d octets" % message_size(many[n - 1])
+        assert c.body() == encode_message(many[n - 1]), n
+    c.send(*[f"RETR {n}" for n in range(half + 1, len(many) + 1)])
+    for n in range(half + 1, len(many) + 1):
+        assert c.line() == b"+OK %d octets" % message_size(many[n - 1])
+        assert c.body() == encode_message(many[n - 1]), n
+    c.send("QUIT")
+    assert c.line().startswith(b"+OK")
+
+
 def test_message_expunged_after_it_was_read_ahead_gets_err(srv):
     """A message read ahead and then expunged over IMAP is not sent from memory: -ERR, as
     without the read-ahead; the others still come."""

@@ -88,6 +88,23 @@ def _head_of(path: str) -> tuple[bytes, int]:
 HEADER_FIRST = 4096  # most headers end within the first page
 
 
+def read_whole(path: str, size: int) -> bytes:
+    """Blocking: a whole message file, in one read when `size` (the index's: the name's S=,
+    or the size seen at the scan) is right.  Plain os calls: open() + read() costs ~3x as
+    much per small file (a buffered object, an fstat, a second read to find the end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) == size:  # asked one byte more and did not get it: the end
+            return data
+        chunks = [data]  # larger than said (read to the end), or shorter (make sure it ended)
+        while piece := os.read(fd, 1 << 20):
+            chunks.append(piece)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_header(path: str) -> bytes:
     """Blocking: the start of a message file that holds its whole header (or the whole
     file when it has no blank line): a page first, HEADER_PEEK next, then the rest.  Plain
@@ -118,7 +135,7 @@ def read_header(path: str) -> bytes:
 
 
 def _join_fetch(seq: int, items: list) -> "bytes | list":
-    """One "* n FETCH (...)" response: bytes, or a list of chunks when it holds a big literal."""
+    """One "* n FETCH (...)" response: bytes, or a list of chunks when it holds a literal."""
     chunks: list[bytes] = []
     cur = bytearray(b"* %d FETCH (" % seq)
     for i, item in enumerate(items):
@@ -129,14 +146,11 @@ def _join_fetch(seq: int, items: list) -> "bytes | list":
             chunks.append(bytes(cur))
             chunks.append(item)
             cur = bytearray()
-        elif isinstance(item, _Lit):
+        elif isinstance(item, _Lit):  # apart, not copied: _blocks joins the pieces once
             cur += item.label + (b" ~{%d}\r\n" if isinstance(item, _Lit8) else b" {%d}\r\n") % len(item.data)
-            if len(item.data) >= BIG_CHUNK:
-                chunks.append(bytes(cur))
-                chunks.append(item.data)
-                cur = bytearray()
-            else:
-                cur += item.data
+            chunks.append(bytes(cur))
+            chunks.append(item.data)
+            cur = bytearray()
         else:
             cur += item
     cur += b")\r\n"
@@ -144,6 +158,56 @@ def _join_fetch(seq: int, items: list) -> "bytes | list":
         return bytes(cur)
     chunks.append(bytes(cur))
     return chunks
+
+
+BLOCK = 256 * 1024  # small responses are joined into writes of about this size
+DATA_BATCH = 2 << 20  # message bytes read per batch (one worker call) by a FETCH of whole bodies
+
+
+def _batches(picked: list, by_bytes: bool) -> list[list]:
+    """(seq, info) pairs cut into batches of FETCH_BATCH messages, and with `by_bytes` of
+    about DATA_BATCH message bytes too (a streamed message counts for little: only its head
+    is read), so that what a FETCH of whole bodies holds at once stays bounded."""
+    if not by_bytes:
+        return [picked[i:i + FETCH_BATCH] for i in range(0, len(picked), FETCH_BATCH)]
+    out: list[list] = []
+    batch: list = []
+    size = 0
+    for pair in picked:
+        batch.append(pair)
+        size += pair[1].size if pair[1].size < STREAM_MIN else BIG_CHUNK
+        if size >= DATA_BATCH or len(batch) >= FETCH_BATCH:
+            out.append(batch)
+            batch, size = [], 0
+    if batch:
+        out.append(batch)
+    return out
+
+
+def _blocks(rendered: list, gone: bool) -> tuple[list, bool]:
+    """A batch's responses as few writes (in the worker that rendered them): small ones
+    joined into BLOCK-sized bytes, instead of copied one by one into the session's buffer
+    on the loop and out of it again; literals of BIG_CHUNK or more and streamed ones stay
+    apart, uncopied."""
+    out: list = []
+    parts: list[bytes] = []
+    size = 0
+    for item in rendered:
+        for chunk in ((item,) if isinstance(item, bytes) else item):
+            if isinstance(chunk, bytes) and len(chunk) < BIG_CHUNK:
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= BLOCK:
+                    out.append(b"".join(parts))
+                    parts, size = [], 0
+                continue
+            if parts:
+                out.append(b"".join(parts))
+                parts, size = [], 0
+            out.append(chunk)
+    if parts:
+        out.append(b"".join(parts))
+    return out, gone
 
 
 class FetchCommands:
@@ -202,36 +266,38 @@ class FetchCommands:
             return None if value is None else name.encode() + b" " + value
         return None
 
-    async def _read_many(self, infos, header_only: bool = False) -> dict[int, bytes]:
+    async def _read_many(self, infos, header_only: bool = False, then=None):
         """Message bytes for several messages, read in one worker thread when the store
-        gives file paths; messages that vanished meanwhile are left out."""
+        gives file paths; messages that vanished meanwhile are left out.  With `then` the
+        result is (datas, then(datas)): `then` runs in the same worker call when every file
+        was read (the common case: one thread hop for a FETCH batch, not two), else None."""
         mbox = self.mbox
-        paths = {m.uid: mbox.path(m.uid) for m in infos}
+        paths = [(m.uid, mbox.path(m.uid), m.size) for m in infos]
 
-        def work() -> dict[int, bytes | None]:
+        def work():
             out: dict[int, bytes | None] = {}
-            for uid, path in paths.items():
+            complete = True
+            for uid, path, size in paths:
                 if path is None:
-                    out[uid] = None
+                    out[uid] = complete = None
                     continue
                 try:
-                    if header_only:
-                        data = read_header(path)
-                    else:
-                        with open(path, "rb") as f:
-                            data = f.read()
-                    out[uid] = data
+                    out[uid] = read_header(path) if header_only else read_whole(path, size)
                 except OSError:
-                    out[uid] = None
-            return out
+                    out[uid] = complete = None
+            return out, then(out) if complete and then is not None else None
 
-        got = await asyncio.to_thread(work)
+        got, done = await asyncio.to_thread(work)
+        if then is not None and done is not None:
+            return got, done
         for uid, data in list(got.items()):
             if data is None:
                 try:
                     got[uid] = await mbox.read(uid)
                 except (StoreError, OSError, KeyError):
                     del got[uid]
+        if then is not None:
+            return got, None
         return got  # type: ignore[return-value]
 
     async def _compute_entries(self, infos, structure: bool, old: dict | None = None,
@@ -419,25 +485,25 @@ class FetchCommands:
         envelope_only = need_cache and not need_structure
         flag_cache: dict = {}
         pending = None  # a listing's next batch of entries, made while this one is rendered and sent
-        for start in range(0, len(picked), FETCH_BATCH):
-            batch = picked[start:start + FETCH_BATCH]
+        batches = _batches(picked, need_data == "full")
+        for i, batch in enumerate(batches):
             entries = await (pending or self._cache_entries(batch, need_structure, envelope_only=envelope_only)) \
                 if need_cache else {}
             pending = None
-            if need_cache and plain and start + FETCH_BATCH < len(picked):
-                pending = await self._entries_ahead(picked[start + FETCH_BATCH:start + 2 * FETCH_BATCH],
-                                                    envelope_only)
+            if need_cache and plain and i + 1 < len(batches):
+                pending = await self._entries_ahead(batches[i + 1], envelope_only)
             if plain:
                 rendered, gone = self._render_plain(batch, atts, flag_cache, entries)
             elif need_data:
                 streams = {m.uid for _, m in batch if m.size >= STREAM_MIN} if streamable else set()
                 if streams and (need_head or part_sections):
                     streams = await self._read_heads([m for _, m in batch if m.uid in streams], part_sections)
-                datas = await self._read_many([m for _, m in batch if m.uid not in streams],
-                                              header_only=need_data == "header")
-                try:  # decoding BINARY sections happens here too, off the loop
-                    rendered, gone = await asyncio.to_thread(self._render_batch, batch, atts, entries, datas,
-                                                             streams)
+                def render(datas, batch=batch, entries=entries, streams=streams):
+                    return _blocks(*self._render_batch(batch, atts, entries, datas, streams))
+                try:  # rendered in the reading worker call; decoding BINARY sections too, off the loop
+                    datas, done = await self._read_many([m for _, m in batch if m.uid not in streams],
+                                                        header_only=need_data == "header", then=render)
+                    rendered, gone = done or await asyncio.to_thread(render, datas)
                 except binary.UnknownCTE as e:
                     return await self.done(cmd, f"[UNKNOWN-CTE] Cannot decode {str(e)[:40]!r}", "NO")
                 except binary.NotLeaf:
@@ -447,17 +513,19 @@ class FetchCommands:
                 rendered, gone = self._render_batch(batch, atts, entries, None)
             missing = missing or gone
             for item in rendered:
-                if isinstance(item, bytes):
+                if isinstance(item, bytes) and len(item) < BIG_CHUNK:
                     self.out += item
-                else:  # big literals go to the transport as they are, not copied into `out`
-                    for chunk in item:
+                else:  # big literals and _blocks' blocks go to the transport as they are, not copied
+                    for chunk in item if isinstance(item, list) else (item,):
                         if isinstance(chunk, _Stream):
                             await self.flush()
                             await self._stream(chunk)
                         elif len(chunk) >= BIG_CHUNK:
                             await self.flush()
                             self.writer.write(chunk)
-                            await self.drain()
+                            transport = self.writer.transport
+                            if transport.get_write_buffer_size() or transport.is_closing():
+                                await self.drain()  # (all taken by the socket: nothing to wait for)
                         else:
                             self.out += chunk
                 await self.maybe_flush()

@@ -10,6 +10,9 @@ import re
 from . import mutf7
 from .framer import LITERAL_RE
 
+_PLAIN_SET = re.compile(rb"[0-9]{1,10}(?::[0-9]{1,10})?(?:,[0-9]{1,10}(?::[0-9]{1,10})?)*")
+_SET_CHARS = b"0123456789:,*"
+
 
 # --------------------------------------------------------------------------- parsing
 
@@ -233,6 +236,23 @@ class _Cursor:
         if self.peek() == 0x24:  # "$": the saved search result (RFC 5182 SEARCHRES)
             self.pos += 1
             return SearchResult()
+        # Numbers and ranges without "*" (a client's list of picked messages, "1,101,201,...")
+        # in one regex match and a split, not a call per character; anything else (a "*", a
+        # zero, a number too long or too big) takes the general loop below, which also says
+        # what is wrong.
+        m = _PLAIN_SET.match(self.line, self.pos)
+        if m is not None and (m.end() == len(self.line) or self.line[m.end()] not in _SET_CHARS):
+            plain = []
+            for item in m[0].split(b","):
+                a, _, b = item.partition(b":")
+                lo = int(a)
+                hi = int(b) if b else lo
+                if not (0 < lo <= 0xFFFFFFFF and 0 < hi <= 0xFFFFFFFF):
+                    break
+                plain.append((lo, hi))
+            else:
+                self.pos = m.end()
+                return SequenceSet(plain)
         ranges: list[tuple[int | None, int | None]] = []
         while True:
             a = self._seq_number()

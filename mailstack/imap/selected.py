@@ -248,7 +248,10 @@ class SelectedCommands:
         for lo, hi in seqset.resolve(n):  # sorted and disjoint
             if lo < 1 or hi > n:
                 return None
-            out.extend(zip(range(lo, hi + 1), msgs[lo - 1:hi]))  # C speed: 100,000 pairs for 1:*
+            if lo == hi:  # a picked message ("1,101,201,..."): no slice, range and zip for one pair
+                out.append((lo, msgs[lo - 1]))
+            else:
+                out.extend(zip(range(lo, hi + 1), msgs[lo - 1:hi]))  # C speed: 100,000 pairs for 1:*
         return out
 
     async def cmd_check(self, cmd: Command) -> None:

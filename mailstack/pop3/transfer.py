@@ -101,8 +101,12 @@ class Retrieval:
         if self._ahead_pending:  # a read is running, or its result is not taken in yet
             return
         ahead = self._ahead
-        for k in [k for k in ahead if k <= i]:  # skipped by the client: not kept
-            self._ahead_bytes -= len(ahead.pop(k)[0])
+        # Skipped by the client: not kept.  The scan of all (up to READ_AHEAD_COUNT, each RETR)
+        # is made only when the first key is not past i: read in order it is the lowest; after
+        # RETRs out of order one may wait behind it until it is (bounded all the same).
+        if next(iter(ahead), i + 1) <= i:
+            for k in [k for k in ahead if k <= i]:
+                self._ahead_bytes -= len(ahead.pop(k)[0])
         held = self._ahead_bytes
         if len(ahead) >= READ_AHEAD_COUNT // 2 or held >= READ_AHEAD_BYTES // 2:
             return
@@ -123,7 +127,8 @@ class Retrieval:
         if not wanted:
             return
         self._ahead_pending = {j for j, _, _ in wanted}
-        task = asyncio.ensure_future(asyncio.to_thread(read_ahead, wanted))
+        # the executor's future itself, not a task around to_thread: one step less on the loop
+        task = asyncio.get_running_loop().run_in_executor(None, read_ahead, wanted)
 
         def done(t: asyncio.Future) -> None:
             if self._ahead_task is not t:  # the session ended (_release)
