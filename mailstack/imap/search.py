@@ -238,12 +238,18 @@ TEXT_SEP = "\uffff"  # store/fts.py's segment separator
 def message_texts(data: bytes) -> tuple[str, str]:
     """What a TEXT / BODY scan compares, case-folded, as the full-text index stores it:
     (header names and decoded values, decoded body texts), segments joined by U+FFFF."""
+    head, body = head_and_body(data)
+    return head, _fold(body)
+
+
+def head_and_body(data: bytes) -> tuple[str, str]:
+    """message_texts with the body not case-folded yet: the full-text index folds only the
+    body's distinct words when that is all it needs (store/fts.py)."""
     root = fetch.parse(data)
     # folded once, joined: casefold maps each character alone, so this is each segment folded
     head = _fold(TEXT_SEP.join(seg for k, v in root.headers
                                for seg in (k.decode("ascii", "replace"), _decode_words(v))))
-    body = _fold(TEXT_SEP.join(_body_texts(data, root)))
-    return head, body
+    return head, TEXT_SEP.join(_body_texts(data, root))
 
 
 def fulltext_keys(key: tuple) -> list[tuple[str, str]]:

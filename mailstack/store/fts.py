@@ -54,7 +54,11 @@ BATCH = 500  # messages per transaction when adding from files
 LAG = 4  # batches read ahead of the writer (their texts wait in memory: ~2 M characters each)
 QUEUE_MAX = 2000  # delivered messages per transaction (their texts wait in memory)
 # Two tables: detail=none allows no column filter, and BODY must not match the header.
-_SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, base TEXT UNIQUE NOT NULL);"
+# docs' column is "name", not "base" as before rows held only words (words()): a program
+# from before asks for "base", fails, and drops and rebuilds the file instead of missing
+# the trigrams across words it would ask for.  Its files are taken over by renaming the
+# column: their whole-text rows hold every trigram asked for now.
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS docs(id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL);"
            "CREATE VIRTUAL TABLE IF NOT EXISTS body USING fts5(t, content='', detail=none, "
            "tokenize='trigram case_sensitive 1');"
            "CREATE VIRTUAL TABLE IF NOT EXISTS head USING fts5(t, content='', detail=none, "
@@ -73,6 +77,8 @@ class _Conn:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # derived data: a lost tail is re-added
         self.db.executescript(_SCHEMA)
+        if any(col[1] == "base" for col in self.db.execute("PRAGMA table_info(docs)")):
+            self.db.execute("ALTER TABLE docs RENAME COLUMN base TO name")  # a file from before
         self.ident = identity(path)
 
     def close(self) -> None:
@@ -131,11 +137,12 @@ def indexed(path: Path) -> tuple[set[str], tuple[int, int] | None]:
     """The bases in the index, and the identity of its file."""
     c = _conn(path)
     with c.lock:
-        return {row[0] for row in c.db.execute("SELECT base FROM docs")}, c.ident
+        return {row[0] for row in c.db.execute("SELECT name FROM docs")}, c.ident
 
 
-def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
-    """docs: (base, head text, body text) as message_texts gives them.  One statement per
+def add(path: Path, docs: list[tuple[str, str, str]], worded: bool = False) -> None:
+    """docs: (base, head text, body text) as message_texts gives them (worded: the body is
+    words() of it already).  One statement per
     table for the whole batch (the rows passed as a JSON array): sqlite3 lets go of the GIL
     for each statement it steps, and a thread that must take it back for every row waits
     behind a busy event loop each time (up to the 5 ms switch interval)."""
@@ -147,7 +154,7 @@ def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
             have = {row[0] for row in db.execute(
-                "SELECT base FROM docs WHERE base IN (SELECT value FROM json_each(?))",
+                "SELECT name FROM docs WHERE name IN (SELECT value FROM json_each(?))",
                 (json.dumps([base for base, _, _ in docs]),))}
             fresh: dict[str, tuple[str, str]] = {}
             for base, head, body in docs:
@@ -155,10 +162,10 @@ def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
                     fresh[base] = (head, body)
             if fresh:
                 first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM docs").fetchone()[0]
-                db.execute("INSERT INTO docs(id, base) SELECT ? + key, value FROM json_each(?)",
+                db.execute("INSERT INTO docs(id, name) SELECT ? + key, value FROM json_each(?)",
                            (first, json.dumps(list(fresh))))
                 db.execute("INSERT INTO body(rowid, t) SELECT ? + key, value FROM json_each(?)",
-                           (first, json.dumps([body for _, body in fresh.values()])))
+                           (first, json.dumps([body if worded else words(body) for _, body in fresh.values()])))
                 db.execute("INSERT INTO head(rowid, t) SELECT ? + key, value FROM json_each(?)",
                            (first, json.dumps([head for head, _ in fresh.values()])))
             db.execute("COMMIT")
@@ -167,15 +174,37 @@ def add(path: Path, docs: list[tuple[str, str, str]]) -> None:
             raise
 
 
+def words(text: str) -> str:
+    """What a row holds of a (folded) text: each of its words once.  A row answers only
+    "which trigrams occur", and a string that holds no white space lies inside one word,
+    so the trigrams inside words are all a query needs (see `_grams`); a word repeated,
+    and the trigrams across a word boundary, only cost the tokenizer time (each character
+    of a row is a trigram to insert: the text of 10,000 bench messages is 28 M characters,
+    its words 2.5 M).  Rows written whole (before this) hold every trigram of these, so
+    they stay right."""
+    return " ".join(set(text.split()))
+
+
+def _grams(needle: str) -> set[str]:
+    """The trigrams a document holding `needle` has inside its words: those of each run of
+    the needle without white space (the runs at either end may be parts of longer words,
+    the middle ones are words)."""
+    return {w[i:i + MIN_NEEDLE] for w in needle.split() for i in range(len(w) - MIN_NEEDLE + 1)}
+
+
 def usable(needle: str) -> bool:
-    """Can the index answer a search for this (case-folded) string?"""
-    return len(needle) >= MIN_NEEDLE and SEP not in needle and "\x00" not in needle  # SQL text ends at NUL
+    """Can the index answer a search for this (case-folded) string?  Not when no word of it
+    has three characters ("to be"): no trigram to ask for."""
+    return (SEP not in needle and "\x00" not in needle  # SQL text ends at NUL
+            and any(len(w) >= MIN_NEEDLE for w in needle.split()))
 
 
 def candidates(path: Path, needle: str, body_only: bool) -> set[str]:
     """Bases of the documents holding every trigram of `needle` (case-folded) in their body
     (BODY) or anywhere (TEXT): each match, and perhaps a few more."""
-    grams = sorted({needle[i:i + MIN_NEEDLE] for i in range(len(needle) - MIN_NEEDLE + 1)})
+    grams = sorted(_grams(needle))
+    if not grams:  # not usable(): nothing to filter by, every document is a candidate
+        return indexed(path)[0]
     query = " AND ".join('"' + g.replace('"', '""') + '"' for g in grams)
     sql = "SELECT rowid FROM body WHERE body MATCH ?"
     if not body_only:
@@ -183,7 +212,7 @@ def candidates(path: Path, needle: str, body_only: bool) -> set[str]:
     c = _conn(path)
     with c.lock:
         return {row[0] for row in c.db.execute(
-            f"SELECT base FROM docs WHERE id IN ({sql})", (query,) if body_only else (query, query))}
+            f"SELECT name FROM docs WHERE id IN ({sql})", (query,) if body_only else (query, query))}
 
 
 def texts_of(data: bytes) -> tuple[str, str]:
@@ -194,12 +223,13 @@ def texts_of(data: bytes) -> tuple[str, str]:
 
 def index_files(path: Path, files: list[tuple[str, Path]],
                 relocate: Callable[[], dict[str, Path]] | None = None,
-                seen: Callable[[str, str, str], None] | None = None) -> set[str]:
+                seen: Callable[[str, str, str], None] | None = None, whole: bool = False) -> set[str]:
     """Add messages to the index from their files, in batches of BATCH (the messages that
     were not delivered here, or were before the index existed).  A file renamed meanwhile
     (new/ to cur/, a flag change) is looked up once more with `relocate` (base -> file
     now).  `seen(base, head, body)` is told each message's texts on the way (a search
-    answers from them).  The batches are written by one writer thread while the next ones
+    answers from them): the body is its words() unless `whole` (a string with white
+    space needs the text itself; one without is in the text iff it is in one word).  The batches are written by one writer thread while the next ones
     are read and parsed here (up to LAG batches behind): SQLite's trigram insertion runs
     without the GIL, so this costs about the longer of the two when a second core is free.
     Returns the bases added."""
@@ -210,13 +240,13 @@ def index_files(path: Path, files: list[tuple[str, Path]],
     def write(docs: list[tuple[str, str, str]]) -> None:
         while len(writing) >= LAG:  # bounded memory; a write's error is raised here
             writing.popleft()[0].result()
-        writing.append((_writer.submit(add, path, docs), [b for b, _, _ in docs]))
+        writing.append((_writer.submit(add, path, docs, True), [b for b, _, _ in docs]))
         added.update(b for b, _, _ in docs)
     try:
-        for base, head, body in _texts(files, relocate):
+        for base, head, body, row in _texts(files, relocate, whole):
             if seen is not None:
                 seen(base, head, body)
-            batch.append((base, head, body))
+            batch.append((base, head, row))
             if len(batch) >= BATCH:
                 write(batch)
                 batch = []
@@ -230,9 +260,12 @@ def index_files(path: Path, files: list[tuple[str, Path]],
     return added
 
 
-def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]] | None):
-    """(base, head text, body text) of each file that can be read (after one relocate)."""
-    from ..imap.search import message_texts
+def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]] | None, whole: bool):
+    """(base, head text, body text, body row) of each file that can be read (after one
+    relocate).  The body text is the row (its words) unless `whole`: folding only the
+    distinct words is folding the text and then taking them (casefold maps each
+    character alone, keeps white space and makes none: tested over every code point)."""
+    from ..imap.search import head_and_body
     moved: list[str] = []
     for attempt in range(2):
         for base, file in files:
@@ -242,7 +275,13 @@ def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]
             except FileNotFoundError:
                 moved.append(base)
                 continue
-            yield (base, *message_texts(data))
+            head, body = head_and_body(data)
+            if whole:
+                body = body.casefold()
+                yield base, head, body, words(body)
+            else:
+                row = words(body).casefold()
+                yield base, head, row, row
         if not moved or relocate is None or attempt:
             return
         now = relocate()
@@ -269,7 +308,8 @@ def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
         for i, (needle, body_only) in enumerate(queries):
             if _holds(head, body, needle, body_only):
                 out[i].add(base)
-    added = index_files(path, list(missing), relocate, seen) if missing else set()
+    whole = any(n != "".join(n.split()) for n, _ in queries)
+    added = index_files(path, list(missing), relocate, seen, whole) if missing else set()
     if len(added) < len(missing):
         return None
     texts: dict[str, tuple[str, str]] = {}
