@@ -260,6 +260,19 @@ def index_files(path: Path, files: list[tuple[str, Path]],
     return added
 
 
+def _read(file: Path) -> bytes:
+    """The file's bytes, by os.read: open() builds a buffered file object per message, a
+    tenth of the time of reading 10,000 of them."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]] | None, whole: bool):
     """(base, head text, body text, body row) of each file that can be read (after one
     relocate).  The body text is the row (its words) unless `whole`: folding only the
@@ -270,8 +283,7 @@ def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]
     for attempt in range(2):
         for base, file in files:
             try:
-                with open(file, "rb") as f:
-                    data = f.read()
+                data = _read(file)
             except FileNotFoundError:
                 moved.append(base)
                 continue
