@@ -111,3 +111,46 @@ def test_a_file_from_before_is_taken_over_and_a_program_from_before_rebuilds_our
         with pytest.raises(sqlite3.OperationalError):
             db.execute("SELECT base FROM docs")  # what the program from before asks first
     assert not fts.usable("to be") and fts.usable("to bee") and not fts.usable("ab")
+
+
+# bytes a UTF-8 or ASCII part may hold: valid and broken UTF-8, ASCII and Unicode white space
+# (NBSP, ideographic space), casefold changes (ß, K Kelvin)
+CHUNKS = st.sampled_from([b"ab", b"abc", b" ", b"\t", b"\r\n", b"\xc2\xa0", b"\xe3\x80\x80", b"\xc3\x9f",
+                          b"\xe2\x84\xaa", b"\xe2\x82", b"\xff", b"\x80", b"\xef\xbf\xbf", b"-", b"=", b"S"])
+RAW = st.lists(CHUNKS, max_size=25).map(b"".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.one_of(TEXT, st.tuples(RAW, st.sampled_from(["utf-8", "ascii"]))), max_size=4),
+       TEXT, st.integers(0, 80), st.integers(0, 80))
+def test_words_from_undecoded_parts_answer_as_the_decoded_text(pieces, other, i, j):
+    """_piece_words (UTF-8 / ASCII parts split as bytes, then decoded) against the text the
+    scan compares: every trigram a query asks is in the row, and a string without white
+    space is in the row iff it is in the text."""
+    folded = fts.SEP.join(p if isinstance(p, str) else p[0].decode(p[1], "replace") for p in pieces).casefold()
+    row = fts._piece_words(pieces).casefold()
+    for needle in (folded[min(i, j):max(i, j)], other.casefold()):
+        if needle in folded and fts.usable(needle):
+            assert fts._grams(needle) <= _trigrams(row), (needle, row)
+        if not any(c.isspace() for c in needle) and fts.SEP not in needle:
+            assert (needle in row) == (needle in folded), (needle, row, folded)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(RAW, st.sampled_from(["utf-8", "UTF8", "us-ascii", "iso-8859-1", "x-unknown"]),
+                          st.sampled_from(["7bit", "quoted-printable", "base64"])), min_size=1, max_size=3))
+def test_body_pieces_are_the_body_texts(parts):
+    """head_and_pieces decodes to what head_and_body (the scan's texts) gives."""
+    import base64
+    import quopri
+    out = [b"Subject: s\r\nContent-Type: multipart/mixed; boundary=BB\r\n\r\n"]
+    for raw, charset, cte in parts:
+        body = {"7bit": raw, "quoted-printable": quopri.encodestring(raw),
+                "base64": base64.encodebytes(raw)}[cte]
+        out.append(b"--BB\r\nContent-Type: text/plain; charset=%s\r\nContent-Transfer-Encoding: %s\r\n\r\n%s\r\n"
+                   % (charset.encode(), cte.encode(), body))
+    data = b"".join(out) + b"--BB--\r\n"
+    head, body = search.head_and_body(data)
+    head2, pieces = search.head_and_pieces(data)
+    assert head2 == head
+    assert fts.SEP.join(p if isinstance(p, str) else p[0].decode(p[1], "replace") for p in pieces) == body

@@ -260,6 +260,29 @@ def index_files(path: Path, files: list[tuple[str, Path]],
     return added
 
 
+def _piece_words(pieces: list) -> str:
+    """words() of the body text (segments joined by SEP, not folded), from its pieces: a
+    text, or a UTF-8 / ASCII part's bytes split at ASCII white space before decoding (each
+    word decoded alone is that run of the decoded text, and words across other white space
+    are only longer: the trigrams inside the text's words are all in them, and a string
+    without white space is in them iff it is in the text)."""
+    out: set = set()
+    by_codec: dict[str, set[bytes]] = {}
+    for piece in pieces:
+        if type(piece) is str:
+            out.update(piece.split())
+        else:
+            raw, codec = piece
+            got = by_codec.get(codec)
+            if got is None:
+                got = by_codec[codec] = set()
+            got.update(raw.split())
+    texts = [b" ".join(got).decode(codec, "replace") for codec, got in by_codec.items()]
+    if not out:
+        return " ".join(texts)
+    return " ".join([*out, *texts])
+
+
 def _read(file: Path) -> bytes:
     """The file's bytes, by os.read: open() builds a buffered file object per message, a
     tenth of the time of reading 10,000 of them."""
@@ -278,7 +301,7 @@ def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]
     relocate).  The body text is the row (its words) unless `whole`: folding only the
     distinct words is folding the text and then taking them (casefold maps each
     character alone, keeps white space and makes none: tested over every code point)."""
-    from ..imap.search import head_and_body
+    from ..imap.search import head_and_body, head_and_pieces
     moved: list[str] = []
     for attempt in range(2):
         for base, file in files:
@@ -287,12 +310,13 @@ def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]
             except FileNotFoundError:
                 moved.append(base)
                 continue
-            head, body = head_and_body(data)
             if whole:
+                head, body = head_and_body(data)
                 body = body.casefold()
                 yield base, head, body, words(body)
             else:
-                row = words(body).casefold()
+                head, pieces = head_and_pieces(data)
+                row = _piece_words(pieces).casefold()
                 yield base, head, row, row
         if not moved or relocate is None or attempt:
             return
