@@ -1,16 +1,18 @@
 """The per-mailbox full-text index for SEARCH BODY / TEXT: SQLite FTS5 (in the stdlib's
 sqlite3), one file `mailstack-fts.sqlite` per mailbox.
 
-What is indexed is exactly what a plain scan compares (imap/search.py `message_texts`):
-the decoded text parts (quoted-printable and base64 undone, charsets decoded) and the
-decoded header fields, case-folded by Python, as segments joined by U+FFFF (a
-noncharacter no search string contains).  The "trigram" tokenizer (case_sensitive 1: the
-text is folded already) with detail=none keeps, per document, only which three-character
-sequences occur: a document holding a string holds all of its trigrams, so the AND of them
-gives every match and a few more.  Those few candidates are then read and checked with the
+What is indexed is what a plain scan compares (imap/search.py `message_texts`): the
+decoded text parts (quoted-printable and base64 undone, charsets decoded) and the decoded
+header fields, case-folded by Python, as segments joined by U+FFFF (a noncharacter no
+search string contains); of the body, each distinct word once (`words`).  The "trigram"
+tokenizer (case_sensitive 1: the text is folded already) with detail=none keeps, per
+document, only which three-character sequences occur: a document holding a string holds
+the trigrams inside each of the string's words (`_grams`), so the AND of them gives every
+match and a few more.  Those few candidates are then read and checked with the
 scan's own test, so the answer is exactly the scan's answer.  (detail=full would answer
 phrases directly, but makes the index three times slower to fill and bigger.)  Strings
-shorter than three characters (and one holding U+FFFF) are not asked here: the caller scans.
+with no word of three characters (and one holding U+FFFF) are not asked here: the caller
+scans.
 
 Documents are keyed by the message file's base name: its content never changes under that
 name, so a row is right wherever the message is listed, whatever its UID.  Rows of
@@ -229,8 +231,8 @@ def index_files(path: Path, files: list[tuple[str, Path]],
     (new/ to cur/, a flag change) is looked up once more with `relocate` (base -> file
     now).  `seen(base, head, body)` is told each message's texts on the way (a search
     answers from them): the body is its words() unless `whole` (a string with white
-    space needs the text itself; one without is in the text iff it is in one word).  The batches are written by one writer thread while the next ones
-    are read and parsed here (up to LAG batches behind): SQLite's trigram insertion runs
+    space needs the text itself; one without is in the text iff it is in one word).  The
+    batches are written by one writer thread while the next ones are read and parsed here (up to LAG batches behind): SQLite's trigram insertion runs
     without the GIL, so this costs about the longer of the two when a second core is free.
     Returns the bases added."""
     added: set[str] = set()
@@ -284,8 +286,8 @@ def _piece_words(pieces: list) -> str:
 
 
 def _read(file: Path) -> bytes:
-    """The file's bytes, by os.read: open() builds a buffered file object per message, a
-    tenth of the time of reading 10,000 of them."""
+    """The file's bytes, by os.read: open() builds a buffered file object per message
+    (0.13 against 0.08 s of CPU for the 10,000 bench messages)."""
     fd = os.open(file, os.O_RDONLY)
     try:
         chunks = []
