@@ -144,9 +144,9 @@ def indexed(path: Path) -> tuple[set[str], tuple[int, int] | None]:
 
 def add(path: Path, docs: list[tuple[str, str, str]], worded: bool = False) -> None:
     """docs: (base, head text, body text) as message_texts gives them (worded: the body is
-    words() of it already).  One statement per
-    table for the whole batch (the rows passed as a JSON array): sqlite3 lets go of the GIL
-    for each statement it steps, and a thread that must take it back for every row waits
+    words() of it already; the row holds its words either way).  One statement per table
+    for the whole batch (the rows passed as a JSON array): sqlite3 lets go of the GIL for
+    each statement it steps, and a thread that must take it back for every row waits
     behind a busy event loop each time (up to the 5 ms switch interval)."""
     if not docs:
         return
@@ -232,8 +232,9 @@ def index_files(path: Path, files: list[tuple[str, Path]],
     now).  `seen(base, head, body)` is told each message's texts on the way (a search
     answers from them): the body is its words() unless `whole` (a string with white
     space needs the text itself; one without is in the text iff it is in one word).  The
-    batches are written by one writer thread while the next ones are read and parsed here (up to LAG batches behind): SQLite's trigram insertion runs
-    without the GIL, so this costs about the longer of the two when a second core is free.
+    batches are written by one writer thread while the next ones are read and parsed here
+    (up to LAG batches behind): SQLite's trigram insertion runs without the GIL, so this
+    costs about the longer of the two when a second core is free.
     Returns the bases added."""
     added: set[str] = set()
     batch: list[tuple[str, str, str]] = []
