@@ -197,6 +197,15 @@ def _address_forms(value: bytes) -> list[str]:
 
 
 def _decoded_body(data: bytes, part: "fetch.Part") -> str:
+    raw, charset = _payload(data, part)
+    try:
+        return raw.decode(charset, "replace")
+    except LookupError:
+        return raw.decode("utf-8", "replace")
+
+
+def _payload(data: bytes, part: "fetch.Part") -> tuple[bytes, str]:
+    """A text part's bytes, transfer encoding undone, and its charset."""
     raw = data[part.body_start:part.end]
     cte = fetch._cte(part)
     try:
@@ -206,11 +215,7 @@ def _decoded_body(data: bytes, part: "fetch.Part") -> str:
             raw = quopri.decodestring(raw)
     except (binascii.Error, ValueError):
         pass
-    charset = dict((k.lower(), v) for k, v in part.params).get("charset", "utf-8")
-    try:
-        return raw.decode(charset, "replace")
-    except LookupError:
-        return raw.decode("utf-8", "replace")
+    return raw, dict((k.lower(), v) for k, v in part.params).get("charset", "utf-8")
 
 
 def _body_texts(data: bytes, part: "fetch.Part"):
@@ -222,6 +227,33 @@ def _body_texts(data: bytes, part: "fetch.Part"):
         yield from _body_texts(data, part.message)
     elif part.type in ("text", "message"):
         yield _decoded_body(data, part)
+
+
+# charsets whose text splits at the same places as its bytes: ASCII white space bytes are
+# only ever those characters, and decoding (errors replaced) goes byte run by byte run
+_SPLIT_AS_BYTES = {"utf-8": "utf-8", "utf8": "utf-8", "us-ascii": "ascii", "ascii": "ascii"}
+
+
+def _body_pieces(data: bytes, part: "fetch.Part"):
+    """_body_texts, but a UTF-8 or ASCII part as (its bytes, codec), not decoded: its
+    distinct words are taken from the bytes (fewer, cheaper objects) and only they are
+    decoded (store/fts.py)."""
+    if part.children:
+        for child in part.children:
+            yield from _body_pieces(data, child)
+    elif part.message is not None:
+        yield from (_decode_words(v) for _, v in part.message.headers)
+        yield from _body_pieces(data, part.message)
+    elif part.type in ("text", "message"):
+        raw, charset = _payload(data, part)
+        codec = _SPLIT_AS_BYTES.get(charset.lower())
+        if codec is None:
+            try:
+                yield raw.decode(charset, "replace")
+            except LookupError:
+                yield raw.decode("utf-8", "replace")
+        else:
+            yield raw, codec
 
 
 def _body_matches(c: Candidate, needle: str) -> bool:
@@ -238,12 +270,27 @@ TEXT_SEP = "\uffff"  # store/fts.py's segment separator
 def message_texts(data: bytes) -> tuple[str, str]:
     """What a TEXT / BODY scan compares, case-folded, as the full-text index stores it:
     (header names and decoded values, decoded body texts), segments joined by U+FFFF."""
+    head, body = head_and_body(data)
+    return head, _fold(body)
+
+
+def head_and_body(data: bytes) -> tuple[str, str]:
+    """message_texts with the body not case-folded yet."""
     root = fetch.parse(data)
+    return _head_text(root), TEXT_SEP.join(_body_texts(data, root))
+
+
+def head_and_pieces(data: bytes) -> tuple[str, list]:
+    """The folded head text, and the body texts as _body_pieces gives them: what the
+    full-text index needs when the body's distinct words are all it needs (store/fts.py)."""
+    root = fetch.parse(data)
+    return _head_text(root), list(_body_pieces(data, root))
+
+
+def _head_text(root: "fetch.Part") -> str:
     # folded once, joined: casefold maps each character alone, so this is each segment folded
-    head = _fold(TEXT_SEP.join(seg for k, v in root.headers
+    return _fold(TEXT_SEP.join(seg for k, v in root.headers
                                for seg in (k.decode("ascii", "replace"), _decode_words(v))))
-    body = _fold(TEXT_SEP.join(_body_texts(data, root)))
-    return head, body
 
 
 def fulltext_keys(key: tuple) -> list[tuple[str, str]]:
