@@ -103,3 +103,60 @@ def test_formatters_keep_one_event_per_line():
     event = json.loads(logs.JSONFormatter().format(record))
     assert (event["qid"], event["client"], event["message"]) == ("Q1", "192.0.2.7", "user a\r\nb")
     assert "boom" in event["exception"]
+
+
+def test_lines_logged_in_one_loop_cycle_reach_the_writer_as_one_item_in_order():
+    # Session 4: the event loop's lines of one cycle wake the writer thread once (three a
+    # SMTP message used to wake it three times).  The same lines, in the same order; lines
+    # off any loop go at once; lines a loop held when it stopped are written at close().
+    import asyncio
+    import io
+    import time
+
+    stream = io.StringIO()
+    handler = logs.BackgroundWriter(stream)
+    handler.setFormatter(logs.TextFormatter())
+    puts = []
+
+    class CountingQueue:  # the writer's queue, counting what is put into it
+        def __init__(self, real):
+            self.real = real
+
+        def put(self, item):
+            puts.append(item)
+            self.real.put(item)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    handler.lines = CountingQueue(handler.lines)
+    log = logging.getLogger("mailstack.test_cycle")
+    log.propagate = False
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        async def main():
+            for n in range(3):
+                log.info("line %d of the cycle", n)
+            await asyncio.sleep(0)  # the cycle ends
+            await asyncio.sleep(0)
+            log.info("held when the loop stops")
+            asyncio.get_running_loop().stop()  # _hand_over is queued but never run
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.create_task(main())
+            loop.run_forever()
+        finally:
+            loop.close()
+        log.info("off any loop")
+        assert len(puts) == 2 and [r.getMessage() for r in puts[0]] == [f"line {n} of the cycle" for n in range(3)]
+        handler.close()
+        text = stream.getvalue()
+        order = ["line 0 of the cycle", "line 1 of the cycle", "line 2 of the cycle", "off any loop",
+                 "held when the loop stops"]
+        positions = [text.find(x) for x in order]
+        assert -1 not in positions, text
+        assert positions[:3] == sorted(positions[:3]) and len(text.splitlines()) == 5
+    finally:
+        log.removeHandler(handler)
