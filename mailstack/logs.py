@@ -5,7 +5,6 @@ id and the client address on every line that has them, as Postfix does.
 """
 from __future__ import annotations
 
-import asyncio
 import atexit
 import json
 import logging
@@ -64,14 +63,7 @@ class BackgroundWriter(logging.Handler):
     def __init__(self, stream) -> None:
         super().__init__()
         self.stream = stream
-        self.lines: queue.SimpleQueue[logging.LogRecord | list | None] = queue.SimpleQueue()
-        # Records logged on an event loop wait for the end of its cycle and go over as one
-        # item: the writer is woken once a cycle, not once a line (a wake-up of a thread costs
-        # tens of microseconds of CPU on a VM; the SMTP loop logs three lines a message, in
-        # one cycle).  The loop's cycle ends before it sleeps, so nothing waits for long.
-        self._held: list[logging.LogRecord] = []
-        self._held_loop = None  # the loop whose cycle the held records wait for
-        self._held_lock = threading.Lock()
+        self.lines: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="mailstack-log", daemon=True)
         self.thread.start()
         atexit.register(self.close)
@@ -89,31 +81,9 @@ class BackgroundWriter(logging.Handler):
         try:
             if record.args:
                 record.msg, record.args = record.getMessage(), None
-            loop = asyncio._get_running_loop()  # None off a loop: put at once
-            if loop is None:
-                self.lines.put(record)
-                return
-            with self._held_lock:
-                if self._held and loop is not self._held_loop:
-                    self.lines.put(record)  # another thread's loop (tests): not held
-                    return
-                self._held.append(record)
-                if len(self._held) > 1:
-                    return
-                self._held_loop = loop
-            try:
-                loop.call_soon(self._hand_over)
-            except RuntimeError:  # the loop is closing: no cycle end to wait for
-                self._hand_over()
+            self.lines.put(record)
         except Exception:
             self.handleError(record)
-
-    def _hand_over(self) -> None:
-        with self._held_lock:
-            held, self._held = self._held, []
-            self._held_loop = None
-        if held:
-            self.lines.put(held)
 
     def _format(self, record: logging.LogRecord) -> str | None:
         try:
@@ -127,10 +97,9 @@ class BackgroundWriter(logging.Handler):
             record = self.lines.get()
             batch = []
             while record is not None:
-                for one in record if isinstance(record, list) else (record,):
-                    line = self._format(one)
-                    if line is not None:
-                        batch.append(line)
+                line = self._format(record)
+                if line is not None:
+                    batch.append(line)
                 if len(batch) >= 512:
                     break
                 try:
@@ -147,7 +116,6 @@ class BackgroundWriter(logging.Handler):
                 return
 
     def close(self) -> None:
-        self._hand_over()  # held by a loop that stopped before its cycle ended
         if self.thread.is_alive():
             self.lines.put(None)
             self.thread.join(5)
