@@ -166,7 +166,86 @@ def _system_users() -> frozenset[str]:
         return frozenset()
 
 
+class _TrackedDict(dict):
+    """A dict that tells its Directory of every change (the look-up memo is then dropped)."""
+
+    __slots__ = ("_changed",)
+
+    def __init__(self, data=(), changed=None) -> None:
+        super().__init__(data)
+        self._changed = [changed] if changed is not None else []  # every Directory holding it
+
+    def _wrap(name):  # noqa: N805 - builds the methods below
+        method = getattr(dict, name)
+
+        def changing(self, *args, **kwargs):
+            for changed in self._changed:
+                changed()
+            return method(self, *args, **kwargs)
+        changing.__name__ = name
+        return changing
+
+    for _name in ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault"):
+        locals()[_name] = _wrap(_name)
+    del _name, _wrap
+
+
+class _TrackedSet(set):
+    """A set that tells its Directory of every change (see _TrackedDict)."""
+
+    __slots__ = ("_changed",)
+
+    def __init__(self, data=(), changed=None) -> None:
+        super().__init__(data)
+        self._changed = [changed] if changed is not None else []  # every Directory holding it
+
+    def _wrap(name):  # noqa: N805
+        method = getattr(set, name)
+
+        def changing(self, *args, **kwargs):
+            for changed in self._changed:
+                changed()
+            return method(self, *args, **kwargs)
+        changing.__name__ = name
+        return changing
+
+    for _name in ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
+                  "intersection_update", "symmetric_difference_update", "__ior__", "__iand__", "__isub__",
+                  "__ixor__"):
+        locals()[_name] = _wrap(_name)
+    del _name, _wrap
+
+
+# What resolve() and expand() read: assigning any of these, or changing one of the
+# containers in place, drops their memo.
+_LOOKUP_STATE = frozenset({"domains", "accounts", "aliases", "system_users", "hostname", "plus_separator",
+                           "postmaster", "srs_reverse"})
+MEMO_MAX = 50_000  # addresses remembered (a flood of made-up ones only clears it now and then)
+
+
 class Directory:
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LOOKUP_STATE:
+            # Containers are tracked, so that an edit in place (the CLI's, a reload's, a
+            # test's) drops the memo too.  Every change of lookup state goes through here.
+            # One assigned from another Directory (the server's reload) stays shared, as a
+            # plain one would: both are told of its changes.
+            if isinstance(value, (_TrackedDict, _TrackedSet)):
+                if self._lookup_changed not in value._changed:
+                    value._changed.append(self._lookup_changed)
+            elif type(value) is dict:
+                value = _TrackedDict(value, self._lookup_changed)
+            elif type(value) in (set, frozenset) and name == "domains":
+                value = _TrackedSet(value, self._lookup_changed)
+            object.__setattr__(self, name, value)
+            self._lookup_changed()
+        else:
+            object.__setattr__(self, name, value)
+
+    def _lookup_changed(self) -> None:
+        self.__dict__["_resolved"] = {}
+        self.__dict__["_expanded"] = {}
+
     def __init__(self, data_dir: Path | str, plus_separator: str = "+", hostname: str = "",
                  postmaster: str = "") -> None:
         self.data_dir = Path(data_dir)
@@ -305,7 +384,27 @@ class Directory:
 
     def resolve(self, address: str) -> Resolution:
         """Resolve one envelope recipient. Address tricks (%, !, quoted @) are never
-        interpreted as routing: such a local part is just an unknown user."""
+        interpreted as routing: such a local part is just an unknown user.
+
+        Remembered per address until the lookup state changes (__setattr__, the tracked
+        containers): SMTP resolves each recipient three to five times a message.  SRS
+        addresses are not remembered (their answer depends on the time)."""
+        memo = self._resolved
+        res = memo.get(address)
+        if res is None:
+            res, stable = self._resolve(address)
+            if stable:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[address] = res
+        return res
+
+    def _resolve(self, address: str) -> tuple[Resolution, bool]:
+        res = self._resolve_now(address)
+        srs = self.srs_reverse is not None and normalize_address(address)[:4] in ("srs0", "srs1")
+        return res, not srs
+
+    def _resolve_now(self, address: str) -> Resolution:
         address = normalize_address(address)
         local, domain = split_address(address) if "@" in address else (address, "")
         if self.srs_reverse is not None and local[:4] in ("srs0", "srs1"):
@@ -335,9 +434,9 @@ class Directory:
         pm = self.postmaster_account()
         return Resolution("alias", targets=(pm,)) if pm else Resolution("unknown")
 
-    def expand(self, address: str) -> tuple[list[str], list[str]]:
-        """Expand aliases recursively -> (local accounts, remote addresses), de-duplicated.
-        Unknown local targets and loops are dropped (a loop cannot grow the list)."""
+    def _expand_now(self, address: str) -> tuple[list[str], list[str], bool]:
+        """expand() without its memo; the flag: no SRS address on the way (rememberable)."""
+        stable = [True]
         local: dict[str, None] = {}
         remote: dict[str, None] = {}
         seen: set[str] = set()
@@ -347,6 +446,8 @@ class Directory:
                 return
             seen.add(addr)
             res = self.resolve(addr)
+            if self.srs_reverse is not None and addr[:4] in ("srs0", "srs1"):
+                stable[0] = False
             if res.kind == "local":
                 local[res.account] = None
             elif res.kind == "remote":
@@ -360,7 +461,22 @@ class Directory:
                         walk(target, depth + 1)
 
         walk(normalize_address(address), 0)
-        return list(local), list(remote)
+        return list(local), list(remote), stable[0]
+
+    def expand(self, address: str) -> tuple[list[str], list[str]]:
+        """Expand aliases recursively -> (local accounts, remote addresses), de-duplicated.
+        Unknown local targets and loops are dropped (a loop cannot grow the list).
+        Remembered as resolve() is; never through an SRS address (time-dependent)."""
+        memo = self._expanded
+        hit = memo.get(address)
+        if hit is None:
+            local, remote, stable = self._expand_now(address)
+            hit = (tuple(local), tuple(remote))
+            if stable:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[address] = hit
+        return list(hit[0]), list(hit[1])
 
     def owns_address(self, account: str, address: str) -> bool:
         """May `account` use `address` as envelope sender? Its own address (with or without a

@@ -30,9 +30,26 @@ from .store.quota import Limits, Quota, Usage, format_size, load, parse_size, pe
 log = logging.getLogger("mailstack.quota")
 
 
+_defaults: tuple = (None, None, Limits())  # (default_storage, default_messages, their Limits)
+
+
+def _default_limits(quota) -> Limits:
+    """The `[quota]` defaults as Limits, made again only when they change (a reload): SMTP
+    asks for an account's limits six times a message, and most accounts have none of their own."""
+    global _defaults
+    storage, messages, limits = _defaults
+    if storage != quota.default_storage or messages != quota.default_messages:
+        storage, messages = quota.default_storage, quota.default_messages
+        limits = Limits(parse_size(storage), messages)
+        _defaults = (storage, messages, limits)
+    return limits
+
+
 def limits_for(directory, cfg, account: str) -> Limits:
     """The account's own limits (directory's quotas file), else the `[quota]` defaults."""
-    own = directory.quotas.get(account.lower(), {})
+    own = directory.quotas.get(account.lower())
+    if own is None:
+        return _default_limits(cfg.quota)
     storage = own.get("storage")
     if storage is None:
         storage = parse_size(cfg.quota.default_storage)

@@ -159,3 +159,68 @@ def test_login_cache_single_flight_new_hash_and_ttl(d, monkeypatch):
     n = len(runs)
     monkeypatch.setattr(d, "CACHE_TTL", -1.0)  # expired: verified again
     assert asyncio.run(burst(1, "new-pw")) == ["alice@example.test"] and len(runs) == n + 1
+
+
+def test_remembered_lookups_follow_every_change_of_the_directory(tmp_path, monkeypatch):
+    # Session 4: resolve() and expand() are remembered per address until the lookup state
+    # changes.  After every kind of change (the CLI's edits, a reload from the files, the
+    # server's reload assigning attributes, in-place edits, SRS) each answer must be the
+    # one a plain computation gives now.
+    d = Directory(tmp_path)
+    d.add_domain("example.test")
+    d.add_user("alice@example.test", "pw-alice-1")
+    d.add_user("bob@example.test", "pw-bob-1")
+    d.add_alias("team@example.test", ["alice@example.test", "bob@example.test", "far@remote.test"])
+    d.save()
+    probes = ["alice@example.test", "Alice@Example.TEST", "alice+tag@example.test", "bob@example.test",
+              "team@example.test", "carol@example.test", "x@other.test", "root@localhost", "root",
+              "postmaster@example.test", "srs0=abc@example.test", "dan@other.test", "anything@other.test",
+              "root@mail.example.test", "alice-x@example.test"]
+
+    def check(what):
+        for p in probes:
+            assert d.resolve(p) == d._resolve_now(p), (what, p)
+            local, remote, _ = d._expand_now(p)
+            assert d.expand(p) == (local, remote), (what, p)
+            assert d.resolve(p) == d._resolve_now(p), (what, p)  # from the memo now
+
+    check("start")
+    d.add_domain("other.test"); check("add_domain")
+    d.add_user("carol@example.test", "pw-carol-1"); check("add_user")
+    d.add_user("dan@other.test", "pw-dan-1"); check("add_user other")
+    d.add_alias("@other.test", ["alice@example.test"]); check("catch-all alias")
+    d.del_alias("team@example.test", ["bob@example.test"]); check("del_alias one target")
+    d.add_alias("team@example.test", ["carol@example.test"]); check("add_alias to existing")
+    d.del_alias("@other.test"); check("del_alias")
+    d.del_user("dan@other.test"); check("del_user")
+    d.del_domain("other.test"); check("del_domain")
+    d.plus_separator = "-"; check("plus separator")
+    d.hostname = "mail.example.test"; check("hostname")
+    d.system_users = frozenset({"root", "cron"}); check("system users")
+    d.postmaster = "bob@example.test"; check("postmaster")
+    d.domains.add("other.test"); check("in place: domains")
+    d.accounts["anything@other.test"] = hash_password("x"); check("in place: accounts")
+    d.aliases.update({"dan@other.test": ("far@remote.test",)}); check("in place: aliases update")
+    d.aliases.pop("dan@other.test"); check("in place: aliases pop")
+    d.domains -= {"other.test"}; check("in place: domains -=")
+    # The files, changed behind its back (another process's CLI), then reloaded.
+    other = Directory(tmp_path)
+    other.add_user("erin@example.test", "pw-erin-1")
+    other.del_alias("team@example.test")
+    other.save()
+    probes.append("erin@example.test")
+    assert d.reload_if_changed()
+    check("reload from the files")
+    # The server's reload assigns a freshly read directory's containers.
+    fresh = Directory(tmp_path)
+    fresh.add_alias("team@example.test", ["erin@example.test"])
+    d.domains, d.accounts, d.aliases = fresh.domains, fresh.accounts, fresh.aliases
+    check("assigned")
+    fresh.aliases["team@example.test"] = ("bob@example.test",)  # the new container, edited later
+    check("assigned container edited")
+    # SRS answers depend on the time: never remembered.
+    answers = iter(["alice@example.test", "", "bob@example.test"])
+    d.srs_reverse = lambda address: next(answers) if address.startswith("srs0") else None
+    assert d.resolve("srs0=abc@example.test").targets == ("alice@example.test",)
+    assert d.resolve("srs0=abc@example.test").kind == "unknown"
+    assert d.expand("srs0=abc@example.test") == (["bob@example.test"], [])

@@ -470,3 +470,28 @@ def test_bad_quota_settings_are_one_line_errors(tmp_path):
         Directory(tmp_path)
     (tmp_path / "quotas").write_text("a@example.test: storage=1G messages=7\n")
     assert Directory(tmp_path).quotas == {"a@example.test": {"storage": 1 << 30, "messages": 7}}
+
+
+def test_limits_for_follows_the_defaults_and_each_accounts_own_limits():
+    # Session 4: the `[quota]` defaults' Limits are made once and made again when the
+    # defaults change (a reload); an account's own limits are read every time.
+    from types import SimpleNamespace
+
+    from mailstack import quotas as quota_mod
+    from mailstack.store.quota import Limits as L
+
+    directory = SimpleNamespace(quotas={})
+    cfg = SimpleNamespace(quota=SimpleNamespace(default_storage="1G", default_messages=0))
+    assert quota_mod.limits_for(directory, cfg, "a@example.test") == L(1 << 30, 0)
+    cfg.quota = SimpleNamespace(default_storage="10M", default_messages=5)  # a reload
+    assert quota_mod.limits_for(directory, cfg, "A@example.test") == L(10 << 20, 5)
+    directory.quotas["a@example.test"] = {"storage": 1000}
+    assert quota_mod.limits_for(directory, cfg, "A@Example.test") == L(1000, 5)
+    directory.quotas["a@example.test"] = {"messages": 7}
+    assert quota_mod.limits_for(directory, cfg, "a@example.test") == L(10 << 20, 7)
+    directory.quotas["a@example.test"] = {"storage": 0, "messages": 0}
+    assert quota_mod.limits_for(directory, cfg, "a@example.test").unlimited
+    del directory.quotas["a@example.test"]
+    assert quota_mod.limits_for(directory, cfg, "a@example.test") == L(10 << 20, 5)
+    cfg.quota = SimpleNamespace(default_storage="0", default_messages=0)
+    assert quota_mod.limits_for(directory, cfg, "b@example.test").unlimited

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import re
 import smtplib
+import socket
+import struct
 import subprocess
 import time
 
@@ -620,3 +622,38 @@ def test_smtputf8_and_8bitmime_recorded(srv):
     assert msg.sender == "jürgen@bücher.example"
     assert msg.meta["smtputf8"] is True and msg.meta["body"] == "8BITMIME"
     assert split_received(data)[1] == "Subject: Grüße\r\n\r\nÄpfel\r\n".encode()
+
+
+def test_a_client_that_hangs_up_while_its_message_is_stored_does_not_cut_it_short(tmp_path):
+    # The store runs in the session's own task (no shielded task of its own since session 4):
+    # a hang-up then must not cancel it.  The spool's write is held until the connection is
+    # gone on the server's side, and the whole message must still be queued, exactly.
+    with SMTPServer(tmp_path) as srv:
+        spool = srv.services.spool
+        real_enqueue = spool.enqueue
+        release = asyncio.Event()
+
+        async def held_enqueue(*args, **kwargs):
+            await release.wait()
+            return await real_enqueue(*args, **kwargs)
+
+        spool.enqueue = held_enqueue
+        c = srv.connect()
+        assert c.reply().startswith("220")
+        assert c.cmd("EHLO client.example.org").startswith("250")
+        assert c.cmd("MAIL FROM:<someone@remote.test>").startswith("250")
+        assert c.cmd(f"RCPT TO:<{USER}>").startswith("250")
+        assert c.cmd("DATA").startswith("354")
+        c.send(MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        wait_for(lambda: any(s.busy for s in list(srv.services.sessions.sessions)), 10,
+                 what="the session storing the message")
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.sock.close()  # a reset: the server's transport is lost at once
+        wait_for(lambda: srv.call(lambda: all(s.transport is None for s in list(srv.services.sessions.sessions))),
+                 10, what="the server seeing the hang-up")
+        srv.call(release.set)
+        wait_for(lambda: srv.queued(), 10, what="the message in the queue")
+        [(msg, data)] = srv.queued()
+        assert msg.recipients == [USER]
+        _, rest = split_received(data)
+        assert rest == MESSAGE

@@ -51,7 +51,7 @@ class AcceptMixin:
         if self.txn is not None:  # configured checks see the message before anything is said
             self.conn.rdns = rdns
             self.txn.qid = qid
-            self.busy = True
+            self.busy = self.storing = True
             try:
                 verdict, message = await hooks.judge(self.stages, self.conn, self.txn, b"".join(chunks))
             finally:
@@ -85,11 +85,12 @@ class AcceptMixin:
             kwargs["state"] = "hold"
             meta["hold_reason"] = verdict.hold
         size = len(header) + sum(len(c) for c in chunks)
-        # Shielded: a client that hangs up now must not cut a queue file short.
-        task = asyncio.ensure_future(self._store_or_queue(spool, sender, rcpts, [header, *chunks], meta, kwargs))
-        self.busy = True
+        # A client that hangs up now must not cut a queue file short: while `storing`,
+        # connection_lost does not cancel this task (server.py).  Awaited in this task, not
+        # in one of its own behind asyncio.shield: that cost two loop cycles a message.
+        self.busy = self.storing = True
         try:
-            qid = await asyncio.shield(task)
+            qid = await self._store_or_queue(spool, sender, rcpts, [header, *chunks], meta, kwargs)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -97,7 +98,7 @@ class AcceptMixin:
             self.reply("451 4.3.0 Error: queue file write error, try again later")
             return
         finally:
-            self.busy = False
+            self.busy = self.storing = False
         reader.chunks = []
         log.info("from=<%s>, size=%d, nrcpt=%d (%s)%s", sender, size, len(rcpts),
                  "held" if verdict is not None and verdict.hold else "queued",

@@ -80,6 +80,9 @@ class SMTPSession(AcceptMixin, SMTP):
         self.errors = 0
         self.closing = False
         self.busy = False  # enqueue in progress: a timeout or shutdown waits for its reply
+        # Making the message durable: a hang-up must not cancel the command loop then (a
+        # queue file or Maildir file cut short), so connection_lost leaves it to finish.
+        self.storing = False
         self._close_after_reply: str | None = None
         self._refused = False
         self._handler: asyncio.Task | None = None
@@ -136,7 +139,10 @@ class SMTPSession(AcceptMixin, SMTP):
             self._rdns.cancel()
         asyncio.StreamReaderProtocol.connection_lost(self, exc)
         if self._handler is not None:
-            self._handler.cancel()
+            if self.storing:  # the loop ends after the store (closing; no transport to reply on)
+                self.closing = True
+            else:
+                self._handler.cancel()
         self.transport = None
 
     def eof_received(self):
@@ -200,8 +206,12 @@ class SMTPSession(AcceptMixin, SMTP):
             return
         data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
         self.out.clear()
-        self._writer.write(data)
-        await self._writer.drain()
+        transport = self.transport
+        transport.write(data)
+        # A reply the kernel took whole leaves nothing buffered: no drain() coroutine for it
+        # (four replies a message).  Something left means a slow reader: wait as before.
+        if transport.get_write_buffer_size():
+            await self._writer.drain()
 
     async def _read(self) -> bytes:
         """Next bytes from the client (b"" at EOF); replies waiting are sent first."""

@@ -37,11 +37,14 @@ the batch are not held back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import os
 import re
+import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +57,25 @@ log = logging.getLogger("mailstack.store")
 MAX_BATCH = 128  # deliveries in one worker call
 MAX_BATCH_BYTES = 16 << 20  # ... and bytes (a big message waits for no more than this)
 INDEX_MAX = 16 << 20  # bigger messages are indexed when first looked at (maildir.INDEX_AT_DELIVERY_MAX)
+
+# The batches' own threads (not the loop's default executor): a call there ends with a
+# wake-up of the loop (run_in_executor's future), i.e. after step 5 — a second wake-up a
+# message for a lone session, paid in loop CPU.  Here the end of a call is collected on the
+# loop's next pass through the writer (or COLLECT_AFTER later), without waking it.  Batch
+# N+2 may start while N and N+1 are still in step 5: four threads keep it from queueing.
+WORKERS = 4
+COLLECT_AFTER = 0.05  # seconds: how late a finished call's step 6 may be handed on
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="mailstack-maildir")
+        return _executor
+
 
 CRC_SUFFIX = re.compile(r"\.crc([0-9a-f]{8})$")  # tmp/<name>.crc<crc32 of the bytes>
 
@@ -84,8 +106,9 @@ class GroupWriter:
         self.derived = DerivedWriter()  # step 6
         self._pending: list[_Item] = []
         self._running = False
-        self._work: set = set()  # worker calls not finished (their indexing included)
-        self._drainer: asyncio.Task | None = None
+        self._work: set[Future] = set()  # worker calls not collected (their indexing included)
+        self._finished: collections.deque = collections.deque()  # (call, batch, durable), from workers
+        self._collector: asyncio.TimerHandle | None = None
         self.batches = 0  # counters, for tests and the benchmark notes
         self.written = 0
 
@@ -97,55 +120,82 @@ class GroupWriter:
         loop = asyncio.get_running_loop()
         item = _Item(mailbox_dir, base, sub, name, message, uidvalidity, on_indexed, loop.create_future())
         self._pending.append(item)
+        if self._finished:
+            self._collect()
         if not self._running:
+            # Handed to a worker at the end of this loop cycle, with every delivery the cycle
+            # adds (a callback: a task for it, as before, cost more for the same).
             self._running = True
-            self._drainer = loop.create_task(self._drain())  # a strong reference while it runs
+            loop.call_soon(self._next_batch, loop)
         await item.future
 
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                batch = self._take()
-                durable = loop.create_future()
+    def _next_batch(self, loop) -> None:
+        """On the loop: hand the next batch to a worker; when its files are fsynced (or it
+        ended), the one after it starts (its `durable`).  Two batches in flight at most:
+        the next one's file fsyncs share a journal commit with this one's directory fsync."""
+        while self._pending:
+            batch = self._take()
+            state = [False]  # this batch's "durable" was signalled: the next batch has begun
 
-                def released(batch=batch, durable=durable) -> None:  # on the loop, from the worker
-                    self._release(batch)
-                    if not durable.done():
-                        durable.set_result(None)
+            def durable(batch=batch, state=state) -> None:  # on the loop, once per batch
+                if not state[0]:
+                    state[0] = True
+                    self.batches += 1
+                    self.written += len(batch)
+                    self._next_batch(loop)
 
-                def synced(durable=durable) -> None:  # on the loop: the batch's files are fsynced
-                    if not durable.done():
-                        durable.set_result(None)
+            def released(batch=batch, durable=durable) -> None:  # on the loop, from the worker
+                self._release(batch)
+                durable()
+                if self._collector is None:  # this call's end is collected at the latest then
+                    self._collector = loop.call_later(COLLECT_AFTER, self._collect_later)
 
-                def synced_if_waited(synced=synced) -> None:  # in the worker: wake the loop only
-                    if self._pending:                             # when a next batch is waiting
-                        loop.call_soon_threadsafe(synced)
+            def synced_if_waited(durable=durable) -> None:  # in the worker: wake the loop only
+                if self._pending:                             # when a next batch is waiting
+                    loop.call_soon_threadsafe(durable)
 
-                try:
-                    work = loop.run_in_executor(None, _write_batch, batch, synced_if_waited,
-                                                functools.partial(loop.call_soon_threadsafe, released))
-                except RuntimeError as e:  # the executor is shut down: nothing was written
-                    for item in batch:
-                        item.error = OSError(f"delivery not written: {e}")
-                    self._release(batch)
-                    continue
-                self._work.add(work)
-                work.add_done_callback(lambda f, batch=batch, durable=durable: _after(f, batch, durable, self))
-                # The next batch starts once this one's files are fsynced: its file fsyncs then
-                # share a journal commit with this one's directory fsync (two batches in flight).
-                await durable
-                self.batches += 1
-                self.written += len(batch)
-        finally:
-            self._running = False
+            try:
+                work = _workers().submit(_write_batch, batch, synced_if_waited,
+                                         functools.partial(loop.call_soon_threadsafe, released))
+            except RuntimeError as e:  # the interpreter is shutting down: nothing was written
+                for item in batch:
+                    item.error = OSError(f"delivery not written: {e}")
+                self._release(batch)
+                continue
+            self._work.add(work)
+            work.add_done_callback(functools.partial(self._ended, loop, batch, durable))
+            return
+        self._running = False
+
+    def _ended(self, loop, batch: list[_Item], durable: Callable[[], None], work: Future) -> None:
+        """In the worker, as its call ends: noted for the loop, which is woken only when the
+        call failed (its deliveries may not have been told anything yet)."""
+        self._finished.append((work, batch, durable))
+        if work.cancelled() or work.exception() is not None:
+            try:
+                loop.call_soon_threadsafe(self._collect)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _collect(self) -> None:
+        """On the loop: step 6 and the bookkeeping of every worker call that ended."""
+        while self._finished:
+            _after(*self._finished.popleft(), self)
+
+    def _collect_later(self) -> None:
+        self._collector = None
+        self._collect()
+        if self._work:
+            self._collector = asyncio.get_running_loop().call_later(COLLECT_AFTER, self._collect_later)
 
     async def settled(self) -> None:
         """Returns when every delivery so far is written AND indexed (tests, shutdown)."""
         while self._pending or self._work:
+            self._collect()
             if self._work:
-                await asyncio.wait(set(self._work))
-            else:
+                await asyncio.wait([asyncio.wrap_future(f) for f in self._work])
+                self._collect()  # _ended ran before the wait's own callback: all are there
+            elif self._pending:
                 await asyncio.sleep(0.001)
         await self.derived.flush()
 
@@ -170,24 +220,24 @@ class GroupWriter:
                 item.future.set_exception(item.error)
 
 
-def _after(work: "asyncio.Future", batch: list[_Item], durable: "asyncio.Future", writer: GroupWriter) -> None:
-    """The worker call ended: if it died before releasing its deliveries (a bug), fail them."""
+def _after(work: Future, batch: list[_Item], durable: Callable[[], None], writer: GroupWriter) -> None:
+    """The worker call ended: if it died before releasing its deliveries (a bug), fail them;
+    hand what was written on to the derived data (step 6)."""
     writer._work.discard(work)
+    exc = None if work.cancelled() else work.exception()
+    if exc is not None:
+        log.error("group write failed: %r", exc)
+    if exc is not None or work.cancelled():
+        for item in batch:  # failed first: a message that is not on disk gets no index entry
+            if item.error is None and not item.future.done():
+                item.error = exc or OSError("delivery write cancelled")
+        writer._release(batch)
     loop = asyncio.get_running_loop()
     if not getattr(loop, "_executor_shutdown_called", False):  # else: made when first looked at
         for item in batch:  # step 6: derived data, in batches of their own
             if item.error is None and isinstance(item.message, bytes) and item.size <= INDEX_MAX:
                 writer.derived.add(item.mailbox_dir, item.base, item.uidvalidity, item.message, item.on_indexed)
-    exc = None if work.cancelled() else work.exception()
-    if exc is not None:
-        log.error("group write failed: %r", exc)
-    if exc is not None or work.cancelled():
-        for item in batch:
-            if item.error is None and not item.future.done():
-                item.error = exc or OSError("delivery write cancelled")
-        writer._release(batch)
-    if not durable.done():
-        durable.set_result(None)
+    durable()
 
 
 # ---------------------------------------------------------------- blocking (worker thread)
