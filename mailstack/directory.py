@@ -166,54 +166,32 @@ def _system_users() -> frozenset[str]:
         return frozenset()
 
 
-class _TrackedDict(dict):
-    """A dict that tells its Directory of every change (the look-up memo is then dropped)."""
-
-    __slots__ = ("_changed",)
+def _tracked(base: type, changing: tuple[str, ...]) -> type:
+    """A dict or set subclass that tells every Directory holding it of each change in place
+    (their look-up memo is then dropped): `changing` names the methods that change it."""
 
     def __init__(self, data=(), changed=None) -> None:
-        super().__init__(data)
+        base.__init__(self, data)
         self._changed = [changed] if changed is not None else []  # every Directory holding it
 
-    def _wrap(name):  # noqa: N805 - builds the methods below
-        method = getattr(dict, name)
-
-        def changing(self, *args, **kwargs):
+    def tell_first(method):
+        def changing_method(self, *args, **kwargs):
             for changed in self._changed:
                 changed()
             return method(self, *args, **kwargs)
-        changing.__name__ = name
-        return changing
+        changing_method.__name__ = method.__name__
+        return changing_method
 
-    for _name in ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault"):
-        locals()[_name] = _wrap(_name)
-    del _name, _wrap
+    methods = {name: tell_first(getattr(base, name)) for name in changing}
+    return type(f"Tracked{base.__name__.title()}", (base,),
+                {"__slots__": ("_changed",), "__init__": __init__, **methods})
 
 
-class _TrackedSet(set):
-    """A set that tells its Directory of every change (see _TrackedDict)."""
-
-    __slots__ = ("_changed",)
-
-    def __init__(self, data=(), changed=None) -> None:
-        super().__init__(data)
-        self._changed = [changed] if changed is not None else []  # every Directory holding it
-
-    def _wrap(name):  # noqa: N805
-        method = getattr(set, name)
-
-        def changing(self, *args, **kwargs):
-            for changed in self._changed:
-                changed()
-            return method(self, *args, **kwargs)
-        changing.__name__ = name
-        return changing
-
-    for _name in ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
-                  "intersection_update", "symmetric_difference_update", "__ior__", "__iand__", "__isub__",
-                  "__ixor__"):
-        locals()[_name] = _wrap(_name)
-    del _name, _wrap
+_TrackedDict = _tracked(dict, ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update",
+                               "setdefault"))
+_TrackedSet = _tracked(set, ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
+                             "intersection_update", "symmetric_difference_update", "__ior__", "__iand__",
+                             "__isub__", "__ixor__"))
 
 
 # What resolve() and expand() read: assigning any of these, or changing one of the

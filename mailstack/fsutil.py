@@ -10,6 +10,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -50,16 +51,22 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Non
 # cost N times as much.  A small private pool runs them side by side; it only ever waits on
 # the disk, so it does not compete with the default executor's CPU work.
 SYNC_THREADS = 16
-_sync_pool: ThreadPoolExecutor | None = None
-_sync_pool_lock = threading.Lock()
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _sync_pool
-    with _sync_pool_lock:
-        if _sync_pool is None:
-            _sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fsync")
-        return _sync_pool
+def lazy_pool(threads: int, prefix: str) -> Callable[[], ThreadPoolExecutor]:
+    """A private thread pool, made at its first use (importing a module starts no thread)."""
+    pool: list[ThreadPoolExecutor] = []
+    lock = threading.Lock()
+
+    def get() -> ThreadPoolExecutor:
+        with lock:
+            if not pool:
+                pool.append(ThreadPoolExecutor(threads, thread_name_prefix=prefix))
+            return pool[0]
+    return get
+
+
+_pool = lazy_pool(SYNC_THREADS, "fsync")
 
 
 def _call(func, arg) -> BaseException | None:

@@ -42,13 +42,12 @@ import functools
 import logging
 import os
 import re
-import threading
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
-from ..fsutil import fsync_dir, fsync_together
+from ..fsutil import fsync_dir, fsync_together, lazy_pool
 from .base import MessageSource
 from .derived import DerivedWriter
 
@@ -65,16 +64,7 @@ INDEX_MAX = 16 << 20  # bigger messages are indexed when first looked at (maildi
 # N+2 may start while N and N+1 are still in step 5: four threads keep it from queueing.
 WORKERS = 4
 COLLECT_AFTER = 0.05  # seconds: how late a finished call's step 6 may be handed on
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def _workers() -> ThreadPoolExecutor:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="mailstack-maildir")
-        return _executor
+_workers = lazy_pool(WORKERS, "mailstack-maildir")
 
 
 CRC_SUFFIX = re.compile(r"\.crc([0-9a-f]{8})$")  # tmp/<name>.crc<crc32 of the bytes>
