@@ -8,7 +8,7 @@ import os
 
 from ..store.base import StoreError
 from ..store.index import Plain, serialize
-from . import bigmessage, binary, fetch, response, sort
+from . import bigmessage, binary, fetch, response, search, sort
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
 
@@ -402,6 +402,7 @@ class FetchCommands:
             fresh, raws = await self._compute_entries(missing, structure, old, lines=put_lines is not None)
             if mbox.derived() is derived:  # same UIDVALIDITY: the UIDs computed for are these
                 sort.note_listed(derived, fresh)  # a first SORT (SUBJECT) then reads no entry
+                search.note_listed(derived, fresh)  # nor a first SEARCH SUBJECT / FROM ...
             if envelope_only:
                 for uid, e in fresh.items():
                     env = fetch.cached_envelope(e)

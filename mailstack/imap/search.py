@@ -369,6 +369,83 @@ def compile_indexed(key: tuple):
     return None
 
 
+# --- the mailbox's header texts in memory ------------------------------------------------
+JOIN = "\uffff"  # between a field's texts in a HeaderTexts column (no match runs across it)
+
+
+class HeaderTexts:
+    """The searchable header texts (the index entries' "hs", header_index) of one mailbox's
+    messages by UID, kept in memory for all its sessions (in Mailbox.derived(), which is
+    dropped when UIDVALIDITY changes): a message never changes under its UID, so a header
+    SEARCH needs no index entry looked up, checked and decoded per message.  The first
+    listing hands them over (note_listed), as it does sort keys.  `columns` holds, for the
+    field names searched so far, each message's texts of that field joined by JOIN (""
+    when it has none), so a lone SUBJECT / FROM / ... search is one `in` per message.
+    Expunged messages are only left out of the view (UIDs never come back); forget()
+    trims them when they pile up.  Mutated on the event loop only."""
+
+    def __init__(self) -> None:
+        self.hs: dict[int, dict] = {}
+        # SUBJECT's column is made as texts come (by the listing, ~0.3 µs a message): the
+        # search clients send most, and made at its first search it would cost that search
+        # more than the rest of it
+        self.columns: dict[str, dict[int, str]] = {"subject": {}}
+
+    def note(self, entries: dict) -> None:
+        """Keep the texts of these index entries (UID -> entry) that hold them."""
+        hs, version, join = self.hs, fetch.CACHE_VERSION, JOIN.join
+        columns = list(self.columns.items())
+        for uid, e in entries.items():
+            if type(e) is not bytes and e.get("v") == version:
+                texts = e.get("hs")
+                if type(texts) is dict:
+                    hs[uid] = texts
+                    for name, col in columns:
+                        col[uid] = join(texts.get(name, ()))
+
+    def column(self, name: str) -> dict[int, str]:
+        """UID -> the joined texts of field `name`, for every message in `hs`."""
+        col = self.columns.get(name)
+        if col is None:
+            col = self.columns[name] = {}
+        if len(col) != len(self.hs):  # its keys are a subset of hs's: the new ones are missing
+            join = JOIN.join
+            for uid, texts in self.hs.items():
+                if uid not in col:
+                    col[uid] = join(texts.get(name, ()))
+        return col
+
+    def forget(self, uids: set[int]) -> None:
+        """Keep only the messages in `uids`."""
+        self.hs = {u: t for u, t in self.hs.items() if u in uids}
+        self.columns = {n: {u: t for u, t in c.items() if u in uids} for n, c in self.columns.items()}
+
+
+def header_texts(derived: dict) -> HeaderTexts:
+    """The mailbox's HeaderTexts in its Mailbox.derived() dict (made there when missing)."""
+    memo = derived.get("hs")
+    if not isinstance(memo, HeaderTexts):
+        memo = derived["hs"] = HeaderTexts()
+    return memo
+
+
+def note_listed(derived: dict, entries: dict[int, dict]) -> None:
+    """Keep the header texts of index entries a listing has just made."""
+    header_texts(derived).note(entries)
+
+
+def lone_header(key: tuple) -> tuple[str, str] | None:
+    """(field name, case-folded needle) when the key is one HEADER test of an indexed field
+    with a needle that a HeaderTexts column answers exactly (not empty: that asks whether
+    the field is there at all; no JOIN in it: it could match across two texts)."""
+    if key[0] != "HEADER":
+        return None
+    name, needle = key[1].lower(), _fold(key[2])
+    if name not in INDEXED_HEADERS or not needle or JOIN in needle:
+        return None
+    return name, needle
+
+
 def matches(key: tuple, c: Candidate) -> bool:
     op = key[0]
     if op == "ALL":

@@ -8,7 +8,8 @@ come from the metadata index (the "sort" value of an entry; the SUBJECT key and 
 listing keeps, "sl"; else the first and last items of the envelope it holds) and are kept
 in memory for the mailbox's sessions (sort.Keys in Mailbox.derived()), with the last SORT
 and THREAD answers: a message never changes under its UID, so an unchanged view gets the
-same answer, and a changed one (new, expunged) is sorted again from the kept keys."""
+same answer, and a changed one (new, expunged) is sorted again from the kept keys.  So are the
+header texts a header SEARCH compares (search.HeaderTexts, from the entries' "hs")."""
 from __future__ import annotations
 
 import asyncio
@@ -148,6 +149,8 @@ class SearchCommands:
         need = search.needs(key)
         # header fields and flags only: one compiled test per message, no Candidate
         quick = search.compile_indexed(key) if need == "index" else None
+        if quick is not None:
+            return await self._matching_indexed(key, quick, msgs)
         found: list = []
         for start in range(0, n, FETCH_BATCH):
             batch = msgs[start:start + FETCH_BATCH]
@@ -159,13 +162,6 @@ class SearchCommands:
                            if not (e := entries.get(m.uid)) or e.get("v") != version or (fields and "hs" not in e)]
                 if lacking:  # computed from the files (and kept) by FETCH's code
                     entries.update(await self._cache_entries(lacking, search_fields=need == "index"))
-                if quick is not None:
-                    no_fields: dict = {}  # vanished meanwhile and never indexed: no header matches
-                    for i, m in enumerate(batch):
-                        e = entries.get(m.uid)
-                        if quick(m, (e.get("hs") if e else None) or no_fields):
-                            found.append((start + i + 1, m))
-                    continue
             cands = [search.Candidate(start + i + 1, m.uid, m.flags, m.size, m.internaldate,
                                       m.uid in self.recent, n, max_uid, modseq=m.modseq) for i, m in enumerate(batch)]
             if need in ("sent", "index"):
@@ -187,6 +183,40 @@ class SearchCommands:
                 continue
             found += [(c.seq, m) for c, m in zip(cands, batch) if search.matches(key, c)]
         return found
+
+    async def _matching_indexed(self, key: tuple, quick, msgs: list) -> list:
+        """_matching of a key that search.compile_indexed compiled (header fields the index
+        holds, flags, "$"), from the mailbox's header texts in memory (search.HeaderTexts):
+        what they lack is taken from the index entries first (computed from the files when
+        the index has none), then each message is one test, or for a lone HEADER key one
+        substring test of its column.  The same answers as testing each index entry."""
+        memo = search.header_texts(self.mbox.derived())
+        if len(memo.hs) > 4 * len(msgs) + 2000:  # mostly expunged ones
+            memo.forget({m.uid for m in msgs})
+        for _ in range(2):  # twice: another session may trim the memo while this one waits
+            held = memo.hs
+            lacking = [(seq, m) for seq, m in enumerate(msgs, 1) if m.uid not in held]
+            if not lacking:
+                break
+            fetched: dict = {}
+            for start in range(0, len(lacking), FETCH_BATCH):
+                batch = lacking[start:start + FETCH_BATCH]
+                entries = await self.mbox.cache_get_many([m.uid for _, m in batch])
+                version = fetch.CACHE_VERSION  # _indexed, inline (see _matching)
+                todo = [(seq, m) for seq, m in batch
+                        if not (e := entries.get(m.uid)) or e.get("v") != version or "hs" not in e]
+                if todo:  # computed from the files (and kept) by FETCH's code
+                    entries.update(await self._cache_entries(todo, search_fields=True))
+                fetched.update(entries)
+            memo.note(fetched)  # no wait from here to the answer: nothing trims it meanwhile
+        # a message still lacking vanished meanwhile and was never indexed: no header matches
+        lone = search.lone_header(key)
+        if lone is not None:
+            name, needle = lone
+            text = memo.column(name).get
+            return [(seq, m) for seq, m in enumerate(msgs, 1) if needle in text(m.uid, "")]
+        texts, no_fields = memo.hs.get, {}
+        return [(seq, m) for seq, m in enumerate(msgs, 1) if quick(m, texts(m.uid, no_fields))]
 
     # ------------------------------------------------------------------ SORT and THREAD
     async def _sort_keys(self, msgs: list, want: str) -> sort.Keys:

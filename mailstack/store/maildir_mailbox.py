@@ -162,7 +162,11 @@ class _State:
     def _sync_blocking(self, force: bool) -> _SyncResult | None:
         sig = self._dir_sig()
         if not force and sig == self.sig:
-            newest = max(sig[0], sig[1], sig[2][2] if sig[2] else 0)
+            # Only the directories: a file added in the tick of our readdir leaves their
+            # mtime as it was.  The uid list is not counted: its changes show in its inode
+            # (a rewrite is a new file) or size (an append), and our own scan writes it after
+            # its readdir, which would make every such scan be repeated by the next look.
+            newest = max(sig[0], sig[1])
             # A timestamp with a sub-second part comes from a filesystem with fine timestamps
             # (ext4, xfs, btrfs: a tick of a few ms); whole seconds may mean a coarse one.
             settle = SETTLE if newest % 1_000_000_000 == 0 else FINE_SETTLE
