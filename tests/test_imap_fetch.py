@@ -297,3 +297,14 @@ def test_a_remembered_content_type_cannot_be_changed_by_its_user():
     got[2].clear()
     assert fetch.content_type(b"text/html; charset=utf-8")[2] == [("charset", "utf-8")]
     assert isinstance(fetch.part_type(b"text/html; charset=utf-8")[2], tuple)
+
+
+@pytest.mark.parametrize("ctype", [b"text/\x80", b"\xc3\xa9/plain; charset=utf-8", b"multipart/mix\xffed; boundary=b"])
+def test_an_8bit_content_type_is_the_default_not_a_crash(ctype):
+    """An 8-bit byte in the type or subtype raised UnicodeDecodeError in every parse (FETCH,
+    SEARCH, indexing); RFC 2045 5.2: an invalid Content-Type is taken as text/plain."""
+    msg = b"Subject: x\r\nContent-Type: " + ctype + b"\r\n\r\n--b\r\nbody\r\n"
+    root = fetch.parse(msg)
+    assert (root.type, root.subtype, root.params) == ("text", "plain", [("charset", "us-ascii")])
+    assert fetch.bodystructure(msg, root).startswith(b'("TEXT" "PLAIN" ("CHARSET" "us-ascii") NIL NIL "7BIT"')
+    assert search.head_and_pieces(msg)[1] == [(b"--b\r\nbody\r\n", "ascii")]

@@ -175,7 +175,10 @@ def _content_type(value: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
     """content_type() with the params as a tuple: a value _part_type may remember."""
     value = unfold(value)
     m = _TYPE.match(value)
-    if not m or not _TOKEN.fullmatch(m.group(1)) or not _TOKEN.fullmatch(m.group(2)):
+    # _TOKEN lets 8-bit bytes through, but a type is ASCII: "text/\x80" is as invalid as
+    # "text/(" and gets RFC 2045's default (it raised UnicodeDecodeError at .decode)
+    if (not m or not _TOKEN.fullmatch(m.group(1)) or not _TOKEN.fullmatch(m.group(2))
+            or not m.group().isascii()):
         return "text", "plain", (("charset", "us-ascii"),)
     return (m.group(1).decode("ascii").lower(), m.group(2).decode("ascii").lower(),
             tuple(_params(value, m.end())))
