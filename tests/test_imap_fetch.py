@@ -256,3 +256,55 @@ def test_header_entry_agrees_with_the_full_entry(message):
     assert head.pop("sl") == [sort.SORT_VERSION, full["sort"]["s"], full["sort"]["d"], full["sort"].get("rf", 0)]
     assert head == {k: full[k] for k in ("v", "env", "sent", "hsize", "hs")}
     assert "bs" not in head
+
+
+# --- the remembered Content-Type (fetch.part_type) ------------------------------------------
+
+def _typed_plain(value: bytes):
+    """What _parse_part did before the memo: content_type, then a text part's default charset."""
+    t, s, params = fetch.content_type(value)
+    if t == "text" and not any(k.lower() == "charset" for k, _ in params):
+        params.insert(0, ("charset", "us-ascii"))
+    return t, s, params
+
+
+_CT_PIECES = st.sampled_from([b"text", b"TEXT", b"/", b"plain", b"html", b"multipart", b"mixed",
+                              b"message", b"rfc822", b";", b" ", b"\t", b"\r\n ", b"=", b"\"",
+                              b"\\", b"charset", b"Charset", b"utf-8", b"boundary", b"name",
+                              b"x*0", b"(", b"\xc3\xa9", b"\xff", b"a", b"\x00"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_CT_PIECES, max_size=20), st.binary(max_size=12), st.integers(0, 300))
+def test_the_remembered_content_type_is_the_parsed_one(pieces, tail, pad):
+    """The memo (and the path past its size cap) gives what a fresh parse gives, twice."""
+    value = b"".join(pieces) + tail
+    for v in (value, value + b"; x-pad=" + b"p" * pad):
+        t, s, params = fetch.part_type(v)
+        assert (t, s, list(params)) == _typed_plain(v)
+        assert fetch.part_type(v) == (t, s, params)  # the second, remembered answer
+
+
+def test_a_remembered_content_type_cannot_be_changed_by_its_user():
+    """Each Part gets its own params list: changing one part's changes no later parse."""
+    msg = b"Content-Type: text/plain; format=flowed\r\n\r\nhi\r\n"
+    first = fetch.parse(msg)
+    assert first.params == [("charset", "us-ascii"), ("format", "flowed")]
+    first.params.append(("x", "y"))
+    first.params[0] = ("charset", "koi8-r")
+    assert fetch.parse(msg).params == [("charset", "us-ascii"), ("format", "flowed")]
+    got = fetch.content_type(b"text/html; charset=utf-8")
+    got[2].clear()
+    assert fetch.content_type(b"text/html; charset=utf-8")[2] == [("charset", "utf-8")]
+    assert isinstance(fetch.part_type(b"text/html; charset=utf-8")[2], tuple)
+
+
+@pytest.mark.parametrize("ctype", [b"text/\x80", b"\xc3\xa9/plain; charset=utf-8", b"multipart/mix\xffed; boundary=b"])
+def test_an_8bit_content_type_is_the_default_not_a_crash(ctype):
+    """An 8-bit byte in the type or subtype raised UnicodeDecodeError in every parse (FETCH,
+    SEARCH, indexing); RFC 2045 5.2: an invalid Content-Type is taken as text/plain."""
+    msg = b"Subject: x\r\nContent-Type: " + ctype + b"\r\n\r\n--b\r\nbody\r\n"
+    root = fetch.parse(msg)
+    assert (root.type, root.subtype, root.params) == ("text", "plain", [("charset", "us-ascii")])
+    assert fetch.bodystructure(msg, root).startswith(b'("TEXT" "PLAIN" ("CHARSET" "us-ascii") NIL NIL "7BIT"')
+    assert search.head_and_pieces(msg)[1] == [(b"--b\r\nbody\r\n", "ascii")]
