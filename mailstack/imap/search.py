@@ -197,7 +197,10 @@ def _address_forms(value: bytes) -> list[str]:
 
 
 def _decoded_body(data: bytes, part: "fetch.Part") -> str:
-    raw, charset = _payload(data, part)
+    return _decoded(*_payload(data, part))
+
+
+def _decoded(raw: bytes, charset: str) -> str:
     try:
         return raw.decode(charset, "replace")
     except LookupError:
@@ -218,15 +221,21 @@ def _payload(data: bytes, part: "fetch.Part") -> tuple[bytes, str]:
     return raw, dict((k.lower(), v) for k, v in part.params).get("charset", "utf-8")
 
 
-def _body_texts(data: bytes, part: "fetch.Part"):
+def _walk_body(data: bytes, part: "fetch.Part", leaf):
+    """The texts a BODY search looks at, in order: each text part as `leaf` gives it, and the
+    decoded header fields of attached messages."""
     if part.children:
         for child in part.children:
-            yield from _body_texts(data, child)
+            yield from _walk_body(data, child, leaf)
     elif part.message is not None:
         yield from (_decode_words(v) for _, v in part.message.headers)
-        yield from _body_texts(data, part.message)
+        yield from _walk_body(data, part.message, leaf)
     elif part.type in ("text", "message"):
-        yield _decoded_body(data, part)
+        yield leaf(data, part)
+
+
+def _body_texts(data: bytes, part: "fetch.Part"):
+    return _walk_body(data, part, _decoded_body)
 
 
 # charsets whose text splits at the same places as its bytes: ASCII white space bytes are
@@ -234,26 +243,17 @@ def _body_texts(data: bytes, part: "fetch.Part"):
 _SPLIT_AS_BYTES = {"utf-8": "utf-8", "utf8": "utf-8", "us-ascii": "ascii", "ascii": "ascii"}
 
 
+def _body_piece(data: bytes, part: "fetch.Part"):
+    raw, charset = _payload(data, part)
+    codec = _SPLIT_AS_BYTES.get(charset.lower())
+    return _decoded(raw, charset) if codec is None else (raw, codec)
+
+
 def _body_pieces(data: bytes, part: "fetch.Part"):
     """_body_texts, but a UTF-8 or ASCII part as (its bytes, codec), not decoded: its
     distinct words are taken from the bytes (fewer, cheaper objects) and only they are
     decoded (store/fts.py)."""
-    if part.children:
-        for child in part.children:
-            yield from _body_pieces(data, child)
-    elif part.message is not None:
-        yield from (_decode_words(v) for _, v in part.message.headers)
-        yield from _body_pieces(data, part.message)
-    elif part.type in ("text", "message"):
-        raw, charset = _payload(data, part)
-        codec = _SPLIT_AS_BYTES.get(charset.lower())
-        if codec is None:
-            try:
-                yield raw.decode(charset, "replace")
-            except LookupError:
-                yield raw.decode("utf-8", "replace")
-        else:
-            yield raw, codec
+    return _walk_body(data, part, _body_piece)
 
 
 def _body_matches(c: Candidate, needle: str) -> bool:
