@@ -147,6 +147,26 @@ def test_local_delivery_aliases_catchall_plus_and_dedupe(tmp_path, caplog):
     assert "removed" in lines
 
 
+def test_delivery_from_the_queue_file_puts_return_path_and_delivered_to_on_top(tmp_path):
+    # The message is not in memory here: the store copies it from the queue file in the
+    # kernel, after the final delivery's two lines; the Maildir name's size counts them.
+    env = QueueEnv(tmp_path, aliases={"team@example.test": ["alice@example.test", "bob@example.test"]})
+    raw = message("from the file", body="x" * 300_000 + "\r\n")
+
+    async def main():
+        async with env.running():
+            await env.spool.enqueue("carol@example.test", ["team@example.test"], [raw], {})
+            await until(lambda: env.queue_files() == [], what="queue empty")
+
+    run(main())
+    for acct in ("alice@example.test", "bob@example.test"):
+        [data] = env.inbox(acct)
+        head = f"Return-Path: <carol@example.test>\r\nDelivered-To: {acct}\r\n".encode()
+        assert data == head + raw
+        [name] = os.listdir(env.maildir(acct) / "new")
+        assert f",S={len(data)}" in name, name
+
+
 def test_redelivery_after_crash_is_idempotent(tmp_path):
     """Delivered, but the spool file was not yet removed when the process died: the restart
     delivers again with the same delivery id and the Maildir still holds one copy."""

@@ -132,7 +132,9 @@ def test_redirect_loop_is_detected_and_the_message_kept(tmp_path):
     run(go())
     kept = env.inbox("alice@example.test") + env.inbox("bob@example.test")
     assert len(kept) == 1
-    assert kept[0].count(b"Delivered-To:") == 2
+    # two from the redirects, and the final delivery's own on top
+    assert kept[0].count(b"Delivered-To:") == 3
+    assert kept[0].startswith(b"Return-Path: <carol@example.test>\r\nDelivered-To: ")
 
 
 def test_duplicate_and_vacation_memory_persist(tmp_path):

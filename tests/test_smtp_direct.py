@@ -57,6 +57,30 @@ def test_local_mail_is_in_the_maildir_when_250_comes_and_never_queued(server):
     assert "relay=local" in log
 
 
+def test_final_delivery_puts_return_path_and_delivered_to_on_top_of_the_bytes_received(server):
+    # RFC 5321 section 4.4: final delivery inserts the envelope sender as Return-Path; and,
+    # as Postfix's local/virtual agents and Dovecot's LDA do, the account as Delivered-To.
+    body = b"From: x@remote.test\r\nSubject: final one\r\n\r\nbody of final one\r\n"
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as s:
+        s.sendmail("Someone+tag@Remote.test", ["team@example.test", ALICE], body)
+        s.sendmail("", [ALICE], body.replace(b"final one", b"bounce one"))  # the null sender: <>
+    # with a remote recipient (in team@) the message goes through the queue: wait for it
+    copies = {acct: wait_for(lambda: next((m for m in server.inbox_messages(acct) if b"Subject: final one\r\n" in m),
+                                          None), 15, what=f"{acct}'s copy") for acct in (ALICE, BOB)}
+    for acct, data in copies.items():
+        head = f"Return-Path: <Someone+tag@Remote.test>\r\nDelivered-To: {acct}\r\n".encode()
+        assert data.startswith(head), data[:200]
+        assert data.endswith(body) and b"\r\nReceived: " in data  # the rest as queued, once each
+        assert data.count(b"Return-Path:") == 1 and data.count(b"Delivered-To:") == 1
+    bounce = next(m for m in server.inbox_messages(ALICE) if b"Subject: bounce one\r\n" in m)
+    assert bounce.startswith(f"Return-Path: <>\r\nDelivered-To: {ALICE}\r\n".encode())
+    # The remote part of team@ (outbound is off) waits in the queue without those lines: they
+    # belong to the final delivery only.
+    wait_for(lambda: any(f.startswith("deferred/") for f in queue_files(server)), 15, what="deferred remote")
+    for f in queue_files(server):
+        assert b"Return-Path:" not in (server.data_dir / "queue" / f).read_bytes()
+
+
 def test_a_remote_recipient_sends_the_whole_message_through_the_queue(server):
     send(server, ["team@example.test"], "mixed")
     # outbound is off: the remote part stays deferred, so the queue file stays

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..directory import normalize_address
 from ..filters.prefs import spam_to_inbox
-from ..store.base import MailboxNotFound, StoreError
+from ..store.base import MailboxNotFound, MessageSource, StoreError
 from ..store.quota import QuotaExceeded
 from .types import QueuedMessage, RecipientResult
 
@@ -55,6 +55,16 @@ class Target:
     def from_json(cls, d: dict) -> "Target":
         return cls(**{k: d[k] for k in ("addr", "kind", "orig", "status", "attempts", "reply", "relay",
                                         "last_try", "history") if k in d})
+
+
+def final_delivery(message: "bytes | MessageSource", sender: str, account: str) -> "bytes | MessageSource":
+    """The message with the lines final delivery puts on top (RFC 5321 section 4.4: the
+    envelope sender as Return-Path; as Postfix's local and virtual agents and Dovecot's LDA
+    do, the account as Delivered-To, which sieve's redirect and people use to see loops)."""
+    head = f"Return-Path: <{sender}>\r\nDelivered-To: {account}\r\n".encode("utf-8")
+    if isinstance(message, MessageSource):
+        return dataclasses.replace(message, prefix=head + message.prefix)
+    return head + message
 
 
 def delivery_id(qid: str, account: str) -> str:
@@ -123,7 +133,7 @@ class LocalTransport:
                 status, reply = await self._sieve().deliver(message, account, did, mailbox)
                 return RecipientResult(account, status, reply, "local")
             source = message.data if message.data is not None else message.source
-            mailbox, added = await self._store(account, source, did, mailbox)
+            mailbox, added = await self._store(account, source, did, mailbox, sender=message.sender)
         except QuotaExceeded as e:  # full: kept and retried (until queue.max_lifetime); too big: bounced
             if e.permanent:
                 return RecipientResult(account, "bounced", f"552 5.2.2 <{account}>: {e}", "local")
@@ -153,10 +163,11 @@ class LocalTransport:
     _sieve_delivery = None
 
     async def _store(self, account: str, message, did: str, mailbox: str, flags=(),
-                     fallback: bool = True) -> tuple[str, bool]:
+                     fallback: bool = True, *, sender: str) -> tuple[str, bool]:
         """Into `mailbox`; when it is gone (the user deleted Junk) into INBOX unless fallback is
         off (sieve decides then).  Returns (mailbox used, added)."""
         store = self.services.store
+        message = final_delivery(message, sender, account)
         try:
             return mailbox, await store.deliver(account, message, did, mailbox=mailbox, flags=flags)
         except MailboxNotFound:

@@ -188,7 +188,8 @@ class SieveDelivery:
 
     def __init__(self, services, store_one) -> None:
         self.services = services
-        # store_one(account, message, did, mailbox, flags) -> (mailbox used, added); raises StoreError
+        # store_one(account, message, did, mailbox, flags, sender=) -> (mailbox used, added); raises StoreError;
+        # it puts the final delivery's Return-Path and Delivered-To on top
         self.store_one = store_one
         self._lock = KeyedLocks()  # per account
 
@@ -203,7 +204,7 @@ class SieveDelivery:
             if loaded[1]:
                 log.warning("sieve: account=<%s> qid=%s: %s; delivering to %s", account, message.qid, loaded[1],
                             default_mailbox)
-            used, added = await self.store_one(account, message.source, did, default_mailbox, ())
+            used, added = await self.store_one(account, message.source, did, default_mailbox, (), sender=message.sender)
             return "sent", _delivered(used, added)
         user_dir = store.user_dir(account)
         mailboxes = None
@@ -229,7 +230,8 @@ class SieveDelivery:
                 log.warning("sieve: account=<%s> qid=%s: %s; delivering to %s", account, message.qid, plan.error,
                             default_mailbox)
             if plan.result is None:
-                used, added = await self.store_one(account, message.source, did, default_mailbox, ())
+                used, added = await self.store_one(account, message.source, did, default_mailbox, (),
+                                                   sender=message.sender)
                 return "sent", _delivered(used, added)
             return await self._execute(message, account, did, default_mailbox, plan)
 
@@ -266,20 +268,21 @@ class SieveDelivery:
             return "bounced", f"550 5.7.1 <{account}>: rejected by the recipient's filter: {reason}"
         for n, action in enumerate(result.actions):
             if action.kind == "keep":  # the default mailbox; INBOX if Junk was deleted, as without sieve
-                used, added = await self.store_one(account, data, did, default_mailbox, action.flags)
+                used, added = await self.store_one(account, data, did, default_mailbox, action.flags,
+                                                   sender=message.sender)
                 done.append(_delivered(used, added))
             elif action.kind == "fileinto":
                 try:
-                    used, added = await self._store(account, data, did, action.arg, action)
+                    used, added = await self._store(account, data, did, action.arg, action, message.sender)
                 except StoreError as e:  # no such mailbox (without :create), a name the store refuses
                     log.warning("sieve: account=<%s> qid=%s: fileinto %r: %s; delivering to INBOX",
                                 account, message.qid, action.arg, e or "no such mailbox")
-                    used, added = await self.store_one(account, data, did, "INBOX", action.flags)
+                    used, added = await self.store_one(account, data, did, "INBOX", action.flags, sender=message.sender)
                 done.append(_delivered(used, added))
             elif action.kind == "redirect":
                 sent = await self._redirect(message, account, plan, action, f"{did}.{n}", memory)
                 if sent is None:  # a loop: keep it here rather than lose it
-                    used, added = await self.store_one(account, data, did, default_mailbox, ())
+                    used, added = await self.store_one(account, data, did, default_mailbox, (), sender=message.sender)
                     sent = f"redirect to <{action.arg}> refused (mail loop); " + _delivered(used, added)
                 done.append(sent)
             elif action.kind == "vacation":
@@ -289,9 +292,9 @@ class SieveDelivery:
             return "sent", "discarded by sieve"
         return "sent", "; ".join(d for d in done if d)
 
-    async def _store(self, account, data, did, mailbox, action: Action):
+    async def _store(self, account, data, did, mailbox, action: Action, sender: str):
         try:
-            return await self.store_one(account, data, did, mailbox, action.flags, fallback=False)
+            return await self.store_one(account, data, did, mailbox, action.flags, fallback=False, sender=sender)
         except MailboxNotFound:
             if not action.create:
                 raise
@@ -299,7 +302,7 @@ class SieveDelivery:
             await self.services.store.create_mailbox(account, mailbox)
         except MailboxExists:
             pass
-        return await self.store_one(account, data, did, mailbox, action.flags, fallback=False)
+        return await self.store_one(account, data, did, mailbox, action.flags, fallback=False, sender=sender)
 
     async def _redirect(self, message, account: str, plan: Plan, action: Action, key: str,
                         memory: Memory) -> str | None:

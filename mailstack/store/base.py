@@ -312,4 +312,16 @@ class MessageSource:
 
     path: str
     offset: int  # where the message starts in the file
-    size: int  # bytes of the message
+    size: int  # bytes of the message in the file
+    prefix: bytes = b""  # header lines written before it (final delivery's Return-Path, Delivered-To)
+
+    @property
+    def length(self) -> int:
+        """Bytes of the message as delivered: the prefix and the file's range."""
+        return len(self.prefix) + self.size
+
+    def read(self) -> bytes:
+        """The message as delivered, in memory (blocking: call it in a worker thread)."""
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            return self.prefix + f.read(self.size)

@@ -79,7 +79,7 @@ class _Item:
         self.mailbox_dir, self.base, self.sub, self.name = mailbox_dir, base, sub, name
         self.message, self.uidvalidity, self.on_indexed, self.future = message, uidvalidity, on_indexed, future
         self.error: BaseException | None = None
-        self.size = message.size if isinstance(message, MessageSource) else len(message)
+        self.size = message.length if isinstance(message, MessageSource) else len(message)
 
     @property
     def tmp(self) -> Path:
@@ -368,8 +368,6 @@ def _read_streamed(batch: list[_Item]) -> None:
     for item in batch:
         if item.error is None and isinstance(item.message, MessageSource) and item.size <= INDEX_MAX:
             try:
-                with open(item.message.path, "rb") as f:
-                    f.seek(item.message.offset)
-                    item.message = f.read(item.message.size)
+                item.message = item.message.read()
             except OSError:  # indexed when first looked at
                 pass

@@ -212,7 +212,7 @@ class MaildirStore(Store):
         if isinstance(message, MessageSource):
             if message.size < 0 or message.offset < 0:
                 raise StoreError("bad message source")
-            size = message.size
+            size = message.length
         elif isinstance(message, (bytes, bytearray, memoryview)):
             message = bytes(message)
             size = len(message)

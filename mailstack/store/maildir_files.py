@@ -150,6 +150,8 @@ def _write_subscriptions(account_dir: Path, subs: list[str]) -> None:
 
 def _copy_from_source(src: MessageSource, fd: int) -> None:
     """Spool file range -> fd inside the kernel when possible (no copy through Python)."""
+    if src.prefix:
+        _write_all(fd, src.prefix)
     sfd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         offset, remaining = src.offset, src.size
@@ -213,12 +215,12 @@ def _write_and_index(mailbox_dir: Path, base: str, sub: str, name: str,
     the mailbox's index under its base name (index.py).  Indexing never fails a delivery:
     without an entry the message is indexed when first looked at."""
     _write_message(mailbox_dir, base, sub, name, message, mtime)
-    size = message.size if isinstance(message, MessageSource) else len(message)
+    size = message.length if isinstance(message, MessageSource) else len(message)
     if size > INDEX_AT_DELIVERY_MAX:
         return None
     try:
         if isinstance(message, MessageSource):
-            message = _read_file(Path(message.path), message.offset, message.size)
+            message = message.read()
         entry = idxmod.message_entry(message)
         idxmod.append_lines(mailbox_dir / idxmod.NAME, uidvalidity, [idxmod.delivered_line(base, entry)])
     except Exception:  # noqa: BLE001 - a full disk or a parser bug must not lose the message
