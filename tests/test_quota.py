@@ -302,7 +302,7 @@ def test_warning_mail_once_per_crossing(server):
         return [m for m in server.inbox_messages("warned@example.test") if b"Subject: Your mailbox is" in m]
     with smtp(server) as s:
         for i in range(3):  # 3 x ~5K = 75%: below 80%
-            s.sendmail("sender@example.test", ["warned@example.test"], message(f"w{i}", 5000))
+            s.sendmail("sender@example.test", ["warned@example.test"], message(f"w{i}", 4800))
         wait_for(lambda: usage_of(server, "warned")[1] == 3, 20, what="three deliveries")
         assert warnings() == []
         s.sendmail("sender@example.test", ["warned@example.test"], message("w3", 1500))  # crosses 80%

@@ -52,7 +52,9 @@ def test_sendmail_t_takes_recipients_from_headers_and_drops_bcc(tmp_path):
         inbox = env.inbox(f"{who}@example.test")
         assert len(inbox) == 1, who
     raw = env.inbox("carol@example.test")[0]
-    assert b"Bcc:" not in raw and b"carol@example.test" not in raw.split(b"\r\n\r\n")[0].split(b"Received:")[0]
+    final = f"Return-Path: <{queued.sender}>\r\nDelivered-To: carol@example.test\r\n".encode()
+    assert raw.startswith(final)  # the final delivery's lines; the Bcc recipient nowhere else
+    assert b"Bcc:" not in raw and b"carol@example.test" not in raw[len(final):].split(b"\r\n\r\n")[0]
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert parsed["Subject"] == "by sendmail -t"
     assert parsed["Message-ID"] and parsed["Date"] and parsed["From"]

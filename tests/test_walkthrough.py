@@ -40,8 +40,10 @@ def delivered(srv, tag: str) -> bytes:
 
 
 def split_received(data: bytes) -> tuple[bytes, bytes]:
-    """(our Received: line, the rest after our Authentication-Results: (senderauth))."""
-    m = re.match(rb"(Received: [^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n)"
+    """(our Received: line, the rest after our Authentication-Results: (senderauth)), under the
+    final delivery's Return-Path and Delivered-To."""
+    m = re.match(rb"Return-Path: <[^\r\n>]*>\r\nDelivered-To: alice@example\.test\r\n"
+                 rb"(Received: [^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n)"
                  rb"Authentication-Results: mail\.example\.test;[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n", data)
     assert m, data[:400]
     return m.group(1), data[m.end():]
