@@ -89,7 +89,8 @@ def internaldate(ts: float) -> bytes:
         prefix = _day_prefixes[key] = (b'"%2d-%s-%04d ' % (d.day, _MONTHS_B[d.month - 1], d.year),
                                        b' %s%02d%02d"' % (b"+" if off >= 0 else b"-", zone // 60, zone % 60))
     minute, second = divmod(second, 60)
-    return b"%b%02d:%02d:%02d%b" % (prefix[0], minute // 60, minute % 60, second, prefix[1])
+    # concatenated from tables: bytes %-formatting of five values cost 5x as much
+    return prefix[0] + _CLOCK_MINUTES[minute] + _CLOCK_SECONDS[second] + prefix[1]
 
 
 def _day_offset(utc_day: int) -> "int | None":
@@ -111,6 +112,8 @@ _day_offsets: dict[int, "int | None"] = {}
 _day_prefixes: dict[tuple[int, int], tuple[bytes, bytes]] = {}
 _EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
 _MONTHS_B = tuple(m.encode("ascii") for m in _MONTHS)
+_CLOCK_MINUTES = tuple(b"%02d:%02d:" % divmod(m, 60) for m in range(1440))  # minute of the day -> b"hh:mm:"
+_CLOCK_SECONDS = tuple(b"%02d" % s for s in range(60))
 
 
 def _internaldate(ts: float) -> bytes:
