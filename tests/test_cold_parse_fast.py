@@ -236,6 +236,7 @@ def _fake_session(recent: set[int]):
     fake.flags_of = lambda m: SelectedCommands.flags_of(fake, m)
     fake._render_plain_items = lambda *a: FetchCommands._render_plain_items(fake, *a)
     fake._render_plain_formatted = lambda *a: FetchCommands._render_plain_formatted(fake, *a)
+    fake._flags_item = lambda *a: FetchCommands._flags_item(fake, *a)
     return fake, FetchCommands
 
 

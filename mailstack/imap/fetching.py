@@ -631,7 +631,6 @@ class FetchCommands:
         pick = operator.itemgetter(0, *(_PLAIN_ITEMS[n][1] for n in names))
         want_flags, want_date, want_env = "FLAGS" in names, "INTERNALDATE" in names, "ENVELOPE" in names
         want_modseq = "MODSEQ" in names
-        recent = self.recent
         internaldate = response.internaldate
         out = []
         gone = False
@@ -643,20 +642,22 @@ class FetchCommands:
                     out += self._render_plain_items([(seq, m)], names, flag_cache, entries)[0]
                     gone = True
                     continue
-            value = None
-            if want_flags:
-                key = (m.flags, m.uid in recent) if isinstance(m.flags, frozenset) else None
-                value = flag_cache.get(key) if key is not None else None
-                if value is None:
-                    value = b"FLAGS " + response.flag_list(self.flags_of(m))
-                    if key is not None:
-                        flag_cache[key] = value
+            value = self._flags_item(m, flag_cache) if want_flags else None
             out.append(fmt % pick((seq, m.uid, value, m.size, internaldate(m.internaldate) if want_date else None,
                                    env, m.modseq if want_modseq else None)))
         return out, gone
 
+    def _flags_item(self, m, flag_cache: dict) -> bytes:
+        """b"FLAGS (...)" of a message, rendered once per distinct flag set (and \\Recent)."""
+        key = (m.flags, m.uid in self.recent) if isinstance(m.flags, frozenset) else None
+        value = flag_cache.get(key) if key is not None else None
+        if value is None:
+            value = b"FLAGS " + response.flag_list(self.flags_of(m))
+            if key is not None:
+                flag_cache[key] = value
+        return value
+
     def _render_plain_items(self, batch, names, flag_cache: dict, entries: dict) -> tuple[list[bytes], bool]:
-        recent = self.recent
         internaldate = response.internaldate
         out = []
         gone = False
@@ -666,13 +667,7 @@ class FetchCommands:
                 if name == "UID":
                     parts.append(b"UID %d" % m.uid)
                 elif name == "FLAGS":
-                    key = (m.flags, m.uid in recent) if isinstance(m.flags, frozenset) else None
-                    value = flag_cache.get(key) if key is not None else None
-                    if value is None:
-                        value = b"FLAGS " + response.flag_list(self.flags_of(m))
-                        if key is not None:
-                            flag_cache[key] = value
-                    parts.append(value)
+                    parts.append(self._flags_item(m, flag_cache))
                 elif name == "RFC822.SIZE":
                     parts.append(b"RFC822.SIZE %d" % m.size)
                 elif name == "ENVELOPE":
