@@ -267,3 +267,25 @@ def test_formatted_listing_responses_are_the_item_by_item_ones(names):
 class SimpleAtt:
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+def _head_text_before(root) -> str:
+    """search._head_text as it was (a nested generator over _decode_words): the reference."""
+    from mailstack.imap import search
+    return search._fold(search.TEXT_SEP.join(seg for k, v in root.headers
+                                             for seg in (k.decode("ascii", "replace"), search._decode_words(v))))
+
+
+_HEADER_PIECES = st.sampled_from([b"Subject: ", b"From: ", b"X-\xff\xfe: ", b"=?utf-8?b?w6k=?=", b"=?iso-8859-1?q?caf=E9?=",
+                                  b"=?utf-8?b?broken", b"=?x-unknown?q?abc?=", b"Gr\xc3\xbc\xc3\x9fe", b"\xe9t\xe9",
+                                  b"\r\n", b"\n", b"\r\n\t", b"\n ", b"plain words", b":", b"\xff", b"\xc3", b"SS \xc3\x9f"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_HEADER_PIECES, max_size=30), st.sampled_from([b"\r\n\r\nbody\r\n", b"\n\nbody\n", b"", b"\r\n"]))
+def test_head_text_is_the_generator_one(pieces, tail):
+    """The head text of the full-text index from 8-bit names and values, RFC 2047 words
+    (good, broken, unknown charset), folded lines, LF or CRLF, no blank line."""
+    from mailstack.imap import search
+    root = fetch.parse(b"".join(pieces) + tail)
+    assert search._head_text(root) == _head_text_before(root)
