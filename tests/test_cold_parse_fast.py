@@ -289,3 +289,40 @@ def test_head_text_is_the_generator_one(pieces, tail):
     from mailstack.imap import search
     root = fetch.parse(b"".join(pieces) + tail)
     assert search._head_text(root) == _head_text_before(root)
+
+
+BROKEN_WORDS = b"=?utf-8?b?broken=?utf-8?b?w6k=?="  # email.header raised HeaderParseError on it
+
+
+def test_a_broken_encoded_word_that_email_header_refuses_is_kept_as_written():
+    """decode_header raised email.errors.HeaderParseError (not a ValueError) on this Subject:
+    the first listing's entry, the full-text index texts and the SORT key all raised."""
+    from mailstack.imap import search
+    header = b"Subject: " + BROKEN_WORDS + b"\r\nFrom: =?utf-8?b?x=?utf-8?b?=?= <a@b.test>\r\n\r\n"
+    entry = fetch.header_entry(header)
+    assert entry["hs"]["subject"] == [BROKEN_WORDS.decode().casefold()]
+    head, body = search.message_texts(header + b"text\r\n")
+    assert BROKEN_WORDS.decode().casefold() in head and body == "text\r\n"
+    assert sort.subject_and_reply(BROKEN_WORDS)[0] == BROKEN_WORDS.decode().upper()
+
+
+def test_a_mailbox_with_a_refused_encoded_word_lists_searches_and_sorts(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from imap_fixtures import InProcessIMAP
+    from test_imap_session import ALICE, Raw
+    srv = InProcessIMAP(tmp_path)
+    try:
+        srv.deliver(ALICE, b"From: a@b.test\r\nSubject: fine\r\n\r\nfirst needle\r\n")
+        maildir = Path(srv.cfg.mail_dir) / "example.test" / "alice"
+        (maildir / "new" / "1700000000.behind.host").write_bytes(
+            b"From: c@d.test\r\nSubject: " + BROKEN_WORDS + b"\r\n\r\nsecond needle\r\n")
+        r = Raw(srv)
+        r.cmd("SELECT INBOX")
+        lines, tagged = r.cmd("FETCH 1:* (UID ENVELOPE)")
+        assert b"OK" in tagged and len(lines) == 2 and BROKEN_WORDS in lines[1]
+        assert r.cmd("UID SEARCH SUBJECT w6k")[0] == [b"* SEARCH 2"]
+        assert r.cmd("UID SEARCH BODY needle")[0] == [b"* SEARCH 1 2"]
+        assert r.cmd("UID SEARCH TEXT w6k")[0] == [b"* SEARCH 2"]
+        assert r.cmd("UID SORT (SUBJECT) UTF-8 ALL")[0] == [b"* SORT 2 1"]
+    finally:
+        srv.close()

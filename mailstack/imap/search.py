@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.errors
 import email.header
 import functools
 import quopri
@@ -157,7 +158,8 @@ def _decode_encoded(text: str) -> str:
     are 999 distinct ones)."""
     try:
         return str(email.header.make_header(email.header.decode_header(text)))
-    except (ValueError, LookupError, UnicodeError, binascii.Error, AssertionError):
+    except (ValueError, LookupError, UnicodeError, binascii.Error, AssertionError,
+            email.errors.HeaderParseError):  # "=?utf-8?b?bad=?utf-8?b?w6k=?=" raised this one
         return text
 
 
