@@ -148,6 +148,12 @@ def _params(value: bytes, pos: int) -> list[tuple[str, str]]:
             pos += 1
         if pos < n and value[pos] == 0x22:
             pos += 1
+            close = value.find(b'"', pos)
+            close = n if close < 0 else close
+            if value.find(b"\\", pos, close) < 0:  # no quoted-pair (a boundary, a name): a slice
+                out.append((name, value[pos:close].decode("utf-8", "surrogateescape")))
+                pos = close + 1
+                continue
             buf = bytearray()
             while pos < n and value[pos] != 0x22:
                 if value[pos] == 0x5C and pos + 1 < n:
@@ -497,23 +503,23 @@ def header_entry(header: bytes, search_fields: bool = True) -> dict:
     `header` must hold the whole header block; BODYSTRUCTURE is added when first asked for."""
     hend, bstart = split_header(header)
     root = Part(0, bstart, bstart, parse_headers(header[:hend]))
-    dt = _date(root)
+    sent, seconds = _date_keys(root)
     entry = {"v": CACHE_VERSION, "env": envelope(root).decode("latin-1"),
-             "sent": _ymd(dt), "hsize": bstart}
+             "sent": sent, "hsize": bstart}
     if search_fields:
         entry["hs"] = _header_index(root)
     # with the envelope, all SORT / THREAD need (sort.fields_from_envelope); the whole sort
     # fields are computed at the first SORT that needs them, not for every first listing,
     # but the SUBJECT and DATE keys cost little here (the Date: is parsed already)
     entry["refs"] = _references(root)
-    entry["sl"] = _sort_light(root, dt)
+    entry["sl"] = _sort_light(root, seconds)
     return entry
 
 
-def _sort_light(root: "Part", dt) -> list:
+def _sort_light(root: "Part", seconds: int | None) -> list:
     # sort.py owns these keys
     subject, reply = sort.subject_and_reply(root.header(b"subject"))
-    return [sort.SORT_VERSION, subject, sort.seconds(dt), int(reply)]
+    return [sort.SORT_VERSION, subject, seconds, int(reply)]
 
 
 _search_header_index = None  # search.header_index, bound at the first call (search.py imports this module)
@@ -550,29 +556,57 @@ def _sent_date(root: "Part") -> int | None:
     return _ymd(_date(root))
 
 
+def _plain_date(date: bytes) -> tuple | None:
+    """(year, month, day, hour, minute, second, UTC offset in minutes) of a Date: value in
+    the usual RFC 5322 form with every field in range, else None (the long way)."""
+    m = _PLAIN_DATE.fullmatch(date)
+    if m is None:
+        return None
+    d, mon, y, hh, mi, ss, sign, zh, zm = m.groups()  # one call, not nine
+    month = _MONTH_NUMBERS.get(mon.lower())
+    day, year, hour, minute, second, zh, zm = int(d), int(y), int(hh), int(mi), int(ss), int(zh), int(zm)
+    # in range as email.utils checks; the 29th to the 31st of the months that have them
+    # too (a tenth of all dates: the long way costs four times this one)
+    if month and 1 <= day and (day <= 28 or day <= _month_days(year, month)) and hour < 24 \
+            and minute < 60 and second < 60 and zh < 24 and zm < 60 and year >= 1000:
+        return year, month, day, hour, minute, second, (zh * 60 + zm) * (-1 if sign == b"-" else 1)
+    return None
+
+
 def _date(root: "Part"):
     date = root.header(b"date")
     if not date:
         return None
-    m = _PLAIN_DATE.fullmatch(date)
-    if m is not None:
-        d, mon, y, hh, mi, ss, sign, zh, zm = m.groups()  # one call, not nine
-        month = _MONTH_NUMBERS.get(mon.lower())
-        day, year, hour, minute, second, zh, zm = int(d), int(y), int(hh), int(mi), int(ss), int(zh), int(zm)
-        # in range as email.utils checks; the 29th to the 31st of the months that have them
-        # too (a tenth of all dates: the long way costs four times this one)
-        if month and 1 <= day and (day <= 28 or day <= _month_days(year, month)) and hour < 24 \
-                and minute < 60 and second < 60 and zh < 24 and zm < 60 and year >= 1000:
-            offset = (zh * 60 + zm) * (-1 if sign == b"-" else 1)
-            zone = _ZONES.get(offset)
-            if zone is None:
-                zone = _ZONES[offset] = datetime.timezone(datetime.timedelta(minutes=offset))
-            # "-0000" (zone unknown): email.utils gives a naive time, which SORT reads as UTC
-            return datetime.datetime(year, month, day, hour, minute, second, tzinfo=zone)
+    plain = _plain_date(date)
+    if plain is not None:
+        year, month, day, hour, minute, second, offset = plain
+        zone = _ZONES.get(offset)
+        if zone is None:
+            zone = _ZONES[offset] = datetime.timezone(datetime.timedelta(minutes=offset))
+        # "-0000" (zone unknown): email.utils gives a naive time, which SORT reads as UTC
+        return datetime.datetime(year, month, day, hour, minute, second, tzinfo=zone)
     try:
         return email.utils.parsedate_to_datetime(unfold(date).decode("ascii", "replace"))
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+
+
+_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+
+
+def _date_keys(root: "Part") -> tuple[int | None, int | None]:
+    """(_ymd(_date(root)), sort.seconds(_date(root))): what the first listing keeps of the
+    Date:, for the usual form by arithmetic (no datetime, no timezone object, no
+    timestamp(): ~2 µs of a cold listing's ~35 µs a message); tested equal."""
+    date = root.header(b"date")
+    plain = _plain_date(date) if date else None
+    if plain is None:
+        dt = _date(root)
+        return _ymd(dt), sort.seconds(dt)
+    year, month, day, hour, minute, second, offset = plain
+    days = datetime.date(year, month, day).toordinal() - _EPOCH_ORDINAL
+    return (year * 10000 + month * 100 + day,
+            days * 86400 + hour * 3600 + minute * 60 + second - offset * 60)
 
 
 def _ymd(dt) -> int | None:

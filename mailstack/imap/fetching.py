@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import os
 
 from ..store.base import StoreError
@@ -11,6 +12,10 @@ from ..store.index import Plain, serialize
 from . import bigmessage, binary, fetch, response, search, sort
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
+
+# _render_plain's items: (how each is written, where its value is in the tuple it makes)
+_PLAIN_ITEMS = {"UID": (b"UID %d", 1), "FLAGS": (b"%b", 2), "RFC822.SIZE": (b"RFC822.SIZE %d", 3),
+                "INTERNALDATE": (b"INTERNALDATE %b", 4), "ENVELOPE": (b"%b", 5), "MODSEQ": (b"MODSEQ (%d)", 6)}
 
 log = logging.getLogger("mailstack.imap")
 
@@ -602,9 +607,7 @@ class FetchCommands:
         the responses and whether a message had vanished unindexed."""
         names = [a.name for a in atts]
         recent = self.recent
-        internaldate = response.internaldate
         out = []
-        gone = False
         if names == ["UID", "FLAGS"]:  # a client's resynchronisation: the one loop, tight
             for seq, m in batch:
                 flags = m.flags
@@ -616,19 +619,55 @@ class FetchCommands:
                         flag_cache[key] = value
                 out.append(b"* %d FETCH (UID %d %s)\r\n" % (seq, m.uid, value))
             return out, False
+        if names and all(n in _PLAIN_ITEMS for n in names):
+            return self._render_plain_formatted(batch, names, flag_cache, entries)
+        return self._render_plain_items(batch, names, flag_cache, entries)
+
+    def _render_plain_formatted(self, batch, names, flag_cache: dict, entries: dict) -> tuple[list[bytes], bool]:
+        """_render_plain_items, each response made by one %-format of the values the items
+        ask for (picked in their order by an itemgetter): a part list, its join and four
+        small formats per message cost three times as much (a 10,000-message listing)."""
+        fmt = b"* %d FETCH (" + b" ".join(_PLAIN_ITEMS[n][0] for n in names) + b")\r\n"
+        pick = operator.itemgetter(0, *(_PLAIN_ITEMS[n][1] for n in names))
+        want_flags, want_date, want_env = "FLAGS" in names, "INTERNALDATE" in names, "ENVELOPE" in names
+        want_modseq = "MODSEQ" in names
+        internaldate = response.internaldate
+        out = []
+        gone = False
+        for seq, m in batch:
+            env = None
+            if want_env:
+                env = entries.get(m.uid)
+                if env is None:  # expunged meanwhile, and never parsed: said without it
+                    out += self._render_plain_items([(seq, m)], names, flag_cache, entries)[0]
+                    gone = True
+                    continue
+            value = self._flags_item(m, flag_cache) if want_flags else None
+            out.append(fmt % pick((seq, m.uid, value, m.size, internaldate(m.internaldate) if want_date else None,
+                                   env, m.modseq if want_modseq else None)))
+        return out, gone
+
+    def _flags_item(self, m, flag_cache: dict) -> bytes:
+        """b"FLAGS (...)" of a message, rendered once per distinct flag set (and \\Recent)."""
+        key = (m.flags, m.uid in self.recent) if isinstance(m.flags, frozenset) else None
+        value = flag_cache.get(key) if key is not None else None
+        if value is None:
+            value = b"FLAGS " + response.flag_list(self.flags_of(m))
+            if key is not None:
+                flag_cache[key] = value
+        return value
+
+    def _render_plain_items(self, batch, names, flag_cache: dict, entries: dict) -> tuple[list[bytes], bool]:
+        internaldate = response.internaldate
+        out = []
+        gone = False
         for seq, m in batch:
             parts = []
             for name in names:
                 if name == "UID":
                     parts.append(b"UID %d" % m.uid)
                 elif name == "FLAGS":
-                    key = (m.flags, m.uid in recent) if isinstance(m.flags, frozenset) else None
-                    value = flag_cache.get(key) if key is not None else None
-                    if value is None:
-                        value = b"FLAGS " + response.flag_list(self.flags_of(m))
-                        if key is not None:
-                            flag_cache[key] = value
-                    parts.append(value)
+                    parts.append(self._flags_item(m, flag_cache))
                 elif name == "RFC822.SIZE":
                     parts.append(b"RFC822.SIZE %d" % m.size)
                 elif name == "ENVELOPE":

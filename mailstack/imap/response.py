@@ -4,6 +4,7 @@ Everything returns bytes; the session joins them into large writes.
 """
 from __future__ import annotations
 
+import datetime
 import re
 import time
 
@@ -67,7 +68,56 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 
 def internaldate(ts: float) -> bytes:
-    """date-time: "dd-Mon-yyyy hh:mm:ss +zzzz" in the server's local zone (as Dovecot does)."""
+    """date-time: "dd-Mon-yyyy hh:mm:ss +zzzz" in the server's local zone (as Dovecot does).
+    A listing renders thousands in a row (a fifth of its loop time went to localtime and
+    the formatting): the zone's offset is looked up once per UTC day (and only trusted
+    when it is the same at both ends of that day: zones change it at most twice a year),
+    the date part once per local day; tested equal to _internaldate in several zones."""
+    whole = int(ts // 1)  # time.localtime rounds down
+    utc_day = whole // 86400
+    off = _day_offsets.get(utc_day, _UNKNOWN)
+    if off is _UNKNOWN:
+        off = _day_offset(utc_day)
+    if off is None:  # the offset changes that day, or out of range
+        return _internaldate(ts)
+    day, second = divmod(whole + off, 86400)
+    key = (day, off)
+    prefix = _day_prefixes.get(key)
+    if prefix is None:
+        d = datetime.date.fromordinal(day + _EPOCH_ORDINAL)
+        zone = abs(off) // 60
+        prefix = _day_prefixes[key] = (b'"%2d-%s-%04d ' % (d.day, _MONTHS_B[d.month - 1], d.year),
+                                       b' %s%02d%02d"' % (b"+" if off >= 0 else b"-", zone // 60, zone % 60))
+    minute, second = divmod(second, 60)
+    # concatenated from tables: bytes %-formatting of five values cost 5x as much
+    return prefix[0] + _CLOCK_MINUTES[minute] + _CLOCK_SECONDS[second] + prefix[1]
+
+
+def _day_offset(utc_day: int) -> "int | None":
+    if len(_day_offsets) >= _MEMO_MAX:
+        _day_offsets.clear()
+        _day_prefixes.clear()
+    try:
+        first = time.localtime(utc_day * 86400).tm_gmtoff
+        last = time.localtime(utc_day * 86400 + 86399).tm_gmtoff
+    except (OverflowError, OSError, ValueError):  # out of the platform's range: as before
+        first, last = 0, 1
+    off = _day_offsets[utc_day] = (first or 0) if first == last else None
+    return off
+
+
+_UNKNOWN = object()
+_MEMO_MAX = 20000  # days remembered (and their local dates); cleared when full
+_day_offsets: dict[int, "int | None"] = {}
+_day_prefixes: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+_MONTHS_B = tuple(m.encode("ascii") for m in _MONTHS)
+_CLOCK_MINUTES = tuple(b"%02d:%02d:" % divmod(m, 60) for m in range(1440))  # minute of the day -> b"hh:mm:"
+_CLOCK_SECONDS = tuple(b"%02d" % s for s in range(60))
+
+
+def _internaldate(ts: float) -> bytes:
+    """internaldate by time.localtime for each call (what the memo must give)."""
     tm = time.localtime(ts)
     off = tm.tm_gmtoff or 0
     sign = "+" if off >= 0 else "-"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.errors
 import email.header
 import functools
 import quopri
@@ -157,7 +158,8 @@ def _decode_encoded(text: str) -> str:
     are 999 distinct ones)."""
     try:
         return str(email.header.make_header(email.header.decode_header(text)))
-    except (ValueError, LookupError, UnicodeError, binascii.Error, AssertionError):
+    except (ValueError, LookupError, UnicodeError, binascii.Error, AssertionError,
+            email.errors.HeaderParseError):  # "=?utf-8?b?bad=?utf-8?b?w6k=?=" raised this one
         return text
 
 
@@ -288,9 +290,15 @@ def head_and_pieces(data: bytes) -> tuple[str, list]:
 
 
 def _head_text(root: "fetch.Part") -> str:
-    # folded once, joined: casefold maps each character alone, so this is each segment folded
-    return _fold(TEXT_SEP.join(seg for k, v in root.headers
-                               for seg in (k.decode("ascii", "replace"), _decode_words(v))))
+    # folded once, joined: casefold maps each character alone, so this is each segment folded;
+    # a loop with _decode_words inline, not a nested generator (~3 of ~12 µs a message)
+    segments: list[str] = []
+    append = segments.append
+    for k, v in root.headers:
+        append(k.decode("ascii", "replace"))
+        text = v.decode("utf-8", "replace")
+        append(text if "=?" not in text else _decode_encoded(text))
+    return _fold(TEXT_SEP.join(segments))
 
 
 def fulltext_keys(key: tuple) -> list[tuple[str, str]]:

@@ -146,6 +146,9 @@ class SearchCommands:
             sets = await self.mbox.fulltext_search([(needle, op == "BODY") for op, needle in wanted])
             if sets is not None:
                 key = search.substitute(key, {k: frozenset(s) for k, s in zip(wanted, sets)})
+        if key[0] == "INSET":  # a lone BODY / TEXT answered by the index: no Candidate each
+            uids = key[1]
+            return [(seq, m) for seq, m in enumerate(msgs, 1) if m.uid in uids]
         need = search.needs(key)
         # header fields and flags only: one compiled test per message, no Candidate
         quick = search.compile_indexed(key) if need == "index" else None

@@ -288,10 +288,17 @@ def _piece_words(pieces: list) -> str:
 
 def _read(file: Path) -> bytes:
     """The file's bytes, by os.read: open() builds a buffered file object per message
-    (0.13 against 0.08 s of CPU for the 10,000 bench messages)."""
+    (0.13 against 0.08 s of CPU for the 10,000 bench messages).  The first read asks for
+    the size fstat gives, plus one byte: asking for 1 MiB made CPython allocate (mmap)
+    and shrink a 1 MiB buffer for every message (~5 µs of a 12 KB one).  A file that
+    grew meanwhile is read on to its end."""
     fd = os.open(file, os.O_RDONLY)
     try:
-        chunks = []
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) == size:  # asked one byte more and did not get it: the end
+            return data
+        chunks = [data]  # longer than fstat said, or a short read: read on to the end
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
     finally:

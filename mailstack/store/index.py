@@ -209,9 +209,12 @@ class MetadataIndex:
         if self.lines >= 0 and self.lines + added <= limit:
             self.lines += added
             return False, b"".join(b"%d %s\n" % (uid, js) for uid, js in raws.items())
-        return True, self._compacted(live)
+        return True, self._compacted(live, raws)
 
-    def _compacted(self, live) -> bytes:
+    def _compacted(self, live, made: dict[int, bytes] | None = None) -> bytes:
+        """The whole file; `made`: lines of some entries made already (not encoded again:
+        a cold listing's first batch compacts, on the loop)."""
+        made = made or {}
         if live is not None:
             bases = {uid: (b if isinstance(b, str) else b.base) for uid, b in live.items()}
             for uid, base in bases.items():  # delivered entries that now have their UID
@@ -221,7 +224,8 @@ class MetadataIndex:
             assigned = set(bases.values())  # keep delivered lines whose UID is not given yet
             self.by_base = {b: v for b, v in self.by_base.items() if b not in assigned}
         body = [b"V%d\n" % self.uidvalidity]
-        body += [b"%d %s\n" % (uid, v if isinstance(v, bytes) else _dumps(v)) for uid, v in self.by_uid.items()]
+        body += [b"%d %s\n" % (uid, v if isinstance(v, bytes) else made.get(uid) or _dumps(v))
+                 for uid, v in self.by_uid.items()]
         body += [b"=%s %s\n" % (b.encode("utf-8", "surrogateescape"), v if isinstance(v, bytes) else _dumps(v))
                  for b, v in self.by_base.items()]
         self.lines = len(body) - 1

@@ -57,6 +57,7 @@ class _State:
         self.account = account
         self.name = name
         self.path = path
+        self.path_str = str(path)  # for path(): a Path in an f-string is a method call each time
         self.account_dir = account_dir
         self.lock = asyncio.Lock()
         self.loaded = False
@@ -559,7 +560,7 @@ class MaildirMailbox(Mailbox):
     def path(self, uid: int) -> str | None:
         e = self._st.entries.get(uid)
         # no pathlib joins: FETCH asks this for every message of a cold listing
-        return None if e is None else f"{self._st.path}/{e.sub}/{e.name}"
+        return None if e is None else f"{self._st.path_str}/{e.sub}/{e.name}"
 
     @disk_errors
     async def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str,
