@@ -30,6 +30,14 @@ LIST = "(UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE BODYSTRUCTURE)"
 DONE = re.compile(r"background index: done in [0-9.]+ s \((\d+) messages in (\d+) mailboxes indexed\)")
 
 
+def wait_done(srv: MailServer, nth: int, start: int | None = None) -> tuple[str, str]:
+    """The log once the indexer finished for the nth time, and the part that the start
+    `start` (default: nth) wrote."""
+    log = srv.wait_log(re.compile("(?s)" + ".*".join([DONE.pattern] * nth)), timeout=100)
+    starts = [m.start() for m in re.finditer("mailstack ready", log)]
+    return log, log[starts[(start or nth) - 1]:]
+
+
 def corpus(n: int) -> list[bytes]:
     """Messages with every kind of body a search decodes (quoted-printable, base64, 8-bit
     Latin-1, multipart) and the odd headers of the cold-listing tests."""
@@ -254,8 +262,7 @@ def test_stop_in_the_middle_is_clean_and_the_next_start_goes_on(tmp_path):
         meta, rows = index_state(box)
         assert len(meta) == first and rows >= meta  # the rows of what the lines tell of are in
         srv.start()
-        log = srv.wait_log(DONE, timeout=120)
-        run2 = log[log.rindex("mailstack ready"):]
+        log, run2 = wait_done(srv, 1, start=2)
         assert f"{USER}/INBOX: {len(datas) - first} messages in" in run2
         want = bases_on_disk(box)
         assert index_state(box) == (want, want)
@@ -279,8 +286,7 @@ def test_nothing_read_again_when_everything_is_indexed(tmp_path):
                 p = box / sub / name
                 p.write_bytes(b"Subject: replaced\r\n\r\nreplaced body\r\n".ljust(p.stat().st_size, b"x"))
         srv.start()
-        log = srv.wait_log(DONE)
-        run2 = log[log.rindex("mailstack ready"):]
+        log, run2 = wait_done(srv, 2)
         assert DONE.search(run2)[1] == "0", run2
         assert (box / idxmod.NAME).read_bytes() == index_before
         assert index_state(box)[1] == fts_before

@@ -61,6 +61,11 @@ BATCH_BYTES = 4 << 20  # ... or this many bytes read
 BUSY_SHARE = 0.25  # other work of the process, as a share of one core, that makes it wait
 PAUSE = 0.2  # seconds waited (and measured) while the process is busy
 STOP_WAIT = 10.0  # seconds stop() waits for the batch in flight
+# Mailboxes up to this size keep the header texts and sort keys of what was indexed in
+# memory (search.py's HeaderTexts, sort.py's Keys, in Mailbox.derived(), as a first listing
+# leaves them): a first SEARCH SUBJECT or SORT then parses no index line.  Bigger ones do
+# not (~1-2 KB a message, for mailboxes no client may open soon).
+NOTE_MAX = 20000
 
 
 def _complete_pattern() -> "re.Pattern[bytes]":
@@ -207,16 +212,19 @@ class BackgroundIndexer:
         uidvalidity = mbox.uidvalidity
         todo = await self._missing(mbox)
         root = os.fspath(st.path)
+        note = len(mbox.messages) <= NOTE_MAX
         done = 0
         i = 0
         while i < len(todo) and not self._stopping:
             batch: list[tuple[str, str, str]] = []
+            uid_of: dict[str, int] = {}
             size = 0
             while i < len(todo) and len(batch) < BATCH and size < BATCH_BYTES:
                 e = st.entries.get(todo[i])  # where the file is now (flag changes rename it)
                 i += 1
                 if e is not None and e.size <= INDEX_AT_DELIVERY_MAX:
                     batch.append((e.base, e.sub, e.name))
+                    uid_of[e.base] = e.uid
                     size += e.size
             if not batch:
                 continue
@@ -225,10 +233,13 @@ class BackgroundIndexer:
             cpu0, wall0 = time.process_time(), time.monotonic()
             async with st.fulltext.lock:  # a search adding rows waits for these, not the reverse
                 items, mine = await asyncio.to_thread(_read_batch, root, batch, uidvalidity)
+                made = {uid_of[item.base]: item.entry for item in items if item.entry is not None}
                 for item in items:
                     if item.entry is not None:
                         store_note(self.store, st, item.base, item.entry)
-            done += sum(1 for item in items if item.entry is not None)
+            if note and st.ul.uidvalidity == uidvalidity:
+                note_listed(mbox.derived(), made)
+            done += len(made)
             await self._yield(time.process_time() - cpu0 - mine, time.monotonic() - wall0)
         return done
 
@@ -266,6 +277,17 @@ class BackgroundIndexer:
             cpu0, wall0 = time.process_time(), time.monotonic()
             await asyncio.sleep(PAUSE)
             others_cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+
+
+def note_listed(derived: dict, entries: dict[int, dict]) -> None:
+    """What a first listing keeps of the entries it made (imap/fetching.py), and what a first
+    SORT takes from a full entry (imap/searching.py _sort_keys)."""
+    from ..imap import search, sort  # the store stays importable without the protocol packages
+    search.note_listed(derived, entries)
+    keys = sort.keys_of(derived)
+    for uid, e in entries.items():
+        if uid not in keys.full and sort.valid(e):
+            keys.add_full(uid, e["sort"])
 
 
 def store_note(store, st, base: str, entry: dict) -> None:
