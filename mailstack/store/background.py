@@ -16,12 +16,15 @@ start's tmp/ cleaning finds them):
 * finds what the indexes lack, without reading a message: the index file's lines (a line
   that FETCH, SEARCH, SORT and POP3's STAT can all answer from is `complete`) and the
   full-text index's documents;
-* reads the others in small batches, one worker-thread call each, and hands them to the
-  code that indexes a delivery (derived.py `derive`: `index.message_entry`, which is
-  `fetch.cache_entry` plus POP3's size, and `fts.texts_of`; no second parser), which
-  appends their lines by base name (right whatever UIDs and UIDVALIDITY say later) and
-  adds their rows in one FTS5 transaction.  What it made is noted into the loaded
-  indexes of the mailbox, as a delivery's is (`MaildirStore._note_indexed`).
+* reads the others in small batches, one worker-thread call each, and indexes them with
+  the code of a client's first look (no second parser): the first listing's entry
+  (`fetch.header_entry`: ENVELOPE, the header texts SEARCH uses, the SORT keys) with
+  POP3's size (`sizes.size_entry`), appended as lines keyed by base name (right whatever
+  UIDs and UIDVALIDITY say later, as a delivery's are), and the first body search's
+  full-text rows (`fts.index_files`).  What it made is noted into the loaded indexes of
+  the mailbox as a delivery's is (`MaildirStore._note_indexed`), and its header texts and
+  sort keys kept in memory as a first listing keeps them.  BODYSTRUCTURE is left to the
+  first FETCH that asks for it (a full MIME parse costs ~10 times the header's).
 
 Why it stays out of the way: one task, one worker-thread call at a time, BATCH messages
 (or BATCH_BYTES) per call; between batches it looks at how much CPU the rest of the process
@@ -69,14 +72,14 @@ NOTE_MAX = 20000
 
 
 def _complete_pattern() -> "re.Pattern[bytes]":
-    """A line FETCH (ENVELOPE, BODYSTRUCTURE), SEARCH, SORT and POP3 STAT answer from without
-    the message: the current entry version, the body structure, the header texts and the
-    POP3 size (what index.message_entry writes).  _dumps puts "v" first; keys elsewhere
-    are found by their quoted name followed by a colon, which a JSON string cannot hold
-    unescaped.  A false "no" only costs one message parsed again."""
+    """A line that a first listing (ENVELOPE), header SEARCH and POP3's STAT answer from
+    without the message: the current entry version with its envelope first (_dumps puts
+    "v" and "env" there), the header texts and the POP3 size.  Keys elsewhere are found by
+    their quoted name followed by a colon, which a JSON string cannot hold unescaped.  A
+    false "no" only costs one message parsed again."""
     from ..imap import fetch
     from ..pop3 import sizes
-    return re.compile(rb'\{"v":%d,(?=.*"bs":")(?=.*"hs":\{)(?=.*"%s":\{"size":\d+,"v":%d\})'
+    return re.compile(rb'\{"v":%d,"env":"(?=.*"hs":\{)(?=.*"%s":\{"size":\d+,"v":%d\})'
                       % (fetch.CACHE_VERSION, sizes.CACHE_KEY.encode(), sizes.CACHE_VERSION))
 
 
@@ -108,29 +111,49 @@ def indexed_in_file(path: Path, uidvalidity: int) -> tuple[bool, set[int], set[s
     return True, uids, bases
 
 
-def _read_batch(root: str, batch: list[tuple[str, str, str]], uidvalidity: int) -> tuple[list, float]:
-    """Blocking: read the files and index them as a delivery's (derived.derive).  Returns
-    the items and this thread's CPU.  A file renamed meanwhile (a flag change, new/ to cur/)
-    is skipped: indexed when first looked at."""
+def _index_batch(root: str, batch: list[tuple[str, str, str]], uidvalidity: int
+                 ) -> tuple[dict[str, dict], float]:
+    """Blocking: index these files (base, sub, name) with the code of a first look: the
+    first listing's entry (fetch.header_entry) with POP3's size (sizes.size_entry), appended
+    to the index file as lines keyed by base name (right whatever the UIDs are later); the
+    first body search's rows (fts.index_files).  Returns base -> entry ("fts": True when its
+    rows were added) and this thread's CPU.  A file renamed meanwhile (a flag change, new/
+    to cur/) is skipped: indexed when first looked at."""
+    from ..imap import fetch  # the store stays importable without the protocol packages
+    from ..pop3 import sizes
     t0 = time.thread_time()
-    mailbox_dir = Path(root)
-    items = []
+    entries: dict[str, dict] = {}
+    files = []
     for base, sub, name in batch:
+        path = f"{root}/{sub}/{name}"
         try:
-            fd = os.open(f"{root}/{sub}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            data = fts._read(path)  # type: ignore[arg-type]
         except FileNotFoundError:
             continue
+        time.sleep(0)  # the loop gets the GIL between two messages, not after 5 ms (derived.py)
         try:
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        items.append(dermod._Item(mailbox_dir, base, uidvalidity, b"".join(chunks), None))
-    dermod.derive(items)
-    for item in items:
-        item.message = b""  # let the bytes go before the loop sees them
-    return items, time.thread_time() - t0
+            entry = fetch.header_entry(data)
+            entry[sizes.CACHE_KEY] = sizes.size_entry(data)
+        except Exception:  # noqa: BLE001 - a parser bug must not stop the rest: done when first looked at
+            log.warning("background index: could not index %s", path, exc_info=True)
+            continue
+        entries[base] = idxmod.Plain(entry)
+        files.append((base, Path(path)))
+    if entries:
+        lines = [idxmod.delivered_line(base, e) for base, e in entries.items()]
+        try:
+            with dermod._append_lock:  # two writers must not both create the file
+                idxmod.append_lines(Path(root) / idxmod.NAME, uidvalidity, lines)
+        except OSError as e:  # a full disk: made when first looked at
+            log.warning("background index: cannot append to the index of %s: %s", root, e)
+            entries = {}
+    try:
+        for base in fts.index_files(Path(root) / fts.NAME, files):
+            if base in entries:
+                entries[base]["fts"] = True
+    except (sqlite3.Error, OSError) as e:  # added at the next search
+        log.warning("full-text index of %s not updated (%s): filled at the next search", root, e)
+    return entries, time.thread_time() - t0
 
 
 class BackgroundIndexer:
@@ -232,11 +255,10 @@ class BackgroundIndexer:
                 break  # the mailbox was recreated under us: its next opener starts over
             cpu0, wall0 = time.process_time(), time.monotonic()
             async with st.fulltext.lock:  # a search adding rows waits for these, not the reverse
-                items, mine = await asyncio.to_thread(_read_batch, root, batch, uidvalidity)
-                made = {uid_of[item.base]: item.entry for item in items if item.entry is not None}
-                for item in items:
-                    if item.entry is not None:
-                        store_note(self.store, st, item.base, item.entry)
+                entries, mine = await asyncio.to_thread(_index_batch, root, batch, uidvalidity)
+                made = {uid_of[base]: entry for base, entry in entries.items()}
+                for base, entry in entries.items():
+                    store_note(self.store, st, base, entry)
             if note and st.ul.uidvalidity == uidvalidity:
                 note_listed(mbox.derived(), made)
             done += len(made)
@@ -280,14 +302,10 @@ class BackgroundIndexer:
 
 
 def note_listed(derived: dict, entries: dict[int, dict]) -> None:
-    """What a first listing keeps of the entries it made (imap/fetching.py), and what a first
-    SORT takes from a full entry (imap/searching.py _sort_keys)."""
+    """What a first listing keeps of the entries it made (imap/fetching.py _cache_entries)."""
     from ..imap import search, sort  # the store stays importable without the protocol packages
+    sort.note_listed(derived, entries)
     search.note_listed(derived, entries)
-    keys = sort.keys_of(derived)
-    for uid, e in entries.items():
-        if uid not in keys.full and sort.valid(e):
-            keys.add_full(uid, e["sort"])
 
 
 def store_note(store, st, base: str, entry: dict) -> None:
