@@ -140,7 +140,9 @@ class Server:
             # mail copied into the Maildirs while the server was down gets its index entries
             # and full-text rows now, not at the first client's FETCH (store/background.py)
             from .store.background import BackgroundIndexer
-            self.indexer = BackgroundIndexer(services.store)
+            sessions = services.sessions
+            self.indexer = BackgroundIndexer(  # waits while mail comes in or POP3 users read
+                services.store, busy=lambda: sessions.count("smtp") > 0 or sessions.count("pop3") > 0)
             self.indexer.start()
         log.info("mailstack ready as %s: %s", cfg.server.hostname,
                  ", ".join(f"{name} {_addr(s)}" for name, s in self.listeners) or "no listeners")

@@ -29,10 +29,10 @@ start's tmp/ cleaning finds them):
 Why it stays out of the way: one task, one worker-thread call at a time, BATCH messages
 (or BATCH_BYTES) per call; between batches it looks at how much CPU the rest of the process
 used meanwhile and, while that is more than BUSY_SHARE of the time (sessions, deliveries,
-a client's own first FETCH), it waits.  Messages bigger than the delivery's limit
-(INDEX_AT_DELIVERY_MAX) are left to the first look, as at delivery: memory stays bounded
-by one batch, and the index file is scanned line by line, never loaded whole, unless a
-session has it loaded already.
+a client's own first FETCH) or SMTP / POP3 sessions are open (`busy`), it waits (MAX_WAIT
+at most).  Messages bigger than the delivery's limit (INDEX_AT_DELIVERY_MAX) are left to
+the first look, as at delivery: memory stays bounded by one batch, and the index file is
+scanned line by line, never loaded whole, unless a session has it loaded already.
 
 Nothing to do is cheap: on a restart with everything indexed it reads the index file and
 the full-text document list of each mailbox, never a message.
@@ -49,6 +49,7 @@ import re
 import sqlite3
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..fsutil import atomic_write
 from . import derived as dermod
@@ -63,6 +64,7 @@ BATCH = 100  # messages per worker-thread call (~10-20 ms of parsing on one core
 BATCH_BYTES = 4 << 20  # ... or this many bytes read
 BUSY_SHARE = 0.25  # other work of the process, as a share of one core, that makes it wait
 PAUSE = 0.2  # seconds waited (and measured) while the process is busy
+MAX_WAIT = 30.0  # ... at most, then one batch anyway (a server never idle still gets there)
 STOP_WAIT = 10.0  # seconds stop() waits for the batch in flight
 # Mailboxes up to this size keep the header texts and sort keys of what was indexed in
 # memory (search.py's HeaderTexts, sort.py's Keys, in Mailbox.derived(), as a first listing
@@ -159,8 +161,11 @@ def _index_batch(root: str, batch: list[tuple[str, str, str]], uidvalidity: int
 class BackgroundIndexer:
     """Used on the event loop; one per server (server.py)."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, busy: Callable[[], bool] | None = None) -> None:
         self.store = store
+        # True while short-lived sessions (SMTP, POP3) are open: on a loaded machine the
+        # process's own CPU share can look low while they wait for a core
+        self.busy = busy or (lambda: False)
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.done = asyncio.Event()
@@ -293,12 +298,16 @@ class BackgroundIndexer:
 
     async def _yield(self, others_cpu: float, wall: float) -> None:
         """Let sessions go first: while the rest of the process used more than BUSY_SHARE of
-        a core since the last look, wait and look again."""
+        a core since the last look, or `busy()` says so, wait and look again (MAX_WAIT at
+        most)."""
         await asyncio.sleep(0)
-        while not self._stopping and wall > 0 and others_cpu / wall > BUSY_SHARE:
+        waited = 0.0
+        while not self._stopping and waited < MAX_WAIT and \
+                ((wall > 0 and others_cpu / wall > BUSY_SHARE) or self.busy()):
             cpu0, wall0 = time.process_time(), time.monotonic()
             await asyncio.sleep(PAUSE)
             others_cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+            waited += wall
 
 
 def note_listed(derived: dict, entries: dict[int, dict]) -> None:
