@@ -304,3 +304,25 @@ def test_off_by_config(tmp_path):
         assert index_state(srv.maildir(USER)) == (set(), set())
         assert srv.stop() == 0
         assert "background index" not in srv.log()
+
+
+def test_an_index_file_of_another_uidvalidity_is_started_again(tmp_path):
+    """Lines under another UIDVALIDITY's header are ignored when loaded: appended to, the
+    new ones would be too.  The indexer starts the file again under the current one."""
+    datas = corpus(40)
+    srv = new_server(tmp_path, datas)
+    box = srv.maildir(USER)
+    (box / idxmod.NAME).write_bytes(b"V999\n1 {\"v\":1}\n")
+    with srv:
+        srv.start()
+        srv.wait_log(DONE)
+        uidvalidity = int(re.match(rb"3 V(\d+) ", (box / "mailstack-uidlist").read_bytes())[1])
+        lines = (box / idxmod.NAME).read_bytes().split(b"\n")
+        assert lines[0] == b"V%d" % uidvalidity != b"V999"
+        assert index_state(box)[0] == bases_on_disk(box)
+        c = imap(srv)
+        c.select("INBOX", readonly=True)
+        got = c.fetch("1:*", "(UID ENVELOPE)")[1]
+        assert sum(1 for x in got if b" (UID " in (x[0] if isinstance(x, tuple) else x)[:24]) == len(datas)
+        c.logout()
+        assert srv.stop() == 0
