@@ -29,8 +29,8 @@ start's tmp/ cleaning finds them):
 Why it stays out of the way: one task, one worker-thread call at a time, BATCH messages
 (or BATCH_BYTES) per call; between batches it looks at how much CPU the rest of the process
 used meanwhile and, while that is more than BUSY_SHARE of the time (sessions, deliveries,
-a client's own first FETCH) or SMTP / POP3 sessions are open (`busy`), it waits (MAX_WAIT
-at most).  Messages bigger than the delivery's limit (INDEX_AT_DELIVERY_MAX) are left to
+a client's own first FETCH), or SMTP / POP3 sessions are open (`busy`), or a client has
+the mailbox open, it waits (MAX_WAIT at most).  Messages bigger than the delivery's limit (INDEX_AT_DELIVERY_MAX) are left to
 the first look, as at delivery: memory stays bounded by one batch, and the index file is
 scanned line by line, never loaded whole, unless a session has it loaded already.
 
@@ -267,7 +267,9 @@ class BackgroundIndexer:
             if note and st.ul.uidvalidity == uidvalidity:
                 note_listed(mbox.derived(), made)
             done += len(made)
-            await self._yield(time.process_time() - cpu0 - mine, time.monotonic() - wall0)
+            # a client on this very mailbox goes first (its refs count; ours is one of them)
+            await self._yield(time.process_time() - cpu0 - mine, time.monotonic() - wall0,
+                              lambda: st.refs > 1)
         return done
 
     async def _missing(self, mbox) -> list[int]:
@@ -296,14 +298,14 @@ class BackgroundIndexer:
                 out.append(m.uid)
         return out
 
-    async def _yield(self, others_cpu: float, wall: float) -> None:
+    async def _yield(self, others_cpu: float, wall: float, in_use: Callable[[], bool]) -> None:
         """Let sessions go first: while the rest of the process used more than BUSY_SHARE of
-        a core since the last look, or `busy()` says so, wait and look again (MAX_WAIT at
-        most)."""
+        a core since the last look, or `busy()` says so, or a client has the mailbox open,
+        wait and look again (MAX_WAIT at most)."""
         await asyncio.sleep(0)
         waited = 0.0
         while not self._stopping and waited < MAX_WAIT and \
-                ((wall > 0 and others_cpu / wall > BUSY_SHARE) or self.busy()):
+                ((wall > 0 and others_cpu / wall > BUSY_SHARE) or self.busy() or in_use()):
             cpu0, wall0 = time.process_time(), time.monotonic()
             await asyncio.sleep(PAUSE)
             others_cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
