@@ -60,7 +60,7 @@ from .maildir_files import INDEX_AT_DELIVERY_MAX
 
 log = logging.getLogger("mailstack.store")
 
-BATCH = 100  # messages per worker-thread call (~10-20 ms of parsing on one core)
+BATCH = 100  # messages per worker-thread call (~25-70 ms of work on one core)
 BATCH_BYTES = 4 << 20  # ... or this many bytes read
 BUSY_SHARE = 0.25  # other work of the process, as a share of one core, that makes it wait
 PAUSE = 0.2  # seconds waited (and measured) while the process is busy
@@ -275,8 +275,7 @@ class BackgroundIndexer:
     async def _missing(self, mbox) -> list[int]:
         """UIDs of the messages of the view that lack a complete index line or full-text rows."""
         st = mbox._st
-        uids = [m.uid for m in mbox.messages]
-        if not uids:
+        if not mbox.messages:
             return []
         uidvalidity = mbox.uidvalidity
         path = st.path / idxmod.NAME
