@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -136,7 +137,8 @@ def install_peers() -> None:
 class Mailstack:
     name = "mailstack"
 
-    def __init__(self, workdir: Path, loop: str = "auto", senderauth: bool = True) -> None:
+    def __init__(self, workdir: Path, loop: str = "auto", senderauth: bool = True,
+                 background_index: bool = True) -> None:
         self.dir = workdir / "mailstack"
         self.dir.mkdir(parents=True)
         self.data_dir = self.dir / "data"
@@ -150,7 +152,8 @@ class Mailstack:
         sections = {
             "server": {"hostname": HOSTNAME, "data_dir": str(self.data_dir), "event_loop": loop,
                        "log_level": "info", "shutdown_grace": 2.0,
-                       "user": "root"},  # the bench runs in root's private temp folders
+                       "user": "root",  # the bench runs in root's private temp folders
+                       **({} if background_index else {"background_index": False})},
             "listen": listen,
             "smtp": {"max_connections": 2000, "max_connections_per_ip": 2000},
             "imap": {"allow_plaintext_auth": True, "max_connections": 30000,
@@ -201,6 +204,21 @@ class Mailstack:
 
     def maildir(self, user: str) -> Path:
         return self.data_dir / "mail" / DOMAIN / user
+
+    def indexer_done(self) -> bool:
+        """Has the background indexer (store/background.py) finished its pass over the
+        mailboxes placed before the start?  (True when it is off.)"""
+        text = (self.dir / "server.log").read_text(errors="replace")
+        return "background index: done" in text or "background_index = false" in self.config.read_text()
+
+    def wait_indexer(self, timeout: float = 600.0) -> float:
+        """Seconds waited until indexer_done()."""
+        t0 = time.monotonic()
+        while not self.indexer_done():
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError("the background index did not finish")
+            time.sleep(0.1)
+        return time.monotonic() - t0
 
     def roots(self, service: str) -> list[int]:
         return [self.proc.pid]

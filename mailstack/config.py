@@ -69,6 +69,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                           choices=("auto", "uvloop", "asyncio")),
         "control_socket": Key("path", "", "Unix socket the CLI uses to act on the running server "
                               "(mode 0600). Empty = <data_dir>/control.sock."),
+        "background_index": Key("bool", True, "After the start, index in the background the mail that "
+                                "arrived behind the server's back (copied or restored into the Maildirs "
+                                "while it was down, moved in by hand), one mailbox at a time and waiting "
+                                "while the server is busy, so a user's first login after a migration is "
+                                "as fast as the next ones. false = such mail is indexed when a client "
+                                "first asks for it."),
     },
     "listen": {name: Key("addrs", [addr], doc) for name, (addr, doc) in _LISTENERS.items()},
     "tls": {

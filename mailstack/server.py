@@ -87,6 +87,7 @@ class Server:
         self.stopping = asyncio.Event()
         self.services: Services | None = None
         self._tasks: list[asyncio.Task] = []
+        self.indexer = None  # store/background.py's BackgroundIndexer, when on
 
     # --- start -------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,6 +136,14 @@ class Server:
         for _, listener in self.listeners:
             await listener.start_serving()
         self._tasks.append(asyncio.create_task(self._watch_directory()))
+        if cfg.server.background_index:
+            # mail copied into the Maildirs while the server was down gets its index entries
+            # and full-text rows now, not at the first client's FETCH (store/background.py)
+            from .store.background import BackgroundIndexer
+            sessions = services.sessions
+            self.indexer = BackgroundIndexer(  # waits while mail comes in or POP3 users read
+                services.store, busy=lambda: sessions.count("smtp") > 0 or sessions.count("pop3") > 0)
+            self.indexer.start()
         log.info("mailstack ready as %s: %s", cfg.server.hostname,
                  ", ".join(f"{name} {_addr(s)}" for name, s in self.listeners) or "no listeners")
 
@@ -308,6 +317,8 @@ class Server:
             self.public.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
+        if self.indexer is not None:  # first: the batch in flight ends, nothing more starts
+            await self.indexer.stop()
         await self.services.sessions.drain(self.cfg.server.shutdown_grace)
         if self.services.queue is not None:
             await self.services.queue.stop()

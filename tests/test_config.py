@@ -31,6 +31,7 @@ def check(tmp_path, text):
     ("[queue]\nretry_min = 600.0\nretry_max = 60.0\n", "queue.retry_max", "retry_min"),
     ("[tls]\ncert = \"/x.pem\"\n", "tls.key", "together"),
     ("[server]\nhostname = 3\n", "server.hostname", "string"),
+    ("[server]\nbackground_index = \"no\"\n", "server.background_index", "true or false"),
 ])
 def test_bad_config_one_line_naming_the_key(tmp_path, text, key, reason):
     r = check(tmp_path, text)
