@@ -102,6 +102,19 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 
 class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommands, SearchCommands,
                   FetchCommands, CompressCommands, NotifyCommands, QuotaCommands, CondstoreCommands):
+    # Every attribute a logged-in session in IDLE has is a slot (8 bytes each).  In an
+    # instance __dict__ they cost far more once there are many: CPython 3.11 shares one key
+    # table among a class's instances only up to 30 attribute names (all names ever set on
+    # any instance of the class count), and past that every session carries its own combined
+    # dict (~1.3-1.6 KiB).  The mixins' rarer attributes (NOTIFY, COMPRESS, extension use ...)
+    # still go into the instance dict, which stays small and shared-key while they are few.
+    # A slot must be set in __init__: it hides a class-level default of a mixin.
+    # tests/test_imap_session_memory.py checks that an IDLE session's dict stays empty.
+    __slots__ = ("services", "cfg", "listener", "reader", "writer", "peer_ip", "tls", "state", "account",
+                 "out", "framer", "mbox", "recent", "keywords", "_unsubscribe", "dirty", "wake", "closing",
+                 "uid_cmd", "reserved", "enabled", "used", "client_name", "idle_since", "search_result",
+                 "_registry_protocol")
+
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -129,6 +142,9 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
         self.enabled: set[str] = set()  # extensions switched on by ENABLE (RFC 5161)
         self.used: set[str] | None = None  # command names used after login (summary line)
         self.client_name: str | None = None  # from ID, for the summary line
+        self.idle_since: float | None = None  # loop time the current read began (defense/connections.py)
+        self.search_result: frozenset = frozenset()  # SEARCHRES "$" (RFC 5182; searching.py)
+        self._registry_protocol: str | None = None  # set by SessionRegistry.add (services.py)
 
     # ------------------------------------------------------------------ output
     def send(self, line: bytes) -> None:
@@ -228,9 +244,7 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
                 self.idle_since = None
         return self.framer.events.pop(0)
 
-    # --- for the connection-flood defence -------------------------------------------------
-    idle_since: float | None = None
-
+    # --- for the connection-flood defence (idle_since: a slot, set in __init__) -------------
     @property
     def preauth(self) -> bool:
         return self.state == NOT_AUTH

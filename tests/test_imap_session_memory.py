@@ -1,0 +1,63 @@
+"""Memory of idle IMAP sessions (issue 16: <= 10 KiB per logged-in session in IDLE).
+
+The per-session attributes are slots of IMAPSession.  Were one of them an instance-dict
+entry instead, enough distinct names across the class make CPython give every session a
+dict of its own (~1.3-1.6 KiB each, +15 % per idle session); the test below fails as soon
+as a session logged in, SELECTed and IDLE holds anything in its instance dict."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from harness import wait_for
+from imap_fixtures import InProcessIMAP
+from mailstack.imap.session import IMAPSession
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def srv(request, tmp_path):
+    s = InProcessIMAP(tmp_path, {"allow_plaintext_auth": True}, store="maildir", loop=request.param)
+    yield s
+    s.close()
+
+
+def _until(f, prefix: bytes) -> bytes:
+    while True:
+        line = f.readline()
+        assert line, "connection closed"
+        if line.startswith(prefix):
+            return line
+
+
+def test_a_session_in_idle_keeps_every_attribute_in_a_slot(srv):
+    srv.deliver("alice@example.test", b"Subject: hi\r\n\r\nbody\r\n")
+    socks = []
+    try:
+        for _ in range(3):  # a few, so that no first-session path is all that is seen
+            s = socket.create_connection(("127.0.0.1", srv.ports["imap"]), timeout=10)
+            socks.append(s)
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"a ID (\"name\" \"test\")\r\nb LOGIN alice@example.test secret\r\nc SELECT INBOX\r\n")
+            assert _until(f, b"c ").startswith(b"c OK")
+            s.sendall(b"d IDLE\r\n")
+            _until(f, b"+")
+        wait_for(lambda: srv.session_count() == 3, 10, what="three sessions")
+        sessions = [x for x in srv.services.sessions.sessions if isinstance(x, IMAPSession)]
+        assert len(sessions) == 3
+        for session in sessions:
+            assert session.state is not None and session.wake is not None  # in IDLE, selected
+            assert vars(session) == {}, f"not slots: {sorted(vars(session))}"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_slots_hide_no_mixin_default_left_unset():
+    # A slot hides a mixin's class-level default: reading it before __init__ set it would
+    # raise AttributeError.  Every slot must therefore be assigned in __init__.
+    import inspect
+    src = inspect.getsource(IMAPSession.__init__)
+    missing = [name for name in IMAPSession.__slots__ if f"self.{name}" not in src]
+    assert missing == []
