@@ -31,7 +31,7 @@ from .parser import Command, MailboxNameError, ParseError, parse_command, parse_
 from .searching import SearchCommands
 from .selected import SelectedCommands
 from .quota import QuotaCommands
-from .states import AUTH, LOGOUT, NOT_AUTH, READ_SIZE, SELECTED, Bye
+from .states import AUTH, EMPTY, LOGOUT, NOT_AUTH, READ_SIZE, SELECTED, Bye
 
 log = logging.getLogger("mailstack.imap")
 
@@ -131,19 +131,19 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
                                     cfg.smtp.max_message_size, max_append_bytes(cfg),
                                     reserve=lambda n: budget_for(services).reserve(n))  # LITERAL+ ones
         self.mbox = None  # selected Mailbox
-        self.recent: set[int] = set()
-        self.keywords: frozenset[str] = frozenset()
+        self.recent: set[int] | frozenset[int] = EMPTY  # a set of its own once something is \\Recent
+        self.keywords: frozenset[str] = EMPTY
         self._unsubscribe = None
         self.dirty = False  # another session/delivery changed the selected mailbox
         self.wake = None  # an idlewait.Wake while idling
         self.closing = False
         self.uid_cmd = False
         self.reserved = 0  # bytes of the in-flight literal counted in the shared budget
-        self.enabled: set[str] = set()  # extensions switched on by ENABLE (RFC 5161)
-        self.used: set[str] | None = None  # command names used after login (summary line)
+        self.enabled: frozenset[str] = EMPTY  # extensions switched on by ENABLE (RFC 5161); rebound
+        self.used: tuple[str, ...] = ()  # command names used after login (summary line): a few
         self.client_name: str | None = None  # from ID, for the summary line
         self.idle_since: float | None = None  # loop time the current read began (defense/connections.py)
-        self.search_result: frozenset = frozenset()  # SEARCHRES "$" (RFC 5182; searching.py)
+        self.search_result: frozenset = EMPTY  # SEARCHRES "$" (RFC 5182; searching.py)
         self._registry_protocol: str | None = None  # set by SessionRegistry.add (services.py)
 
     # ------------------------------------------------------------------ output
@@ -304,7 +304,7 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
             cmd = parse_command(ev.parts, self.enabled)
         except ParseError as e:
             if getattr(e, "reset_search_result", False):  # RFC 5182: "$" is emptied
-                self.search_result = frozenset()
+                self.search_result = EMPTY
             code = f"[{e.code}] " if e.code else ""
             # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error;
             # nor is a mailbox name that is not valid modified UTF-7
@@ -330,8 +330,9 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
         handler = getattr(self, "cmd_" + name.lower())
         self.uid_cmd = cmd.uid
         if self.account is not None:  # for the summary line at the end (which extensions clients use)
-            self.used = self.used or set()
-            self.used.add("UID " + name if cmd.uid else name)
+            used = "UID " + name if cmd.uid else name
+            if used not in self.used:
+                self.used += (used,)
         try:
             await handler(cmd)
         except MailboxNotFound as e:
