@@ -82,3 +82,60 @@ def test_slots_hide_no_mixin_default_left_unset():
     src = inspect.getsource(IMAPSession.__init__)
     missing = [name for name in IMAPSession.__slots__ if f"self.{name}" not in src]
     assert missing == []
+
+
+class _Counting:
+    """A subscriber that counts how often it is compared with another."""
+    compared = 0
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def __call__(self, event) -> None:
+        self.seen.append(self)
+
+    def __eq__(self, other) -> bool:
+        _Counting.compared += 1
+        return self is other
+
+    __hash__ = object.__hash__
+
+
+def test_an_ending_session_unsubscribes_without_a_scan_of_the_others():
+    # Every IDLE session subscribes to its mailbox; a list of subscribers made each
+    # unsubscribe compare against the others: O(sessions^2) when 10,000 of them drop.
+    from mailstack.events import EventBus, MailboxEvent
+    bus = EventBus()
+    seen: list = []
+    subs = [_Counting(seen) for _ in range(1000)]
+    unsubscribe = [bus.subscribe("A@x", "INBOX", s) for s in subs]
+    account_unsub = bus.subscribe_account("a@x", subs[0])
+    _Counting.compared = 0
+    for u in unsubscribe[:500]:
+        u()
+    unsubscribe[0]()  # twice: no harm
+    assert _Counting.compared == 0
+    assert bus.subscribers("a@x", "INBOX") == 500
+    bus.publish(MailboxEvent("a@x", "INBOX", "new"))
+    assert seen == subs[500:] + [subs[0]]  # subscription order, then the account's
+    for u in unsubscribe[500:]:
+        u()
+    account_unsub()
+    assert bus._subs == {} and bus._account_subs == {}
+
+
+def test_a_callback_may_unsubscribe_another_while_an_event_is_published():
+    from mailstack.events import EventBus, MailboxEvent
+    bus = EventBus()
+    calls = []
+    later = None
+
+    def first(ev):
+        calls.append("first")
+        later()
+
+    bus.subscribe("a@x", "INBOX", first)
+    later = bus.subscribe("a@x", "INBOX", lambda ev: calls.append("second"))
+    bus.publish(MailboxEvent("a@x", "INBOX", "new"))  # second was taken with the list: still runs
+    bus.publish(MailboxEvent("a@x", "INBOX", "new"))
+    assert calls == ["first", "second", "first"]
