@@ -39,7 +39,7 @@ class CondstoreCommands:
         it).  With a mailbox selected the client learns its HIGHESTMODSEQ at once."""
         if self.condstore:
             return
-        self.enabled.add("CONDSTORE")
+        self.enabled = self.enabled | {"CONDSTORE"}  # a frozenset: rebound (states.EMPTY)
         log.info("IMAP enable CONDSTORE (%s)", how, extra={"client": self.peer_ip})
         if self.mbox is not None and self.mbox.highestmodseq is not None:
             self.send(b"* OK [HIGHESTMODSEQ %d] Highest" % self.mbox.highestmodseq)

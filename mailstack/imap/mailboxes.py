@@ -111,12 +111,12 @@ class MailboxCommands:
         if self.mbox is not None:  # these change the wire format: before SELECT only (RFC 6855 3)
             new = [c for c in new if c not in ("UTF8=ACCEPT", "IMAP4REV2")]
         had_condstore = self.condstore
-        self.enabled.update(new)
+        self.enabled = self.enabled.union(new)  # a frozenset: rebound (states.EMPTY)
         for c in new:
             if c != "CONDSTORE":  # enable_condstore() below says how CONDSTORE came on
                 log.info("IMAP enable %s", c, extra={"client": self.peer_ip})
         self.send(" ".join(["* ENABLED"] + [_SPELLING.get(c, c) for c in new]).encode())
         if not had_condstore and ("QRESYNC" in new or "CONDSTORE" in new):  # QRESYNC implies it (RFC 7162 3.2.3)
-            self.enabled.discard("CONDSTORE")
+            self.enabled = self.enabled - {"CONDSTORE"}
             self.enable_condstore("ENABLE")
         await self.done(cmd, "ENABLE completed")

@@ -20,7 +20,7 @@ from ..store import fts
 from ..store.base import StoreError
 from . import fetch, response, search, sort, thread
 from .parser import Command, SearchResult
-from .states import FETCH_BATCH
+from .states import EMPTY, FETCH_BATCH
 
 log = logging.getLogger("mailstack.imap")
 
@@ -53,7 +53,7 @@ class SearchCommands:
             return await self._matching(cmd.args["key"])
         except Exception:
             if options and "SAVE" in options:
-                self.search_result = frozenset()  # RFC 5182: a failed SEARCH (SAVE) empties "$"
+                self.search_result = EMPTY  # RFC 5182: a failed SEARCH (SAVE) empties "$"
             raise
 
     async def cmd_search(self, cmd: Command) -> None:

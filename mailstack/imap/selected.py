@@ -17,7 +17,7 @@ from ..store.base import SYSTEM_FLAGS, MailboxNotFound, StoreError
 from . import response, rev2
 from .idlewait import Wake, read_soon, wait_read_or_wake
 from .parser import Command, Frame, SearchResult
-from .states import AUTH, READ_SIZE, SELECTED, Bye
+from .states import AUTH, EMPTY, READ_SIZE, SELECTED, Bye
 
 log = logging.getLogger("mailstack.imap")
 
@@ -41,12 +41,12 @@ class SelectedCommands:
         mbox = await self.services.store.open(self.account, name, read_only=read_only)
         self.mbox = mbox
         self.state = SELECTED
-        self.recent = set()
+        self.recent = EMPTY
         self._claim_recent(m.uid for m in mbox.messages)
         self._unsubscribe = self.services.events.subscribe(self.account, mbox.name, self._on_event)
         msgs = mbox.messages
-        # a frozenset: the empty one is shared (most mailboxes have no keywords); `|=` rebinds
-        self.keywords = frozenset(f for fs in {frozenset(m.flags) for m in msgs} for f in fs if not f.startswith("\\"))
+        # a frozenset, the shared EMPTY when there are none (most mailboxes); `|=` rebinds
+        self.keywords = frozenset(f for fs in {frozenset(m.flags) for m in msgs} for f in fs if not f.startswith("\\")) or EMPTY
         self._send_flags()
         self.send(b"* %d EXISTS" % len(msgs))
         if self.imap4rev2:  # RFC 9051: a LIST of the mailbox; no RECENT, no UNSEEN code
@@ -86,8 +86,16 @@ class SelectedCommands:
         # RFC 3501 2.3.2: only the first session to see a message is told it is \Recent;
         # EXAMINE shows it as recent too but does not take it away from later sessions.
         mbox = self.mbox
-        self.recent |= self.services.store.claim_recent(mbox.account, mbox.name, mbox.uidvalidity,
-                                                        uids, take=not mbox.read_only)
+        claimed = self.services.store.claim_recent(mbox.account, mbox.name, mbox.uidvalidity,
+                                                   uids, take=not mbox.read_only)
+        if claimed:
+            if not self.recent:  # the shared EMPTY: a set of this session's own from now on
+                self.recent = set()
+            self.recent |= claimed
+
+    def _forget_recent(self, gone) -> None:
+        if self.recent:  # never the shared EMPTY (see _claim_recent)
+            self.recent.difference_update(gone)
 
     def _on_event(self, ev: MailboxEvent) -> None:
         if ev.origin is self:
@@ -100,11 +108,11 @@ class SelectedCommands:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        self.search_result = frozenset()  # "$" starts empty in every mailbox (RFC 5182)
+        self.search_result = EMPTY  # "$" starts empty in every mailbox (RFC 5182)
         if self.mbox is not None:
             mbox, self.mbox = self.mbox, None
-            self.recent = set()
-            self.keywords = frozenset()
+            self.recent = EMPTY
+            self.keywords = EMPTY
             try:
                 await mbox.close()
             except Exception:  # noqa: BLE001
@@ -185,7 +193,7 @@ class SelectedCommands:
             for i, uid in enumerate(gone):
                 seqs.append(bisect.bisect_left(msgs, uid, key=lambda m: m.uid) + i + 1)
             self.send_expunged(seqs, gone)  # EXPUNGE, or VANISHED under QRESYNC (condstore.py)
-            self.recent.difference_update(gone)
+            self._forget_recent(gone)
         if changes.flags:
             new_uids = {m.uid for m in changes.new}
             for info in changes.flags:
@@ -288,7 +296,7 @@ class SelectedCommands:
         gone = await mbox.expunge(uids, origin=self)
         seqs = sorted((seq_before[u] for u in gone if u in seq_before), reverse=True)
         self.send_expunged(seqs, [u for u in gone if u in seq_before])
-        self.recent.difference_update(gone)
+        self._forget_recent(gone)
         return gone
 
     async def cmd_store(self, cmd: Command) -> None:
@@ -352,7 +360,7 @@ class SelectedCommands:
                 self.send(b"* OK " + code + b" Moved")
             gone = [s for s, _ in pairs]
             self.send_expunged([seq_before[u] for u in gone if u in seq_before], [u for u in gone if u in seq_before])
-            self.recent.difference_update(gone)
+            self._forget_recent(gone)
             return await self.done(cmd, "MOVE completed")
         pairs = await self.mbox.copy(uids, dest, origin=self)
         filters_learn.moved(self.services, self.account, self.mbox.name, dest, pairs)  # Junk moves teach

@@ -31,7 +31,7 @@ from .parser import Command, MailboxNameError, ParseError, parse_command, parse_
 from .searching import SearchCommands
 from .selected import SelectedCommands
 from .quota import QuotaCommands
-from .states import AUTH, LOGOUT, NOT_AUTH, READ_SIZE, SELECTED, Bye
+from .states import AUTH, EMPTY, LOGOUT, NOT_AUTH, READ_SIZE, SELECTED, Bye
 
 log = logging.getLogger("mailstack.imap")
 
@@ -102,6 +102,19 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 
 class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommands, SearchCommands,
                   FetchCommands, CompressCommands, NotifyCommands, QuotaCommands, CondstoreCommands):
+    # Every attribute a logged-in session in IDLE has is a slot (8 bytes each).  In an
+    # instance __dict__ they cost far more once there are many: CPython 3.11 shares one key
+    # table among a class's instances only up to 30 attribute names (all names ever set on
+    # any instance of the class count), and past that every session carries its own combined
+    # dict (~1.3-1.6 KiB).  The mixins' rarer attributes (NOTIFY, COMPRESS, extension use ...)
+    # still go into the instance dict, which stays small and shared-key while they are few.
+    # A slot must be set in __init__: it hides a class-level default of a mixin.
+    # tests/test_imap_session_memory.py checks that an IDLE session's dict stays empty.
+    __slots__ = ("services", "cfg", "listener", "reader", "writer", "peer_ip", "tls", "state", "account",
+                 "out", "framer", "mbox", "recent", "keywords", "_unsubscribe", "dirty", "wake", "closing",
+                 "uid_cmd", "reserved", "enabled", "used", "client_name", "idle_since", "search_result",
+                 "_registry_protocol")
+
     def __init__(self, services, listener: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls: bool) -> None:
         cfg = services.config
@@ -118,17 +131,20 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
                                     cfg.smtp.max_message_size, max_append_bytes(cfg),
                                     reserve=lambda n: budget_for(services).reserve(n))  # LITERAL+ ones
         self.mbox = None  # selected Mailbox
-        self.recent: set[int] = set()
-        self.keywords: frozenset[str] = frozenset()
+        self.recent: set[int] | frozenset[int] = EMPTY  # a set of its own once something is \\Recent
+        self.keywords: frozenset[str] = EMPTY
         self._unsubscribe = None
         self.dirty = False  # another session/delivery changed the selected mailbox
         self.wake = None  # an idlewait.Wake while idling
         self.closing = False
         self.uid_cmd = False
         self.reserved = 0  # bytes of the in-flight literal counted in the shared budget
-        self.enabled: set[str] = set()  # extensions switched on by ENABLE (RFC 5161)
-        self.used: set[str] | None = None  # command names used after login (summary line)
+        self.enabled: frozenset[str] = EMPTY  # extensions switched on by ENABLE (RFC 5161); rebound
+        self.used: tuple[str, ...] = ()  # command names used after login (summary line): a few
         self.client_name: str | None = None  # from ID, for the summary line
+        self.idle_since: float | None = None  # loop time the current read began (defense/connections.py)
+        self.search_result: frozenset = EMPTY  # SEARCHRES "$" (RFC 5182; searching.py)
+        self._registry_protocol: str | None = None  # set by SessionRegistry.add (services.py)
 
     # ------------------------------------------------------------------ output
     def send(self, line: bytes) -> None:
@@ -228,9 +244,7 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
                 self.idle_since = None
         return self.framer.events.pop(0)
 
-    # --- for the connection-flood defence -------------------------------------------------
-    idle_since: float | None = None
-
+    # --- for the connection-flood defence (idle_since: a slot, set in __init__) -------------
     @property
     def preauth(self) -> bool:
         return self.state == NOT_AUTH
@@ -290,7 +304,7 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
             cmd = parse_command(ev.parts, self.enabled)
         except ParseError as e:
             if getattr(e, "reset_search_result", False):  # RFC 5182: "$" is emptied
-                self.search_result = frozenset()
+                self.search_result = EMPTY
             code = f"[{e.code}] " if e.code else ""
             # RFC 3501 6.4.4: an unsupported charset is NO [BADCHARSET], not a syntax error;
             # nor is a mailbox name that is not valid modified UTF-7
@@ -316,8 +330,9 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
         handler = getattr(self, "cmd_" + name.lower())
         self.uid_cmd = cmd.uid
         if self.account is not None:  # for the summary line at the end (which extensions clients use)
-            self.used = self.used or set()
-            self.used.add("UID " + name if cmd.uid else name)
+            used = "UID " + name if cmd.uid else name
+            if used not in self.used:
+                self.used += (used,)
         try:
             await handler(cmd)
         except MailboxNotFound as e:
