@@ -326,3 +326,38 @@ def test_an_index_file_of_another_uidvalidity_is_started_again(tmp_path):
         assert sum(1 for x in got if b" (UID " in (x[0] if isinstance(x, tuple) else x)[:24]) == len(datas)
         c.logout()
         assert srv.stop() == 0
+
+
+def test_a_big_mailbox_no_client_holds_is_not_left_loaded_after_indexing(tmp_path, monkeypatch):
+    # In-process: the store's cache of idle mailboxes would otherwise keep what the pass
+    # loaded (a 100,000-message mailbox kept the server at ~350 MiB).  A mailbox a client has
+    # open stays loaded: it is that client's.
+    import asyncio
+    from mailstack.events import EventBus
+    from mailstack.store import background
+    from mailstack.store.maildir import MaildirStore
+    monkeypatch.setattr(background, "NOTE_MAX", 5)  # "big" from 6 messages on
+    monkeypatch.setattr(background, "MAX_WAIT", 0.5)  # the held mailbox waits for its client
+    root = tmp_path / "mail"
+    for local, n in (("big", 8), ("held", 8), ("small", 3)):
+        box = root / "example.test" / local
+        for sub in ("cur", "new", "tmp"):
+            (box / sub).mkdir(parents=True)
+        for i, data in enumerate(corpus(n)):
+            (box / "new" / f"17000000{i:02d}.M{i}P1.host").write_bytes(data)
+
+    async def go():
+        store = MaildirStore(root, EventBus())
+        held = await store.open("held@example.test", "INBOX")
+        indexer = background.BackgroundIndexer(store)
+        indexer.start()
+        await asyncio.wait_for(indexer.done.wait(), 60)
+        await indexer.stop()
+        loaded = {key[0] for key in store._states}
+        await held.close()
+        return loaded, indexer.messages
+
+    loaded, indexed = asyncio.run(go())
+    assert indexed == 19
+    assert "big@example.test" not in loaded
+    assert {"held@example.test", "small@example.test"} <= loaded

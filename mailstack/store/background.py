@@ -69,7 +69,9 @@ STOP_WAIT = 10.0  # seconds stop() waits for the batch in flight
 # Mailboxes up to this size keep the header texts and sort keys of what was indexed in
 # memory (search.py's HeaderTexts, sort.py's Keys, in Mailbox.derived(), as a first listing
 # leaves them): a first SEARCH SUBJECT or SORT then parses no index line.  Bigger ones do
-# not (~1-2 KB a message, for mailboxes no client may open soon).
+# not (~1-2 KB a message, for mailboxes no client may open soon), and their loaded state is
+# dropped from the store's cache once indexed, unless a client has them open: a
+# 100,000-message mailbox left loaded kept the server at ~350 MiB instead of ~130.
 NOTE_MAX = 20000
 
 
@@ -228,7 +230,12 @@ class BackgroundIndexer:
             log.warning("background index of %s/%s cut short: %s", account, name, e)
             count = 0
         finally:
+            big = len(mbox.messages) > NOTE_MAX
             await mbox.close()
+        if big:  # its state (~2 KB a message) would stay in the store's cache of idle mailboxes
+            drop = getattr(store, "drop_if_idle", None)
+            if drop is not None:
+                drop(account, name)
         if count:
             self.mailboxes += 1
             self.messages += count

@@ -162,6 +162,15 @@ class MaildirStore(Store):
                     if old.refs <= 0:
                         old.derived = {}
 
+    def drop_if_idle(self, account: str, name: str) -> None:
+        """Forget a mailbox's loaded state when no session holds it (the background indexer,
+        after a big mailbox: what it loaded is no client's cache, and would stay resident)."""
+        key = (names.normalize_account(account), names.normalize(name))
+        st = self._states.get(key)
+        if st is not None and st.refs <= 0 and not st.lock.locked():
+            del self._states[key]
+            self._derived_kept.pop(id(st), None)
+
     def _forget(self, account: str, name: str) -> set[str]:
         """Drop states of a renamed mailbox and its children; publish "deleted" for them."""
         told = set()
