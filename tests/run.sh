@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 DEBS=(swaks libnet-ssleay-perl curl mutt isync offlineimap3 fetchmail getmail6 haproxy
       rspamd spamassassin spamd spamc clamav-daemon clamav-milter spamass-milter
       opendkim opendkim-tools dovecot-imapd dovecot-pop3d dovecot-sieve
-      dovecot-managesieved sieve-connect postfix postsrsd)
+      dovecot-managesieved sieve-connect postfix postsrsd
+      tzdata)  # the time zones the INTERNALDATE test runs in (tests/test_cold_parse_fast.py)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
