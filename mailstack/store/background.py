@@ -161,7 +161,8 @@ def _index_batch(root: str, batch: list[tuple[str, str, str]], uidvalidity: int
 
 
 class BackgroundIndexer:
-    """Used on the event loop; one per server (server.py)."""
+    """Used on the event loop; one per server (server.py), over its MaildirStore (the Maildir
+    files, the mailbox states and their indexes are what it works on)."""
 
     def __init__(self, store, busy: Callable[[], bool] | None = None) -> None:
         self.store = store
@@ -233,9 +234,7 @@ class BackgroundIndexer:
             big = len(mbox.messages) > NOTE_MAX
             await mbox.close()
         if big:  # its state (~2 KB a message) would stay in the store's cache of idle mailboxes
-            drop = getattr(store, "drop_if_idle", None)
-            if drop is not None:
-                drop(account, name)
+            store.drop_if_idle(account, name)
         if count:
             self.mailboxes += 1
             self.messages += count
@@ -270,7 +269,7 @@ class BackgroundIndexer:
                 entries, mine = await asyncio.to_thread(_index_batch, root, batch, uidvalidity)
                 made = {uid_of[base]: entry for base, entry in entries.items()}
                 for base, entry in entries.items():
-                    store_note(self.store, st, base, entry)
+                    self.store._note_indexed(st, base, entry)  # as for a delivery
             if note and st.ul.uidvalidity == uidvalidity:
                 note_listed(mbox.derived(), made)
             done += len(made)
@@ -323,13 +322,6 @@ def note_listed(derived: dict, entries: dict[int, dict]) -> None:
     from ..imap import search, sort  # the store stays importable without the protocol packages
     sort.note_listed(derived, entries)
     search.note_listed(derived, entries)
-
-
-def store_note(store, st, base: str, entry: dict) -> None:
-    """What a batch made, into the loaded indexes of the mailbox (as for a delivery)."""
-    note = getattr(store, "_note_indexed", None)
-    if note is not None:
-        note(st, base, entry)
 
 
 def _restart_index_file(path: Path, uidvalidity: int) -> None:
