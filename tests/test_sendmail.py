@@ -33,6 +33,7 @@ def test_sendmail_t_takes_recipients_from_headers_and_drops_bcc(tmp_path):
     msg = (b"To: Alice <alice@example.test>\n"
            b"Cc: bob@example.test\n"
            b"Bcc: carol@example.test\n"
+           b"Return-Path: <forged@evil.test>\n"
            b"Subject: by sendmail -t\n"
            b"\n"
            b"line one\n"
@@ -54,7 +55,7 @@ def test_sendmail_t_takes_recipients_from_headers_and_drops_bcc(tmp_path):
     raw = env.inbox("carol@example.test")[0]
     final = f"Return-Path: <{queued.sender}>\r\nDelivered-To: carol@example.test\r\n".encode()
     assert raw.startswith(final)  # the final delivery's lines; the Bcc recipient nowhere else
-    assert b"Bcc:" not in raw and b"carol@example.test" not in raw[len(final):].split(b"\r\n\r\n")[0]
+    assert b"Bcc:" not in raw and b"evil.test" not in raw and b"carol@example.test" not in raw[len(final):].split(b"\r\n\r\n")[0]
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert parsed["Subject"] == "by sendmail -t"
     assert parsed["Message-ID"] and parsed["Date"] and parsed["From"]

@@ -81,6 +81,23 @@ def test_final_delivery_puts_return_path_and_delivered_to_on_top_of_the_bytes_re
         assert b"Return-Path:" not in (server.data_dir / "queue" / f).read_bytes()
 
 
+def test_a_return_path_the_client_sent_is_dropped_so_the_only_one_is_the_final_deliverys(server):
+    # A Return-Path in the message as received is not trace from this system: a sender could
+    # forge the envelope a reader sees.  As Postfix's cleanup does (message_drop_headers), it
+    # is removed on the way in, folded continuation lines included, whatever its case.
+    body = (b"From: x@remote.test\r\nreturn-PATH: <forged@evil.test>\r\n"
+            b"Subject: forged rp\r\nRETURN-PATH:\r\n <also@evil.test>\r\nX-Keep: Return-Path: in a value\r\n"
+            b"\r\nReturn-Path: <in the body stays>\r\n")
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as s:
+        s.sendmail("real@remote.test", [ALICE], body)
+    data = next(m for m in server.inbox_messages(ALICE) if b"Subject: forged rp\r\n" in m)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"Return-Path: <real@remote.test>\r\n"), head
+    assert b"evil.test" not in head and head.lower().count(b"return-path:") == 2  # ours + X-Keep's value
+    assert b"\r\nFrom: x@remote.test\r\nSubject: forged rp\r\nX-Keep: Return-Path: in a value" in head
+    assert rest == b"Return-Path: <in the body stays>\r\n"
+
+
 def test_a_remote_recipient_sends_the_whole_message_through_the_queue(server):
     send(server, ["team@example.test"], "mixed")
     # outbound is off: the remote part stays deferred, so the queue file stays

@@ -103,6 +103,15 @@ def test_header_block_and_missing_fields():
     assert cleanup.submission_fields(b"Date: x\r\nMessage-Id: <a@b>\r\n", "mx.test") == b""
 
 
+def test_without_return_path_drops_the_field_and_its_folds_across_chunks_and_nothing_else():
+    chunks = [b"Return-Path: <a@b>\r\nSubject: x\r\nX-Return-Path: kept\r\nreturn-path:\r", b"\n\t<c@d>\r\n",
+              b" <e@f>\r\nTo: t\r\n\r\nReturn-Path: <body>\r\n"]
+    out = cleanup.without_return_path(chunks, cleanup.header_block(chunks))
+    assert b"".join(out) == b"Subject: x\r\nX-Return-Path: kept\r\nTo: t\r\n\r\nReturn-Path: <body>\r\n"
+    plain = [b"Subject: x\r\n\r\nReturn-Path: <body>\r\n"]
+    assert cleanup.without_return_path(plain, cleanup.header_block(plain)) is plain  # no copy
+
+
 def test_data_budget():
     b = DataBudget(100)
     assert b.reserve(60) and not b.reserve(41) and b.reserve(40)

@@ -204,6 +204,9 @@ def sendmail(cfg, stream, args, now: float | None = None) -> str:
             if addr:
                 recipients.append(_check_address(addr, hostname))
         fields = [f for f in fields if _field_name(f) not in ("bcc", "resent-bcc")]
+    # Only final delivery writes a Return-Path (RFC 5321 4.4); one in the input is dropped,
+    # as Postfix's cleanup does, and as the SMTP listeners do (smtp/cleanup.py).
+    fields = [f for f in fields if _field_name(f) != "return-path"]
     recipients = list(dict.fromkeys(recipients))
     if not recipients:
         raise SendmailError("no recipients (give them as arguments, or use -t)", EX_USAGE)

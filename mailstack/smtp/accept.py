@@ -78,8 +78,10 @@ class AcceptMixin:
             helo=self.helo or "unknown", rdns=rdns, ip=self.client, hostname=self.hostname,
             protocol=cleanup.protocol_name(self.esmtp, self.tls, self.auth_user is not None),
             qid=qid, tls=self.tls_info, when=now)
+        head = cleanup.header_block(chunks)
+        chunks = cleanup.without_return_path(chunks, head)
         if self.auth_user is not None:
-            header += cleanup.submission_fields(cleanup.header_block(chunks), self.hostname, now)
+            header += cleanup.submission_fields(head, self.hostname, now)
         kwargs = {"qid": qid} if qid is not None else {}
         if verdict is not None and verdict.hold:  # quarantined: written straight into hold/
             kwargs["state"] = "hold"

