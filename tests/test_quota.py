@@ -20,7 +20,7 @@ from mailstack.quotas import parse_quota_args
 from mailstack.sieve.scripts import ScriptStore
 
 PW = "quota-test-pw"
-USERS = ("full", "tight", "roomy", "imap", "warned", "behind", "sender", "cli", "fwd", "multi")
+USERS = ("full", "tight", "roomy", "imap", "warned", "behind", "sender", "cli", "fwd", "multi", "folders")
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +295,28 @@ def test_maildirsize_is_counted_again_after_changes_behind_the_servers_back(serv
     assert maildirsize(server, "behind") == f"1048576S,50C\n{size} 2\n".encode()
 
 
+def test_deleting_a_folder_takes_its_messages_off_the_usage_once(server):
+    """DELETE of a folder removes its messages from the usage (as Dovecot's count would), and
+    deliveries and APPENDs after it are counted once on top of the recount."""
+    server.cli("user", "quota", "folders@example.test", "1M", "--messages", "50")
+    with imap(server, "folders") as c:
+        c.create_folder("Old")
+        for i in range(3):
+            c.append("Old", message(f"old {i}", 1500))
+        c.append("INBOX", message("kept", 1500))
+        assert {q.resource: q.usage for q in c.get_quota()}["MESSAGE"] == 4
+        c.delete_folder("Old")
+        assert {q.resource: q.usage for q in c.get_quota()}["MESSAGE"] == 1
+        c.append("INBOX", message("after", 1500))
+        with smtp(server) as s:
+            s.sendmail("sender@example.test", ["folders@example.test"], message("delivered after", 1500))
+        wait_for(lambda: usage_of(server, "folders")[1] >= 3, 10, what="the delivery's maildirsize line")
+        assert {q.resource: q.usage for q in c.get_quota()}["MESSAGE"] == 3
+    maildir = server.maildir("folders@example.test")
+    size = sum(len(p.read_bytes()) for d in (maildir / "cur", maildir / "new") for p in d.iterdir())
+    assert usage_of(server, "folders") == (size, 3)
+
+
 def test_warning_mail_once_per_crossing(server):
     server.cli("user", "quota", "warned@example.test", "20K")
 
@@ -434,6 +456,49 @@ def test_concurrent_deliveries_and_expunges_are_counted_once(tmp_path):
         assert settled and walked.messages == 301
         assert load(path, Limits(1 << 30, 601), write=False, quiet=False)[0] == walked
         assert (await store.quota.usage(account))[0] == walked
+    asyncio.run(main())
+
+
+def test_a_folder_deleted_while_delivery_charges_wait_to_be_written_counts_them_once(tmp_path):
+    """A delivery's charge is written up to WRITE_AFTER seconds after its reply; a DELETE of a
+    folder in that time makes the next look count the account again, which already sees the
+    delivered files: their waiting charges must not be added on top, in memory or in the file."""
+    import asyncio
+    from mailstack.events import EventBus
+    from mailstack.store.maildir import MaildirStore
+    from mailstack.store.quota import Limits, Quota, count, load
+
+    async def main():
+        store = MaildirStore(tmp_path / "mail", EventBus())
+        store.quota = Quota(store.account_dir, lambda a: Limits(1 << 30, 1000))
+        store.quota.WRITE_AFTER = 30.0  # the waiting charges stay waiting during the test
+        account = "a@example.test"
+        await store.ensure_account(account)
+        await store.create_mailbox(account, "Old")
+        await store.deliver(account, message("old", 1000), "old", mailbox="Old")
+        for i in range(3):  # the first is written at once, the next two wait
+            await store.deliver(account, message(f"m{i}", 1000 + i), f"id{i}")
+        await store.delete_mailbox(account, "Old")
+        path = store.account_dir(account)
+        walked, settled = count(path)
+        assert settled and walked.messages == 3
+        assert (await store.quota.usage(account, fresh=True))[0] == walked
+        await store.quota.settled()
+        assert load(path, Limits(1 << 30, 1000), write=False)[0] == walked
+        assert (await store.quota.usage(account, fresh=True))[0] == walked
+        # A change under way (checked, its file in place, not yet charged) when the account
+        # is counted again with no maildirsize: that count is not written, or the charge's
+        # line would be added on top of it.
+        quota = store.quota
+        await quota.check(account, 500)
+        (path / "cur" / "1700000000.x.host:2,S").write_bytes(b"x" * 500)
+        await quota.forget(account)  # as a DELETE of a folder does
+        assert (await quota.usage(account, fresh=True))[0].messages == 4
+        await quota.charge(account, 500, 1)
+        walked, _ = count(path)
+        assert walked.messages == 4
+        assert load(path, Limits(1 << 30, 1000), write=False)[0] == walked
+        assert (await quota.usage(account, fresh=True))[0] == walked
     asyncio.run(main())
 
 

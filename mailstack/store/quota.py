@@ -297,6 +297,8 @@ def load(account_dir: Path, limits: Limits, write: bool = True, now: float | Non
                  and (time.time() if now is None else now) - st.st_mtime < STALE)
         if fresh or not quiet:
             return parsed[1], False
+    if not quiet:  # no file to go by: count, but do not write what the changes' lines would add to
+        return _recount(Path(account_dir), limits, False), False
     return _recount(Path(account_dir), limits, write), True
 
 
@@ -547,6 +549,15 @@ class Quota:
             log.exception("quota: warning to %s not delivered", account)
 
     async def forget(self, account: str) -> None:
+        """A whole folder went: the account is counted again at the next look.  That count
+        sees the files of the changes whose lines are not written yet (charge_soon), so
+        those lines are dropped, not added on top of it."""
         self._memo.pop(account, None)
         async with self._lock(account):
             await asyncio.to_thread(forget, self.account_dir(account))
+            timer = self._soon.pop(account, None)
+            if timer is not None:
+                timer.cancel()
+            pending = self._pending.pop(account, None)
+            for _ in range(pending[2] if pending is not None else 0):
+                self._end(account)
