@@ -46,7 +46,7 @@ class POP3(poplib.POP3):
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     metrics_port = free_port()
-    srv = MailServer(tmp_path_factory.mktemp("login"), listeners=("submissions", "imap", "pop3"), overrides={
+    srv = MailServer(tmp_path_factory.mktemp("login"), listeners=("submissions", "imap", "pop3", "managesieve"), overrides={
         "auth": {"fail_delay": 2.0, "fail_delay_max": 2.0, "max_parallel": 2, "block_after": 3,
                  "block_time": 600},
         "imap": {"allow_plaintext_auth": True},
@@ -102,6 +102,27 @@ def pop3_login(srv, ip: str, password: str, user: str = ALICE) -> str:
         return e.args[0].decode()
     finally:
         c.close()
+
+
+def managesieve_login(srv, ip: str, password: str, user: str = ALICE) -> str:
+    """AUTHENTICATE PLAIN after STARTTLS (RFC 5804); the reply line."""
+    import base64
+    from harness import HOSTNAME
+    raw = socket.create_connection(("127.0.0.1", srv.ports["managesieve"]), timeout=10, source_address=(ip, 0))
+    with raw:
+        f = raw.makefile("rb")
+        while not f.readline().startswith(b"OK"):
+            pass
+        raw.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"OK")
+        with srv.client_tls().wrap_socket(raw, server_hostname=HOSTNAME) as tls:
+            t = tls.makefile("rwb")
+            while not t.readline().startswith(b"OK"):
+                pass
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            t.write(f'AUTHENTICATE "PLAIN" "{token}"\r\n'.encode())
+            t.flush()
+            return t.readline().decode().strip()
 
 
 LOGINS = {"smtp": smtp_login, "imap": imap_login, "pop3": pop3_login}
@@ -206,6 +227,9 @@ def test_guessing_from_several_addresses_blocks_them_everywhere_not_the_owner(sr
         reply, seconds = timed(pop3_login, srv, ip, PASSWORD)
         assert reply == "-ERR [SYS/TEMP] Too many failed logins from your address, try again later"
         assert seconds < 1.0
+        reply, seconds = timed(managesieve_login, srv, ip, PASSWORD)  # port 4190 is no way around it
+        assert reply == 'NO (TRYLATER) "Too many failed logins from your address, try again later"'
+        assert seconds < 1.0
     srv.wait_log(*(re.compile(rf"warning defense: \[{re.escape(ip)}\] address blocked for 600s after 3 failed logins")
                    for ip in attackers))
     # A stranger's correct login for the attacked account is slowed (not refused).
@@ -228,6 +252,7 @@ def test_fail2ban_filter_in_the_docs_matches_the_log_lines(srv):
     assert smtp_login(srv, "127.0.0.70", "nope", "carol@example.test")[0] == 535
     assert pop3_login(srv, "127.0.0.71", "nope", "carol@example.test").startswith("-ERR [AUTH]")
     assert imap_login(srv, "127.0.0.72", "nope", "carol@example.test").startswith("NO [AUTHENTICATIONFAILED]")
+    assert managesieve_login(srv, "127.0.0.73", "nope", "carol@example.test").startswith("NO")
     regexes = _fail2ban_regexes()
 
     def matched_hosts() -> set[str]:
@@ -239,9 +264,12 @@ def test_fail2ban_filter_in_the_docs_matches_the_log_lines(srv):
                     hosts.add(m.group("host"))
         return hosts
 
-    want = {"127.0.0.70", "127.0.0.71", "127.0.0.72", "127.0.0.52"}
+    want = {"127.0.0.70", "127.0.0.71", "127.0.0.72", "127.0.0.73", "127.0.0.52"}
     hosts = wait_for(lambda: want <= matched_hosts() and matched_hosts(), 10, what="log lines")
     assert OWNER_IP not in hosts  # successful logins never match
+    # one line per failed login, the guard's: the protocols do not log their own beside it
+    for ip in ("127.0.0.71", "127.0.0.72", "127.0.0.73"):
+        assert len([ln for ln in srv.log().splitlines() if f"[{ip}]" in ln and "login failed" in ln]) == 1
 
 
 def test_metrics_count_per_reason(srv):

@@ -341,7 +341,7 @@ def test_imaps_behind_the_proxy(server):
             imap.login("alice@example.test", "wrong")
         assert imap.login("alice@example.test", "secret")[0] == "OK"
         assert imap.select("INBOX")[0] == "OK"
-    wait_log(server, "IMAP login failed for alice@example.test", "2001:db8::42")
+    wait_log(server, "login failed: protocol=imap user=<alice@example.test>", "2001:db8::42")
     wait_log(server, "IMAP login alice@example.test", "2001:db8::42")
 
 
@@ -353,7 +353,7 @@ def test_pop3s_behind_the_proxy(server):
             pop.pass_("wrong")
     finally:
         pop.close()
-    wait_log(server, "login failed user=<alice@example.test>", "192.0.2.99")
+    wait_log(server, "login failed: protocol=pop3 user=<alice@example.test>", "192.0.2.99")
 
 
 def test_bytes_right_after_the_header_reach_the_session(server):

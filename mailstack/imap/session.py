@@ -439,7 +439,6 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
         if account is None:
             attempt.failed()
             self.services.metrics.auth_failures["imap"] += 1
-            log.info("IMAP login failed for %s", user[:64], extra={"client": self.peer_ip})
             return self.tagged(cmd, "NO", "[AUTHENTICATIONFAILED] Authentication failed")
         attempt.succeeded(account)
         try:

@@ -267,22 +267,29 @@ class ManageSieveSession:
         except (binascii.Error, ValueError, UnicodeError):
             self.conn.write(no("Invalid PLAIN response"))
             return True
-        throttle = self.services.throttle
-        await throttle.wait(self.peer_ip, authcid)
+        # The guard SMTP, IMAP and POP3 share: a blocked address is refused here too, logins
+        # from one address are checked a few at a time, and a failure is logged once, by it.
+        attempt = await self.services.throttle.attempt(PROTOCOL, self.peer_ip, authcid[:320] or None)
+        if attempt.refused:
+            self.conn.write(no("Too many failed logins from your address, try again later", "TRYLATER"))
+            return True
         account = None
-        if (not authzid or authzid.lower() == authcid.lower()) and len(authcid) <= 320:
-            account = await self.services.directory.authenticate(authcid, password)
+        try:
+            if (not authzid or authzid.lower() == authcid.lower()) and len(authcid) <= 320:
+                account = await self.services.directory.authenticate(authcid, password)
+        except BaseException:
+            attempt.abandoned()
+            raise
         if account is None:
-            throttle.failure(self.peer_ip, authcid)
+            attempt.failed()
             self.services.metrics.auth_failures[PROTOCOL] += 1
             self.auth_failures += 1
-            log.info("login failed user=<%s>", authcid[:320], extra=self._extra)
             if self.auth_failures >= AUTH_FAILURES_BEFORE_DISCONNECT:
                 self.conn.write(bye("Too many authentication failures"))
                 return False
             self.conn.write(no("Authentication failed"))
             return True
-        throttle.success(self.peer_ip, account)
+        attempt.succeeded(account)
         self.account = account
         log.info("login user=<%s>", account, extra=self._extra)
         self.conn.write(ok("Logged in"))

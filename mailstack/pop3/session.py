@@ -329,7 +329,6 @@ class POP3Session(Retrieval):
             attempt.failed()
             self.auth_failures += 1
             services.metrics.auth_failures["pop3"] += 1
-            log.info("login failed user=<%s>", user[:320], extra=self._log_extra)
             if self.auth_failures >= AUTH_FAILURES_BEFORE_DISCONNECT:
                 self.conn.write(err("Authentication failed; too many failures, closing connection", "AUTH"))
                 return False
