@@ -14,16 +14,15 @@ Current practice on top of the RFCs (as Gmail, rspamd and OpenDKIM do):
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 from dataclasses import dataclass
 
 import dkim as dkimpy
 from dkim.canonicalization import CanonicalizationPolicy
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.util import InvalidTagValueList
 
 from ..dns import DnsError
-from . import dkimpy_speedups  # noqa: F401  (installs itself)
+from . import dkimpy_speedups  # installs itself on import
 
 MAX_SIGNATURES = 10  # more than this on one message is abuse, not mail: the rest are ignored
 KEY_TEMPFAIL = object()
@@ -48,11 +47,11 @@ class ARCResult:
     reason: str = ""
 
 
-@functools.lru_cache(maxsize=256)  # key_names() and verify_dkim() read the same fields; never mutated
 def signature_tags(value: bytes) -> dict[bytes, bytes] | None:
-    """Tag list of a DKIM-Signature / ARC-* header value; None when it does not parse."""
+    """Tag list of a DKIM-Signature / ARC-* header value; None when it does not parse.
+    Parsed once a message: key_names(), verify_dkim() and dkimpy share it (never mutated)."""
     try:
-        return parse_tag_value(value)
+        return dkimpy_speedups.tags_of(value.strip())
     except (InvalidTagValueList, ValueError, IndexError):
         return None
 
