@@ -379,3 +379,72 @@ def test_from_domain_fast_path_agrees_with_the_email_parser(value):
     parsed = [a for _, a in getaddresses([value]) if "@" in a]
     assert len(parsed) == 1
     assert _from_domain([(b"From", b" " + value.encode())]) == parsed[0].rpartition("@")[2].lower()
+
+
+def test_warm_answers_from_the_resolvers_memory_give_the_same_verdicts(tmp_path):
+    """The DATA stage takes keys and DMARC records the resolver still holds (TTL 300) from its
+    memory, without a query, a task or a timer: every verdict, header, meta and log field is
+    the one the first (cold, asked over the network) pass gave; names that do not exist
+    (not kept) still go through the asynchronous look-ups."""
+    from mailstack import config as config_mod
+    from mailstack.senderauth.stage import SenderAuthStage
+    from mailstack.smtp.hooks import Connection, Transaction
+    from tests.dnsserver import DNSServer
+
+    pem, rec = rsa_key()
+    other_pem, _ = rsa_key(seed=1)
+    server = DNSServer(ttl=300).start()
+    server.add("rsa._domainkey.signer.test", "TXT", rec)
+    server.add("_dmarc.signer.test", "TXT", "v=DMARC1; p=reject; sp=quarantine")
+    try:
+        cfg = config_mod.from_dict({"server": {"hostname": "mx.example.test", "data_dir": str(tmp_path)}},
+                                   base=tmp_path)
+        stage = SenderAuthStage(cfg, Resolver([(server.host, server.port)], timeout=2.0))
+        conn = Connection(ip="198.51.100.7", listener="smtp", hostname="mx.example.test", helo="out.signer.test")
+        good = sign(message("bob@signer.test"), "signer.test", "rsa", pem)
+        cases = {
+            "pass": good,
+            "subdomain": sign(message("bob@mail.signer.test"), "signer.test", "rsa", pem),
+            "bad key": sign(message("bob@signer.test"), "signer.test", "rsa", other_pem),
+            "altered": good.replace(b"the report", b"THE REPORT"),
+            "unsigned, no record": message("eve@nowhere.test"),
+            "two signatures": sign(good, "signer.test", "missing", pem),
+        }
+
+        async def judge(data: bytes):
+            txn = Transaction(mail_from="bounces@signer.test")
+            txn.state["senderauth"] = {"mailfrom": spf.Result("fail", domain="signer.test"),  # DKIM decides
+                                       "helo": spf.Result("none", domain="out.signer.test")}
+            v = await stage.data(conn, txn, data)
+            return v.reply, v.headers, v.meta, v.log, v.message
+
+        waited = []  # the asynchronous look-ups (tasks, timer), when the memory cannot answer
+        lookups = stage._lookups
+
+        async def counted(*args):
+            waited.append(args)
+            return await lookups(*args)
+        stage._lookups = counted
+
+        async def go():
+            for name, data in cases.items():
+                cold = await judge(data)
+                asked, waits = len(server.queries), len(waited)
+                warm = await judge(data)
+                assert warm == cold, name
+                if name in ("pass", "bad key", "altered"):
+                    assert len(server.queries) == asked and len(waited) == waits, f"{name}: asked again"
+                else:  # a name that does not exist is not kept: asked again, as before
+                    assert len(waited) == waits + 1, name
+            return [await judge(d) for d in cases.values()]
+
+        results = asyncio.run(go())
+        logs = [r[3] for r in results]
+        assert logs[0]["dkim"] == "pass:signer.test" and logs[0]["dmarc"] == "pass"
+        assert logs[1]["dmarc"] == "pass"  # relaxed alignment, the organisation's record
+        assert logs[2]["dkim"] == "fail:signer.test" and logs[2]["dmarc"] == "fail(reject)"
+        assert results[2][0].startswith("550 5.7.1")
+        assert logs[3]["dkim"].startswith("fail") and logs[4]["dmarc"] == "none"
+        assert logs[5]["dkim"].count("signer.test") == 2
+    finally:
+        server.stop()

@@ -109,6 +109,24 @@ def key_names(message: bytes, fields: list[tuple[bytes, bytes]] | None = None) -
 header_fields = _headers
 
 
+def _key_record(txts: list[bytes]) -> bytes | None:
+    # RFC 6376 3.6.2.2: several records is an error; take the first key record.
+    keys = [t for t in txts if b"p=" in t]
+    return keys[0] if keys else (txts[0] if txts else None)
+
+
+def cached_keys(resolver, names: set[str]) -> dict[str, object] | None:
+    """What prefetch_keys() would answer, from the resolver's memory alone (resolver.cached:
+    no task, no wait); None when any of the names is not there."""
+    out: dict[str, object] = {}
+    for name in names:
+        txts = resolver.cached(name, "TXT")
+        if txts is None:
+            return None
+        out[name] = _key_record(txts)
+    return out
+
+
 async def prefetch_keys(resolver, names: set[str]) -> dict[str, object]:
     """name -> the key record (bytes), None (no such key), or KEY_TEMPFAIL; concurrently."""
     async def one(name: str):
@@ -116,9 +134,7 @@ async def prefetch_keys(resolver, names: set[str]) -> dict[str, object]:
             txts = await resolver.records(name, "TXT")
         except DnsError:
             return KEY_TEMPFAIL
-        # RFC 6376 3.6.2.2: several records is an error; take the first key record.
-        keys = [t for t in txts if b"p=" in t]
-        return keys[0] if keys else (txts[0] if txts else None)
+        return _key_record(txts)
 
     if len(names) == 1:  # the common case: no tasks to make
         (name,) = names
