@@ -448,3 +448,11 @@ def test_warm_answers_from_the_resolvers_memory_give_the_same_verdicts(tmp_path)
         assert logs[5]["dkim"].count("signer.test") == 2
     finally:
         server.stop()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([b" ", b"\t", b"\r\n ", b"\x1c", b"A", b"b", b"+", b"\xff", b" " * 40]),
+                max_size=60).map(b"".join))
+def test_b_prefix_is_the_start_of_b_without_white_space(value):
+    import re
+    assert dkim._b_prefix(value) == re.sub(r"\s+", "", value.decode("ascii", "replace"))[:8]

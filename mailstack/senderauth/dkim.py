@@ -56,9 +56,24 @@ def signature_tags(value: bytes) -> dict[bytes, bytes] | None:
         return None
 
 
+_BLANKS_AND_CONTROLS = re.compile(r"[\s\x00-\x1f\x7f]+")
+_BLANKS = re.compile(r"\s+")
+_KEY_NAME = re.compile(r"[a-z0-9_.\-]{1,253}")
+# dkimpy's logger, as dkimpy.DKIM() would look it up (with a lock) for every message.
+_DKIMPY_LOG = dkimpy.get_default_logger()
+
+
 def _text(value: bytes) -> str:
     """A tag value for headers and logs: ASCII, no white space (it may be folded) or controls."""
-    return re.sub(r"[\s\x00-\x1f\x7f]+", "", value.decode("ascii", "replace"))
+    return _BLANKS_AND_CONTROLS.sub("", value.decode("ascii", "replace"))
+
+
+def _b_prefix(b: bytes) -> str:
+    """The first 8 characters of b= without white space; read from its start, not all of it."""
+    text = _BLANKS.sub("", b[:64].decode("ascii", "replace"))
+    if len(text) < 8 and len(b) > 64:  # white space filled the start: all of it
+        text = _BLANKS.sub("", b.decode("ascii", "replace"))
+    return text[:8]
 
 
 def _key_name(tags: dict[bytes, bytes]) -> str | None:
@@ -69,7 +84,7 @@ def _key_name(tags: dict[bytes, bytes]) -> str | None:
         name = f"{s.decode('ascii').strip()}._domainkey.{d.decode('ascii').strip()}".lower().rstrip(".")
     except UnicodeDecodeError:
         return None
-    return name if re.fullmatch(r"[a-z0-9_.\-]{1,253}", name) else None
+    return name if _KEY_NAME.fullmatch(name) else None
 
 
 def _headers(message: bytes) -> list[tuple[bytes, bytes]]:
@@ -162,7 +177,7 @@ def verify_dkim(message: bytes, keys: dict[str, object], min_rsa_bits: int = 102
         # "permerror" for a malformed header line of a message that carries no signature.
         return []
     try:
-        d = dkimpy.DKIM(message, minkey=min_rsa_bits)
+        d = dkimpy.DKIM(message, logger=_DKIMPY_LOG, minkey=min_rsa_bits)
     except Exception as e:  # an unparsable message: nothing to check
         return [DKIMResult("permerror", reason=f"message not parsable: {e}")]
     indices = [i for i, (name, _) in enumerate(d.headers) if name.lower() == b"dkim-signature"]
@@ -175,7 +190,7 @@ def verify_dkim(message: bytes, keys: dict[str, object], min_rsa_bits: int = 102
         res.selector = _text(tags.get(b"s", b""))[:63]
         res.algorithm = _text(tags.get(b"a", b"")).lower()[:32]
         res.identity = _text(tags.get(b"i", b""))[:254] or (f"@{res.domain}" if res.domain else "")
-        res.b = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
+        res.b = _b_prefix(tags.get(b"b", b""))
         out.append(res)
         if not tags:
             res.reason = "signature does not parse"
@@ -233,7 +248,7 @@ def verify_arc(message: bytes, keys: dict[str, object], min_rsa_bits: int = 1024
     instance = int(newest.get(b"i", b"0")) if newest.get(b"i", b"").isdigit() else 0
     sealer = _text(newest.get(b"d", b"")).lower()[:253]
     try:
-        cv, _, reason = dkimpy.ARC(message, minkey=min_rsa_bits).verify(dnsfunc=_dnsfunc(keys))
+        cv, _, reason = dkimpy.ARC(message, logger=_DKIMPY_LOG, minkey=min_rsa_bits).verify(dnsfunc=_dnsfunc(keys))
     except dkimpy.DnsTimeoutError as e:
         return ARCResult("fail", instance, sealer, f"temporary DNS failure: {e}")
     except Exception as e:

@@ -21,6 +21,7 @@ from ..dns import DnsError
 _PSL = None
 
 
+@functools.lru_cache(maxsize=4096)  # the same few domains over and over; the list does not change
 def org_domain(domain: str) -> str:
     """RFC 7489 3.2: the public suffix plus one label; a public suffix itself stays as it is."""
     global _PSL
