@@ -18,6 +18,8 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -235,7 +237,14 @@ class Resolver:
             return []  # not a valid DNS name: nothing can exist there
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
+        except dns.resolver.NXDOMAIN:
+            # dnspython keeps "no such name" under the type ANY (the SOA's negative TTL, or its
+            # default): kept here for as long, most sender domains publish no _dmarc name.
+            missing = self._resolver.cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+            if missing is not None and missing.response.rcode() == dns.rcode.NXDOMAIN:
+                self._remember((name.lower(), rdtype), missing.expiration, [])
+            return []
+        except dns.resolver.YXDOMAIN:
             return []
         except dns.resolver.NoNameservers:
             raise DnsError(f"name={name} type={rdtype}: SERVFAIL", temporary=True) from None

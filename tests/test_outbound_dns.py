@@ -175,6 +175,18 @@ def test_records_answered_from_memory_within_the_ttl_and_asked_again_after():
             for _ in range(2):
                 assert await r0.records("zero.test", "TXT") == [b"v=zero"]
             assert r0.cached("zero.test", "TXT") is None and len(zero.queries) == 2
+
+            # "No such name" is kept as long as dnspython keeps it (its cache entry's expiry):
+            # no second query, and the same empty answer from memory.
+            assert await r0.records("_dmarc.nowhere.zero.test", "TXT") == []
+            asked = len(zero.queries)
+            assert r0.cached("_dmarc.nowhere.zero.test", "TXT") == []
+            assert await r0.records("_dmarc.nowhere.zero.test", "TXT") == [] and len(zero.queries) == asked
+            # A name that exists with no records of the type: dnspython's negative answer, as long.
+            assert await r0.records("zero.test", "MX") == []
+            asked = len(zero.queries)
+            assert r0.cached("zero.test", "MX") == [] and await r0.records("zero.test", "MX") == []
+            assert len(zero.queries) == asked
         asyncio.run(go())
     finally:
         server.stop()

@@ -384,8 +384,8 @@ def test_from_domain_fast_path_agrees_with_the_email_parser(value):
 def test_warm_answers_from_the_resolvers_memory_give_the_same_verdicts(tmp_path):
     """The DATA stage takes keys and DMARC records the resolver still holds (TTL 300) from its
     memory, without a query, a task or a timer: every verdict, header, meta and log field is
-    the one the first (cold, asked over the network) pass gave; names that do not exist
-    (not kept) still go through the asynchronous look-ups."""
+    the one the first (cold, asked over the network) pass gave, for names that exist and
+    names that do not; a DNS failure (not kept) still goes through the asynchronous look-ups."""
     from mailstack import config as config_mod
     from mailstack.senderauth.stage import SenderAuthStage
     from mailstack.smtp.hooks import Connection, Transaction
@@ -396,6 +396,7 @@ def test_warm_answers_from_the_resolvers_memory_give_the_same_verdicts(tmp_path)
     server = DNSServer(ttl=300).start()
     server.add("rsa._domainkey.signer.test", "TXT", rec)
     server.add("_dmarc.signer.test", "TXT", "v=DMARC1; p=reject; sp=quarantine")
+    server.servfail.add("_dmarc.broken.test")
     try:
         cfg = config_mod.from_dict({"server": {"hostname": "mx.example.test", "data_dir": str(tmp_path)}},
                                    base=tmp_path)
@@ -409,6 +410,7 @@ def test_warm_answers_from_the_resolvers_memory_give_the_same_verdicts(tmp_path)
             "altered": good.replace(b"the report", b"THE REPORT"),
             "unsigned, no record": message("eve@nowhere.test"),
             "two signatures": sign(good, "signer.test", "missing", pem),
+            "DNS failure": message("eve@broken.test"),
         }
 
         async def judge(data: bytes):
@@ -432,10 +434,10 @@ def test_warm_answers_from_the_resolvers_memory_give_the_same_verdicts(tmp_path)
                 asked, waits = len(server.queries), len(waited)
                 warm = await judge(data)
                 assert warm == cold, name
-                if name in ("pass", "bad key", "altered"):
-                    assert len(server.queries) == asked and len(waited) == waits, f"{name}: asked again"
-                else:  # a name that does not exist is not kept: asked again, as before
+                if name == "DNS failure":  # a failure is not kept: asked again, as before
                     assert len(waited) == waits + 1, name
+                else:  # names that exist and names that do not: from memory
+                    assert len(server.queries) == asked and len(waited) == waits, f"{name}: asked again"
             return [await judge(d) for d in cases.values()]
 
         results = asyncio.run(go())
@@ -446,6 +448,7 @@ def test_warm_answers_from_the_resolvers_memory_give_the_same_verdicts(tmp_path)
         assert results[2][0].startswith("550 5.7.1")
         assert logs[3]["dkim"].startswith("fail") and logs[4]["dmarc"] == "none"
         assert logs[5]["dkim"].count("signer.test") == 2
+        assert logs[6]["dmarc"] == "temperror"
     finally:
         server.stop()
 
