@@ -109,6 +109,7 @@ def _rfc822_parse(message: bytes):
 _dkimpy_re_btag = dkimpy.RE_BTAG
 _RE_BTAG = re.compile(rb"([;\s]b" + dkimpy.FWS + rb"=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 
+
 def _parse_tag_value_fresh(tag_list: bytes) -> dict[bytes, bytes]:
     """dkimpy.util.parse_tag_value without a regex call per tag (its ^[a-zA-Z](\\w)* match only
     asks that the name start with an ASCII letter); same results, same exceptions."""
