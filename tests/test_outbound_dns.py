@@ -144,3 +144,50 @@ def test_config_checks_nexthops(tmp_path):
         from_dict({"delivery": {"transports": {"example.org": "a b"}}}, base=tmp_path)
     with pytest.raises(ConfigError, match="dns.nameservers"):
         from_dict({"dns": {"nameservers": ["ns1.example"]}}, base=tmp_path)
+
+
+def test_records_answered_from_memory_within_the_ttl_and_asked_again_after():
+    """records() keeps an answer until its TTL runs out: a warm look-up sends nothing (and costs
+    a dict look-up), an answer past its TTL is asked again and the new data seen; a TTL-0
+    answer is never kept.  Names differ only in case: one entry."""
+    server = DNSServer({"short.test": {"TXT": ["v=one"]}}, ttl=1).start()
+    zero = DNSServer({"zero.test": {"TXT": ["v=zero"]}}, ttl=0).start()
+    try:
+        async def go():
+            r = resolver_for(server)
+            assert r.cached("short.test", "TXT") is None
+            assert await r.records("short.test", "TXT") == [b"v=one"]
+            asked = len(server.queries)
+            got = await r.records("SHORT.test", "TXT")
+            assert got == [b"v=one"] and len(server.queries) == asked
+            got.append(b"changed by the caller")  # a fresh list each time: the entry is not shared
+            assert r.cached("short.test", "TXT") == [b"v=one"]
+            server.remove("short.test", "TXT")
+            server.add("short.test", "TXT", "v=two")
+            deadline = time.monotonic() + 10
+            while r.cached("short.test", "TXT") is not None:  # the 1 s TTL running out
+                assert time.monotonic() < deadline, "answer kept past its TTL"
+                await asyncio.sleep(0.05)
+            assert await r.records("short.test", "TXT") == [b"v=two"]
+            assert len(server.queries) == asked + 1
+
+            r0 = resolver_for(zero)
+            for _ in range(2):
+                assert await r0.records("zero.test", "TXT") == [b"v=zero"]
+            assert r0.cached("zero.test", "TXT") is None and len(zero.queries) == 2
+
+            # "No such name" is kept as long as dnspython keeps it (its cache entry's expiry):
+            # no second query, and the same empty answer from memory.
+            assert await r0.records("_dmarc.nowhere.zero.test", "TXT") == []
+            asked = len(zero.queries)
+            assert r0.cached("_dmarc.nowhere.zero.test", "TXT") == []
+            assert await r0.records("_dmarc.nowhere.zero.test", "TXT") == [] and len(zero.queries) == asked
+            # A name that exists with no records of the type: dnspython's negative answer, as long.
+            assert await r0.records("zero.test", "MX") == []
+            asked = len(zero.queries)
+            assert r0.cached("zero.test", "MX") == [] and await r0.records("zero.test", "MX") == []
+            assert len(zero.queries) == asked
+        asyncio.run(go())
+    finally:
+        server.stop()
+        zero.stop()

@@ -248,8 +248,9 @@ def test_dkimpy_speedups_give_dkimpy_results(content):
     assert dkimpy_speedups._unfold_header_value(content) == dkimpy_speedups._dkimpy_unfold(content)
 
 
-@settings(max_examples=500, deadline=None)
-@given(st.lists(st.sampled_from([b"A: b", b" c", b"\tx", b"", b"From x", b"body", b"\r", b" "]),
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from([b"A: b", b" c", b"\tx", b"", b"From x", b"body", b"\r", b" ", b"A b: c",
+                                 b":x", b"B:", b"\x7f:y", b"C\xc3\xa9: d", b"D:e\n f", b"E::"]),
                 max_size=12).map(lambda parts: b"\r\n".join(parts)))
 def test_dkimpy_message_parse_speedup_gives_dkimpy_results(message):
     try:
@@ -259,6 +260,52 @@ def test_dkimpy_message_parse_speedup_gives_dkimpy_results(message):
             dkimpy_speedups._rfc822_parse(message)
         return
     assert dkimpy_speedups._rfc822_parse(message) == want
+
+
+_SIG_TEXT = st.lists(st.sampled_from([b";", b" ", b"\t", b"\r\n", b"\n", b"\r", b"b", b"=", b"a", b"Z", b"9",
+                                      b"+/", b"bh", b"; b=", b" b =", b"\r\n b=", b"-", b"x="]),
+                     max_size=40).map(b"".join)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_SIG_TEXT)
+def test_signature_b_tag_blanking_gives_dkimpy_results(value):
+    """The b= blanking pattern (dkimpy_speedups._RE_BTAG) rewrites every signature value as
+    dkimpy's own pattern does, folded, unfolded, with several b= or none."""
+    for text in (value, value + b"\r\n", b"v=1; " + value):
+        assert dkimpy_speedups._RE_BTAG.sub(b"\\1", text) == dkimpy_speedups._dkimpy_re_btag.sub(b"\\1", text)
+
+
+def test_signature_b_tag_blanking_of_a_real_signature():
+    pem, _ = rsa_key()
+    signed = sign(message("a@signer.test"), "signer.test", "rsa", pem)
+    value = signed.split(b":", 1)[1].split(b"\r\nFrom:")[0] + b"\r\n"
+    blanked = dkimpy_speedups._RE_BTAG.sub(b"\\1", value)
+    assert blanked == dkimpy_speedups._dkimpy_re_btag.sub(b"\\1", value)
+    assert blanked.rstrip().endswith(b"b=") and len(blanked) < len(value) - 300
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b";", b"=", b" ", b"\t", b"\r\n", b"a", b"Z", b"1", b"_", b"-", b"\xc3\xa9", b"v=1",
+                                 b"b=x y", b"; ;"]), max_size=20).map(b"".join))
+def test_tag_list_parse_gives_dkimpy_results(value):
+    """dkimpy's parse_tag_value as replaced (each value parsed once, no regex) returns what the
+    original returns, or raises the same exception with the same argument."""
+    try:
+        want = dkimpy_speedups._dkimpy_parse_tag_value(value)
+    except Exception as e:
+        for parse in (dkimpy_speedups._parse_tag_value, dkimpy_speedups._parse_tag_value):  # again: not cached
+            with pytest.raises(type(e)) as got:
+                parse(value)
+            assert got.value.args == e.args
+        assert dkim.signature_tags(value) is None
+        return
+    assert dkimpy_speedups._parse_tag_value(value) == want
+    got = dkimpy_speedups._parse_tag_value(value)  # a cached parse, handed out as a fresh copy
+    assert got == want
+    got[b"mutated"] = b"1"
+    assert dkimpy_speedups._parse_tag_value(value) == want
+    assert dkim.signature_tags(value) == want
 
 
 def test_openssl_rsa_verify_agrees_with_dkimpy():
@@ -332,3 +379,98 @@ def test_from_domain_fast_path_agrees_with_the_email_parser(value):
     parsed = [a for _, a in getaddresses([value]) if "@" in a]
     assert len(parsed) == 1
     assert _from_domain([(b"From", b" " + value.encode())]) == parsed[0].rpartition("@")[2].lower()
+
+
+def test_warm_answers_from_the_resolvers_memory_give_the_same_verdicts(tmp_path):
+    """The DATA stage takes keys and DMARC records the resolver still holds (TTL 300) from its
+    memory, without a query, a task or a timer: every verdict, header, meta and log field is
+    the one the first (cold, asked over the network) pass gave, for names that exist and
+    names that do not; a DNS failure (not kept) still goes through the asynchronous look-ups."""
+    from mailstack import config as config_mod
+    from mailstack.senderauth.stage import SenderAuthStage
+    from mailstack.smtp.hooks import Connection, Transaction
+    from tests.dnsserver import DNSServer
+
+    pem, rec = rsa_key()
+    other_pem, _ = rsa_key(seed=1)
+    server = DNSServer(ttl=300).start()
+    server.add("rsa._domainkey.signer.test", "TXT", rec)
+    server.add("_dmarc.signer.test", "TXT", "v=DMARC1; p=reject; sp=quarantine")
+    server.servfail.add("_dmarc.broken.test")
+    try:
+        cfg = config_mod.from_dict({"server": {"hostname": "mx.example.test", "data_dir": str(tmp_path)}},
+                                   base=tmp_path)
+        stage = SenderAuthStage(cfg, Resolver([(server.host, server.port)], timeout=2.0))
+        conn = Connection(ip="198.51.100.7", listener="smtp", hostname="mx.example.test", helo="out.signer.test")
+        good = sign(message("bob@signer.test"), "signer.test", "rsa", pem)
+        cases = {
+            "pass": good,
+            "subdomain": sign(message("bob@mail.signer.test"), "signer.test", "rsa", pem),
+            "bad key": sign(message("bob@signer.test"), "signer.test", "rsa", other_pem),
+            "altered": good.replace(b"the report", b"THE REPORT"),
+            "unsigned, no record": message("eve@nowhere.test"),
+            "two signatures": sign(good, "signer.test", "missing", pem),
+            "DNS failure": message("eve@broken.test"),
+        }
+
+        async def judge(data: bytes):
+            txn = Transaction(mail_from="bounces@signer.test")
+            txn.state["senderauth"] = {"mailfrom": spf.Result("fail", domain="signer.test"),  # DKIM decides
+                                       "helo": spf.Result("none", domain="out.signer.test")}
+            v = await stage.data(conn, txn, data)
+            return v.reply, v.headers, v.meta, v.log, v.message
+
+        waited = []  # the asynchronous look-ups (tasks, timer), when the memory cannot answer
+        lookups = stage._lookups
+
+        async def counted(*args):
+            waited.append(args)
+            return await lookups(*args)
+        stage._lookups = counted
+
+        async def go():
+            for name, data in cases.items():
+                cold = await judge(data)
+                asked, waits = len(server.queries), len(waited)
+                warm = await judge(data)
+                assert warm == cold, name
+                if name == "DNS failure":  # a failure is not kept: asked again, as before
+                    assert len(waited) == waits + 1, name
+                else:  # names that exist and names that do not: from memory
+                    assert len(server.queries) == asked and len(waited) == waits, f"{name}: asked again"
+            return [await judge(d) for d in cases.values()]
+
+        results = asyncio.run(go())
+        logs = [r[3] for r in results]
+        assert logs[0]["dkim"] == "pass:signer.test" and logs[0]["dmarc"] == "pass"
+        assert logs[1]["dmarc"] == "pass"  # relaxed alignment, the organisation's record
+        assert logs[2]["dkim"] == "fail:signer.test" and logs[2]["dmarc"] == "fail(reject)"
+        assert results[2][0].startswith("550 5.7.1")
+        assert logs[3]["dkim"].startswith("fail") and logs[4]["dmarc"] == "none"
+        assert logs[5]["dkim"].count("signer.test") == 2
+        assert logs[6]["dmarc"] == "temperror"
+    finally:
+        server.stop()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([b" ", b"\t", b"\r\n ", b"\x1c", b"A", b"b", b"+", b"\xff", b" " * 40]),
+                max_size=60).map(b"".join))
+def test_b_prefix_is_the_start_of_b_without_white_space(value):
+    import re
+    assert dkim._b_prefix(value) == re.sub(r"\s+", "", value.decode("ascii", "replace"))[:8]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=80) | st.lists(st.sampled_from([b" ", b"\t", b"\r\n", b"\x0b", b"\x0c", b"\x1c", b"\x85",
+                                                          b"\xa0", b"A", b"="]), max_size=40).map(b"".join))
+def test_dkimpy_blank_removal_gives_re_results(value):
+    """dkimpy's `re` as replaced (dkimpy_speedups._ReForDkimpy): its re.sub(br"\\s+", b"", ...)
+    by bytes.split() removes exactly what re removes; other calls are re's own."""
+    import re
+
+    import dkim as dkimpy
+    assert dkimpy.re.sub(rb"\s+", b"", value) == re.sub(rb"\s+", b"", value)
+    assert dkimpy.re.sub(rb"\s+", b"-", value) == re.sub(rb"\s+", b"-", value)
+    assert dkimpy.re.sub(rb"\s+", b"", value, count=1) == re.sub(rb"\s+", b"", value, count=1)
+    assert dkimpy.re.split(rb"\s*:\s*", value) == re.split(rb"\s*:\s*", value)

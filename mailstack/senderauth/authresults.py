@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+$")  # RFC 2045 token: no tspecials
+_NOT_IN_COMMENT = re.compile(r"[()\\\r\n]")
 
 
 def pvalue(value: str) -> str:
@@ -22,7 +23,7 @@ def pvalue(value: str) -> str:
 
 
 def comment(text: str) -> str:
-    text = re.sub(r"[()\\\r\n]", " ", text)[:200].strip()
+    text = _NOT_IN_COMMENT.sub(" ", text)[:200].strip()
     return f" ({text})" if text else ""
 
 

@@ -14,16 +14,15 @@ Current practice on top of the RFCs (as Gmail, rspamd and OpenDKIM do):
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 from dataclasses import dataclass
 
 import dkim as dkimpy
 from dkim.canonicalization import CanonicalizationPolicy
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.util import InvalidTagValueList
 
 from ..dns import DnsError
-from . import dkimpy_speedups  # noqa: F401  (installs itself)
+from . import dkimpy_speedups  # installs itself on import
 
 MAX_SIGNATURES = 10  # more than this on one message is abuse, not mail: the rest are ignored
 KEY_TEMPFAIL = object()
@@ -48,18 +47,33 @@ class ARCResult:
     reason: str = ""
 
 
-@functools.lru_cache(maxsize=256)  # key_names() and verify_dkim() read the same fields; never mutated
 def signature_tags(value: bytes) -> dict[bytes, bytes] | None:
-    """Tag list of a DKIM-Signature / ARC-* header value; None when it does not parse."""
+    """Tag list of a DKIM-Signature / ARC-* header value; None when it does not parse.
+    Parsed once a message: key_names(), verify_dkim() and dkimpy share it (never mutated)."""
     try:
-        return parse_tag_value(value)
+        return dkimpy_speedups.tags_of(value.strip())
     except (InvalidTagValueList, ValueError, IndexError):
         return None
 
 
+_BLANKS_AND_CONTROLS = re.compile(r"[\s\x00-\x1f\x7f]+")
+_BLANKS = re.compile(r"\s+")
+_KEY_NAME = re.compile(r"[a-z0-9_.\-]{1,253}")
+# dkimpy's logger, as dkimpy.DKIM() would look it up (with a lock) for every message.
+_DKIMPY_LOG = dkimpy.get_default_logger()
+
+
 def _text(value: bytes) -> str:
     """A tag value for headers and logs: ASCII, no white space (it may be folded) or controls."""
-    return re.sub(r"[\s\x00-\x1f\x7f]+", "", value.decode("ascii", "replace"))
+    return _BLANKS_AND_CONTROLS.sub("", value.decode("ascii", "replace"))
+
+
+def _b_prefix(b: bytes) -> str:
+    """The first 8 characters of b= without white space; read from its start, not all of it."""
+    text = _BLANKS.sub("", b[:64].decode("ascii", "replace"))
+    if len(text) < 8 and len(b) > 64:  # white space filled the start: all of it
+        text = _BLANKS.sub("", b.decode("ascii", "replace"))
+    return text[:8]
 
 
 def _key_name(tags: dict[bytes, bytes]) -> str | None:
@@ -70,7 +84,7 @@ def _key_name(tags: dict[bytes, bytes]) -> str | None:
         name = f"{s.decode('ascii').strip()}._domainkey.{d.decode('ascii').strip()}".lower().rstrip(".")
     except UnicodeDecodeError:
         return None
-    return name if re.fullmatch(r"[a-z0-9_.\-]{1,253}", name) else None
+    return name if _KEY_NAME.fullmatch(name) else None
 
 
 def _headers(message: bytes) -> list[tuple[bytes, bytes]]:
@@ -110,6 +124,24 @@ def key_names(message: bytes, fields: list[tuple[bytes, bytes]] | None = None) -
 header_fields = _headers
 
 
+def _key_record(txts: list[bytes]) -> bytes | None:
+    # RFC 6376 3.6.2.2: several records is an error; take the first key record.
+    keys = [t for t in txts if b"p=" in t]
+    return keys[0] if keys else (txts[0] if txts else None)
+
+
+def cached_keys(resolver, names: set[str]) -> dict[str, object] | None:
+    """What prefetch_keys() would answer, from the resolver's memory alone (resolver.cached:
+    no task, no wait); None when any of the names is not there."""
+    out: dict[str, object] = {}
+    for name in names:
+        txts = resolver.cached(name, "TXT")
+        if txts is None:
+            return None
+        out[name] = _key_record(txts)
+    return out
+
+
 async def prefetch_keys(resolver, names: set[str]) -> dict[str, object]:
     """name -> the key record (bytes), None (no such key), or KEY_TEMPFAIL; concurrently."""
     async def one(name: str):
@@ -117,9 +149,7 @@ async def prefetch_keys(resolver, names: set[str]) -> dict[str, object]:
             txts = await resolver.records(name, "TXT")
         except DnsError:
             return KEY_TEMPFAIL
-        # RFC 6376 3.6.2.2: several records is an error; take the first key record.
-        keys = [t for t in txts if b"p=" in t]
-        return keys[0] if keys else (txts[0] if txts else None)
+        return _key_record(txts)
 
     if len(names) == 1:  # the common case: no tasks to make
         (name,) = names
@@ -147,7 +177,7 @@ def verify_dkim(message: bytes, keys: dict[str, object], min_rsa_bits: int = 102
         # "permerror" for a malformed header line of a message that carries no signature.
         return []
     try:
-        d = dkimpy.DKIM(message, minkey=min_rsa_bits)
+        d = dkimpy.DKIM(message, logger=_DKIMPY_LOG, minkey=min_rsa_bits)
     except Exception as e:  # an unparsable message: nothing to check
         return [DKIMResult("permerror", reason=f"message not parsable: {e}")]
     indices = [i for i, (name, _) in enumerate(d.headers) if name.lower() == b"dkim-signature"]
@@ -160,7 +190,7 @@ def verify_dkim(message: bytes, keys: dict[str, object], min_rsa_bits: int = 102
         res.selector = _text(tags.get(b"s", b""))[:63]
         res.algorithm = _text(tags.get(b"a", b"")).lower()[:32]
         res.identity = _text(tags.get(b"i", b""))[:254] or (f"@{res.domain}" if res.domain else "")
-        res.b = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
+        res.b = _b_prefix(tags.get(b"b", b""))
         out.append(res)
         if not tags:
             res.reason = "signature does not parse"
@@ -218,7 +248,7 @@ def verify_arc(message: bytes, keys: dict[str, object], min_rsa_bits: int = 1024
     instance = int(newest.get(b"i", b"0")) if newest.get(b"i", b"").isdigit() else 0
     sealer = _text(newest.get(b"d", b"")).lower()[:253]
     try:
-        cv, _, reason = dkimpy.ARC(message, minkey=min_rsa_bits).verify(dnsfunc=_dnsfunc(keys))
+        cv, _, reason = dkimpy.ARC(message, logger=_DKIMPY_LOG, minkey=min_rsa_bits).verify(dnsfunc=_dnsfunc(keys))
     except dkimpy.DnsTimeoutError as e:
         return ARCResult("fail", instance, sealer, f"temporary DNS failure: {e}")
     except Exception as e:

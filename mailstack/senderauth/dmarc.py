@@ -21,6 +21,7 @@ from ..dns import DnsError
 _PSL = None
 
 
+@functools.lru_cache(maxsize=4096)  # the same few domains over and over; the list does not change
 def org_domain(domain: str) -> str:
     """RFC 7489 3.2: the public suffix plus one label; a public suffix itself stays as it is."""
     global _PSL
@@ -111,19 +112,37 @@ class Verdict:
                 "spf_aligned": self.spf_aligned, "dkim_aligned": self.dkim_aligned}
 
 
+def _single_record(txts: list[bytes]) -> Record | None:
+    """The one usable DMARC record among a name's TXT records (none, or several: None)."""
+    records = []
+    for t in txts:
+        if t[:8].replace(b" ", b"").lower().startswith(b"v=dmarc1"):
+            try:
+                records.append(parse_record(t.decode("utf-8", "replace")))
+            except ValueError:
+                continue
+    return records[0] if len(records) == 1 else None
+
+
 async def find_record(resolver, domain: str) -> tuple[Record | None, str]:
     """6.6.3: _dmarc.<From domain>, else _dmarc.<organisational domain>. DnsError passes up."""
     for where in dict.fromkeys((domain, org_domain(domain))):
-        txts = await resolver.records(f"_dmarc.{where}", "TXT")
-        records = []
-        for t in txts:
-            if t[:8].replace(b" ", b"").lower().startswith(b"v=dmarc1"):
-                try:
-                    records.append(parse_record(t.decode("utf-8", "replace")))
-                except ValueError:
-                    continue
-        if len(records) == 1:
-            return records[0], where
+        record = _single_record(await resolver.records(f"_dmarc.{where}", "TXT"))
+        if record is not None:
+            return record, where
+    return None, ""
+
+
+def cached_record(resolver, domain: str) -> tuple[Record | None, str] | None:
+    """What find_record() would answer, from the resolver's memory alone (resolver.cached);
+    None when a look-up it needs is not there."""
+    for where in dict.fromkeys((domain, org_domain(domain))):
+        txts = resolver.cached(f"_dmarc.{where}", "TXT")
+        if txts is None:
+            return None
+        record = _single_record(txts)
+        if record is not None:
+            return record, where
     return None, ""
 
 
