@@ -459,18 +459,3 @@ def test_warm_answers_from_the_resolvers_memory_give_the_same_verdicts(tmp_path)
 def test_b_prefix_is_the_start_of_b_without_white_space(value):
     import re
     assert dkim._b_prefix(value) == re.sub(r"\s+", "", value.decode("ascii", "replace"))[:8]
-
-
-@settings(max_examples=1000, deadline=None)
-@given(st.binary(max_size=80) | st.lists(st.sampled_from([b" ", b"\t", b"\r\n", b"\x0b", b"\x0c", b"\x1c", b"\x85",
-                                                          b"\xa0", b"A", b"="]), max_size=40).map(b"".join))
-def test_dkimpy_blank_removal_gives_re_results(value):
-    """dkimpy's `re` as replaced (dkimpy_speedups._ReForDkimpy): its re.sub(br"\\s+", b"", ...)
-    by bytes.split() removes exactly what re removes; other calls are re's own."""
-    import re
-
-    import dkim as dkimpy
-    assert dkimpy.re.sub(rb"\s+", b"", value) == re.sub(rb"\s+", b"", value)
-    assert dkimpy.re.sub(rb"\s+", b"-", value) == re.sub(rb"\s+", b"-", value)
-    assert dkimpy.re.sub(rb"\s+", b"", value, count=1) == re.sub(rb"\s+", b"", value, count=1)
-    assert dkimpy.re.split(rb"\s*:\s*", value) == re.split(rb"\s*:\s*", value)
