@@ -7,11 +7,11 @@ and runs its whitespace regexes over every blank of the body.  Here OpenSSL (thr
 `cryptography`) does the first in ~0.03 ms, a parsed key is kept per record, the body is
 taken as it is when the message has CRLF line ends only, and the regexes run only when
 there is something to rewrite.  Also (issue 16, session 6): the b= value is blanked in one
-scan, each signature's tag list is parsed once for the stage, dkim.py and dkimpy together,
-and dkimpy's white-space removal from b=/bh= is bytes.split().  Same results:
+scan, and each signature's tag list is parsed once for the stage, dkim.py and dkimpy
+together.  Same results:
 tests/test_senderauth.py compares each replacement with dkimpy's own on fuzzed input.
 Importing this module installs them.  dkimpy internals relied on: the module globals
-RSASSA_PKCS1_v1_5_verify, load_pk_from_dns, rfc822_parse, RE_BTAG, parse_tag_value, re,
+RSASSA_PKCS1_v1_5_verify, load_pk_from_dns, rfc822_parse, RE_BTAG, parse_tag_value,
 and canonicalization's compress_whitespace, strip_trailing_whitespace, unfold_header_value.
 """
 from __future__ import annotations
