@@ -73,7 +73,7 @@ CRC_SUFFIX = re.compile(r"\.crc([0-9a-f]{8})$")  # tmp/<name>.crc<crc32 of the b
 
 class _Item:
     __slots__ = ("mailbox_dir", "base", "sub", "name", "message", "uidvalidity", "on_indexed", "future",
-                 "error", "size")
+                 "error", "size", "dir")
 
     def __init__(self, mailbox_dir: Path, base: str, sub: str, name: str, message, uidvalidity: int,
                  on_indexed, future) -> None:
@@ -81,13 +81,14 @@ class _Item:
         self.message, self.uidvalidity, self.on_indexed, self.future = message, uidvalidity, on_indexed, future
         self.error: BaseException | None = None
         self.size = message.length if isinstance(message, MessageSource) else len(message)
+        self.dir = os.fspath(mailbox_dir)  # the worker joins strings: pathlib cost it ~8 % of its time
 
     @property
-    def tmp(self) -> Path:
+    def tmp(self) -> str:
         """Bytes in hand get a checksummed name that recover_tmp trusts after a crash."""
         if isinstance(self.message, MessageSource):
-            return self.mailbox_dir / "tmp" / self.base
-        return self.mailbox_dir / "tmp" / f"{self.name}.crc{zlib.crc32(self.message):08x}"
+            return f"{self.dir}/tmp/{self.base}"
+        return f"{self.dir}/tmp/{self.name}.crc{zlib.crc32(self.message):08x}"
 
 
 class GroupWriter:
@@ -243,7 +244,7 @@ def _unlink_quietly(path) -> None:
         pass
 
 
-def _write_file(item: _Item, tmp: Path) -> int:
+def _write_file(item: _Item, tmp: str) -> int:
     """tmp/... with the message; the open descriptor (not yet fsynced)."""
     from .maildir import _copy_from_source, _write_all  # the Maildir's own copy routines
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -277,14 +278,14 @@ def _make_durable(batch: list[_Item], written: Callable[[], None] = lambda: None
     """Steps 1-3 of the module doc.  Returns the directories still to fsync (step 5).
     `written` is called when the files are written (the next batch may begin) and again
     after their fsyncs (for a delivery that came after the first call)."""
-    opened: list[tuple[_Item, Path, int]] = []
+    opened: list[tuple[_Item, str, int]] = []
     tmp_dirs: set[str] = set()
     for item in batch:
         try:
             tmp = item.tmp
             opened.append((item, tmp, _write_file(item, tmp)))
             if not isinstance(item.message, MessageSource):
-                tmp_dirs.add(os.fspath(tmp.parent))
+                tmp_dirs.add(f"{item.dir}/tmp")
         except Exception as e:  # noqa: BLE001 - that delivery's error (a full disk, ...)
             item.error = e
     written()
@@ -302,11 +303,11 @@ def _make_durable(batch: list[_Item], written: Callable[[], None] = lambda: None
     streamed: set[str] = set()  # directories that must be fsynced before their deliveries are told
     for (item, tmp, _), err in zip(opened, errors):
         if err is None and not isinstance(item.message, MessageSource):
-            err = dir_errors.get(os.fspath(tmp.parent))
+            err = dir_errors.get(f"{item.dir}/tmp")
         if err is None:
             try:
-                os.rename(tmp, item.mailbox_dir / item.sub / item.name)
-                d = os.fspath(item.mailbox_dir / item.sub)
+                d = f"{item.dir}/{item.sub}"
+                os.rename(tmp, f"{d}/{item.name}")
                 renamed.setdefault(d, []).append(item)
                 if isinstance(item.message, MessageSource):
                     streamed.add(d)
