@@ -126,7 +126,7 @@ class GroupWriter:
         ended), the one after it starts (its `durable`, "the next may begin").  The batches'
         step 1 (file creation, CPU in the kernel) thus follows one after the other, and each
         overlaps the previous batch's fsyncs (the wait for the disk): one after the other,
-        the two steps made a 10-message batch take ~2.5 + ~2.5 ms at 20 sessions, and the
+        the two steps made a 10-message batch take ~2.4 + ~2.1 ms at 20 sessions, and the
         rate was the batches' (session 6).  Batches in flight are bounded by WORKERS."""
         while self._pending:
             batch = self._take()
