@@ -412,6 +412,33 @@ def test_command_timeout(make_server):
         assert c.closed()
 
 
+def test_command_timeout_counts_from_the_last_read_not_the_first(make_server):
+    # One idle timer a session (server.py): it was armed by the first read, fires while the
+    # client is still busy with later commands, and must then wait for the current read's
+    # own deadline, mid-DATA too.
+    srv = make_server(smtp={"command_timeout": 1})
+    with RawClient(srv) as c:
+        c.reply()
+        start = time.monotonic()
+        while time.monotonic() - start < 2.5:
+            assert c.cmd("NOOP").startswith("250")
+            time.sleep(0.4)
+        assert c.cmd("EHLO client.example.org").startswith("250")
+        assert c.cmd(f"MAIL FROM:<{OTHER}>").startswith("250")
+        assert c.cmd(f"RCPT TO:<{USER}>").startswith("250")
+        assert c.cmd("DATA").startswith("354")
+        start = time.monotonic()
+        while time.monotonic() - start < 2.5:
+            c.send(b"Subject: slow\r\n")
+            time.sleep(0.4)
+        c.send(b"\r\nbody\r\n.\r\n")
+        assert c.reply().startswith("250")
+        last = time.monotonic()
+        assert c.reply() == f"421 4.4.2 {HOSTNAME} Error: timeout exceeded"
+        assert 0.9 < time.monotonic() - last < 5
+        assert c.closed()
+
+
 def test_session_time_limit(make_server):
     srv = make_server(smtp={"max_session_time": 1})
     with RawClient(srv) as c:
