@@ -194,6 +194,14 @@ def multiline(first: str, lines: list[str]) -> bytes:
 
 # --- message bytes -------------------------------------------------------------------
 
+# Bytes that need no change to go out in RETR: every LF is part of a CRLF and no line begins
+# with "." (a chunk's first line is taken as a line start, so a "." there falls back to the
+# exact path below).  One regex pass (~1 ns a byte) instead of two counts and a replace
+# (~2.5 ns a byte, all holding the GIL in the read-ahead's worker while the loop waits to
+# answer the next RETR); the atomic group keeps it from backtracking over earlier lines.
+_WIRE_READY = re.compile(rb"(?>[^\n.][^\n]*\r\n|\r\n)*(?:[^\n.][^\n]*)?")
+
+
 class MessageEncoder:
     """A stored message, fed in chunks of any size -> the bytes RETR/TOP send.
 
@@ -218,6 +226,10 @@ class MessageEncoder:
             chunk = chunk[:-1]
         if not chunk:
             return b""
+        if _WIRE_READY.fullmatch(chunk) is not None:
+            # Already as RETR sends it (nearly all stored mail): one C pass, no copy.
+            self._line_start = chunk[-1:] == b"\n"
+            return chunk
         if chunk.count(b"\n") == chunk.count(b"\r\n"):
             # No bare LF (nearly all stored mail): only the dot-stuffing is left to do.  Two
             # counts and one replace cost half of the three replaces below.
