@@ -156,3 +156,23 @@ def test_writes_vectors_only_for_a_plain_stream_writer():
     class W:
         transport = FakeTransport()
     assert not fetching.writes_vectors(W())  # COMPRESS's DeflateWriter is not a StreamWriter
+
+
+@pytest.mark.parametrize("command", ["FETCH 1:* BODY.PEEK[]", "UID FETCH 1:* BODY.PEEK[]", "FETCH 1:* RFC822",
+                                     "FETCH 1:* (BODY.PEEK[] UID)", "FETCH 1:* BODY.PEEK[]<5.20>",
+                                     "UID FETCH 1:* (BODY.PEEK[] BODY.PEEK[])"])
+def test_the_one_format_for_whole_bodies_says_what_the_general_loop_says(srv, monkeypatch, command):
+    """_whole_body_head's responses (BODY[] / RFC822 alone, with UID first) byte for byte
+    those of the item-by-item loop, which answers the same command with the format off."""
+    place(srv, MESSAGES)
+    r = Raw(srv)
+    try:
+        r.ok("SELECT INBOX")
+        if "RFC822" in command:  # sets \Seen: both answers must start from the same flags
+            r.ok("EXAMINE INBOX")
+        fast = r.ok(command)
+        monkeypatch.setattr(fetching, "_whole_body_head", lambda atts: None)
+        general = r.ok(command)
+    finally:
+        r.close()
+    assert fast == general and len(fast) == len(MESSAGES)

@@ -165,6 +165,26 @@ def _join_fetch(seq: int, items: list) -> "bytes | list":
     return chunks
 
 
+def _whole_body_head(atts) -> "tuple[bytes, bool] | None":
+    """For a FETCH of a whole body alone (BODY[] / BODY.PEEK[] / RFC822, with the UID first,
+    as UID FETCH adds it): the format of each response's head up to its literal, and whether
+    it takes the UID.  _render_batch then makes a response with one %-format (the general
+    loop costs ~1.7 us a message: 100 bodies, ~0.17 ms of the worker's ~1 ms).  None for
+    anything else."""
+    names = [a.name for a in atts]
+    uid = names[:1] == ["UID"]
+    body = atts[1:] if uid else atts
+    if len(body) != 1:
+        return None
+    a = body[0]
+    if a.partial is not None or a.name not in ("BODY[]", "RFC822"):
+        return None
+    if a.name == "BODY[]" and (a.section.part or a.section.text):
+        return None
+    label = b"RFC822" if a.name == "RFC822" else b"BODY[]"
+    return b"* %d FETCH (" + (b"UID %d " if uid else b"") + label.replace(b"%", b"%%") + b" {%d}\r\n", uid
+
+
 BLOCK = 256 * 1024  # small responses are joined into writes of about this size
 DATA_BATCH = 2 << 20  # message bytes read per batch (one worker call) by a FETCH of whole bodies
 
@@ -734,9 +754,16 @@ class FetchCommands:
         """The FETCH responses of a batch, and whether a message had vanished meanwhile."""
         out: list = []
         gone = False
+        whole = _whole_body_head(atts) if datas is not None else None
         for seq, m in batch:
             data = None
             root = None
+            if whole is not None and m.uid not in streams:
+                data = datas.get(m.uid)
+                if data is not None:  # what the loop below would make, in one format
+                    head, with_uid = whole
+                    out.append([head % ((seq, m.uid, len(data)) if with_uid else (seq, len(data))), data, b")\r\n"])
+                    continue
             if m.uid in streams:
                 head = streams.get(m.uid) if isinstance(streams, dict) else None
                 items = [self._render_streamed(m, a, entries, head) for a in atts]
