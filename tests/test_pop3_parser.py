@@ -258,3 +258,23 @@ def test_wire_ready_message_is_sent_as_it_is_without_a_copy():
     enc = MessageEncoder()
     assert enc.feed(data) is data
     assert enc.end() == b"\r\n"
+
+
+def test_encoder_keeps_no_state_per_line_of_a_big_piece():
+    """The regex passes must not keep backtracking state per line: with an atomic group per
+    line they held ~1.1 bytes per byte of a 512 KiB piece, and five clients RETRieving an
+    8 MiB message at once grew the server by 137 MiB."""
+    import tracemalloc
+    dotted = b"".join(b"%sline %d of the piece\r\n" % (b"." if i % 5 == 1 else b"", i) for i in range(20000))
+    clean = dotted.replace(b"\r\n.", b"\r\nx")
+    assert len(dotted) > 400_000 and not dotted.startswith(b".")
+    for data in (clean, dotted):
+        tracemalloc.start()
+        try:
+            out = MessageEncoder().feed(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        made = 0 if out is data else len(out)  # the clean piece is sent as it is
+        assert peak < made + 32 * 1024, (len(data), peak, made)
+        assert out == _reference_encoding(data)[:len(out)]
