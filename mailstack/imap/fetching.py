@@ -10,6 +10,7 @@ import os
 from ..store.base import StoreError
 from ..store.index import Plain, serialize
 from . import bigmessage, binary, fetch, response, search, sort
+from .fetch_files import HEADER_PEEK, head_of, read_header, read_whole  # noqa: F401 (tests import them from here)
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
 
@@ -19,7 +20,6 @@ _PLAIN_ITEMS = {"UID": (b"UID %d", 1), "FLAGS": (b"%b", 2), "RFC822.SIZE": (b"RF
 
 log = logging.getLogger("mailstack.imap")
 
-HEADER_PEEK = 16384  # bytes read first when only the header is needed
 BIG_CHUNK = 65536
 STREAM_MIN = 1 << 20  # whole messages at least this big are streamed, not read whole
 STREAM_CHUNK = 256 * 1024  # bytes read per piece when streaming
@@ -50,9 +50,6 @@ class _Stream:
         self.label, self.uid, self.size, self.start = label, uid, size, start
 
 
-HEAD_KEEP = 1 << 20  # header bytes kept in memory for BODY[HEADER.FIELDS] of a streamed message
-
-
 class _BigHead(tuple):
     """(header bytes, body start) of a streamed message, plus `parts`: the byte range (or the
     made bytes) of each MIME part section asked for, by section spec (bigmessage.py)."""
@@ -61,82 +58,6 @@ class _BigHead(tuple):
         self = super().__new__(cls, head)
         self.parts = parts
         return self
-
-
-def _head_of(path: str) -> tuple[bytes, int]:
-    """(the header bytes, at most HEAD_KEEP of them; the offset where the body starts) of a
-    message file, found by reading it in bounded pieces (blocking: run in a thread).  A
-    header without an end runs to the end of the file, as fetch.split_header says."""
-    with open(path, "rb") as f:
-        data = f.read(HEADER_PEEK)
-        _, bstart = fetch.split_header(data)
-        if bstart < len(data) or len(data) < HEADER_PEEK:
-            return data[:bstart], bstart
-        head = bytearray(data)
-        pos = len(data)  # file offset of the end of `data`
-        tail = data[-3:]  # a blank line may straddle two reads
-        while True:
-            piece = f.read(STREAM_CHUNK)
-            if not piece:
-                return bytes(head), pos
-            if len(head) < HEAD_KEEP:
-                head += piece[:HEAD_KEEP - len(head)]
-            window = tail + piece
-            m = fetch._BLANK.search(window)
-            if m is not None:
-                bstart = pos - len(tail) + m.end()
-                return bytes(head[:bstart]), bstart
-            pos += len(piece)
-            tail = window[-3:]
-
-
-HEADER_FIRST = 4096  # most headers end within the first page
-
-
-def read_whole(path: str, size: int) -> bytes:
-    """Blocking: a whole message file, in one read when `size` (the index's: the name's S=,
-    or the size seen at the scan) is right.  Plain os calls: open() + read() costs ~3x as
-    much per small file (a buffered object, an fstat, a second read to find the end)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, size + 1)
-        if len(data) == size:  # asked one byte more and did not get it: the end
-            return data
-        chunks = [data]  # larger than said (read to the end), or shorter (make sure it ended)
-        while piece := os.read(fd, 1 << 20):
-            chunks.append(piece)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def read_header(path: str) -> bytes:
-    """Blocking: the start of a message file that holds its whole header (or the whole
-    file when it has no blank line): a page first, HEADER_PEEK next, then the rest.  Plain
-    os calls: a cold listing opens thousands of files in a row."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, HEADER_FIRST)
-        if len(data) < HEADER_FIRST or fetch._blank(data, 0, len(data)) is not None:
-            return data
-        chunks = [data]
-        size = len(data)
-        while size < HEADER_PEEK:  # to HEADER_PEEK, as the previous full read
-            piece = os.read(fd, HEADER_PEEK - size)
-            if not piece:
-                return b"".join(chunks)
-            chunks.append(piece)
-            size += len(piece)
-        data = b"".join(chunks)
-        if fetch._blank(data, 0, len(data)) is not None:
-            return data
-        while True:  # no header end in HEADER_PEEK bytes: the whole file, as before
-            piece = os.read(fd, 1 << 20)
-            if not piece:
-                return b"".join(chunks)
-            chunks.append(piece)
-    finally:
-        os.close(fd)
 
 
 def _join_fetch(seq: int, items: list) -> "bytes | list":
@@ -182,7 +103,7 @@ def _whole_body_head(atts) -> "tuple[bytes, bool] | None":
     if a.name == "BODY[]" and (a.section.part or a.section.text):
         return None
     label = b"RFC822" if a.name == "RFC822" else b"BODY[]"
-    return b"* %d FETCH (" + (b"UID %d " if uid else b"") + label.replace(b"%", b"%%") + b" {%d}\r\n", uid
+    return b"* %d FETCH (" + (b"UID %d " if uid else b"") + label + b" {%d}\r\n", uid
 
 
 BLOCK = 256 * 1024  # small responses are joined into writes of about this size
@@ -606,7 +527,7 @@ class FetchCommands:
             for uid, path in paths.items():
                 try:
                     if path is not None:
-                        out[uid] = _head_of(path)
+                        out[uid] = head_of(path)
                         if sections:
                             out[uid] = _BigHead(out[uid], bigmessage.sections_of_file(path, sections))
                 except (OSError, ValueError):  # ValueError: mmap of a file that shrank meanwhile
@@ -766,7 +687,8 @@ class FetchCommands:
                 data = datas.get(m.uid)
                 if data is not None:  # what the loop below would make, in one format
                     head, with_uid = whole
-                    out.append([head % ((seq, m.uid, len(data)) if with_uid else (seq, len(data))), data, b")\r\n"])
+                    values = (seq, m.uid, len(data)) if with_uid else (seq, len(data))
+                    out.append([head % values, data, b")\r\n"])
                     continue
             if m.uid in streams:
                 head = streams.get(m.uid) if isinstance(streams, dict) else None
