@@ -45,7 +45,8 @@ def bodies(lines: list[bytes]) -> dict[int, bytes]:
 
 @pytest.fixture(params=["uvloop", "asyncio"])  # what `mailstack serve` runs on, and the fallback
 def srv(tmp_path, request):
-    server = InProcessIMAP(tmp_path, loop=request.param)
+    # plaintext login allowed: the write path differs on a plain TCP transport (writes_vectors)
+    server = InProcessIMAP(tmp_path, loop=request.param, imap_overrides={"allow_plaintext_auth": True})
     yield server
     server.close()
 
@@ -118,3 +119,60 @@ def test_blocks_keep_every_byte_in_order():
     i = out.index(stream)
     assert b"".join(out[:i]).endswith(b"* 7 FETCH (BODY[] {10}\r\n")
     assert len(out) < 10  # 20,000 responses in a handful of writes
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_many_small_bodies_go_out_as_unjoined_vectors_on_uvloop_and_exact(srv, monkeypatch, tls):
+    """Session 6: on uvloop's plain TCP transport a batch's pieces go to writelines (one
+    writev) as _Vectors, not joined; on asyncio and under TLS they are joined in the worker
+    as before.  Either way the bytes are the files', in order, and what single FETCHes say."""
+    datas = [b"Subject: %d\r\n\r\n" % i + b"".join(b".%d dotted and plain line %d\r\n" % (j, i) for j in range(60))
+             for i in range(120)]  # ~3 KB each, ~400 KB in all: several BLOCKs of small literals
+    place(srv, datas)
+    seen: list = []
+    real_blocks = fetching._blocks
+
+    def spy(rendered, gone, vectors=False):
+        out = real_blocks(rendered, gone, vectors)
+        seen.append((vectors, [type(x).__name__ for x in out[0]]))
+        return out
+    monkeypatch.setattr(fetching, "_blocks", spy)
+    r = Raw(srv, tls=tls)
+    try:
+        r.ok("SELECT INBOX")
+        whole = r.ok(f"FETCH 1:{len(datas)} (UID BODY.PEEK[])")
+        assert bodies(whole) == {i + 1: d for i, d in enumerate(datas)}
+        assert whole == [line for i in range(1, len(datas) + 1) for line in r.ok(f"FETCH {i} (UID BODY.PEEK[])")]
+    finally:
+        r.close()
+    vectors, kinds = seen[0]
+    assert vectors is (type(srv.loop).__module__ == "uvloop" and not tls)
+    assert ("_Vector" in kinds) is vectors and kinds.count("_Vector") >= (1 if vectors else 0)
+
+
+def test_writes_vectors_only_for_a_plain_stream_writer():
+    class FakeTransport:
+        pass
+    class W:
+        transport = FakeTransport()
+    assert not fetching.writes_vectors(W())  # COMPRESS's DeflateWriter is not a StreamWriter
+
+
+@pytest.mark.parametrize("command", ["FETCH 1:* BODY.PEEK[]", "UID FETCH 1:* BODY.PEEK[]", "FETCH 1:* RFC822",
+                                     "FETCH 1:* (BODY.PEEK[] UID)", "FETCH 1:* BODY.PEEK[]<5.20>",
+                                     "UID FETCH 1:* (BODY.PEEK[] BODY.PEEK[])"])
+def test_the_one_format_for_whole_bodies_says_what_the_general_loop_says(srv, monkeypatch, command):
+    """_whole_body_head's responses (BODY[] / RFC822 alone, with UID first) byte for byte
+    those of the item-by-item loop, which answers the same command with the format off."""
+    place(srv, MESSAGES)
+    r = Raw(srv)
+    try:
+        r.ok("SELECT INBOX")
+        if "RFC822" in command:  # sets \Seen: both answers must start from the same flags
+            r.ok("EXAMINE INBOX")
+        fast = r.ok(command)
+        monkeypatch.setattr(fetching, "_whole_body_head", lambda atts: None)
+        general = r.ok(command)
+    finally:
+        r.close()
+    assert fast == general and len(fast) == len(MESSAGES)

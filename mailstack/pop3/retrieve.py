@@ -65,7 +65,8 @@ def read_ahead(wanted: list[tuple[int, str, int]]) -> dict[int, tuple[bytes, int
             body = encode_file(path, SMALL_MESSAGE)
         except OSError:
             continue
-        out[key] = (ok(f"{size} octets") + body + b".\r\n", len(body))
+        # one copy of the body (two + would make two)
+        out[key] = (b"".join((ok(f"{size} octets"), body, b".\r\n")), len(body))
     return out
 
 
