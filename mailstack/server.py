@@ -117,6 +117,7 @@ class Server:
 
         from .store.maildir import MaildirStore
         services.store = MaildirStore(cfg.mail_dir, services.events, group_sync)
+        services.store.idle_messages = cfg.server.mailbox_cache_messages
         from .quotas import install as install_quota
         install_quota(services)  # usage in maildirsize, limits from the directory (quotas.py)
         self._tasks.append(asyncio.create_task(self._clean_maildir_tmp(time.time())))
@@ -296,6 +297,7 @@ class Server:
         services.directory.quotas = directory.quotas
         services.directory._verified.clear()
         services.throttle.reconfigure(new)
+        services.store.idle_messages = new.server.mailbox_cache_messages  # at the next eviction
         if services.queue is not None and hasattr(services.queue, "reconfigure"):
             services.queue.reconfigure(new)
         from .pipeline import build_stages
