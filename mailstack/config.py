@@ -75,6 +75,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "while the server is busy, so a user's first login after a migration is "
                                 "as fast as the next ones. false = such mail is indexed when a client "
                                 "first asks for it."),
+        "mailbox_cache_messages": Key("int", 50000, "Messages, summed over the mailboxes no session has "
+                                      "open, whose listings the server keeps loaded for the next login, "
+                                      "delivery or STATUS (~0.6-1.5 KB each). Past it the least recently "
+                                      "used mailboxes are let go and read back from disk when opened again "
+                                      "(a rescan of the folder, the index parsed at the first header "
+                                      "search); the one a client has just left stays, however big, until "
+                                      "another is loaded. 0 = keep only that one.",
+                                      min=0, max=100_000_000),
     },
     "listen": {name: Key("addrs", [addr], doc) for name, (addr, doc) in _LISTENERS.items()},
     "tls": {

@@ -9,6 +9,7 @@ connection is accepted.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import gc
 import importlib
@@ -117,6 +118,7 @@ class Server:
 
         from .store.maildir import MaildirStore
         services.store = MaildirStore(cfg.mail_dir, services.events, group_sync)
+        services.store.idle_messages = cfg.server.mailbox_cache_messages
         from .quotas import install as install_quota
         install_quota(services)  # usage in maildirsize, limits from the directory (quotas.py)
         self._tasks.append(asyncio.create_task(self._clean_maildir_tmp(time.time())))
@@ -296,6 +298,7 @@ class Server:
         services.directory.quotas = directory.quotas
         services.directory._verified.clear()
         services.throttle.reconfigure(new)
+        services.store.idle_messages = new.server.mailbox_cache_messages  # at the next eviction
         if services.queue is not None and hasattr(services.queue, "reconfigure"):
             services.queue.reconfigure(new)
         from .pipeline import build_stages
@@ -373,6 +376,7 @@ async def _main(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tune_gc()  # before start: its full collection must not hold up the first clients or log lines
+    tune_malloc()
     await server.start()  # drops privileges once ports are bound, before accepting
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
@@ -394,6 +398,31 @@ def tune_gc() -> None:
 
 
 GC_YOUNG_THRESHOLD = 50_000  # container allocations between young collections (CPython's default 700)
+
+
+def tune_malloc() -> None:
+    """Blocks of MMAP_THRESHOLD bytes and more stay mapped on their own, given back to the
+    system when freed.  glibc starts there but raises the threshold (up to 32 MiB) each time
+    a mapped block is freed, and then serves such blocks from its heaps, one per thread
+    group, where freed memory stays resident (malloc_trim does not get it back: it is
+    fragmented).  A 100,000-message mailbox's lists, then 20 clients streaming a 50 MB
+    message in 256 KiB pieces, left the server ~80 MiB bigger for good (at 334 MiB instead
+    of ~220 when a client next opened the big mailbox; docs/benchmarks.md, issue 16,
+    session 6).  Setting the threshold keeps it where it is.  Not glibc (musl, macOS), or
+    MALLOC_MMAP_THRESHOLD_ set by the operator: left as it is."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        log.debug("mallopt(M_MMAP_THRESHOLD) refused")
+
+
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
 
 
 def serve(cfg: Config) -> int:

@@ -361,3 +361,41 @@ def test_a_big_mailbox_no_client_holds_is_not_left_loaded_after_indexing(tmp_pat
     assert indexed == 19
     assert "big@example.test" not in loaded
     assert {"held@example.test", "small@example.test"} <= loaded
+
+
+def test_the_pass_leaves_no_more_loaded_than_the_idle_budget(tmp_path):
+    # In-process: the pass opens every mailbox; by count alone (256) the store's cache kept
+    # them all loaded after it (a 10,000-message mailbox ~15 MB with its SORT keys and
+    # header texts).  Within the budget of idle messages it keeps the most recently indexed.
+    import asyncio
+    from mailstack.events import EventBus
+    from mailstack.store import background
+    from mailstack.store.maildir import MaildirStore
+    root = tmp_path / "mail"
+    sizes = {f"u{i}": 12 for i in range(8)}  # 96 messages in 8 accounts
+    for local, n in sizes.items():
+        box = root / "example.test" / local
+        for sub in ("cur", "new", "tmp"):
+            (box / sub).mkdir(parents=True)
+        for i, data in enumerate(corpus(n)):
+            (box / "new" / f"17000000{i:02d}.M{i}P1.host").write_bytes(data)
+
+    async def go():
+        store = MaildirStore(root, EventBus())
+        store.idle_messages = 30
+        indexer = background.BackgroundIndexer(store)
+        indexer.start()
+        await asyncio.wait_for(indexer.done.wait(), 60)
+        await indexer.stop()
+        loaded = {key[0]: len(st.entries) for key, st in store._states.items() if st.refs <= 0}
+        # what was let go reads back indexed: its listing comes from the index file
+        mbox = await store.open("u0@example.test", "INBOX", read_only=True)
+        entries = await mbox.cache_get_many([m.uid for m in mbox.messages])
+        await mbox.close()
+        return loaded, indexer.messages, entries
+
+    loaded, indexed, entries = asyncio.run(go())
+    assert indexed == 96
+    assert sum(loaded.values()) <= 30
+    assert set(loaded) == {"u6@example.test", "u7@example.test"}  # the last ones indexed
+    assert len(entries) == 12 and all(e.get("v") == fetch.CACHE_VERSION and "env" in e for e in entries.values())

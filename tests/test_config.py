@@ -32,6 +32,8 @@ def check(tmp_path, text):
     ("[tls]\ncert = \"/x.pem\"\n", "tls.key", "together"),
     ("[server]\nhostname = 3\n", "server.hostname", "string"),
     ("[server]\nbackground_index = \"no\"\n", "server.background_index", "true or false"),
+    ("[server]\nmailbox_cache_messages = -1\n", "server.mailbox_cache_messages", "at least"),
+    ("[server]\nmailbox_cache_messages = \"lots\"\n", "server.mailbox_cache_messages", "whole number"),
 ])
 def test_bad_config_one_line_naming_the_key(tmp_path, text, key, reason):
     r = check(tmp_path, text)

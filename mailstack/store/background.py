@@ -71,7 +71,9 @@ STOP_WAIT = 10.0  # seconds stop() waits for the batch in flight
 # leaves them): a first SEARCH SUBJECT or SORT then parses no index line.  Bigger ones do
 # not (~1-2 KB a message, for mailboxes no client may open soon), and their loaded state is
 # dropped from the store's cache once indexed, unless a client has them open: a
-# 100,000-message mailbox left loaded kept the server at ~350 MiB instead of ~130.
+# 100,000-message mailbox left loaded kept the server at ~350 MiB instead of ~130.  The
+# smaller ones stay loaded only within the store's budget of idle mailboxes
+# (server.mailbox_cache_messages), the most recently indexed first.
 NOTE_MAX = 20000
 
 
@@ -235,6 +237,7 @@ class BackgroundIndexer:
             await mbox.close()
         if big:  # its state (~2 KB a message) would stay in the store's cache of idle mailboxes
             store.drop_if_idle(account, name)
+        store.trim_idle()  # what the pass loaded stays only within the idle mailboxes' budget
         if count:
             self.mailboxes += 1
             self.messages += count

@@ -68,6 +68,16 @@ log = logging.getLogger("mailstack.store")
 
 TRASH_PREFIX = "mailstack-deleted."
 MAX_IDLE_STATES = 256  # loaded mailboxes kept without any session, for delivery and STATUS
+# ... and at most this many messages in them together (server.mailbox_cache_messages): a
+# loaded mailbox costs ~0.6 KB a message (its scan, UIDs, the last view), ~1.5 KB with the
+# SORT keys and header texts of derived() (kept for DERIVED_KEPT of them); by count alone
+# 256 mailboxes of 10,000 messages could hold gigabytes.  50,000 is the INBOXes of a
+# household (five of 10,000) in 30-75 MB: with the ~50 MiB of a server at rest and the
+# ~110 MiB of a client on a 100,000-message mailbox, a small VPS's server stays under
+# 300 MiB.  Let go, a mailbox is read back from disk: its next SELECT scans the folder
+# again (~0.1-0.2 s for 10,000) and its first SEARCH SUBJECT parses the index lines
+# (~0.3 s), docs/benchmarks.md (issue 16, session 6).
+IDLE_MESSAGES = 50000
 DERIVED_KEPT = 16  # mailboxes without a session that keep their SORT keys and answers (derived())
 SPECIAL_USE_ATTRS = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
 
@@ -83,6 +93,7 @@ class MaildirStore(Store):
         self.group_sync = group_sync
         self._states: dict[tuple[str, str], _State] = {}
         self._derived_kept: dict[int, _State] = {}  # released states holding derived(), oldest first
+        self.idle_messages = IDLE_MESSAGES  # budget of the idle mailboxes kept loaded (_evict)
         self._account_locks: dict[str, asyncio.Lock] = {}
         self.group_writer = GroupWriter()  # deliveries: group commit (groupwrite.py)
 
@@ -118,7 +129,8 @@ class MaildirStore(Store):
         name = names.normalize(name)
         key = (acct, name)
         st = self._states.pop(key, None)
-        if st is None:
+        fresh = st is None
+        if fresh:
             st = _State(acct, name, self.mailbox_dir(acct, name), self.account_dir(acct))
         self._states[key] = st  # most recently used last
         if not st.loaded:
@@ -136,22 +148,39 @@ class MaildirStore(Store):
                 # account lock): wait for that set-up, then look once more.
                 await self.ensure_account(acct)
                 return await self._state(acct, name, retried=True)
-        self._evict()
+        if fresh:  # one more mailbox loaded: the idle ones may be over their bounds now
+            self._evict(keep=key)
         return st
 
-    def _evict(self) -> None:
-        idle = len(self._states) - MAX_IDLE_STATES
-        if idle <= 0:
+    def _evict(self, keep: tuple[str, str] | None = None) -> None:
+        """Forget loaded mailboxes that no session holds, until at most MAX_IDLE_STATES
+        mailboxes are loaded and the idle ones hold at most `idle_messages` messages
+        together.  `keep` (the one being opened, or the one a client has just left: logging
+        in again, it finds it loaded) is neither counted nor let go.  An idle mailbox bigger
+        than the whole budget goes first; then the least recently used ones: by recency
+        alone, one such mailbox would push out every other."""
+        budget = self.idle_messages
+        over = len(self._states) - MAX_IDLE_STATES
+        idle = [(key, st) for key, st in self._states.items()
+                if st.refs <= 0 and key != keep and not st.lock.locked()]
+        total = sum(len(st.entries) for _, st in idle)
+        if over <= 0 and total <= budget:
             return
-        for key, st in list(self._states.items()):
-            if idle <= 0:
+        idle.sort(key=lambda item: len(item[1].entries) <= budget)  # stable: oldest first in each
+        for key, st in idle:
+            if over <= 0 and total <= budget:
                 break
-            if st.refs <= 0 and not st.lock.locked():
-                del self._states[key]
-                idle -= 1
+            del self._states[key]
+            self._derived_kept.pop(id(st), None)
+            over -= 1
+            total -= len(st.entries)
 
     def _release(self, st: _State) -> None:
         if st.refs <= 0:
+            key = (st.account, st.name)
+            if self._states.get(key) is st:  # the mailbox just left is the most recently used
+                self._states[key] = self._states.pop(key)
+                self._evict(keep=key)
             st.index = None  # the biggest part; reloaded on demand
             st.fulltext.release()
             if st.derived:  # the next session's SORT / THREAD reuse it: kept for the last few
@@ -161,6 +190,11 @@ class MaildirStore(Store):
                     old = self._derived_kept.pop(next(iter(self._derived_kept)))
                     if old.refs <= 0:
                         old.derived = {}
+
+    def trim_idle(self) -> None:
+        """Hold the idle mailboxes to their bounds, the one just left included (the
+        background indexer after each mailbox: it is no client coming back)."""
+        self._evict()
 
     def drop_if_idle(self, account: str, name: str) -> None:
         """Forget a mailbox's loaded state when no session holds it (the background indexer,
