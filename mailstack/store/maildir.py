@@ -85,6 +85,19 @@ class MaildirStore(Store):
         self._derived_kept: dict[int, _State] = {}  # released states holding derived(), oldest first
         self._account_locks: dict[str, asyncio.Lock] = {}
         self.group_writer = GroupWriter()  # deliveries: group commit (groupwrite.py)
+        # (account, mailbox) -> None: asks the background indexer to add the full-text rows
+        # a search found missing (fts.MailboxFulltext.fill_later); None when none runs
+        self._fulltext_filler = None
+
+    def set_fulltext_filler(self, filler) -> None:
+        """Who adds full-text rows after a search that scanned (store/background.py)."""
+        self._fulltext_filler = filler
+        for (acct, name), st in self._states.items():
+            st.fulltext.fill_later = self._fill_later(acct, name)
+
+    def _fill_later(self, acct: str, name: str):
+        filler = self._fulltext_filler
+        return None if filler is None else (lambda: filler(acct, name))
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -120,6 +133,7 @@ class MaildirStore(Store):
         st = self._states.pop(key, None)
         if st is None:
             st = _State(acct, name, self.mailbox_dir(acct, name), self.account_dir(acct))
+            st.fulltext.fill_later = self._fill_later(acct, name)
         self._states[key] = st  # most recently used last
         if not st.loaded:
             try:
