@@ -187,18 +187,20 @@ class BackgroundIndexer:
         self.done = asyncio.Event()
         self.mailboxes = 0  # counters: tests and the bench read them through the log
         self.messages = 0
-        # mailboxes whose full-text rows a search found missing (it scanned them instead):
-        # filled by one more task, in the order asked (fts.MailboxFulltext.fill_later)
-        self._fill: dict[tuple[str, str], None] = {}
+        # Work left for after a client's answer, done by one more task in the order asked:
+        # ("fts", account, mailbox) -> None: full-text rows a search found missing (it
+        # scanned instead, fts.MailboxFulltext.fill_later); ("lines", id) -> mailbox state:
+        # index lines of a cold listing's entries, kept in memory (_State.cache_put_later)
+        self._fill: dict[tuple, object] = {}
         self._filler: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
-        self.store.set_fulltext_filler(self.want_fulltext)
+        self.store.set_background(self)
 
     async def stop(self) -> None:
         self._stopping = True
-        self.store.set_fulltext_filler(None)  # searches add rows on the way again
+        self.store.set_background(None)  # searches and listings write on the way again
         for task in (self._task, self._filler):
             if task is None or task.done():
                 continue
@@ -207,8 +209,26 @@ class BackgroundIndexer:
             except TimeoutError:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        for key, st in list(self._fill.items()):  # lines kept in memory: written now, not lost
+            if key[0] == "lines":
+                await self._write_lines(st)
+        self._fill.clear()
 
-    # -- full-text rows a search found missing ------------------------------------------------
+    # -- work left for after an answer ----------------------------------------------------------
+
+    def want_index_lines(self, st) -> None:
+        """A cold listing kept entries whose index lines are not written: write them once
+        the process is quiet (its next commands go first; a crash loses only lines)."""
+        if self._stopping:
+            return
+        self._fill[("lines", id(st))] = st
+        self._start_filler()
+
+    async def _write_lines(self, st) -> None:
+        try:
+            await st.write_unwritten()
+        except OSError as e:  # a full disk: the lines are made again when next needed
+            log.warning("background index: index lines of %s/%s not written: %s", st.account, st.name, e)
 
     def want_fulltext(self, account: str, name: str) -> None:
         """A search answered by scanning messages without full-text rows: add their rows
@@ -217,14 +237,24 @@ class BackgroundIndexer:
         its searches would scan until then)."""
         if self._stopping:
             return
-        self._fill[(account, name)] = None
+        self._fill[("fts", account, name)] = None
+        self._start_filler()
+
+    def _start_filler(self) -> None:
         if self._filler is None or self._filler.done():
             self._filler = asyncio.get_running_loop().create_task(self._fill_all())
 
     async def _fill_all(self) -> None:
         while self._fill and not self._stopping:
-            account, name = next(iter(self._fill))
-            del self._fill[(account, name)]
+            await self._yield(0.0, 0.0, lambda: False, first=True)  # the client's next commands first
+            if self._stopping:
+                break
+            key = next(iter(self._fill))
+            st = self._fill.pop(key)
+            if key[0] == "lines":
+                await self._write_lines(st)
+                continue
+            _, account, name = key
             t0 = time.monotonic()
             try:
                 mbox = await self.store.open(account, name, read_only=True)
@@ -252,7 +282,6 @@ class BackgroundIndexer:
             in_fts, _ = await asyncio.to_thread(fts.indexed, st.fulltext.path)
         todo = [m.uid for m in mbox.messages if m.key not in in_fts]
         done = 0
-        await self._yield(0.0, 0.0, lambda: False, first=True)  # the command that asked goes on first
         for i in range(0, len(todo), FILL_BATCH):
             if self._stopping:
                 break

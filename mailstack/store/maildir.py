@@ -85,19 +85,21 @@ class MaildirStore(Store):
         self._derived_kept: dict[int, _State] = {}  # released states holding derived(), oldest first
         self._account_locks: dict[str, asyncio.Lock] = {}
         self.group_writer = GroupWriter()  # deliveries: group commit (groupwrite.py)
-        # (account, mailbox) -> None: asks the background indexer to add the full-text rows
-        # a search found missing (fts.MailboxFulltext.fill_later); None when none runs
-        self._fulltext_filler = None
+        # The background indexer (store/background.py) when one runs: asked to add the
+        # full-text rows a search found missing (fts.MailboxFulltext.fill_later) and to write
+        # the index lines a cold listing kept in memory (_State.write_later); None: nothing
+        # is left for later, searches and listings write what they make themselves
+        self._background = None
 
-    def set_fulltext_filler(self, filler) -> None:
-        """Who adds full-text rows after a search that scanned (store/background.py)."""
-        self._fulltext_filler = filler
+    def set_background(self, indexer) -> None:
+        self._background = indexer
         for (acct, name), st in self._states.items():
-            st.fulltext.fill_later = self._fill_later(acct, name)
+            self._later_hooks(st, acct, name)
 
-    def _fill_later(self, acct: str, name: str):
-        filler = self._fulltext_filler
-        return None if filler is None else (lambda: filler(acct, name))
+    def _later_hooks(self, st: _State, acct: str, name: str) -> None:
+        bg = self._background
+        st.fulltext.fill_later = None if bg is None else (lambda: bg.want_fulltext(acct, name))
+        st.write_later = None if bg is None else (lambda: bg.want_index_lines(st))
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -133,7 +135,7 @@ class MaildirStore(Store):
         st = self._states.pop(key, None)
         if st is None:
             st = _State(acct, name, self.mailbox_dir(acct, name), self.account_dir(acct))
-            st.fulltext.fill_later = self._fill_later(acct, name)
+            self._later_hooks(st, acct, name)
         self._states[key] = st  # most recently used last
         if not st.loaded:
             try:
@@ -166,7 +168,8 @@ class MaildirStore(Store):
 
     def _release(self, st: _State) -> None:
         if st.refs <= 0:
-            st.index = None  # the biggest part; reloaded on demand
+            if st.index is None or not st.index.unwritten:  # else kept until written (write_unwritten)
+                st.index = None  # the biggest part; reloaded on demand
             st.fulltext.release()
             if st.derived:  # the next session's SORT / THREAD reuse it: kept for the last few
                 self._derived_kept.pop(id(st), None)
