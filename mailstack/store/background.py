@@ -34,6 +34,16 @@ the mailbox open, it waits (MAX_WAIT at most).  Messages bigger than the deliver
 the first look, as at delivery: memory stays bounded by one batch, and the index file is
 scanned line by line, never loaded whole, unless a session has it loaded already.
 
+It also does what a client's first look leaves for after its answer (issue 16, session 6):
+the full-text rows of messages a search answered for by a plain scan (`want_fulltext`,
+asked by fts.MailboxFulltext.fill_later), and the index lines of the entries a cold
+listing kept in memory (`want_index_lines`, asked by the mailbox state's
+cache_put_later).  One more task does these in the order asked, each after the process
+was quiet for a moment; its full-text batches wait as the pass's do (but not for the client
+to close the mailbox: its searches would scan until then).  At a stop the pending index
+lines are written.  Either kind lost in a crash is derived data made again when next
+needed.
+
 Nothing to do is cheap: on a restart with everything indexed it reads the index file and
 the full-text document list of each mailbox, never a message.
 
