@@ -131,3 +131,38 @@ def test_a_kill_before_the_lines_are_written_loses_nothing_but_lines(tmp_path):
         wait_for(lambda: len(_lines(box)) >= len(datas), 30, what="the index lines")
         _check_lines(box, len(datas))
         assert again.stop() == 0
+
+
+def test_lines_kept_for_later_never_land_in_a_mailbox_made_again_under_the_name(tmp_path):
+    """DELETE and CREATE of the same name while a cold listing's lines wait: the new
+    mailbox's index holds only its own messages' lines, and its listings are its own."""
+    srv = _server(tmp_path / "a")
+    with srv:
+        srv.start()
+        wait_done(srv, 1)
+        c = imaplib.IMAP4("127.0.0.1", srv.ports["imap"])
+        try:
+            c.login(USER, PASSWORD)
+            assert c.create("Restored")[0] == "OK"
+            box = srv.maildir(USER) / ".Restored"
+            _place(box, _corpus(FETCH_BATCH + 20))
+            typ, data = c.select("Restored")
+            assert typ == "OK" and int(data[0]) == FETCH_BATCH + 20
+            assert c.fetch("1:*", LIST)[0] == "OK"  # the cold listing: its lines kept for later
+            c.select("INBOX")
+            assert c.delete("Restored")[0] == "OK"  # most likely before the indexer wrote anything
+            assert c.create("Restored")[0] == "OK"
+            fresh = [d.replace(b"Subject:", b"Subject: again", 1) for d in _corpus(40)]
+            for n, data in enumerate(fresh):
+                tmp = box / "tmp" / f"{1730000000 + n}.M{n}P4Q{n}.again,S={len(data)}"
+                tmp.write_bytes(data)
+                os.rename(tmp, box / "new" / tmp.name)
+            typ, data = c.select("Restored")
+            assert typ == "OK" and int(data[0]) == 40
+            typ, new = c.fetch("1:*", LIST)
+            listed = b"".join(x if isinstance(x, bytes) else b"".join(x) for x in new)
+            assert typ == "OK" and listed.count(b"ENVELOPE") == 40 and listed.count(b"again") == 40
+        finally:
+            c.logout()
+        assert srv.stop() == 0  # pending lines written now, if any
+        _check_lines(box, 40)

@@ -193,7 +193,9 @@ class MaildirStore(Store):
         told = set()
         for key in list(self._states):
             if key[0] == account and (key[1] == name or key[1].startswith(name + "/")):
-                del self._states[key]
+                st = self._states.pop(key)
+                if st.index is not None:  # lines kept for later belong to the old directory
+                    st.index.unwritten = set()
                 self._publish(account, key[1], "deleted", (), None)
                 told.add(key[1])
         return told
