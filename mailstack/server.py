@@ -142,9 +142,11 @@ class Server:
             # mail copied into the Maildirs while the server was down gets its index entries
             # and full-text rows now, not at the first client's FETCH (store/background.py)
             from .store.background import BackgroundIndexer
+            from .imap import session as imap_session
             sessions = services.sessions
-            self.indexer = BackgroundIndexer(  # waits while mail comes in or POP3 users read
-                services.store, busy=lambda: sessions.count("smtp") > 0 or sessions.count("pop3") > 0)
+            self.indexer = BackgroundIndexer(  # waits while mail comes in, POP3 users read, IMAP commands run
+                services.store, busy=lambda: sessions.count("smtp") > 0 or sessions.count("pop3") > 0
+                or imap_session.commands_running > 0)
             self.indexer.start()
         log.info("mailstack ready as %s: %s", cfg.server.hostname,
                  ", ".join(f"{name} {_addr(s)}" for name, s in self.listeners) or "no listeners")

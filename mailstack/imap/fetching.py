@@ -369,7 +369,12 @@ class FetchCommands:
         if missing:
             derived = mbox.derived()
             put_lines = getattr(mbox, "cache_put_lines", None)
-            fresh, raws = await self._compute_entries(missing, structure, old, lines=put_lines is not None)
+            # A header-only listing's entries can have their index lines written after the
+            # answer (by the background indexer, when the process is quiet): not made now
+            puts_later = getattr(mbox, "puts_later", None)
+            later = not structure and puts_later is not None and puts_later()
+            fresh, raws = await self._compute_entries(missing, structure, old,
+                                                      lines=put_lines is not None and not later)
             if mbox.derived() is derived:  # same UIDVALIDITY: the UIDs computed for are these
                 sort.note_listed(derived, fresh)  # a first SORT (SUBJECT) then reads no entry
                 search.note_listed(derived, fresh)  # nor a first SEARCH SUBJECT / FROM ...
@@ -382,7 +387,9 @@ class FetchCommands:
                 entries.update(fresh)
             if fresh:
                 try:
-                    if put_lines is not None:
+                    if later and await mbox.cache_put_later(fresh):
+                        pass
+                    elif put_lines is not None:
                         await put_lines(fresh, raws)
                     else:
                         await mbox.cache_put(fresh)

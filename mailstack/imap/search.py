@@ -272,8 +272,14 @@ TEXT_SEP = "\uffff"  # store/fts.py's segment separator
 def message_texts(data: bytes) -> tuple[str, str]:
     """What a TEXT / BODY scan compares, case-folded, as the full-text index stores it:
     (header names and decoded values, decoded body texts), segments joined by U+FFFF."""
-    head, body = head_and_body(data)
-    return head, _fold(body)
+    return scan_texts(data, True)
+
+
+def scan_texts(data: bytes, with_head: bool) -> tuple[str, str]:
+    """message_texts, the head text left empty unless `with_head` (a BODY search never looks
+    at it): what a plain scan of the message compares (store/fts.py `scan`)."""
+    root = fetch.parse(data)
+    return _head_text(root) if with_head else "", _fold(TEXT_SEP.join(_body_texts(data, root)))
 
 
 def head_and_body(data: bytes) -> tuple[str, str]:

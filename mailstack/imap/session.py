@@ -87,6 +87,11 @@ ENABLEABLE = frozenset({
     "QRESYNC",
 })
 
+# IMAP commands being carried out now, in the whole process (IDLE excepted: it waits, it
+# does not work): the background indexer starts no batch while there are any, whatever the
+# process's CPU share says on a loaded machine (server.py, store/background.py)
+commands_running = 0
+
 _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 _NOT_AUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 _AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
@@ -333,6 +338,9 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
             used = "UID " + name if cmd.uid else name
             if used not in self.used:
                 self.used += (used,)
+        global commands_running
+        counted = name != "IDLE"
+        commands_running += counted
         try:
             await handler(cmd)
         except MailboxNotFound as e:
@@ -354,6 +362,7 @@ class IMAPSession(AppendCommands, ListCommands, MailboxCommands, SelectedCommand
             self.tagged(cmd, "NO", "[SERVERBUG] Internal error")
         finally:
             self.uid_cmd = False
+            commands_running -= counted
 
     def tagged(self, cmd: Command, status: str, text: str) -> None:
         self.send(f"{cmd.tag} {status} {text}".encode("utf-8", "replace"))

@@ -34,6 +34,16 @@ the mailbox open, it waits (MAX_WAIT at most).  Messages bigger than the deliver
 the first look, as at delivery: memory stays bounded by one batch, and the index file is
 scanned line by line, never loaded whole, unless a session has it loaded already.
 
+It also does what a client's first look leaves for after its answer (issue 16, session 6):
+the full-text rows of messages a search answered for by a plain scan (`want_fulltext`,
+asked by fts.MailboxFulltext.fill_later), and the index lines of the entries a cold
+listing kept in memory (`want_index_lines`, asked by the mailbox state's
+cache_put_later).  One more task does these in the order asked, each after the process
+was quiet for a moment; its full-text batches wait as the pass's do (but not for the client
+to close the mailbox: its searches would scan until then).  At a stop the pending index
+lines are written.  Either kind lost in a crash is derived data made again when next
+needed.
+
 Nothing to do is cheap: on a restart with everything indexed it reads the index file and
 the full-text document list of each mailbox, never a message.
 
@@ -65,6 +75,10 @@ BATCH_BYTES = 4 << 20  # ... or this many bytes read
 BUSY_SHARE = 0.25  # other work of the process, as a share of one core, that makes it wait
 PAUSE = 0.2  # seconds waited (and measured) while the process is busy
 MAX_WAIT = 30.0  # ... at most, then one batch anyway (a server never idle still gets there)
+# Full-text rows added after a search that scanned: per worker call.  Larger than BATCH: the
+# SQLite writer thread's CPU counts as the process being busy, so each call is followed by
+# at least one PAUSE.
+FILL_BATCH = 250
 STOP_WAIT = 10.0  # seconds stop() waits for the batch in flight
 # Mailboxes up to this size keep the header texts and sort keys of what was indexed in
 # memory (search.py's HeaderTexts, sort.py's Keys, in Mailbox.derived(), as a first listing
@@ -162,6 +176,15 @@ def _index_batch(root: str, batch: list[tuple[str, str, str]], uidvalidity: int
     return entries, time.thread_time() - t0
 
 
+def _fill_batch(path: Path, files: list[tuple[str, Path]]) -> tuple[set[str], float]:
+    """Blocking: the full-text rows of these files (fts.index_files: the first search's
+    code); the bases added, and this thread's CPU.  A file renamed meanwhile is skipped:
+    added by the next search that needs it."""
+    t0 = time.thread_time()
+    added = fts.index_files(path, files)
+    return added, time.thread_time() - t0
+
+
 class BackgroundIndexer:
     """Used on the event loop; one per server (server.py), over its MaildirStore (the Maildir
     files, the mailbox states and their indexes are what it works on)."""
@@ -176,20 +199,116 @@ class BackgroundIndexer:
         self.done = asyncio.Event()
         self.mailboxes = 0  # counters: tests and the bench read them through the log
         self.messages = 0
+        # Work left for after a client's answer, done by one more task in the order asked:
+        # ("fts", account, mailbox) -> None: full-text rows a search found missing (it
+        # scanned instead, fts.MailboxFulltext.fill_later); ("lines", id) -> mailbox state:
+        # index lines of a cold listing's entries, kept in memory (_State.cache_put_later)
+        self._fill: dict[tuple, object] = {}
+        self._filler: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self.store.set_background(self)
 
     async def stop(self) -> None:
-        task = self._task
-        if task is None or task.done():
-            return
         self._stopping = True
+        self.store.set_background(None)  # searches and listings write on the way again
+        for task in (self._task, self._filler):
+            if task is None or task.done():
+                continue
+            try:
+                await asyncio.wait_for(asyncio.shield(task), STOP_WAIT)
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        for key, st in list(self._fill.items()):  # lines kept in memory: written now, not lost
+            if key[0] == "lines":
+                await self._write_lines(st)
+        self._fill.clear()
+
+    # -- work left for after an answer ----------------------------------------------------------
+
+    def want_index_lines(self, st) -> None:
+        """A cold listing kept entries whose index lines are not written: write them once
+        the process is quiet (its next commands go first; a crash loses only lines)."""
+        if self._stopping:
+            return
+        self._fill[("lines", id(st))] = st
+        self._start_filler()
+
+    async def _write_lines(self, st) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(task), STOP_WAIT)
-        except TimeoutError:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await st.write_unwritten()
+        except OSError as e:  # a full disk: the lines are made again when next needed
+            log.warning("background index: index lines of %s/%s not written: %s", st.account, st.name, e)
+
+    def want_fulltext(self, account: str, name: str) -> None:
+        """A search answered by scanning messages without full-text rows: add their rows
+        after it, in batches that wait while the process is busy, so the next search is
+        answered from the index (a client keeping the mailbox open does not hold them back:
+        its searches would scan until then)."""
+        if self._stopping:
+            return
+        self._fill[("fts", account, name)] = None
+        self._start_filler()
+
+    def _start_filler(self) -> None:
+        if self._filler is None or self._filler.done():
+            self._filler = asyncio.get_running_loop().create_task(self._fill_all())
+
+    async def _fill_all(self) -> None:
+        while self._fill and not self._stopping:
+            await self._yield(0.0, 0.0, lambda: False, first=True)  # the client's next commands first
+            if self._stopping:
+                break
+            key = next(iter(self._fill))
+            st = self._fill.pop(key)
+            if key[0] == "lines":
+                await self._write_lines(st)
+                continue
+            _, account, name = key
+            t0 = time.monotonic()
+            try:
+                mbox = await self.store.open(account, name, read_only=True)
+            except (StoreError, OSError) as e:
+                log.warning("background index: cannot open %s/%s: %s", account, name, e)
+                continue
+            try:
+                count = await self._fill_mailbox(mbox)
+            except (StoreError, OSError, sqlite3.Error) as e:
+                log.warning("background full-text rows of %s/%s cut short: %s", account, name, e)
+                count = 0
+            except Exception:  # noqa: BLE001 - derived data: the next search adds what is left
+                log.exception("background full-text rows of %s/%s stopped by an error", account, name)
+                count = 0
+            finally:
+                await mbox.close()
+            if count:
+                log.info("background index: %s/%s: full-text rows of %d messages in %.2f s", account, name,
+                         count, time.monotonic() - t0)
+
+    async def _fill_mailbox(self, mbox) -> int:
+        st = mbox._st
+        root = os.fspath(st.path)
+        async with st.fulltext.lock:
+            in_fts, _ = await asyncio.to_thread(fts.indexed, st.fulltext.path)
+        todo = [m.uid for m in mbox.messages if m.key not in in_fts]
+        done = 0
+        for i in range(0, len(todo), FILL_BATCH):
+            if self._stopping:
+                break
+            files = [(e.base, Path(f"{root}/{e.sub}/{e.name}")) for uid in todo[i:i + FILL_BATCH]
+                     if (e := st.entries.get(uid)) is not None and e.size <= INDEX_AT_DELIVERY_MAX]
+            if not files:
+                continue
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            async with st.fulltext.lock:  # a search adding rows waits for these, not the reverse
+                added, mine = await asyncio.to_thread(_fill_batch, st.fulltext.path, files)
+                if st.fulltext.bases is not None:
+                    st.fulltext.bases.update(added)
+            done += len(added)
+            await self._yield(time.process_time() - cpu0 - mine, time.monotonic() - wall0, lambda: False)
+        return done
 
     # -- the walk ---------------------------------------------------------------------------
 
@@ -306,12 +425,17 @@ class BackgroundIndexer:
                 out.append(m.uid)
         return out
 
-    async def _yield(self, others_cpu: float, wall: float, in_use: Callable[[], bool]) -> None:
+    async def _yield(self, others_cpu: float, wall: float, in_use: Callable[[], bool], first: bool = False) -> None:
         """Let sessions go first: while the rest of the process used more than BUSY_SHARE of
         a core since the last look, or `busy()` says so, or a client has the mailbox open,
-        wait and look again (MAX_WAIT at most)."""
+        wait and look again (MAX_WAIT at most).  `first`: nothing measured yet, look once."""
         await asyncio.sleep(0)
         waited = 0.0
+        if first:
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            await asyncio.sleep(PAUSE)
+            others_cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+            waited = wall
         while not self._stopping and waited < MAX_WAIT and \
                 ((wall > 0 and others_cpu / wall > BUSY_SHARE) or self.busy() or in_use()):
             cpu0, wall0 = time.process_time(), time.monotonic()

@@ -26,8 +26,11 @@ sends each table's rows as one JSON array in one INSERT ... SELECT FROM json_eac
 batch is a few statements, not three a message.  Messages the index lacks are read by the
 search that needs them; their batches are written by one writer thread (`_writer`) while
 the next batch is read and parsed, so the trigram insertion (SQLite, without the GIL)
-overlaps the Python parsing.  Nothing is left to do after the answer: a background write
-was tried and slowed every following command on a loaded 2-core machine.
+overlaps the Python parsing.  When a background indexer runs (`fill_later`), a search that
+finds many messages without rows answers for them by a plain scan instead (`scan`, cheaper
+than making the rows) and the indexer adds their rows afterwards, in batches that wait
+while the process is busy (a background write that did not wait was tried in session 3
+and slowed every following command on a loaded 2-core machine).
 
 The module-level functions are blocking (worker threads); one connection per mailbox file,
 used under its own lock.  MailboxFulltext is the event-loop side.
@@ -55,6 +58,11 @@ SLACK = 1000  # expunged rows tolerated beyond the live ones before a rebuild
 BATCH = 500  # messages per transaction when adding from files
 LAG = 4  # batches read ahead of the writer (their texts wait in memory: ~2 M characters each)
 QUEUE_MAX = 2000  # delivered messages per transaction (their texts wait in memory)
+# Messages without rows from which a search, when a background indexer can add the rows
+# afterwards, scans them instead of adding them on the way: a scan costs ~50 µs of Python a
+# message, reading into the index ~75 µs and SQLite's insertion beside it (docs/benchmarks.md,
+# issue 16 session 6).  Fewer are added on the way: cheap, and the next search is quick.
+SCAN_MIN = 500
 # Two tables: detail=none allows no column filter, and BODY must not match the header.
 # docs' column is "name", not "base" as before rows held only words (words()): a program
 # from before asks for "base", fails, and drops and rebuilds the file instead of missing
@@ -339,13 +347,49 @@ def _holds(head: str, body: str, needle: str, body_only: bool) -> bool:
     return needle in body or (not body_only and needle in head)
 
 
+def scan(files: list[tuple[str, Path]], queries: list[tuple[str, bool]],
+         relocate: Callable[[], dict[str, Path]] | None = None) -> list[set[str]] | None:
+    """Blocking: for each (folded string, body only?) the bases of `files` whose texts hold
+    it, by reading every message and testing its texts as a row's candidates are tested
+    (search.scan_texts: parts decoded, case-folded, substring), adding nothing to the index:
+    Dovecot's plain scan, about two thirds of the CPU of reading the same messages into the
+    index (no distinct words, no SQLite).  A file renamed meanwhile is looked up once more
+    with `relocate`; None when one is gone (the caller scans its own way)."""
+    from ..imap.search import scan_texts
+    out: list[set[str]] = [set() for _ in queries]
+    with_head = not all(body_only for _, body_only in queries)  # BODY never looks at the head
+    for attempt in range(2):
+        moved: list[str] = []
+        for base, file in files:
+            try:
+                data = _read(file)
+            except FileNotFoundError:
+                moved.append(base)
+                continue
+            head, body = scan_texts(data, with_head)
+            for i, (needle, body_only) in enumerate(queries):
+                if _holds(head, body, needle, body_only):
+                    out[i].add(base)
+        if not moved:
+            return out
+        if relocate is None or attempt:
+            return None
+        now = relocate()
+        if any(b not in now for b in moved):
+            return None
+        files = [(b, now[b]) for b in moved]
+    return None
+
+
 def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
            missing: list[tuple[str, Path]] = (),
-           relocate: Callable[[], dict[str, Path]] | None = None) -> tuple[list[set[str]], set[str]] | None:
+           relocate: Callable[[], dict[str, Path]] | None = None,
+           scan_missing: bool = False) -> tuple[list[set[str]], set[str]] | None:
     """For each (folded string, body only?) the bases of `files` whose texts hold it, and
     the bases added to the index.  The `missing` messages are read, answered from their
     texts and added (one pass: a first search costs a scan, the insertions overlapping
-    it); the others come from the index's candidates, checked against the message itself.
+    it), or with `scan_missing` only read and answered (`scan`: rows left for later); the
+    others come from the index's candidates, checked against the message itself.
     None when a file is gone (renamed meanwhile, not found again): the caller scans."""
     from ..imap.search import message_texts
     out: list[set[str]] = [set() for _ in queries]
@@ -354,13 +398,23 @@ def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
         for i, (needle, body_only) in enumerate(queries):
             if _holds(head, body, needle, body_only):
                 out[i].add(base)
-    whole = any(n != "".join(n.split()) for n, _ in queries)
-    added = index_files(path, list(missing), relocate, seen, whole) if missing else set()
-    if len(added) < len(missing):
-        return None
+    added: set[str] = set()
+    skip: set[str] = set()  # answered already: not asked of the index
+    if missing and scan_missing:
+        found = scan(list(missing), queries, relocate)
+        if found is None:
+            return None
+        for i, bases in enumerate(found):
+            out[i] |= bases
+        skip = {b for b, _ in missing}
+    elif missing:
+        whole = any(n != "".join(n.split()) for n, _ in queries)
+        added = skip = index_files(path, list(missing), relocate, seen, whole)
+        if len(added) < len(missing):
+            return None
     texts: dict[str, tuple[str, str]] = {}
     for i, (needle, body_only) in enumerate(queries):
-        for base in (candidates(path, needle, body_only) & files.keys()) - added:
+        for base in (candidates(path, needle, body_only) & files.keys()) - skip:
             if base not in texts:
                 try:
                     with open(files[base], "rb") as f:
@@ -384,6 +438,11 @@ class MailboxFulltext:
         self.ident: tuple[int, int] | None = None  # the file `bases` was read from
         self.pending: list[tuple[str, str, str]] = []  # delivered, not written yet
         self.flusher: asyncio.Task | None = None
+        # Set by the store when a background indexer runs (store/background.py): asks it to
+        # add the rows a search found missing.  With it, a search that finds SCAN_MIN or
+        # more messages without rows scans them and answers, and their rows are made after
+        # the answer, off the client's path; without it they are added on the way.
+        self.fill_later: Callable[[], None] | None = None
 
     def queue(self, base: str, head: str, body: str) -> None:
         """A delivered message's texts: written with the others that arrive meanwhile, in
@@ -425,7 +484,11 @@ class MailboxFulltext:
                     self.bases, self.ident = await asyncio.to_thread(indexed, path)
                 known = self.bases
                 missing = [(b, f) for b, f in view.items() if b not in known]
-                result = await asyncio.to_thread(answer, path, view, queries, missing, relocate)
+                later = self.fill_later if len(missing) >= SCAN_MIN else None
+                result = await asyncio.to_thread(answer, path, view, queries, missing, relocate,
+                                                 later is not None)
+                if later is not None:
+                    later()
                 if result is None:
                     return None
                 found, added = result

@@ -120,6 +120,10 @@ class MetadataIndex:
         self.by_uid: dict[int, dict | bytes] = {}
         self.by_base: dict[str, dict | bytes] = {}  # delivered, UID not known when loaded
         self.lines = -1  # lines in the file; -1: missing or of another UIDVALIDITY
+        # UIDs whose entry (a dict in by_uid) has no line in the file yet: a cold listing's,
+        # kept in memory at once and written after the answer (put_later / take_unwritten).
+        # Lost in a crash, they are only missing lines: made again when next needed.
+        self.unwritten: set[int] = set()
 
     @classmethod
     def load(cls, path: Path, uidvalidity: int, uids: dict[str, int]) -> "MetadataIndex":
@@ -186,6 +190,18 @@ class MetadataIndex:
         if self.lines >= 0:
             self.lines += 1
 
+    def put_later(self, entries: dict[int, dict]) -> None:
+        """Keep `entries` (what a reload of their lines gives: index.Plain) in memory now;
+        their lines are written by a later plan_put_raw of take_unwritten()."""
+        self.by_uid.update(entries)
+        self.unwritten.update(entries)
+
+    def take_unwritten(self) -> dict[int, dict]:
+        """The entries put_later kept that no write has covered since (and forget them)."""
+        out = {uid: v for uid in self.unwritten if type(v := self.by_uid.get(uid)) is not bytes and v is not None}
+        self.unwritten = set()
+        return out
+
     def plan_put(self, entries: dict[int, dict], live=None) -> tuple[bool, bytes]:
         """Apply `entries` in memory; return (rewrite?, bytes to append or the whole file).
         `live` maps the UIDs of the messages that exist now to their base name (a str, or an
@@ -199,6 +215,8 @@ class MetadataIndex:
         `values`: the entries whose dicts are what a reload gives (as_loaded()): kept as
         they are, so a SEARCH right after a first listing parses nothing."""
         values = values or {}
+        if self.unwritten:
+            self.unwritten.difference_update(raws)
         for uid, js in raws.items():
             # otherwise parsed again when asked: what a reload gives (tuples -> lists)
             self.by_uid[uid] = values.get(uid, js)
@@ -215,6 +233,7 @@ class MetadataIndex:
         """The whole file; `made`: lines of some entries made already (not encoded again:
         a cold listing's first batch compacts, on the loop)."""
         made = made or {}
+        self.unwritten = set()  # every entry kept gets its line here
         if live is not None:
             bases = {uid: (b if isinstance(b, str) else b.base) for uid, b in live.items()}
             for uid, base in bases.items():  # delivered entries that now have their UID

@@ -96,6 +96,21 @@ class MaildirStore(Store):
         self.idle_messages = IDLE_MESSAGES  # budget of the idle mailboxes kept loaded (_evict)
         self._account_locks: dict[str, asyncio.Lock] = {}
         self.group_writer = GroupWriter()  # deliveries: group commit (groupwrite.py)
+        # The background indexer (store/background.py) when one runs: asked to add the
+        # full-text rows a search found missing (fts.MailboxFulltext.fill_later) and to write
+        # the index lines a cold listing kept in memory (_State.write_later); None: nothing
+        # is left for later, searches and listings write what they make themselves
+        self._background = None
+
+    def set_background(self, indexer) -> None:
+        self._background = indexer
+        for (acct, name), st in self._states.items():
+            self._later_hooks(st, acct, name)
+
+    def _later_hooks(self, st: _State, acct: str, name: str) -> None:
+        bg = self._background
+        st.fulltext.fill_later = None if bg is None else (lambda: bg.want_fulltext(acct, name))
+        st.write_later = None if bg is None else (lambda: bg.want_index_lines(st))
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -132,6 +147,7 @@ class MaildirStore(Store):
         fresh = st is None
         if fresh:
             st = _State(acct, name, self.mailbox_dir(acct, name), self.account_dir(acct))
+            self._later_hooks(st, acct, name)
         self._states[key] = st  # most recently used last
         if not st.loaded:
             try:
@@ -161,8 +177,9 @@ class MaildirStore(Store):
         alone, one such mailbox would push out every other."""
         budget = self.idle_messages
         over = len(self._states) - MAX_IDLE_STATES
-        idle = [(key, st) for key, st in self._states.items()
-                if st.refs <= 0 and key != keep and not st.lock.locked()]
+        idle = [(key, st) for key, st in self._states.items()  # (index lines not yet written: kept)
+                if st.refs <= 0 and key != keep and not st.lock.locked()
+                and (st.index is None or not st.index.unwritten)]
         total = sum(len(st.entries) for _, st in idle)
         if over <= 0 and total <= budget:
             return
@@ -181,7 +198,8 @@ class MaildirStore(Store):
             if self._states.get(key) is st:  # the mailbox just left is the most recently used
                 self._states[key] = self._states.pop(key)
                 self._evict(keep=key)
-            st.index = None  # the biggest part; reloaded on demand
+            if st.index is None or not st.index.unwritten:  # else kept until written (write_unwritten)
+                st.index = None  # the biggest part; reloaded on demand
             st.fulltext.release()
             if st.derived:  # the next session's SORT / THREAD reuse it: kept for the last few
                 self._derived_kept.pop(id(st), None)
@@ -201,7 +219,8 @@ class MaildirStore(Store):
         after a big mailbox: what it loaded is no client's cache, and would stay resident)."""
         key = (names.normalize_account(account), names.normalize(name))
         st = self._states.get(key)
-        if st is not None and st.refs <= 0 and not st.lock.locked():
+        if (st is not None and st.refs <= 0 and not st.lock.locked()
+                and (st.index is None or not st.index.unwritten)):  # lines to write: kept until written
             del self._states[key]
             self._derived_kept.pop(id(st), None)
 
@@ -210,7 +229,9 @@ class MaildirStore(Store):
         told = set()
         for key in list(self._states):
             if key[0] == account and (key[1] == name or key[1].startswith(name + "/")):
-                del self._states[key]
+                st = self._states.pop(key)
+                if st.index is not None:  # lines kept for later belong to the old directory
+                    st.index.unwritten = set()
                 self._publish(account, key[1], "deleted", (), None)
                 told.add(key[1])
         return told

@@ -10,7 +10,7 @@ import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Iterable, NamedTuple
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterable, NamedTuple
 
 from ..fsutil import atomic_write
 from . import filename as fn
@@ -74,6 +74,7 @@ class _State:
         self.index: MetadataIndex | None = None  # loaded on first use (index.py)
         self.fulltext = fts.MailboxFulltext(path / fts.NAME, f"{account}/{name}")
         self.cache_lock = asyncio.Lock()
+        self.write_later: Callable[[], None] | None = None  # see MaildirStore.set_background
         self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
         self.recent_task: asyncio.Task | None = None  # writes the mark back
         self.modseq: msmod.ModseqLog | None = None  # loaded with the entries (modseq.py)
@@ -375,6 +376,42 @@ class _State:
         async with self.cache_lock:
             rewrite, data = idx.plan_put_raw(raws, self.entries or None, values)  # entries: uid -> Entry(.base)
             await asyncio.to_thread(idx.write, rewrite, data)
+
+    async def cache_put_later(self, entries: dict[int, dict]) -> bool:
+        """cache_put, the lines written later (write_unwritten, when the background indexer
+        finds the process quiet): a cold listing answers without making 10,000 JSON lines
+        first.  The entries are in memory at once, so the next command sees them; a crash
+        before the write loses only lines, made again when next needed.  False (nothing
+        done) when no indexer runs or an entry is not what a reload gives (index.Plain)."""
+        later = self.write_later
+        if later is None or not all(type(v) is idxmod.Plain for v in entries.values()):
+            return False
+        idx = await self.index_load()
+        idx.put_later(entries)
+        later()
+        return True
+
+    async def write_unwritten(self) -> int:
+        """Write the lines of what cache_put_later kept; the number written."""
+        idx = self.index
+        if idx is None or not idx.unwritten:
+            return 0
+        async with self.cache_lock:  # other writers wait (cache_put plans under it too)
+            if self.index is not idx or idx.uidvalidity != self.ul.uidvalidity:
+                return 0  # replaced meanwhile: its entries went with it
+            entries = idx.take_unwritten()
+            raws = await asyncio.to_thread(idxmod.serialize, entries)
+            # one replaced meanwhile (put_later of another listing) keeps the newer value
+            raws = {uid: js for uid, js in raws.items() if idx.by_uid.get(uid) is entries[uid]}
+            if not raws:
+                return 0
+            rewrite, data = idx.plan_put_raw(raws, self.entries or None, entries)
+            try:
+                await asyncio.to_thread(idx.write, rewrite, data)
+            finally:
+                if self.refs <= 0 and self.index is idx and not idx.unwritten:
+                    self.index = None  # kept for this write only (MaildirStore._release)
+        return len(raws)
 
 
 @asynccontextmanager
@@ -695,6 +732,15 @@ class MaildirMailbox(Mailbox):
     async def cache_put(self, entries: dict[int, dict]) -> None:
         if entries:
             await self._st.cache_put(entries)
+
+    async def cache_put_later(self, entries: dict[int, dict]) -> bool:
+        """cache_put with the lines written after the answer (_State.cache_put_later);
+        False when the caller must cache_put them itself."""
+        return bool(entries) and await self._st.cache_put_later(entries)
+
+    def puts_later(self) -> bool:
+        """Would cache_put_later take entries now (a background indexer writes them)?"""
+        return self._st.write_later is not None
 
     async def cache_put_lines(self, entries: dict[int, dict], raws: dict[int, bytes] | None) -> None:
         """cache_put of entries whose index lines (index.serialize of them, or of some) the
