@@ -263,6 +263,8 @@ class Spool:
                 try:
                     errors = await asyncio.to_thread(self._write_batch, [item[:3] for item in batch])
                 except BaseException as e:  # cancelled at shutdown: nothing of it was acknowledged
+                    if isinstance(e, GeneratorExit):  # closed with its (closed) loop: nobody waits
+                        raise
                     for item in batch + self._batch:
                         if not item[3].done():
                             item[3].set_exception(RuntimeError("the spool is shutting down"))
