@@ -483,8 +483,9 @@ class MaildirMailbox(Mailbox):
             self._max_uid = new[-1]
             changes.new = infos
         if fresh:
-            st.view_cache = (st.version, tuple(st.keywords), list(self.messages), dict(self._index),
-                             dict(self._letters))
+            # the maps are shared with the cache from now on (copied by whoever changes them)
+            st.view_cache = (st.version, tuple(st.keywords), list(self.messages), self._index, self._letters)
+            self._shared = True
         return changes
 
     def _replace(self, mi: MessageInfo, flags, modseq: int) -> MessageInfo:
