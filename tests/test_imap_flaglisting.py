@@ -52,13 +52,14 @@ def views(draw):
     top = max(uids[-1] if uids else 1, n, 1) + 3
     ranges = draw(st.lists(st.tuples(st.one_of(st.none(), st.integers(1, top)),
                                      st.one_of(st.none(), st.integers(1, top))), min_size=1, max_size=4))
-    return msgs, recent, SequenceSet(ranges), draw(st.booleans()), draw(st.booleans()), draw(st.integers(1, 7))
+    return msgs, recent, SequenceSet(ranges), draw(st.booleans()), draw(st.booleans()), draw(st.integers(1, 7)), \
+        draw(st.integers(1, 5))
 
 
 @settings(max_examples=400, deadline=None)
 @given(views())
 def test_bulk_uid_flags_is_the_item_by_item_answer(case):
-    msgs, recent, seqset, uid, is_rev2, chunk = case
+    msgs, recent, seqset, uid, is_rev2, chunk, first_chunk = case
     s = _Session(msgs, recent, {rev2.REV2} if is_rev2 else set())
     picked = s.resolve(_Cmd(seqset, uid))
     runs = flaglisting.segments(msgs, seqset, uid)
@@ -67,12 +68,12 @@ def test_bulk_uid_flags_is_the_item_by_item_answer(case):
         return
     assert [(seq + i, m) for seq, infos in runs for i, m in enumerate(infos)] == picked
     want, _ = s._render_plain(picked, [FetchAtt("UID"), FetchAtt("FLAGS")], {}, {})
-    old_chunk = flaglisting.CHUNK
-    flaglisting.CHUNK = chunk  # several chunks per run, cut anywhere
+    old_chunks = flaglisting.FIRST_CHUNK, flaglisting.CHUNK
+    flaglisting.FIRST_CHUNK, flaglisting.CHUNK = first_chunk, chunk  # several chunks per run, cut anywhere
     try:
         got = b"".join(flaglisting.render_chunks(runs, recent, is_rev2, {}))
     finally:
-        flaglisting.CHUNK = old_chunk
+        flaglisting.FIRST_CHUNK, flaglisting.CHUNK = old_chunks
     assert got == b"".join(want)
     assert flaglisting.distinct_of([m for _, m in picked]) == {frozenset(m.flags) for _, m in picked}
 

@@ -19,6 +19,7 @@ from . import response
 from .parser import SearchResult
 
 CHUNK = 16384  # messages per %-format and write (~650 KB): bounds what one step holds
+FIRST_CHUNK = 2048  # the first write comes sooner: the client reads while the rest is made
 _FMT = b"* %d FETCH (UID %d %s)\r\n"
 _flags_of = operator.attrgetter("flags")
 _uid_of = operator.attrgetter("uid")
@@ -83,10 +84,15 @@ def segments(msgs: list, seqset, uid: bool) -> list | None:
 
 def render_chunks(runs: list, recent, rev2: bool, flag_cache: dict):
     """Yield the responses to `FETCH (UID FLAGS)` of `runs` (what segments() gives), at
-    most CHUNK messages per bytes object.  `recent`: this session's \\Recent UIDs."""
+    most CHUNK messages per bytes object (the first FIRST_CHUNK).  `recent`: this session's \\Recent UIDs."""
+    size = FIRST_CHUNK
     for first, infos_all in runs:
-        for start in range(0, len(infos_all), CHUNK):
-            infos = infos_all[start:start + CHUNK]
+        start = 0
+        while start < len(infos_all):
+            infos = infos_all[start:start + size]
+            seq = first + start  # of the chunk's first message
+            start += len(infos)
+            size = CHUNK
             flag_sets = list(map(_flags_of, infos))
             uids = list(map(_uid_of, infos))
             try:
@@ -102,7 +108,6 @@ def render_chunks(runs: list, recent, rev2: bool, flag_cache: dict):
                 for i, uid in enumerate(uids):
                     if uid in recent:
                         values[i] = _value(flag_sets[i], True, rev2, flag_cache)
-            seq = first + start
             flat = tuple(itertools.chain.from_iterable(zip(range(seq, seq + len(infos)), uids, values)))
             yield (_FMT * len(infos)) % flat
 
