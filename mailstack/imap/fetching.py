@@ -9,7 +9,7 @@ import os
 
 from ..store.base import StoreError
 from ..store.index import Plain, serialize
-from . import bigmessage, binary, fetch, response, search, sort
+from . import bigmessage, binary, fetch, flaglisting, response, search, sort
 from .fetch_files import HEADER_PEEK, head_of, read_header, read_whole  # noqa: F401 (tests import them from here)
 from .parser import Command, FetchAtt
 from .states import FETCH_BATCH, Bye
@@ -408,6 +408,8 @@ class FetchCommands:
         return fut
 
     async def cmd_fetch(self, cmd: Command) -> None:
+        if await flaglisting.fetch_uid_flags(self, cmd):  # a resynchronisation, in bulk
+            return
         picked = self.resolve(cmd)
         if picked is None:
             return self.tagged(cmd, "BAD", "Invalid message sequence number")
@@ -444,7 +446,7 @@ class FetchCommands:
             atts.insert(0, FetchAtt("UID"))  # RFC 7162 3.2.4: an implicit \Seen is told with the UID
         if any(a.name == "FLAGS" for a in atts):
             # A keyword shows in a FETCH only after an untagged FLAGS announced it.
-            self._note_keywords(set().union(*{frozenset(m.flags) for _, m in picked}))  # flag sets are shared
+            self._note_keywords(set().union(*flaglisting.distinct_of([m for _, m in picked])))  # flag sets are shared
         if any(a.name.startswith("BINARY") for a in atts):
             self.note_extension("BINARY")
         # Big messages are streamed when every literal asked for is a byte range of the file:

@@ -9,17 +9,36 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import operator
 import time
 
 from ..events import MailboxEvent
 from ..filters import learn as filters_learn
 from ..store.base import SYSTEM_FLAGS, MailboxNotFound, StoreError
-from . import response, rev2
+from . import flaglisting, response, rev2
 from .idlewait import Wake, read_soon, wait_read_or_wake
 from .parser import Command, Frame, SearchResult
 from .states import AUTH, EMPTY, READ_SIZE, SELECTED, Bye
 
 log = logging.getLogger("mailstack.imap")
+
+_uid_of = operator.attrgetter("uid")
+_flags_of = operator.attrgetter("flags")
+
+
+def _first_unseen(msgs, distinct) -> int | None:
+    """Index of the first message without \\Seen.  `distinct`: the flag sets of `msgs`.
+    The first of each flag set without \\Seen is found by list.index (a C loop comparing
+    identity first: the store shares the sets), not by a Python step per message of a
+    mailbox mostly read."""
+    if msgs and "\\Seen" not in msgs[0].flags:
+        return 0
+    unseen = [fs for fs in distinct if "\\Seen" not in fs]
+    if not unseen:
+        return None
+    flag_sets = list(map(_flags_of, msgs))
+    return min(flag_sets.index(fs) for fs in unseen)  # equal sets compare equal, frozen or not
+
 
 class SelectedCommands:
     """Mixed into IMAPSession (session.py), which owns the I/O and the state."""
@@ -42,21 +61,25 @@ class SelectedCommands:
         self.mbox = mbox
         self.state = SELECTED
         self.recent = EMPTY
-        self._claim_recent(m.uid for m in mbox.messages)
-        self._unsubscribe = self.services.events.subscribe(self.account, mbox.name, self._on_event)
         msgs = mbox.messages
+        # Only UIDs above the store's \Recent mark can be recent: the view is in UID order,
+        # so the others (all of them, in a mailbox opened before) are not looked at one by one.
+        mark = self.services.store.recent_mark(mbox.account, mbox.name, mbox.uidvalidity)
+        self._claim_recent(m.uid for m in msgs[bisect.bisect_right(msgs, mark, key=_uid_of):])
+        self._unsubscribe = self.services.events.subscribe(self.account, mbox.name, self._on_event)
+        distinct = flaglisting.distinct_of(msgs)  # the store shares the sets: a C loop
         # a frozenset, the shared EMPTY when there are none (most mailboxes); `|=` rebinds
-        self.keywords = frozenset(f for fs in {frozenset(m.flags) for m in msgs} for f in fs if not f.startswith("\\")) or EMPTY
+        self.keywords = frozenset(f for fs in distinct for f in fs if not f.startswith("\\")) or EMPTY
         self._send_flags()
         self.send(b"* %d EXISTS" % len(msgs))
         if self.imap4rev2:  # RFC 9051: a LIST of the mailbox; no RECENT, no UNSEEN code
             self.send(b'* LIST () "/" ' + response.mailbox(mbox.name, True))
         else:
             self.send(b"* %d RECENT" % len(self.recent))
-        for i, m in enumerate(() if self.imap4rev2 else msgs):  # rev2 dropped [UNSEEN n]
-            if "\\Seen" not in m.flags:
-                self.send(b"* OK [UNSEEN %d] First unseen" % (i + 1))
-                break
+        if not self.imap4rev2:  # rev2 dropped [UNSEEN n]
+            first = _first_unseen(msgs, distinct)
+            if first is not None:
+                self.send(b"* OK [UNSEEN %d] First unseen" % (first + 1))
         self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % mbox.uidvalidity)
         self.send(b"* OK [UIDNEXT %d] Predicted next UID" % mbox.uidnext)
         if mbox.highestmodseq is not None:  # RFC 7162 3.1.1

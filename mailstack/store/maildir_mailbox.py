@@ -447,6 +447,10 @@ class MaildirMailbox(Mailbox):
         self.messages: list[MessageInfo] = []
         self._index: dict[int, MessageInfo] = {}
         self._letters: dict[int, str] = {}
+        # True while _index and _letters are the view cache's dicts, shared with other
+        # sessions (a SELECT of 100,000 messages copied both); _own() copies them before
+        # this view changes either.
+        self._shared = False
         self._max_uid = 0
         self._version = -1
         self._closed = False
@@ -464,6 +468,7 @@ class MaildirMailbox(Mailbox):
         entries = st.entries
         gone = [uid for uid in self._index if uid not in entries]
         if gone:
+            self._own()
             gone_set = set(gone)
             self.messages = [m for m in self.messages if m.uid not in gone_set]
             for uid in gone:
@@ -475,6 +480,7 @@ class MaildirMailbox(Mailbox):
             letters = entries[uid].letters
             ms = modseqs.get(uid, 0)
             if letters != self._letters[uid] or ms != mi.modseq:
+                self._own()
                 self._letters[uid] = letters
                 flags = fl.to_flags(letters, st.keywords)
                 if flags != mi.flags or ms != mi.modseq:  # a modseq alone: changed and changed back
@@ -486,9 +492,8 @@ class MaildirMailbox(Mailbox):
             cached = st.view_cache
             if cached is not None and cached[0] == st.version and cached[1] == tuple(st.keywords):
                 infos, index, letters = cached[2], cached[3], cached[4]
-                self.messages = list(infos)  # copies of the containers: C-speed
-                self._index = dict(index)
-                self._letters = dict(letters)
+                self.messages = list(infos)  # a copy: the IMAP layer reads it, in place
+                self._index, self._letters, self._shared = index, letters, True  # copied on change
                 if infos:
                     self._max_uid = infos[-1].uid
                     changes.new = list(infos)
@@ -509,19 +514,22 @@ class MaildirMailbox(Mailbox):
                     fs = flag_sets[letters] = frozenset(to_flags(letters, keywords))
                 infos.append(MessageInfo(uid, fs, e.size, e.date, e.base, modseqs.get(uid, 0)))
             self.messages.extend(infos)
+            self._own()
             self._index.update(zip(new, infos))
             self._letters.update((uid, entries[uid].letters) for uid in new)
             self._max_uid = new[-1]
             changes.new = infos
         if fresh:
-            st.view_cache = (st.version, tuple(st.keywords), list(self.messages), dict(self._index),
-                             dict(self._letters))
+            # the maps are shared with the cache from now on (copied by whoever changes them)
+            st.view_cache = (st.version, tuple(st.keywords), list(self.messages), self._index, self._letters)
+            self._shared = True
         return changes
 
     def _replace(self, mi: MessageInfo, flags, modseq: int) -> MessageInfo:
         """A message's new flags/modseq in this view: a new MessageInfo in its place (the
         old one may be shared with other sessions' views and with commands in flight)."""
         new = MessageInfo(mi.uid, flags, mi.size, mi.internaldate, mi.key, modseq)
+        self._own()
         self._index[mi.uid] = new
         msgs = self.messages
         i = bisect.bisect_left(msgs, mi.uid, key=_uid_of)  # the view is in UID order
@@ -529,11 +537,17 @@ class MaildirMailbox(Mailbox):
             msgs[i] = new
         return new
 
+    def _own(self) -> None:
+        """Make _index and _letters this view's own before it changes them."""
+        if self._shared:
+            self._index, self._letters, self._shared = dict(self._index), dict(self._letters), False
+
     def _drop_from_view(self, uids: Iterable[int]) -> None:
         """Forget messages this session removed itself (reported by its own command, so not
         again by refresh); other changes wait for refresh()."""
         gone = {u for u in uids if u in self._index}
         if gone:
+            self._own()
             self.messages = [m for m in self.messages if m.uid not in gone]
             for uid in gone:
                 del self._index[uid]
@@ -634,6 +648,7 @@ class MaildirMailbox(Mailbox):
                             msmod.meaningful(st.modseq.letters.get(uid, "")) != msmod.meaningful(e.letters):
                         logged[uid] = e.letters
                 mi = self._index[uid]
+                self._own()
                 self._letters[uid] = e.letters
                 new_flags = fl.to_flags(e.letters, st.keywords)
                 if new_flags != mi.flags:
