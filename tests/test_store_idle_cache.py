@@ -94,3 +94,26 @@ def test_delivery_into_a_mailbox_let_go_reloads_it(tmp_path):
         uids = await _visit(store, "A")
         assert len(uids) == 41 and uids == sorted(set(uids))
     asyncio.run(run())
+
+
+def test_a_mailbox_let_go_is_freed_at_once_with_a_background_indexer_set(tmp_path):
+    """With a background indexer set, each state carries the hooks that hand it work; they
+    must not make the state a reference cycle, or every mailbox let go stays in memory until
+    the cyclic collector runs (the background pass left ~50 MiB that way)."""
+    import gc
+    import weakref
+
+    from mailstack.store.background import BackgroundIndexer
+
+    async def run():
+        store = await _store_with(tmp_path, {"INBOX": 3, "A": 3})
+        store.set_background(BackgroundIndexer(store))  # the hooks, without starting the pass
+        await _visit(store, "A")
+        st = weakref.ref(store._states[(ACCT, "A")])
+        gc.disable()
+        try:
+            store.drop_if_idle(ACCT, "A")
+            assert st() is None, gc.get_referrers(st())
+        finally:
+            gc.enable()
+    asyncio.run(run())

@@ -74,7 +74,7 @@ class _State:
         self.index: MetadataIndex | None = None  # loaded on first use (index.py)
         self.fulltext = fts.MailboxFulltext(path / fts.NAME, f"{account}/{name}")
         self.cache_lock = asyncio.Lock()
-        self.write_later: Callable[[], None] | None = None  # see MaildirStore.set_background
+        self.write_later: "Callable[[_State], None] | None" = None  # see MaildirStore.set_background
         self.recent_loaded = False  # the \Recent mark was read from disk (recent.py)
         self.recent_task: asyncio.Task | None = None  # writes the mark back
         self.modseq: msmod.ModseqLog | None = None  # loaded with the entries (modseq.py)
@@ -388,7 +388,7 @@ class _State:
             return False
         idx = await self.index_load()
         idx.put_later(entries)
-        later()
+        later(self)
         return True
 
     async def write_unwritten(self) -> int:
