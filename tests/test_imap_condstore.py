@@ -616,3 +616,37 @@ class _DovecotRaw(Raw):
         self.n = 0
         self.greeting = self.line()
         self.ok(f"LOGIN {ALICE} {PW}")
+
+
+def test_select_summary_kept_with_the_view_follows_other_sessions(srv):
+    """SELECT's keywords and [UNSEEN n] come from the flag sets kept with the store's view
+    cache (and the first unseen memoized there): another session's STORE or EXPUNGE must
+    show in the next SELECT, and FETCH 1:* (UID FLAGS) must say the same."""
+    fill(srv, 6)
+    a = client(srv)
+    a.select_folder("INBOX")
+    a.add_flags(list(range(1, 7)), [b"\\Seen"])
+    a.remove_flags([4], [b"\\Seen"])
+
+    def select():
+        c = client(srv)
+        info = c.select_folder("INBOX")
+        return c, int(info[b"UNSEEN"][0]) if b"UNSEEN" in info else None, set(info[b"FLAGS"])
+    b, unseen, flags = select()
+    assert unseen == 4 and b"kwnew" not in flags
+    c, unseen, _ = select()  # the shared view: the memoized answer
+    assert unseen == 4
+    a.remove_flags([2], [b"\\Seen"])
+    a.add_flags([5], [b"kwnew"])
+    d, unseen, flags = select()
+    assert unseen == 2 and b"kwnew" in flags
+    a.add_flags([2], [b"\\Deleted"])
+    a.expunge()
+    e, unseen, flags = select()
+    assert unseen == 3 and b"kwnew" in flags  # the old 4th message is the 3rd now
+    want = {uid: set(f) for uid, f in ((u, v[b"FLAGS"]) for u, v in e.fetch(e.search("ALL"), ["FLAGS"]).items())}
+    b.noop()
+    assert {uid: set(v[b"FLAGS"]) for uid, v in b.fetch(b.search("ALL"), ["FLAGS"]).items()} == want
+    assert b"kwnew" in want[5] and b"\\Seen" not in want[4]
+    for x in (a, b, c, d, e):
+        x.logout()

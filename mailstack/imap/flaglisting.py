@@ -38,8 +38,14 @@ async def fetch_uid_flags(session, cmd) -> bool:
     if runs is None:
         session.tagged(cmd, "BAD", "Invalid message sequence number")
         return True
-    # A keyword shows in a FETCH only after an untagged FLAGS announced it.
-    session._note_keywords(set().union(*{fs for _, infos in runs for fs in distinct_of(infos)}))
+    # A keyword shows in a FETCH only after an untagged FLAGS announced it.  For the whole
+    # view (1:*), the store's summary has its flag sets without a pass over the messages.
+    summary = session.mbox.view_summary()
+    if summary is not None and sum(len(infos) for _, infos in runs) == len(session.mbox.messages):
+        distinct = summary["flag_sets"]
+    else:
+        distinct = {fs for _, infos in runs for fs in distinct_of(infos)}
+    session._note_keywords(set().union(*distinct))
     for chunk in render_chunks(runs, session.recent, session.imap4rev2, {}):
         await session.flush()
         session.writer.write(chunk)

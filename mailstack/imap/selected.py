@@ -26,18 +26,24 @@ _uid_of = operator.attrgetter("uid")
 _flags_of = operator.attrgetter("flags")
 
 
-def _first_unseen(msgs, distinct) -> int | None:
+def _first_unseen(msgs, distinct, summary: dict | None) -> int | None:
     """Index of the first message without \\Seen.  `distinct`: the flag sets of `msgs`.
     The first of each flag set without \\Seen is found by list.index (a C loop comparing
     identity first: the store shares the sets), not by a Python step per message of a
-    mailbox mostly read."""
+    mailbox mostly read.  `summary`: the store's view summary of `msgs` (or None), where
+    the answer is kept for the next SELECT of the same view."""
     if msgs and "\\Seen" not in msgs[0].flags:
         return 0
     unseen = [fs for fs in distinct if "\\Seen" not in fs]
     if not unseen:
         return None
+    if summary is not None and "first_unseen" in summary:
+        return summary["first_unseen"]
     flag_sets = list(map(_flags_of, msgs))
-    return min(flag_sets.index(fs) for fs in unseen)  # equal sets compare equal, frozen or not
+    first = min(flag_sets.index(fs) for fs in unseen)  # equal sets compare equal, frozen or not
+    if summary is not None:
+        summary["first_unseen"] = first
+    return first
 
 
 class SelectedCommands:
@@ -67,7 +73,10 @@ class SelectedCommands:
         mark = self.services.store.recent_mark(mbox.account, mbox.name, mbox.uidvalidity)
         self._claim_recent(m.uid for m in msgs[bisect.bisect_right(msgs, mark, key=_uid_of):])
         self._unsubscribe = self.services.events.subscribe(self.account, mbox.name, self._on_event)
-        distinct = flaglisting.distinct_of(msgs)  # the store shares the sets: a C loop
+        # The flag sets of the view: the store's summary of a view shared with other
+        # sessions (no pass over 100,000 messages), else a C loop (the store shares the sets)
+        summary = mbox.view_summary()
+        distinct = summary["flag_sets"] if summary is not None else flaglisting.distinct_of(msgs)
         # a frozenset, the shared EMPTY when there are none (most mailboxes); `|=` rebinds
         self.keywords = frozenset(f for fs in distinct for f in fs if not f.startswith("\\")) or EMPTY
         self._send_flags()
@@ -77,7 +86,7 @@ class SelectedCommands:
         else:
             self.send(b"* %d RECENT" % len(self.recent))
         if not self.imap4rev2:  # rev2 dropped [UNSEEN n]
-            first = _first_unseen(msgs, distinct)
+            first = _first_unseen(msgs, distinct, summary)
             if first is not None:
                 self.send(b"* OK [UNSEEN %d] First unseen" % (first + 1))
         self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % mbox.uidvalidity)

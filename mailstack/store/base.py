@@ -105,6 +105,13 @@ class Mailbox(abc.ABC):
     # the view is brought up to date); None when the backend keeps no modseqs (NOMODSEQ).
     highestmodseq: int | None = None
 
+    def view_summary(self) -> dict | None:
+        """Facts about `messages` the store already knows, shared by the sessions that see
+        the same view (maildir_mailbox.py keeps one per view cache), or None: "flag_sets",
+        the distinct flag sets of `messages` (frozensets); the IMAP layer memoizes what it
+        derives from them in the same dict.  Valid only while `messages` is unchanged."""
+        return None
+
     @abc.abstractmethod
     async def refresh(self) -> Changes:
         """Look at the backend again and update `messages`: new messages (also ones dropped into

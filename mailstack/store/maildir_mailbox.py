@@ -451,6 +451,10 @@ class MaildirMailbox(Mailbox):
         # sessions (a SELECT of 100,000 messages copied both); _own() copies them before
         # this view changes either.
         self._shared = False
+        # Facts about `messages` worked out once per view cache and shared with it (the
+        # distinct flag sets, the first unseen: view_summary()); None from this view's
+        # first change on (_own(), called before every change of the view).
+        self._summary: dict | None = None
         self._max_uid = 0
         self._version = -1
         self._closed = False
@@ -494,15 +498,18 @@ class MaildirMailbox(Mailbox):
                 infos, index, letters = cached[2], cached[3], cached[4]
                 self.messages = list(infos)  # a copy: the IMAP layer reads it, in place
                 self._index, self._letters, self._shared = index, letters, True  # copied on change
+                self._summary = cached[5]
                 if infos:
                     self._max_uid = infos[-1].uid
-                    changes.new = list(infos)
+                    # the cache's own list, read only (a cache is replaced, never changed):
+                    # open() drops the changes, so a copy here was 100,000 pointers for nothing
+                    changes.new = infos
                 return changes
         new = sorted(uid for uid in entries if uid > max_uid) if max_uid else sorted(entries)
+        flag_sets: dict[str, frozenset] = {}
         if new:
             # one tight loop: a first SELECT of 100,000 messages runs it 100,000 times; the
             # flag sets are shared, never changed in place (a change assigns a new set)
-            flag_sets: dict[str, frozenset] = {}
             keywords = st.keywords
             to_flags = fl.to_flags
             infos = []
@@ -520,8 +527,11 @@ class MaildirMailbox(Mailbox):
             self._max_uid = new[-1]
             changes.new = infos
         if fresh:
-            # the maps are shared with the cache from now on (copied by whoever changes them)
-            st.view_cache = (st.version, tuple(st.keywords), list(self.messages), self._index, self._letters)
+            # the maps are shared with the cache from now on (copied by whoever changes them);
+            # a fresh view is exactly the new messages, so their flag sets are all of its own
+            self._summary = {"flag_sets": frozenset(flag_sets.values())}
+            st.view_cache = (st.version, tuple(st.keywords), list(self.messages), self._index, self._letters,
+                             self._summary)
             self._shared = True
         return changes
 
@@ -538,9 +548,15 @@ class MaildirMailbox(Mailbox):
         return new
 
     def _own(self) -> None:
-        """Make _index and _letters this view's own before it changes them."""
+        """Make _index and _letters this view's own before it changes them (or `messages`):
+        every change of the view calls this first, so the shared summary is let go here."""
+        self._summary = None
         if self._shared:
             self._index, self._letters, self._shared = dict(self._index), dict(self._letters), False
+
+    def view_summary(self) -> dict | None:
+        """See Mailbox.view_summary: the view cache's summary while this view is unchanged."""
+        return self._summary
 
     def _drop_from_view(self, uids: Iterable[int]) -> None:
         """Forget messages this session removed itself (reported by its own command, so not
