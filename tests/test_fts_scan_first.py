@@ -82,6 +82,10 @@ def test_scan_answers_what_the_index_answers(tmp_path):
     os.rename(files["m1"], moved)
     assert fts.scan([("m1", files["m1"])], queries[:1], lambda: {"m1": moved}) is not None
     assert fts.scan([("m1", files["m1"])], queries[:1], lambda: {}) is None
+    # the index's reader the same way, but one gone is skipped, the others read
+    got = [b for b, *_ in fts._texts([("m1", files["m1"]), ("m2", files["m2"])], lambda: {"m1": moved}, False)]
+    assert got == ["m2", "m1"]
+    assert [b for b, *_ in fts._texts([("m1", files["m1"]), ("m2", files["m2"])], lambda: {}, True)] == ["m2"]
     fts.drop(tmp_path / "a.sqlite")
     fts.drop(tmp_path / "b.sqlite")
     fts.drop(path)

@@ -314,33 +314,53 @@ def _read(file: Path) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+class _Gone(Exception):
+    """A file to read is gone, even after a relocate (_contents, strict)."""
+
+
+def _contents(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]] | None,
+              strict: bool = False):
+    """(base, bytes) of each file.  One renamed meanwhile (a flag change moves it between
+    new/ and cur/) is looked up once more with `relocate`, after the others; one gone for
+    good is skipped, or raises _Gone when `strict`."""
+    moved: list[str] = []
+    for base, file in files:
+        try:
+            data = _read(file)
+        except FileNotFoundError:
+            moved.append(base)
+            continue
+        yield base, data
+    if not moved:
+        return
+    now = relocate() if relocate is not None else {}
+    for base in moved:
+        try:
+            if base not in now:
+                raise FileNotFoundError(base)
+            data = _read(now[base])
+        except FileNotFoundError:
+            if strict:
+                raise _Gone(base) from None
+            continue
+        yield base, data
+
+
 def _texts(files: list[tuple[str, Path]], relocate: Callable[[], dict[str, Path]] | None, whole: bool):
     """(base, head text, body text, body row) of each file that can be read (after one
     relocate).  The body text is the row (its words) unless `whole`: folding only the
     distinct words is folding the text and then taking them (casefold maps each
     character alone, keeps white space and makes none: tested over every code point)."""
     from ..imap.search import head_and_body, head_and_pieces
-    moved: list[str] = []
-    for attempt in range(2):
-        for base, file in files:
-            try:
-                data = _read(file)
-            except FileNotFoundError:
-                moved.append(base)
-                continue
-            if whole:
-                head, body = head_and_body(data)
-                body = body.casefold()
-                yield base, head, body, words(body)
-            else:
-                head, pieces = head_and_pieces(data)
-                row = _piece_words(pieces).casefold()
-                yield base, head, row, row
-        if not moved or relocate is None or attempt:
-            return
-        now = relocate()
-        files = [(b, now[b]) for b in moved if b in now]
-        moved = []
+    for base, data in _contents(files, relocate):
+        if whole:
+            head, body = head_and_body(data)
+            body = body.casefold()
+            yield base, head, body, words(body)
+        else:
+            head, pieces = head_and_pieces(data)
+            row = _piece_words(pieces).casefold()
+            yield base, head, row, row
 
 
 def _holds(head: str, body: str, needle: str, body_only: bool) -> bool:
@@ -358,27 +378,15 @@ def scan(files: list[tuple[str, Path]], queries: list[tuple[str, bool]],
     from ..imap.search import scan_texts
     out: list[set[str]] = [set() for _ in queries]
     with_head = not all(body_only for _, body_only in queries)  # BODY never looks at the head
-    for attempt in range(2):
-        moved: list[str] = []
-        for base, file in files:
-            try:
-                data = _read(file)
-            except FileNotFoundError:
-                moved.append(base)
-                continue
+    try:
+        for base, data in _contents(files, relocate, strict=True):
             head, body = scan_texts(data, with_head)
             for i, (needle, body_only) in enumerate(queries):
                 if _holds(head, body, needle, body_only):
                     out[i].add(base)
-        if not moved:
-            return out
-        if relocate is None or attempt:
-            return None
-        now = relocate()
-        if any(b not in now for b in moved):
-            return None
-        files = [(b, now[b]) for b in moved]
-    return None
+    except _Gone:
+        return None
+    return out
 
 
 def answer(path: Path, files: dict[str, Path], queries: list[tuple[str, bool]],
